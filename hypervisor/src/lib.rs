@@ -1,0 +1,1 @@
+//! berth-vmm: one KVM guest per process.
