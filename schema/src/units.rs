@@ -204,7 +204,9 @@ impl FromStr for Duration {
             return Ok(Duration::default());
         }
         if t.is_empty() {
-            return Err(err("empty duration (expected for example 30ms, 60s, 1m30s)"));
+            return Err(err(
+                "empty duration (expected for example 30ms, 60s, 1m30s)",
+            ));
         }
         let mut rest = t;
         let mut total: u64 = 0;

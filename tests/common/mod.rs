@@ -1,1 +1,61 @@
-//! Helpers for the end-to-end tests.
+//! Helpers shared by the end-to-end tests in this directory: they run the real `berth`
+//! and `berth-vmm` binaries of this workspace.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// The path of a binary of this workspace (`berth`, `berth-vmm`), built once per test
+/// process with the same profile as the tests.
+pub fn bin(name: &str) -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .current_dir(workspace_root())
+            .args([
+                "build",
+                "--quiet",
+                "--bins",
+                "-p",
+                "berth-reconciler",
+                "-p",
+                "berth-hypervisor",
+            ])
+            .status()
+            .expect("run cargo build for the binaries");
+        assert!(status.success(), "building the berth binaries failed");
+        // The test executable lives in target/<profile>/deps/; the binaries one level up.
+        let exe = std::env::current_exe().expect("current test executable");
+        exe.parent()
+            .and_then(Path::parent)
+            .expect("target/<profile>/deps")
+            .to_path_buf()
+    });
+    let path = dir.join(name);
+    assert!(path.exists(), "{} was not built", path.display());
+    path
+}
+
+/// A `Command` for a workspace binary.
+pub fn command(name: &str) -> Command {
+    Command::new(bin(name))
+}
+
+/// Whether this process may use KVM, cgroups and hugepages: root with /dev/kvm.
+/// Tests that need them still run in CI (root, /dev/kvm); on a machine without them
+/// they fail with this reason rather than pass silently.
+pub fn require_root_and_kvm() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(euid, 0, "this test needs root (cgroups, hugepages)");
+    assert!(Path::new("/dev/kvm").exists(), "this test needs /dev/kvm");
+}
