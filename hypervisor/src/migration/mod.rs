@@ -1,0 +1,3 @@
+//! Live migration between berth-vmm processes.
+
+pub mod wire;
