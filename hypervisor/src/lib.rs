@@ -1,1 +1,2 @@
 //! berth-vmm: one KVM guest per process.
+pub mod migration;
