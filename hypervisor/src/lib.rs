@@ -1,2 +1,3 @@
 //! berth-vmm: one KVM guest per process.
 pub mod migration;
+pub mod host;

@@ -1,0 +1,87 @@
+//! Host-side Linux plumbing: everything berth-vmm and the reconciler touch on the host
+//! besides `/dev/kvm`.
+//!
+//! - [`cgroup`]: one cgroup per guest (`berth/<name>`), cgroup v1 and v2: memory limits,
+//!   cpuset, I/O weight, read back from the files.
+//! - [`affinity`]: thread pinning (sched_setaffinity), the affinity as `/proc` shows it,
+//!   the threads of a process, online CPUs.
+//! - [`hugepages`]: hugepage pools per page size: counters, resizing, a test guard.
+//! - [`sysinfo`]: transparent hugepages, KSM, NUMA nodes, per-process memory and the CPU
+//!   model and flags.
+//!
+//! Every function reads or writes the kernel's files directly and names the file in its
+//! errors. The parsers are public and tolerant of whitespace, so they can be unit-tested on
+//! sample contents.
+
+#![deny(missing_docs)]
+
+pub mod affinity;
+pub mod cgroup;
+
+use std::collections::BTreeMap;
+use std::io::{self, Write};
+use std::path::Path;
+
+/// The text of an I/O error without the trailing `(os error N)`, so that messages read
+/// "Cannot write ... : Device or resource busy".
+pub(crate) fn os_message(error: &io::Error) -> String {
+    let text = error.to_string();
+    match error.raw_os_error() {
+        Some(code) => text
+            .strip_suffix(&format!(" (os error {code})"))
+            .map_or_else(|| text.clone(), str::to_owned),
+        None => text,
+    }
+}
+
+/// Reads a small kernel file (procfs, sysfs, cgroupfs) into a string.
+pub(crate) fn read_file(path: &Path) -> io::Result<String> {
+    std::fs::read_to_string(path)
+}
+
+/// Writes `value` to an existing kernel file in one `write(2)`, as `echo value > path`
+/// does. The file is never created: a missing file means the kernel lacks the feature.
+pub(crate) fn write_file(path: &Path, value: &str) -> io::Result<()> {
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(path)?;
+    let written = file.write(value.as_bytes())?;
+    if written != value.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::WriteZero,
+            format!("short write: {written} of {} bytes", value.len()),
+        ));
+    }
+    Ok(())
+}
+
+/// The `Key: value` lines of `/proc/<pid>/status` and `/proc/meminfo`, values trimmed.
+/// Lines without a colon are skipped.
+pub(crate) fn colon_fields(text: &str) -> BTreeMap<&str, &str> {
+    text.lines()
+        .filter_map(|line| line.split_once(':'))
+        .map(|(key, value)| (key.trim(), value.trim()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn os_messages_drop_the_error_number() {
+        let e = io::Error::from_raw_os_error(libc::EBUSY);
+        assert_eq!(os_message(&e), "Device or resource busy");
+        let e = io::Error::other("plain");
+        assert_eq!(os_message(&e), "plain");
+    }
+
+    #[test]
+    fn colon_fields_are_trimmed() {
+        let fields = colon_fields("VmRSS:\t    1732 kB\nName:\tbash\nno colon here\n");
+        assert_eq!(fields.get("Name"), Some(&"bash"));
+        assert_eq!(fields.get("VmRSS"), Some(&"1732 kB"));
+        assert_eq!(fields.len(), 2);
+    }
+}
