@@ -17,6 +17,7 @@
 
 pub mod affinity;
 pub mod cgroup;
+pub mod hugepages;
 
 use std::collections::BTreeMap;
 use std::io::{self, Write};
@@ -65,6 +66,17 @@ pub(crate) fn colon_fields(text: &str) -> BTreeMap<&str, &str> {
         .collect()
 }
 
+/// A `kB` value such as `1732 kB` (or a bare number of kB) in bytes.
+pub(crate) fn parse_kib(value: &str) -> Option<u64> {
+    let number = value.trim();
+    let number = number
+        .strip_suffix("kB")
+        .or_else(|| number.strip_suffix("KB"))
+        .unwrap_or(number)
+        .trim();
+    number.parse::<u64>().ok()?.checked_mul(1024)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -83,5 +95,13 @@ mod tests {
         assert_eq!(fields.get("Name"), Some(&"bash"));
         assert_eq!(fields.get("VmRSS"), Some(&"1732 kB"));
         assert_eq!(fields.len(), 2);
+    }
+
+    #[test]
+    fn kib_values() {
+        assert_eq!(parse_kib("1732 kB"), Some(1732 * 1024));
+        assert_eq!(parse_kib(" 12 "), Some(12 * 1024));
+        assert_eq!(parse_kib("x kB"), None);
+        assert_eq!(parse_kib(&format!("{} kB", u64::MAX)), None);
     }
 }
