@@ -263,7 +263,7 @@ pub fn online_cpus() -> Result<CpuSet, AffinityError> {
 }
 
 /// A sysfs CPU or node list file (`0-1`, `0,2-3`), parsed.
-pub(crate) fn read_cpu_list(path: &Path) -> Result<CpuSet, AffinityError> {
+fn read_cpu_list(path: &Path) -> Result<CpuSet, AffinityError> {
     let text = read_file(path).map_err(|error| AffinityError::Read {
         path: path.to_owned(),
         error,

@@ -18,6 +18,7 @@
 pub mod affinity;
 pub mod cgroup;
 pub mod hugepages;
+pub mod sysinfo;
 
 use std::collections::BTreeMap;
 use std::io::{self, Write};
