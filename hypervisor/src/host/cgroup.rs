@@ -1693,6 +1693,61 @@ mod tests {
         assert_eq!(cg.guests().unwrap(), Vec::<String>::new());
     }
 
+    /// A hard limit below what the guest uses and cannot reclaim is refused by the
+    /// kernel; the error names the value and the file, and the old limit stays in force.
+    #[test]
+    fn real_v1_limit_below_usage_is_refused_with_the_file_named() {
+        let Some(mut real) = RealCgroups::v1("busy") else {
+            return;
+        };
+        if !Path::new("/usr/bin/perl").exists() {
+            eprintln!("skipped: needs /usr/bin/perl to allocate memory in a child");
+            return;
+        }
+        let cg = real.cgroups.clone();
+        let guest = cg.create("big-1").unwrap();
+        // The child allocates 32 MiB once it is in the cgroup, so the memory is charged
+        // there, then says so.
+        let mut child = Command::new("/usr/bin/perl")
+            .args([
+                "-e",
+                "$| = 1; <STDIN>; $x = 'a' x (32 << 20); print \"ok\\n\"; sleep 120",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id() as Pid;
+        let mut stdin = child.stdin.take().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        real.children.push(child);
+        guest.add_process(pid).unwrap();
+        std::io::Write::write_all(&mut stdin, b"go\n").unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
+        assert_eq!(line, "ok\n");
+        let used = guest.read().unwrap().memory.usage.unwrap();
+        assert!(used >= Bytes::mib(32), "{used}");
+
+        let e = guest
+            .set_memtune(&tune("4MiB", "", "4MiB", ""))
+            .unwrap_err();
+        let file = guest
+            .dir_for(Controller::Memory)
+            .unwrap()
+            .join("memory.limit_in_bytes");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "Cannot write 4194304 to {}: Device or resource busy",
+                file.display()
+            )
+        );
+        let m = guest.read().unwrap().memory;
+        assert_eq!(m.hard_limit, Knob::Enforced(None));
+        assert_eq!(m.swap_hard_limit, Knob::Enforced(None));
+    }
+
     #[test]
     fn real_v1_stale_cgroup_of_a_killed_vmm_is_removed() {
         let Some(mut real) = RealCgroups::v1("stale") else {

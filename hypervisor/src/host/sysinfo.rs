@@ -553,8 +553,12 @@ mod tests {
 
     #[test]
     fn this_host_reads() {
-        assert!(read_thp_mode().is_ok());
-        assert!(read_ksm().is_ok());
+        if Path::new(THP_ENABLED_PATH).exists() {
+            read_thp_mode().unwrap();
+        }
+        if Path::new(KSM_DIR).exists() {
+            read_ksm().unwrap();
+        }
         assert!(numa_nodes_online().unwrap().contains(0));
         let mem = read_meminfo().unwrap();
         assert!(mem.total >= mem.available && mem.available.get() > 0);
