@@ -1,1 +1,19 @@
-//! The berth reconciler.
+//! The berth reconciler: observe what runs, diff it against the manifests, classify each
+//! change, plan the actions in a safe order, and render the plan.
+//!
+//! - [`model`]: the desired side (schema types) and the observed side ([`ObservedGuest`],
+//!   [`ObservedHost`]).
+//! - [`diff`] and [`classify`]: field changes and how each is applied (DESIGN.md's table).
+//! - [`plan`]: the pure, deterministic `plan(desired, observed) -> Plan`.
+//! - [`driver`]: the [`driver::Driver`] trait and `SimDriver`, a simulated fleet.
+//! - [`apply`]: runs a plan through a driver, wave by wave.
+
+pub mod apply;
+pub mod classify;
+pub mod diff;
+pub mod driver;
+pub mod model;
+pub mod plan;
+
+pub use model::{Desired, Observed, ObservedGuest, ObservedHost};
+pub use plan::{plan, Plan};

@@ -1,0 +1,93 @@
+//! The reconciler talks to guests only through a [`Driver`]: observe, start, retune,
+//! stop, migrate, and configure host settings.
+//!
+//! The trait is synchronous and object-safe (`Arc<dyn Driver>`): a driver talks to
+//! processes and files, and `berth serve` calls it from `tokio::task::spawn_blocking`.
+//! Implementations must be safe to call from several threads at once for different
+//! guests; the reconciler never runs two actions on one guest at the same time.
+
+pub mod sim;
+
+use berth_schema::Guest;
+
+use crate::diff::{Field, HostSetting};
+use crate::model::Observed;
+
+pub use sim::SimDriver;
+
+/// Why a driver could not do what it was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    /// The host has no room (memory, hugepages, CPUs) for what was asked.
+    #[error("no capacity on host {host}: {detail}")]
+    Capacity {
+        /// Host name.
+        host: String,
+        /// What is short, with the numbers.
+        detail: String,
+    },
+    /// The guest or host is not where the action expects it.
+    #[error("{0}")]
+    NotFound(String),
+    /// The change cannot be made this way (for example a restart-class field asked
+    /// for live).
+    #[error("refused: {0}")]
+    Refused(String),
+    /// A failure injected into the simulated fleet by a test.
+    #[error("simulated failure: {0}")]
+    Simulated(String),
+    /// The guest or host reported an error.
+    #[error("{context}: {source}")]
+    Failed {
+        /// What was being done.
+        context: String,
+        /// The error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// Runs guests and host settings somewhere: berth-vmm processes on this host, a
+/// simulated fleet, later libvirt or remote hosts.
+pub trait Driver: Send + Sync {
+    /// A short name for messages: `local`, `sim`.
+    fn name(&self) -> &'static str;
+
+    /// Every guest and host as they are now, read back from them.
+    ///
+    /// # Errors
+    /// When a host cannot be read.
+    fn observe(&self) -> Result<Observed, DriverError>;
+
+    /// Sets host-wide settings (hugepage pools, KSM, transparent hugepages).
+    ///
+    /// # Errors
+    /// When the host refuses (a pool cannot shrink below what guests hold).
+    fn configure_host(&self, host: &str, settings: &[HostSetting]) -> Result<(), DriverError>;
+
+    /// Starts `guest` on `host` as its manifest says, running or paused.
+    ///
+    /// # Errors
+    /// When the host lacks room or the guest already runs.
+    fn start(&self, guest: &Guest, host: &str) -> Result<(), DriverError>;
+
+    /// Brings the live `fields` of the running guest on `host` to the manifest's values.
+    ///
+    /// # Errors
+    /// When a field cannot be changed live.
+    fn retune(&self, guest: &Guest, host: &str, fields: &[Field]) -> Result<(), DriverError>;
+
+    /// Stops the guest `name` on `host`.
+    ///
+    /// # Errors
+    /// When no such guest runs there.
+    fn stop(&self, name: &str, host: &str) -> Result<(), DriverError>;
+
+    /// Live-migrates the guest from `from` into a new VMM on `to` built from the
+    /// manifest; `from == to` is a local migration. The guest keeps its run state; on
+    /// failure it keeps running on `from`.
+    ///
+    /// # Errors
+    /// When the destination lacks room or is incompatible, or the migration fails.
+    fn migrate(&self, guest: &Guest, from: &str, to: &str) -> Result<(), DriverError>;
+}
