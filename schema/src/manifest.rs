@@ -14,6 +14,9 @@ use crate::units::{Bandwidth, Bytes, Duration, PageSize};
 /// The only API version this release understands.
 pub const API_VERSION: &str = "berth.dev/v1";
 
+/// The most vCPUs a guest may have (the x86 xAPIC limit berth's payloads assume).
+pub const MAX_VCPUS: u32 = 255;
+
 /// Annotation that suspends reconciling of one guest (`"true"`), as Flux's
 /// `reconcile: disabled` does.
 pub const ANNOTATION_SUSPEND: &str = "berth.dev/suspend";
@@ -26,6 +29,10 @@ pub const ANNOTATION_PRUNE: &str = "berth.dev/prune";
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Metadata {
     /// Unique per kind; a DNS label: lowercase letters, digits and `-`, at most 63.
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub name: String,
     /// Free-form labels.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -40,8 +47,10 @@ pub struct Metadata {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Guest {
     /// Always `berth.dev/v1`.
+    #[schemars(extend("const" = API_VERSION))]
     pub api_version: String,
     /// Always `Guest`.
+    #[schemars(extend("const" = "Guest"))]
     pub kind: String,
     /// Name and labels.
     pub metadata: Metadata,
@@ -209,9 +218,11 @@ impl Default for HeartbeatSpec {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CpuSpec {
     /// vCPUs online now; raising it up to `maxVcpus` is a live hot-add.
+    #[schemars(range(min = 1, max = MAX_VCPUS))]
     pub vcpus: u32,
     /// The most vCPUs the guest can have without a restart; defaults to `vcpus`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = MAX_VCPUS))]
     pub max_vcpus: Option<u32>,
     /// The CPU model the guest sees.
     #[serde(default)]
@@ -353,6 +364,7 @@ pub enum NumaMode {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct IoSpec {
     /// Relative I/O weight, 100 to 1000.
+    #[schemars(range(min = 100, max = 1000))]
     pub weight: u16,
 }
 
@@ -463,8 +475,10 @@ pub enum OnTimeout {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Host {
     /// Always `berth.dev/v1`.
+    #[schemars(extend("const" = API_VERSION))]
     pub api_version: String,
     /// Always `Host`.
+    #[schemars(extend("const" = "Host"))]
     pub kind: String,
     /// Name and labels.
     pub metadata: Metadata,
@@ -553,8 +567,10 @@ pub enum ThpMode {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Fleet {
     /// Always `berth.dev/v1`.
+    #[schemars(extend("const" = API_VERSION))]
     pub api_version: String,
     /// Always `Fleet`.
+    #[schemars(extend("const" = "Fleet"))]
     pub kind: String,
     /// Name and labels.
     pub metadata: Metadata,

@@ -1,0 +1,457 @@
+//! Loading a manifest repository: from a directory or file on disk, or from files held
+//! in memory (a git revision), into a validated [`ManifestSet`].
+//!
+//! Loading never stops at the first problem: every file is read, every document is
+//! checked against the schema, every clean document is checked against the others, and
+//! all problems come back together.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use crate::diagnostic::{self, Diagnostic, Location};
+use crate::manifest::{Fleet, Guest, Host};
+use crate::node::{parse_documents, Node};
+use crate::semantic;
+use crate::source::{Manifest, Origin, SourceMap};
+use crate::structure::check_document;
+
+/// The largest manifest file read, in bytes. Manifests are small; anything larger is a
+/// mistake (a disk image committed by accident) and is refused before it is parsed.
+pub const MAX_FILE_SIZE: u64 = 4 << 20;
+
+/// The deepest directory level searched for manifests.
+const MAX_DIR_DEPTH: usize = 32;
+
+/// Every document of a repository revision, by kind and name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ManifestSet {
+    /// Guests by name.
+    pub guests: BTreeMap<String, Manifest<Guest>>,
+    /// Hosts by name.
+    pub hosts: BTreeMap<String, Manifest<Host>>,
+    /// The repository-wide settings, if a `Fleet` document exists.
+    pub fleet: Option<Manifest<Fleet>>,
+}
+
+impl ManifestSet {
+    /// The guests placed on `host`, by name.
+    pub fn guests_on<'a>(&'a self, host: &'a str) -> impl Iterator<Item = &'a Manifest<Guest>> {
+        self.guests.values().filter(move |g| g.spec.host == host)
+    }
+}
+
+/// A repository revision that passed validation, and the warnings it raised.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Validated {
+    /// The documents.
+    pub manifests: ManifestSet,
+    /// Problems that do not block applying the revision.
+    pub warnings: Vec<Diagnostic>,
+}
+
+/// A repository revision that failed validation: every problem found, errors and
+/// warnings, in file and line order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    /// Every problem, sorted by file and position.
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+impl Invalid {
+    /// The number of errors (not warnings).
+    pub fn error_count(&self) -> usize {
+        self.diagnostics.iter().filter(|d| d.is_error()).count()
+    }
+}
+
+impl fmt::Display for Invalid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.error_count();
+        write!(
+            f,
+            "{n} error{} in the manifests",
+            if n == 1 { "" } else { "s" }
+        )?;
+        for d in &self.diagnostics {
+            write!(f, "\n{d}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Invalid {}
+
+/// Loads and validates the manifests at `path`: a directory (searched recursively for
+/// `*.yaml` and `*.yml`, in sorted order, skipping hidden entries such as `.git`) or a
+/// single file. File names in diagnostics start with `path` as given.
+///
+/// # Errors
+/// [`Invalid`] with every problem found, when any is an error.
+pub fn load_path(path: &Path) -> Result<Validated, Invalid> {
+    let mut diagnostics = Vec::new();
+    let files = match fs::metadata(path) {
+        Ok(meta) if meta.is_dir() => {
+            let mut files = Vec::new();
+            walk(path, 0, &mut files, &mut diagnostics);
+            files.sort();
+            files
+        }
+        Ok(_) => vec![path.to_path_buf()],
+        Err(e) => {
+            diagnostics.push(Diagnostic::error(
+                path.display().to_string(),
+                None,
+                "",
+                format!("cannot read: {e}"),
+            ));
+            return Err(finish_invalid(diagnostics));
+        }
+    };
+    let mut sources = Vec::new();
+    for file in files {
+        let name = file.display().to_string();
+        match read_capped(&file) {
+            Ok(bytes) => sources.push((name, bytes)),
+            Err(message) => diagnostics.push(Diagnostic::error(name, None, "", message)),
+        }
+    }
+    load_sources(&path.display().to_string(), sources, diagnostics)
+}
+
+/// Loads and validates manifests held in memory, as `(file name, contents)`: the
+/// reconciler reads them from a git revision. Every file is taken as a manifest file,
+/// whatever its name; order does not matter.
+///
+/// # Errors
+/// [`Invalid`] with every problem found, when any is an error.
+pub fn load_files<I, N, B>(files: I) -> Result<Validated, Invalid>
+where
+    I: IntoIterator<Item = (N, B)>,
+    N: Into<String>,
+    B: AsRef<[u8]>,
+{
+    let mut diagnostics = Vec::new();
+    let mut sources = Vec::new();
+    for (name, bytes) in files {
+        let name = name.into();
+        let bytes = bytes.as_ref();
+        if bytes.len() as u64 > MAX_FILE_SIZE {
+            diagnostics.push(Diagnostic::error(
+                name,
+                None,
+                "",
+                too_large(bytes.len() as u64),
+            ));
+        } else {
+            sources.push((name, bytes.to_vec()));
+        }
+    }
+    sources.sort();
+    load_sources("the repository", sources, diagnostics)
+}
+
+/// Whether `path` names a manifest file by its extension.
+pub fn is_manifest_file(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("yaml") || e.eq_ignore_ascii_case("yml"))
+}
+
+fn is_hidden(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with('.'))
+}
+
+/// Collects manifest files under `dir`. Symbolic links to directories are not followed,
+/// so a link loop cannot trap the search.
+fn walk(dir: &Path, depth: usize, files: &mut Vec<PathBuf>, out: &mut Vec<Diagnostic>) {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) => {
+            out.push(Diagnostic::error(
+                dir.display().to_string(),
+                None,
+                "",
+                format!("cannot read the directory: {e}"),
+            ));
+            return;
+        }
+    };
+    for entry in entries {
+        let entry = match entry {
+            Ok(entry) => entry,
+            Err(e) => {
+                out.push(Diagnostic::error(
+                    dir.display().to_string(),
+                    None,
+                    "",
+                    format!("cannot read the directory: {e}"),
+                ));
+                continue;
+            }
+        };
+        let path = entry.path();
+        if is_hidden(&path) {
+            continue;
+        }
+        let Ok(kind) = entry.file_type() else {
+            continue;
+        };
+        if kind.is_dir() {
+            if depth + 1 >= MAX_DIR_DEPTH {
+                out.push(Diagnostic::warning(
+                    path.display().to_string(),
+                    None,
+                    "",
+                    format!("not searched: deeper than {MAX_DIR_DEPTH} directory levels"),
+                ));
+            } else {
+                walk(&path, depth + 1, files, out);
+            }
+        } else if is_manifest_file(&path) && (kind.is_file() || path.is_file()) {
+            files.push(path);
+        }
+    }
+}
+
+fn too_large(len: u64) -> String {
+    format!(
+        "the file is {len} bytes, more than the {} MiB a manifest file may have",
+        MAX_FILE_SIZE >> 20
+    )
+}
+
+/// Reads a file, refusing to read past [`MAX_FILE_SIZE`] (a special file such as a
+/// pipe or `/dev/zero` has no size to check beforehand).
+fn read_capped(path: &Path) -> Result<Vec<u8>, String> {
+    let file = fs::File::open(path).map_err(|e| format!("cannot read: {e}"))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE_SIZE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read: {e}"))?;
+    if bytes.len() as u64 > MAX_FILE_SIZE {
+        let len =
+            fs::metadata(path).map_or(bytes.len() as u64, |m| m.len().max(bytes.len() as u64));
+        return Err(too_large(len));
+    }
+    Ok(bytes)
+}
+
+/// Where the first byte that is not UTF-8 sits.
+fn utf8_error(bytes: &[u8], error: &std::str::Utf8Error) -> (Location, String) {
+    let valid = &bytes[..error.valid_up_to()];
+    let text = String::from_utf8_lossy(valid);
+    let line = text.matches('\n').count() + 1;
+    let column = text.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    let bad = bytes.get(error.valid_up_to()).copied().unwrap_or(0);
+    (
+        Location { line, column },
+        format!(
+            "the file is not UTF-8 text (byte 0x{bad:02x} at offset {})",
+            error.valid_up_to()
+        ),
+    )
+}
+
+/// A document that passed the structural checks, typed.
+pub(crate) enum Typed {
+    Guest(Box<Guest>),
+    Host(Host),
+    Fleet(Fleet),
+}
+
+fn finish_invalid(mut diagnostics: Vec<Diagnostic>) -> Invalid {
+    diagnostic::sort(&mut diagnostics);
+    Invalid { diagnostics }
+}
+
+fn load_sources(
+    root: &str,
+    sources: Vec<(String, Vec<u8>)>,
+    mut diagnostics: Vec<Diagnostic>,
+) -> Result<Validated, Invalid> {
+    let mut documents: Vec<(Origin, Typed)> = Vec::new();
+    let mut seen_documents = 0usize;
+    // Whether every Host document made it through; when one did not, "unknown host"
+    // errors would only repeat the real problem.
+    let mut hosts_complete = true;
+    for (file, bytes) in &sources {
+        let text = match std::str::from_utf8(bytes) {
+            Ok(text) => text,
+            Err(e) => {
+                let (at, message) = utf8_error(bytes, &e);
+                diagnostics.push(Diagnostic::error(file.clone(), Some(at), "", message));
+                hosts_complete = false;
+                continue;
+            }
+        };
+        let (docs, syntax_error) = parse_documents(text);
+        if let Some(e) = syntax_error {
+            diagnostics.push(Diagnostic::error(file.clone(), Some(e.at), "", e.message));
+            hosts_complete = false;
+        }
+        seen_documents += docs.len();
+        for doc in docs {
+            match check_and_type(file, &doc, &mut diagnostics) {
+                Some(typed) => {
+                    let origin = Origin {
+                        file: file.clone(),
+                        at: doc.at,
+                        spans: SourceMap::of(&doc),
+                    };
+                    documents.push((origin, typed));
+                }
+                None => {
+                    if doc.get_str("kind").is_none_or(|k| k == "Host") {
+                        hosts_complete = false;
+                    }
+                }
+            }
+        }
+    }
+    if seen_documents == 0 && diagnostics.iter().all(|d| !d.is_error()) {
+        diagnostics.push(Diagnostic::error(
+            root,
+            None,
+            "",
+            "no manifests found (expected Guest and Host documents in .yaml or .yml files)",
+        ));
+    }
+    let (manifests, more) = semantic::assemble(documents, hosts_complete);
+    diagnostics.extend(more);
+    if diagnostics.iter().any(Diagnostic::is_error) {
+        return Err(finish_invalid(diagnostics));
+    }
+    diagnostic::sort(&mut diagnostics);
+    Ok(Validated {
+        manifests,
+        warnings: diagnostics,
+    })
+}
+
+/// Structural checks, then deserialization into the manifest types.
+fn check_and_type(file: &str, doc: &Node, out: &mut Vec<Diagnostic>) -> Option<Typed> {
+    let before = out.len();
+    let kind = check_document(file, doc, out)?;
+    if out.len() > before {
+        return None;
+    }
+    let value = doc.to_serde();
+    let typed = match kind {
+        "Guest" => serde_yaml::from_value(value).map(|g| Typed::Guest(Box::new(g))),
+        "Host" => serde_yaml::from_value(value).map(Typed::Host),
+        _ => serde_yaml::from_value(value).map(Typed::Fleet),
+    };
+    match typed {
+        Ok(typed) => Some(typed),
+        Err(e) => {
+            // The schema and the types come from the same source, so this means a value
+            // the schema cannot express (an integer key out of range, say).
+            out.push(Diagnostic::error(
+                file,
+                Some(doc.at),
+                "",
+                format!("cannot read the {kind}: {e}"),
+            ));
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const HOST: &str = "apiVersion: berth.dev/v1\nkind: Host\nmetadata: {name: kvm01}\nspec: {address: \"127.0.0.1:7410\", cpus: 0-1, memory: 4GiB}\n";
+    const GUEST: &str = "apiVersion: berth.dev/v1\nkind: Guest\nmetadata: {name: web-1}\nspec:\n  host: kvm01\n  cpu: {vcpus: 1}\n  memory: {size: 64MiB}\n";
+
+    #[test]
+    fn loads_from_memory_with_origins() {
+        let both = format!("{HOST}---\n{GUEST}");
+        let v = load_files([("repo/all.yaml", both.as_bytes())]).unwrap();
+        assert!(v.warnings.is_empty(), "{:?}", v.warnings);
+        let guest = &v.manifests.guests["web-1"];
+        assert_eq!(guest.origin.file, "repo/all.yaml");
+        assert_eq!(guest.origin.at.line, 6);
+        assert_eq!(
+            guest.origin.locate("spec.memory.size"),
+            Location {
+                line: 12,
+                column: 18
+            }
+        );
+        assert_eq!(v.manifests.guests_on("kvm01").count(), 1);
+        assert!(v.manifests.fleet.is_none());
+    }
+
+    #[test]
+    fn an_empty_repository_is_an_error() {
+        let e = load_files(Vec::<(String, Vec<u8>)>::new()).unwrap_err();
+        assert_eq!(e.error_count(), 1);
+        assert!(e.diagnostics[0].message.starts_with("no manifests found"));
+        let e = load_files([("a.yaml", "# nothing\n---\n")]).unwrap_err();
+        assert!(e.diagnostics[0].message.starts_with("no manifests found"));
+    }
+
+    #[test]
+    fn not_utf8_names_the_place() {
+        let e = load_files([("bad.yaml", b"a: 1\nb: \xff\n".as_slice())]).unwrap_err();
+        let d = &e.diagnostics[0];
+        assert_eq!((d.line, d.column), (Some(2), Some(4)));
+        assert!(d.message.contains("not UTF-8"), "{d}");
+    }
+
+    #[test]
+    fn oversized_files_are_refused_unread() {
+        let big = vec![b'#'; MAX_FILE_SIZE as usize + 1];
+        let e = load_files([("big.yaml", big)]).unwrap_err();
+        assert!(
+            e.diagnostics[0].message.contains("more than the 4 MiB"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn walks_directories_in_order_and_skips_hidden_ones() {
+        let dir = std::env::temp_dir().join(format!("berth-load-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("b/c")).unwrap();
+        fs::create_dir_all(dir.join(".git")).unwrap();
+        fs::write(dir.join("a.yml"), HOST).unwrap();
+        fs::write(dir.join("b/c/guest.yaml"), GUEST).unwrap();
+        fs::write(dir.join("b/notes.txt"), "not yaml").unwrap();
+        fs::write(dir.join(".git/x.yaml"), "broken: [").unwrap();
+        let v = load_path(&dir).unwrap();
+        assert_eq!(v.manifests.hosts.len(), 1);
+        assert_eq!(
+            v.manifests.guests["web-1"].origin.file,
+            dir.join("b/c/guest.yaml").display().to_string()
+        );
+        // A single file works too; this one alone names an unknown host.
+        let e = load_path(&dir.join("b/c/guest.yaml")).unwrap_err();
+        assert!(
+            e.diagnostics[0].message.contains("unknown host kvm01"),
+            "{e}"
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let _ = load_files([("x.yaml", bytes)]);
+        }
+
+        #[test]
+        fn never_panics_on_mangled_manifests(cut in 0usize..300, junk in "[ :\\[\\]{}\\-,&*!|>'\"#a-z0-9\n]{0,12}") {
+            let text = format!("{HOST}---\n{GUEST}");
+            let cut = cut.min(text.len());
+            let mangled = format!("{}{junk}{}", &text[..cut], &text[cut..]);
+            let _ = load_files([("x.yaml", mangled)]);
+        }
+    }
+}
