@@ -118,16 +118,7 @@ mod tests {
     use crate::model::Observed;
 
     fn desired(yaml: &str) -> Desired {
-        let mut d = Desired::default();
-        for doc in serde_yaml::Deserializer::from_str(yaml) {
-            let value = serde_yaml::Value::deserialize(doc).unwrap();
-            match value["kind"].as_str() {
-                Some("Guest") => d.guests.push(serde_yaml::from_value(value).unwrap()),
-                Some("Host") => d.hosts.push(serde_yaml::from_value(value).unwrap()),
-                other => panic!("{other:?}"),
-            }
-        }
-        d
+        crate::model::desired_from_yaml([yaml])
     }
 
     const HOSTS: &str = "

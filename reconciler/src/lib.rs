@@ -7,6 +7,7 @@
 //! - [`plan`]: the pure, deterministic `plan(desired, observed) -> Plan`.
 //! - [`driver`]: the [`driver::Driver`] trait and `SimDriver`, a simulated fleet.
 //! - [`apply`]: runs a plan through a driver, wave by wave.
+//! - [`render`]: the plan as text, JSON (with its JSON Schema) and markdown.
 
 pub mod apply;
 pub mod classify;
@@ -14,6 +15,7 @@ pub mod diff;
 pub mod driver;
 pub mod model;
 pub mod plan;
+pub mod render;
 
 pub use model::{Desired, Observed, ObservedGuest, ObservedHost};
 pub use plan::{plan, Plan};

@@ -332,3 +332,30 @@ impl Observed {
         Observed { guests, hosts }
     }
 }
+
+/// Test support: the `Guest`, `Host` and `Fleet` documents of YAML texts, without the
+/// schema crate's validation.
+#[cfg(test)]
+pub(crate) fn desired_from_yaml<'t>(texts: impl IntoIterator<Item = &'t str>) -> Desired {
+    use serde::Deserialize as _;
+    let mut desired = Desired::default();
+    for text in texts {
+        for doc in serde_yaml::Deserializer::from_str(text) {
+            let value = serde_yaml::Value::deserialize(doc).expect("YAML");
+            match value["kind"].as_str() {
+                Some("Guest") => desired
+                    .guests
+                    .push(serde_yaml::from_value(value).expect("Guest")),
+                Some("Host") => desired
+                    .hosts
+                    .push(serde_yaml::from_value(value).expect("Host")),
+                Some("Fleet") => {
+                    let fleet: berth_schema::Fleet = serde_yaml::from_value(value).expect("Fleet");
+                    desired.fleet = fleet.spec;
+                }
+                other => panic!("unknown kind {other:?}"),
+            }
+        }
+    }
+    desired
+}

@@ -396,13 +396,16 @@ impl<'a> Scheduler<'a> {
                 if part.is_empty() {
                     continue;
                 }
-                let pools = part
+                let pools: Vec<(PageSize, u64)> = part
                     .iter()
                     .filter_map(|c| match c.target {
                         HostSetting::HugepagePool(size, pages) => Some((size, pages)),
                         _ => None,
                     })
                     .collect();
+                // Resizing a pool is alone on its host in its wave, so that no guest
+                // counts on pages the resize takes or has not given yet.
+                let exclusive = (!pools.is_empty()).then_some(h);
                 let id = self.push(Task {
                     action: Action::ConfigureHost {
                         host: host.metadata.name.clone(),
@@ -414,7 +417,7 @@ impl<'a> Scheduler<'a> {
                     remove: None,
                     credit_own: false,
                     pools,
-                    exclusive: Some(h),
+                    exclusive,
                     migration: Vec::new(),
                     after: Vec::new(),
                     rank,
