@@ -31,6 +31,9 @@ pub struct Cli {
 pub enum Command {
     /// Check manifests and print every problem with its file, line and field.
     Validate(commands::validate::Args),
+    /// Show what applying the manifests would do, each change classified (live,
+    /// migration, restart, blocked), in order. CI mode: --base REV --head REV.
+    Plan(commands::plan::Args),
     /// Print the JSON Schema of a manifest document, or the manifest reference.
     Schema(SchemaArgs),
 }
@@ -47,6 +50,7 @@ pub struct SchemaArgs {
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Validate(args) => commands::validate::run(&args),
+        Command::Plan(args) => commands::plan::run(&args),
         Command::Schema(args) => {
             let text = if args.reference {
                 berth_schema::reference::markdown()

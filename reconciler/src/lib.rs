@@ -7,12 +7,14 @@
 //! - [`plan`]: the pure, deterministic `plan(desired, observed) -> Plan`.
 //! - [`driver`]: the [`driver::Driver`] trait and `SimDriver`, a simulated fleet.
 //! - [`apply`]: runs a plan through a driver, wave by wave.
+//! - [`git`]: a revision's manifest files, read with the git CLI (no checkout).
 //! - [`render`]: the plan as text, JSON (with its JSON Schema) and markdown.
 
 pub mod apply;
 pub mod classify;
 pub mod diff;
 pub mod driver;
+pub mod git;
 pub mod model;
 pub mod plan;
 pub mod render;

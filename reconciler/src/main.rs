@@ -10,6 +10,7 @@ mod cli;
 /// One module per subcommand. Adding one: a module here, a variant in `cli::Command`,
 /// an arm in `cli::run`.
 mod commands {
+    pub mod plan;
     pub mod validate;
 }
 

@@ -29,6 +29,17 @@ pub struct Desired {
     pub fleet: FleetSpec,
 }
 
+impl Desired {
+    /// The documents of a validated manifest set.
+    pub fn from_manifests(set: &berth_schema::ManifestSet) -> Self {
+        Desired {
+            guests: set.guests.values().map(|g| g.object.clone()).collect(),
+            hosts: set.hosts.values().map(|h| h.object.clone()).collect(),
+            fleet: set.fleet.as_ref().map(|f| f.spec).unwrap_or_default(),
+        }
+    }
+}
+
 /// What runs: every guest and every host the driver can see.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -308,6 +319,30 @@ pub fn pages_for(memory: Bytes, size: PageSize) -> u64 {
 }
 
 impl Observed {
+    /// CI mode's baseline: `base` running exactly as written; hosts that only `head`
+    /// declares are there too, as fresh machines (no hugepage pools, KSM off, THP
+    /// `madvise`), so their settings show up as changes and guests can be placed there.
+    pub fn baseline(base: &Desired, head: &Desired) -> Self {
+        let mut observed = Self::as_written(base);
+        let known: BTreeSet<&str> = base
+            .hosts
+            .iter()
+            .map(|h| h.metadata.name.as_str())
+            .collect();
+        for host in head
+            .hosts
+            .iter()
+            .filter(|h| !known.contains(h.metadata.name.as_str()))
+        {
+            let mut fresh = host.clone();
+            fresh.spec.hugepages.clear();
+            fresh.spec.ksm = KsmSpec::default();
+            fresh.spec.transparent_hugepages = ThpMode::default();
+            observed.hosts.push(ObservedHost::as_written(&fresh, []));
+        }
+        observed
+    }
+
     /// The fleet as it would be observed if every manifest ran exactly as written: what
     /// CI mode compares the head revision against.
     pub fn as_written(desired: &Desired) -> Self {

@@ -1,0 +1,218 @@
+//! `berth plan`: what applying the manifests would do, field by field, each change
+//! classified (live, migration, restart, blocked), in the order it would be done.
+//!
+//! Two ways to get the observed side:
+//! - CI mode, `--base REV --head REV [--repo PATH]`: both revisions are read from git
+//!   (no checkout), the head is validated, and the base is taken as running exactly as
+//!   written. No host is touched.
+//! - `PATH --driver sim`: a simulated fleet, no real guests; it runs the manifests of
+//!   `--sim-from PATH` as written, or nothing.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use berth_reconciler::driver::{Driver, SimDriver};
+use berth_reconciler::model::{Desired, Observed};
+use berth_reconciler::{git, plan, render};
+use berth_schema::Validated;
+
+use crate::cli::write_stdout;
+
+/// Arguments of `berth plan`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// A manifest directory (searched recursively for *.yaml and *.yml) or one file.
+    /// Not with --base/--head.
+    #[arg(conflicts_with_all = ["base", "head"])]
+    pub path: Option<PathBuf>,
+    /// CI mode: the revision taken as running exactly as written (for example the
+    /// pull request's base branch).
+    #[arg(long, requires = "head", value_name = "REV")]
+    pub base: Option<String>,
+    /// CI mode: the revision to plan (for example the pull request's head).
+    #[arg(long, requires = "base", value_name = "REV")]
+    pub head: Option<String>,
+    /// CI mode: the git repository holding both revisions.
+    #[arg(long, default_value = ".", value_name = "PATH")]
+    pub repo: PathBuf,
+    /// CI mode: read the manifests under this directory of the repository only.
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<String>,
+    /// Where observed state comes from, outside CI mode.
+    #[arg(long, value_enum, default_value_t = DriverKind::Sim)]
+    pub driver: DriverKind,
+    /// With --driver sim: the simulated fleet runs these manifests as written.
+    #[arg(long, value_name = "PATH")]
+    pub sim_from: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+    /// Colour in the text format.
+    #[arg(long, value_enum, default_value_t = Color::Auto)]
+    pub color: Color,
+    /// Exit 0 when nothing would change, 2 when something would (or is blocked),
+    /// 1 on error (terraform's convention).
+    #[arg(long)]
+    pub detailed_exitcode: bool,
+    /// Print the JSON Schema of `--format json` and exit.
+    #[arg(long)]
+    pub json_schema: bool,
+}
+
+/// Drivers `berth plan` can observe through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DriverKind {
+    /// simulated fleet, no real guests
+    Sim,
+}
+
+/// Output formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// Like `terraform plan`: symbols, field changes, YAML diffs, the order, a summary.
+    Text,
+    /// The plan as JSON (`formatVersion` 1; schema: `berth plan --json-schema`).
+    Json,
+    /// Markdown for a pull-request comment.
+    Markdown,
+}
+
+/// When to colour the text format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Color {
+    /// On a terminal, unless NO_COLOR is set.
+    Auto,
+    /// Always.
+    Always,
+    /// Never.
+    Never,
+}
+
+/// Exit code of `--detailed-exitcode` when something would change.
+const EXIT_CHANGES: u8 = 2;
+/// Exit code of `--detailed-exitcode` on any error.
+const EXIT_ERROR: u8 = 1;
+
+/// Plans and prints.
+pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
+    match plan_and_print(args) {
+        Ok(changes) if args.detailed_exitcode && changes => Ok(ExitCode::from(EXIT_CHANGES)),
+        Ok(_) => Ok(ExitCode::SUCCESS),
+        Err(error) if args.detailed_exitcode => {
+            crate::cli::report(&error);
+            Ok(ExitCode::from(EXIT_ERROR))
+        }
+        Err(error) => Err(error),
+    }
+}
+
+/// Returns whether the plan changes anything.
+fn plan_and_print(args: &Args) -> anyhow::Result<bool> {
+    if args.json_schema {
+        write_stdout(&render::json_schema())?;
+        return Ok(false);
+    }
+    let (desired, observed) = match (&args.base, &args.head) {
+        (Some(base), Some(head)) => ci_inputs(args, base, head)?,
+        _ => driver_inputs(args)?,
+    };
+    let plan = plan(&desired, &observed);
+    let out = match args.format {
+        Format::Text => render::text(&plan, colour(args.color)),
+        Format::Json => render::json(&plan),
+        Format::Markdown => render::markdown(&plan),
+    };
+    write_stdout(&out)?;
+    Ok(plan.has_changes())
+}
+
+fn colour(choice: Color) -> bool {
+    match choice {
+        Color::Always => true,
+        Color::Never => false,
+        Color::Auto => {
+            std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+                && std::io::stdout().is_terminal()
+        }
+    }
+}
+
+fn print_warnings(validated: &Validated) {
+    for w in &validated.warnings {
+        eprintln!("{w}");
+    }
+}
+
+/// CI mode: head validated, base as observed.
+fn ci_inputs(args: &Args, base: &str, head: &str) -> anyhow::Result<(Desired, Observed)> {
+    let dir = args.dir.as_deref();
+    let head_rev = git::read_revision(&args.repo, head, dir)
+        .with_context(|| format!("reading revision {head}"))?;
+    let head_set = berth_schema::load_files(head_rev.files).with_context(|| {
+        format!(
+            "the head revision {head} ({}) is not valid",
+            short(&head_rev.commit)
+        )
+    })?;
+    print_warnings(&head_set);
+    let base_rev = git::read_revision(&args.repo, base, dir)
+        .with_context(|| format!("reading revision {base}"))?;
+    let base_set = berth_schema::load_files(base_rev.files).with_context(|| {
+        format!(
+            "the base revision {base} ({}) is not valid, so it cannot stand for what runs",
+            short(&base_rev.commit)
+        )
+    })?;
+    let head = Desired::from_manifests(&head_set.manifests);
+    let base = Desired::from_manifests(&base_set.manifests);
+    let observed = Observed::baseline(&base, &head);
+    Ok((head, observed))
+}
+
+fn short(commit: &str) -> &str {
+    &commit[..commit.len().min(12)]
+}
+
+/// `PATH --driver ...`: the manifests on disk against what the driver observes.
+fn driver_inputs(args: &Args) -> anyhow::Result<(Desired, Observed)> {
+    let path = args.path.clone().unwrap_or_else(|| PathBuf::from("."));
+    let validated = berth_schema::load_path(&path)
+        .with_context(|| format!("the manifests in {} are not valid", path.display()))?;
+    print_warnings(&validated);
+    let desired = Desired::from_manifests(&validated.manifests);
+    let driver: Box<dyn Driver> = match args.driver {
+        DriverKind::Sim => Box::new(simulated_fleet(args, &desired)?),
+    };
+    let observed = driver
+        .observe()
+        .with_context(|| format!("observing through the {} driver", driver.name()))?;
+    Ok((desired, observed))
+}
+
+fn simulated_fleet(args: &Args, desired: &Desired) -> anyhow::Result<SimDriver> {
+    match &args.sim_from {
+        Some(from) => {
+            let running = berth_schema::load_path(from).with_context(|| {
+                format!(
+                    "the manifests in {} (--sim-from) are not valid",
+                    from.display()
+                )
+            })?;
+            let running = Desired::from_manifests(&running.manifests);
+            Ok(SimDriver::from_observed(Observed::baseline(
+                &running, desired,
+            )))
+        }
+        None => {
+            if desired.hosts.is_empty() {
+                bail!("the simulated fleet needs Host manifests to place guests on");
+            }
+            let empty = Desired::default();
+            Ok(SimDriver::from_observed(Observed::baseline(
+                &empty, desired,
+            )))
+        }
+    }
+}

@@ -1,0 +1,230 @@
+//! `berth plan --base REV --head REV` in CI mode, over a throwaway git repository with
+//! real commits and the real `berth` binary: classification, formats and exit codes.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use berth_tests::{command, workspace_root};
+
+/// A git repository in a fresh temporary directory, removed on drop.
+struct Repo {
+    dir: PathBuf,
+}
+
+impl Repo {
+    fn new(name: &str) -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock after 1970")
+            .as_nanos();
+        let dir = std::env::temp_dir().join(format!(
+            "berth-plan-ci-{name}-{}-{nanos}",
+            std::process::id()
+        ));
+        fs::create_dir_all(&dir).expect("create the repository directory");
+        let repo = Repo { dir };
+        repo.git(&["init", "-q"]);
+        repo.git(&["config", "user.name", "berth test"]);
+        repo.git(&["config", "user.email", "test@berth.invalid"]);
+        repo.git(&["config", "commit.gpgsign", "false"]);
+        repo
+    }
+
+    fn git(&self, args: &[&str]) {
+        let status = Command::new("git")
+            .current_dir(&self.dir)
+            .args(args)
+            .status()
+            .expect("run git");
+        assert!(status.success(), "git {args:?} failed");
+    }
+
+    /// Replaces the manifests under `manifests/` with the files of a fixture directory
+    /// and commits.
+    fn commit_fixture(&self, fixture: &str, message: &str) {
+        let target = self.dir.join("manifests");
+        let _ = fs::remove_dir_all(&target);
+        fs::create_dir_all(&target).expect("create manifests/");
+        let source = workspace_root().join("tests/fixtures/plan").join(fixture);
+        for entry in fs::read_dir(&source).expect("read the fixture") {
+            let path = entry.expect("fixture entry").path();
+            fs::copy(&path, target.join(path.file_name().expect("file name"))).expect("copy");
+        }
+        self.commit(message);
+    }
+
+    fn write(&self, path: &str, text: &str) {
+        fs::write(self.dir.join(path), text).expect("write a manifest");
+    }
+
+    fn commit(&self, message: &str) {
+        self.git(&["add", "-A"]);
+        self.git(&["commit", "-q", "-m", message]);
+    }
+
+    fn plan(&self, extra: &[&str]) -> Output {
+        command("berth")
+            .arg("plan")
+            .arg("--repo")
+            .arg(&self.dir)
+            .args(extra)
+            .output()
+            .expect("run berth plan")
+    }
+}
+
+impl Drop for Repo {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn two_commits(name: &str) -> Repo {
+    let repo = Repo::new(name);
+    repo.commit_fixture("base", "base");
+    repo.commit_fixture("head", "head");
+    repo
+}
+
+const CI: [&str; 5] = ["--base", "HEAD~1", "--head", "HEAD", "--detailed-exitcode"];
+
+#[test]
+fn a_pull_request_is_planned_and_classified() {
+    let repo = two_commits("text");
+    let out = repo.plan(&CI);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(2), "{text}\n{}", stderr(&out));
+    for line in [
+        "  ~ guest web-1: retune live on kvm01",
+        "<-> guest web-2: migrate locally into a new VMM on kvm01",
+        "<-> guest db-1: migrate live kvm01 -> kvm02",
+        "-/+ guest cache-1: restart on kvm02",
+        "  ! guest batch-1: blocked on kvm02",
+        "  + guest new-1: start on kvm02",
+        "  - guest old-1: stop on kvm02",
+        "  ? guest legacy-1: orphan (not pruned) on kvm02",
+        "  ~ host kvm02: configure",
+        "        spec.cpu.pinning.vcpus: {0: 0, 1: 1} -> {0: 2, 1: 3}  (live)",
+        "Plan: 1 to start, 1 to retune live, 2 to migrate, 1 to restart, 1 to stop, 1 blocked.",
+    ] {
+        assert!(text.contains(line), "missing {line:?} in:\n{text}");
+    }
+    assert!(
+        !text.contains('\x1b'),
+        "no colour when stdout is not a terminal"
+    );
+}
+
+#[test]
+fn the_json_plan_carries_the_classification() {
+    let repo = two_commits("json");
+    let mut args = CI.to_vec();
+    args.extend(["--format", "json"]);
+    let out = repo.plan(&args);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+    assert_eq!(plan["formatVersion"], 1);
+    let op = |name: &str| {
+        plan["guests"]
+            .as_array()
+            .expect("guests")
+            .iter()
+            .find(|g| g["name"] == name)
+            .map(|g| g["operation"].as_str().expect("operation").to_owned())
+    };
+    assert_eq!(op("db-1").as_deref(), Some("migrate"));
+    assert_eq!(op("web-2").as_deref(), Some("localMigrate"));
+    assert_eq!(op("batch-1").as_deref(), Some("blocked"));
+    assert_eq!(op("web-1").as_deref(), Some("retune"));
+    assert_eq!(plan["summary"]["migrate"], 2);
+    let first = &plan["steps"][0];
+    assert_eq!(
+        (&first["wave"], &first["action"]),
+        (&0.into(), &"configureHost".into())
+    );
+}
+
+#[test]
+fn the_markdown_plan_is_a_table_with_diffs() {
+    let repo = two_commits("markdown");
+    let mut args = CI.to_vec();
+    args.extend(["--format", "markdown"]);
+    let out = repo.plan(&args);
+    let md = stdout(&out);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        md.contains("| `<->` | **db-1** | migrate live kvm01 -> kvm02 |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("<details><summary><code>~</code> web-1: YAML diff</summary>"),
+        "{md}"
+    );
+}
+
+#[test]
+fn no_change_exits_0_and_changes_exit_0_without_the_flag() {
+    let repo = two_commits("same");
+    let out = repo.plan(&["--base", "HEAD", "--head", "HEAD", "--detailed-exitcode"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains("No changes."));
+    let out = repo.plan(&["--base", "HEAD~1", "--head", "HEAD"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}
+
+#[test]
+fn an_invalid_head_exits_1_with_its_diagnostics() {
+    let repo = two_commits("invalid");
+    repo.write(
+        "manifests/broken.yaml",
+        "apiVersion: berth.dev/v1\nkind: Guest\nmetadata: {name: broken}\n\
+         spec: {host: kvm01, cpu: {vcpus: 1}, memroy: {size: 1GiB}}\n",
+    );
+    repo.commit("a typo");
+    let out = repo.plan(&CI);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{}\n{err}", stdout(&out));
+    assert!(err.contains("is not valid"), "{err}");
+    assert!(err.contains("manifests/broken.yaml:4"), "{err}");
+    assert!(
+        out.stdout.is_empty(),
+        "no plan is printed for an invalid head"
+    );
+}
+
+#[test]
+fn an_unknown_revision_exits_1() {
+    let repo = two_commits("unknown");
+    let out = repo.plan(&[
+        "--base",
+        "HEAD",
+        "--head",
+        "no-such-branch",
+        "--detailed-exitcode",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("no commit \"no-such-branch\""),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn the_working_tree_is_not_read() {
+    let repo = two_commits("worktree");
+    // Uncommitted edits must not change a plan between two commits.
+    repo.write("manifests/guests.yaml", "this is not YAML: [");
+    let out = repo.plan(&CI);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(Path::new(&repo.dir).join(".git").exists());
+}
