@@ -1,1 +1,210 @@
-fn main() {}
+//! berth-vmm: runs one KVM guest per process.
+//!
+//! `berth-vmm run --spec FILE|- --state-dir DIR` takes the state directory
+//! `DIR/guests/<name>/`, builds the guest, binds `control.sock` once the guest runs,
+//! prints `ready <socket path>` on stdout, and serves the control socket until a
+//! `shutdown` request or SIGTERM/SIGINT.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use berth_hypervisor::statedir::{StateDir, StateDirError};
+use berth_hypervisor::vmm::{CgroupState, VmmEvent};
+use berth_hypervisor::{control, VmConfig, Vmm};
+use clap::{Parser, Subcommand};
+
+/// berth's per-guest KVM process.
+#[derive(Debug, Parser)]
+#[command(name = "berth-vmm", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a guest until it is shut down.
+    Run {
+        /// The Guest manifest (YAML or JSON); `-` reads standard input.
+        #[arg(long)]
+        spec: String,
+        /// The state root; the guest's files go to `<state-dir>/guests/<name>/`.
+        #[arg(long)]
+        state_dir: PathBuf,
+    },
+}
+
+/// A mistake in what the caller gave, as opposed to a host failure.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct UserError(String);
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            if e.downcast_ref::<UserError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let started = Instant::now();
+    let Command::Run { spec, state_dir } = cli.command;
+    // Before any thread exists, so every thread inherits the mask and SIGTERM/SIGINT are
+    // taken only by the signal thread below.
+    let signals = block_termination_signals()?;
+
+    let text = if spec == "-" {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("reading the spec from standard input")?;
+        text
+    } else {
+        std::fs::read_to_string(&spec).with_context(|| format!("reading the spec {spec}"))?
+    };
+    let guest: berth_schema::Guest = serde_yaml::from_str(&text)
+        .map_err(|e| UserError(format!("the spec is not a Guest manifest: {e}")))?;
+    let config = VmConfig::from_guest(&guest).map_err(|e| UserError(e.to_string()))?;
+    let state = StateDir::acquire(&state_dir, &config.name).map_err(|e| match e {
+        StateDirError::Name(_) | StateDirError::AlreadyRunning { .. } => {
+            anyhow::Error::new(UserError(e.to_string()))
+        }
+        other => anyhow::Error::new(other),
+    })?;
+    state.write_spec(&text)?;
+
+    let result = serve(config, &state, started, signals);
+    state.cleanup();
+    result
+}
+
+fn serve(
+    config: VmConfig,
+    state: &StateDir,
+    started: Instant,
+    signals: libc::sigset_t,
+) -> anyhow::Result<ExitCode> {
+    let cgroup = CgroupState::create(&config)?;
+    if let Some(reason) = &cgroup.missing {
+        eprintln!("berth-vmm: running without a cgroup: {reason}");
+    }
+    let (events, inbox) = std::sync::mpsc::channel();
+    let vmm = match build(config, state, &events, started) {
+        Ok(vmm) => vmm,
+        Err(e) => {
+            if let Some(cg) = cgroup.cgroup {
+                let _ = cg.remove();
+            }
+            return Err(e);
+        }
+    };
+    vmm.set_cgroup(cgroup);
+    let vmm = Arc::new(vmm);
+    let listener = state.bind_control()?;
+    control::server::spawn(listener, Arc::clone(&vmm)).context("starting the control thread")?;
+    spawn_signal_thread(signals, events.clone())?;
+    {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "ready {}", state.socket_path().display());
+        let _ = out.flush();
+    }
+
+    let (timeout, reason) = loop {
+        match inbox.recv() {
+            Ok(VmmEvent::Vcpu(event)) => vmm.on_vcpu_event(&event),
+            Ok(VmmEvent::Shutdown { timeout, reason }) => break (timeout, reason),
+            Err(_) => break (Duration::from_secs(5), "event channel closed".into()),
+        }
+    };
+    eprintln!("berth-vmm: shutting down: {reason}");
+    let graceful = vmm.stop_vcpus(timeout);
+    if !graceful {
+        eprintln!("berth-vmm: vCPUs did not stop within {timeout:?}; exiting anyway");
+    }
+    // The socket goes first: a client waiting on it sees the VMM gone as soon as the
+    // guest's resources are released.
+    std::fs::remove_file(state.socket_path()).ok();
+    if let Err(e) = vmm.remove_cgroup() {
+        eprintln!("berth-vmm: {e}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn build(
+    config: VmConfig,
+    state: &StateDir,
+    events: &std::sync::mpsc::Sender<VmmEvent>,
+    started: Instant,
+) -> anyhow::Result<Vmm> {
+    let user_error = |e: berth_hypervisor::vmm::VmmError| -> anyhow::Error {
+        use berth_hypervisor::vmm::VmmError as E;
+        match e {
+            E::InvalidArgument(_) | E::Memory(_) | E::Linux(_) | E::Cpuid(_) => {
+                UserError(e.to_string()).into()
+            }
+            other => other.into(),
+        }
+    };
+    let vmm =
+        Vmm::create(config, &state.console_path(), events.clone(), started).map_err(user_error)?;
+    vmm.load_payload().map_err(user_error)?;
+    vmm.start()?;
+    Ok(vmm)
+}
+
+fn block_termination_signals() -> anyhow::Result<libc::sigset_t> {
+    // SAFETY: sigset_t is plain data; sigemptyset initializes it.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t; the signal numbers are valid.
+    let rc = unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGHUP);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
+    };
+    anyhow::ensure!(rc == 0, "cannot block the termination signals: error {rc}");
+    Ok(set)
+}
+
+fn spawn_signal_thread(
+    set: libc::sigset_t,
+    events: std::sync::mpsc::Sender<VmmEvent>,
+) -> anyhow::Result<()> {
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            let mut signal = 0;
+            // SAFETY: `set` is an initialized sigset_t blocked in every thread; sigwait
+            // writes the signal number into `signal`.
+            let rc = unsafe { libc::sigwait(&set, &mut signal) };
+            if rc == 0 {
+                let name = match signal {
+                    libc::SIGTERM => "SIGTERM",
+                    libc::SIGINT => "SIGINT",
+                    _ => "SIGHUP",
+                };
+                let _ = events.send(VmmEvent::Shutdown {
+                    timeout: Duration::from_secs(5),
+                    reason: format!("{name} received"),
+                });
+            }
+        })
+        .context("starting the signal thread")?;
+    Ok(())
+}

@@ -1,0 +1,151 @@
+//! The VMM side of the control socket: an accept thread and one thread per connection,
+//! each reading request lines and answering through the [`Vmm`].
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use super::protocol::{parse_request, ErrorCode, Op, Request, Response, MAX_LINE};
+use crate::vmm::Vmm;
+
+/// Connections served at once; more are answered with an error and closed.
+const MAX_CONNECTIONS: usize = 32;
+
+/// Serves `listener` on a thread named `control` until the process exits.
+///
+/// # Errors
+/// The thread cannot be spawned.
+pub fn spawn(listener: UnixListener, vmm: Arc<Vmm>) -> std::io::Result<()> {
+    let active = Arc::new(AtomicUsize::new(0));
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+                    active.fetch_sub(1, Ordering::SeqCst);
+                    let reply = Response::error(0, ErrorCode::Host, "too many control connections");
+                    let _ = write_reply(&mut stream, &reply);
+                    continue;
+                }
+                let vmm = Arc::clone(&vmm);
+                let active = Arc::clone(&active);
+                let spawned = std::thread::Builder::new()
+                    .name("control-conn".into())
+                    .spawn(move || {
+                        serve(stream, &vmm);
+                        active.fetch_sub(1, Ordering::SeqCst);
+                    });
+                if spawned.is_err() {
+                    eprintln!("berth-vmm: cannot start a control connection thread");
+                }
+            }
+        })?;
+    Ok(())
+}
+
+fn write_reply(stream: &mut UnixStream, reply: &Response) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(reply).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    stream.write_all(&line)
+}
+
+/// Reads one line of at most [`MAX_LINE`] bytes. `Ok(None)` at end of stream;
+/// `Ok(Some(Err(len)))` for a line that was too long (skipped through its newline).
+fn read_line(reader: &mut impl BufRead) -> std::io::Result<Option<Result<Vec<u8>, usize>>> {
+    let mut line = Vec::new();
+    let mut skipped = 0usize;
+    loop {
+        let buf = reader.fill_buf()?;
+        if buf.is_empty() {
+            return Ok(if line.is_empty() && skipped == 0 {
+                None
+            } else if skipped > 0 {
+                Some(Err(skipped))
+            } else {
+                Some(Ok(line))
+            });
+        }
+        let (chunk, found) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (&buf[..i], Some(i + 1)),
+            None => (buf, None),
+        };
+        if skipped > 0 || line.len() + chunk.len() > MAX_LINE {
+            skipped += line.len() + chunk.len();
+            line.clear();
+        } else {
+            line.extend_from_slice(chunk);
+        }
+        let consumed = found.unwrap_or(buf.len());
+        reader.consume(consumed);
+        if found.is_some() {
+            return Ok(Some(if skipped > 0 { Err(skipped) } else { Ok(line) }));
+        }
+    }
+}
+
+fn serve(stream: UnixStream, vmm: &Vmm) {
+    let Ok(mut writer) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(stream);
+    loop {
+        let reply = match read_line(&mut reader) {
+            Ok(None) | Err(_) => return,
+            Ok(Some(Err(len))) => Response::error(
+                0,
+                ErrorCode::TooLarge,
+                format!("request of {len} bytes is over the {MAX_LINE}-byte limit"),
+            ),
+            Ok(Some(Ok(line))) if line.iter().all(u8::is_ascii_whitespace) => continue,
+            Ok(Some(Ok(line))) => match parse_request(&line) {
+                Ok(request) => handle(vmm, request),
+                Err(reply) => reply,
+            },
+        };
+        if write_reply(&mut writer, &reply).is_err() {
+            return;
+        }
+    }
+}
+
+fn handle(vmm: &Vmm, request: Request) -> Response {
+    let id = request.id;
+    let result = match request.op {
+        Op::Status => Ok(vmm.status_json()),
+        Op::Retune(retune) => vmm.retune(&retune).map(|()| vmm.status_json()),
+        Op::Pause => vmm.pause().map(|()| vmm.status_json()),
+        Op::Resume => vmm.resume().map(|()| vmm.status_json()),
+        Op::VerifyMemory => vmm
+            .verify_memory()
+            .map(|report| serde_json::to_value(report).unwrap_or_default()),
+        Op::Shutdown(args) => {
+            vmm.request_shutdown(args.timeout_ms, "shutdown requested on the control socket");
+            Ok(serde_json::json!({"state": "stopping"}))
+        }
+    };
+    match result {
+        Ok(value) => Response::ok(id, value),
+        Err(e) => Response::error(id, e.code(), e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_capped_and_skipped() {
+        let mut input = Vec::new();
+        input.extend_from_slice(b"first\n");
+        input.extend(std::iter::repeat_n(b'x', MAX_LINE + 10));
+        input.extend_from_slice(b"\nsecond\ntail");
+        let mut r = BufReader::with_capacity(1000, &input[..]);
+        assert_eq!(read_line(&mut r).unwrap(), Some(Ok(b"first".to_vec())));
+        assert_eq!(read_line(&mut r).unwrap(), Some(Err(MAX_LINE + 10)));
+        assert_eq!(read_line(&mut r).unwrap(), Some(Ok(b"second".to_vec())));
+        assert_eq!(read_line(&mut r).unwrap(), Some(Ok(b"tail".to_vec())));
+        assert_eq!(read_line(&mut r).unwrap(), None);
+    }
+}

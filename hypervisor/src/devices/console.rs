@@ -1,0 +1,137 @@
+//! The console log: what the guest writes to its serial port, in `console.log`, bounded
+//! in size. When the file would pass the limit at a line end it is renamed to
+//! `console.log.1` (replacing the older one) and a new file begins.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Default size limit of `console.log`.
+pub const DEFAULT_MAX_BYTES: u64 = 1 << 20;
+
+/// Counters the status reads without locking the serial port.
+#[derive(Debug, Default)]
+pub struct ConsoleStats {
+    /// Newlines written since the VMM started.
+    pub lines: AtomicU64,
+    /// Bytes written since the VMM started.
+    pub bytes: AtomicU64,
+    /// Rotations done.
+    pub rotations: AtomicU64,
+}
+
+/// A size-bounded, rotating log file.
+#[derive(Debug)]
+pub struct ConsoleLog {
+    path: PathBuf,
+    file: File,
+    size: u64,
+    max: u64,
+    pending: Vec<u8>,
+    stats: Arc<ConsoleStats>,
+}
+
+impl ConsoleLog {
+    /// Opens (truncating) `path`; rotates at `max` bytes.
+    ///
+    /// # Errors
+    /// The file cannot be created.
+    pub fn create(path: &Path, max: u64) -> io::Result<ConsoleLog> {
+        let file = File::create(path)?;
+        Ok(ConsoleLog {
+            path: path.to_owned(),
+            file,
+            size: 0,
+            max,
+            pending: Vec::new(),
+            stats: Arc::new(ConsoleStats::default()),
+        })
+    }
+
+    /// Shared counters.
+    pub fn stats(&self) -> Arc<ConsoleStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// The log's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes out what one guest exit produced; lines are never split across files.
+    pub fn end_of_exit(&mut self) {
+        let _ = self.flush_pending();
+    }
+
+    fn flush_pending(&mut self) -> io::Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let bytes = std::mem::take(&mut self.pending);
+        if self.size > 0 && self.size + bytes.len() as u64 > self.max {
+            // Rotate at the last line end in the file so far; a partial line stays here.
+            self.rotate()?;
+        }
+        self.file.write_all(&bytes)?;
+        self.size += bytes.len() as u64;
+        Ok(())
+    }
+
+    fn rotate(&mut self) -> io::Result<()> {
+        let old = self.path.with_extension("log.1");
+        std::fs::rename(&self.path, old)?;
+        self.file = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .open(&self.path)?;
+        self.size = 0;
+        self.stats.rotations.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+impl Write for ConsoleLog {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.pending.extend_from_slice(buf);
+        let newlines = buf.iter().filter(|&&b| b == b'\n').count() as u64;
+        self.stats.lines.fetch_add(newlines, Ordering::Relaxed);
+        self.stats
+            .bytes
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        if self.pending.len() >= 4096 {
+            self.flush_pending()?;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.flush_pending()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotates_at_the_limit_and_keeps_one_old_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        let mut log = ConsoleLog::create(&path, 100).unwrap();
+        for i in 0..30 {
+            log.write_all(format!("line {i:04}\n").as_bytes()).unwrap();
+            log.end_of_exit();
+        }
+        let cur = std::fs::read_to_string(&path).unwrap();
+        let old = std::fs::read_to_string(dir.path().join("console.log.1")).unwrap();
+        assert!(cur.len() <= 100 && old.len() <= 100, "{cur:?} {old:?}");
+        assert!(cur.ends_with("line 0029\n"));
+        assert!(old.starts_with("line ") && old.ends_with('\n'));
+        let stats = log.stats();
+        assert_eq!(stats.lines.load(Ordering::Relaxed), 30);
+        assert!(stats.rotations.load(Ordering::Relaxed) >= 2);
+    }
+}

@@ -1,0 +1,81 @@
+//! The one place where the VMM calls into host plumbing ([`crate::host`]): thread
+//! affinity, `/proc` and sysfs readers, hugepage pools. Errors are flattened into
+//! `io::Error`-like messages the VMM's own errors wrap.
+
+use berth_schema::{CpuSet, PageSize};
+
+use crate::host::{affinity, hugepages, sysinfo};
+
+pub use crate::host::affinity::Pid;
+pub use crate::host::sysinfo::ProcessMemory;
+
+/// The calling thread's id.
+pub fn current_tid() -> Pid {
+    affinity::current_tid()
+}
+
+/// This process's id.
+pub fn current_pid() -> Pid {
+    std::process::id() as Pid
+}
+
+/// Pins thread `tid` to `cpus`.
+///
+/// # Errors
+/// The kernel's refusal, or an empty set.
+pub fn set_thread_affinity(tid: Pid, cpus: &CpuSet) -> Result<(), affinity::AffinityError> {
+    affinity::set_thread_affinity(tid, cpus)
+}
+
+/// Thread `tid`'s affinity as `/proc/<pid>/task/<tid>/status` shows it.
+///
+/// # Errors
+/// The thread is gone or the file is unreadable.
+pub fn read_thread_affinity(pid: Pid, tid: Pid) -> Result<CpuSet, affinity::AffinityError> {
+    affinity::read_thread_affinity(pid, tid)
+}
+
+/// The threads of this process: (tid, name).
+///
+/// # Errors
+/// `/proc/<pid>/task` is unreadable.
+pub fn threads() -> Result<Vec<(Pid, String)>, affinity::AffinityError> {
+    Ok(affinity::threads(current_pid())?
+        .into_iter()
+        .map(|t| (t.tid, t.name))
+        .collect())
+}
+
+/// The CPUs online on this host.
+///
+/// # Errors
+/// The sysfs file is unreadable.
+pub fn online_cpus() -> Result<CpuSet, affinity::AffinityError> {
+    affinity::online_cpus()
+}
+
+/// The NUMA nodes online (node 0 alone when the kernel has no NUMA sysfs).
+pub fn numa_nodes() -> CpuSet {
+    sysinfo::numa_nodes_online().unwrap_or_else(|_| std::iter::once(0).collect())
+}
+
+/// Pages of a hugepage pool that a new mapping can still take: free minus reserved.
+///
+/// # Errors
+/// The pool's sysfs files are unreadable (no such page size on this host).
+pub fn hugepages_available(size: PageSize) -> Result<u64, hugepages::HugePageError> {
+    Ok(hugepages::HugePagePool::new(size).stats()?.available())
+}
+
+/// The host's transparent hugepage mode.
+pub fn thp_mode() -> Option<berth_schema::ThpMode> {
+    sysinfo::read_thp_mode().ok()
+}
+
+/// The memory of process `pid` as the kernel counts it.
+///
+/// # Errors
+/// `/proc/<pid>/status` is unreadable.
+pub fn process_memory(pid: Pid) -> Result<ProcessMemory, sysinfo::SysInfoError> {
+    sysinfo::read_process_memory(pid)
+}
