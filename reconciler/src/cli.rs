@@ -36,6 +36,11 @@ pub enum Command {
     Plan(commands::plan::Args),
     /// Print the JSON Schema of a manifest document, or the manifest reference.
     Schema(SchemaArgs),
+    /// Run the host-resident service: follow a git repository and keep this host
+    /// converged to it.
+    Serve(berth_reconciler::serve::ServeArgs),
+    /// Show the status of a running `berth serve`.
+    Status(berth_reconciler::serve::StatusArgs),
 }
 
 /// Arguments of `berth schema`.
@@ -51,6 +56,14 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Validate(args) => commands::validate::run(&args),
         Command::Plan(args) => commands::plan::run(&args),
+        Command::Serve(args) => {
+            berth_reconciler::serve::run(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status(args) => {
+            write_stdout(&berth_reconciler::serve::status_text(&args)?)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Schema(args) => {
             let text = if args.reference {
                 berth_schema::reference::markdown()

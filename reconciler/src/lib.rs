@@ -9,6 +9,8 @@
 //! - [`apply`]: runs a plan through a driver, wave by wave.
 //! - [`git`]: a revision's manifest files, read with the git CLI (no checkout).
 //! - [`render`]: the plan as text, JSON (with its JSON Schema) and markdown.
+//! - [`serve`]: `berth serve`, the host-resident service (git source, reconcile loop,
+//!   HTTP API), and `berth status`.
 
 pub mod apply;
 pub mod classify;
@@ -18,6 +20,7 @@ pub mod git;
 pub mod model;
 pub mod plan;
 pub mod render;
+pub mod serve;
 
 pub use model::{Desired, Observed, ObservedGuest, ObservedHost};
 pub use plan::{plan, Plan};

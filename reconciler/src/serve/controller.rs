@@ -1,0 +1,570 @@
+//! The reconcile loop: kube-rs shaped. It is told *that* something changed (a new
+//! revision, a resync tick, an action ending, a backoff expiring), never *what*, and
+//! each pass recomputes everything from the whole state: observe, `plan(desired,
+//! observed)`, dispatch.
+//!
+//! - It acts only on steps that belong to its host: actions on guests and settings of
+//!   that host, and migrations away from it (the source drives a migration).
+//! - It never acts before a full observe succeeded, in the same pass: after a restart
+//!   the first thing it does is look at what runs, so a running guest is adopted, never
+//!   started a second time.
+//! - One action per guest at a time (a per-guest work queue: a guest with an action in
+//!   flight gets nothing new until it ends). Actions of the plan's first local wave run
+//!   concurrently; later waves wait for the next pass, which replans from what then
+//!   runs, so the plan's capacity order holds.
+//! - A failed action backs off per guest ([`super::backoff`]); others go on.
+//! - An invalid revision is not applied: the last good one stays enforced and the
+//!   status says why, with the commit id and file:line of each problem.
+//! - Guests annotated `berth.dev/suspend: "true"` are left alone (the plan reports them
+//!   as suspended).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use berth_schema::GuestState;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tracing::{error, info, warn};
+
+use super::backoff::{BackoffPolicy, Backoffs};
+use super::git::CommitId;
+use super::metrics::Metrics;
+use super::source::{Revision, SourceEvent};
+use super::status::{
+    now_rfc3339, Applied, Condition, GuestStatus, LastError, Problem, StatusStore,
+};
+use crate::apply::execute_step;
+use crate::driver::Driver;
+use crate::model::{Desired, Observed};
+use crate::plan::{plan, Action, GuestPlan, Operation, Plan, Step};
+
+/// The backoff key of the observe step; `/` never appears in a guest name.
+const OBSERVE_KEY: &str = "observe/";
+
+/// Settings of the loop.
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    /// The host this service acts for.
+    pub host: String,
+    /// How often to re-observe and correct drift with no other trigger.
+    pub resync: Duration,
+    /// Backoff of failed actions.
+    pub backoff: BackoffPolicy,
+}
+
+/// Called with each new valid revision before it is enforced (the simulated fleet adds
+/// the hosts it names).
+pub type RevisionHook = Box<dyn Fn(&Desired) + Send + Sync>;
+
+/// An action that ended.
+#[derive(Debug)]
+struct Completion {
+    key: String,
+    kind: &'static str,
+    result: Result<(), String>,
+    took: Duration,
+    drift: bool,
+}
+
+/// What woke the loop.
+enum Wake {
+    Shutdown,
+    Source(Option<SourceEvent>),
+    Completed(Completion),
+    Tick,
+}
+
+/// The reconcile loop. See the module documentation.
+pub struct Controller {
+    config: ControllerConfig,
+    driver: Arc<dyn Driver>,
+    status: StatusStore,
+    metrics: Arc<Metrics>,
+    on_revision: Option<RevisionHook>,
+    enforcing: Option<(CommitId, Arc<Desired>)>,
+    /// The revision the host last converged to.
+    converged_on: Option<CommitId>,
+    backoffs: Backoffs,
+    /// Actions in flight, by key (guest name, or `host/<name>`).
+    in_flight: HashMap<String, &'static str>,
+    /// The last error of each key whose last action failed.
+    failures: HashMap<String, String>,
+    completions: (
+        mpsc::UnboundedSender<Completion>,
+        mpsc::UnboundedReceiver<Completion>,
+    ),
+}
+
+impl Controller {
+    /// A loop acting through `driver`, reporting into `status` and `metrics`.
+    pub fn new(
+        config: ControllerConfig,
+        driver: Arc<dyn Driver>,
+        status: StatusStore,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Controller {
+            backoffs: Backoffs::new(config.backoff),
+            config,
+            driver,
+            status,
+            metrics,
+            on_revision: None,
+            enforcing: None,
+            converged_on: None,
+            in_flight: HashMap::new(),
+            failures: HashMap::new(),
+            completions: mpsc::unbounded_channel(),
+        }
+    }
+
+    /// Calls `hook` with each new valid revision before it is enforced.
+    pub fn on_revision(mut self, hook: RevisionHook) -> Self {
+        self.on_revision = Some(hook);
+        self
+    }
+
+    /// Runs until `shutdown` turns true, then waits for the actions in flight.
+    pub async fn run(
+        mut self,
+        mut events: mpsc::Receiver<SourceEvent>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut resync = tokio::time::interval(self.config.resync);
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut source_open = true;
+        loop {
+            let retry_at = self.backoffs.next_deadline(Instant::now());
+            let wake = tokio::select! {
+                biased;
+                _ = shutdown.wait_for(|stop| *stop) => Wake::Shutdown,
+                Some(done) = self.completions.1.recv() => Wake::Completed(done),
+                event = events.recv(), if source_open => Wake::Source(event),
+                _ = resync.tick() => Wake::Tick,
+                () = sleep_until(retry_at), if retry_at.is_some() => Wake::Tick,
+            };
+            match wake {
+                Wake::Shutdown => break,
+                Wake::Completed(done) => self.complete(done),
+                Wake::Source(Some(event)) => {
+                    if !self.source_event(event) {
+                        continue;
+                    }
+                }
+                Wake::Source(None) => {
+                    source_open = false;
+                    continue;
+                }
+                Wake::Tick => {}
+            }
+            self.pass().await;
+        }
+        self.drain().await;
+    }
+
+    /// Waits for the actions in flight; a driver leaves each guest running exactly
+    /// once whatever happens, so nothing is started or stopped here.
+    async fn drain(&mut self) {
+        if !self.in_flight.is_empty() {
+            info!(
+                actions = self.in_flight.len(),
+                "waiting for the actions in flight"
+            );
+        }
+        while !self.in_flight.is_empty() {
+            match self.completions.1.recv().await {
+                Some(done) => self.complete(done),
+                None => break,
+            }
+        }
+    }
+
+    /// Takes in a source event; returns whether a pass is needed.
+    fn source_event(&mut self, event: SourceEvent) -> bool {
+        match event {
+            SourceEvent::Revision(revision) => self.revision(revision),
+            SourceEvent::Unreadable { commit, error } => {
+                self.metrics.revision("unreadable");
+                self.status.update(|s| {
+                    s.last_error = Some(LastError {
+                        revision: commit.map(|c| c.to_string()),
+                        kind: "source".into(),
+                        message: error,
+                        diagnostics: Vec::new(),
+                        at: now_rfc3339(),
+                    });
+                });
+                false
+            }
+        }
+    }
+
+    fn revision(&mut self, revision: Revision) -> bool {
+        let Revision {
+            commit,
+            manifests,
+            warnings,
+            trigger,
+        } = revision;
+        self.status.update(|s| {
+            s.source.revision = Some(commit.to_string());
+            s.source.seen_at = Some(now_rfc3339());
+        });
+        match manifests {
+            Ok(desired) => {
+                for w in &warnings {
+                    warn!(revision = %commit.short(), "{w}");
+                }
+                info!(revision = %commit, ?trigger, "enforcing revision");
+                self.metrics.revision("valid");
+                if let Some(hook) = &self.on_revision {
+                    hook(&desired);
+                }
+                // A new revision may fix what failed: try everything again at once.
+                self.backoffs = Backoffs::new(self.config.backoff);
+                self.failures.clear();
+                self.status.update(|s| {
+                    s.enforcing = Some(commit.to_string());
+                    s.last_error = None;
+                });
+                self.enforcing = Some((commit, desired));
+                true
+            }
+            Err(invalid) => {
+                self.metrics.revision("invalid");
+                let first = invalid
+                    .diagnostics
+                    .iter()
+                    .find(|d| d.is_error())
+                    .map_or_else(String::new, |d| format!(": {d}"));
+                error!(
+                    revision = %commit,
+                    errors = invalid.error_count(),
+                    "revision refused, the last good revision stays enforced{first}"
+                );
+                self.status.update(|s| {
+                    s.last_error = Some(LastError {
+                        revision: Some(commit.to_string()),
+                        kind: "invalid".into(),
+                        message: format!(
+                            "revision {} refused: {} error{}{first}",
+                            commit.short(),
+                            invalid.error_count(),
+                            if invalid.error_count() == 1 { "" } else { "s" }
+                        ),
+                        diagnostics: invalid.diagnostics.iter().map(Problem::from).collect(),
+                        at: now_rfc3339(),
+                    });
+                });
+                false
+            }
+        }
+    }
+
+    fn complete(&mut self, done: Completion) {
+        self.in_flight.remove(&done.key);
+        self.metrics
+            .action(done.kind, done.result.is_ok(), done.took);
+        match done.result {
+            Ok(()) => {
+                info!(key = %done.key, action = done.kind, took = ?done.took, drift = done.drift, "action done");
+                if done.drift {
+                    self.metrics.drift_corrections.inc();
+                }
+                self.backoffs.succeeded(&done.key);
+                self.failures.remove(&done.key);
+            }
+            Err(e) => {
+                let retry = self.backoffs.failed(&done.key, Instant::now());
+                let wait = retry.not_before.saturating_duration_since(Instant::now());
+                warn!(
+                    key = %done.key, action = done.kind, error = %e,
+                    failures = retry.failures, retry_in = ?wait, "action failed"
+                );
+                self.failures.insert(done.key, e);
+            }
+        }
+    }
+
+    /// Observe, plan, dispatch, report.
+    async fn pass(&mut self) {
+        let started = Instant::now();
+        let driver = Arc::clone(&self.driver);
+        let observed = tokio::task::spawn_blocking(move || driver.observe())
+            .await
+            .expect("observe does not panic");
+        let observed = match observed {
+            Ok(o) => o,
+            Err(e) => {
+                error!(error = %e, "observe failed; nothing is done until it succeeds");
+                self.status.update(|s| {
+                    s.last_error = Some(LastError {
+                        revision: None,
+                        kind: "observe".into(),
+                        message: e.to_string(),
+                        diagnostics: Vec::new(),
+                        at: now_rfc3339(),
+                    });
+                });
+                // Retried on the next tick, or sooner through the observe backoff.
+                self.backoffs.failed(OBSERVE_KEY, Instant::now());
+                return;
+            }
+        };
+        self.backoffs.succeeded(OBSERVE_KEY);
+        self.metrics.ready.set(1);
+        self.status.update(|s| {
+            s.ready = true;
+            if s.last_error.as_ref().is_some_and(|e| e.kind == "observe") {
+                s.last_error = None;
+            }
+        });
+        let Some((revision, desired)) = self.enforcing.clone() else {
+            let guests = self.guest_statuses(&Desired::default(), &observed, None);
+            self.status.update(|s| s.guests = guests);
+            return;
+        };
+        let plan = plan(&desired, &observed);
+        let local: Vec<&Step> = plan.steps.iter().filter(|s| self.acts_on(s)).collect();
+        let first_wave = local.iter().map(|s| s.wave).min();
+        let drift = self.converged_on.as_ref() == Some(&revision);
+        let now = Instant::now();
+        for step in local.iter().filter(|s| Some(s.wave) == first_wave) {
+            let key = step_key(&step.action);
+            if self.in_flight.contains_key(&key) || !self.backoffs.ready(&key, now) {
+                continue;
+            }
+            self.dispatch(key, step, &desired, drift);
+        }
+        let blocked_here = plan
+            .guests
+            .iter()
+            .any(|g| g.operation == Operation::Blocked && g.host == self.config.host)
+            || plan
+                .hosts
+                .iter()
+                .any(|h| h.name == self.config.host && h.blocked.is_some());
+        let converged = local.is_empty() && self.in_flight.is_empty() && !blocked_here;
+        if converged && self.converged_on.as_ref() != Some(&revision) {
+            info!(revision = %revision, "converged");
+            self.converged_on = Some(revision.clone());
+            self.status.update(|s| {
+                s.last_applied = Some(Applied {
+                    revision: revision.to_string(),
+                    at: now_rfc3339(),
+                });
+            });
+        }
+        let guests = self.guest_statuses(&desired, &observed, Some(&plan));
+        self.status.update(|s| s.guests = guests);
+        self.metrics
+            .reconcile_duration
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Whether a step is this host's to run.
+    fn acts_on(&self, step: &Step) -> bool {
+        let me = self.config.host.as_str();
+        match &step.action {
+            Action::ConfigureHost { host, .. }
+            | Action::Start { host, .. }
+            | Action::Stop { host, .. }
+            | Action::Retune { host, .. }
+            | Action::LocalMigrate { host, .. }
+            | Action::Restart { host, .. } => host == me,
+            Action::Migrate { from, .. } | Action::ColdMigrate { from, .. } => from == me,
+        }
+    }
+
+    fn dispatch(&mut self, key: String, step: &Step, desired: &Desired, drift: bool) {
+        let kind = action_kind(&step.action);
+        info!(key = %key, action = kind, step = ?step.action, drift, "dispatching");
+        self.in_flight.insert(key.clone(), kind);
+        let guest = step
+            .action
+            .guest()
+            .and_then(|name| desired.guests.iter().find(|g| g.metadata.name == name))
+            .cloned();
+        let step = step.clone();
+        let driver = Arc::clone(&self.driver);
+        let done = self.completions.0.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let result = tokio::task::spawn_blocking(move || {
+                let guests: HashMap<&str, &berth_schema::Guest> = guest
+                    .iter()
+                    .map(|g| (g.metadata.name.as_str(), g))
+                    .collect();
+                execute_step(&step, &guests, driver.as_ref())
+            })
+            .await;
+            let result = match result {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(panic) => Err(format!("the driver panicked: {panic}")),
+            };
+            let _ = done.send(Completion {
+                key,
+                kind,
+                result,
+                took: started.elapsed(),
+                drift,
+            });
+        });
+    }
+
+    /// Every guest placed on this host, running on it, or on its way to it.
+    fn guest_statuses(
+        &self,
+        desired: &Desired,
+        observed: &Observed,
+        plan: Option<&Plan>,
+    ) -> Vec<GuestStatus> {
+        let me = self.config.host.as_str();
+        let plans: HashMap<&str, &GuestPlan> = plan
+            .map(|p| p.guests.iter().map(|g| (g.name.as_str(), g)).collect())
+            .unwrap_or_default();
+        let mut out: BTreeMap<String, GuestStatus> = BTreeMap::new();
+        for g in &observed.guests {
+            if g.host == me {
+                let phase = match g.state {
+                    GuestState::Running => "Running",
+                    GuestState::Paused => "Paused",
+                    GuestState::Stopped => "Stopped",
+                };
+                out.insert(g.name.clone(), guest_status(&g.name, &g.host, phase));
+            }
+        }
+        for g in desired.guests.iter().filter(|g| g.spec.host == me) {
+            let name = &g.metadata.name;
+            if !out.contains_key(name)
+                && !observed
+                    .guests
+                    .iter()
+                    .any(|o| &o.name == name && o.has_vmm())
+            {
+                let phase = if g.spec.state == GuestState::Stopped {
+                    "Stopped"
+                } else {
+                    "Pending"
+                };
+                out.insert(name.clone(), guest_status(name, me, phase));
+            }
+        }
+        for (name, status) in &mut out {
+            let conditions = &mut status.conditions;
+            match plans.get(name.as_str()) {
+                None => conditions.push(Condition::new("Synced", true, "InSync", "")),
+                Some(p) => {
+                    let message = p.reason.clone().unwrap_or_else(|| {
+                        let fields: Vec<String> =
+                            p.changes.iter().map(|c| c.diff.field.to_string()).collect();
+                        if fields.is_empty() {
+                            p.operation.describe().to_owned()
+                        } else {
+                            format!("{}: {}", p.operation.describe(), fields.join(", "))
+                        }
+                    });
+                    let incoming = p.to.as_deref() == Some(me) && p.host != me;
+                    let reason = match p.operation {
+                        Operation::Blocked => "Blocked",
+                        Operation::Suspended => "Suspended",
+                        Operation::Orphan => "Orphan",
+                        Operation::Migrating => "Migrating",
+                        _ if incoming => "WaitingForMigration",
+                        _ => "Changes",
+                    };
+                    match reason {
+                        "Changes" => {}
+                        "WaitingForMigration" => {
+                            status.phase = reason.into();
+                            status.host = p.host.clone();
+                        }
+                        _ => status.phase = reason.into(),
+                    }
+                    conditions.push(Condition::new("Synced", false, reason, message));
+                    if p.operation == Operation::Suspended {
+                        conditions.push(Condition::new("Suspended", true, "Annotation", ""));
+                    }
+                }
+            }
+            if let Some(kind) = self.in_flight.get(name.as_str()) {
+                conditions.push(Condition::new("Progressing", true, "ActionInFlight", *kind));
+            }
+            if let Some(e) = self.failures.get(name.as_str()) {
+                status.phase = "Failed".into();
+                let retry = self.backoffs.get(name).map_or(String::new(), |r| {
+                    let wait = r.not_before.saturating_duration_since(Instant::now());
+                    format!(
+                        " (failure {}, retry in {:.1}s)",
+                        r.failures,
+                        wait.as_secs_f64()
+                    )
+                });
+                conditions.push(Condition::new(
+                    "Failed",
+                    true,
+                    "ActionFailed",
+                    format!("{e}{retry}"),
+                ));
+            }
+        }
+        // Guests migrating to this host from elsewhere are shown as waiting for it.
+        if let Some(plan) = plan {
+            for p in &plan.guests {
+                if p.to.as_deref() == Some(me) && p.host != me && !out.contains_key(&p.name) {
+                    let mut status = guest_status(&p.name, &p.host, "WaitingForMigration");
+                    status.conditions.push(Condition::new(
+                        "Synced",
+                        false,
+                        "WaitingForMigration",
+                        format!("{} from {}", p.operation.describe(), p.host),
+                    ));
+                    out.insert(p.name.clone(), status);
+                }
+            }
+        }
+        out.into_values().collect()
+    }
+}
+
+fn guest_status(name: &str, host: &str, phase: &str) -> GuestStatus {
+    GuestStatus {
+        name: name.to_owned(),
+        host: host.to_owned(),
+        phase: phase.to_owned(),
+        conditions: Vec::new(),
+    }
+}
+
+/// The work-queue key of an action: one action per guest (or per host's settings).
+fn step_key(action: &Action) -> String {
+    match action {
+        Action::ConfigureHost { host, .. } => format!("host/{host}"),
+        other => other.guest().unwrap_or_default().to_owned(),
+    }
+}
+
+/// The metric label of an action.
+fn action_kind(action: &Action) -> &'static str {
+    match action {
+        Action::ConfigureHost { .. } => "configure_host",
+        Action::Start { .. } => "start",
+        Action::Stop { .. } => "stop",
+        Action::Retune { .. } => "retune",
+        Action::LocalMigrate { .. } => "local_migrate",
+        Action::Migrate { .. } => "migrate",
+        Action::ColdMigrate { .. } => "cold_migrate",
+        Action::Restart { .. } => "restart",
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,205 @@
+//! Prometheus metrics of the service, served at `/metrics` in the OpenMetrics text
+//! format (which Prometheus scrapes natively).
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Labels of `berth_actions`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ActionLabels {
+    /// `start`, `stop`, `retune`, `migrate`, `local_migrate`, `cold_migrate`, `restart`,
+    /// `configure_host`.
+    pub kind: String,
+    /// `ok` or `error`.
+    pub result: String,
+}
+
+/// Labels of `berth_revisions`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RevisionLabels {
+    /// `valid`, `invalid` or `unreadable`.
+    pub result: String,
+}
+
+/// Labels of the migration metrics.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct MigrationLabels {
+    /// `local` (into a new VMM on this host) or `remote`.
+    pub kind: String,
+}
+
+/// The service's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    /// Time of one reconcile pass: observe, plan, dispatch.
+    pub reconcile_duration: Histogram,
+    /// Actions that corrected drift (a change made outside berth) on a revision the
+    /// host had already converged to.
+    pub drift_corrections: Counter,
+    /// Actions run, by kind and result.
+    pub actions: Family<ActionLabels, Counter>,
+    /// New heads read, by validation result.
+    pub revisions: Family<RevisionLabels, Counter>,
+    /// 1 once the first full observe succeeded.
+    pub ready: Gauge,
+    /// Wall time of migrations away from this host (and local ones), start to switchover.
+    pub migration_duration: Family<MigrationLabels, Histogram>,
+    /// Time the guest was paused at switchover, as the migration engine reports it.
+    pub migration_downtime: Family<MigrationLabels, Histogram>,
+    /// Bytes sent by migrations, as the migration engine reports them.
+    pub migration_bytes: Family<MigrationLabels, Counter>,
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("berth");
+        let reconcile_duration = Histogram::new(exponential_buckets(0.000_5, 2.0, 16));
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time of one reconcile pass (observe, plan, dispatch)",
+            reconcile_duration.clone(),
+        );
+        let drift_corrections = Counter::default();
+        registry.register(
+            "drift_corrections",
+            "Actions that corrected drift on a revision already converged to",
+            drift_corrections.clone(),
+        );
+        let actions = Family::<ActionLabels, Counter>::default();
+        registry.register(
+            "actions",
+            "Actions run, by kind and result",
+            actions.clone(),
+        );
+        let revisions = Family::<RevisionLabels, Counter>::default();
+        registry.register(
+            "revisions",
+            "New heads of the followed branch, by validation result",
+            revisions.clone(),
+        );
+        let ready = Gauge::default();
+        registry.register(
+            "ready",
+            "1 once the first full observe succeeded",
+            ready.clone(),
+        );
+        let migration_duration = Family::<MigrationLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.01, 2.0, 14))
+        });
+        registry.register(
+            "migration_duration_seconds",
+            "Wall time of migrations run from this host",
+            migration_duration.clone(),
+        );
+        let migration_downtime = Family::<MigrationLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.000_25, 2.0, 14))
+        });
+        registry.register(
+            "migration_downtime_seconds",
+            "Time guests were paused at migration switchover",
+            migration_downtime.clone(),
+        );
+        let migration_bytes = Family::<MigrationLabels, Counter>::default();
+        registry.register(
+            "migration_bytes",
+            "Bytes sent by migrations from this host",
+            migration_bytes.clone(),
+        );
+        Metrics {
+            registry: Mutex::new(registry),
+            reconcile_duration,
+            drift_corrections,
+            actions,
+            revisions,
+            ready,
+            migration_duration,
+            migration_downtime,
+            migration_bytes,
+        }
+    }
+
+    /// Counts one action.
+    pub fn action(&self, kind: &str, ok: bool, took: Duration) {
+        let result = if ok { "ok" } else { "error" };
+        self.actions
+            .get_or_create(&ActionLabels {
+                kind: kind.to_owned(),
+                result: result.to_owned(),
+            })
+            .inc();
+        let migration = match kind {
+            "migrate" => Some("remote"),
+            "local_migrate" => Some("local"),
+            _ => None,
+        };
+        if let (Some(kind), true) = (migration, ok) {
+            self.migration_duration
+                .get_or_create(&MigrationLabels {
+                    kind: kind.to_owned(),
+                })
+                .observe(took.as_secs_f64());
+        }
+    }
+
+    /// Counts one new head.
+    pub fn revision(&self, result: &str) {
+        self.revisions
+            .get_or_create(&RevisionLabels {
+                result: result.to_owned(),
+            })
+            .inc();
+    }
+
+    /// The metrics in the OpenMetrics text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        prometheus_client::encoding::text::encode(&mut out, &registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_the_families() {
+        let m = Metrics::new();
+        m.action("retune", true, Duration::from_millis(3));
+        m.action("migrate", true, Duration::from_millis(300));
+        m.action("start", false, Duration::from_millis(1));
+        m.drift_corrections.inc();
+        m.reconcile_duration.observe(0.002);
+        let text = m.encode();
+        for line in [
+            "berth_actions_total{kind=\"retune\",result=\"ok\"} 1",
+            "berth_actions_total{kind=\"start\",result=\"error\"} 1",
+            "berth_drift_corrections_total 1",
+            "berth_reconcile_duration_seconds_count 1",
+            "berth_migration_duration_seconds_count{kind=\"remote\"} 1",
+            "# EOF",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line} missing from\n{text}"
+            );
+        }
+    }
+}

@@ -1,0 +1,371 @@
+//! `berth serve`: the host-resident service that follows a git repository and keeps
+//! its host converged; and `berth status`, which reads the service's status.
+//!
+//! The pieces, each usable and tested on its own:
+//! - [`git`]: reading revisions with the git CLI.
+//! - [`source`]: noticing new heads (watch, poll, webhook) and reading each one once.
+//! - [`controller`]: the reconcile loop (observe, plan, dispatch) with a per-guest work
+//!   queue, backoff and suspend.
+//! - [`http`]: `/healthz`, `/status`, `/metrics`, `/hooks/git` and the peer API
+//!   ([`peer`]), with [`auth`] for the webhook signature and the fleet secret.
+//! - [`simfleet`]: `--driver sim`, a simulated fleet that survives restarts.
+//!
+//! Restart safety: the service keeps no state that matters besides what it observes.
+//! It acts only after a full observe, so after a restart (or a SIGKILL) it adopts what
+//! runs instead of starting it again. On SIGTERM or SIGINT it stops dispatching, lets
+//! the actions in flight finish (a driver leaves each guest running exactly once, and a
+//! failed migration keeps the guest on its source), and exits with the guests running.
+
+pub mod auth;
+pub mod backoff;
+pub mod client;
+pub mod controller;
+pub mod git;
+pub mod http;
+pub mod metrics;
+pub mod peer;
+pub mod simfleet;
+pub mod source;
+pub mod status;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tracing::{error, info, warn};
+
+use crate::driver::Driver;
+use auth::{Secret, SecretError};
+use backoff::BackoffPolicy;
+use controller::{Controller, ControllerConfig};
+use git::{GitError, GitRepo};
+use metrics::Metrics;
+use simfleet::{SimFleetError, SimulatedFleet};
+use source::{Follower, Trigger};
+use status::{SourceStatus, Status, StatusStore};
+
+/// Arguments of `berth serve`.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// The manifest repository: a local path (a working tree or a bare repository). To
+    /// follow a remote, keep a local clone fetched and follow e.g. `origin/main`.
+    #[arg(long)]
+    pub repo: PathBuf,
+    /// The branch followed (any revision expression naming a commit works).
+    #[arg(long, default_value = "main")]
+    pub branch: String,
+    /// This host's name, as its Host manifest names it: only guests placed on it (and
+    /// migrations away from it) are acted on.
+    #[arg(long)]
+    pub host: String,
+    /// Address of the HTTP API (status, metrics, webhook, peer API).
+    #[arg(long, default_value = "127.0.0.1:7410")]
+    pub listen: SocketAddr,
+    /// Where the driver keeps its state (`sim-fleet.json` for the simulated fleet).
+    #[arg(long, default_value = "/var/lib/berth")]
+    pub state_dir: PathBuf,
+    /// What runs guests: `local` (berth-vmm processes) or `sim` (a simulated fleet, no
+    /// real guests).
+    #[arg(long, value_enum, default_value_t = DriverKind::Local)]
+    pub driver: DriverKind,
+    /// How often to look at the branch head even without a filesystem event or webhook.
+    #[arg(long, default_value = "30s")]
+    pub poll_interval: berth_schema::Duration,
+    /// How often to re-observe and correct drift when nothing else happens.
+    #[arg(long, default_value = "60s")]
+    pub resync_interval: berth_schema::Duration,
+    /// How long to let filesystem events settle before reading the head.
+    #[arg(long, default_value = "50ms")]
+    pub debounce: berth_schema::Duration,
+    /// A file holding the webhook secret (as configured on the git host). Without it,
+    /// every webhook is refused.
+    #[arg(long)]
+    pub webhook_secret_file: Option<PathBuf>,
+    /// A file holding the fleet's shared secret for the peer API. Without it, every
+    /// peer request is refused.
+    #[arg(long)]
+    pub fleet_secret_file: Option<PathBuf>,
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// Drivers `berth serve` can use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DriverKind {
+    /// berth-vmm processes on this host.
+    Local,
+    /// A simulated fleet: no real guests.
+    Sim,
+}
+
+/// Log formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Why `berth serve` could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The repository cannot be read.
+    #[error("cannot follow the repository {path}")]
+    Repo {
+        /// The path.
+        path: String,
+        /// The error.
+        #[source]
+        source: GitError,
+    },
+    /// A secret file cannot be read.
+    #[error(transparent)]
+    Secret(#[from] SecretError),
+    /// The state directory cannot be created.
+    #[error("cannot create the state directory {path}: {source}")]
+    StateDir {
+        /// The directory.
+        path: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The local driver is not part of this build yet.
+    #[error("the local driver (berth-vmm processes) is not available in this build yet; use --driver sim for a simulated fleet")]
+    LocalDriverUnavailable,
+    /// The simulated fleet cannot be loaded.
+    #[error(transparent)]
+    SimFleet(#[from] SimFleetError),
+    /// The async runtime cannot be built.
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    /// The HTTP listener cannot be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The filesystem watch cannot be set up.
+    #[error("cannot watch the repository: {0}")]
+    Watch(#[source] notify::Error),
+    /// Signal handlers cannot be installed.
+    #[error("cannot install signal handlers: {0}")]
+    Signals(#[source] std::io::Error),
+    /// The HTTP server failed.
+    #[error("the HTTP server failed: {0}")]
+    Http(#[source] std::io::Error),
+}
+
+/// Sets up `tracing` on stderr; `RUST_LOG` overrides the default level (`info`).
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // Another subscriber may already be set (tests); keep it.
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
+
+/// Runs `berth serve` until SIGTERM or SIGINT.
+///
+/// # Errors
+/// When the settings are wrong (repository, secrets, listener) or the service fails.
+pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
+    init_logging(args.log_format);
+    let repo = GitRepo::open(&args.repo).map_err(|source| ServeError::Repo {
+        path: args.repo.display().to_string(),
+        source,
+    })?;
+    let webhook_secret = load_secret(args.webhook_secret_file.as_deref(), "webhook")?;
+    let fleet_secret = load_secret(args.fleet_secret_file.as_deref(), "peer API")?;
+    let sim = match args.driver {
+        DriverKind::Local => return Err(ServeError::LocalDriverUnavailable),
+        DriverKind::Sim => {
+            std::fs::create_dir_all(&args.state_dir).map_err(|source| ServeError::StateDir {
+                path: args.state_dir.display().to_string(),
+                source,
+            })?;
+            Arc::new(SimulatedFleet::open(Some(
+                args.state_dir.join("sim-fleet.json"),
+            ))?)
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("berth-serve")
+        .build()
+        .map_err(ServeError::Runtime)?;
+    let result = runtime.block_on(serve(args, repo, webhook_secret, fleet_secret, sim));
+    // Actions in flight were waited for already; nothing should be left.
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    result
+}
+
+fn load_secret(
+    path: Option<&std::path::Path>,
+    what: &str,
+) -> Result<Option<Arc<Secret>>, ServeError> {
+    match path {
+        Some(path) => {
+            warn_if_readable_by_others(path);
+            Ok(Some(Arc::new(Secret::from_file(path)?)))
+        }
+        None => {
+            warn!("no secret for the {what}: every request to it is refused");
+            Ok(None)
+        }
+    }
+}
+
+fn warn_if_readable_by_others(path: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt as _;
+    if let Ok(meta) = std::fs::metadata(path) {
+        if meta.permissions().mode() & 0o077 != 0 {
+            warn!(path = %path.display(), "the secret file is readable by others than its owner (chmod 600 it)");
+        }
+    }
+}
+
+async fn serve(
+    args: &ServeArgs,
+    repo: GitRepo,
+    webhook_secret: Option<Arc<Secret>>,
+    fleet_secret: Option<Arc<Secret>>,
+    sim: Arc<SimulatedFleet>,
+) -> Result<(), ServeError> {
+    let driver: Arc<dyn Driver> = sim.clone();
+    let status = StatusStore::new(Status {
+        host: args.host.clone(),
+        driver: driver.name().to_owned(),
+        source: SourceStatus {
+            repo: args.repo.display().to_string(),
+            branch: args.branch.clone(),
+            ..SourceStatus::default()
+        },
+        ..Status::default()
+    });
+    let metrics = Arc::new(Metrics::new());
+    let (triggers, trigger_rx) = mpsc::channel(16);
+    let (events, event_rx) = mpsc::channel(4);
+    let (shutdown, shutdown_rx) = watch::channel(false);
+
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|source| ServeError::Listen {
+            addr: args.listen,
+            source,
+        })?;
+    let api = http::router(http::ApiState {
+        status: status.clone(),
+        metrics: Arc::clone(&metrics),
+        triggers: triggers.clone(),
+        webhook_secret,
+        fleet_secret,
+        incoming: Arc::new(peer::NotYetSupported),
+    });
+    let mut http_stop = shutdown_rx.clone();
+    let http = tokio::spawn(async move {
+        axum::serve(listener, api)
+            .with_graceful_shutdown(async move {
+                let _ = http_stop.wait_for(|stop| *stop).await;
+            })
+            .await
+    });
+    info!(listen = %args.listen, host = %args.host, repo = %args.repo.display(), branch = %args.branch, "berth serve started");
+
+    let _watcher = source::watch(&repo, triggers.clone()).map_err(ServeError::Watch)?;
+    tokio::spawn(source::poll(args.poll_interval.get(), triggers.clone()));
+    let _ = triggers.try_send(Trigger::Startup);
+    let follower = Follower::new(repo, args.branch.clone(), args.debounce.get());
+    tokio::spawn(follower.run(trigger_rx, events.clone()));
+    drop(events);
+
+    let controller = Controller::new(
+        ControllerConfig {
+            host: args.host.clone(),
+            resync: args.resync_interval.get(),
+            backoff: BackoffPolicy::default(),
+        },
+        driver,
+        status,
+        metrics,
+    )
+    .on_revision(Box::new(move |desired| sim.add_hosts(desired)));
+    let controller = tokio::spawn(controller.run(event_rx, shutdown_rx));
+
+    wait_for_signal().await.map_err(ServeError::Signals)?;
+    info!("stopping: finishing the actions in flight; guests keep running");
+    let _ = shutdown.send(true);
+    if let Err(e) = controller.await {
+        error!(error = %e, "the reconcile loop failed");
+    }
+    match http.await {
+        Ok(result) => result.map_err(ServeError::Http)?,
+        Err(e) => error!(error = %e, "the HTTP server failed"),
+    }
+    info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM"),
+        _ = int.recv() => info!("SIGINT"),
+    }
+    Ok(())
+}
+
+/// Arguments of `berth status`.
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// The `berth serve` to ask.
+    #[arg(long, default_value = "http://127.0.0.1:7410")]
+    pub server: String,
+    /// Print the raw JSON of `/status` instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Why `berth status` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    /// The async runtime cannot be built.
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    /// The service could not be asked.
+    #[error(transparent)]
+    Client(#[from] client::ClientError),
+}
+
+/// Reads the status of a `berth serve` and renders it (a table, or JSON).
+///
+/// # Errors
+/// When the service cannot be reached or answers with an error.
+pub fn status_text(args: &StatusArgs) -> Result<String, StatusError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(StatusError::Runtime)?;
+    let status = runtime.block_on(client::status(&args.server))?;
+    Ok(if args.json {
+        let mut text = serde_json::to_string_pretty(&status).expect("the status serializes");
+        text.push('\n');
+        text
+    } else {
+        status::render_table(&status)
+    })
+}

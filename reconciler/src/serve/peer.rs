@@ -1,0 +1,83 @@
+//! The peer API hosts use for cross-host live migration: the source host's service asks
+//! the destination's to prepare an incoming VMM (`POST /v1/migrations/incoming`) and
+//! gets back the address to stream to and a one-time token that authenticates the
+//! stream.
+//!
+//! Requests carry the fleet's shared secret (`Authorization: Bearer <secret>`); with no
+//! secret configured the API refuses everything. What preparing means (building the
+//! VMM, reserving memory, listening) belongs to the migration engine, which implements
+//! [`IncomingMigrations`].
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// The path of the request.
+pub const INCOMING_PATH: &str = "/v1/migrations/incoming";
+
+/// A request to prepare an incoming migration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IncomingRequest {
+    /// The guest.
+    pub guest: String,
+    /// The host it comes from.
+    pub from: String,
+    /// The commit id of the revision the source plans from: the destination builds the
+    /// VMM from its own copy of that revision, never from manifest text sent over the
+    /// wire.
+    pub revision: String,
+}
+
+/// A prepared incoming migration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IncomingMigration {
+    /// Where the source streams the guest to.
+    pub listen: SocketAddr,
+    /// Single-use token that authenticates the stream; expires unused.
+    pub token: String,
+}
+
+/// Why an incoming migration could not be prepared.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    /// This build cannot receive migrations yet.
+    #[error("incoming migrations are not supported yet: {0}")]
+    Unsupported(&'static str),
+    /// The request names a guest that is not placed on this host, or one that already
+    /// runs here.
+    #[error("refused: {0}")]
+    Refused(String),
+    /// No room (memory, hugepages, CPUs) for the guest.
+    #[error("no capacity: {0}")]
+    Capacity(String),
+    /// Preparing failed.
+    #[error("cannot prepare the incoming migration: {0}")]
+    Failed(String),
+}
+
+/// Prepares incoming VMMs on this host; implemented by the migration engine.
+///
+/// Called from a blocking thread, so implementations may block. Implementations must
+/// refuse a guest that already runs on this host and must clean up a prepared VMM whose
+/// token goes unused.
+pub trait IncomingMigrations: Send + Sync {
+    /// Prepares an incoming VMM for `request.guest`.
+    ///
+    /// # Errors
+    /// [`PeerError`] saying why not.
+    fn prepare(&self, request: &IncomingRequest) -> Result<IncomingMigration, PeerError>;
+}
+
+/// What the service answers until the migration engine is wired in.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NotYetSupported;
+
+impl IncomingMigrations for NotYetSupported {
+    fn prepare(&self, _: &IncomingRequest) -> Result<IncomingMigration, PeerError> {
+        Err(PeerError::Unsupported(
+            "the migration engine is not wired into berth serve",
+        ))
+    }
+}
