@@ -79,3 +79,8 @@ pub fn thp_mode() -> Option<berth_schema::ThpMode> {
 pub fn process_memory(pid: Pid) -> Result<ProcessMemory, sysinfo::SysInfoError> {
     sysinfo::read_process_memory(pid)
 }
+
+/// The host's total RAM (`MemTotal`), when readable.
+pub fn host_memory() -> Option<u64> {
+    sysinfo::read_meminfo().ok().map(|m| m.total.get())
+}

@@ -6,5 +6,5 @@ pub mod client;
 pub mod protocol;
 pub mod server;
 
-pub use client::Client;
+pub use client::{Client, ClientError};
 pub use protocol::*;

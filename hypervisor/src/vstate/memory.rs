@@ -40,6 +40,14 @@ pub enum MemoryError {
     /// The pool's sysfs files are missing.
     #[error("Cannot read the {0} hugepage pool: {1}")]
     HugepagePool(PageSize, crate::host::hugepages::HugePageError),
+    /// The guest is larger than the host's RAM.
+    #[error("Cannot back {size} of guest memory: the host has {total} of RAM")]
+    HostTooSmall {
+        /// Guest memory size.
+        size: berth_schema::Bytes,
+        /// Host RAM.
+        total: berth_schema::Bytes,
+    },
     /// mmap failed.
     #[error("Cannot map {size} of guest memory: {source}")]
     Mmap {
@@ -97,6 +105,12 @@ pub fn arch_ranges(size: u64) -> Vec<(GuestAddress, u64)> {
 /// A [`MemoryError`] naming the failing step.
 pub fn create(cfg: &MemoryConfig) -> Result<GuestMemory, MemoryError> {
     check_numa(cfg)?;
+    if let Some(total) = hostlink::host_memory().filter(|&total| cfg.size > total) {
+        return Err(MemoryError::HostTooSmall {
+            size: berth_schema::Bytes(cfg.size),
+            total: berth_schema::Bytes(total),
+        });
+    }
     if let Backing::Hugetlb(page_size) = cfg.backing {
         let needed = cfg.size / page_size.bytes();
         let available = hostlink::hugepages_available(page_size)

@@ -1,0 +1,645 @@
+//! berth-vmm end to end, on real KVM: heartbeat guests, pinning, cgroups, hugepages,
+//! hot-add, crashes, bad input, the control protocol. Run as root with /dev/kvm.
+//!
+//! Every test cleans up what it made (VMM processes by pid, state directories, cgroups,
+//! hugepages) through guards, also when it fails.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use berth_hypervisor::control::{Client, ClientError, ErrorCode, GuestRunState, Retune, Status};
+use berth_hypervisor::host::cgroup::Cgroups;
+use berth_hypervisor::host::hugepages::{HugePagePool, PoolReservation};
+use berth_schema::{CpuSet, PageSize, Pinning};
+
+/// A berth-vmm process and its state root; killed (by pid) and cleaned up on drop.
+struct Vmm {
+    child: Option<Child>,
+    root: tempfile::TempDir,
+    name: String,
+    socket: PathBuf,
+}
+
+/// A failed start: exit code and stderr.
+#[derive(Debug)]
+struct StartError {
+    code: Option<i32>,
+    stderr: String,
+}
+
+fn spec(name: &str, cpu: &str, memory: &str, boot: &str) -> String {
+    format!(
+        "apiVersion: berth.dev/v1\nkind: Guest\nmetadata: {{name: {name}}}\nspec:\n  host: kvm01\n  cpu: {cpu}\n  memory: {memory}\n  boot: {boot}\n"
+    )
+}
+
+fn heartbeat(tick_hz: u32, per_line: u32, dirty: u32) -> String {
+    format!(
+        "{{kernel: builtin:heartbeat, heartbeat: {{tickHz: {tick_hz}, ticksPerLine: {per_line}, dirtyPagesPerTick: {dirty}}}}}"
+    )
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", std::process::id())
+}
+
+impl Vmm {
+    fn start(name: &str, spec_text: &str) -> Result<Vmm, StartError> {
+        let root = tempfile::tempdir().expect("temp state root");
+        Vmm::start_in(root, name, spec_text)
+    }
+
+    fn start_in(root: tempfile::TempDir, name: &str, spec_text: &str) -> Result<Vmm, StartError> {
+        let spec_path = root.path().join(format!("{name}.yaml"));
+        std::fs::write(&spec_path, spec_text).unwrap();
+        let stderr_path = root.path().join(format!("{name}.stderr"));
+        let mut child = Command::new(berth_tests::bin("berth-vmm"))
+            .arg("run")
+            .arg("--spec")
+            .arg(&spec_path)
+            .arg("--state-dir")
+            .arg(root.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr_path).unwrap())
+            .spawn()
+            .expect("spawn berth-vmm");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx.recv_timeout(Duration::from_secs(20)).unwrap_or_default();
+        let mut vmm = Vmm {
+            child: Some(child),
+            root,
+            name: name.to_owned(),
+            socket: PathBuf::new(),
+        };
+        match line.trim().strip_prefix("ready ") {
+            Some(path) => {
+                vmm.socket = PathBuf::from(path);
+                Ok(vmm)
+            }
+            None => {
+                let code = vmm.wait_exit(Duration::from_secs(10));
+                let stderr = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+                Err(StartError { code, stderr })
+            }
+        }
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    fn dir(&self) -> PathBuf {
+        self.root.path().join("guests").join(&self.name)
+    }
+
+    fn client(&self) -> Client {
+        Client::connect(&self.socket).expect("connect to the control socket")
+    }
+
+    fn status(&self) -> Status {
+        self.client().status().expect("status")
+    }
+
+    fn console(&self) -> String {
+        std::fs::read_to_string(self.dir().join("console.log")).unwrap_or_default()
+    }
+
+    /// Waits for the process to exit; its exit code.
+    fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let child = self.child.as_mut()?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return status.code();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "berth-vmm did not exit in {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill9(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            child.kill().expect("SIGKILL the VMM by pid");
+            child.wait().unwrap();
+            self.child = None;
+        }
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        self.kill9();
+        if let Ok(cgroups) = Cgroups::detect() {
+            let _ = cgroups.remove_stale(&self.name);
+        }
+    }
+}
+
+fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn proc_affinity(pid: i32, tid: i32) -> String {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+fn set_affinity(tid: i32, cpu: usize) {
+    // SAFETY: cpu_set_t is plain data; zeroed is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `cpu` is below CPU_SETSIZE; `set` is a valid cpu_set_t of the size given.
+    let rc = unsafe {
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(tid, std::mem::size_of_val(&set), &set)
+    };
+    assert_eq!(rc, 0, "sched_setaffinity");
+}
+
+fn ticks(status: &Status, index: usize) -> u64 {
+    status.vcpu[index].ticks.unwrap_or(0)
+}
+
+fn cpuset(s: &str) -> CpuSet {
+    s.parse().unwrap()
+}
+
+#[test]
+fn two_pinned_vcpus_beat_repin_drift_pause_memtune_and_shut_down() {
+    berth_tests::require_root_and_kvm();
+    let name = unique("hb-two");
+    let text = spec(
+        &name,
+        "{vcpus: 2, pinning: {vcpus: {0: \"0\", 1: \"1\"}, emulator: \"0-1\"}}",
+        "{size: 64MiB, tune: {hardLimit: 512MiB}}",
+        &heartbeat(100, 10, 2),
+    );
+    let mut vmm = Vmm::start(&name, &text).unwrap();
+    let pid = vmm.pid();
+
+    wait_until(
+        "heartbeats from both vCPUs",
+        Duration::from_secs(10),
+        || {
+            let log = vmm.console();
+            log.contains("hb vcpu=0 n=10\n") && log.contains("hb vcpu=1 n=10\n")
+        },
+    );
+    let status = vmm.status();
+    assert_eq!(status.state, GuestRunState::Running);
+    assert_eq!(status.vcpus, 2);
+    assert!(
+        ticks(&status, 0) >= 10 && ticks(&status, 1) >= 10,
+        "{:?}",
+        status.vcpu
+    );
+    assert!(status.console.lines >= 2);
+
+    // Pinning is in force, as /proc shows it.
+    let tids: Vec<i32> = status.vcpu.iter().map(|v| v.tid.unwrap()).collect();
+    assert_eq!(proc_affinity(pid, tids[0]), "0");
+    assert_eq!(proc_affinity(pid, tids[1]), "1");
+    assert_eq!(status.vcpu[0].affinity, Some(cpuset("0")));
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/task/{}/comm", tids[1])).unwrap();
+    assert_eq!(comm.trim(), "vcpu1");
+    for t in &status.emulator_threads {
+        assert_eq!(t.affinity, Some(cpuset("0-1")), "{t:?}");
+    }
+
+    // Re-pin live: swap the vCPUs.
+    let mut pins = Pinning::default();
+    pins.vcpus.insert(0, cpuset("1"));
+    pins.vcpus.insert(1, cpuset("0"));
+    let status = vmm
+        .client()
+        .retune(&Retune {
+            pinning: Some(pins),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(proc_affinity(pid, tids[0]), "1");
+    assert_eq!(proc_affinity(pid, tids[1]), "0");
+    assert_eq!(status.vcpu[0].affinity, Some(cpuset("1")));
+
+    // Drift made by hand (taskset -p) shows in the next status.
+    set_affinity(tids[0], 0);
+    assert_eq!(vmm.status().vcpu[0].affinity, Some(cpuset("0")));
+
+    // memtune live, read back from the cgroup files.
+    let cgroup_dir = vmm
+        .status()
+        .cgroup
+        .and_then(|c| c["paths"].as_array().cloned())
+        .unwrap()
+        .into_iter()
+        .filter_map(|p| p.as_str().map(PathBuf::from))
+        .find(|p| p.join("memory.limit_in_bytes").exists() || p.join("memory.max").exists())
+        .expect("a memory cgroup");
+    let limit_file = if cgroup_dir.join("memory.limit_in_bytes").exists() {
+        cgroup_dir.join("memory.limit_in_bytes")
+    } else {
+        cgroup_dir.join("memory.max")
+    };
+    assert_eq!(
+        std::fs::read_to_string(&limit_file).unwrap().trim(),
+        (512u64 << 20).to_string()
+    );
+    let tune: berth_schema::MemTune =
+        serde_json::from_value(serde_json::json!({"hardLimit": "384MiB", "softLimit": "256MiB"}))
+            .unwrap();
+    let status = vmm
+        .client()
+        .retune(&Retune {
+            memtune: Some(tune),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(&limit_file).unwrap().trim(),
+        (384u64 << 20).to_string()
+    );
+    let hard = &status.cgroup.unwrap()["values"]["memory"]["hardLimit"]["enforced"];
+    assert_eq!(hard, "384MiB", "status reads the file back");
+
+    // Pause freezes the counters; resume continues them.
+    let paused = vmm.client().pause().unwrap();
+    assert_eq!(paused.state, GuestRunState::Paused);
+    std::thread::sleep(Duration::from_millis(300));
+    let still = vmm.status();
+    assert_eq!(ticks(&still, 0), ticks(&paused, 0));
+    vmm.client().resume().unwrap();
+    wait_until("ticks after resume", Duration::from_secs(5), || {
+        ticks(&vmm.status(), 0) > ticks(&paused, 0)
+    });
+
+    // The dirtied pages hold their pattern.
+    let report = vmm.client().verify_memory().unwrap();
+    assert!(report.ok(), "{:?}", report.bad);
+    assert!(report.written > 0);
+
+    // Graceful shutdown: the process exits 0 and cleans up socket, pid and cgroup.
+    vmm.client().shutdown(Duration::from_secs(5)).unwrap();
+    assert_eq!(vmm.wait_exit(Duration::from_secs(10)), Some(0));
+    assert!(!vmm.socket.exists());
+    assert!(!vmm.dir().join("pid").exists());
+    assert!(!cgroup_dir.exists(), "{} left behind", cgroup_dir.display());
+}
+
+#[test]
+fn hugepage_guest_takes_exactly_its_pages_and_gives_them_back() {
+    berth_tests::require_root_and_kvm();
+    let pool = HugePagePool::new(PageSize::Huge2M);
+    // Restored on drop, also when the test fails.
+    let reservation = PoolReservation::grow(pool.clone(), 40).unwrap();
+    assert_eq!(
+        reservation.added(),
+        40,
+        "the kernel could not grow the pool"
+    );
+    let before = pool.stats().unwrap();
+    let name = unique("hb-huge");
+    let text = spec(
+        &name,
+        "{vcpus: 1}",
+        "{size: 64MiB, hugepages: {pageSize: 2MiB}}",
+        &heartbeat(100, 10, 1),
+    );
+    let mut vmm = Vmm::start(&name, &text).unwrap();
+    let during = pool.stats().unwrap();
+    assert_eq!(before.free - during.free, 32, "64MiB is 32 pages of 2MiB");
+    let status = vmm.status();
+    assert_eq!(status.memory.hugepages, 32);
+    assert_eq!(status.memory.backing, "hugetlb-2MiB");
+    wait_until("a heartbeat", Duration::from_secs(10), || {
+        vmm.console().contains("hb vcpu=0 n=10\n")
+    });
+    vmm.client().shutdown(Duration::from_secs(5)).unwrap();
+    assert_eq!(vmm.wait_exit(Duration::from_secs(10)), Some(0));
+    assert_eq!(pool.stats().unwrap().free, before.free);
+
+    // A guest the pool cannot back fails before the VM exists, with the counts.
+    let text = spec(
+        &unique("hb-short"),
+        "{vcpus: 1}",
+        "{size: 1GiB, hugepages: {pageSize: 2MiB}}",
+        &heartbeat(100, 10, 0),
+    );
+    let err = Vmm::start(&unique("hb-short"), &text)
+        .err()
+        .expect("refused");
+    assert_eq!(err.code, Some(2), "{}", err.stderr);
+    assert!(
+        err.stderr.contains(&format!(
+            "needs 512 pages of 2MiB, {} free",
+            before.available()
+        )),
+        "{}",
+        err.stderr
+    );
+    drop(reservation);
+}
+
+#[test]
+fn hot_add_starts_the_next_vcpu_and_decrease_is_refused() {
+    berth_tests::require_root_and_kvm();
+    let name = unique("hb-hotadd");
+    let text = spec(
+        &name,
+        "{vcpus: 1, maxVcpus: 2, pinning: {vcpus: {0: \"0\", 1: \"1\"}}}",
+        "{size: 32MiB}",
+        &heartbeat(100, 10, 1),
+    );
+    let vmm = Vmm::start(&name, &text).unwrap();
+    let before = vmm.status();
+    assert_eq!(before.vcpus, 1);
+    assert!(before.vcpu[1].tid.is_none());
+    let after = vmm
+        .client()
+        .retune(&Retune {
+            vcpus: Some(2),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(after.vcpus, 2);
+    let tid = after.vcpu[1].tid.unwrap();
+    assert_eq!(proc_affinity(vmm.pid(), tid), "1");
+    wait_until(
+        "heartbeats from the new vCPU",
+        Duration::from_secs(10),
+        || vmm.console().contains("hb vcpu=1 n=10\n"),
+    );
+    let refuse = |vcpus| {
+        vmm.client()
+            .retune(&Retune {
+                vcpus: Some(vcpus),
+                ..Default::default()
+            })
+            .unwrap_err()
+    };
+    match refuse(1) {
+        ClientError::Refused { error, .. } => {
+            assert_eq!(error.code, ErrorCode::Refused);
+            assert!(
+                error.message.contains("cannot remove vCPUs live"),
+                "{}",
+                error.message
+            );
+        }
+        other => panic!("{other}"),
+    }
+    match refuse(3) {
+        ClientError::Refused { error, .. } => {
+            assert_eq!(error.code, ErrorCode::InvalidArgument);
+            assert!(error.message.contains("maxVcpus is 2"), "{}", error.message);
+        }
+        other => panic!("{other}"),
+    }
+    let report = vmm.client().verify_memory().unwrap();
+    assert!(report.ok(), "{:?}", report.bad);
+}
+
+#[test]
+fn sigkill_then_restart_cleans_stale_state_and_second_vmm_is_refused() {
+    berth_tests::require_root_and_kvm();
+    let name = unique("hb-kill");
+    let text = spec(&name, "{vcpus: 1}", "{size: 16MiB}", &heartbeat(50, 10, 0));
+    let mut first = Vmm::start(&name, &text).unwrap();
+
+    // Never two VMMs for one guest.
+    let root_path = first.root.path().to_owned();
+    let second = Command::new(berth_tests::bin("berth-vmm"))
+        .args(["run", "--spec"])
+        .arg(root_path.join(format!("{name}.yaml")))
+        .arg("--state-dir")
+        .arg(&root_path)
+        .output()
+        .unwrap();
+    assert_eq!(second.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        stderr.contains("already has a running VMM")
+            && stderr.contains(&format!("pid {}", first.pid())),
+        "{stderr}"
+    );
+    assert!(first.status().state == GuestRunState::Running);
+
+    first.kill9();
+    assert!(first.socket.exists(), "SIGKILL leaves the socket behind");
+    let root = std::mem::replace(&mut first.root, tempfile::tempdir().unwrap());
+    drop(first);
+    let again = Vmm::start_in(root, &name, &text).unwrap();
+    wait_until(
+        "heartbeats after the restart",
+        Duration::from_secs(10),
+        || again.console().contains("hb vcpu=0 n=10\n"),
+    );
+    let pid: i32 = std::fs::read_to_string(again.dir().join("pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(pid, again.pid());
+}
+
+#[test]
+fn sigterm_is_a_graceful_shutdown() {
+    berth_tests::require_root_and_kvm();
+    let name = unique("hb-term");
+    let text = spec(&name, "{vcpus: 1}", "{size: 16MiB}", &heartbeat(50, 10, 0));
+    let mut vmm = Vmm::start(&name, &text).unwrap();
+    // SAFETY: kill with a pid this test spawned and still owns (not yet reaped).
+    assert_eq!(unsafe { libc::kill(vmm.pid(), libc::SIGTERM) }, 0);
+    assert_eq!(vmm.wait_exit(Duration::from_secs(10)), Some(0));
+    assert!(!vmm.socket.exists());
+}
+
+#[test]
+fn triple_fault_is_reported_as_crashed_without_spinning() {
+    berth_tests::require_root_and_kvm();
+    let name = unique("crash");
+    let text = spec(
+        &name,
+        "{vcpus: 1}",
+        "{size: 16MiB}",
+        "{kernel: \"builtin:triple-fault\"}",
+    );
+    let vmm = Vmm::start(&name, &text).unwrap();
+    wait_until("the crash", Duration::from_secs(10), || {
+        vmm.status().state == GuestRunState::Crashed
+    });
+    let status = vmm.status();
+    assert!(
+        status.reason.as_deref().unwrap().contains("triple fault"),
+        "{status:?}"
+    );
+    // The crashed vCPU thread sleeps: its CPU time does not grow.
+    let tid = status.vcpu[0].tid.unwrap();
+    let cpu_time = || {
+        let stat = std::fs::read_to_string(format!("/proc/{}/task/{tid}/stat", vmm.pid())).unwrap();
+        let fields: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .collect();
+        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    };
+    let t0 = cpu_time();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(cpu_time() - t0 <= 2, "a crashed vCPU must not spin");
+    match vmm.client().resume().unwrap_err() {
+        ClientError::Refused { error, .. } => assert_eq!(error.code, ErrorCode::Refused),
+        other => panic!("{other}"),
+    }
+}
+
+#[test]
+fn bad_inputs_are_refused_with_clear_messages() {
+    berth_tests::require_root_and_kvm();
+    let cases = [
+        (
+            spec(
+                "bad-cpu",
+                "{vcpus: 1, pinning: {vcpus: {0: \"64\"}}}",
+                "{size: 16MiB}",
+                &heartbeat(10, 10, 0),
+            ),
+            "CPU 64 is not online on this host",
+        ),
+        (
+            spec(
+                "bad-kernel",
+                "{vcpus: 1}",
+                "{size: 16MiB}",
+                "{kernel: /nonexistent/vmlinuz}",
+            ),
+            "Cannot open the kernel /nonexistent/vmlinuz",
+        ),
+        (
+            spec(
+                "bad-kernel2",
+                "{vcpus: 1}",
+                "{size: 16MiB}",
+                "{kernel: /etc/hostname}",
+            ),
+            "/etc/hostname is not a Linux kernel",
+        ),
+        (
+            spec(
+                "../escape",
+                "{vcpus: 1}",
+                "{size: 16MiB}",
+                &heartbeat(10, 10, 0),
+            ),
+            "must not contain '/' or '..'",
+        ),
+        (
+            spec(
+                "bad-numa",
+                "{vcpus: 1}",
+                "{size: 16MiB, numa: {mode: strict, nodeset: \"7\"}}",
+                &heartbeat(10, 10, 0),
+            ),
+            "NUMA node 7 does not exist",
+        ),
+        (
+            spec(
+                "bad-mem",
+                "{vcpus: 1}",
+                "{size: 64TiB}",
+                &heartbeat(10, 10, 0),
+            ),
+            "Cannot back 64TiB of guest memory: the host has",
+        ),
+    ];
+    for (text, expected) in cases {
+        let err = Vmm::start("bad", &text).err().expect("refused");
+        assert_eq!(err.code, Some(2), "{expected}: {}", err.stderr);
+        assert!(
+            err.stderr.contains(expected),
+            "expected {expected:?} in {}",
+            err.stderr
+        );
+    }
+}
+
+#[test]
+fn bad_control_requests_get_errors_and_the_vmm_keeps_running() {
+    berth_tests::require_root_and_kvm();
+    let name = unique("hb-proto");
+    let text = spec(&name, "{vcpus: 1}", "{size: 16MiB}", &heartbeat(50, 10, 0));
+    let vmm = Vmm::start(&name, &text).unwrap();
+    let mut c = vmm.client();
+    let code = |r: berth_hypervisor::control::Response| r.error.unwrap().code;
+    assert_eq!(code(c.raw(b"not json\n").unwrap()), ErrorCode::Malformed);
+    assert_eq!(
+        code(c.raw(b"{\"v\":7,\"id\":1,\"op\":\"status\"}\n").unwrap()),
+        ErrorCode::UnsupportedVersion
+    );
+    assert_eq!(
+        code(c.raw(b"{\"v\":1,\"id\":2,\"op\":\"explode\"}\n").unwrap()),
+        ErrorCode::UnknownOp
+    );
+    let mut huge = vec![b'x'; 200 * 1024];
+    huge.push(b'\n');
+    let reply = c.raw(&huge).unwrap();
+    assert_eq!(code(reply), ErrorCode::TooLarge);
+    // Same connection, still served; and the guest still runs.
+    assert_eq!(c.status().unwrap().state, GuestRunState::Running);
+    let mode = std::fs::metadata(&vmm.socket).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(mode.permissions().mode() & 0o777, 0o600);
+}
+
+/// Linux boots only to an early milestone on this machine (PVM: ~1 µs per guest
+/// instruction). Opt in with `BERTH_TEST_KERNEL=/boot/vmlinuz-...` and `--ignored`.
+#[test]
+#[ignore = "needs BERTH_TEST_KERNEL=<bzImage or vmlinux>"]
+fn linux_reaches_its_first_instructions() {
+    berth_tests::require_root_and_kvm();
+    let kernel = std::env::var("BERTH_TEST_KERNEL").expect("BERTH_TEST_KERNEL");
+    assert!(Path::new(&kernel).exists(), "{kernel} does not exist");
+    let name = unique("linux");
+    let boot = format!("{{kernel: \"{kernel}\", cmdline: \"console=ttyS0 earlyprintk=serial,ttyS0 reboot=k panic=1\"}}");
+    let text = spec(&name, "{vcpus: 1}", "{size: 256MiB}", &boot);
+    let vmm = Vmm::start(&name, &text).unwrap();
+    // Milestone: the boot vCPU ran past its entry point (it is not crashed and has
+    // consumed CPU time), or the decompressor wrote to the serial port.
+    std::thread::sleep(Duration::from_secs(3));
+    let status = vmm.status();
+    assert_ne!(status.state, GuestRunState::Crashed, "{status:?}");
+    let tid = status.vcpu[0].tid.unwrap();
+    let stat = std::fs::read_to_string(format!("/proc/{}/task/{tid}/stat", vmm.pid())).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    let cpu_ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    assert!(cpu_ticks > 0 || status.console.bytes > 0, "{status:?}");
+    eprintln!(
+        "linux: {} console bytes, {} ignored port accesses, vCPU CPU ticks {cpu_ticks}",
+        status.console.bytes, status.ignored_accesses.pio
+    );
+}
