@@ -76,6 +76,10 @@ pub struct ServeArgs {
     /// How often to re-observe and correct drift when nothing else happens.
     #[arg(long, default_value = "60s")]
     pub resync_interval: berth_schema::Duration,
+    /// Do not watch the repository's refs (on filesystems without inotify, such as
+    /// NFS); the poll and the webhook still notice new heads.
+    #[arg(long)]
+    pub no_watch: bool,
     /// How long to let filesystem events settle before reading the head.
     #[arg(long, default_value = "50ms")]
     pub debounce: berth_schema::Duration,
@@ -284,7 +288,11 @@ async fn serve(
     });
     info!(listen = %args.listen, host = %args.host, repo = %args.repo.display(), branch = %args.branch, "berth serve started");
 
-    let _watcher = source::watch(&repo, triggers.clone()).map_err(ServeError::Watch)?;
+    let _watcher = if args.no_watch {
+        None
+    } else {
+        Some(source::watch(&repo, triggers.clone()).map_err(ServeError::Watch)?)
+    };
     tokio::spawn(source::poll(args.poll_interval.get(), triggers.clone()));
     let _ = triggers.try_send(Trigger::Startup);
     let follower = Follower::new(repo, args.branch.clone(), args.debounce.get());

@@ -1,0 +1,463 @@
+//! `berth serve` end to end, over the simulated fleet (`--driver sim`: no real guests):
+//! a throwaway git repository, the real binary on a loopback port, commits noticed
+//! through the filesystem watch and through a signed webhook, an invalid commit
+//! refused with file:line while the last good revision stays, a bad signature refused,
+//! and a restart (SIGTERM and SIGKILL) that adopts the running guests.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use berth_tests::command;
+use serde_json::Value;
+
+fn tempdir() -> tempfile::TempDir {
+    tempfile::tempdir().expect("temp dir")
+}
+
+const HOSTS: &str = "\
+apiVersion: berth.dev/v1
+kind: Host
+metadata: {name: kvm01}
+spec: {address: 127.0.0.1:7410, cpus: 0-1, memory: 4GiB}
+---
+apiVersion: berth.dev/v1
+kind: Host
+metadata: {name: kvm02}
+spec: {address: 127.0.0.2:7410, cpus: 0-1, memory: 4GiB}
+";
+
+const WEBHOOK_SECRET: &str = "webhook-secret-for-tests";
+
+fn guests(weight: u16) -> String {
+    format!(
+        "apiVersion: berth.dev/v1\nkind: Guest\nmetadata: {{name: web-1}}\n\
+         spec:\n  host: kvm01\n  cpu: {{vcpus: 1}}\n  memory: {{size: 64MiB}}\n  io: {{weight: {weight}}}\n\
+         ---\napiVersion: berth.dev/v1\nkind: Guest\nmetadata: {{name: db-1}}\n\
+         spec:\n  host: kvm02\n  cpu: {{vcpus: 1}}\n  memory: {{size: 64MiB}}\n"
+    )
+}
+
+/// A throwaway repository with a local identity.
+struct Repo {
+    dir: PathBuf,
+}
+
+impl Repo {
+    fn new(dir: PathBuf) -> Self {
+        fs::create_dir_all(&dir).expect("mkdir");
+        let repo = Repo { dir };
+        repo.git(&["init", "--quiet", "--initial-branch=main"]);
+        repo.git(&["config", "user.name", "berth tests"]);
+        repo.git(&["config", "user.email", "tests@berth.invalid"]);
+        repo.git(&["config", "commit.gpgsign", "false"]);
+        repo
+    }
+
+    fn git(&self, args: &[&str]) -> String {
+        let out = Command::new("git")
+            .arg("-C")
+            .arg(&self.dir)
+            .args(args)
+            .output()
+            .expect("run git");
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8")
+    }
+
+    /// Writes the files and commits them; returns the commit id.
+    fn commit(&self, files: &[(&str, &str)], message: &str) -> String {
+        for (path, text) in files {
+            fs::write(self.dir.join(path), text).expect("write");
+        }
+        self.git(&["add", "--all"]);
+        self.git(&["commit", "--quiet", "-m", message]);
+        self.git(&["rev-parse", "HEAD"]).trim().to_owned()
+    }
+}
+
+/// A running `berth serve`, killed (by its pid, through the Child handle) when
+/// dropped, so a failing test leaves no process behind.
+struct Serve {
+    child: Option<Child>,
+    addr: String,
+    log: PathBuf,
+}
+
+impl Serve {
+    fn start(repo: &Path, state: &Path, log: PathBuf, extra: &[&str]) -> Self {
+        let port = {
+            let probe = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+            probe.local_addr().expect("addr").port()
+        };
+        let addr = format!("127.0.0.1:{port}");
+        let secret = state.with_extension("webhook-secret");
+        fs::write(&secret, format!("{WEBHOOK_SECRET}\n")).expect("write secret");
+        let stderr = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log file");
+        let child = command("berth")
+            .args([
+                "serve", "--driver", "sim", "--host", "kvm01", "--branch", "main",
+            ])
+            .arg("--repo")
+            .arg(repo)
+            .arg("--state-dir")
+            .arg(state)
+            .arg("--webhook-secret-file")
+            .arg(&secret)
+            .args([
+                "--listen",
+                &addr,
+                "--poll-interval",
+                "1h",
+                "--resync-interval",
+                "1h",
+            ])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("start berth serve");
+        let serve = Serve {
+            child: Some(child),
+            addr,
+            log,
+        };
+        serve.wait_for("/healthz", |_| true);
+        serve
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn status(&self) -> Value {
+        let (code, body) = http(&self.addr, "GET", "/status", &[], "");
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str(&body).expect("status is JSON")
+    }
+
+    /// Polls `/status` until `done` holds, for up to 20 s.
+    fn wait_for(&self, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let status = try_http(&self.addr, "GET", "/status", &[], "")
+                .ok()
+                .and_then(|(code, body)| (code == 200).then_some(body))
+                .and_then(|body| serde_json::from_str::<Value>(&body).ok());
+            if let Some(status) = status {
+                if done(&status) {
+                    return status;
+                }
+                if Instant::now() > deadline {
+                    panic!(
+                        "timed out waiting for {what}; status {status:#}\nlog:\n{}",
+                        self.log()
+                    );
+                }
+            } else if Instant::now() > deadline {
+                panic!(
+                    "timed out waiting for {what}: no status\nlog:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends `signal` to the service (by its pid) and waits for it to exit.
+    fn signal_and_wait(&mut self, signal: i32) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let pid = i32::try_from(child.id()).expect("pid fits");
+        // SAFETY: kill has no memory-safety preconditions; the pid is our own child,
+        // not yet waited for, so it cannot have been reused.
+        unsafe { libc::kill(pid, signal) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "berth serve did not exit after signal {signal}\nlog:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn try_http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    request.push_str(body);
+    stream.write_all(request.as_bytes())?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let code = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    Ok((code, body.to_owned()))
+}
+
+fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
+    try_http(addr, method, path, headers, body).expect("HTTP request")
+}
+
+/// `sha256=<hex HMAC-SHA256 of body>` computed by openssl, independently of berth.
+fn github_signature(secret: &str, body: &str) -> String {
+    let mut child = Command::new("openssl")
+        .args(["dgst", "-sha256", "-hmac", secret])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run openssl");
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(body.as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("openssl output");
+    let text = String::from_utf8(out.stdout).expect("utf-8");
+    let hex = text.trim().rsplit(' ').next().expect("digest");
+    assert_eq!(hex.len(), 64, "{text}");
+    format!("sha256={hex}")
+}
+
+fn applied(revision: &str) -> impl Fn(&Value) -> bool + '_ {
+    move |s| s["lastApplied"]["revision"] == revision
+}
+
+fn guest<'a>(status: &'a Value, name: &str) -> Option<&'a Value> {
+    status["guests"]
+        .as_array()
+        .expect("guests")
+        .iter()
+        .find(|g| g["name"] == name)
+}
+
+fn metric(serve: &Serve, line_start: &str) -> Option<f64> {
+    let (_, text) = http(&serve.addr, "GET", "/metrics", &[], "");
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn commits_are_applied_through_the_watch_and_invalid_ones_are_refused() {
+    let tmp = tempdir();
+    let repo = Repo::new(tmp.path().join("repo"));
+    let first = repo.commit(
+        &[("hosts.yaml", HOSTS), ("guests.yaml", &guests(100))],
+        "first",
+    );
+    let serve = Serve::start(
+        &repo.dir,
+        &tmp.path().join("state"),
+        tmp.path().join("serve.log"),
+        &[],
+    );
+
+    let status = serve.wait_for("the first revision applied", applied(&first));
+    assert_eq!(status["host"], "kvm01");
+    assert_eq!(status["driver"], "sim");
+    assert_eq!(status["ready"], true);
+    assert_eq!(guest(&status, "web-1").expect("web-1")["phase"], "Running");
+    assert!(
+        guest(&status, "db-1").is_none(),
+        "kvm02's guest is not acted on here"
+    );
+
+    // A live change, noticed through the filesystem watch (poll is 1 h, no webhook).
+    let committed = Instant::now();
+    let second = repo.commit(&[("guests.yaml", &guests(300))], "io weight 300");
+    serve.wait_for("the second revision applied", applied(&second));
+    eprintln!(
+        "commit to applied through the watch: {:?}",
+        committed.elapsed()
+    );
+    assert_eq!(
+        metric(&serve, "berth_actions_total{kind=\"retune\",result=\"ok\"}"),
+        Some(1.0)
+    );
+
+    // An invalid revision: refused with commit id and file:line, the last good stays.
+    let broken = guests(300).replace("weight: 300", "weight: heavy");
+    let third = repo.commit(&[("guests.yaml", &broken)], "broken");
+    let status = serve.wait_for("the refusal", |s| {
+        s["lastError"]["revision"] == third.as_str()
+    });
+    let error = &status["lastError"];
+    assert_eq!(error["kind"], "invalid");
+    let problem = &error["diagnostics"][0];
+    assert_eq!(problem["file"], "guests.yaml");
+    assert_eq!(problem["line"], 8);
+    assert!(
+        problem["text"]
+            .as_str()
+            .expect("text")
+            .starts_with("guests.yaml:8:"),
+        "{problem}"
+    );
+    assert_eq!(status["enforcing"], second.as_str());
+    assert_eq!(status["lastApplied"]["revision"], second.as_str());
+    assert_eq!(status["source"]["revision"], third.as_str());
+
+    // `berth status` prints the same as a table.
+    let out = command("berth")
+        .args(["status", "--server", &format!("http://{}", serve.addr)])
+        .output()
+        .expect("berth status");
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{table}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(table.contains("guests.yaml:8:"), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("web-1") && l.contains("Running")),
+        "{table}"
+    );
+
+    // Fixing it applies the fix and clears the error.
+    let fourth = repo.commit(&[("guests.yaml", &guests(400))], "fixed");
+    let status = serve.wait_for("the fix applied", applied(&fourth));
+    assert!(status.get("lastError").is_none(), "{status:#}");
+}
+
+#[test]
+fn webhooks_need_a_valid_signature() {
+    let tmp = tempdir();
+    let repo = Repo::new(tmp.path().join("repo"));
+    let first = repo.commit(
+        &[("hosts.yaml", HOSTS), ("guests.yaml", &guests(100))],
+        "first",
+    );
+    let serve = Serve::start(
+        &repo.dir,
+        &tmp.path().join("state"),
+        tmp.path().join("serve.log"),
+        &["--no-watch"],
+    );
+    serve.wait_for("the first revision applied", applied(&first));
+
+    let second = repo.commit(&[("guests.yaml", &guests(200))], "io weight 200");
+    let body = format!(r#"{{"ref":"refs/heads/main","after":"{second}"}}"#);
+    let wrong = github_signature("not-the-secret", &body);
+    for headers in [vec![], vec![("X-Hub-Signature-256", wrong.as_str())]] {
+        let (code, answer) = http(&serve.addr, "POST", "/hooks/git", &headers, &body);
+        assert_eq!(code, 401, "{answer}");
+    }
+    // Neither the refused webhooks nor anything else (no watch, poll 1 h) looked.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(serve.status()["source"]["revision"], first.as_str());
+
+    let good = github_signature(WEBHOOK_SECRET, &body);
+    let sent = Instant::now();
+    let (code, answer) = http(
+        &serve.addr,
+        "POST",
+        "/hooks/git",
+        &[("X-Hub-Signature-256", &good), ("X-GitHub-Event", "push")],
+        &body,
+    );
+    assert_eq!(code, 202, "{answer}");
+    serve.wait_for("the second revision applied", applied(&second));
+    eprintln!("webhook to applied: {:?}", sent.elapsed());
+}
+
+#[test]
+fn a_restart_adopts_running_guests_and_never_starts_them_twice() {
+    let tmp = tempdir();
+    let repo = Repo::new(tmp.path().join("repo"));
+    let first = repo.commit(
+        &[("hosts.yaml", HOSTS), ("guests.yaml", &guests(100))],
+        "first",
+    );
+    let state = tmp.path().join("state");
+    let log = tmp.path().join("serve.log");
+
+    let mut serve = Serve::start(&repo.dir, &state, log.clone(), &[]);
+    serve.wait_for("the first revision applied", applied(&first));
+    assert_eq!(
+        metric(&serve, "berth_actions_total{kind=\"start\",result=\"ok\"}"),
+        Some(1.0)
+    );
+
+    // SIGTERM: a clean exit; the guest keeps running (in the simulated fleet's state).
+    let exit = serve.signal_and_wait(libc::SIGTERM);
+    assert!(exit.success(), "{exit:?}\n{}", serve.log());
+    assert!(
+        serve.log().contains("guests keep running"),
+        "{}",
+        serve.log()
+    );
+    let fleet = fs::read_to_string(state.join("sim-fleet.json")).expect("fleet state");
+    assert!(fleet.contains("\"web-1\""), "{fleet}");
+
+    // Restarted after SIGTERM, then after SIGKILL: each time the guest is adopted.
+    let adopted = |serve: &Serve| {
+        let status = serve.wait_for("the revision applied again", applied(&first));
+        assert_eq!(guest(&status, "web-1").expect("web-1")["phase"], "Running");
+        let starts = metric(serve, "berth_actions_total{kind=\"start\"");
+        assert_eq!(starts, None, "nothing is started again\n{}", serve.log());
+    };
+    let mut serve = Serve::start(&repo.dir, &state, log.clone(), &[]);
+    adopted(&serve);
+    let exit = serve.signal_and_wait(libc::SIGKILL);
+    assert!(!exit.success());
+    let serve = Serve::start(&repo.dir, &state, log, &[]);
+    adopted(&serve);
+}
