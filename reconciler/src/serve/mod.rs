@@ -56,6 +56,10 @@ pub struct ServeArgs {
     /// The branch followed (any revision expression naming a commit works).
     #[arg(long, default_value = "main")]
     pub branch: String,
+    /// Read only the manifests under this directory of the repository (by default,
+    /// every `*.yaml` and `*.yml` outside hidden directories).
+    #[arg(long)]
+    pub path: Option<String>,
     /// This host's name, as its Host manifest names it: only guests placed on it (and
     /// migrations away from it) are acted on.
     #[arg(long)]
@@ -173,6 +177,7 @@ pub fn init_logging(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     // Another subscriber may already be set (tests); keep it.
     let _ = match format {
@@ -295,7 +300,12 @@ async fn serve(
     };
     tokio::spawn(source::poll(args.poll_interval.get(), triggers.clone()));
     let _ = triggers.try_send(Trigger::Startup);
-    let follower = Follower::new(repo, args.branch.clone(), args.debounce.get());
+    let follower = Follower::new(
+        repo,
+        args.branch.clone(),
+        args.path.clone(),
+        args.debounce.get(),
+    );
     tokio::spawn(follower.run(trigger_rx, events.clone()));
     drop(events);
 

@@ -87,17 +87,19 @@ impl HeadDedup {
     }
 }
 
-/// Reads and validates the manifests of `commit` (with [`crate::git::read_revision`]).
+/// Reads and validates the manifests of `commit` (with [`crate::git::read_revision`]),
+/// only those under `dir` of the repository when given.
 ///
 /// # Errors
 /// When git fails; an invalid revision is not an error here but a [`Revision`] whose
 /// `manifests` is `Err`.
 pub fn read_revision(
     repo: &GitRepo,
+    dir: Option<&str>,
     commit: &CommitId,
     trigger: Trigger,
 ) -> Result<Revision, crate::git::GitError> {
-    let files = crate::git::read_revision(repo.dir(), commit.as_str(), None)?.files;
+    let files = crate::git::read_revision(repo.dir(), commit.as_str(), dir)?.files;
     let (manifests, warnings) = match berth_schema::load_files(files) {
         Ok(v) => (
             Ok(Arc::new(Desired::from_manifests(&v.manifests))),
@@ -118,15 +120,18 @@ pub fn read_revision(
 pub struct Follower {
     repo: GitRepo,
     branch: String,
+    dir: Option<String>,
     debounce: Duration,
 }
 
 impl Follower {
-    /// Follows `branch` of `repo`; filesystem events are debounced by `debounce`.
-    pub fn new(repo: GitRepo, branch: String, debounce: Duration) -> Self {
+    /// Follows `branch` of `repo`, reading the manifests under `dir` (the whole
+    /// repository when `None`); filesystem events are debounced by `debounce`.
+    pub fn new(repo: GitRepo, branch: String, dir: Option<String>, debounce: Duration) -> Self {
         Follower {
             repo,
             branch,
+            dir,
             debounce,
         }
     }
@@ -176,10 +181,11 @@ impl Follower {
             info!(?trigger, head = %head, "new head");
             let f = Arc::clone(&follower);
             let commit = head.clone();
-            let read =
-                tokio::task::spawn_blocking(move || read_revision(&f.repo, &commit, trigger))
-                    .await
-                    .expect("reading a revision does not panic");
+            let read = tokio::task::spawn_blocking(move || {
+                read_revision(&f.repo, f.dir.as_deref(), &commit, trigger)
+            })
+            .await
+            .expect("reading a revision does not panic");
             let event = match read {
                 Ok(revision) => SourceEvent::Revision(revision),
                 Err(e) => {
@@ -309,12 +315,12 @@ mod tests {
         );
         let repo = GitRepo::open(dir).expect("open");
 
-        let rev = read_revision(&repo, &good, Trigger::Startup).expect("read");
+        let rev = read_revision(&repo, None, &good, Trigger::Startup).expect("read");
         let desired = rev.manifests.expect("valid");
         assert_eq!(desired.hosts.len(), 1);
         assert_eq!(desired.hosts[0].metadata.name, "kvm01");
 
-        let rev = read_revision(&repo, &bad, Trigger::Poll).expect("read");
+        let rev = read_revision(&repo, None, &bad, Trigger::Poll).expect("read");
         let invalid = rev.manifests.expect_err("invalid");
         let first = &invalid.diagnostics[0];
         assert_eq!((first.file.as_str(), first.line), ("hosts.yaml", Some(4)));
@@ -330,7 +336,7 @@ mod tests {
         let repo = GitRepo::open(dir).expect("open");
         let (trigger_tx, trigger_rx) = mpsc::channel(8);
         let (event_tx, mut event_rx) = mpsc::channel(8);
-        let follower = Follower::new(repo, "main".into(), Duration::from_millis(1));
+        let follower = Follower::new(repo, "main".into(), None, Duration::from_millis(1));
         let task = tokio::spawn(follower.run(trigger_rx, event_tx));
 
         trigger_tx.send(Trigger::Startup).await.expect("send");
