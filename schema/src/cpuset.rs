@@ -116,6 +116,11 @@ impl FromStr for CpuSet {
                 Some(rest) => (true, rest),
                 None => (false, item),
             };
+            if range.trim_start().starts_with('-') {
+                return Err(CpuSetError(format!(
+                    "{s:?}: {item} is negative; CPU numbers start at 0"
+                )));
+            }
             let (start, end) = match range.split_once('-') {
                 Some((a, b)) => (parse_cpu(a, s)?, parse_cpu(b, s)?),
                 None => {
@@ -244,7 +249,8 @@ mod tests {
         assert!(e("0-99999999999999999999").contains("beyond the largest"));
         assert!(e("a-b").contains("not a CPU number"));
         assert!(e("0,^0").contains("remove every CPU"));
-        assert!(e("-1").contains("not a CPU number"));
+        assert!(e("-1").contains("is negative"));
+        assert!(e("0,-3").contains("is negative"));
     }
 
     #[test]
