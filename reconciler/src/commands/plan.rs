@@ -145,30 +145,46 @@ fn print_warnings(validated: &Validated) {
     }
 }
 
-/// CI mode: head validated, base as observed.
+/// CI mode: head validated, base as observed. The two revisions are read and validated
+/// on two threads.
 fn ci_inputs(args: &Args, base: &str, head: &str) -> anyhow::Result<(Desired, Observed)> {
-    let dir = args.dir.as_deref();
-    let head_rev = git::read_revision(&args.repo, head, dir)
-        .with_context(|| format!("reading revision {head}"))?;
-    let head_set = berth_schema::load_files(head_rev.files).with_context(|| {
+    let (head_set, base_set) = std::thread::scope(|s| {
+        let base = s.spawn(|| load_revision(args, base));
+        let head = load_revision(args, head);
+        (
+            head,
+            base.join().expect("the base revision loader panicked"),
+        )
+    });
+    let (head_rev, head_set) = head_set?;
+    let head_set = head_set.with_context(|| {
         format!(
             "the head revision {head} ({}) is not valid",
-            short(&head_rev.commit)
+            short(&head_rev)
         )
     })?;
     print_warnings(&head_set);
-    let base_rev = git::read_revision(&args.repo, base, dir)
-        .with_context(|| format!("reading revision {base}"))?;
-    let base_set = berth_schema::load_files(base_rev.files).with_context(|| {
+    let (base_rev, base_set) = base_set?;
+    let base_set = base_set.with_context(|| {
         format!(
             "the base revision {base} ({}) is not valid, so it cannot stand for what runs",
-            short(&base_rev.commit)
+            short(&base_rev)
         )
     })?;
     let head = Desired::from_manifests(&head_set.manifests);
     let base = Desired::from_manifests(&base_set.manifests);
     let observed = Observed::baseline(&base, &head);
     Ok((head, observed))
+}
+
+/// A revision's commit id and its validated manifests.
+fn load_revision(
+    args: &Args,
+    rev: &str,
+) -> anyhow::Result<(String, Result<Validated, berth_schema::Invalid>)> {
+    let revision = git::read_revision(&args.repo, rev, args.dir.as_deref())
+        .with_context(|| format!("reading revision {rev}"))?;
+    Ok((revision.commit, berth_schema::load_files(revision.files)))
 }
 
 fn short(commit: &str) -> &str {

@@ -190,17 +190,26 @@ impl SimFleet {
         Ok(())
     }
 
+    /// Recomputes each host's free memory and pages, in one pass over the guests.
     fn refresh_free(&mut self) {
-        let names: Vec<String> = self.hosts.keys().cloned().collect();
-        for name in names {
-            let (normal, pages) = self.usage(&name, &[]);
-            let h = self.hosts.get_mut(&name).expect("listed");
+        let mut normal: BTreeMap<&str, u64> = BTreeMap::new();
+        let mut pages: BTreeMap<(&str, PageSize), u64> = BTreeMap::new();
+        for g in self.guests.values().filter(|g| g.has_vmm()) {
+            match g.memory.hugepages {
+                Some(size) => {
+                    *pages.entry((g.host.as_str(), size)).or_default() +=
+                        pages_for(g.memory.size, size)
+                }
+                None => *normal.entry(g.host.as_str()).or_default() += g.memory.size.get(),
+            }
+        }
+        for (name, h) in &mut self.hosts {
             let pool_bytes: u64 = h.hugepages.iter().map(|(s, p)| s.bytes() * p.total).sum();
-            h.memory_free = Bytes(h.memory_total.get().saturating_sub(normal + pool_bytes));
+            let used = normal.get(name.as_str()).copied().unwrap_or(0);
+            h.memory_free = Bytes(h.memory_total.get().saturating_sub(used + pool_bytes));
             for (size, pool) in &mut h.hugepages {
-                pool.free = pool
-                    .total
-                    .saturating_sub(pages.get(size).copied().unwrap_or(0));
+                let held = pages.get(&(name.as_str(), *size)).copied().unwrap_or(0);
+                pool.free = pool.total.saturating_sub(held);
             }
         }
     }
