@@ -99,12 +99,40 @@ fn serve(
     started: Instant,
     signals: libc::sigset_t,
 ) -> anyhow::Result<ExitCode> {
-    let cgroup = CgroupState::create(&config)?;
+    // Joining the cgroup waits on the kernel (the cpuset attach takes milliseconds), so it
+    // runs beside the VM's creation. Guest memory is charged when first touched, which
+    // happens after the join (payload loading); locked memory is touched at once, so a
+    // locked guest joins first.
+    let cgroup_config = config.clone();
+    let cgroup_setup = std::thread::Builder::new()
+        .name("cgroup-setup".into())
+        .spawn(move || CgroupState::create(&cgroup_config))
+        .context("starting the cgroup thread")?;
+    let (early_cgroup, cgroup_setup) = if config.memory.locked {
+        (Some(join_cgroup(cgroup_setup)), None)
+    } else {
+        (None, Some(cgroup_setup))
+    };
+    let (events, inbox) = std::sync::mpsc::channel();
+    let created = Vmm::create(
+        config.clone(),
+        &state.console_path(),
+        events.clone(),
+        started,
+    );
+    let cgroup = match (early_cgroup, cgroup_setup) {
+        (Some(cgroup), _) => cgroup,
+        (None, Some(handle)) => join_cgroup(handle),
+        (None, None) => unreachable!("the cgroup thread is joined exactly once"),
+    }?;
     if let Some(reason) = &cgroup.missing {
         eprintln!("berth-vmm: running without a cgroup: {reason}");
     }
-    let (events, inbox) = std::sync::mpsc::channel();
-    let vmm = match build(config, state, &events, started) {
+    let vmm = match created.map_err(user_error).and_then(|vmm| {
+        vmm.load_payload().map_err(user_error)?;
+        vmm.start()?;
+        Ok(vmm)
+    }) {
         Ok(vmm) => vmm,
         Err(e) => {
             if let Some(cg) = cgroup.cgroup {
@@ -145,26 +173,23 @@ fn serve(
     Ok(ExitCode::SUCCESS)
 }
 
-fn build(
-    config: VmConfig,
-    state: &StateDir,
-    events: &std::sync::mpsc::Sender<VmmEvent>,
-    started: Instant,
-) -> anyhow::Result<Vmm> {
-    let user_error = |e: berth_hypervisor::vmm::VmmError| -> anyhow::Error {
-        use berth_hypervisor::vmm::VmmError as E;
-        match e {
-            E::InvalidArgument(_) | E::Memory(_) | E::Linux(_) | E::Cpuid(_) => {
-                UserError(e.to_string()).into()
-            }
-            other => other.into(),
+fn join_cgroup(
+    handle: std::thread::JoinHandle<Result<CgroupState, berth_hypervisor::vmm::VmmError>>,
+) -> anyhow::Result<CgroupState> {
+    let state = handle
+        .join()
+        .map_err(|_| anyhow::anyhow!("the cgroup thread panicked"))??;
+    Ok(state)
+}
+
+fn user_error(e: berth_hypervisor::vmm::VmmError) -> anyhow::Error {
+    use berth_hypervisor::vmm::VmmError as E;
+    match e {
+        E::InvalidArgument(_) | E::Memory(_) | E::Linux(_) | E::Cpuid(_) => {
+            UserError(e.to_string()).into()
         }
-    };
-    let vmm =
-        Vmm::create(config, &state.console_path(), events.clone(), started).map_err(user_error)?;
-    vmm.load_payload().map_err(user_error)?;
-    vmm.start()?;
-    Ok(vmm)
+        other => other.into(),
+    }
 }
 
 fn block_termination_signals() -> anyhow::Result<libc::sigset_t> {
