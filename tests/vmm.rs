@@ -573,7 +573,21 @@ fn bad_inputs_are_refused_with_clear_messages() {
         ),
     ];
     for (text, expected) in cases {
-        let err = Vmm::start("bad", &text).err().expect("refused");
+        // The guard cleans up under the manifest's name.
+        let name = text
+            .lines()
+            .find_map(|l| l.strip_prefix("metadata: {name: "))
+            .and_then(|l| l.strip_suffix('}'))
+            .unwrap()
+            .to_owned();
+        let err = Vmm::start(&name, &text).err().expect("refused");
+        if !name.contains('/') {
+            let cgroups = Cgroups::detect().unwrap();
+            assert!(
+                cgroups.open(&name).unwrap().is_none(),
+                "{name}: cgroup left behind"
+            );
+        }
         assert_eq!(err.code, Some(2), "{expected}: {}", err.stderr);
         assert!(
             err.stderr.contains(expected),

@@ -158,14 +158,27 @@ impl CgroupState {
         let attempt = || -> Result<CgroupState, CgroupError> {
             cgroups.remove_stale(&config.name)?;
             let cgroup = cgroups.create(&config.name)?;
-            cgroup.add_process(hostlink::current_pid())?;
             let mut state = CgroupState {
                 cgroup: Some(cgroup),
                 ..Default::default()
             };
-            state.apply(config.memtune.as_ref(), config.io.map(|io| io.weight))?;
-            state.apply_cpuset(config)?;
-            Ok(state)
+            let applied = (|| {
+                if let Some(cgroup) = &state.cgroup {
+                    cgroup.add_process(hostlink::current_pid())?;
+                }
+                state.apply(config.memtune.as_ref(), config.io.map(|io| io.weight))?;
+                state.apply_cpuset(config)
+            })();
+            match applied {
+                Ok(()) => Ok(state),
+                Err(e) => {
+                    // Never leave a half-made cgroup behind.
+                    if let Some(cgroup) = state.cgroup.take() {
+                        let _ = cgroup.remove();
+                    }
+                    Err(e)
+                }
+            }
         };
         match attempt() {
             Ok(state) => Ok(state),
