@@ -27,7 +27,7 @@ spec: {address: 127.0.0.1:7410, cpus: 0-1, memory: 4GiB}
 apiVersion: berth.dev/v1
 kind: Host
 metadata: {name: kvm02}
-spec: {address: 127.0.0.2:7410, cpus: 0-1, memory: 4GiB}
+spec: {address: 127.0.0.2:1, cpus: 0-1, memory: 4GiB}
 ";
 
 const WEBHOOK_SECRET: &str = "webhook-secret-for-tests";
@@ -93,13 +93,22 @@ struct Serve {
 
 impl Serve {
     fn start(repo: &Path, state: &Path, log: PathBuf, extra: &[&str]) -> Self {
-        let port = {
-            let probe = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-            probe.local_addr().expect("addr").port()
-        };
+        Self::start_as("kvm01", free_port(), repo, state, log, extra)
+    }
+
+    fn start_as(
+        host: &str,
+        port: u16,
+        repo: &Path,
+        state: &Path,
+        log: PathBuf,
+        extra: &[&str],
+    ) -> Self {
         let addr = format!("127.0.0.1:{port}");
         let secret = state.with_extension("webhook-secret");
         fs::write(&secret, format!("{WEBHOOK_SECRET}\n")).expect("write secret");
+        fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .expect("chmod secret");
         let stderr = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -107,7 +116,7 @@ impl Serve {
             .expect("log file");
         let child = command("berth")
             .args([
-                "serve", "--driver", "sim", "--host", "kvm01", "--branch", "main",
+                "serve", "--driver", "sim", "--host", host, "--branch", "main",
             ])
             .arg("--repo")
             .arg(repo)
@@ -209,6 +218,11 @@ impl Drop for Serve {
             let _ = child.wait();
         }
     }
+}
+
+fn free_port() -> u16 {
+    let probe = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    probe.local_addr().expect("addr").port()
 }
 
 fn try_http(
@@ -460,4 +474,82 @@ fn a_restart_adopts_running_guests_and_never_starts_them_twice() {
     assert!(!exit.success());
     let serve = Serve::start(&repo.dir, &state, log, &[]);
     adopted(&serve);
+}
+
+/// Two services on one repository, each with its own simulated fleet. The move of a
+/// guest from kvm01 to kvm02 is simulated as a hand-off (kvm01's fleet lets the guest
+/// go, then kvm02 starts it): what is checked is that kvm02 never starts the guest while
+/// kvm01 still reports running it, and says that it is waiting.
+#[test]
+fn a_guest_moving_here_is_not_started_while_its_old_host_runs_it() {
+    let tmp = tempdir();
+    let repo = Repo::new(tmp.path().join("repo"));
+    let (p1, p2) = (free_port(), free_port());
+    let hosts = format!(
+        "apiVersion: berth.dev/v1\nkind: Host\nmetadata: {{name: kvm01}}\n\
+         spec: {{address: 127.0.0.1:{p1}, cpus: 0-1, memory: 4GiB}}\n---\n\
+         apiVersion: berth.dev/v1\nkind: Host\nmetadata: {{name: kvm02}}\n\
+         spec: {{address: 127.0.0.1:{p2}, cpus: 0-1, memory: 4GiB}}\n"
+    );
+    let placed_on = |host: &str| guests(100).replacen("host: kvm01", &format!("host: {host}"), 1);
+    let first = repo.commit(
+        &[("hosts.yaml", &hosts), ("guests.yaml", &placed_on("kvm01"))],
+        "first",
+    );
+    // kvm01 looks at the repository only when its webhook says so.
+    let kvm01 = Serve::start_as(
+        "kvm01",
+        p1,
+        &repo.dir,
+        &tmp.path().join("state1"),
+        tmp.path().join("kvm01.log"),
+        &["--no-watch"],
+    );
+    let kvm02 = Serve::start_as(
+        "kvm02",
+        p2,
+        &repo.dir,
+        &tmp.path().join("state2"),
+        tmp.path().join("kvm02.log"),
+        &[],
+    );
+    let status = kvm01.wait_for("kvm01 applied", applied(&first));
+    assert_eq!(guest(&status, "web-1").expect("web-1")["runsHere"], true);
+    kvm02.wait_for("kvm02 applied", applied(&first));
+
+    let second = repo.commit(
+        &[("guests.yaml", &placed_on("kvm02"))],
+        "move web-1 to kvm02",
+    );
+    let status = kvm02.wait_for("kvm02 waiting", |s| {
+        guest(s, "web-1").is_some_and(|g| g["phase"] == "WaitingForMigration")
+    });
+    let web = guest(&status, "web-1").expect("web-1");
+    assert!(web.to_string().contains("kvm01 still runs web-1"), "{web}");
+    std::thread::sleep(Duration::from_millis(500));
+    // One start so far: db-1, placed on kvm02 from the first revision.
+    let starts = "berth_actions_total{kind=\"start\",result=\"ok\"}";
+    assert_eq!(
+        metric(&kvm02, starts),
+        Some(1.0),
+        "kvm02 started a second copy\n{}",
+        kvm02.log()
+    );
+
+    let body = r#"{"ref":"refs/heads/main"}"#;
+    let signature = github_signature(WEBHOOK_SECRET, body);
+    let (code, answer) = http(
+        &kvm01.addr,
+        "POST",
+        "/hooks/git",
+        &[("X-Hub-Signature-256", &signature)],
+        body,
+    );
+    assert_eq!(code, 202, "{answer}");
+    kvm01.wait_for("kvm01 let the guest go", applied(&second));
+    let status = kvm02.wait_for("kvm02 applied", applied(&second));
+    let web = guest(&status, "web-1").expect("web-1");
+    assert_eq!(web["phase"], "Running", "{web}");
+    assert_eq!(web["runsHere"], true);
+    assert_eq!(metric(&kvm02, starts), Some(2.0));
 }

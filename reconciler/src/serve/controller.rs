@@ -30,6 +30,7 @@ use tracing::{error, info, warn};
 use super::backoff::{BackoffPolicy, Backoffs};
 use super::git::CommitId;
 use super::metrics::Metrics;
+use super::placement::{Placements, StartGuard};
 use super::source::{Revision, SourceEvent};
 use super::status::{
     now_rfc3339, Applied, Condition, GuestStatus, LastError, Problem, StatusStore,
@@ -57,12 +58,21 @@ pub struct ControllerConfig {
 /// the hosts it names).
 pub type RevisionHook = Box<dyn Fn(&Desired) + Send + Sync>;
 
+/// How an action ended.
+#[derive(Debug)]
+enum Outcome {
+    Done,
+    Failed(String),
+    /// Not run: another host may still run the guest.
+    Waiting(String),
+}
+
 /// An action that ended.
 #[derive(Debug)]
 struct Completion {
     key: String,
     kind: &'static str,
-    result: Result<(), String>,
+    outcome: Outcome,
     took: Duration,
     drift: bool,
 }
@@ -82,6 +92,7 @@ pub struct Controller {
     status: StatusStore,
     metrics: Arc<Metrics>,
     on_revision: Option<RevisionHook>,
+    guard: Option<(Arc<dyn StartGuard>, Arc<Placements>)>,
     enforcing: Option<(CommitId, Arc<Desired>)>,
     /// The revision the host last converged to.
     converged_on: Option<CommitId>,
@@ -90,6 +101,8 @@ pub struct Controller {
     in_flight: HashMap<String, &'static str>,
     /// The last error of each key whose last action failed.
     failures: HashMap<String, String>,
+    /// Why each key's start waits for another host.
+    waiting: HashMap<String, String>,
     completions: (
         mpsc::UnboundedSender<Completion>,
         mpsc::UnboundedReceiver<Completion>,
@@ -111,10 +124,12 @@ impl Controller {
             status,
             metrics,
             on_revision: None,
+            guard: None,
             enforcing: None,
             converged_on: None,
             in_flight: HashMap::new(),
             failures: HashMap::new(),
+            waiting: HashMap::new(),
             completions: mpsc::unbounded_channel(),
         }
     }
@@ -122,6 +137,17 @@ impl Controller {
     /// Calls `hook` with each new valid revision before it is enforced.
     pub fn on_revision(mut self, hook: RevisionHook) -> Self {
         self.on_revision = Some(hook);
+        self
+    }
+
+    /// Asks `guard` before every start whether another host still runs the guest;
+    /// `placements` records where the enforced revisions placed each guest.
+    pub fn with_start_guard(
+        mut self,
+        guard: Arc<dyn StartGuard>,
+        placements: Arc<Placements>,
+    ) -> Self {
+        self.guard = Some((guard, placements));
         self
     }
 
@@ -221,9 +247,13 @@ impl Controller {
                 if let Some(hook) = &self.on_revision {
                     hook(&desired);
                 }
+                if let Some((_, placements)) = &self.guard {
+                    placements.record(&desired, &self.config.host);
+                }
                 // A new revision may fix what failed: try everything again at once.
                 self.backoffs = Backoffs::new(self.config.backoff);
                 self.failures.clear();
+                self.waiting.clear();
                 self.status.update(|s| {
                     s.enforcing = Some(commit.to_string());
                     s.last_error = None;
@@ -264,25 +294,35 @@ impl Controller {
 
     fn complete(&mut self, done: Completion) {
         self.in_flight.remove(&done.key);
-        self.metrics
-            .action(done.kind, done.result.is_ok(), done.took);
-        match done.result {
-            Ok(()) => {
+        match done.outcome {
+            Outcome::Done => {
+                self.metrics.action(done.kind, true, done.took);
                 info!(key = %done.key, action = done.kind, took = ?done.took, drift = done.drift, "action done");
                 if done.drift {
                     self.metrics.drift_corrections.inc();
                 }
                 self.backoffs.succeeded(&done.key);
                 self.failures.remove(&done.key);
+                self.waiting.remove(&done.key);
             }
-            Err(e) => {
+            Outcome::Failed(e) => {
+                self.metrics.action(done.kind, false, done.took);
                 let retry = self.backoffs.failed(&done.key, Instant::now());
                 let wait = retry.not_before.saturating_duration_since(Instant::now());
                 warn!(
                     key = %done.key, action = done.kind, error = %e,
                     failures = retry.failures, retry_in = ?wait, "action failed"
                 );
+                self.waiting.remove(&done.key);
                 self.failures.insert(done.key, e);
+            }
+            Outcome::Waiting(why) => {
+                // Asked again with backoff: the peer answers cheaply, and a migration
+                // usually ends within seconds.
+                self.backoffs.failed(&done.key, Instant::now());
+                info!(key = %done.key, reason = %why, "start deferred");
+                self.failures.remove(&done.key);
+                self.waiting.insert(done.key, why);
             }
         }
     }
@@ -386,11 +426,31 @@ impl Controller {
             .guest()
             .and_then(|name| desired.guests.iter().find(|g| g.metadata.name == name))
             .cloned();
+        let guard = match (&step.action, &self.guard) {
+            (Action::Start { guest, .. }, Some((guard, placements))) => Some((
+                Arc::clone(guard),
+                guest.clone(),
+                placements.peers(desired, &self.config.host, guest),
+            )),
+            _ => None,
+        };
         let step = step.clone();
         let driver = Arc::clone(&self.driver);
         let done = self.completions.0.clone();
         tokio::spawn(async move {
             let started = Instant::now();
+            if let Some((guard, guest, peers)) = guard {
+                if let Err(why) = guard.check(&guest, peers).await {
+                    let _ = done.send(Completion {
+                        key,
+                        kind,
+                        outcome: Outcome::Waiting(why),
+                        took: started.elapsed(),
+                        drift,
+                    });
+                    return;
+                }
+            }
             let result = tokio::task::spawn_blocking(move || {
                 let guests: HashMap<&str, &berth_schema::Guest> = guest
                     .iter()
@@ -399,14 +459,15 @@ impl Controller {
                 execute_step(&step, &guests, driver.as_ref())
             })
             .await;
-            let result = match result {
-                Ok(r) => r.map_err(|e| e.to_string()),
-                Err(panic) => Err(format!("the driver panicked: {panic}")),
+            let outcome = match result {
+                Ok(Ok(())) => Outcome::Done,
+                Ok(Err(e)) => Outcome::Failed(e.to_string()),
+                Err(panic) => Outcome::Failed(format!("the driver panicked: {panic}")),
             };
             let _ = done.send(Completion {
                 key,
                 kind,
-                result,
+                outcome,
                 took: started.elapsed(),
                 drift,
             });
@@ -432,7 +493,9 @@ impl Controller {
                     GuestState::Paused => "Paused",
                     GuestState::Stopped => "Stopped",
                 };
-                out.insert(g.name.clone(), guest_status(&g.name, &g.host, phase));
+                let mut status = guest_status(&g.name, &g.host, phase);
+                status.runs_here = g.has_vmm();
+                out.insert(g.name.clone(), status);
             }
         }
         for g in desired.guests.iter().filter(|g| g.spec.host == me) {
@@ -491,6 +554,16 @@ impl Controller {
             if let Some(kind) = self.in_flight.get(name.as_str()) {
                 conditions.push(Condition::new("Progressing", true, "ActionInFlight", *kind));
             }
+            if let Some(why) = self.waiting.get(name.as_str()) {
+                status.phase = "WaitingForMigration".into();
+                conditions.push(Condition::new(
+                    "Synced",
+                    false,
+                    "WaitingForMigration",
+                    why.clone(),
+                ));
+                conditions.retain(|c| c.kind != "Synced" || c.reason == "WaitingForMigration");
+            }
             if let Some(e) = self.failures.get(name.as_str()) {
                 status.phase = "Failed".into();
                 let retry = self.backoffs.get(name).map_or(String::new(), |r| {
@@ -533,6 +606,7 @@ fn guest_status(name: &str, host: &str, phase: &str) -> GuestStatus {
         name: name.to_owned(),
         host: host.to_owned(),
         phase: phase.to_owned(),
+        runs_here: false,
         conditions: Vec::new(),
     }
 }

@@ -24,6 +24,7 @@ pub mod git;
 pub mod http;
 pub mod metrics;
 pub mod peer;
+pub mod placement;
 pub mod simfleet;
 pub mod source;
 pub mod status;
@@ -319,7 +320,13 @@ async fn serve(
         status,
         metrics,
     )
-    .on_revision(Box::new(move |desired| sim.add_hosts(desired)));
+    .on_revision(Box::new(move |desired| sim.add_hosts(desired)))
+    .with_start_guard(
+        Arc::new(placement::HttpPeers),
+        Arc::new(placement::Placements::open(Some(
+            args.state_dir.join("placements.json"),
+        ))),
+    );
     let controller = tokio::spawn(controller.run(event_rx, shutdown_rx));
 
     wait_for_signal().await.map_err(ServeError::Signals)?;

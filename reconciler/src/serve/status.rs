@@ -125,8 +125,13 @@ pub struct GuestStatus {
     /// Where it runs, or where the manifest places it when it does not run.
     pub host: String,
     /// `Running`, `Paused`, `Stopped`, `Pending`, `Blocked`, `Suspended`, `Migrating`,
-    /// `Orphan`, or `Failed` (an action failed; retried with backoff).
+    /// `WaitingForMigration` (another host still runs it), `Orphan`, or `Failed` (an
+    /// action failed; retried with backoff).
     pub phase: String,
+    /// Whether a VMM of the guest runs on the reporting host (peers ask this before
+    /// starting a guest, so that it never runs twice).
+    #[serde(default)]
+    pub runs_here: bool,
     /// Conditions, Kubernetes-style.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
@@ -348,12 +353,14 @@ mod tests {
                     name: "web-1".into(),
                     host: "kvm01".into(),
                     phase: "Running".into(),
+                    runs_here: true,
                     conditions: vec![Condition::new("Synced", true, "InSync", "")],
                 },
                 GuestStatus {
                     name: "batch-1".into(),
                     host: "kvm01".into(),
                     phase: "Suspended".into(),
+                    runs_here: true,
                     conditions: vec![Condition::new(
                         "Synced",
                         false,

@@ -23,7 +23,7 @@ spec: {address: 127.0.0.1:7410, cpus: 0-1, memory: 4GiB}
 apiVersion: berth.dev/v1
 kind: Host
 metadata: {name: kvm02}
-spec: {address: 127.0.0.2:7410, cpus: 0-1, memory: 4GiB}
+spec: {address: 127.0.0.2:1, cpus: 0-1, memory: 4GiB}
 ";
 
 fn guest(name: &str, host: &str, weight: u16, annotations: &str) -> String {
