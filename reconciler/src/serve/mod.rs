@@ -8,6 +8,10 @@
 //!   queue, backoff and suspend.
 //! - [`http`]: `/healthz`, `/status`, `/metrics`, `/hooks/git` and the peer API
 //!   ([`peer`]), with [`auth`] for the webhook signature and the fleet secret.
+//! - [`placement`]: before a start, the other hosts are asked whether they still run
+//!   the guest, so that a guest moving here is never started twice.
+//! - [`client`]: the API's client side (`berth status`, and the peer request a
+//!   migration source makes).
 //! - [`simfleet`]: `--driver sim`, a simulated fleet that survives restarts.
 //!
 //! Restart safety: the service keeps no state that matters besides what it observes.
