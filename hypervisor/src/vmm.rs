@@ -621,12 +621,50 @@ impl Vmm {
                 self.pin_emulator(set)?;
             }
         }
+        if !retune.unpin_vcpus.is_empty() || retune.unpin_emulator {
+            self.unpin(&retune.unpin_vcpus, retune.unpin_emulator, max)?;
+        }
         if let Some(wanted) = retune.vcpus {
             let paused = lock(&self.lifecycle).paused;
             for index in online..wanted {
                 self.start_vcpu(index, paused)?;
             }
             lock(&self.config).vcpus = wanted.max(online);
+        }
+        Ok(())
+    }
+
+    /// Lets the listed vCPUs (and the emulator threads) run on every online CPU again
+    /// and forgets their pins.
+    fn unpin(&self, vcpus: &[u32], emulator: bool, max: u32) -> Result<(), VmmError> {
+        if let Some(index) = vcpus.iter().find(|&&i| i >= max) {
+            return Err(VmmError::InvalidArgument(format!(
+                "cannot unpin vCPU {index}: the guest has at most {max} vCPUs"
+            )));
+        }
+        let online = hostlink::online_cpus()
+            .map_err(|e| VmmError::Host(format!("Cannot read the online CPUs: {e}")))?;
+        let config = {
+            let mut c = lock(&self.config);
+            for index in vcpus {
+                c.pinning.vcpus.remove(index);
+            }
+            if emulator {
+                c.pinning.emulator = None;
+            }
+            c.clone()
+        };
+        lock(&self.cgroup)
+            .apply_cpuset(&config)
+            .map_err(|e| VmmError::Host(e.to_string()))?;
+        for index in vcpus {
+            if let Some(tid) = self.vcpus[*index as usize].tid() {
+                hostlink::set_thread_affinity(tid, &online)
+                    .map_err(|e| VmmError::Host(format!("Cannot unpin vCPU {index}: {e}")))?;
+            }
+        }
+        if emulator {
+            self.pin_emulator(&online)?;
         }
         Ok(())
     }
@@ -781,6 +819,8 @@ impl Vmm {
             vcpu,
             emulator_threads,
             pinning: config.pinning.clone(),
+            memtune: config.memtune.clone(),
+            io: config.io,
             memory: MemoryStatus {
                 size: config.memory.size,
                 backing,

@@ -93,6 +93,13 @@ pub struct Retune {
     /// vCPUs online: a hot-add up to maxVcpus; a decrease is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vcpus: Option<u32>,
+    /// vCPUs to unpin: they may run on every online CPU again and are no longer
+    /// reported in `pinning`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unpin_vcpus: Vec<u32>,
+    /// Unpin the emulator threads likewise.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unpin_emulator: bool,
 }
 
 /// A reply.
@@ -306,6 +313,13 @@ pub struct Status {
     pub emulator_threads: Vec<ThreadStatus>,
     /// Pinning as last asked for (what is in force is in `vcpu[].affinity`).
     pub pinning: Pinning,
+    /// Memory limits as last asked for (what is in force is in `cgroup`; a limit the
+    /// host cannot enforce is only here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memtune: Option<MemTune>,
+    /// I/O weight as last asked for, likewise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io: Option<IoSpec>,
     /// Memory.
     pub memory: MemoryStatus,
     /// cgroup values read from the files, when the VMM manages a cgroup.
