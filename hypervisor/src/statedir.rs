@@ -70,7 +70,26 @@ impl StateDir {
     /// [`StateDirError::AlreadyRunning`] when another VMM holds it.
     pub fn acquire(root: &Path, name: &str) -> Result<StateDir, StateDirError> {
         validate_name(name)?;
-        let dir = Self::path_of(root, name);
+        Self::lock_dir(Self::path_of(root, name), name)
+    }
+
+    /// The directory of an incoming migration of guest `name`:
+    /// `<root>/guests/<name>.incoming/` (guest names have no dots, so it never names a
+    /// guest). See [`crate::migration`] for how it passes to `<name>/` at commit.
+    pub fn incoming_path_of(root: &Path, name: &str) -> PathBuf {
+        root.join("guests").join(format!("{name}.incoming"))
+    }
+
+    /// Creates and locks [`StateDir::incoming_path_of`], as [`StateDir::acquire`] does.
+    ///
+    /// # Errors
+    /// [`StateDirError::AlreadyRunning`] when another incoming VMM holds it.
+    pub fn acquire_incoming(root: &Path, name: &str) -> Result<StateDir, StateDirError> {
+        validate_name(name)?;
+        Self::lock_dir(Self::incoming_path_of(root, name), name)
+    }
+
+    fn lock_dir(dir: PathBuf, name: &str) -> Result<StateDir, StateDirError> {
         std::fs::create_dir_all(&dir).map_err(|source| StateDirError::CreateDir {
             path: dir.clone(),
             source,

@@ -264,7 +264,6 @@ pub struct Vmm {
     vcpus: Vec<Arc<VcpuHandle>>,
     devices: Arc<Devices>,
     console: Arc<ConsoleStats>,
-    console_path: PathBuf,
     payload: Mutex<Payload>,
     events: Sender<VmmEvent>,
     online: AtomicU32,
@@ -273,6 +272,7 @@ pub struct Vmm {
     steering: Mutex<()>,
     cgroup: Mutex<CgroupState>,
     started_at: Instant,
+    migration: crate::migration::Migration,
     _serial_irq: Arc<EventFd>,
 }
 
@@ -334,7 +334,6 @@ impl Vmm {
             vcpus,
             devices,
             console: console_stats,
-            console_path: console_path.to_owned(),
             payload: Mutex::new(Payload::None),
             events,
             online: AtomicU32::new(0),
@@ -342,6 +341,7 @@ impl Vmm {
             steering: Mutex::new(()),
             cgroup: Mutex::new(CgroupState::default()),
             started_at,
+            migration: crate::migration::Migration::default(),
             _serial_irq: irq,
         })
     }
@@ -458,6 +458,24 @@ impl Vmm {
     /// The payload loaded.
     pub fn payload(&self) -> Payload {
         lock(&self.payload).clone()
+    }
+
+    /// Records the payload an incoming migration brought in guest memory.
+    pub fn set_payload(&self, payload: Payload) {
+        *lock(&self.payload) = payload;
+    }
+
+    /// Sets how many vCPUs [`Vmm::start`] starts and whether paused: an incoming
+    /// migration starts what the source ran.
+    pub fn set_start(&self, vcpus: u32, paused: bool) {
+        let mut c = lock(&self.config);
+        c.vcpus = vcpus.min(c.max_vcpus);
+        c.start_paused = paused;
+    }
+
+    /// The live-migration slot (progress, cancel).
+    pub fn migration(&self) -> &crate::migration::Migration {
+        &self.migration
     }
 
     /// The configuration in force (pinning updated by retunes).
@@ -836,7 +854,7 @@ impl Vmm {
             },
             cgroup: Some(self.cgroup_json()),
             console: ConsoleStatus {
-                path: self.console_path.display().to_string(),
+                path: self.devices.serial().log().path().display().to_string(),
                 lines: self.console.lines.load(Ordering::Relaxed),
                 bytes: self.console.bytes.load(Ordering::Relaxed),
                 rotations: self.console.rotations.load(Ordering::Relaxed),

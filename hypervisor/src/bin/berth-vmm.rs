@@ -35,6 +35,11 @@ enum Command {
         /// The state root; the guest's files go to `<state-dir>/guests/<name>/`.
         #[arg(long)]
         state_dir: PathBuf,
+        /// Wait for a live migration of this guest on this address (`host:port`; port 0
+        /// picks one) instead of booting it; prints `ready <socket> incoming <address>
+        /// <token>`. Files go to `<state-dir>/guests/<name>.incoming/` until the commit.
+        #[arg(long, value_name = "ADDRESS")]
+        incoming: Option<String>,
     },
 }
 
@@ -63,7 +68,11 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
-    let Command::Run { spec, state_dir } = cli.command;
+    let Command::Run {
+        spec,
+        state_dir,
+        incoming,
+    } = cli.command;
     // Before any thread exists, so every thread inherits the mask and SIGTERM/SIGINT are
     // taken only by the signal thread below.
     let signals = block_termination_signals()?;
@@ -80,6 +89,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let guest: berth_schema::Guest = serde_yaml::from_str(&text)
         .map_err(|e| UserError(format!("the spec is not a Guest manifest: {e}")))?;
     let config = VmConfig::from_guest(&guest).map_err(|e| UserError(e.to_string()))?;
+    if let Some(listen) = incoming {
+        return run_incoming(config, text, state_dir, listen, started, signals);
+    }
     let state = StateDir::acquire(&state_dir, &config.name).map_err(|e| match e {
         StateDirError::Name(_) | StateDirError::AlreadyRunning { .. } => {
             anyhow::Error::new(UserError(e.to_string()))
@@ -170,6 +182,36 @@ fn serve(
     if let Err(e) = vmm.remove_cgroup() {
         eprintln!("berth-vmm: {e}");
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_incoming(
+    config: VmConfig,
+    spec_text: String,
+    state_root: PathBuf,
+    listen: String,
+    started: Instant,
+    signals: libc::sigset_t,
+) -> anyhow::Result<ExitCode> {
+    use berth_hypervisor::migration::incoming::{self, IncomingError, IncomingOptions};
+    let (events, inbox) = std::sync::mpsc::channel();
+    spawn_signal_thread(signals, events.clone())?;
+    let opts = IncomingOptions {
+        spec_text,
+        config,
+        state_root,
+        listen,
+        started,
+    };
+    incoming::run(opts, events, inbox).map_err(|e| match e {
+        IncomingError::StateDir(StateDirError::Name(_) | StateDirError::AlreadyRunning { .. })
+        | IncomingError::Vmm(
+            berth_hypervisor::vmm::VmmError::InvalidArgument(_)
+            | berth_hypervisor::vmm::VmmError::Memory(_)
+            | berth_hypervisor::vmm::VmmError::Cpuid(_),
+        ) => anyhow::Error::new(UserError(e.to_string())),
+        other => anyhow::Error::new(other),
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 

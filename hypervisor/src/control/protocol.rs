@@ -52,6 +52,16 @@ pub enum Op {
     Shutdown(ShutdownArgs),
     /// Check every heartbeat data page in guest memory ([`crate::payload::heartbeat::VerifyReport`]).
     VerifyMemory,
+    /// Live-migrate the guest to an incoming VMM ([`crate::migration::MigrateArgs`]);
+    /// replies at once with the [`crate::migration::MigrationStatus`], the migration
+    /// runs in the background.
+    Migrate(crate::migration::MigrateArgs),
+    /// Report the [`crate::migration::MigrationStatus`].
+    MigrateStatus,
+    /// Stop a migration before its commit (the guest stays here; an incoming VMM exits).
+    MigrateCancel,
+    /// End a `switchoverUnknown` state ([`crate::migration::MigrateResolveArgs`]).
+    MigrateResolve(crate::migration::MigrateResolveArgs),
 }
 
 impl Op {
@@ -64,6 +74,10 @@ impl Op {
             Op::Resume => "resume",
             Op::Shutdown(_) => "shutdown",
             Op::VerifyMemory => "verifyMemory",
+            Op::Migrate(_) => "migrate",
+            Op::MigrateStatus => "migrateStatus",
+            Op::MigrateCancel => "migrateCancel",
+            Op::MigrateResolve(_) => "migrateResolve",
         }
     }
 }
@@ -232,13 +246,17 @@ pub fn parse_request(line: &[u8]) -> Result<Request, Response> {
 }
 
 /// The operations [`parse_op`] knows.
-pub const KNOWN_OPS: [&str; 6] = [
+pub const KNOWN_OPS: [&str; 10] = [
     "status",
     "retune",
     "pause",
     "resume",
     "shutdown",
     "verifyMemory",
+    "migrate",
+    "migrateStatus",
+    "migrateCancel",
+    "migrateResolve",
 ];
 
 /// Builds an [`Op`] from its name and `args`. (Arguments are decoded from a
@@ -265,6 +283,10 @@ pub fn parse_op(op: &str, args: Option<serde_json::Value>) -> Result<Op, (ErrorC
         "resume" => Op::Resume,
         "shutdown" => Op::Shutdown(decode(op, args)?),
         "verifyMemory" => Op::VerifyMemory,
+        "migrate" => Op::Migrate(decode(op, args)?),
+        "migrateStatus" => Op::MigrateStatus,
+        "migrateCancel" => Op::MigrateCancel,
+        "migrateResolve" => Op::MigrateResolve(decode(op, args)?),
         other => {
             return Err((
                 ErrorCode::UnknownOp,

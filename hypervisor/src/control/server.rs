@@ -85,7 +85,7 @@ fn read_line(reader: &mut impl BufRead) -> std::io::Result<Option<Result<Vec<u8>
     }
 }
 
-fn serve(stream: UnixStream, vmm: &Vmm) {
+fn serve(stream: UnixStream, vmm: &Arc<Vmm>) {
     let Ok(mut writer) = stream.try_clone() else {
         return;
     };
@@ -110,7 +110,7 @@ fn serve(stream: UnixStream, vmm: &Vmm) {
     }
 }
 
-fn handle(vmm: &Vmm, request: Request) -> Response {
+fn handle(vmm: &Arc<Vmm>, request: Request) -> Response {
     let id = request.id;
     let result = match request.op {
         Op::Status => Ok(vmm.status_json()),
@@ -120,6 +120,10 @@ fn handle(vmm: &Vmm, request: Request) -> Response {
         Op::VerifyMemory => vmm
             .verify_memory()
             .map(|report| serde_json::to_value(report).unwrap_or_default()),
+        Op::Migrate(args) => crate::migration::send::start(vmm, args),
+        Op::MigrateStatus => Ok(vmm.migration().status_json()),
+        Op::MigrateCancel => crate::migration::send::cancel(vmm),
+        Op::MigrateResolve(args) => crate::migration::send::resolve(vmm, args),
         Op::Shutdown(args) => {
             vmm.request_shutdown(args.timeout_ms, "shutdown requested on the control socket");
             Ok(serde_json::json!({"state": "stopping"}))

@@ -60,6 +60,18 @@ impl ConsoleLog {
         &self.path
     }
 
+    /// Moves the log file to `path` (a rename: both in one filesystem) and rotates there
+    /// from now on.
+    ///
+    /// # Errors
+    /// The rename fails; the log stays where it was.
+    pub fn relocate(&mut self, path: &Path) -> io::Result<()> {
+        let _ = self.flush_pending();
+        std::fs::rename(&self.path, path)?;
+        self.path = path.to_owned();
+        Ok(())
+    }
+
     /// Writes out what one guest exit produced; lines are never split across files.
     pub fn end_of_exit(&mut self) {
         let _ = self.flush_pending();

@@ -60,4 +60,31 @@ impl SerialConsole {
     pub fn log(&self) -> &ConsoleLog {
         self.inner.writer()
     }
+
+    /// The log, to move it (a migrated guest's console joins its final state directory).
+    pub fn log_mut(&mut self) -> &mut ConsoleLog {
+        self.inner.writer_mut()
+    }
+
+    /// Restores registers saved on a migration source by writing them through the
+    /// register interface, as the guest would (the divisor latch with DLAB set, then
+    /// LCR, IER, MCR, scratch); line and interrupt status follow from them. Pending input
+    /// is queued again.
+    pub fn restore_registers(&mut self, s: &crate::migration::state::SerialRegisters) {
+        const IER: u8 = 1;
+        const LCR: u8 = 3;
+        const MCR: u8 = 4;
+        const SCR: u8 = 7;
+        const DLAB: u8 = 0x80;
+        let _ = self.inner.write(LCR, s.line_control | DLAB);
+        let _ = self.inner.write(0, s.baud_divisor_low);
+        let _ = self.inner.write(1, s.baud_divisor_high);
+        let _ = self.inner.write(LCR, s.line_control);
+        let _ = self.inner.write(IER, s.interrupt_enable);
+        let _ = self.inner.write(MCR, s.modem_control);
+        let _ = self.inner.write(SCR, s.scratch);
+        if !s.in_buffer.is_empty() {
+            let _ = self.inner.enqueue_raw_bytes(&s.in_buffer);
+        }
+    }
 }

@@ -38,6 +38,7 @@ const PROOF_CONTEXT_SOURCE: &[u8] = b"berth migration v1 source proof";
 const PROOF_CONTEXT_DEST: &[u8] = b"berth migration v1 destination proof";
 const TOKEN_KEY_CONTEXT: &str = "berth migration v1 token key";
 const SESSION_KEY_CONTEXT: &str = "berth migration v1 session key";
+const REPLY_KEY_CONTEXT: &str = "berth migration v1 reply key";
 
 /// Errors of the migration stream.
 #[derive(Debug, thiserror::Error)]
@@ -258,6 +259,13 @@ impl fmt::Debug for SessionKey {
 }
 
 impl SessionKey {
+    /// The key of the frames going the other way (destination to source: `Loaded`,
+    /// `Running`, `Abort`, `Info`). Each direction has its own key, so a frame cannot be
+    /// reflected back to its sender.
+    pub fn for_replies(&self) -> SessionKey {
+        SessionKey(blake3::derive_key(REPLY_KEY_CONTEXT, &self.0))
+    }
+
     fn mac(&self, seq: u64, header: &[u8; HEADER_LEN], parts: &[&[u8]]) -> [u8; MAC_LEN] {
         let mut h = blake3::Hasher::new_keyed(&self.0);
         h.update(&seq.to_le_bytes());
@@ -577,6 +585,17 @@ mod tests {
         assert_eq!(data.len(), 2 * PAGE_SIZE);
         assert!(data.iter().all(|&b| b == 7));
         assert_eq!(r.recv().unwrap().kind, FrameKind::Commit);
+    }
+
+    #[test]
+    fn replies_cannot_be_reflected() {
+        let (bytes, key) = frames_bytes(&[(FrameKind::Loaded, Vec::new())]);
+        let mut r = FrameReader::new(&bytes[..], key.for_replies());
+        assert!(matches!(r.recv(), Err(WireError::BadMac { seq: 0 })));
+        let mut w = FrameWriter::new(Vec::new(), key.for_replies());
+        w.send(FrameKind::Loaded, &[]).unwrap();
+        let mut r = FrameReader::new(&w.inner[..], key.for_replies());
+        assert_eq!(r.recv().unwrap().kind, FrameKind::Loaded);
     }
 
     #[test]

@@ -78,7 +78,7 @@ pub struct SlotDirtyLog {
 
 /// VM-wide device state held by KVM: PIC, IOAPIC, PIT and kvmclock. Restore after the
 /// memory and before the vCPUs.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct VmState {
     /// PIC master.
     pub pic_master: kvm_irqchip,

@@ -1,0 +1,183 @@
+//! The migration as the control socket sees it: the `migrate`, `migrateStatus`,
+//! `migrateCancel` and `migrateResolve` arguments, and the progress a [`Migration`]
+//! slot holds while a migration runs in its thread.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+
+use serde::{Deserialize, Serialize};
+
+/// Arguments of `migrate`:
+/// `{"destination":"10.0.0.2:7420","token":"<64 hex>","policy":{...},"connections":2}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MigrateArgs {
+    /// The incoming VMM's listen address (`host:port`).
+    pub destination: String,
+    /// The one-time token the incoming VMM reported.
+    pub token: String,
+    /// maxDowntime, bandwidth, autoConverge, completionTimeoutPerGiB, onTimeout (the
+    /// manifest's `migration` block; absent fields take its defaults).
+    #[serde(default)]
+    pub policy: berth_schema::MigrationPolicy,
+    /// Parallel TCP connections (default 2, at most [`super::MAX_CONNECTIONS`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections: Option<u32>,
+}
+
+/// Arguments of `migrateResolve`, which ends a `switchoverUnknown` state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MigrateResolveArgs {
+    /// Whether the destination runs the guest (it read `Commit`). `true`: this VMM
+    /// shuts down; `false`: it resumes the guest.
+    pub destination_running: bool,
+}
+
+/// Where a migration is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum MigrationPhase {
+    /// No migration.
+    #[default]
+    Idle,
+    /// Destination: waiting for the source to connect.
+    Listening,
+    /// Connected; checking compatibility.
+    Prechecks,
+    /// Copying memory while the guest runs.
+    Precopy,
+    /// The guest is paused; last pages and state in flight.
+    Switchover,
+    /// Destination: state loaded, waiting for `Commit`.
+    Loaded,
+    /// The guest runs on the destination; the source is shutting down.
+    Completed,
+    /// Failed before `Commit`: the guest runs on the source.
+    Failed,
+    /// Cancelled before `Commit`: the guest runs on the source.
+    Cancelled,
+    /// Source: `Commit` was sent and `Running` never came; the guest stays paused here
+    /// until `migrateResolve`.
+    SwitchoverUnknown,
+}
+
+/// Progress and outcome, as `migrateStatus` reports it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationStatus {
+    /// `outgoing`, `incoming`, or absent when idle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    /// The phase.
+    pub phase: MigrationPhase,
+    /// Destination: the address it listens on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+    /// Destination: the one-time token to hand to the source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// Source: where it migrates to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination: Option<String>,
+    /// Connections in use.
+    pub connections: u32,
+    /// Guest RAM, bytes.
+    pub guest_bytes: u64,
+    /// Pre-copy passes done (1 = the full pass).
+    pub pass: u32,
+    /// Bytes put on the wire (frames, headers and MACs included).
+    pub bytes_sent: u64,
+    /// Pages sent with their content.
+    pub pages_sent: u64,
+    /// Pages sent as zero (or skipped as zero in the first pass).
+    pub zero_pages: u64,
+    /// Pages dirtied since the last pass started.
+    pub dirty_pages: u64,
+    /// Guest dirty rate measured over the last pass, bytes/s.
+    pub dirty_rate: u64,
+    /// Transfer rate measured so far, bytes/s.
+    pub bandwidth: u64,
+    /// The pause the dirty pages would need now, ms.
+    pub estimated_downtime_ms: f64,
+    /// Auto-converge throttle in force, percent of vCPU time taken away.
+    pub throttle_percent: u8,
+    /// Since the migration started, ms.
+    pub elapsed_ms: u64,
+    /// Source: from pausing the guest to `Running` received, ms (once completed).
+    /// Destination: from `State` read to vCPUs started, ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<f64>,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Destination: where the lock and files went after commit, or why they could not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relocation: Option<String>,
+}
+
+/// The migration slot of one VMM: status, cancel flag, and the answer to a
+/// `switchoverUnknown`.
+#[derive(Debug, Default)]
+pub struct Migration {
+    status: Mutex<MigrationStatus>,
+    cancel: AtomicBool,
+    resolution: Mutex<Option<bool>>,
+    resolved: Condvar,
+}
+
+impl Migration {
+    /// The status, locked for reading or updating.
+    pub fn status(&self) -> MutexGuard<'_, MigrationStatus> {
+        self.status.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A copy of the status as JSON.
+    pub fn status_json(&self) -> serde_json::Value {
+        serde_json::to_value(&*self.status()).unwrap_or_default()
+    }
+
+    /// Whether a migration runs (not idle and not finished).
+    pub fn active(&self) -> bool {
+        !matches!(
+            self.status().phase,
+            MigrationPhase::Idle
+                | MigrationPhase::Failed
+                | MigrationPhase::Cancelled
+                | MigrationPhase::Completed
+        )
+    }
+
+    /// Asks the running migration to stop before `Commit`.
+    pub fn request_cancel(&self) {
+        self.cancel.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether cancel was asked for.
+    pub fn cancel_requested(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst)
+    }
+
+    /// Clears the cancel flag for a new migration.
+    pub fn reset_cancel(&self) {
+        self.cancel.store(false, Ordering::SeqCst);
+        *self.resolution.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// Records the answer to `switchoverUnknown`.
+    pub fn resolve(&self, destination_running: bool) {
+        *self.resolution.lock().unwrap_or_else(|e| e.into_inner()) = Some(destination_running);
+        self.resolved.notify_all();
+    }
+
+    /// Waits for [`Migration::resolve`].
+    pub fn wait_resolution(&self) -> bool {
+        let mut r = self.resolution.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(answer) = *r {
+                return answer;
+            }
+            r = self.resolved.wait(r).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}

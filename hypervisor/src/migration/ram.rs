@@ -1,0 +1,289 @@
+//! Guest RAM as migration sees it: page copies out of a running guest (source), page
+//! writes into a guest that does not run yet (destination), and the dirty set (KVM's
+//! dirty log OR'ed with the VMM's own writes, which vm-memory's bitmap records).
+//!
+//! Pages travel in runs of at most [`CHUNK_PAGES`] that never cross a 2 MiB boundary;
+//! a page always goes over connection `(gpa / 2 MiB) % connections`, so two versions of
+//! one page always share a connection and arrive in order.
+
+use std::ops::Deref as _;
+
+use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion as _};
+
+use super::wire::{MemoryBounds, PAGE_SIZE};
+use crate::vstate::vm::{Vm, VmError};
+
+/// Pages per 2 MiB chunk.
+pub const CHUNK_PAGES: u32 = 512;
+const PAGE: u64 = PAGE_SIZE as u64;
+
+/// A run of pages: first guest address and count, within one 2 MiB chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Run {
+    /// First page's guest physical address.
+    pub gpa: u64,
+    /// Pages in the run.
+    pub pages: u32,
+}
+
+/// The connection that carries the pages of the chunk holding `gpa`.
+pub fn connection_of(gpa: u64, connections: u32) -> usize {
+    ((gpa >> 21) % u64::from(connections.max(1))) as usize
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Range {
+    gpa: u64,
+    len: u64,
+    host: *mut u8,
+}
+
+/// The guest's RAM ranges and where they are mapped in this process.
+#[derive(Debug)]
+pub struct GuestRam<'a> {
+    vm: &'a Vm,
+    ranges: Vec<Range>,
+}
+
+// SAFETY: the raw host pointers point into the mappings of `vm`'s guest memory, which
+// the `&'a Vm` keeps alive and mapped for 'a; guest RAM is shared with the vCPUs anyway,
+// and every access below goes through raw copies, never through Rust references held
+// across threads.
+unsafe impl Sync for GuestRam<'_> {}
+// SAFETY: as above; nothing in it is tied to the creating thread.
+unsafe impl Send for GuestRam<'_> {}
+
+impl<'a> GuestRam<'a> {
+    /// The RAM of `vm`.
+    pub fn new(vm: &'a Vm) -> GuestRam<'a> {
+        let ranges = vm
+            .slots()
+            .iter()
+            .map(|s| Range {
+                gpa: s.guest_addr.0,
+                len: s.len,
+                host: s.host_addr as *mut u8,
+            })
+            .collect();
+        GuestRam { vm, ranges }
+    }
+
+    /// `(start, length)` of every range.
+    pub fn ranges(&self) -> Vec<(u64, u64)> {
+        self.ranges.iter().map(|r| (r.gpa, r.len)).collect()
+    }
+
+    /// Total bytes.
+    pub fn size(&self) -> u64 {
+        self.ranges.iter().map(|r| r.len).sum()
+    }
+
+    /// The bounds a receiver checks page addresses against.
+    pub fn bounds(&self) -> MemoryBounds {
+        MemoryBounds::new(self.ranges())
+    }
+
+    /// Every page, as runs (the first pass).
+    pub fn all_runs(&self) -> Vec<Run> {
+        let mut runs = Vec::new();
+        for r in &self.ranges {
+            push_runs(&mut runs, r.gpa, r.len / PAGE);
+        }
+        runs
+    }
+
+    /// The host address of the page at `gpa`, if the page lies wholly in RAM.
+    fn host(&self, gpa: u64) -> Option<*mut u8> {
+        let r = self
+            .ranges
+            .iter()
+            .find(|r| gpa >= r.gpa && gpa.checked_add(PAGE).is_some_and(|e| e <= r.gpa + r.len))?;
+        // The offset is below the range length, so the result stays in the mapping.
+        Some(r.host.wrapping_add((gpa - r.gpa) as usize))
+    }
+
+    /// Whether the page at `gpa` holds only zeroes right now. A running guest may write
+    /// it meanwhile; the dirty log then has it for the next pass.
+    pub fn is_zero(&self, gpa: u64) -> bool {
+        let Some(host) = self.host(gpa) else {
+            return false;
+        };
+        let mut zero = true;
+        let mut buf = [0u64; 64];
+        for part in 0..(PAGE_SIZE / 512) {
+            // SAFETY: `host` is a page of our mapping (checked by `host`); the copy reads
+            // 512 bytes inside it into a local buffer. A concurrent guest write can only
+            // make the copy stale, which the dirty log covers.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    host.add(part * 512),
+                    buf.as_mut_ptr().cast::<u8>(),
+                    512,
+                )
+            };
+            if buf.iter().fold(0, |acc, &q| acc | q) != 0 {
+                zero = false;
+                break;
+            }
+        }
+        zero
+    }
+
+    /// Copies the page at `gpa` into `out` (one page long).
+    ///
+    /// # Panics
+    /// When `out` is not one page or `gpa` is not a page of RAM (a caller bug: the
+    /// addresses come from this RAM's own runs).
+    pub fn copy_out(&self, gpa: u64, out: &mut [u8]) {
+        assert_eq!(out.len(), PAGE_SIZE);
+        let host = self.host(gpa).expect("a page of guest RAM");
+        // SAFETY: `host` is a whole page of our mapping and `out` a distinct page-sized
+        // buffer; a concurrent guest write makes the copy stale (or torn), which the
+        // dirty log covers by sending the page again.
+        unsafe { std::ptr::copy_nonoverlapping(host, out.as_mut_ptr(), PAGE_SIZE) };
+    }
+
+    /// Writes `data` (whole pages) at `gpas`, which the caller checked against
+    /// [`GuestRam::bounds`]. Only for a guest that does not run.
+    ///
+    /// # Panics
+    /// When a page is outside RAM (the caller skipped the bounds check).
+    pub fn write_pages(&self, gpas: &[u64], data: &[u8]) {
+        assert_eq!(data.len(), gpas.len() * PAGE_SIZE);
+        for (gpa, page) in gpas.iter().zip(data.chunks_exact(PAGE_SIZE)) {
+            let host = self.host(*gpa).expect("page checked against the bounds");
+            // SAFETY: `host` is a whole page of our mapping; no vCPU runs on the
+            // destination before the switchover, so nothing else touches it.
+            unsafe { std::ptr::copy_nonoverlapping(page.as_ptr(), host, PAGE_SIZE) };
+        }
+    }
+
+    /// Zeroes the pages at `gpas` (checked as for [`GuestRam::write_pages`]).
+    ///
+    /// # Panics
+    /// When a page is outside RAM.
+    pub fn zero_pages(&self, gpas: &[u64]) {
+        for gpa in gpas {
+            let host = self.host(*gpa).expect("page checked against the bounds");
+            // SAFETY: as in `write_pages`.
+            unsafe { std::ptr::write_bytes(host, 0, PAGE_SIZE) };
+        }
+    }
+
+    /// Forgets every dirty mark of the VMM's own writes (the first pass sends all).
+    pub fn reset_vmm_dirty(&self) {
+        for region in self.vm.memory().iter() {
+            region.deref().bitmap().reset();
+        }
+    }
+
+    /// The pages dirtied since the last call (or since logging started), as runs:
+    /// KVM's dirty log of every slot OR'ed with the VMM's own writes.
+    ///
+    /// # Errors
+    /// [`VmError::GetDirtyLog`].
+    pub fn take_dirty(&self) -> Result<(Vec<Run>, u64), VmError> {
+        let logs = self.vm.dirty_log()?;
+        let mut runs = Vec::new();
+        let mut count = 0;
+        for log in logs {
+            let mut bitmap = log.bitmap;
+            if let Some(region) = self
+                .vm
+                .memory()
+                .iter()
+                .find(|r| r.start_addr() == log.slot.guest_addr)
+            {
+                for (word, vmm) in bitmap
+                    .iter_mut()
+                    .zip(region.deref().bitmap().get_and_reset())
+                {
+                    *word |= vmm;
+                }
+            }
+            count += bitmap
+                .iter()
+                .map(|w| u64::from(w.count_ones()))
+                .sum::<u64>();
+            bitmap_runs(
+                &mut runs,
+                log.slot.guest_addr.0,
+                log.slot.len / PAGE,
+                &bitmap,
+            );
+        }
+        Ok((runs, count))
+    }
+}
+
+/// Runs covering `pages` pages from `gpa`, split at 2 MiB boundaries.
+fn push_runs(runs: &mut Vec<Run>, gpa: u64, pages: u64) {
+    let mut page = 0;
+    while page < pages {
+        let at = gpa + page * PAGE;
+        let to_boundary =
+            (u64::from(CHUNK_PAGES) - (at / PAGE) % u64::from(CHUNK_PAGES)).min(pages - page);
+        runs.push(Run {
+            gpa: at,
+            pages: to_boundary as u32,
+        });
+        page += to_boundary;
+    }
+}
+
+/// Runs of set bits of `bitmap` (bit n = page `base + n * 4096`), split at 2 MiB.
+pub fn bitmap_runs(runs: &mut Vec<Run>, base: u64, pages: u64, bitmap: &[u64]) {
+    let mut start: Option<u64> = None;
+    for page in 0..=pages {
+        let set = page < pages
+            && bitmap
+                .get((page / 64) as usize)
+                .is_some_and(|w| w & (1 << (page % 64)) != 0);
+        match (set, start) {
+            (true, None) => start = Some(page),
+            (false, Some(s)) => {
+                push_runs(runs, base + s * PAGE, page - s);
+                start = None;
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_split_at_chunks_and_follow_the_bitmap() {
+        let mut runs = Vec::new();
+        push_runs(&mut runs, 0x1f_f000, 3);
+        assert_eq!(
+            runs,
+            vec![
+                Run {
+                    gpa: 0x1f_f000,
+                    pages: 1
+                },
+                Run {
+                    gpa: 0x20_0000,
+                    pages: 2
+                }
+            ]
+        );
+        let mut runs = Vec::new();
+        // Pages 0, 1, 3 and 63, 64.
+        bitmap_runs(&mut runs, 0x1000_0000, 128, &[0b1011 | 1 << 63, 1]);
+        let got: Vec<(u64, u32)> = runs.iter().map(|r| (r.gpa, r.pages)).collect();
+        assert_eq!(
+            got,
+            vec![
+                (0x1000_0000, 2),
+                (0x1000_3000, 1),
+                (0x1000_0000 + 63 * 4096, 2)
+            ]
+        );
+        assert_eq!(connection_of(0x20_0000, 2), 1);
+        assert_eq!(connection_of(0x40_0000, 2), 0);
+    }
+}

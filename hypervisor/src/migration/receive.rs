@@ -1,0 +1,431 @@
+//! The destination side of the stream: accept the source's connections (each proving
+//! the token), check its `Config`, write pages into the not-yet-running guest, restore
+//! the state, answer `Loaded`, and on `Commit` start the vCPUs and answer `Running`.
+//!
+//! Nothing from the stream is used before its frame's MAC checked out, and every page
+//! address is checked against this machine's RAM ([`wire::parse_pages`]); frames are
+//! at most [`wire::MAX_PAYLOAD`] bytes, one buffer per connection, at most
+//! [`super::MAX_CONNECTIONS`] connections, and the listener closes once they are all
+//! in (the token is good for one migration). Any failure before `Commit` returns an
+//! error; the caller then discards the machine and exits non-zero.
+
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::control::MigrationPhase;
+use super::precheck::{self, DestinationFacts, SourceConfig};
+use super::ram::GuestRam;
+use super::state::{MachineState, Persist as _, StateError, Vcpu};
+use super::wire::{self, FrameKind, FrameReader, FrameWriter, Token, WireError};
+use super::LINK_TIMEOUT;
+use crate::vmm::{Payload, Vmm, VmmError};
+
+/// Failed handshakes tolerated before the incoming VMM gives up.
+pub const MAX_BAD_HANDSHAKES: u32 = 3;
+
+/// Why an incoming migration failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveError {
+    /// Accepting a connection failed.
+    #[error("Cannot accept a migration connection: {0}")]
+    Accept(std::io::Error),
+    /// Too many connections failed the handshake.
+    #[error("{MAX_BAD_HANDSHAKES} connections failed the handshake; the last: {0}")]
+    Handshakes(WireError),
+    /// The source broke the protocol.
+    #[error("Protocol error: {0}")]
+    Protocol(String),
+    /// A connection failed.
+    #[error("Connection {conn} failed: {source}")]
+    Connection {
+        /// Stream number.
+        conn: u32,
+        /// The error.
+        source: WireError,
+    },
+    /// The config did not parse.
+    #[error("Cannot read the source's config: {0}")]
+    Config(serde_json::Error),
+    /// Pre-checks failed (also sent to the source).
+    #[error("Pre-checks failed: {0}")]
+    Precheck(String),
+    /// The state could not be decoded or restored.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// Starting the vCPUs failed.
+    #[error("Cannot start the guest: {0}")]
+    Start(VmmError),
+    /// The source gave up.
+    #[error("The source aborted the migration: {0}")]
+    Aborted(String),
+    /// Cancelled on request.
+    #[error("Cancelled on request")]
+    Cancelled,
+    /// The source did not connect all its streams in time.
+    #[error("The source opened {got} of {want} connections within {LINK_TIMEOUT:?}")]
+    MissingConnections {
+        /// Connections in.
+        got: usize,
+        /// Announced.
+        want: u32,
+    },
+}
+
+struct Conn {
+    stream: u32,
+    reader: FrameReader<TcpStream>,
+    replies: FrameWriter<TcpStream>,
+}
+
+/// An incoming migration, listening.
+#[derive(Debug)]
+pub struct Incoming {
+    listener: TcpListener,
+    token: Token,
+    /// Clones of the accepted sockets, so that a cancel can unblock the readers.
+    sockets: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Incoming {
+    /// Listens on `listener` for a source proving `token`.
+    ///
+    /// # Errors
+    /// The listener cannot be made non-blocking.
+    pub fn new(listener: TcpListener, token: Token) -> std::io::Result<Incoming> {
+        listener.set_nonblocking(true)?;
+        Ok(Incoming {
+            listener,
+            token,
+            sockets: Arc::default(),
+        })
+    }
+
+    /// A handle that shuts every accepted connection down (to cancel).
+    pub fn sockets(&self) -> Arc<Mutex<Vec<TcpStream>>> {
+        Arc::clone(&self.sockets)
+    }
+
+    fn accept_one(&self, vmm: &Vmm, bad: &mut u32) -> Result<Option<Conn>, ReceiveError> {
+        let (mut stream, peer) = match self.listener.accept() {
+            Ok(s) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(5));
+                return Ok(None);
+            }
+            Err(e) => return Err(ReceiveError::Accept(e)),
+        };
+        let setup = |s: &TcpStream| -> std::io::Result<()> {
+            s.set_nonblocking(false)?;
+            s.set_nodelay(true)?;
+            s.set_read_timeout(Some(LINK_TIMEOUT))?;
+            s.set_write_timeout(Some(LINK_TIMEOUT))
+        };
+        setup(&stream).map_err(ReceiveError::Accept)?;
+        let (key, number) = match wire::accept(&mut stream, &self.token) {
+            Ok(k) => k,
+            Err(e) => {
+                *bad += 1;
+                eprintln!("berth-vmm: refused a migration connection from {peer}: {e}");
+                vmm.migration().status().error =
+                    Some(format!("refused a connection from {peer}: {e}"));
+                if *bad >= MAX_BAD_HANDSHAKES {
+                    return Err(ReceiveError::Handshakes(e));
+                }
+                return Ok(None);
+            }
+        };
+        let clone = |s: &TcpStream| s.try_clone().map_err(ReceiveError::Accept);
+        self.sockets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(clone(&stream)?);
+        Ok(Some(Conn {
+            stream: number,
+            replies: FrameWriter::new(clone(&stream)?, key.for_replies()),
+            reader: FrameReader::new(stream, key),
+        }))
+    }
+
+    /// Receives the guest into `vmm` (built, not started) and, on `Commit`, starts it.
+    /// `state_root` is where this host's guests live (for the name pre-check).
+    ///
+    /// # Errors
+    /// Any failure before `Commit`; the guest never ran here.
+    pub fn receive(self, vmm: &Vmm, state_root: &Path) -> Result<(), ReceiveError> {
+        let migration = vmm.migration();
+        let cancelled = || migration.cancel_requested();
+        let mut bad = 0;
+        let mut conns: Vec<Conn> = Vec::new();
+        // Connection 0 first (the others may come before it and wait).
+        let mut config: Option<SourceConfig> = None;
+        let mut deadline: Option<Instant> = None;
+        loop {
+            if cancelled() {
+                return Err(ReceiveError::Cancelled);
+            }
+            if let Some(c) = self.accept_one(vmm, &mut bad)? {
+                if conns.iter().any(|o| o.stream == c.stream) || c.stream >= super::MAX_CONNECTIONS
+                {
+                    return Err(ReceiveError::Protocol(format!(
+                        "connection number {} twice or out of range",
+                        c.stream
+                    )));
+                }
+                conns.push(c);
+            }
+            if config.is_none() {
+                if let Some(first) = conns.iter_mut().find(|c| c.stream == 0) {
+                    migration.status().phase = MigrationPhase::Prechecks;
+                    let cfg = read_config(first)?;
+                    let facts = DestinationFacts::gather(
+                        &vmm.config(),
+                        GuestRam::new(vmm.vm()).ranges(),
+                        &vmm.vm()
+                            .supported_cpuid()
+                            .map_err(|e| ReceiveError::Protocol(e.to_string()))?,
+                        state_root,
+                    );
+                    let problems = precheck::check(&cfg, &facts);
+                    if !problems.is_empty() {
+                        let why = problems.join("; ");
+                        let _ = first.replies.send(FrameKind::Abort, &[why.as_bytes()]);
+                        return Err(ReceiveError::Precheck(why));
+                    }
+                    let verdict = serde_json::to_vec(&facts).unwrap_or_default();
+                    first
+                        .replies
+                        .send(FrameKind::Info, &[&verdict])
+                        .map_err(|source| ReceiveError::Connection { conn: 0, source })?;
+                    deadline = Some(Instant::now() + LINK_TIMEOUT);
+                    {
+                        let mut st = migration.status();
+                        st.connections = cfg.connections;
+                        st.phase = MigrationPhase::Precopy;
+                    }
+                    config = Some(cfg);
+                }
+            }
+            if let Some(cfg) = &config {
+                if conns.len() == cfg.connections as usize {
+                    break;
+                }
+                if deadline.is_some_and(|d| Instant::now() > d) {
+                    return Err(ReceiveError::MissingConnections {
+                        got: conns.len(),
+                        want: cfg.connections,
+                    });
+                }
+            }
+        }
+        // The token is spent: no further connections.
+        drop(self.listener);
+        let config = config.expect("the loop ends with a config");
+        conns.sort_by_key(|c| c.stream);
+        let mut conns = conns.into_iter();
+        let first = conns.next().expect("connection 0");
+        let ram = GuestRam::new(vmm.vm());
+        let bounds = ram.bounds();
+        let pages = std::sync::atomic::AtomicU64::new(0);
+        std::thread::scope(|scope| -> Result<(), ReceiveError> {
+            let others: Vec<_> = conns
+                .map(|mut c| {
+                    let (ram, bounds, pages) = (&ram, &bounds, &pages);
+                    scope.spawn(move || -> Result<(), ReceiveError> {
+                        loop {
+                            let frame =
+                                c.reader.recv().map_err(|source| ReceiveError::Connection {
+                                    conn: c.stream,
+                                    source,
+                                })?;
+                            match apply(frame.kind, frame.payload, ram, bounds, pages)? {
+                                Applied::LastPass => return Ok(()),
+                                Applied::Done => {}
+                                Applied::Other(kind) => {
+                                    return Err(ReceiveError::Protocol(format!(
+                                        "{kind:?} on data connection {}",
+                                        c.stream
+                                    )))
+                                }
+                            }
+                        }
+                    })
+                })
+                .collect();
+            let mut first = first;
+            let mut last_pass_seen = false;
+            let state_received_at;
+            let state = loop {
+                if cancelled() {
+                    return Err(ReceiveError::Cancelled);
+                }
+                let frame = first
+                    .reader
+                    .recv()
+                    .map_err(|source| ReceiveError::Connection { conn: 0, source })?;
+                match apply(frame.kind, frame.payload, &ram, &bounds, &pages)? {
+                    Applied::Done => {}
+                    Applied::LastPass => last_pass_seen = true,
+                    Applied::Other(FrameKind::State) if last_pass_seen => {
+                        state_received_at = Instant::now();
+                        break MachineState::decode(frame.payload)?;
+                    }
+                    Applied::Other(FrameKind::Abort) => {
+                        return Err(ReceiveError::Aborted(
+                            String::from_utf8_lossy(frame.payload).into_owned(),
+                        ))
+                    }
+                    Applied::Other(kind) => {
+                        return Err(ReceiveError::Protocol(format!(
+                            "{kind:?} on connection 0 during pre-copy"
+                        )))
+                    }
+                }
+                migration.status().pages_sent = pages.load(std::sync::atomic::Ordering::Relaxed);
+            };
+            // Every connection's last pages are in before the state is loaded.
+            for handle in others {
+                handle
+                    .join()
+                    .map_err(|_| ReceiveError::Protocol("a receiving thread panicked".into()))??;
+            }
+            migration.status().phase = MigrationPhase::Switchover;
+            load(vmm, &config, &state)?;
+            first
+                .replies
+                .send(FrameKind::Loaded, &[])
+                .map_err(|source| ReceiveError::Connection { conn: 0, source })?;
+            migration.status().phase = MigrationPhase::Loaded;
+            // Loaded: only Commit makes this guest run.
+            let frame = first
+                .reader
+                .recv()
+                .map_err(|source| ReceiveError::Connection { conn: 0, source })?;
+            match frame.kind {
+                FrameKind::Commit => {}
+                FrameKind::Abort => {
+                    return Err(ReceiveError::Aborted(
+                        String::from_utf8_lossy(frame.payload).into_owned(),
+                    ))
+                }
+                other => {
+                    return Err(ReceiveError::Protocol(format!(
+                        "{other:?} where Commit was expected"
+                    )))
+                }
+            }
+            vmm.start().map_err(ReceiveError::Start)?;
+            let downtime = state_received_at.elapsed();
+            // The guest runs here now, whether or not the source hears it.
+            let _ = first.replies.send(FrameKind::Running, &[]);
+            let mut st = migration.status();
+            st.phase = MigrationPhase::Completed;
+            st.downtime_ms = Some(downtime.as_secs_f64() * 1000.0);
+            st.pages_sent = pages.load(std::sync::atomic::Ordering::Relaxed);
+            st.error = None;
+            Ok(())
+        })
+    }
+}
+
+fn read_config(c: &mut Conn) -> Result<SourceConfig, ReceiveError> {
+    let frame = c
+        .reader
+        .recv()
+        .map_err(|source| ReceiveError::Connection { conn: 0, source })?;
+    if frame.kind != FrameKind::Config {
+        return Err(ReceiveError::Protocol(format!(
+            "{:?} before the config",
+            frame.kind
+        )));
+    }
+    serde_json::from_slice(frame.payload).map_err(ReceiveError::Config)
+}
+
+enum Applied {
+    Done,
+    LastPass,
+    Other(FrameKind),
+}
+
+fn apply(
+    kind: FrameKind,
+    payload: &[u8],
+    ram: &GuestRam<'_>,
+    bounds: &wire::MemoryBounds,
+    pages: &std::sync::atomic::AtomicU64,
+) -> Result<Applied, ReceiveError> {
+    let wire_err = |source| ReceiveError::Connection { conn: 0, source };
+    match kind {
+        FrameKind::Pages => {
+            let (gpas, data) = wire::parse_pages(kind, payload, bounds).map_err(wire_err)?;
+            ram.write_pages(&gpas, data);
+            pages.fetch_add(gpas.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            Ok(Applied::Done)
+        }
+        FrameKind::ZeroPages => {
+            let (gpas, _) = wire::parse_pages(kind, payload, bounds).map_err(wire_err)?;
+            ram.zero_pages(&gpas);
+            Ok(Applied::Done)
+        }
+        FrameKind::PassEnd => {
+            if payload.len() != 16 {
+                return Err(ReceiveError::Protocol(format!(
+                    "PassEnd of {} bytes",
+                    payload.len()
+                )));
+            }
+            let flags = u32::from_le_bytes(payload[4..8].try_into().expect("4 bytes"));
+            Ok(if flags & 1 != 0 {
+                Applied::LastPass
+            } else {
+                Applied::Done
+            })
+        }
+        FrameKind::Info => Ok(Applied::Done),
+        other => Ok(Applied::Other(other)),
+    }
+}
+
+/// Restores the state into the built machine (VM first, then vCPUs, then devices).
+fn load(vmm: &Vmm, config: &SourceConfig, state: &MachineState) -> Result<(), ReceiveError> {
+    let vcpus = vmm.vcpus();
+    if state.vcpus.len() > vcpus.len() {
+        return Err(StateError::TooManyVcpus {
+            source_vcpus: state.vcpus.len(),
+            here: vcpus.len(),
+        }
+        .into());
+    }
+    vmm.vm().restore(&state.vm).map_err(StateError::Vm)?;
+    for s in &state.vcpus {
+        let handle = vcpus
+            .get(s.index as usize)
+            .ok_or_else(|| ReceiveError::Protocol(format!("state for vCPU {}", s.index)))?;
+        let fd = handle.fd();
+        Vcpu {
+            index: s.index,
+            fd: &fd,
+            msrs: &[],
+        }
+        .restore(s)?;
+    }
+    match vmm.devices().restore(&state.devices) {
+        Ok(()) => {}
+        Err(never) => match never {},
+    }
+    vmm.set_payload(match config.heartbeat {
+        Some(layout) => Payload::Heartbeat(layout),
+        None => Payload::Linux,
+    });
+    vmm.set_start(state.online, state.paused);
+    Ok(())
+}
+
+/// Shuts every socket in `sockets` down (unblocks the readers of a cancelled receive).
+pub fn shutdown_all(sockets: &Mutex<Vec<TcpStream>>) {
+    for s in sockets.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        let _ = s.shutdown(Shutdown::Both);
+    }
+}

@@ -1,0 +1,918 @@
+//! The source side: the `migrate` control op and the thread that migrates.
+//!
+//! 1. Connect `connections` TCP streams, each proving the token ([`wire::connect`]).
+//! 2. Send `Config` on connection 0; the destination answers `Info` (pre-checks
+//!    passed) or `Abort` with every problem. No memory moves before that.
+//! 3. Turn on dirty logging; pass 1 sends every non-zero page (the destination's RAM is
+//!    fresh zeroes). Each later pass sends the pages dirtied during the previous one
+//!    (zeroed ones as `ZeroPages`), spread over the connections by 2 MiB chunk so a page
+//!    always takes the same connection. After each pass [`Convergence`] decides.
+//! 4. Switchover: stop the throttle, pause, send the last dirty pages and a final
+//!    `PassEnd` on every connection, then `State` on connection 0; wait for `Loaded`,
+//!    send `Commit`, wait for `Running`, shut this VMM down. See [`super`] for the
+//!    rule after `Commit`.
+
+use std::io::Write as _;
+use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs as _};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::control::{MigrateArgs, MigrateResolveArgs, MigrationPhase};
+use super::policy::{Convergence, Decision, PassResult, Policy};
+use super::precheck::{SourceConfig, SourceIdentity, CONFIG_VERSION};
+use super::ram::{connection_of, GuestRam, Run};
+use super::state::{self, MachineState, Persist as _, StateError, Vcpu, STATE_VERSION};
+use super::throttle::Throttle;
+use super::wire::{self, FrameKind, FrameReader, FrameWriter, Token, WireError, PAGE_SIZE};
+use super::{KEEPALIVE, LINK_TIMEOUT, MAX_CONNECTIONS};
+use crate::arch::x86_64::cpuid;
+use crate::control::protocol::GuestRunState;
+use crate::vmm::{Payload, Vmm, VmmError};
+use crate::vstate::vm::VmError;
+
+/// Pages per `Pages` frame (1 MiB of data).
+const BATCH_PAGES: usize = 256;
+/// Addresses per `ZeroPages` frame.
+const ZERO_BATCH: usize = 32 * 1024;
+/// How long the destination gets to load the state and to start the guest.
+const ACK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default number of connections.
+const DEFAULT_CONNECTIONS: u32 = 2;
+
+/// Why a migration failed. Every one of these happens before `Commit`: the guest runs
+/// here again.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// The destination address does not resolve.
+    #[error("Cannot resolve the destination {0:?}")]
+    Resolve(String),
+    /// TCP connect failed.
+    #[error("Cannot connect to the destination {addr}: {source}")]
+    Connect {
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The handshake failed (wrong token, not a berth destination, version).
+    #[error("Handshake on connection {stream} failed: {source}")]
+    Handshake {
+        /// Stream number.
+        stream: u32,
+        /// The wire error.
+        source: WireError,
+    },
+    /// Setting socket options failed.
+    #[error("Cannot configure connection {0}: {1}")]
+    Socket(u32, std::io::Error),
+    /// The destination refused (pre-checks) or gave up.
+    #[error("The destination refused the migration: {0}")]
+    Refused(String),
+    /// A connection failed while sending.
+    #[error("Connection {conn} failed: {source}")]
+    Connection {
+        /// Connection index.
+        conn: usize,
+        /// The wire error.
+        source: WireError,
+    },
+    /// Reading the destination's replies failed.
+    #[error("Cannot read the destination's replies: {0}")]
+    Replies(WireError),
+    /// The destination sent something out of order.
+    #[error("The destination sent {got:?} while {expected} was expected")]
+    Unexpected {
+        /// What came.
+        got: FrameKind,
+        /// What was expected.
+        expected: &'static str,
+    },
+    /// The destination did not answer in time.
+    #[error("The destination did not send {0} within {ACK_TIMEOUT:?}")]
+    Timeout(&'static str),
+    /// The CPU model could not be read.
+    #[error("Cannot read the guest's CPU model: {0}")]
+    Cpuid(String),
+    /// Dirty logging failed.
+    #[error("Cannot track dirty pages: {0}")]
+    DirtyLog(#[from] VmError),
+    /// Pausing the guest failed.
+    #[error("Cannot pause the guest for the switchover: {0}")]
+    Pause(VmmError),
+    /// Saving state failed.
+    #[error("Cannot save the guest's state: {0}")]
+    SaveState(#[from] StateError),
+    /// A worker thread could not start.
+    #[error("Cannot start a migration thread: {0}")]
+    Thread(std::io::Error),
+    /// `migrateCancel`.
+    #[error("Cancelled on request")]
+    Cancelled,
+    /// The completion timeout passed and the policy says abort.
+    #[error("Did not converge within {0:?} (dirty rate above what the link moves); aborted as the policy says")]
+    NotConverged(Duration),
+}
+
+/// Validates `args` and starts the migration thread; replies with the status.
+///
+/// # Errors
+/// [`VmmError::InvalidArgument`] for bad arguments, [`VmmError::Refused`] when a
+/// migration runs already or the guest cannot be migrated in its state.
+pub fn start(vmm: &Arc<Vmm>, args: MigrateArgs) -> Result<serde_json::Value, VmmError> {
+    let token = Token::from_hex(&args.token)
+        .ok_or_else(|| VmmError::InvalidArgument("token: expected 64 hex digits".into()))?;
+    let addr = args
+        .destination
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| {
+            VmmError::InvalidArgument(format!(
+                "destination {:?} is not a host:port that resolves",
+                args.destination
+            ))
+        })?;
+    let connections = args.connections.unwrap_or(DEFAULT_CONNECTIONS);
+    if connections == 0 || connections > MAX_CONNECTIONS {
+        return Err(VmmError::InvalidArgument(format!(
+            "connections: 1 to {MAX_CONNECTIONS}, not {connections}"
+        )));
+    }
+    match vmm.run_state() {
+        (GuestRunState::Crashed | GuestRunState::Halted, reason) => {
+            return Err(VmmError::Refused(format!(
+                "cannot migrate a guest that has stopped ({})",
+                reason.unwrap_or_default()
+            )))
+        }
+        _ if vmm.payload() == Payload::None || vmm.online_vcpus() == 0 => {
+            return Err(VmmError::Refused(
+                "cannot migrate a guest that has not started (an incoming VMM?)".into(),
+            ))
+        }
+        _ => {}
+    }
+    let migration = vmm.migration();
+    {
+        let mut st = migration.status();
+        if !matches!(
+            st.phase,
+            MigrationPhase::Idle | MigrationPhase::Failed | MigrationPhase::Cancelled
+        ) {
+            return Err(VmmError::Refused(format!(
+                "a migration is already {:?}",
+                st.phase
+            )));
+        }
+        *st = Default::default();
+        st.role = Some("outgoing".into());
+        st.phase = MigrationPhase::Prechecks;
+        st.destination = Some(args.destination.clone());
+        st.connections = connections;
+        st.guest_bytes = GuestRam::new(vmm.vm()).size();
+    }
+    migration.reset_cancel();
+    let policy = Policy::new(&args.policy, GuestRam::new(vmm.vm()).size());
+    let me = Arc::clone(vmm);
+    std::thread::Builder::new()
+        .name("migrate".into())
+        .spawn(move || outgoing(&me, addr, &token, connections, policy))
+        .map_err(|e| VmmError::Host(format!("Cannot start the migration thread: {e}")))?;
+    Ok(migration.status_json())
+}
+
+/// `migrateCancel`: asks a migration to stop before its commit.
+///
+/// # Errors
+/// [`VmmError::Refused`] when none runs or it is past the commit.
+pub fn cancel(vmm: &Arc<Vmm>) -> Result<serde_json::Value, VmmError> {
+    let migration = vmm.migration();
+    let phase = migration.status().phase;
+    match phase {
+        MigrationPhase::Listening
+        | MigrationPhase::Prechecks
+        | MigrationPhase::Precopy
+        | MigrationPhase::Switchover
+        | MigrationPhase::Loaded => {
+            migration.request_cancel();
+            Ok(migration.status_json())
+        }
+        other => Err(VmmError::Refused(format!(
+            "no migration to cancel (phase {other:?})"
+        ))),
+    }
+}
+
+/// `migrateResolve`: ends `switchoverUnknown`.
+///
+/// # Errors
+/// [`VmmError::Refused`] in any other phase.
+pub fn resolve(vmm: &Arc<Vmm>, args: MigrateResolveArgs) -> Result<serde_json::Value, VmmError> {
+    let migration = vmm.migration();
+    if migration.status().phase != MigrationPhase::SwitchoverUnknown {
+        return Err(VmmError::Refused(
+            "migrateResolve only answers a switchoverUnknown migration".into(),
+        ));
+    }
+    migration.resolve(args.destination_running);
+    Ok(migration.status_json())
+}
+
+/// How a migration that got past `Commit` ended.
+enum Committed {
+    /// `Running` came back.
+    Completed,
+    /// It did not; why.
+    Unknown(String),
+}
+
+/// The thread body: migrates, then acts on the outcome.
+fn outgoing(vmm: &Arc<Vmm>, addr: SocketAddr, token: &Token, connections: u32, policy: Policy) {
+    let migration = vmm.migration();
+    let was_paused = vmm.run_state().0 == GuestRunState::Paused;
+    let outcome = migrate(vmm, addr, token, connections, policy, was_paused);
+    let downtime = |st: &mut super::MigrationStatus, since: Instant| {
+        st.downtime_ms = Some(since.elapsed().as_secs_f64() * 1000.0);
+    };
+    match outcome {
+        Ok((Committed::Completed, paused_at)) => {
+            {
+                let mut st = migration.status();
+                st.phase = MigrationPhase::Completed;
+                downtime(&mut st, paused_at);
+            }
+            eprintln!("berth-vmm: migrated to {addr}; shutting down");
+            vmm.request_shutdown(Some(5000), &format!("migrated to {addr}"));
+        }
+        Ok((Committed::Unknown(why), _)) => {
+            {
+                let mut st = migration.status();
+                st.phase = MigrationPhase::SwitchoverUnknown;
+                st.error = Some(why.clone());
+            }
+            eprintln!("berth-vmm: switchover outcome unknown ({why}); guest kept paused until migrateResolve");
+            if migration.wait_resolution() {
+                migration.status().phase = MigrationPhase::Completed;
+                vmm.request_shutdown(Some(5000), "the destination runs the guest (resolved)");
+            } else {
+                {
+                    let mut st = migration.status();
+                    st.phase = MigrationPhase::Failed;
+                    st.error = Some(format!(
+                        "{why}; resolved: the destination did not run the guest"
+                    ));
+                }
+                if !was_paused {
+                    let _ = vmm.resume();
+                }
+            }
+        }
+        Err(e) => {
+            eprintln!("berth-vmm: migration to {addr} failed: {e}");
+            let mut st = migration.status();
+            st.phase = if matches!(e, SendError::Cancelled) {
+                MigrationPhase::Cancelled
+            } else {
+                MigrationPhase::Failed
+            };
+            st.error = Some(e.to_string());
+            st.throttle_percent = 0;
+        }
+    }
+}
+
+/// Shared counters of the workers.
+#[derive(Debug, Default)]
+struct Counters {
+    bytes: AtomicU64,
+    pages: AtomicU64,
+    zero: AtomicU64,
+}
+
+/// A transfer cap shared by the workers.
+#[derive(Debug)]
+struct RateLimiter {
+    rate: Option<f64>,
+    next: Mutex<Instant>,
+}
+
+impl RateLimiter {
+    fn take(&self, bytes: usize) {
+        let Some(rate) = self.rate else { return };
+        let wait = {
+            let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
+            let now = Instant::now();
+            let start = (*next).max(now);
+            *next = start + Duration::from_secs_f64(bytes as f64 / rate);
+            start - now
+        };
+        if !wait.is_zero() {
+            std::thread::sleep(wait);
+        }
+    }
+}
+
+enum Job {
+    Runs { runs: Vec<Run>, skip_zero: bool },
+    PassEnd { pass: u32, last: bool },
+    Frame { kind: FrameKind, payload: Vec<u8> },
+}
+
+enum Event {
+    PassDone,
+    FrameSent,
+    Failed { conn: usize, error: WireError },
+}
+
+enum Reply {
+    Frame(FrameKind, Vec<u8>),
+    Failed(WireError),
+}
+
+/// Everything `migrate` drives, once connected.
+struct Session<'a> {
+    vmm: &'a Arc<Vmm>,
+    ram: &'a GuestRam<'a>,
+    jobs: Vec<Sender<Job>>,
+    events: Receiver<Event>,
+    replies: Receiver<Reply>,
+    counters: &'a Counters,
+    started: Instant,
+}
+
+impl Session<'_> {
+    fn check_cancel(&self) -> Result<(), SendError> {
+        if self.vmm.migration().cancel_requested() {
+            return Err(SendError::Cancelled);
+        }
+        // An Abort from the destination ends the migration at once.
+        match self.replies.try_recv() {
+            Ok(Reply::Frame(FrameKind::Abort, why)) => Err(SendError::Refused(
+                String::from_utf8_lossy(&why).into_owned(),
+            )),
+            Ok(Reply::Frame(FrameKind::Info, _)) | Err(mpsc::TryRecvError::Empty) => Ok(()),
+            Ok(Reply::Frame(got, _)) => Err(SendError::Unexpected {
+                got,
+                expected: "nothing",
+            }),
+            Ok(Reply::Failed(e)) => Err(SendError::Replies(e)),
+            Err(mpsc::TryRecvError::Disconnected) => Ok(()),
+        }
+    }
+
+    /// Sends `runs` as pass `pass` and waits until every connection has sent it.
+    fn pass(
+        &self,
+        runs: Vec<Run>,
+        pass: u32,
+        skip_zero: bool,
+        last: bool,
+    ) -> Result<(), SendError> {
+        let n = self.jobs.len() as u32;
+        let mut split: Vec<Vec<Run>> = vec![Vec::new(); self.jobs.len()];
+        for run in runs {
+            split[connection_of(run.gpa, n)].push(run);
+        }
+        for (tx, runs) in self.jobs.iter().zip(split) {
+            if !runs.is_empty() {
+                let _ = tx.send(Job::Runs { runs, skip_zero });
+            }
+            let _ = tx.send(Job::PassEnd { pass, last });
+        }
+        let mut done = 0;
+        while done < self.jobs.len() {
+            match self.events.recv_timeout(Duration::from_millis(20)) {
+                Ok(Event::PassDone) => done += 1,
+                Ok(Event::FrameSent) => {}
+                Ok(Event::Failed { conn, error }) => {
+                    return Err(SendError::Connection {
+                        conn,
+                        source: error,
+                    })
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(SendError::Connection {
+                        conn: 0,
+                        source: WireError::Truncated,
+                    })
+                }
+            }
+            if !last {
+                self.check_cancel()?;
+            }
+            self.progress();
+        }
+        Ok(())
+    }
+
+    /// Sends one frame on connection 0 after what it has queued.
+    fn frame(&self, kind: FrameKind, payload: Vec<u8>) -> Result<(), SendError> {
+        let _ = self.jobs[0].send(Job::Frame { kind, payload });
+        loop {
+            match self.events.recv_timeout(ACK_TIMEOUT) {
+                Ok(Event::FrameSent) => return Ok(()),
+                Ok(Event::PassDone) => {}
+                Ok(Event::Failed { conn, error }) => {
+                    return Err(SendError::Connection {
+                        conn,
+                        source: error,
+                    })
+                }
+                Err(_) => return Err(SendError::Timeout("a frame send")),
+            }
+        }
+    }
+
+    /// Waits for the destination's `expected` reply.
+    fn reply(&self, expected: FrameKind, what: &'static str) -> Result<Vec<u8>, SendError> {
+        let deadline = Instant::now() + ACK_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.replies.recv_timeout(left) {
+                Ok(Reply::Frame(kind, payload)) if kind == expected => return Ok(payload),
+                Ok(Reply::Frame(FrameKind::Info, _)) => {}
+                Ok(Reply::Frame(FrameKind::Abort, why)) => {
+                    return Err(SendError::Refused(
+                        String::from_utf8_lossy(&why).into_owned(),
+                    ))
+                }
+                Ok(Reply::Frame(got, _)) => {
+                    return Err(SendError::Unexpected {
+                        got,
+                        expected: what,
+                    })
+                }
+                Ok(Reply::Failed(e)) => return Err(SendError::Replies(e)),
+                Err(_) => return Err(SendError::Timeout(what)),
+            }
+        }
+    }
+
+    fn progress(&self) {
+        let mut st = self.vmm.migration().status();
+        st.bytes_sent = self.counters.bytes.load(Ordering::Relaxed);
+        st.pages_sent = self.counters.pages.load(Ordering::Relaxed);
+        st.zero_pages = self.counters.zero.load(Ordering::Relaxed);
+        st.elapsed_ms = self.started.elapsed().as_millis() as u64;
+    }
+}
+
+/// Connects, copies, switches over. `Ok` once `Commit` was sent (with the moment the
+/// guest was paused); `Err` before, with the guest running here again.
+fn migrate(
+    vmm: &Arc<Vmm>,
+    addr: SocketAddr,
+    token: &Token,
+    connections: u32,
+    policy: Policy,
+    was_paused: bool,
+) -> Result<(Committed, Instant), SendError> {
+    let started = Instant::now();
+    let ram = GuestRam::new(vmm.vm());
+    let mut sockets: Vec<TcpStream> = Vec::new();
+    let connected = connect_all(vmm, &ram, addr, token, connections, &mut sockets);
+    let (writers, reader) = match connected {
+        Ok(c) => c,
+        Err(e) => {
+            for s in &sockets {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+            return Err(e);
+        }
+    };
+    let shared = Shared {
+        counters: Counters::default(),
+        limiter: RateLimiter {
+            rate: policy.bandwidth.map(|b| b as f64),
+            next: Mutex::new(Instant::now()),
+        },
+    };
+    let result = std::thread::scope(|scope| {
+        let result = run_session(
+            scope, vmm, &ram, &shared, writers, reader, policy, was_paused, started,
+        );
+        // The destination sees the stream end; the reply reader and workers stop.
+        for s in &sockets {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        result
+    });
+    if result.is_err() {
+        // Before Commit: the guest runs here again, untouched.
+        let _ = vmm.vm().set_dirty_logging(false);
+        if !was_paused && vmm.run_state().0 == GuestRunState::Paused {
+            let _ = vmm.resume();
+        }
+    }
+    result
+}
+
+/// Opens connection 0, sends `Config` and reads the destination's verdict; then opens
+/// the others. Every socket opened goes into `sockets` (to shut down at the end).
+fn connect_all(
+    vmm: &Vmm,
+    ram: &GuestRam<'_>,
+    addr: SocketAddr,
+    token: &Token,
+    connections: u32,
+    sockets: &mut Vec<TcpStream>,
+) -> Result<(Vec<FrameWriter<TcpStream>>, FrameReader<TcpStream>), SendError> {
+    let config = source_config(vmm, ram, connections)?;
+    let mut writers = Vec::with_capacity(connections as usize);
+    let mut reader = None;
+    for stream in 0..connections {
+        let mut conn = TcpStream::connect_timeout(&addr, LINK_TIMEOUT)
+            .map_err(|source| SendError::Connect { addr, source })?;
+        let opts = |c: &TcpStream| -> std::io::Result<TcpStream> {
+            c.set_nodelay(true)?;
+            c.set_read_timeout(Some(LINK_TIMEOUT))?;
+            c.set_write_timeout(Some(LINK_TIMEOUT))?;
+            c.try_clone()
+        };
+        sockets.push(opts(&conn).map_err(|e| SendError::Socket(stream, e))?);
+        let key = wire::connect(&mut conn, token, stream)
+            .map_err(|source| SendError::Handshake { stream, source })?;
+        let mut writer = FrameWriter::new(
+            conn.try_clone().map_err(|e| SendError::Socket(stream, e))?,
+            key.clone(),
+        );
+        if stream == 0 {
+            // Pre-checks: Config, then the destination's verdict, before anything else.
+            let json = serde_json::to_vec(&config).expect("the config serializes");
+            writer
+                .send(FrameKind::Config, &[&json])
+                .map_err(|source| SendError::Connection { conn: 0, source })?;
+            let mut r = FrameReader::new(conn, key.for_replies());
+            let verdict = r.recv().map_err(SendError::Replies)?;
+            match verdict.kind {
+                FrameKind::Info => {}
+                FrameKind::Abort => {
+                    return Err(SendError::Refused(
+                        String::from_utf8_lossy(verdict.payload).into_owned(),
+                    ))
+                }
+                got => {
+                    return Err(SendError::Unexpected {
+                        got,
+                        expected: "the pre-check verdict",
+                    })
+                }
+            }
+            // From here replies may take as long as the migration.
+            r.get_mut()
+                .set_read_timeout(None)
+                .map_err(|e| SendError::Socket(0, e))?;
+            reader = Some(r);
+        }
+        writers.push(writer);
+    }
+    Ok((writers, reader.expect("connection 0 was opened")))
+}
+
+/// What the sending threads share.
+struct Shared {
+    counters: Counters,
+    limiter: RateLimiter,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_session<'scope, 'env>(
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    vmm: &'env Arc<Vmm>,
+    ram: &'env GuestRam<'env>,
+    shared: &'env Shared,
+    writers: Vec<FrameWriter<TcpStream>>,
+    mut reader: FrameReader<TcpStream>,
+    policy: Policy,
+    was_paused: bool,
+    started: Instant,
+) -> Result<(Committed, Instant), SendError> {
+    let (reply_tx, replies) = mpsc::channel();
+    std::thread::Builder::new()
+        .name("mig-replies".into())
+        .spawn_scoped(scope, move || loop {
+            match reader.recv() {
+                Ok(f) => {
+                    if reply_tx
+                        .send(Reply::Frame(f.kind, f.payload.to_vec()))
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = reply_tx.send(Reply::Failed(e));
+                    return;
+                }
+            }
+        })
+        .map_err(SendError::Thread)?;
+    let batch = match policy.bandwidth {
+        // Frames of at most ~20 ms of the cap, so the cap holds smoothly.
+        Some(cap) => ((cap / 50) as usize / PAGE_SIZE).clamp(1, BATCH_PAGES),
+        None => BATCH_PAGES,
+    };
+    let (event_tx, events) = mpsc::channel();
+    let mut jobs = Vec::new();
+    for (conn, writer) in writers.into_iter().enumerate() {
+        let (tx, rx) = mpsc::channel();
+        jobs.push(tx);
+        let events = event_tx.clone();
+        let (counters, limiter) = (&shared.counters, &shared.limiter);
+        std::thread::Builder::new()
+            .name(format!("mig-send{conn}"))
+            .spawn_scoped(scope, move || {
+                if let Err(error) = worker(writer, ram, &rx, &events, counters, limiter, batch) {
+                    let _ = events.send(Event::Failed { conn, error });
+                }
+            })
+            .map_err(SendError::Thread)?;
+    }
+    drop(event_tx);
+    let session = Session {
+        vmm,
+        ram,
+        jobs,
+        events,
+        replies,
+        counters: &shared.counters,
+        started,
+    };
+    let result = precopy_and_switch(&session, policy, was_paused);
+    // Workers end when their job channels close.
+    drop(session);
+    result
+}
+
+fn source_config(
+    vmm: &Vmm,
+    ram: &GuestRam<'_>,
+    connections: u32,
+) -> Result<SourceConfig, SendError> {
+    let config = vmm.config();
+    let supported = vmm
+        .vm()
+        .supported_cpuid()
+        .map_err(|e| SendError::Cpuid(e.to_string()))?;
+    // The CPUID every vCPU was given (vCPU 0's; the others differ only in APIC IDs).
+    let guest = cpuid::for_vcpu(
+        &supported,
+        config.cpu_mode,
+        config.cpu_model.as_deref(),
+        0,
+        config.max_vcpus,
+    )
+    .map_err(|e| SendError::Cpuid(e.to_string()))?;
+    Ok(SourceConfig {
+        version: CONFIG_VERSION,
+        name: config.name.clone(),
+        ranges: ram.ranges(),
+        max_vcpus: config.max_vcpus,
+        online_vcpus: vmm.online_vcpus(),
+        cpu_mode: config.cpu_mode,
+        cpu_vendor: cpuid::vendor(&guest),
+        cpu_flags: cpuid::feature_flags(&guest)
+            .into_iter()
+            .map(str::to_owned)
+            .collect(),
+        // Every berth payload runs in 64-bit mode from its first instruction.
+        long_mode: true,
+        heartbeat: match vmm.payload() {
+            Payload::Heartbeat(layout) => Some(layout),
+            _ => None,
+        },
+        connections,
+        source: SourceIdentity::here(),
+    })
+}
+
+fn precopy_and_switch(
+    s: &Session<'_>,
+    policy: Policy,
+    was_paused: bool,
+) -> Result<(Committed, Instant), SendError> {
+    let vmm = s.vmm;
+    let migration = vmm.migration();
+    migration.status().phase = MigrationPhase::Precopy;
+
+    s.ram.reset_vmm_dirty();
+    vmm.vm().set_dirty_logging(true)?;
+    let throttle = if policy.auto_converge {
+        Some(Throttle::start(Arc::clone(vmm)).map_err(SendError::Thread)?)
+    } else {
+        None
+    };
+    let mut convergence = Convergence::new(policy);
+    let mut pass = 1;
+    let mut runs = s.ram.all_runs();
+    let mut skip_zero = true;
+    let (final_runs, paused_at) = loop {
+        let before = s.counters.bytes.load(Ordering::Relaxed);
+        let t = Instant::now();
+        s.pass(runs, pass, skip_zero, false)?;
+        let duration = t.elapsed();
+        let (dirty, dirty_pages) = s.ram.take_dirty()?;
+        let result = PassResult {
+            bytes_sent: s.counters.bytes.load(Ordering::Relaxed) - before,
+            duration,
+            dirty_pages,
+            elapsed: s.started.elapsed(),
+        };
+        let decision = convergence.decide(&result);
+        {
+            let mut st = migration.status();
+            st.pass = pass;
+            st.dirty_pages = dirty_pages;
+            st.dirty_rate =
+                (dirty_pages as f64 * PAGE_SIZE as f64 / duration.as_secs_f64().max(1e-6)) as u64;
+            st.bandwidth = convergence.bandwidth() as u64;
+            st.estimated_downtime_ms = convergence.estimated_downtime().as_secs_f64() * 1000.0;
+        }
+        s.progress();
+        s.check_cancel()?;
+        match decision {
+            Decision::Switchover | Decision::ForcedSwitchover => {
+                if let Some(t) = throttle {
+                    t.stop();
+                }
+                migration.status().throttle_percent = 0;
+                let paused_at = Instant::now();
+                if !was_paused {
+                    vmm.pause().map_err(SendError::Pause)?;
+                }
+                migration.status().phase = MigrationPhase::Switchover;
+                let (mut more, _) = s.ram.take_dirty()?;
+                let mut all = dirty;
+                all.append(&mut more);
+                break (all, paused_at);
+            }
+            Decision::Abort => return Err(SendError::NotConverged(policy.timeout)),
+            Decision::Continue { throttle: pct } => {
+                if let Some(t) = &throttle {
+                    t.set(pct);
+                }
+                migration.status().throttle_percent = pct;
+                // Very short passes would only spin on the dirty log.
+                if duration < Duration::from_millis(1) {
+                    std::thread::sleep(Duration::from_millis(1) - duration);
+                }
+                runs = dirty;
+                skip_zero = false;
+                pass += 1;
+            }
+        }
+    };
+    // The guest is paused: the rest, then the state.
+    s.pass(final_runs, pass + 1, false, true)?;
+    let state = save_state(vmm, was_paused)?;
+    s.frame(FrameKind::State, state.encode()?)?;
+    s.reply(FrameKind::Loaded, "Loaded")?;
+    if migration.cancel_requested() {
+        return Err(SendError::Cancelled);
+    }
+    // The commit point: from here on this VMM never resumes the guest by itself.
+    if let Err(e) = s.frame(FrameKind::Commit, Vec::new()) {
+        return Ok((
+            Committed::Unknown(format!("sending Commit failed: {e}")),
+            paused_at,
+        ));
+    }
+    Ok(match s.reply(FrameKind::Running, "Running") {
+        Ok(_) => (Committed::Completed, paused_at),
+        Err(e) => (
+            Committed::Unknown(format!("no Running after Commit: {e}")),
+            paused_at,
+        ),
+    })
+}
+
+/// Reads every vCPU (started or held for hot-add), the VM and the devices. The vCPUs
+/// are paused.
+fn save_state(vmm: &Vmm, paused: bool) -> Result<MachineState, SendError> {
+    let vcpus = vmm.vcpus();
+    let first = vcpus[0].fd();
+    let msrs = state::saveable_msrs(vmm.vm().kvm(), &first)?;
+    drop(first);
+    let mut saved = Vec::with_capacity(vcpus.len());
+    for v in vcpus {
+        let fd = v.fd();
+        saved.push(
+            Vcpu {
+                index: v.index(),
+                fd: &fd,
+                msrs: &msrs,
+            }
+            .save()?,
+        );
+    }
+    Ok(MachineState {
+        version: STATE_VERSION,
+        vcpus: saved,
+        online: vmm.online_vcpus(),
+        paused,
+        vm: vmm.vm().save().map_err(StateError::Vm)?,
+        devices: match vmm.devices().save() {
+            Ok(d) => d,
+            Err(never) => match never {},
+        },
+    })
+}
+
+/// One connection's sender: turns jobs into frames.
+fn worker(
+    mut w: FrameWriter<TcpStream>,
+    ram: &GuestRam<'_>,
+    jobs: &Receiver<Job>,
+    events: &Sender<Event>,
+    counters: &Counters,
+    limiter: &RateLimiter,
+    batch: usize,
+) -> Result<(), WireError> {
+    let mut data = vec![0u8; batch * PAGE_SIZE];
+    let mut gpas: Vec<u64> = Vec::with_capacity(batch);
+    let mut zeros: Vec<u64> = Vec::new();
+    let send = |w: &mut FrameWriter<TcpStream>, kind, parts: &[&[u8]]| -> Result<(), WireError> {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        limiter.take(len);
+        w.send(kind, parts)?;
+        counters.bytes.fetch_add(
+            (len + wire::HEADER_LEN + wire::MAC_LEN) as u64,
+            Ordering::Relaxed,
+        );
+        Ok(())
+    };
+    loop {
+        let job = match jobs.recv_timeout(KEEPALIVE) {
+            Ok(job) => job,
+            Err(RecvTimeoutError::Timeout) => {
+                send(&mut w, FrameKind::Info, &[b"keepalive"])?;
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => return Ok(()),
+        };
+        match job {
+            Job::Runs { runs, skip_zero } => {
+                for run in runs {
+                    for i in 0..u64::from(run.pages) {
+                        let gpa = run.gpa + i * PAGE_SIZE as u64;
+                        if ram.is_zero(gpa) {
+                            counters.zero.fetch_add(1, Ordering::Relaxed);
+                            if !skip_zero {
+                                zeros.push(gpa);
+                                if zeros.len() == ZERO_BATCH {
+                                    send(
+                                        &mut w,
+                                        FrameKind::ZeroPages,
+                                        &[&wire::pages_head(&zeros)],
+                                    )?;
+                                    zeros.clear();
+                                }
+                            }
+                            continue;
+                        }
+                        let n = gpas.len();
+                        ram.copy_out(gpa, &mut data[n * PAGE_SIZE..(n + 1) * PAGE_SIZE]);
+                        gpas.push(gpa);
+                        if gpas.len() == batch {
+                            send(&mut w, FrameKind::Pages, &[&wire::pages_head(&gpas), &data])?;
+                            counters
+                                .pages
+                                .fetch_add(gpas.len() as u64, Ordering::Relaxed);
+                            gpas.clear();
+                        }
+                    }
+                }
+                if !gpas.is_empty() {
+                    let n = gpas.len();
+                    send(
+                        &mut w,
+                        FrameKind::Pages,
+                        &[&wire::pages_head(&gpas), &data[..n * PAGE_SIZE]],
+                    )?;
+                    counters.pages.fetch_add(n as u64, Ordering::Relaxed);
+                    gpas.clear();
+                }
+                if !zeros.is_empty() {
+                    send(&mut w, FrameKind::ZeroPages, &[&wire::pages_head(&zeros)])?;
+                    zeros.clear();
+                }
+            }
+            Job::PassEnd { pass, last } => {
+                let mut p = [0u8; 16];
+                p[..4].copy_from_slice(&pass.to_le_bytes());
+                p[4..8].copy_from_slice(&u32::from(last).to_le_bytes());
+                send(&mut w, FrameKind::PassEnd, &[&p])?;
+                w.get_mut().flush()?;
+                let _ = events.send(Event::PassDone);
+            }
+            Job::Frame { kind, payload } => {
+                send(&mut w, kind, &[&payload])?;
+                w.get_mut().flush()?;
+                let _ = events.send(Event::FrameSent);
+            }
+        }
+    }
+}
