@@ -34,6 +34,13 @@ pub enum Command {
     /// Show what applying the manifests would do, each change classified (live,
     /// migration, restart, blocked), in order. CI mode: --base REV --head REV.
     Plan(commands::plan::Args),
+    /// Bring this host's guests and host settings to what the manifests say: plan,
+    /// confirm, execute in order, report per action.
+    Apply(commands::apply::Args),
+    /// List what runs on this machine (`berth get guests`), read from the VMMs.
+    Get(commands::get::Args),
+    /// Stop guests on this machine (`berth stop NAME...` or `--all`).
+    Stop(commands::stop::Args),
     /// Print the JSON Schema of a manifest document, or the manifest reference.
     Schema(SchemaArgs),
     /// Run the host-resident service: follow a git repository and keep this host
@@ -56,6 +63,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Validate(args) => commands::validate::run(&args),
         Command::Plan(args) => commands::plan::run(&args),
+        Command::Apply(args) => commands::apply::run(&args),
+        Command::Get(args) => commands::get::run(&args),
+        Command::Stop(args) => commands::stop::run(&args),
         Command::Serve(args) => {
             berth_reconciler::serve::run(&args)?;
             Ok(ExitCode::SUCCESS)

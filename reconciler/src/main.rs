@@ -10,7 +10,11 @@ mod cli;
 /// One module per subcommand. Adding one: a module here, a variant in `cli::Command`,
 /// an arm in `cli::run`.
 mod commands {
+    pub mod apply;
+    pub mod get;
     pub mod plan;
+    pub mod stop;
+    pub mod target;
     pub mod validate;
 }
 

@@ -7,6 +7,9 @@
 //!   written. No host is touched.
 //! - `PATH --driver sim`: a simulated fleet, no real guests; it runs the manifests of
 //!   `--sim-from PATH` as written, or nothing.
+//! - `PATH --driver local`: the berth-vmm processes of this host, read back from them,
+//!   so that changes made by hand show up as drift. Guests placed on other hosts are
+//!   listed, not planned.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -46,6 +49,9 @@ pub struct Args {
     /// With --driver sim: the simulated fleet runs these manifests as written.
     #[arg(long, value_name = "PATH")]
     pub sim_from: Option<PathBuf>,
+    /// With --driver local: the local driver's options.
+    #[command(flatten)]
+    pub local: super::target::LocalArgs,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
@@ -66,6 +72,8 @@ pub struct Args {
 pub enum DriverKind {
     /// simulated fleet, no real guests
     Sim,
+    /// berth-vmm processes on this host
+    Local,
 }
 
 /// Output formats.
@@ -128,7 +136,8 @@ fn plan_and_print(args: &Args) -> anyhow::Result<bool> {
     Ok(plan.has_changes())
 }
 
-fn colour(choice: Color) -> bool {
+/// Whether to colour text output.
+pub fn colour(choice: Color) -> bool {
     match choice {
         Color::Always => true,
         Color::Never => false,
@@ -200,11 +209,22 @@ fn driver_inputs(args: &Args) -> anyhow::Result<(Desired, Observed)> {
     let desired = Desired::from_manifests(&validated.manifests);
     let driver: Box<dyn Driver> = match args.driver {
         DriverKind::Sim => Box::new(simulated_fleet(args, &desired)?),
+        DriverKind::Local => Box::new(args.local.observer(&args.local.this_host(&desired)?)),
     };
     let observed = driver
         .observe()
         .with_context(|| format!("observing through the {} driver", driver.name()))?;
-    Ok((desired, observed))
+    if args.driver != DriverKind::Local {
+        return Ok((desired, observed));
+    }
+    let host = driver_host(args, &desired)?;
+    let scoped = super::apply::Scoped::new(desired, observed, &host, true);
+    let mut note = String::new();
+    scoped.note(&mut note);
+    if !note.is_empty() {
+        eprint!("{note}");
+    }
+    Ok((scoped.desired, scoped.observed))
 }
 
 fn simulated_fleet(args: &Args, desired: &Desired) -> anyhow::Result<SimDriver> {
@@ -231,4 +251,8 @@ fn simulated_fleet(args: &Args, desired: &Desired) -> anyhow::Result<SimDriver> 
             )))
         }
     }
+}
+
+fn driver_host(args: &Args, desired: &Desired) -> anyhow::Result<String> {
+    args.local.this_host(desired)
 }

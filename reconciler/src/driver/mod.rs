@@ -6,6 +6,7 @@
 //! Implementations must be safe to call from several threads at once for different
 //! guests; the reconciler never runs two actions on one guest at the same time.
 
+pub mod local;
 pub mod sim;
 
 use berth_schema::Guest;
@@ -13,6 +14,7 @@ use berth_schema::Guest;
 use crate::diff::{Field, HostSetting};
 use crate::model::Observed;
 
+pub use local::LocalDriver;
 pub use sim::SimDriver;
 
 /// Why a driver could not do what it was asked.

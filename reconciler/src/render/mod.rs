@@ -97,7 +97,7 @@ fn headline(g: &GuestPlan) -> String {
 }
 
 /// One line per action: `start web-1 on kvm01`.
-fn describe_action(a: &Action) -> String {
+pub fn describe_action(a: &Action) -> String {
     match a {
         Action::ConfigureHost { host, changes } => {
             let what: Vec<String> = changes

@@ -1,0 +1,214 @@
+//! `berth get guests`: the guests that run on this machine, read from their VMMs (no
+//! server needed), as a table or JSON.
+
+use std::fmt::Write as _;
+use std::process::ExitCode;
+
+use berth_reconciler::driver::local::LocalGuest;
+use berth_schema::{Bytes, Pinning};
+use serde::Serialize;
+
+use super::target::LocalArgs;
+use crate::cli::write_stdout;
+
+/// Arguments of `berth get`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// What to list.
+    #[command(subcommand)]
+    pub what: What,
+}
+
+/// What `berth get` lists.
+#[derive(Debug, clap::Subcommand)]
+pub enum What {
+    /// The guests on this machine: state, pinning in force, memory, hugepages, hard
+    /// limit, heartbeats and uptime.
+    Guests(GuestsArgs),
+}
+
+/// Arguments of `berth get guests`.
+#[derive(Debug, clap::Args)]
+pub struct GuestsArgs {
+    /// Output format.
+    #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    /// Local driver options.
+    #[command(flatten)]
+    pub local: LocalArgs,
+}
+
+/// Output formats of `berth get`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    /// Aligned columns.
+    Table,
+    /// A JSON array.
+    Json,
+}
+
+/// One guest, as `berth get guests` shows it.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Row {
+    name: String,
+    state: String,
+    host: String,
+    pid: i32,
+    vcpus: u32,
+    max_vcpus: u32,
+    /// Pinning in force, read back from /proc.
+    pinning: Option<Pinning>,
+    memory: Bytes,
+    /// Hugepages the VMM maps, with their size.
+    hugepages: Option<String>,
+    hard_limit: Option<Bytes>,
+    /// Heartbeat lines the guest wrote, over all vCPUs.
+    heartbeats: Option<u64>,
+    uptime_ms: u64,
+}
+
+impl Row {
+    fn of(g: &LocalGuest) -> Row {
+        let s = &g.status;
+        let o = &g.observed;
+        let lines: Vec<u64> = s.vcpu.iter().filter_map(|v| v.lines).collect();
+        Row {
+            name: o.name.clone(),
+            state: serde_json::to_value(s.state)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default(),
+            host: o.host.clone(),
+            pid: s.pid,
+            vcpus: s.vcpus,
+            max_vcpus: s.max_vcpus,
+            pinning: o.cpu.pinning.clone(),
+            memory: o.memory.size,
+            hugepages: o
+                .memory
+                .hugepages
+                .map(|size| format!("{}x{size}", s.memory.hugepages)),
+            hard_limit: o.memory.tune.as_ref().and_then(|t| t.hard_limit),
+            heartbeats: (!lines.is_empty()).then(|| lines.iter().sum()),
+            uptime_ms: s.uptime_ms,
+        }
+    }
+}
+
+/// Runs `berth get`.
+pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
+    let What::Guests(args) = &args.what;
+    let driver = args.local.observer(&args.local.recorded_host());
+    let guests = driver.guests()?;
+    let rows: Vec<Row> = guests.iter().map(Row::of).collect();
+    let text = match args.output {
+        Output::Json => serde_json::to_string_pretty(&rows)? + "\n",
+        Output::Table => table(&rows),
+    };
+    write_stdout(&text)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn pinning_text(p: Option<&Pinning>) -> String {
+    let Some(p) = p else {
+        return "-".into();
+    };
+    let mut parts: Vec<String> = p.vcpus.iter().map(|(i, s)| format!("{i}:{s}")).collect();
+    if let Some(e) = &p.emulator {
+        parts.push(format!("emu:{e}"));
+    }
+    parts.join(" ")
+}
+
+fn uptime_text(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{}s", s / 60, s % 60),
+        3600..=86399 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
+        _ => format!("{}d{}h", s / 86400, (s % 86400) / 3600),
+    }
+}
+
+fn table(rows: &[Row]) -> String {
+    if rows.is_empty() {
+        return "No guests run on this machine.\n".into();
+    }
+    let header = [
+        "NAME",
+        "STATE",
+        "HOST",
+        "VCPUS",
+        "PINNING",
+        "MEMORY",
+        "HUGEPAGES",
+        "HARD LIMIT",
+        "HEARTBEATS",
+        "UPTIME",
+    ];
+    let cells: Vec<[String; 10]> = rows
+        .iter()
+        .map(|r| {
+            [
+                r.name.clone(),
+                r.state.clone(),
+                r.host.clone(),
+                format!("{}/{}", r.vcpus, r.max_vcpus),
+                pinning_text(r.pinning.as_ref()),
+                r.memory.to_string(),
+                r.hugepages.clone().unwrap_or_else(|| "-".into()),
+                r.hard_limit.map_or_else(|| "-".into(), |b| b.to_string()),
+                r.heartbeats.map_or_else(|| "-".into(), |n| n.to_string()),
+                uptime_text(r.uptime_ms),
+            ]
+        })
+        .collect();
+    let widths: Vec<usize> = (0..header.len())
+        .map(|i| {
+            cells
+                .iter()
+                .map(|c| c[i].len())
+                .chain([header[i].len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    let mut line = |cols: Vec<&str>| {
+        let mut l = String::new();
+        for (i, c) in cols.iter().enumerate() {
+            let _ = write!(l, "{c:<w$}  ", w = widths[i]);
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(header.to_vec());
+    for c in &cells {
+        line(c.iter().map(String::as_str).collect());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uptimes_read_well() {
+        assert_eq!(uptime_text(5_400), "5s");
+        assert_eq!(uptime_text(125_000), "2m5s");
+        assert_eq!(uptime_text(7_260_000), "2h1m");
+        assert_eq!(uptime_text(90_000_000), "1d1h");
+    }
+
+    #[test]
+    fn pinning_reads_well() {
+        let p = Pinning {
+            vcpus: [(0, "0".parse().unwrap()), (1, "1".parse().unwrap())].into(),
+            emulator: Some("0-1".parse().unwrap()),
+        };
+        assert_eq!(pinning_text(Some(&p)), "0:0 1:1 emu:0-1");
+        assert_eq!(pinning_text(None), "-");
+    }
+}

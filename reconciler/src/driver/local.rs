@@ -1,0 +1,1073 @@
+//! `LocalDriver`: berth-vmm processes on this host, one per guest, under a state
+//! directory (default `/var/lib/berth`).
+//!
+//! Layout: `<state>/guests/<name>/` is the VMM's own directory (`vmm.lock`, `pid`,
+//! `control.sock`, `console.log`, `spec.yaml`, see `berth_hypervisor::statedir`); the
+//! driver adds `start.yaml` (the spec it started the VMM with), `metadata.json` (labels
+//! and annotations, with the `berth.dev/managed` marker) and `vmm.log` (the VMM's
+//! stdout and stderr). `<state>/apply.lock` serialises applies ([`StateLock`]).
+//!
+//! Observation asks each VMM for its status over the control socket: thread affinity
+//! from `/proc`, cgroup values from the cgroup files, hugepages and locked memory from
+//! `/proc/<pid>/status`. Nothing is taken from what berth last asked for, except a
+//! setting the host cannot enforce (a v1 `minGuarantee`, an I/O weight without a weight
+//! file), which exists nowhere else and is reported as asked. Settings that cannot
+//! change during a VMM's life (boot source, CPU model, NUMA policy) come from the spec
+//! the VMM itself recorded when it started.
+//!
+//! VMMs are started detached (their own session, stdin closed, output to `vmm.log`), so
+//! they outlive `berth apply` and `berth serve` restarts.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use berth_hypervisor::control::{Client, ClientError, GuestRunState, Retune, Status};
+use berth_hypervisor::host::cgroup::{CgroupReadback, Cgroups, Knob};
+use berth_hypervisor::host::hugepages::{self, HugePagePool, RESERVATION_LOCK_NAME};
+use berth_hypervisor::host::{affinity, sysinfo};
+use berth_schema::{Boot, Bytes, CpuMode, CpuSet, Guest, GuestState, MemTune, PageSize, Pinning};
+use serde::{Deserialize, Serialize};
+
+use super::{Driver, DriverError};
+use crate::diff::{Field, HostSetting};
+use crate::model::{
+    CpuInfo, HugepagePool, Observed, ObservedCpu, ObservedGuest, ObservedHost, ObservedMemory,
+    ANNOTATION_MANAGED,
+};
+
+/// The state directory when none is given.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/berth";
+
+/// The environment variable naming the berth-vmm binary.
+pub const VMM_ENV: &str = "BERTH_VMM";
+
+/// How long a VMM gets to report ready.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a VMM gets to shut down (the VMM's own vCPU timeout is the same).
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Labels and annotations kept beside the VMM, in `metadata.json`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Metadata {
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
+}
+
+/// A guest as the local driver sees it: the observed guest and the VMM's full status.
+#[derive(Debug, Clone)]
+pub struct LocalGuest {
+    /// The guest in the reconciler's terms.
+    pub observed: ObservedGuest,
+    /// The VMM's status, as it reported it.
+    pub status: Status,
+}
+
+/// Runs guests as berth-vmm processes on this host. See the module documentation.
+#[derive(Debug)]
+pub struct LocalDriver {
+    host: String,
+    state_dir: PathBuf,
+    vmm: PathBuf,
+    /// VMMs this process started, reaped once they exit (so that a long-lived
+    /// `berth serve` keeps no zombies).
+    children: Mutex<Vec<Child>>,
+}
+
+impl LocalDriver {
+    /// A driver for host `host` (the name guests' `spec.host` uses for this machine),
+    /// keeping guests under `state_dir`, starting `vmm` (see [`locate_vmm`]).
+    pub fn new(host: impl Into<String>, state_dir: impl Into<PathBuf>, vmm: PathBuf) -> Self {
+        LocalDriver {
+            host: host.into(),
+            state_dir: state_dir.into(),
+            vmm,
+            children: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The host this driver acts on.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// The state directory.
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    fn guests_dir(&self) -> PathBuf {
+        self.state_dir.join("guests")
+    }
+
+    fn guest_dir(&self, name: &str) -> PathBuf {
+        self.guests_dir().join(name)
+    }
+
+    fn socket(&self, name: &str) -> PathBuf {
+        self.guest_dir(name).join("control.sock")
+    }
+
+    fn check_host(&self, host: &str) -> Result<(), DriverError> {
+        if host == self.host {
+            Ok(())
+        } else {
+            Err(DriverError::NotFound(format!(
+                "host {host} is not this host ({}): the local driver acts on this host only",
+                self.host
+            )))
+        }
+    }
+
+    /// Every guest with a live VMM, with its full status, by name. A directory whose
+    /// VMM is dead (killed by hand) has its stale files and cgroup removed.
+    ///
+    /// # Errors
+    /// When the state directory cannot be listed.
+    pub fn guests(&self) -> Result<Vec<LocalGuest>, DriverError> {
+        self.reap();
+        let dir = self.guests_dir();
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(failed(format!("listing {}", dir.display()), e)),
+        };
+        let online = affinity::online_cpus().map_err(|e| failed("reading the online CPUs", e))?;
+        let mut names: Vec<String> = entries
+            .filter_map(Result::ok)
+            .filter(|e| e.path().is_dir())
+            .filter_map(|e| e.file_name().into_string().ok())
+            // `<name>.incoming` belongs to a migration under way; guest names have no dot.
+            .filter(|n| !n.contains('.'))
+            .collect();
+        names.sort();
+        let mut guests = Vec::new();
+        for name in names {
+            match self.live_status(&name) {
+                Some(status) => {
+                    let observed = self.observed_guest(&name, &status, &online);
+                    guests.push(LocalGuest { observed, status });
+                }
+                None => self.clean_if_dead(&name),
+            }
+        }
+        Ok(guests)
+    }
+
+    /// The status of the VMM of `name`, if one answers. A VMM that holds its lock but
+    /// has not bound its socket yet (starting) gets a moment.
+    fn live_status(&self, name: &str) -> Option<Status> {
+        let socket = self.socket(name);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            if let Ok(status) = Client::connect(&socket).and_then(|mut c| c.status()) {
+                return Some(status);
+            }
+            if !vmm_lock_held(&self.guest_dir(name)) || Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Removes what a dead VMM left (socket, pid file, cgroup), holding its lock so that
+    /// no VMM can be starting meanwhile. The console log and specs stay for inspection.
+    fn clean_if_dead(&self, name: &str) {
+        let dir = self.guest_dir(name);
+        let Some(_lock) = try_lock(&dir.join("vmm.lock")) else {
+            return;
+        };
+        for file in ["control.sock", "pid"] {
+            let _ = std::fs::remove_file(dir.join(file));
+        }
+        if let Ok(cgroups) = Cgroups::detect() {
+            let _ = cgroups.remove_stale(name);
+        }
+    }
+
+    fn observed_guest(&self, name: &str, status: &Status, online: &CpuSet) -> ObservedGuest {
+        let dir = self.guest_dir(name);
+        // The spec the VMM recorded when it started: boot, CPU model and NUMA policy do
+        // not change during its life.
+        let spec: Option<Guest> = std::fs::read_to_string(dir.join("spec.yaml"))
+            .ok()
+            .and_then(|text| serde_yaml::from_str(&text).ok());
+        let metadata = read_metadata(&dir).unwrap_or_else(|| Metadata {
+            labels: spec
+                .as_ref()
+                .map(|g| g.metadata.labels.clone())
+                .unwrap_or_default(),
+            annotations: spec
+                .as_ref()
+                .map(|g| g.metadata.annotations.clone())
+                .unwrap_or_default(),
+        });
+        let readback: Option<CgroupReadback> = status
+            .cgroup
+            .as_ref()
+            .and_then(|c| c.get("values"))
+            .and_then(|v| serde_json::from_value(v.clone()).ok());
+        let state = match status.state {
+            GuestRunState::Running => GuestState::Running,
+            GuestRunState::Paused => GuestState::Paused,
+            // A halted or crashed guest runs no more: it is started again (its VMM is
+            // shut down first).
+            GuestRunState::Halted | GuestRunState::Crashed => GuestState::Stopped,
+        };
+        let io_weight = match readback.as_ref().map(|r| &r.io_weight) {
+            Some(Knob::Enforced(weight)) => Some(*weight),
+            _ => status.io.map(|io| io.weight),
+        };
+        ObservedGuest {
+            name: name.to_owned(),
+            host: self.host.clone(),
+            state,
+            boot: spec.as_ref().map(|g| g.spec.boot.clone()).unwrap_or(Boot {
+                kernel: status.boot.clone(),
+                ..Boot::default()
+            }),
+            cpu: ObservedCpu {
+                vcpus: status.vcpus,
+                max_vcpus: status.max_vcpus,
+                mode: spec
+                    .as_ref()
+                    .map_or(CpuMode::default(), |g| g.spec.cpu.mode),
+                model: spec.as_ref().and_then(|g| g.spec.cpu.model.clone()),
+                pinning: pinning_in_force(status, online),
+            },
+            memory: ObservedMemory {
+                size: Bytes(status.memory.size),
+                hugepages: backing_page_size(&status.memory.backing),
+                locked: status.memory.locked > 0,
+                share_pages: status.memory.share_pages,
+                tune: memtune_in_force(readback.as_ref(), status.memtune.as_ref()),
+                numa: spec.as_ref().and_then(|g| g.spec.memory.numa.clone()),
+            },
+            io_weight,
+            labels: metadata.labels,
+            annotations: metadata.annotations,
+            migrating_to: None,
+        }
+    }
+
+    fn observe_host(&self) -> Result<ObservedHost, DriverError> {
+        let cpus = affinity::online_cpus().map_err(|e| failed("reading the online CPUs", e))?;
+        let meminfo = sysinfo::read_meminfo().map_err(|e| failed("reading the host memory", e))?;
+        let mut pools = BTreeMap::new();
+        for size in
+            hugepages::supported_page_sizes().map_err(|e| failed("listing hugepage pools", e))?
+        {
+            let stats = HugePagePool::new(size)
+                .stats()
+                .map_err(|e| failed(format!("reading the {size} hugepage pool"), e))?;
+            pools.insert(
+                size,
+                HugepagePool {
+                    total: stats.total,
+                    free: stats.free,
+                },
+            );
+        }
+        let ksm = sysinfo::read_ksm().map_err(|e| failed("reading the KSM settings", e))?;
+        let thp = sysinfo::read_thp_mode()
+            .map_err(|e| failed("reading the transparent hugepage mode", e))?;
+        let cpu = sysinfo::read_cpuinfo().map_err(|e| failed("reading /proc/cpuinfo", e))?;
+        Ok(ObservedHost {
+            name: self.host.clone(),
+            cpus,
+            memory_total: meminfo.total,
+            memory_free: meminfo.available,
+            hugepages: pools,
+            ksm: ksm.spec(),
+            transparent_hugepages: thp,
+            cpu: CpuInfo {
+                vendor: Some(cpu.vendor),
+                model: Some(cpu.model_name).filter(|m| !m.is_empty()),
+                flags: cpu.flags,
+            },
+        })
+    }
+
+    fn connect(&self, name: &str) -> Result<Client, DriverError> {
+        Client::connect(self.socket(name)).map_err(|e| {
+            DriverError::NotFound(format!("guest {name} does not run on {} ({e})", self.host))
+        })
+    }
+
+    /// Waits for the process `pid` to end.
+    fn wait_gone(&self, pid: i32, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.reap();
+            if !process_exists(pid) {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn reap(&self) {
+        let mut children = self.children.lock().unwrap_or_else(|e| e.into_inner());
+        children.retain_mut(|c| matches!(c.try_wait(), Ok(None)));
+    }
+
+    /// Shuts the VMM of `name` down and waits for its process to end.
+    fn shutdown(&self, name: &str, client: Client, pid: i32) -> Result<(), DriverError> {
+        match client.shutdown(STOP_TIMEOUT) {
+            Ok(()) | Err(ClientError::Closed | ClientError::Io(_)) => {}
+            Err(e) => return Err(failed(format!("shutting down guest {name}"), e)),
+        }
+        if self.wait_gone(pid, STOP_TIMEOUT) {
+            Ok(())
+        } else {
+            Err(DriverError::Failed {
+                context: format!("stopping guest {name}"),
+                source: format!(
+                    "the VMM (pid {pid}) is still running {STOP_TIMEOUT:?} after shutdown"
+                )
+                .into(),
+            })
+        }
+    }
+
+    fn write_metadata(&self, guest: &Guest) -> Result<(), DriverError> {
+        let mut annotations = guest.metadata.annotations.clone();
+        annotations.insert(ANNOTATION_MANAGED.to_owned(), "true".to_owned());
+        let metadata = Metadata {
+            labels: guest.metadata.labels.clone(),
+            annotations,
+        };
+        let path = self.guest_dir(&guest.metadata.name).join("metadata.json");
+        let text = serde_json::to_string_pretty(&metadata).unwrap_or_default();
+        write_atomically(&path, &text)
+    }
+
+    fn spawn_vmm(&self, guest: &Guest) -> Result<(), DriverError> {
+        let name = &guest.metadata.name;
+        let dir = self.guest_dir(name);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| failed(format!("creating {}", dir.display()), e))?;
+        let mut spec = guest.clone();
+        spec.metadata
+            .annotations
+            .insert(ANNOTATION_MANAGED.to_owned(), "true".to_owned());
+        let spec_path = dir.join("start.yaml");
+        let text = serde_yaml::to_string(&spec)
+            .map_err(|e| failed(format!("writing the spec of {name}"), e))?;
+        write_atomically(&spec_path, &text)?;
+        self.write_metadata(guest)?;
+
+        let log_path = dir.join("vmm.log");
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| failed(format!("opening {}", log_path.display()), e))?;
+        let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
+        let log_err = log
+            .try_clone()
+            .map_err(|e| failed(format!("opening {}", log_path.display()), e))?;
+        let mut command = Command::new(&self.vmm);
+        command
+            .arg("run")
+            .arg("--spec")
+            .arg(&spec_path)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err);
+        // SAFETY: setsid is async-signal-safe and touches no memory of this process; it
+        // runs in the child between fork and exec.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = command.spawn().map_err(|e| {
+            failed(
+                format!("starting {} for guest {name}", self.vmm.display()),
+                e,
+            )
+        })?;
+        let pid = child.id() as i32;
+        let socket = self.socket(name);
+        let deadline = Instant::now() + START_TIMEOUT;
+        let outcome = loop {
+            if let Ok(Some(exit)) = child.try_wait() {
+                break Err(format!(
+                    "berth-vmm exited ({exit}) before it was ready: {}",
+                    log_since(&log_path, log_start)
+                ));
+            }
+            if let Ok(status) = Client::connect(&socket).and_then(|mut c| c.status()) {
+                if status.pid == pid {
+                    break Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break Err(format!(
+                    "berth-vmm (pid {pid}) was not ready within {START_TIMEOUT:?}; killed it: {}",
+                    log_since(&log_path, log_start)
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        match outcome {
+            Ok(()) => {
+                self.children
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(child);
+                Ok(())
+            }
+            Err(message) => Err(DriverError::Failed {
+                context: format!("starting guest {name}"),
+                source: message.into(),
+            }),
+        }
+    }
+}
+
+impl Driver for LocalDriver {
+    fn name(&self) -> &'static str {
+        "local"
+    }
+
+    fn observe(&self) -> Result<Observed, DriverError> {
+        let guests = self.guests()?.into_iter().map(|g| g.observed).collect();
+        Ok(Observed {
+            guests,
+            hosts: vec![self.observe_host()?],
+        })
+    }
+
+    fn configure_host(&self, host: &str, settings: &[HostSetting]) -> Result<(), DriverError> {
+        self.check_host(host)?;
+        for setting in settings {
+            match *setting {
+                HostSetting::HugepagePool(size, pages) => resize_pool(host, size, pages)?,
+                HostSetting::KsmEnabled(_)
+                | HostSetting::KsmPagesToScan(_)
+                | HostSetting::KsmSleepMillisecs(_) => {
+                    let mut spec = sysinfo::read_ksm()
+                        .map_err(|e| failed("reading the KSM settings", e))?
+                        .spec();
+                    match *setting {
+                        HostSetting::KsmEnabled(on) => spec.enabled = on,
+                        HostSetting::KsmPagesToScan(n) => spec.pages_to_scan = Some(n),
+                        HostSetting::KsmSleepMillisecs(n) => spec.sleep_millisecs = Some(n),
+                        _ => {}
+                    }
+                    sysinfo::write_ksm(&spec).map_err(|e| failed("writing the KSM settings", e))?;
+                }
+                HostSetting::TransparentHugepages(mode) => sysinfo::write_thp_mode(mode)
+                    .map_err(|e| failed("writing the transparent hugepage mode", e))?,
+            }
+        }
+        Ok(())
+    }
+
+    fn start(&self, guest: &Guest, host: &str) -> Result<(), DriverError> {
+        self.check_host(host)?;
+        let name = &guest.metadata.name;
+        if let Some(status) = self.live_status(name) {
+            match status.state {
+                GuestRunState::Halted | GuestRunState::Crashed => {
+                    let client = self.connect(name)?;
+                    self.shutdown(name, client, status.pid)?;
+                }
+                GuestRunState::Running | GuestRunState::Paused => {
+                    return Err(DriverError::Refused(format!(
+                        "guest {name} already runs on {host} (pid {})",
+                        status.pid
+                    )))
+                }
+            }
+        }
+        // A hugepage-backed guest takes its pages under the pool lock, so that tests
+        // that count free pages exactly (and pool resizes) do not race with it.
+        let _pool_lock = match guest.spec.memory.hugepages {
+            Some(_) => Some(lock_hugepage_pools()?),
+            None => None,
+        };
+        self.spawn_vmm(guest)
+    }
+
+    fn retune(&self, guest: &Guest, host: &str, fields: &[Field]) -> Result<(), DriverError> {
+        self.check_host(host)?;
+        let name = &guest.metadata.name;
+        let mut client = self.connect(name)?;
+        let status = client
+            .status()
+            .map_err(|e| failed(format!("reading the status of {name}"), e))?;
+        let spec = &guest.spec;
+        let wanted_pins = spec.cpu.pinning.clone().unwrap_or_default();
+        let mut retune = Retune::default();
+        let mut state_change = None;
+        let mut metadata = false;
+        for field in fields {
+            match field {
+                Field::VcpuPinning => {
+                    let online = affinity::online_cpus()
+                        .map_err(|e| failed("reading the online CPUs", e))?;
+                    let in_force = pinning_in_force(&status, &online).unwrap_or_default();
+                    let pinning = retune.pinning.get_or_insert_with(Pinning::default);
+                    pinning.vcpus = wanted_pins.vcpus.clone();
+                    retune.unpin_vcpus = in_force
+                        .vcpus
+                        .keys()
+                        .chain(status.pinning.vcpus.keys())
+                        .filter(|i| !wanted_pins.vcpus.contains_key(i))
+                        .copied()
+                        .collect::<std::collections::BTreeSet<u32>>()
+                        .into_iter()
+                        .collect();
+                }
+                Field::EmulatorPinning => match &wanted_pins.emulator {
+                    Some(set) => {
+                        retune.pinning.get_or_insert_with(Pinning::default).emulator =
+                            Some(set.clone());
+                    }
+                    None => retune.unpin_emulator = true,
+                },
+                Field::HardLimit
+                | Field::SoftLimit
+                | Field::SwapHardLimit
+                | Field::MinGuarantee => {
+                    retune.memtune = Some(spec.memory.tune.clone().unwrap_or_default());
+                }
+                Field::IoWeight => match spec.io {
+                    Some(io) => retune.io = Some(io),
+                    None => {
+                        return Err(DriverError::Refused(format!(
+                            "{name}: an I/O weight cannot be removed from a running guest; \
+                             write the weight you want (100 is the kernel's default)"
+                        )))
+                    }
+                },
+                Field::Vcpus => retune.vcpus = Some(spec.cpu.vcpus),
+                Field::State => state_change = Some(spec.state),
+                Field::Labels | Field::Annotations => metadata = true,
+                Field::SharePages | Field::Numa => {
+                    return Err(DriverError::Refused(format!(
+                        "{name}: berth-vmm cannot change {field} live yet"
+                    )))
+                }
+                other => {
+                    return Err(DriverError::Refused(format!(
+                        "{name}: {other} cannot be changed live"
+                    )))
+                }
+            }
+        }
+        if retune != Retune::default() {
+            client
+                .retune(&retune)
+                .map_err(|e| failed(format!("retuning {name}"), e))?;
+        }
+        match state_change {
+            Some(GuestState::Paused) => {
+                client
+                    .pause()
+                    .map_err(|e| failed(format!("pausing {name}"), e))?;
+            }
+            Some(GuestState::Running) => {
+                client
+                    .resume()
+                    .map_err(|e| failed(format!("resuming {name}"), e))?;
+            }
+            Some(GuestState::Stopped) | None => {}
+        }
+        if metadata {
+            self.write_metadata(guest)?;
+        }
+        Ok(())
+    }
+
+    fn stop(&self, name: &str, host: &str) -> Result<(), DriverError> {
+        self.check_host(host)?;
+        let mut client = self.connect(name)?;
+        let status = client
+            .status()
+            .map_err(|e| failed(format!("reading the status of {name}"), e))?;
+        self.shutdown(name, client, status.pid)?;
+        self.clean_if_dead(name);
+        Ok(())
+    }
+
+    fn migrate(&self, guest: &Guest, from: &str, to: &str) -> Result<(), DriverError> {
+        self.check_host(from)?;
+        let name = &guest.metadata.name;
+        if from != to {
+            return Err(DriverError::Refused(format!(
+                "{name}: the local driver migrates within this host only; a move to {to} \
+                 is done by berth serve"
+            )));
+        }
+        Err(DriverError::Refused(format!(
+            "{name}: local migration is not available yet (berth-vmm in this build has no \
+             incoming mode); the change needs a new VMM"
+        )))
+    }
+}
+
+/// The berth-vmm binary: `explicit` (`--vmm-path`), else `$BERTH_VMM`, else `berth-vmm`
+/// next to the running executable.
+///
+/// # Errors
+/// [`DriverError::NotFound`] naming where it looked.
+pub fn locate_vmm(explicit: Option<&Path>) -> Result<PathBuf, DriverError> {
+    if let Some(path) = explicit {
+        return existing(path.to_owned(), "--vmm-path");
+    }
+    if let Some(path) = std::env::var_os(VMM_ENV).filter(|v| !v.is_empty()) {
+        return existing(PathBuf::from(path), VMM_ENV);
+    }
+    let exe = std::env::current_exe().map_err(|e| failed("locating the berth executable", e))?;
+    let beside = exe
+        .parent()
+        .map(|d| d.join("berth-vmm"))
+        .unwrap_or_else(|| PathBuf::from("berth-vmm"));
+    existing(beside, "the directory of berth").map_err(|_| {
+        DriverError::NotFound(format!(
+            "berth-vmm is not next to {} ; pass --vmm-path or set {VMM_ENV}",
+            exe.display()
+        ))
+    })
+}
+
+fn existing(path: PathBuf, from: &str) -> Result<PathBuf, DriverError> {
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(DriverError::NotFound(format!(
+            "berth-vmm not found at {} (from {from})",
+            path.display()
+        )))
+    }
+}
+
+/// The pinning in force, read back from `/proc` through the VMM's status. A thread is
+/// reported pinned when the VMM was asked to pin it or when its affinity is narrower than
+/// the online CPUs (someone pinned it by hand). A vCPU not started yet reports the pin
+/// it will get.
+fn pinning_in_force(status: &Status, online: &CpuSet) -> Option<Pinning> {
+    let asked = &status.pinning;
+    let mut vcpus = BTreeMap::new();
+    for v in status.vcpu.iter().filter(|v| v.index < status.max_vcpus) {
+        match (&v.affinity, asked.vcpus.get(&v.index)) {
+            (Some(actual), pinned) if pinned.is_some() || actual != online => {
+                vcpus.insert(v.index, actual.clone());
+            }
+            (None, Some(pin)) => {
+                vcpus.insert(v.index, pin.clone());
+            }
+            _ => {}
+        }
+    }
+    let expected = asked.emulator.as_ref().unwrap_or(online);
+    let actual: Vec<&CpuSet> = status
+        .emulator_threads
+        .iter()
+        .filter_map(|t| t.affinity.as_ref())
+        .collect();
+    let emulator = actual
+        .iter()
+        .find(|a| **a != expected)
+        .or(actual.first())
+        .map(|a| (*a).clone())
+        .filter(|a| asked.emulator.is_some() || a != online);
+    (!vcpus.is_empty() || emulator.is_some()).then_some(Pinning { vcpus, emulator })
+}
+
+/// Memory limits in force, from the cgroup files; a limit the host cannot enforce is
+/// reported as asked (it exists nowhere else).
+fn memtune_in_force(readback: Option<&CgroupReadback>, asked: Option<&MemTune>) -> Option<MemTune> {
+    let knob = |k: Option<&Knob<Option<Bytes>>>, asked: Option<Bytes>| match k {
+        Some(Knob::Enforced(v)) => *v,
+        _ => asked,
+    };
+    let memory = readback.map(|r| &r.memory);
+    let tune = MemTune {
+        hard_limit: knob(
+            memory.map(|m| &m.hard_limit),
+            asked.and_then(|t| t.hard_limit),
+        ),
+        soft_limit: knob(
+            memory.map(|m| &m.soft_limit),
+            asked.and_then(|t| t.soft_limit),
+        ),
+        swap_hard_limit: knob(
+            memory.map(|m| &m.swap_hard_limit),
+            asked.and_then(|t| t.swap_hard_limit),
+        ),
+        min_guarantee: knob(
+            memory.map(|m| &m.min_guarantee),
+            asked.and_then(|t| t.min_guarantee),
+        ),
+        allow_hard_limit_below_size: false,
+    };
+    (tune != MemTune::default()).then_some(tune)
+}
+
+/// `hugetlb-2MiB` -> 2 MiB pages; `anonymous` -> none.
+fn backing_page_size(backing: &str) -> Option<PageSize> {
+    match backing.strip_prefix("hugetlb-")? {
+        "2MiB" => Some(PageSize::Huge2M),
+        "1GiB" => Some(PageSize::Huge1G),
+        _ => None,
+    }
+}
+
+/// Resizes one hugepage pool and checks what the kernel gave.
+fn resize_pool(host: &str, size: PageSize, pages: u64) -> Result<(), DriverError> {
+    let _lock = lock_hugepage_pools()?;
+    let pool = HugePagePool::new(size);
+    let before = pool
+        .stats()
+        .map_err(|e| failed(format!("reading the {size} hugepage pool"), e))?;
+    let held = before.total.saturating_sub(before.free) + before.reserved;
+    if pages < held {
+        return Err(DriverError::Capacity {
+            host: host.to_owned(),
+            detail: format!(
+                "cannot shrink the {size} hugepage pool to {pages} pages: {held} are held by running guests"
+            ),
+        });
+    }
+    let after = pool
+        .set_total(pages)
+        .map_err(|e| failed(format!("resizing the {size} hugepage pool"), e))?;
+    if after.total < pages {
+        // Leave the pool as it was rather than half grown.
+        let _ = pool.set_total(before.total);
+        return Err(DriverError::Capacity {
+            host: host.to_owned(),
+            detail: format!(
+                "asked the kernel for {pages} {size} hugepages, it gave {} (memory is short or fragmented); the pool stays at {}",
+                after.total, before.total
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Holds the lock that serialises hugepage pool changes (the one
+/// `berth_hypervisor::host::hugepages::PoolReservation` takes).
+fn lock_hugepage_pools() -> Result<File, DriverError> {
+    let path = std::env::temp_dir().join(RESERVATION_LOCK_NAME);
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| failed(format!("opening {}", path.display()), e))?;
+    flock(&file, libc::LOCK_EX).map_err(|e| failed(format!("locking {}", path.display()), e))?;
+    Ok(file)
+}
+
+fn flock(file: &File, operation: libc::c_int) -> std::io::Result<()> {
+    loop {
+        // SAFETY: flock on a descriptor `file` owns for the whole call; no memory is
+        // passed.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), operation) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let error = std::io::Error::last_os_error();
+        if error.kind() != std::io::ErrorKind::Interrupted {
+            return Err(error);
+        }
+    }
+}
+
+/// The lock at `path`, taken without waiting; `None` when someone holds it (or it
+/// cannot be opened).
+fn try_lock(path: &Path) -> Option<File> {
+    let file = OpenOptions::new().read(true).write(true).open(path).ok()?;
+    flock(&file, libc::LOCK_EX | libc::LOCK_NB).ok()?;
+    Some(file)
+}
+
+/// Whether a VMM holds the lock of the guest directory `dir`.
+fn vmm_lock_held(dir: &Path) -> bool {
+    let path = dir.join("vmm.lock");
+    path.exists() && try_lock(&path).is_none()
+}
+
+fn process_exists(pid: i32) -> bool {
+    // A zombie still answers kill(0); its state in /proc says it is gone.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with(['Z', 'X'])),
+        Err(_) => false,
+    }
+}
+
+fn read_metadata(dir: &Path) -> Option<Metadata> {
+    let text = std::fs::read_to_string(dir.join("metadata.json")).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+fn write_atomically(path: &Path, text: &str) -> Result<(), DriverError> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| failed(format!("writing {}", path.display()), e))
+}
+
+/// What the VMM wrote to its log since `offset`, trimmed to the last lines.
+fn log_since(path: &Path, offset: u64) -> String {
+    let mut text = String::new();
+    if let Ok(mut f) = File::open(path) {
+        let _ = f.seek(SeekFrom::Start(offset));
+        let _ = f.take(64 * 1024).read_to_string(&mut text);
+    }
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let tail = &lines[lines.len().saturating_sub(10)..];
+    if tail.is_empty() {
+        "(no output)".to_owned()
+    } else {
+        tail.join(" / ")
+    }
+}
+
+fn failed(
+    context: impl Into<String>,
+    source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+) -> DriverError {
+    DriverError::Failed {
+        context: context.into(),
+        source: source.into(),
+    }
+}
+
+/// Why the state directory's apply lock could not be taken.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    /// Another process holds it.
+    #[error("another berth apply or serve{} holds {}; wait for it to finish, or pass --wait", .pid.map(|p| format!(" (pid {p})")).unwrap_or_default(), .path.display())]
+    Held {
+        /// The lock file.
+        path: PathBuf,
+        /// The holder, as it wrote itself into the file.
+        pid: Option<u32>,
+    },
+    /// The lock file could not be opened or locked.
+    #[error("cannot lock {}: {source}", .path.display())]
+    Io {
+        /// The lock file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// The exclusive lock on `<state>/apply.lock`, held while an apply (or `berth serve`'s
+/// reconcile) changes the guests of a state directory; released on drop.
+#[derive(Debug)]
+pub struct StateLock {
+    _file: File,
+}
+
+impl StateLock {
+    /// The lock file of `state_dir`.
+    pub fn path(state_dir: &Path) -> PathBuf {
+        state_dir.join("apply.lock")
+    }
+
+    /// Takes the lock: at once or fails with the holder's pid ([`LockError::Held`]), or
+    /// waits for it with `wait`. The holder writes its pid into the file.
+    ///
+    /// # Errors
+    /// [`LockError`].
+    pub fn acquire(state_dir: &Path, wait: bool) -> Result<StateLock, LockError> {
+        let path = Self::path(state_dir);
+        let io = |source| LockError::Io {
+            path: path.clone(),
+            source,
+        };
+        std::fs::create_dir_all(state_dir).map_err(io)?;
+        let mut file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(io)?;
+        let operation = if wait {
+            libc::LOCK_EX
+        } else {
+            libc::LOCK_EX | libc::LOCK_NB
+        };
+        if let Err(e) = flock(&file, operation) {
+            if e.kind() == std::io::ErrorKind::WouldBlock {
+                let mut text = String::new();
+                let _ = file.read_to_string(&mut text);
+                return Err(LockError::Held {
+                    path: path.clone(),
+                    pid: text.trim().parse().ok(),
+                });
+            }
+            return Err(io(e));
+        }
+        file.set_len(0).map_err(io)?;
+        std::io::Write::write_all(&mut file, format!("{}\n", std::process::id()).as_bytes())
+            .map_err(io)?;
+        Ok(StateLock { _file: file })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use berth_hypervisor::control::{ThreadStatus, VcpuStatus};
+    use berth_hypervisor::vstate::vcpu::VcpuRunState;
+
+    fn cpus(s: &str) -> CpuSet {
+        s.parse().unwrap()
+    }
+
+    fn status(vcpus: &[(u32, Option<&str>)], emulator: &[&str], asked: Pinning) -> Status {
+        let json = serde_json::json!({
+            "name": "g", "pid": 1, "state": "running", "boot": "builtin:heartbeat",
+            "vcpus": vcpus.len(), "maxVcpus": vcpus.len(), "vcpu": [], "emulatorThreads": [],
+            "pinning": {}, "memory": {"size": 4194304, "backing": "anonymous", "hugepages": 0,
+            "rss": 0, "locked": 0, "sharePages": false},
+            "console": {"path": "", "lines": 0, "bytes": 0, "rotations": 0},
+            "ignoredAccesses": {"pio": 0, "mmio": 0}, "uptimeMs": 0
+        });
+        let mut s: Status = serde_json::from_value(json).unwrap();
+        s.vcpu = vcpus
+            .iter()
+            .map(|(i, a)| VcpuStatus {
+                index: *i,
+                tid: a.map(|_| 100 + *i as i32),
+                affinity: a.map(cpus),
+                run_state: VcpuRunState::Running,
+                ticks: None,
+                lines: None,
+            })
+            .collect();
+        s.emulator_threads = emulator
+            .iter()
+            .enumerate()
+            .map(|(n, a)| ThreadStatus {
+                tid: n as i32,
+                name: "t".into(),
+                affinity: Some(cpus(a)),
+            })
+            .collect();
+        s.pinning = asked;
+        s
+    }
+
+    #[test]
+    fn pinning_is_what_proc_shows() {
+        let online = cpus("0-1");
+        // Asked for 0 and 1, emulator 0-1 (all CPUs): reported, though as wide as online.
+        let asked = Pinning {
+            vcpus: [(0, cpus("0")), (1, cpus("1"))].into(),
+            emulator: Some(cpus("0-1")),
+        };
+        let s = status(
+            &[(0, Some("0")), (1, Some("1"))],
+            &["0-1", "0-1"],
+            asked.clone(),
+        );
+        assert_eq!(pinning_in_force(&s, &online), Some(asked.clone()));
+        // A vCPU re-pinned by hand shows its new set; an emulator thread likewise.
+        let s = status(&[(0, Some("1")), (1, Some("1"))], &["0-1", "1"], asked);
+        let p = pinning_in_force(&s, &online).unwrap();
+        assert_eq!(p.vcpus[&0], cpus("1"));
+        assert_eq!(p.emulator, Some(cpus("1")));
+        // Nothing asked, nothing narrowed: no pinning.
+        let s = status(&[(0, Some("0-1"))], &["0-1"], Pinning::default());
+        assert_eq!(pinning_in_force(&s, &online), None);
+        // Nothing asked, a floating vCPU pinned by hand: drift.
+        let s = status(&[(0, Some("0"))], &["0-1"], Pinning::default());
+        assert_eq!(pinning_in_force(&s, &online).unwrap().vcpus[&0], cpus("0"));
+    }
+
+    #[test]
+    fn unenforceable_limits_are_reported_as_asked() {
+        let readback: CgroupReadback = serde_json::from_value(serde_json::json!({
+            "version": "v1",
+            "memory": {
+                "hardLimit": {"enforced": 201326592},
+                "softLimit": {"enforced": null},
+                "swapHardLimit": {"enforced": 268435456},
+                "minGuarantee": {"notEnforced": "cgroup v1 has no memory.min"},
+                "usage": 0
+            },
+            "cpus": {"enforced": "0-1"}, "mems": {"enforced": "0"},
+            "ioWeight": {"notEnforced": "no weight file"}, "processes": []
+        }))
+        .unwrap();
+        let asked = MemTune {
+            hard_limit: Some(Bytes::mib(128)),
+            soft_limit: Some(Bytes::mib(100)),
+            min_guarantee: Some(Bytes::mib(64)),
+            ..MemTune::default()
+        };
+        let t = memtune_in_force(Some(&readback), Some(&asked)).unwrap();
+        // In force: what the files hold, not what was asked.
+        assert_eq!(t.hard_limit, Some(Bytes::mib(192)));
+        assert_eq!(t.soft_limit, None);
+        assert_eq!(t.swap_hard_limit, Some(Bytes::mib(256)));
+        // Not enforceable here: as asked.
+        assert_eq!(t.min_guarantee, Some(Bytes::mib(64)));
+        assert_eq!(memtune_in_force(None, None), None);
+    }
+
+    #[test]
+    fn backing_names() {
+        assert_eq!(backing_page_size("hugetlb-2MiB"), Some(PageSize::Huge2M));
+        assert_eq!(backing_page_size("hugetlb-1GiB"), Some(PageSize::Huge1G));
+        assert_eq!(backing_page_size("anonymous"), None);
+    }
+
+    #[test]
+    fn apply_lock_names_its_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = StateLock::acquire(dir.path(), false).unwrap();
+        let e = StateLock::acquire(dir.path(), false).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&format!("(pid {})", std::process::id())),
+            "{msg}"
+        );
+        assert!(msg.contains("apply.lock"), "{msg}");
+        drop(held);
+        StateLock::acquire(dir.path(), false).unwrap();
+    }
+
+    #[test]
+    fn a_missing_vmm_binary_is_named() {
+        let e = locate_vmm(Some(Path::new("/nonexistent/berth-vmm"))).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "berth-vmm not found at /nonexistent/berth-vmm (from --vmm-path)"
+        );
+    }
+}
