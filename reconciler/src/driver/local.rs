@@ -13,7 +13,11 @@
 //! setting the host cannot enforce (a v1 `minGuarantee`, an I/O weight without a weight
 //! file), which exists nowhere else and is reported as asked. Settings that cannot
 //! change during a VMM's life (boot source, CPU model, NUMA policy) come from the spec
-//! the VMM itself recorded when it started.
+//! the VMM was built from.
+//!
+//! A restart-class change (hugepage backing, memory size, maxVcpus, locking) is applied
+//! by a local live migration into a new VMM built from the manifest (`berth-vmm run
+//! --incoming`); the guest pauses only for the switchover.
 //!
 //! VMMs are started detached (their own session, stdin closed, output to `vmm.log`), so
 //! they outlive `berth apply` and `berth serve` restarts.
@@ -28,10 +32,13 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use berth_hypervisor::control::{Client, ClientError, GuestRunState, Retune, Status};
+use berth_hypervisor::control::{Client, ClientError, GuestRunState, Op, Retune, Status};
 use berth_hypervisor::host::cgroup::{CgroupReadback, Cgroups, Knob};
 use berth_hypervisor::host::hugepages::{self, HugePagePool, RESERVATION_LOCK_NAME};
 use berth_hypervisor::host::{affinity, sysinfo};
+use berth_hypervisor::migration::{
+    MigrateArgs, MigrateResolveArgs, MigrationPhase, MigrationStatus,
+};
 use berth_schema::{Boot, Bytes, CpuMode, CpuSet, Guest, GuestState, MemTune, PageSize, Pinning};
 use serde::{Deserialize, Serialize};
 
@@ -117,6 +124,13 @@ impl LocalDriver {
         self.guest_dir(name).join("control.sock")
     }
 
+    /// The control socket of an incoming migration's VMM.
+    fn incoming_socket(&self, name: &str) -> PathBuf {
+        self.guests_dir()
+            .join(format!("{name}.incoming"))
+            .join("control.sock")
+    }
+
     fn check_host(&self, host: &str) -> Result<(), DriverError> {
         if host == self.host {
             Ok(())
@@ -196,11 +210,13 @@ impl LocalDriver {
 
     fn observed_guest(&self, name: &str, status: &Status, online: &CpuSet) -> ObservedGuest {
         let dir = self.guest_dir(name);
-        // The spec the VMM recorded when it started: boot, CPU model and NUMA policy do
-        // not change during its life.
-        let spec: Option<Guest> = std::fs::read_to_string(dir.join("spec.yaml"))
-            .ok()
-            .and_then(|text| serde_yaml::from_str(&text).ok());
+        // The spec the VMM was built from (`start.yaml`, which follows a local migration
+        // into a new VMM; else the VMM's own record): boot, CPU model and NUMA policy
+        // do not change during a VMM's life.
+        let spec: Option<Guest> = ["start.yaml", "spec.yaml"].iter().find_map(|file| {
+            let text = std::fs::read_to_string(dir.join(file)).ok()?;
+            serde_yaml::from_str(&text).ok()
+        });
         let metadata = read_metadata(&dir).unwrap_or_else(|| Metadata {
             labels: spec
                 .as_ref()
@@ -342,6 +358,137 @@ impl LocalDriver {
         }
     }
 
+    /// Live-migrates the guest into a new VMM on this host built from `guest` (the
+    /// restart-class changes: hugepage backing, memory size, maxVcpus, locking...).
+    /// On failure before the commit the guest keeps running in its old VMM.
+    fn local_migrate(&self, guest: &Guest) -> Result<(), DriverError> {
+        let name = &guest.metadata.name;
+        let mut source = self.connect(name)?;
+        let source_pid = source
+            .status()
+            .map_err(|e| failed(format!("reading the status of {name}"), e))?
+            .pid;
+        let dest_pid = {
+            let _pool_lock = match guest.spec.memory.hugepages {
+                Some(_) => Some(lock_hugepage_pools()?),
+                None => None,
+            };
+            self.spawn_vmm(guest, Some("127.0.0.1:0"))?
+        };
+        let migration_failed = |what: String| DriverError::Failed {
+            context: format!("migrating {name} into a new VMM"),
+            source: what.into(),
+        };
+        let dest_status = Client::connect(self.incoming_socket(name))
+            .and_then(|mut c| c.call(Op::MigrateStatus))
+            .map_err(|e| failed(format!("asking the incoming VMM of {name}"), e))
+            .and_then(|v| {
+                serde_json::from_value::<MigrationStatus>(v)
+                    .map_err(|e| failed("reading the incoming VMM's status", e))
+            });
+        let (listen, token) = match dest_status {
+            Ok(MigrationStatus {
+                listen: Some(listen),
+                token: Some(token),
+                ..
+            }) => (listen, token),
+            Ok(_) | Err(_) => {
+                kill_pid(dest_pid);
+                return Err(migration_failed(
+                    "the incoming VMM reported no address and token".into(),
+                ));
+            }
+        };
+        let args = MigrateArgs {
+            destination: listen,
+            token,
+            policy: guest.spec.migration,
+            connections: None,
+        };
+        if let Err(e) = source.call(Op::Migrate(args)) {
+            kill_pid(dest_pid);
+            return Err(failed(format!("starting the migration of {name}"), e));
+        }
+        // Generous: the policy's completion timeout applies inside the VMM.
+        let deadline = Instant::now() + Duration::from_secs(600);
+        let outcome = loop {
+            match source
+                .call(Op::MigrateStatus)
+                .map(serde_json::from_value::<MigrationStatus>)
+            {
+                Ok(Ok(s)) => {
+                    match s.phase {
+                        MigrationPhase::Completed => break Ok(()),
+                        MigrationPhase::Failed | MigrationPhase::Cancelled => {
+                            break Err(s.error.unwrap_or_else(|| format!("{:?}", s.phase)))
+                        }
+                        MigrationPhase::SwitchoverUnknown => {
+                            // The destination ran the guest if and only if it answers.
+                            let running = Client::connect(self.incoming_socket(name))
+                                .or_else(|_| Client::connect(self.socket(name)))
+                                .and_then(|mut c| c.status())
+                                .is_ok_and(|st| {
+                                    st.pid == dest_pid && st.state == GuestRunState::Running
+                                });
+                            let _ = source.call(Op::MigrateResolve(MigrateResolveArgs {
+                                destination_running: running,
+                            }));
+                            break if running {
+                                Ok(())
+                            } else {
+                                Err("the switchover was not confirmed; the guest stays in its old VMM"
+                                .to_owned())
+                            };
+                        }
+                        _ => {}
+                    }
+                }
+                Ok(Err(e)) => break Err(format!("unreadable migration status: {e}")),
+                // The source exits right after a completed migration.
+                Err(_) if !process_exists(source_pid) => break Ok(()),
+                Err(e) => break Err(e.to_string()),
+            }
+            if Instant::now() > deadline {
+                let _ = source.call(Op::MigrateCancel);
+                break Err("the migration did not finish within 10 minutes; cancelled".into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        if let Err(reason) = outcome {
+            // The incoming VMM exits by itself when the migration fails before commit.
+            if !self.wait_gone(dest_pid, STOP_TIMEOUT) {
+                kill_pid(dest_pid);
+            }
+            return Err(migration_failed(reason));
+        }
+        if !self.wait_gone(source_pid, STOP_TIMEOUT) {
+            return Err(migration_failed(format!(
+                "the guest runs in the new VMM (pid {dest_pid}), but the old one (pid {source_pid}) did not exit"
+            )));
+        }
+        // The new VMM takes over the guest's directory once the old one is gone.
+        let socket = self.socket(name);
+        let handed_over = Instant::now() + Duration::from_secs(30);
+        loop {
+            if Client::connect(&socket)
+                .and_then(|mut c| c.status())
+                .is_ok_and(|s| s.pid == dest_pid)
+            {
+                break;
+            }
+            if Instant::now() > handed_over {
+                return Err(migration_failed(format!(
+                    "the new VMM (pid {dest_pid}) runs the guest but did not take over {}",
+                    socket.display()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let dir = self.guest_dir(name);
+        let _ = std::fs::rename(dir.join("incoming.yaml"), dir.join("start.yaml"));
+        self.write_metadata(guest)
+    }
+
     fn write_metadata(&self, guest: &Guest) -> Result<(), DriverError> {
         let mut annotations = guest.metadata.annotations.clone();
         annotations.insert(ANNOTATION_MANAGED.to_owned(), "true".to_owned());
@@ -354,7 +501,10 @@ impl LocalDriver {
         write_atomically(&path, &text)
     }
 
-    fn spawn_vmm(&self, guest: &Guest) -> Result<(), DriverError> {
+    /// Starts a VMM for `guest` and waits until its control socket answers; with
+    /// `incoming` (a listen address) the VMM waits for a live migration instead of
+    /// booting. Returns its pid.
+    fn spawn_vmm(&self, guest: &Guest, incoming: Option<&str>) -> Result<i32, DriverError> {
         let name = &guest.metadata.name;
         let dir = self.guest_dir(name);
         std::fs::create_dir_all(&dir)
@@ -363,11 +513,17 @@ impl LocalDriver {
         spec.metadata
             .annotations
             .insert(ANNOTATION_MANAGED.to_owned(), "true".to_owned());
-        let spec_path = dir.join("start.yaml");
+        let spec_path = dir.join(if incoming.is_some() {
+            "incoming.yaml"
+        } else {
+            "start.yaml"
+        });
         let text = serde_yaml::to_string(&spec)
             .map_err(|e| failed(format!("writing the spec of {name}"), e))?;
         write_atomically(&spec_path, &text)?;
-        self.write_metadata(guest)?;
+        if incoming.is_none() {
+            self.write_metadata(guest)?;
+        }
 
         let log_path = dir.join("vmm.log");
         let log = OpenOptions::new()
@@ -386,6 +542,7 @@ impl LocalDriver {
             .arg(&spec_path)
             .arg("--state-dir")
             .arg(&self.state_dir)
+            .args(incoming.iter().flat_map(|addr| ["--incoming", addr]))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err);
@@ -406,7 +563,10 @@ impl LocalDriver {
             )
         })?;
         let pid = child.id() as i32;
-        let socket = self.socket(name);
+        let socket = match incoming {
+            Some(_) => self.incoming_socket(name),
+            None => self.socket(name),
+        };
         let deadline = Instant::now() + START_TIMEOUT;
         let outcome = loop {
             if let Ok(Some(exit)) = child.try_wait() {
@@ -436,7 +596,7 @@ impl LocalDriver {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .push(child);
-                Ok(())
+                Ok(pid)
             }
             Err(message) => Err(DriverError::Failed {
                 context: format!("starting guest {name}"),
@@ -508,7 +668,7 @@ impl Driver for LocalDriver {
             Some(_) => Some(lock_hugepage_pools()?),
             None => None,
         };
-        self.spawn_vmm(guest)
+        self.spawn_vmm(guest, None).map(drop)
     }
 
     fn retune(&self, guest: &Guest, host: &str, fields: &[Field]) -> Result<(), DriverError> {
@@ -622,10 +782,7 @@ impl Driver for LocalDriver {
                  is done by berth serve"
             )));
         }
-        Err(DriverError::Refused(format!(
-            "{name}: local migration is not available yet (berth-vmm in this build has no \
-             incoming mode); the change needs a new VMM"
-        )))
+        self.local_migrate(guest)
     }
 }
 
@@ -811,6 +968,14 @@ fn try_lock(path: &Path) -> Option<File> {
 fn vmm_lock_held(dir: &Path) -> bool {
     let path = dir.join("vmm.lock");
     path.exists() && try_lock(&path).is_none()
+}
+
+/// SIGKILL to a process this driver started (by its pid, never by name).
+fn kill_pid(pid: i32) {
+    // SAFETY: kill takes no memory; `pid` is a VMM this driver spawned and still knows.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    }
 }
 
 fn process_exists(pid: i32) -> bool {
