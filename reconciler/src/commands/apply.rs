@@ -167,7 +167,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     }
     write_stdout(&out)?;
     if !report.succeeded() {
-        bail!("apply failed: {failed} action(s) failed, {skipped} not done; every guest still runs once");
+        bail!("apply failed: {failed} action(s) failed, {skipped} not done (see the report above)");
     }
     record(args, &source, &host)?;
     Ok(ExitCode::SUCCESS)

@@ -1,0 +1,648 @@
+//! `berth apply` end to end on real KVM, through the local driver: the example
+//! manifests come up, pinning and memtune changes are retuned live, a hugepage backing
+//! change is done by a local live migration, drift made by hand is planned and
+//! corrected, a second apply is a no-op, an invalid revision changes nothing, and the
+//! apply lock refuses a second apply. Run as root with /dev/kvm.
+//!
+//! Each test works in its own temporary state directory, with guest names (and so
+//! cgroups) prefixed by the test and the process id. The tests of this file run one at
+//! a time (they share two CPUs and the hugepage pool); the pool is resized under the
+//! lock that `PoolReservation` takes, and given back on drop. Every VMM is stopped by
+//! pid on drop, even when a test fails.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use berth_hypervisor::control::{Client, Status};
+use berth_hypervisor::host::cgroup::Cgroups;
+use berth_hypervisor::host::hugepages::{HugePagePool, RESERVATION_LOCK_NAME};
+use berth_schema::PageSize;
+
+/// The tests of this file share two CPUs and the hugepage pool: one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Pages of the example web guest (128 MiB of 2 MiB pages).
+const WEB_PAGES: u64 = 64;
+
+/// A manifest directory, a state directory, and everything to undo.
+struct Fleet {
+    _serial: MutexGuard<'static, ()>,
+    root: tempfile::TempDir,
+    web: String,
+    batch: String,
+    /// The pool size before the test; the Host manifest asks for this plus WEB_PAGES.
+    pool_before: u64,
+}
+
+impl Fleet {
+    fn new(test: &str) -> Fleet {
+        berth_tests::require_root_and_kvm();
+        let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let root = tempfile::tempdir().expect("temp dir");
+        let prefix = format!("{test}-{}", std::process::id());
+        // Read under the pool lock, so that no other test's reservation is counted in.
+        let pool_before = {
+            let _lock = pool_lock();
+            HugePagePool::new(PageSize::Huge2M).stats().unwrap().total
+        };
+        let fleet = Fleet {
+            _serial: serial,
+            root,
+            web: format!("{prefix}-web"),
+            batch: format!("{prefix}-batch"),
+            pool_before,
+        };
+        std::fs::create_dir_all(fleet.manifests()).unwrap();
+        fleet.write_hosts();
+        fleet.write_guests(&Guests::default());
+        fleet
+    }
+
+    fn manifests(&self) -> PathBuf {
+        self.root.path().join("manifests")
+    }
+
+    fn state(&self) -> PathBuf {
+        self.root.path().join("state")
+    }
+
+    /// The example Host, with the pool grown by what the web guest needs, and KSM and
+    /// THP as this host has them (other tests must not see them change).
+    fn write_hosts(&self) {
+        let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+            .unwrap()
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix('[')?.strip_suffix(']').map(str::to_owned))
+            .unwrap();
+        let ksm = std::fs::read_to_string("/sys/kernel/mm/ksm/run")
+            .unwrap()
+            .trim()
+            == "1";
+        let text = format!(
+            "apiVersion: berth.dev/v1\nkind: Host\nmetadata: {{name: kvm01}}\nspec:\n  \
+             address: 127.0.0.1:7410\n  cpus: \"0-1\"\n  memory: 16GiB\n  hugepages: {{2MiB: {}}}\n  \
+             ksm: {{enabled: {ksm}}}\n  transparentHugepages: {thp}\n",
+            self.pool_before + WEB_PAGES
+        );
+        std::fs::write(self.manifests().join("hosts.yaml"), text).unwrap();
+    }
+
+    /// The example guests (manifests/guests.yaml) with this test's names.
+    fn write_guests(&self, g: &Guests) {
+        let example =
+            std::fs::read_to_string(berth_tests::workspace_root().join("manifests/guests.yaml"))
+                .unwrap();
+        let mut text = example
+            .replace("name: web-1", &format!("name: {}", self.web))
+            .replace("name: batch-1", &format!("name: {}", self.batch));
+        for (from, to) in &g.edits {
+            assert!(text.contains(from.as_str()), "the example has {from:?}");
+            text = text.replace(from.as_str(), to);
+        }
+        std::fs::write(self.manifests().join("guests.yaml"), text).unwrap();
+    }
+
+    fn berth(&self, args: &[&str]) -> Output {
+        let out = berth_tests::command("berth")
+            .args(args)
+            .arg("--state-dir")
+            .arg(self.state())
+            .arg("--host")
+            .arg("kvm01")
+            .output()
+            .expect("run berth");
+        eprintln!(
+            "$ berth {}\n{}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    fn apply(&self) -> String {
+        let m = self.manifests();
+        let out = self.berth(&["apply", "--yes", m.to_str().unwrap()]);
+        assert!(out.status.success(), "berth apply failed");
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// `berth plan --driver local --detailed-exitcode`: (exit code, stdout).
+    fn plan(&self) -> (i32, String) {
+        let m = self.manifests();
+        let out = self.berth(&[
+            "plan",
+            "--driver",
+            "local",
+            "--detailed-exitcode",
+            "--color",
+            "never",
+            m.to_str().unwrap(),
+        ]);
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8(out.stdout).unwrap(),
+        )
+    }
+
+    fn status(&self, name: &str) -> Status {
+        Client::connect(self.state().join("guests").join(name).join("control.sock"))
+            .and_then(|mut c| c.status())
+            .unwrap_or_else(|e| panic!("status of {name}: {e}"))
+    }
+
+    fn pids(&self) -> Vec<i32> {
+        [&self.web, &self.batch]
+            .iter()
+            .filter_map(|n| {
+                Client::connect(self.state().join("guests").join(n).join("control.sock"))
+                    .and_then(|mut c| c.status())
+                    .ok()
+                    .map(|s| s.pid)
+            })
+            .collect()
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        let pids = self.pids();
+        let stopped = self.berth(&["stop", "--all"]);
+        for pid in pids {
+            if !stopped.status.success() || Path::new(&format!("/proc/{pid}")).exists() {
+                // SAFETY: kill takes no memory; the pid is a VMM this test started.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        if let Ok(cgroups) = Cgroups::detect() {
+            for name in [&self.web, &self.batch] {
+                let _ = cgroups.remove_stale(name);
+                let _ = cgroups.remove_stale(&format!("{name}.incoming"));
+            }
+            let _ = cgroups.remove_stale(&format!("{}-bad", self.web));
+        }
+        let _lock = pool_lock();
+        let pool = HugePagePool::new(PageSize::Huge2M);
+        if let Ok(now) = pool.stats() {
+            if now.total > self.pool_before {
+                let _ = pool.set_total(now.total.saturating_sub(WEB_PAGES).max(self.pool_before));
+            }
+        }
+    }
+}
+
+/// Text replacements in the example guests.
+#[derive(Default)]
+struct Guests {
+    edits: Vec<(String, String)>,
+}
+
+impl Guests {
+    fn edit(mut self, from: &str, to: &str) -> Self {
+        self.edits.push((from.to_owned(), to.to_owned()));
+        self
+    }
+}
+
+/// The lock `PoolReservation` holds while it resizes the pool.
+fn pool_lock() -> File {
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(std::env::temp_dir().join(RESERVATION_LOCK_NAME))
+        .unwrap();
+    // SAFETY: flock on a descriptor `file` owns; no memory is passed.
+    assert_eq!(unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) }, 0);
+    file
+}
+
+fn proc_affinity(pid: i32, tid: i32) -> String {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+fn vcpu_tids(status: &Status) -> Vec<i32> {
+    status.vcpu.iter().filter_map(|v| v.tid).collect()
+}
+
+fn cgroup_file(status: &Status, file: &str) -> String {
+    let paths = status.cgroup.as_ref().unwrap()["paths"].as_array().unwrap();
+    let dir = paths
+        .iter()
+        .filter_map(|p| p.as_str())
+        .find(|p| Path::new(p).join(file).exists())
+        .unwrap_or_else(|| panic!("no cgroup dir has {file}: {paths:?}"));
+    std::fs::read_to_string(Path::new(dir).join(file))
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+/// Heartbeat ticks per vCPU.
+fn ticks(status: &Status) -> BTreeMap<u32, u64> {
+    status
+        .vcpu
+        .iter()
+        .filter_map(|v| Some((v.index, v.ticks?)))
+        .collect()
+}
+
+/// Waits until every vCPU's tick counter has passed `before`.
+fn wait_ticks_past(fleet: &Fleet, name: &str, before: &BTreeMap<u32, u64>) -> BTreeMap<u32, u64> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = ticks(&fleet.status(name));
+        if before
+            .iter()
+            .all(|(i, t)| now.get(i).is_some_and(|n| n > t))
+        {
+            return now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name}: heartbeats did not continue: before {before:?}, now {now:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+const MIB: u64 = 1 << 20;
+
+#[test]
+fn examples_come_up_retune_live_and_a_second_apply_does_nothing() {
+    let fleet = Fleet::new("ap-live");
+    let out = fleet.apply();
+    assert!(
+        out.contains(&format!("done      start {} on kvm01", fleet.web)),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "done      configure host kvm01: spec.hugepages.2MiB {} -> {}",
+            fleet.pool_before,
+            fleet.pool_before + WEB_PAGES
+        )),
+        "{out}"
+    );
+    assert!(out.contains("The fleet matches the manifests."), "{out}");
+    let applied: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fleet.state().join("applied.json")).unwrap())
+            .unwrap();
+    assert!(
+        applied["revision"].as_str().unwrap().starts_with("sha256:"),
+        "{applied}"
+    );
+    assert_eq!(applied["host"], "kvm01");
+
+    // The example as written: pinned vCPUs, hugepages, memtune, in /proc and cgroupfs.
+    let web = fleet.status(&fleet.web);
+    let tids = vcpu_tids(&web);
+    assert_eq!(proc_affinity(web.pid, tids[0]), "0");
+    assert_eq!(proc_affinity(web.pid, tids[1]), "1");
+    assert_eq!(web.memory.hugepages, WEB_PAGES);
+    assert_eq!(
+        cgroup_file(&web, "memory.limit_in_bytes"),
+        (192 * MIB).to_string()
+    );
+    let batch = fleet.status(&fleet.batch);
+    assert_eq!(batch.vcpus, 1);
+
+    // berth get guests shows both, with the pinning in force.
+    let out = fleet.berth(&["get", "guests"]);
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(table.starts_with("NAME "), "{table}");
+    let web_row = table.lines().find(|l| l.starts_with(&fleet.web)).unwrap();
+    assert!(web_row.contains("0:0 1:1 emu:0-1"), "{web_row}");
+    assert!(web_row.contains("64x2MiB"), "{web_row}");
+    assert!(web_row.contains("192MiB"), "{web_row}");
+
+    // A second apply does nothing.
+    let out = fleet.apply();
+    assert!(
+        out.contains("No changes. The fleet matches the manifests."),
+        "{out}"
+    );
+    assert_eq!(fleet.status(&fleet.web).pid, web.pid);
+
+    // Swap the pins and raise the hard limit: retuned live, same VMM, heartbeats go on.
+    let before = wait_ticks_past(&fleet, &fleet.web, &ticks(&web));
+    fleet.write_guests(
+        &Guests::default()
+            .edit(
+                "pinning: {vcpus: {0: \"0\", 1: \"1\"}, emulator: \"0-1\"}",
+                "pinning: {vcpus: {0: \"1\", 1: \"0\"}, emulator: \"0-1\"}",
+            )
+            .edit("tune: {hardLimit: 192MiB", "tune: {hardLimit: 224MiB"),
+    );
+    let (code, plan) = fleet.plan();
+    assert_eq!(code, 2, "{plan}");
+    assert!(
+        plan.contains(&format!("~ guest {}: retune live", fleet.web)),
+        "{plan}"
+    );
+    let out = fleet.apply();
+    assert!(
+        out.contains(&format!(
+            "done      retune {} on kvm01: spec.cpu.pinning.vcpus, spec.memory.tune.hardLimit",
+            fleet.web
+        )),
+        "{out}"
+    );
+    let after = fleet.status(&fleet.web);
+    assert_eq!(after.pid, web.pid, "the VMM was not replaced");
+    assert_eq!(vcpu_tids(&after), tids);
+    assert_eq!(proc_affinity(web.pid, tids[0]), "1");
+    assert_eq!(proc_affinity(web.pid, tids[1]), "0");
+    assert_eq!(
+        cgroup_file(&after, "memory.limit_in_bytes"),
+        (224 * MIB).to_string()
+    );
+    let now = ticks(&after);
+    for (i, t) in &before {
+        assert!(now[i] >= *t, "vCPU {i} went back: {before:?} -> {now:?}");
+    }
+    wait_ticks_past(&fleet, &fleet.web, &now);
+    assert_eq!(fleet.plan().0, 0, "converged after the retune");
+}
+
+#[test]
+fn drift_by_hand_is_planned_and_corrected() {
+    let fleet = Fleet::new("ap-drift");
+    fleet.apply();
+    let web = fleet.status(&fleet.web);
+    let batch = fleet.status(&fleet.batch);
+    let tids = vcpu_tids(&web);
+
+    // taskset on a vCPU thread, a cgroup limit written by hand, a VMM killed by hand.
+    let taskset = Command::new("taskset")
+        .args(["-p", "-c", "1", &tids[0].to_string()])
+        .output()
+        .expect("run taskset");
+    assert!(taskset.status.success(), "{taskset:?}");
+    let limit_dir = web.cgroup.as_ref().unwrap()["paths"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p.as_str())
+        .find(|p| Path::new(p).join("memory.limit_in_bytes").exists())
+        .unwrap()
+        .to_owned();
+    std::fs::write(
+        Path::new(&limit_dir).join("memory.limit_in_bytes"),
+        (256 * MIB).to_string(),
+    )
+    .unwrap();
+    // SAFETY: kill takes no memory; the pid is the batch guest's VMM.
+    assert_eq!(unsafe { libc::kill(batch.pid, libc::SIGKILL) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{}/status", batch.pid)).exists()
+        && std::fs::read_to_string(format!("/proc/{}/status", batch.pid))
+            .is_ok_and(|s| !s.contains("State:\tZ"))
+    {
+        assert!(Instant::now() < deadline, "the killed VMM is still there");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let (code, plan) = fleet.plan();
+    assert_eq!(code, 2, "{plan}");
+    assert!(
+        plan.contains(&format!(
+            "retune {} on kvm01: spec.cpu.pinning.vcpus, spec.memory.tune.hardLimit",
+            fleet.web
+        )),
+        "{plan}"
+    );
+    assert!(
+        plan.contains("-      0: '1'"),
+        "the drifted pin in the diff: {plan}"
+    );
+    assert!(plan.contains("-    hardLimit: 256MiB"), "{plan}");
+    assert!(
+        plan.contains(&format!("start {} on kvm01", fleet.batch)),
+        "{plan}"
+    );
+
+    let out = fleet.apply();
+    assert!(
+        out.contains("3 done, 0 failed") || out.contains("2 done, 0 failed"),
+        "{out}"
+    );
+    assert_eq!(proc_affinity(web.pid, tids[0]), "0");
+    assert_eq!(
+        cgroup_file(&fleet.status(&fleet.web), "memory.limit_in_bytes"),
+        (192 * MIB).to_string()
+    );
+    assert_eq!(fleet.status(&fleet.web).pid, web.pid);
+    let restarted = fleet.status(&fleet.batch);
+    assert_ne!(restarted.pid, batch.pid);
+    assert_eq!(fleet.plan().0, 0, "converged after correcting the drift");
+}
+
+#[test]
+fn hugepage_backing_change_is_a_local_migration() {
+    let fleet = Fleet::new("ap-mig");
+    fleet.apply();
+    let web = fleet.status(&fleet.web);
+    assert_eq!(web.memory.backing, "hugetlb-2MiB");
+    let before = wait_ticks_past(&fleet, &fleet.web, &ticks(&web));
+
+    fleet.write_guests(&Guests::default().edit("    hugepages: {pageSize: 2MiB}\n", ""));
+    let (code, plan) = fleet.plan();
+    assert_eq!(code, 2, "{plan}");
+    assert!(
+        plan.contains(&format!(
+            "<-> guest {}: migrate locally into a new VMM",
+            fleet.web
+        )),
+        "{plan}"
+    );
+    let out = fleet.apply();
+    assert!(
+        out.contains(&format!(
+            "done      migrate {} into a new VMM on kvm01",
+            fleet.web
+        )),
+        "{out}"
+    );
+    let after = fleet.status(&fleet.web);
+    assert_ne!(after.pid, web.pid, "a new VMM runs the guest");
+    assert_eq!(after.memory.backing, "anonymous");
+    assert_eq!(after.memory.hugepages, 0);
+    // The guest did not restart: its counters carried over and keep rising.
+    let carried = ticks(&after);
+    for (i, t) in &before {
+        assert!(
+            carried[i] >= *t,
+            "vCPU {i} restarted: {before:?} -> {carried:?}"
+        );
+    }
+    wait_ticks_past(&fleet, &fleet.web, &carried);
+    // Pinning and memtune are in force in the new VMM.
+    let tids = vcpu_tids(&after);
+    assert_eq!(proc_affinity(after.pid, tids[0]), "0");
+    assert_eq!(proc_affinity(after.pid, tids[1]), "1");
+    assert_eq!(
+        cgroup_file(&after, "memory.limit_in_bytes"),
+        (192 * MIB).to_string()
+    );
+    assert_eq!(fleet.plan().0, 0, "converged after the migration");
+}
+
+#[test]
+fn an_invalid_revision_changes_nothing_and_git_revisions_are_recorded() {
+    let fleet = Fleet::new("ap-git");
+    let repo = fleet.manifests();
+    let git = |args: &[&str]| {
+        let out = Command::new("git")
+            .current_dir(&repo)
+            .args(args)
+            .output()
+            .expect("run git");
+        assert!(out.status.success(), "git {args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    git(&["init", "-q", "-b", "main"]);
+    git(&["-c", "user.name=t", "-c", "user.email=t@t", "add", "."]);
+    git(&[
+        "-c",
+        "user.name=t",
+        "-c",
+        "user.email=t@t",
+        "commit",
+        "-qm",
+        "good",
+    ]);
+    let good = git(&["rev-parse", "HEAD"]);
+    let repo_arg = repo.to_str().unwrap();
+    let out = fleet.berth(&["apply", "--yes", "--rev", "main", "--repo", repo_arg]);
+    assert!(out.status.success());
+    let applied = std::fs::read_to_string(fleet.state().join("applied.json")).unwrap();
+    assert!(applied.contains(&good), "{applied}");
+    let pids = fleet.pids();
+    assert_eq!(pids.len(), 2);
+
+    // An invalid revision: nothing is applied, nothing changes.
+    fleet.write_guests(
+        &Guests::default()
+            .edit("vcpus: 2\n", "vcpus: two\n")
+            .edit("tune: {hardLimit: 192MiB", "tune: {hardLimit: 256MiB"),
+    );
+    git(&[
+        "-c",
+        "user.name=t",
+        "-c",
+        "user.email=t@t",
+        "commit",
+        "-qam",
+        "bad",
+    ]);
+    let out = fleet.berth(&["apply", "--yes", "--rev", "main", "--repo", repo_arg]);
+    assert_eq!(out.status.code(), Some(1), "invalid manifests exit 1");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("is not valid; nothing was applied"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("guests.yaml:"), "names the file: {stderr}");
+    assert_eq!(fleet.pids(), pids);
+    let web = fleet.status(&fleet.web);
+    assert_eq!(
+        cgroup_file(&web, "memory.limit_in_bytes"),
+        (192 * MIB).to_string()
+    );
+    assert_eq!(
+        std::fs::read_to_string(fleet.state().join("applied.json")).unwrap(),
+        applied,
+        "the applied revision stays the last good one"
+    );
+}
+
+#[test]
+fn a_second_apply_is_refused_by_the_lock_and_a_failed_start_is_reported() {
+    let fleet = Fleet::new("ap-lock");
+    std::fs::create_dir_all(fleet.state()).unwrap();
+    // Another apply holds the lock (this process, as berth apply does: flock + pid).
+    let lock_path = fleet.state().join("apply.lock");
+    std::fs::write(&lock_path, format!("{}\n", std::process::id())).unwrap();
+    let lock = File::options()
+        .read(true)
+        .write(true)
+        .open(&lock_path)
+        .unwrap();
+    // SAFETY: flock on a descriptor `lock` owns; no memory is passed.
+    let rc = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    assert_eq!(rc, 0);
+    let m = fleet.manifests();
+    let out = fleet.berth(&["apply", "--yes", m.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("(pid {})", std::process::id())) && stderr.contains("apply.lock"),
+        "{stderr}"
+    );
+    assert!(fleet.pids().is_empty(), "nothing was started");
+
+    // With --wait, the apply runs once the lock is released.
+    let waiter = berth_tests::command("berth")
+        .args(["apply", "--yes", "--wait", "--host", "kvm01", "--state-dir"])
+        .arg(fleet.state())
+        .arg(&m)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        fleet.pids().is_empty(),
+        "the waiting apply did not start yet"
+    );
+    drop(lock);
+    let out = waiter.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let pids = fleet.pids();
+    assert_eq!(pids.len(), 2);
+
+    // A guest whose VMM cannot start (its kernel is missing): the report names the
+    // VMM's error, the exit code says it failed, and the running guests are untouched.
+    let bad = format!("{}-bad", fleet.web);
+    std::fs::write(
+        m.join("bad.yaml"),
+        format!(
+            "apiVersion: berth.dev/v1\nkind: Guest\nmetadata: {{name: {bad}}}\nspec:\n  \
+             host: kvm01\n  boot: {{kernel: /nonexistent/vmlinux}}\n  cpu: {{vcpus: 1}}\n  \
+             memory: {{size: 64MiB}}\n"
+        ),
+    )
+    .unwrap();
+    let out = fleet.berth(&["apply", "--yes", m.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains(&format!("FAILED    start {bad} on kvm01")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("/nonexistent/vmlinux"),
+        "the VMM's error: {stdout}"
+    );
+    assert!(
+        !fleet
+            .state()
+            .join("guests")
+            .join(&bad)
+            .join("control.sock")
+            .exists(),
+        "no VMM runs for the failed guest"
+    );
+    assert_eq!(fleet.pids(), pids, "both guests still run, once each");
+}
