@@ -20,6 +20,8 @@ pub const THROTTLE_INITIAL: u8 = 20;
 pub const THROTTLE_STEP: u8 = 10;
 /// The most vCPU time auto-converge takes, percent.
 pub const THROTTLE_MAX: u8 = 99;
+/// How often a running pass samples the dirty rate for auto-converge.
+pub const SAMPLE_PERIOD: Duration = Duration::from_millis(250);
 /// What switching over costs besides the pages (state save, transfer, restore, two
 /// round trips), counted into the estimated downtime.
 pub const SWITCHOVER_OVERHEAD: Duration = Duration::from_micros(500);
@@ -134,6 +136,25 @@ impl Convergence {
         SWITCHOVER_OVERHEAD + Duration::from_secs_f64(bytes / self.bandwidth().max(1.0))
     }
 
+    /// Takes a dirty-rate sample made while a pass runs (every
+    /// [`SAMPLE_PERIOD`]): when the guest dirties more than half of what the link moves,
+    /// the throttle goes one step up at once, so a long pass over a slow link does not
+    /// wait for its end (QEMU only looks once per pass). Returns the new throttle.
+    pub fn sample(&mut self, dirty_bytes_per_sec: f64) -> Option<u8> {
+        if !self.policy.auto_converge || dirty_bytes_per_sec * 2.0 < self.bandwidth() {
+            return None;
+        }
+        self.step();
+        Some(self.throttle)
+    }
+
+    fn step(&mut self) {
+        self.throttle = match self.throttle {
+            0 => THROTTLE_INITIAL,
+            t => t.saturating_add(THROTTLE_STEP).min(THROTTLE_MAX),
+        };
+    }
+
     /// Decides after a pass.
     pub fn decide(&mut self, pass: &PassResult) -> Decision {
         if pass.bytes_sent >= MIN_MEASURED_BYTES && !pass.duration.is_zero() {
@@ -163,10 +184,7 @@ impl Convergence {
             }
             if self.high_dirty_passes >= 2 {
                 self.high_dirty_passes = 0;
-                self.throttle = match self.throttle {
-                    0 => THROTTLE_INITIAL,
-                    t => t.saturating_add(THROTTLE_STEP).min(THROTTLE_MAX),
-                };
+                self.step();
             }
         }
         Decision::Continue {
@@ -225,6 +243,18 @@ mod tests {
         }
         assert_eq!(&seen[..6], &[0, 20, 20, 30, 30, 40]);
         assert_eq!(*seen.last().unwrap(), THROTTLE_MAX);
+    }
+
+    #[test]
+    fn samples_during_a_long_pass_step_the_throttle() {
+        let mut c = Convergence::new(policy(true, OnTimeout::Abort));
+        // No bandwidth measured yet: the 100 MB/s guess; 10 MB/s of dirtying is fine.
+        assert_eq!(c.sample(10e6), None);
+        let steps: Vec<_> = (0..11).filter_map(|_| c.sample(80e6)).collect();
+        assert_eq!(steps[..3], [20, 30, 40]);
+        assert_eq!(*steps.last().unwrap(), THROTTLE_MAX);
+        let mut off = Convergence::new(policy(false, OnTimeout::Abort));
+        assert_eq!(off.sample(1e12), None);
     }
 
     #[test]

@@ -177,15 +177,29 @@ impl<'a> GuestRam<'a> {
         }
     }
 
-    /// The pages dirtied since the last call (or since logging started), as runs:
-    /// KVM's dirty log of every slot OR'ed with the VMM's own writes.
+    /// An empty dirty set shaped like this RAM.
+    pub fn dirty_set(&self) -> DirtySet {
+        DirtySet {
+            slots: self
+                .ranges
+                .iter()
+                .map(|r| {
+                    let pages = r.len / PAGE;
+                    (r.gpa, pages, vec![0u64; pages.div_ceil(64) as usize])
+                })
+                .collect(),
+        }
+    }
+
+    /// Adds the pages dirtied since the last call (or since logging started) to `set`:
+    /// KVM's dirty log of every slot OR'ed with the VMM's own writes. Returns how many
+    /// pages this call found (counting pages already in `set` again), for rates.
     ///
     /// # Errors
     /// [`VmError::GetDirtyLog`].
-    pub fn take_dirty(&self) -> Result<(Vec<Run>, u64), VmError> {
+    pub fn collect_dirty(&self, set: &mut DirtySet) -> Result<u64, VmError> {
         let logs = self.vm.dirty_log()?;
-        let mut runs = Vec::new();
-        let mut count = 0;
+        let mut found = 0;
         for log in logs {
             let mut bitmap = log.bitmap;
             if let Some(region) = self
@@ -201,18 +215,48 @@ impl<'a> GuestRam<'a> {
                     *word |= vmm;
                 }
             }
-            count += bitmap
+            found += bitmap
                 .iter()
                 .map(|w| u64::from(w.count_ones()))
                 .sum::<u64>();
-            bitmap_runs(
-                &mut runs,
-                log.slot.guest_addr.0,
-                log.slot.len / PAGE,
-                &bitmap,
-            );
+            if let Some((_, _, acc)) = set
+                .slots
+                .iter_mut()
+                .find(|(gpa, _, _)| *gpa == log.slot.guest_addr.0)
+            {
+                for (a, w) in acc.iter_mut().zip(&bitmap) {
+                    *a |= w;
+                }
+            }
         }
-        Ok((runs, count))
+        Ok(found)
+    }
+}
+
+/// Pages to send in the next pass, one bit per page of each RAM range.
+#[derive(Debug, Clone)]
+pub struct DirtySet {
+    slots: Vec<(u64, u64, Vec<u64>)>,
+}
+
+impl DirtySet {
+    /// Pages in the set.
+    pub fn count(&self) -> u64 {
+        self.slots
+            .iter()
+            .flat_map(|(_, _, b)| b.iter())
+            .map(|w| u64::from(w.count_ones()))
+            .sum()
+    }
+
+    /// The set as runs, and empties it.
+    pub fn take_runs(&mut self) -> Vec<Run> {
+        let mut runs = Vec::new();
+        for (gpa, pages, bitmap) in &mut self.slots {
+            bitmap_runs(&mut runs, *gpa, *pages, bitmap);
+            bitmap.fill(0);
+        }
+        runs
     }
 }
 

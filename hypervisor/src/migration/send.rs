@@ -19,8 +19,10 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use berth_schema::OnTimeout;
+
 use super::control::{MigrateArgs, MigrateResolveArgs, MigrationPhase};
-use super::policy::{Convergence, Decision, PassResult, Policy};
+use super::policy::{Convergence, Decision, PassResult, Policy, SAMPLE_PERIOD};
 use super::precheck::{SourceConfig, SourceIdentity, CONFIG_VERSION};
 use super::ram::{connection_of, GuestRam, Run};
 use super::state::{self, MachineState, Persist as _, StateError, Vcpu, STATE_VERSION};
@@ -31,6 +33,7 @@ use crate::arch::x86_64::cpuid;
 use crate::control::protocol::GuestRunState;
 use crate::vmm::{Payload, Vmm, VmmError};
 use crate::vstate::vm::VmError;
+use std::cell::RefCell;
 
 /// Pages per `Pages` frame (1 MiB of data).
 const BATCH_PAGES: usize = 256;
@@ -57,7 +60,7 @@ pub enum SendError {
         source: std::io::Error,
     },
     /// The handshake failed (wrong token, not a berth destination, version).
-    #[error("Handshake on connection {stream} failed: {source}")]
+    #[error("Handshake on connection {stream} failed (a wrong token, or not a berth destination): {source}")]
     Handshake {
         /// Stream number.
         stream: u32,
@@ -362,13 +365,15 @@ impl Session<'_> {
         }
     }
 
-    /// Sends `runs` as pass `pass` and waits until every connection has sent it.
+    /// Sends `runs` as pass `pass` and waits until every connection has sent it,
+    /// calling `sample` every [`SAMPLE_PERIOD`] meanwhile.
     fn pass(
         &self,
         runs: Vec<Run>,
         pass: u32,
         skip_zero: bool,
         last: bool,
+        sample: &mut dyn FnMut() -> Result<(), SendError>,
     ) -> Result<(), SendError> {
         let n = self.jobs.len() as u32;
         let mut split: Vec<Vec<Run>> = vec![Vec::new(); self.jobs.len()];
@@ -382,7 +387,12 @@ impl Session<'_> {
             let _ = tx.send(Job::PassEnd { pass, last });
         }
         let mut done = 0;
+        let mut next_sample = Instant::now() + SAMPLE_PERIOD;
         while done < self.jobs.len() {
+            if Instant::now() >= next_sample {
+                sample()?;
+                next_sample += SAMPLE_PERIOD;
+            }
             match self.events.recv_timeout(Duration::from_millis(20)) {
                 Ok(Event::PassDone) => done += 1,
                 Ok(Event::FrameSent) => {}
@@ -705,31 +715,51 @@ fn precopy_and_switch(
     } else {
         None
     };
-    let mut convergence = Convergence::new(policy);
+    let convergence = RefCell::new(Convergence::new(policy));
+    let dirty = RefCell::new(s.ram.dirty_set());
+    // Auto-converge looks at the dirty rate while a pass runs, not only after it.
+    let mut last_sample = Instant::now();
+    let mut sample = || -> Result<(), SendError> {
+        let found = s.ram.collect_dirty(&mut dirty.borrow_mut())?;
+        let rate = found as f64 * PAGE_SIZE as f64 / last_sample.elapsed().as_secs_f64();
+        last_sample = Instant::now();
+        if s.started.elapsed() >= policy.timeout && policy.on_timeout == OnTimeout::Abort {
+            return Err(SendError::NotConverged(policy.timeout));
+        }
+        if let Some(pct) = convergence.borrow_mut().sample(rate) {
+            if let Some(t) = &throttle {
+                t.set(pct);
+            }
+            migration.status().throttle_percent = pct;
+        }
+        s.check_cancel()
+    };
     let mut pass = 1;
     let mut runs = s.ram.all_runs();
     let mut skip_zero = true;
-    let (final_runs, paused_at) = loop {
+    let paused_at = loop {
         let before = s.counters.bytes.load(Ordering::Relaxed);
         let t = Instant::now();
-        s.pass(runs, pass, skip_zero, false)?;
+        s.pass(runs, pass, skip_zero, false, &mut sample)?;
         let duration = t.elapsed();
-        let (dirty, dirty_pages) = s.ram.take_dirty()?;
+        s.ram.collect_dirty(&mut dirty.borrow_mut())?;
+        let dirty_pages = dirty.borrow().count();
         let result = PassResult {
             bytes_sent: s.counters.bytes.load(Ordering::Relaxed) - before,
             duration,
             dirty_pages,
             elapsed: s.started.elapsed(),
         };
-        let decision = convergence.decide(&result);
+        let decision = convergence.borrow_mut().decide(&result);
         {
+            let c = convergence.borrow();
             let mut st = migration.status();
             st.pass = pass;
             st.dirty_pages = dirty_pages;
             st.dirty_rate =
                 (dirty_pages as f64 * PAGE_SIZE as f64 / duration.as_secs_f64().max(1e-6)) as u64;
-            st.bandwidth = convergence.bandwidth() as u64;
-            st.estimated_downtime_ms = convergence.estimated_downtime().as_secs_f64() * 1000.0;
+            st.bandwidth = c.bandwidth() as u64;
+            st.estimated_downtime_ms = c.estimated_downtime().as_secs_f64() * 1000.0;
         }
         s.progress();
         s.check_cancel()?;
@@ -744,10 +774,8 @@ fn precopy_and_switch(
                     vmm.pause().map_err(SendError::Pause)?;
                 }
                 migration.status().phase = MigrationPhase::Switchover;
-                let (mut more, _) = s.ram.take_dirty()?;
-                let mut all = dirty;
-                all.append(&mut more);
-                break (all, paused_at);
+                s.ram.collect_dirty(&mut dirty.borrow_mut())?;
+                break paused_at;
             }
             Decision::Abort => return Err(SendError::NotConverged(policy.timeout)),
             Decision::Continue { throttle: pct } => {
@@ -759,14 +787,15 @@ fn precopy_and_switch(
                 if duration < Duration::from_millis(1) {
                     std::thread::sleep(Duration::from_millis(1) - duration);
                 }
-                runs = dirty;
+                runs = dirty.borrow_mut().take_runs();
                 skip_zero = false;
                 pass += 1;
             }
         }
     };
+    let final_runs = dirty.borrow_mut().take_runs();
     // The guest is paused: the rest, then the state.
-    s.pass(final_runs, pass + 1, false, true)?;
+    s.pass(final_runs, pass + 1, false, true, &mut || Ok(()))?;
     let state = save_state(vmm, was_paused)?;
     s.frame(FrameKind::State, state.encode()?)?;
     s.reply(FrameKind::Loaded, "Loaded")?;

@@ -1,0 +1,1030 @@
+//! Live migration end to end, on real KVM: heartbeat guests that dirty pages every tick
+//! move between two berth-vmm processes on this host and between two network
+//! namespaces; faults on the way (destination killed, link cut, wrong token, a flipped
+//! byte, a truncated stream, a page beyond guest memory, a lost `Commit` or `Running`)
+//! leave the guest running on the source and the receiver gone cleanly. Run as root
+//! with /dev/kvm.
+//!
+//! Every test cleans up what it made (VMM processes by pid, namespaces, state
+//! directories, cgroups, hugepages) through guards, also when it fails.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use berth_hypervisor::control::protocol::Op;
+use berth_hypervisor::control::{Client, GuestRunState, Status};
+use berth_hypervisor::host::cgroup::Cgroups;
+use berth_hypervisor::host::hugepages::{HugePagePool, PoolReservation};
+use berth_hypervisor::migration::precheck::{SourceConfig, SourceIdentity, CONFIG_VERSION};
+use berth_hypervisor::migration::wire::{self, FrameKind, FrameReader, FrameWriter, Token};
+use berth_hypervisor::migration::{
+    MigrateArgs, MigrateResolveArgs, MigrationPhase, MigrationStatus,
+};
+use berth_schema::PageSize;
+
+fn spec(name: &str, cpu: &str, memory: &str, dirty: u32) -> String {
+    format!(
+        "apiVersion: berth.dev/v1\nkind: Guest\nmetadata: {{name: {name}}}\nspec:\n  host: kvm01\n  cpu: {cpu}\n  memory: {memory}\n  boot: {{kernel: builtin:heartbeat, heartbeat: {{tickHz: 100, ticksPerLine: 10, dirtyPagesPerTick: {dirty}}}}}\n"
+    )
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", std::process::id())
+}
+
+/// A berth-vmm process; killed by pid on drop, with its cgroups removed.
+struct Vmm {
+    child: Option<Child>,
+    name: String,
+    socket: PathBuf,
+    /// For an incoming VMM: listen address and token.
+    incoming: Option<(String, String)>,
+    stderr: PathBuf,
+    /// The exit code, once reaped.
+    exit: Option<Option<i32>>,
+}
+
+impl Vmm {
+    /// Starts `berth-vmm run` (with `prefix` before it, e.g. `ip netns exec NS`).
+    fn start(
+        root: &Path,
+        name: &str,
+        spec_text: &str,
+        incoming: Option<&str>,
+        prefix: &[&str],
+    ) -> Result<Vmm, String> {
+        let tag = if incoming.is_some() { "in" } else { "src" };
+        let spec_path = root.join(format!("{name}-{tag}.yaml"));
+        std::fs::write(&spec_path, spec_text).unwrap();
+        let stderr = root.join(format!("{name}-{tag}.stderr"));
+        let vmm_bin = berth_tests::bin("berth-vmm");
+        let mut cmd = match prefix.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(&vmm_bin);
+                c
+            }
+            None => Command::new(&vmm_bin),
+        };
+        cmd.arg("run")
+            .arg("--spec")
+            .arg(&spec_path)
+            .arg("--state-dir")
+            .arg(root);
+        if let Some(addr) = incoming {
+            cmd.arg("--incoming").arg(addr);
+        }
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .expect("spawn berth-vmm");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx.recv_timeout(Duration::from_secs(20)).unwrap_or_default();
+        let mut vmm = Vmm {
+            child: Some(child),
+            name: name.to_owned(),
+            socket: PathBuf::new(),
+            incoming: None,
+            stderr,
+            exit: None,
+        };
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["ready", sock] => vmm.socket = PathBuf::from(sock),
+            ["ready", sock, "incoming", addr, token] => {
+                vmm.socket = PathBuf::from(sock);
+                vmm.incoming = Some((addr.to_string(), token.to_string()));
+            }
+            _ => {
+                vmm.wait_exit(Duration::from_secs(10));
+                return Err(vmm.stderr_text());
+            }
+        }
+        Ok(vmm)
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.as_ref().expect("running").id() as i32
+    }
+
+    fn stderr_text(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    fn client(&self) -> Client {
+        Client::connect(&self.socket).expect("connect to the control socket")
+    }
+
+    fn status(&self) -> Status {
+        self.client().status().expect("status")
+    }
+
+    fn migration(&self) -> MigrationStatus {
+        serde_json::from_value(
+            self.client()
+                .call(Op::MigrateStatus)
+                .expect("migrateStatus"),
+        )
+        .expect("a migration status")
+    }
+
+    fn migrate(&self, dest: &str, token: &str, policy: &str, connections: u32) {
+        let args = MigrateArgs {
+            destination: dest.to_owned(),
+            token: token.to_owned(),
+            policy: serde_json::from_str(policy).expect("a policy"),
+            connections: Some(connections),
+        };
+        self.client()
+            .call(Op::Migrate(args))
+            .expect("migrate accepted");
+    }
+
+    /// Waits until the migration leaves its running phases; the final status. A source
+    /// that completed exits at once: its status is then the last one seen, marked
+    /// `Completed` when the process ended with status 0.
+    fn migration_outcome(&mut self, timeout: Duration) -> MigrationStatus {
+        self.watch_migration(timeout, |_| {})
+    }
+
+    /// [`Vmm::migration_outcome`], showing every status seen to `watch`.
+    fn watch_migration(
+        &mut self,
+        timeout: Duration,
+        mut watch: impl FnMut(&MigrationStatus),
+    ) -> MigrationStatus {
+        let deadline = Instant::now() + timeout;
+        let mut last = MigrationStatus::default();
+        loop {
+            let st = match Client::connect(&self.socket)
+                .ok()
+                .and_then(|mut c| c.call(Op::MigrateStatus).ok())
+            {
+                Some(v) => serde_json::from_value::<MigrationStatus>(v).expect("a status"),
+                None => {
+                    let code = self.wait_exit(Duration::from_secs(10));
+                    assert_eq!(
+                        code,
+                        Some(0),
+                        "the VMM went away: {last:?}\n{}",
+                        self.stderr_text()
+                    );
+                    last.phase = MigrationPhase::Completed;
+                    return last;
+                }
+            };
+            watch(&st);
+            if !matches!(
+                st.phase,
+                MigrationPhase::Prechecks
+                    | MigrationPhase::Precopy
+                    | MigrationPhase::Switchover
+                    | MigrationPhase::Loaded
+            ) {
+                return st;
+            }
+            last = st;
+            assert!(
+                Instant::now() < deadline,
+                "migration still {:?}: {last:?}",
+                last.phase
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let Some(child) = self.child.as_mut() else {
+            return self.exit.flatten();
+        };
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                self.exit = Some(status.code());
+                return status.code();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "berth-vmm {} did not exit in {timeout:?}",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill9(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            child.kill().expect("SIGKILL the VMM by pid");
+            child.wait().unwrap();
+            self.child = None;
+        }
+    }
+
+    fn ticks(&self) -> Vec<u64> {
+        self.status().vcpu.iter().filter_map(|v| v.ticks).collect()
+    }
+
+    /// Asserts that the guest is running here: its tick counters move.
+    fn assert_beating(&self) {
+        let before = self.ticks();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            std::thread::sleep(Duration::from_millis(100));
+            let now = self.ticks();
+            if now.len() == before.len() && now.iter().zip(&before).all(|(a, b)| a > b) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the guest does not beat here: {before:?} -> {now:?}"
+            );
+        }
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        self.kill9();
+        if let Ok(cgroups) = Cgroups::detect() {
+            let _ = cgroups.remove_stale(&self.name);
+            let _ = cgroups.remove_stale(&format!("{}.incoming", self.name));
+        }
+    }
+}
+
+fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The heartbeat lines of each vCPU, in order, from the console logs given.
+fn heartbeats(logs: &[PathBuf]) -> BTreeMap<u32, Vec<u64>> {
+    let mut out: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+    for log in logs {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        for line in text.lines() {
+            let mut it = line.split_whitespace();
+            if it.next() != Some("hb") {
+                continue;
+            }
+            let field = |s: Option<&str>, key: &str| {
+                s.and_then(|s| s.strip_prefix(key))
+                    .and_then(|v| v.parse::<u64>().ok())
+            };
+            if let (Some(v), Some(n)) = (field(it.next(), "vcpu="), field(it.next(), "n=")) {
+                out.entry(v as u32).or_default().push(n);
+            }
+        }
+    }
+    out
+}
+
+/// Every vCPU's counters go up by exactly `per_line` per line: no gap, no repeat.
+fn assert_continuous(lines: &BTreeMap<u32, Vec<u64>>, per_line: u64, at_least: usize) {
+    assert!(!lines.is_empty(), "no heartbeat lines");
+    for (vcpu, ns) in lines {
+        assert!(ns.len() >= at_least, "vCPU {vcpu}: only {} lines", ns.len());
+        for w in ns.windows(2) {
+            assert_eq!(
+                w[1],
+                w[0] + per_line,
+                "vCPU {vcpu}: heartbeat {} followed by {} (gap or repeat)",
+                w[0],
+                w[1]
+            );
+        }
+    }
+}
+
+fn proc_affinity(pid: i32, tid: i32) -> String {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+fn cgroup_of(pid: i32, controller: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .unwrap()
+        .lines()
+        .find(|l| {
+            l.split(':')
+                .nth(1)
+                .is_some_and(|c| c.split(',').any(|c| c == controller))
+        })
+        .and_then(|l| l.split(':').nth(2))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Checks the incoming directory and cgroup are gone (the receiver cleaned up).
+fn assert_incoming_gone(root: &Path, name: &str) {
+    let dir = root.join("guests").join(format!("{name}.incoming"));
+    wait_until(
+        "the incoming directory to go",
+        Duration::from_secs(5),
+        || !dir.exists(),
+    );
+    if let Ok(cgroups) = Cgroups::detect() {
+        assert!(
+            cgroups.open(&format!("{name}.incoming")).unwrap().is_none(),
+            "the incoming cgroup is left behind"
+        );
+    }
+}
+
+const FAST: &str = r#"{"maxDowntime":"30ms"}"#;
+
+#[test]
+fn local_migration_keeps_heartbeats_memory_pinning_and_memtune() {
+    berth_tests::require_root_and_kvm();
+    let root = tempfile::tempdir().unwrap();
+    let name = unique("mig-local");
+    let text = spec(
+        &name,
+        "{vcpus: 2, pinning: {vcpus: {0: \"0\", 1: \"1\"}, emulator: \"0-1\"}}",
+        "{size: 64MiB, tune: {hardLimit: 512MiB}}",
+        4,
+    );
+    let mut src = Vmm::start(root.path(), &name, &text, None, &[]).unwrap();
+    let mut dst = Vmm::start(root.path(), &name, &text, Some("127.0.0.1:0"), &[]).unwrap();
+    let (addr, token) = dst.incoming.clone().unwrap();
+    assert_eq!(dst.migration().phase, MigrationPhase::Listening);
+    assert_eq!(dst.migration().token.as_deref(), Some(token.as_str()));
+    // Let the guest dirty pages for a while.
+    wait_until("a few heartbeats", Duration::from_secs(10), || {
+        src.ticks().iter().all(|&t| t >= 50)
+    });
+    src.migrate(&addr, &token, FAST, 2);
+    let outcome = src.migration_outcome(Duration::from_secs(30));
+    assert_eq!(outcome.phase, MigrationPhase::Completed, "{outcome:?}");
+    assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
+    // The destination took the guest's directory, lock, socket and cgroup.
+    let guest_dir = root.path().join("guests").join(&name);
+    dst.socket = guest_dir.join("control.sock");
+    wait_until("the handover", Duration::from_secs(10), || {
+        dst.socket.exists() && dst.migration().relocation.is_some()
+    });
+    let relocation = dst.migration().relocation.unwrap();
+    assert!(relocation.ends_with(&name), "{relocation}");
+    assert_incoming_gone(root.path(), &name);
+    dst.assert_beating();
+    std::thread::sleep(Duration::from_millis(300));
+    let lines = heartbeats(&[
+        guest_dir.join("console.log.1"),
+        guest_dir.join("console.log"),
+    ]);
+    assert_continuous(&lines, 10, 3);
+    let report = dst.client().verify_memory().unwrap();
+    assert!(report.ok(), "{:?}", report.bad);
+    assert!(report.written > 100, "{report:?}");
+    let status = dst.status();
+    assert_eq!(status.state, GuestRunState::Running);
+    for (i, want) in [(0, "0"), (1, "1")] {
+        let tid = status.vcpu[i].tid.unwrap();
+        assert_eq!(proc_affinity(dst.pid(), tid), want);
+    }
+    assert!(cgroup_of(dst.pid(), "memory").ends_with(&format!("/{name}")));
+    let values = status.cgroup.unwrap()["values"].to_string();
+    assert!(
+        values.contains(r#""hardLimit":{"enforced":"512MiB"}"#),
+        "{values}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(guest_dir.join("pid"))
+            .unwrap()
+            .trim(),
+        dst.pid().to_string()
+    );
+    dst.client().shutdown(Duration::from_secs(10)).unwrap();
+    assert_eq!(dst.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
+#[test]
+fn restart_class_changes_apply_through_a_local_migration() {
+    berth_tests::require_root_and_kvm();
+    let pool = HugePagePool::new(PageSize::Huge2M);
+    let reservation = PoolReservation::grow(pool.clone(), 48).unwrap();
+    assert_eq!(
+        reservation.added(),
+        48,
+        "the kernel could not grow the pool"
+    );
+    let root = tempfile::tempdir().unwrap();
+    let name = unique("mig-grow");
+    let before = spec(&name, "{vcpus: 2}", "{size: 64MiB}", 4);
+    let after = spec(
+        &name,
+        "{vcpus: 2, maxVcpus: 3}",
+        "{size: 96MiB, hugepages: {pageSize: 2MiB}}",
+        4,
+    );
+    let mut src = Vmm::start(root.path(), &name, &before, None, &[]).unwrap();
+    let free_before = pool.stats().unwrap().free;
+    let mut dst = Vmm::start(root.path(), &name, &after, Some("127.0.0.1:0"), &[]).unwrap();
+    assert_eq!(pool.stats().unwrap().free, free_before - 48);
+    let (addr, token) = dst.incoming.clone().unwrap();
+    wait_until("heartbeats", Duration::from_secs(10), || {
+        src.ticks().iter().all(|&t| t >= 30)
+    });
+    src.migrate(&addr, &token, FAST, 2);
+    let outcome = src.migration_outcome(Duration::from_secs(30));
+    assert_eq!(outcome.phase, MigrationPhase::Completed, "{outcome:?}");
+    assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
+    dst.socket = root.path().join("guests").join(&name).join("control.sock");
+    wait_until("the handover", Duration::from_secs(10), || {
+        dst.socket.exists()
+    });
+    dst.assert_beating();
+    let status = dst.status();
+    assert_eq!(status.memory.size, 96 << 20);
+    assert_eq!(status.memory.backing, "hugetlb-2MiB");
+    assert_eq!(status.memory.hugepages, 48);
+    assert_eq!((status.vcpus, status.max_vcpus), (2, 3));
+    let report = dst.client().verify_memory().unwrap();
+    assert!(report.ok(), "{:?}", report.bad);
+    dst.client().shutdown(Duration::from_secs(10)).unwrap();
+    assert_eq!(dst.wait_exit(Duration::from_secs(10)), Some(0));
+    assert_eq!(pool.stats().unwrap().free, free_before);
+}
+
+/// Two network namespaces joined by a veth pair; deleted on drop.
+struct NetPair {
+    a: String,
+    b: String,
+}
+
+fn ip(args: &[&str]) {
+    let status = Command::new("ip").args(args).status().expect("run ip");
+    assert!(status.success(), "ip {args:?} failed");
+}
+
+impl NetPair {
+    fn new() -> NetPair {
+        let pid = std::process::id();
+        let pair = NetPair {
+            a: format!("berth-t-{pid}-a"),
+            b: format!("berth-t-{pid}-b"),
+        };
+        let net = format!("10.254.{}", pid % 250);
+        ip(&["netns", "add", &pair.a]);
+        ip(&["netns", "add", &pair.b]);
+        let (va, vb) = (
+            format!("bta{}", pid % 100000),
+            format!("btb{}", pid % 100000),
+        );
+        ip(&[
+            "link", "add", &va, "netns", &pair.a, "type", "veth", "peer", "name", &vb, "netns",
+            &pair.b,
+        ]);
+        ip(&[
+            "-n",
+            &pair.a,
+            "addr",
+            "add",
+            &format!("{net}.1/30"),
+            "dev",
+            &va,
+        ]);
+        ip(&[
+            "-n",
+            &pair.b,
+            "addr",
+            "add",
+            &format!("{net}.2/30"),
+            "dev",
+            &vb,
+        ]);
+        for (ns, dev) in [(&pair.a, &va), (&pair.b, &vb)] {
+            ip(&["-n", ns, "link", "set", dev, "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        pair
+    }
+
+    fn addr_b(&self) -> String {
+        format!("10.254.{}.2", std::process::id() % 250)
+    }
+}
+
+impl Drop for NetPair {
+    fn drop(&mut self) {
+        for ns in [&self.a, &self.b] {
+            let _ = Command::new("ip").args(["netns", "delete", ns]).status();
+        }
+    }
+}
+
+#[test]
+fn migration_between_two_network_namespaces() {
+    berth_tests::require_root_and_kvm();
+    let net = NetPair::new();
+    // Two "hosts": separate namespaces and separate state roots.
+    let root_a = tempfile::tempdir().unwrap();
+    let root_b = tempfile::tempdir().unwrap();
+    let name = unique("mig-netns");
+    let text = spec(
+        &name,
+        "{vcpus: 2}",
+        "{size: 64MiB, tune: {hardLimit: 256MiB}}",
+        4,
+    );
+    // nsenter enters only the network namespace (`ip netns exec` would also remount
+    // /sys, hiding the cgroup filesystems).
+    let (path_a, path_b) = (
+        format!("--net=/var/run/netns/{}", net.a),
+        format!("--net=/var/run/netns/{}", net.b),
+    );
+    let ns_a = ["nsenter", path_a.as_str()];
+    let ns_b = ["nsenter", path_b.as_str()];
+    let mut src = Vmm::start(root_a.path(), &name, &text, None, &ns_a).unwrap();
+    let listen = format!("{}:0", net.addr_b());
+    let mut dst = Vmm::start(root_b.path(), &name, &text, Some(&listen), &ns_b).unwrap();
+    let (addr, token) = dst.incoming.clone().unwrap();
+    assert!(addr.starts_with(&net.addr_b()), "{addr}");
+    wait_until("heartbeats", Duration::from_secs(10), || {
+        src.ticks().iter().all(|&t| t >= 30)
+    });
+    src.migrate(&addr, &token, FAST, 2);
+    let outcome = src.migration_outcome(Duration::from_secs(30));
+    assert_eq!(outcome.phase, MigrationPhase::Completed, "{outcome:?}");
+    assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
+    let dir_b = root_b.path().join("guests").join(&name);
+    dst.socket = dir_b.join("control.sock");
+    wait_until("the handover", Duration::from_secs(15), || {
+        dst.socket.exists()
+    });
+    dst.assert_beating();
+    std::thread::sleep(Duration::from_millis(300));
+    let lines = heartbeats(&[
+        root_a.path().join("guests").join(&name).join("console.log"),
+        dir_b.join("console.log"),
+    ]);
+    assert_continuous(&lines, 10, 3);
+    assert!(dst.client().verify_memory().unwrap().ok());
+    let values = dst.status().cgroup.unwrap()["values"].to_string();
+    assert!(
+        values.contains(r#""hardLimit":{"enforced":"256MiB"}"#),
+        "{values}"
+    );
+    dst.client().shutdown(Duration::from_secs(10)).unwrap();
+    assert_eq!(dst.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
+/// How the test proxy mistreats the stream from the source to the destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    /// Flip one byte at this offset of the first connection.
+    Flip(usize),
+    /// Close both ways after this many bytes of the first connection.
+    Truncate(usize),
+    /// Stop forwarding (both ways, sockets left open) after this many bytes.
+    Stall(usize),
+    /// Swallow the `Commit` frame and cut the link.
+    DropCommit,
+    /// Forward `Commit`, swallow `Running`, cut the link.
+    DropRunning,
+}
+
+/// A TCP proxy in front of an incoming VMM; stops with its owner.
+struct Proxy {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+}
+
+impl Proxy {
+    fn start(target: &str, fault: Fault) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let target: SocketAddr = target.parse().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut first = true;
+            let mut held = Vec::new();
+            for conn in listener.incoming() {
+                if stop2.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(client) = conn else { break };
+                let server = TcpStream::connect(target).unwrap();
+                held.push((client.try_clone().unwrap(), server.try_clone().unwrap()));
+                let fault = first.then_some(fault);
+                first = false;
+                spawn_pumps(client, server, fault, Arc::clone(&stop2));
+            }
+        });
+        Proxy { addr, stop }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(self.addr);
+    }
+}
+
+fn spawn_pumps(client: TcpStream, server: TcpStream, fault: Option<Fault>, stop: Arc<AtomicBool>) {
+    let cut = Arc::new(AtomicBool::new(false));
+    let sockets = [client.try_clone().unwrap(), server.try_clone().unwrap()];
+    let cut_all = {
+        let cut = Arc::clone(&cut);
+        move |close: bool| {
+            cut.store(true, Ordering::SeqCst);
+            if close {
+                for s in &sockets {
+                    let _ = s.shutdown(Shutdown::Both);
+                }
+            }
+        }
+    };
+    // Destination to source: plain, unless cut.
+    {
+        let (mut from, mut to) = (server.try_clone().unwrap(), client.try_clone().unwrap());
+        let cut = Arc::clone(&cut);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 65536];
+            loop {
+                let n = match from.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                if cut.load(Ordering::SeqCst) {
+                    continue;
+                }
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            let _ = to.shutdown(Shutdown::Write);
+        });
+    }
+    // Source to destination: frame by frame after the 80-byte hello.
+    let (mut from, mut to) = (client, server);
+    std::thread::spawn(move || {
+        let mut offset = 0usize;
+        let mut forward = |bytes: &mut [u8], to: &mut TcpStream| -> bool {
+            if let Some(Fault::Flip(at)) = fault {
+                if (offset..offset + bytes.len()).contains(&at) {
+                    bytes[at - offset] ^= 0x40;
+                }
+            }
+            let limit = match fault {
+                Some(Fault::Truncate(n)) | Some(Fault::Stall(n)) => Some(n),
+                _ => None,
+            };
+            if let Some(limit) = limit {
+                if offset + bytes.len() > limit {
+                    let keep = limit.saturating_sub(offset);
+                    let _ = to.write_all(&bytes[..keep]);
+                    offset = limit;
+                    return false;
+                }
+            }
+            offset += bytes.len();
+            to.write_all(bytes).is_ok()
+        };
+        let mut hello = [0u8; 80];
+        // The source's hello comes after the destination's (forwarded by the other pump).
+        if from.read_exact(&mut hello).is_err() || !forward(&mut hello, &mut to) {
+            return finish(fault, cut_all, &stop);
+        }
+        loop {
+            let mut header = [0u8; wire::HEADER_LEN];
+            if from.read_exact(&mut header).is_err() {
+                break;
+            }
+            let len = u32::from_le_bytes(header[4..8].try_into().unwrap()) as usize;
+            let mut body = vec![0u8; len.min(wire::MAX_PAYLOAD) + wire::MAC_LEN];
+            if from.read_exact(&mut body).is_err() {
+                break;
+            }
+            let commit = header[0] == FrameKind::Commit as u8;
+            if commit && fault == Some(Fault::DropCommit) {
+                return finish(fault, cut_all, &stop);
+            }
+            if !forward(&mut header, &mut to) || !forward(&mut body, &mut to) {
+                return finish(fault, cut_all, &stop);
+            }
+            if commit && fault == Some(Fault::DropRunning) {
+                // Nothing more reaches the source (Running is swallowed); the destination
+                // gets time to read Commit before the link goes.
+                cut_all(false);
+                std::thread::sleep(Duration::from_millis(300));
+                return finish(fault, cut_all, &stop);
+            }
+        }
+        let _ = to.shutdown(Shutdown::Write);
+    });
+}
+
+fn finish(fault: Option<Fault>, cut_all: impl Fn(bool), stop: &AtomicBool) {
+    match fault {
+        Some(Fault::Stall(_)) => {
+            // Hold the link open and silent until the test ends.
+            cut_all(false);
+            while !stop.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            cut_all(true);
+        }
+        _ => cut_all(true),
+    }
+}
+
+/// A source and an incoming VMM for one fault test.
+fn fault_pair(tag: &str, dirty: u32, size: &str) -> (tempfile::TempDir, String, Vmm, Vmm) {
+    let root = tempfile::tempdir().unwrap();
+    let name = unique(tag);
+    let text = spec(&name, "{vcpus: 2}", &format!("{{size: {size}}}"), dirty);
+    let src = Vmm::start(root.path(), &name, &text, None, &[]).unwrap();
+    let dst = Vmm::start(root.path(), &name, &text, Some("127.0.0.1:0"), &[]).unwrap();
+    wait_until("heartbeats", Duration::from_secs(10), || {
+        src.ticks().iter().all(|&t| t >= 30)
+    });
+    (root, name, src, dst)
+}
+
+/// After a failed migration: the source's guest runs, untouched; the receiver exited
+/// non-zero and left nothing behind.
+fn assert_source_kept_guest(root: &Path, name: &str, src: &mut Vmm, dst: &mut Vmm) {
+    let outcome = src.migration_outcome(Duration::from_secs(30));
+    assert_eq!(outcome.phase, MigrationPhase::Failed, "{outcome:?}");
+    assert!(outcome.error.is_some());
+    let code = dst.wait_exit(Duration::from_secs(15));
+    assert!(matches!(code, Some(c) if c != 0), "receiver exit {code:?}");
+    assert_eq!(src.status().state, GuestRunState::Running);
+    src.assert_beating();
+    assert!(src.client().verify_memory().unwrap().ok());
+    assert_incoming_gone(root, name);
+    let lines = heartbeats(&[root.join("guests").join(name).join("console.log")]);
+    assert_continuous(&lines, 10, 3);
+}
+
+#[test]
+fn killing_the_destination_mid_pass_leaves_the_guest_on_the_source() {
+    berth_tests::require_root_and_kvm();
+    let (root, name, mut src, mut dst) = fault_pair("mig-kill", 20, "64MiB");
+    let (addr, token) = dst.incoming.clone().unwrap();
+    // A slow link keeps the first pass going.
+    src.migrate(
+        &addr,
+        &token,
+        r#"{"bandwidth":"1MiB/s","autoConverge":false}"#,
+        2,
+    );
+    wait_until("pages on the wire", Duration::from_secs(10), || {
+        src.migration().bytes_sent > 256 << 10
+    });
+    let pid = dst.pid();
+    dst.kill9();
+    let outcome = src.migration_outcome(Duration::from_secs(30));
+    assert_eq!(outcome.phase, MigrationPhase::Failed, "{outcome:?}");
+    src.assert_beating();
+    assert!(src.client().verify_memory().unwrap().ok());
+    assert!(std::fs::metadata(format!("/proc/{pid}")).is_err());
+    let lines = heartbeats(&[root.path().join("guests").join(&name).join("console.log")]);
+    assert_continuous(&lines, 10, 3);
+}
+
+#[test]
+fn a_wrong_token_is_refused_and_the_receiver_stays_clean() {
+    berth_tests::require_root_and_kvm();
+    let (root, name, mut src, mut dst) = fault_pair("mig-token", 2, "64MiB");
+    let (addr, _) = dst.incoming.clone().unwrap();
+    let wrong = Token::generate().unwrap().to_hex();
+    src.migrate(&addr, &wrong, FAST, 2);
+    let outcome = src.migration_outcome(Duration::from_secs(30));
+    assert_eq!(outcome.phase, MigrationPhase::Failed);
+    assert!(
+        outcome
+            .error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("token"),
+        "{outcome:?}"
+    );
+    src.assert_beating();
+    // The receiver refused the connection and still waits for the real source.
+    let incoming = dst.migration();
+    assert_eq!(incoming.phase, MigrationPhase::Listening);
+    assert!(incoming.error.unwrap_or_default().contains("token"));
+    dst.client().shutdown(Duration::from_secs(5)).unwrap();
+    assert!(matches!(dst.wait_exit(Duration::from_secs(10)), Some(c) if c != 0));
+    assert_incoming_gone(root.path(), &name);
+}
+
+fn proxied_fault(tag: &str, fault: Fault) {
+    berth_tests::require_root_and_kvm();
+    let (root, name, mut src, mut dst) = fault_pair(tag, 4, "64MiB");
+    let (addr, token) = dst.incoming.clone().unwrap();
+    let proxy = Proxy::start(&addr, fault);
+    src.migrate(&proxy.addr.to_string(), &token, FAST, 1);
+    assert_source_kept_guest(root.path(), &name, &mut src, &mut dst);
+    drop(proxy);
+}
+
+#[test]
+fn a_flipped_byte_aborts_the_migration() {
+    // Well past the handshake and the config: inside page data.
+    proxied_fault("mig-flip", Fault::Flip(200_000));
+}
+
+#[test]
+fn a_truncated_stream_aborts_the_migration() {
+    proxied_fault("mig-trunc", Fault::Truncate(150_000));
+}
+
+#[test]
+fn a_cut_link_aborts_the_migration() {
+    proxied_fault("mig-cut", Fault::Stall(150_000));
+}
+
+#[test]
+fn a_page_beyond_guest_memory_is_refused() {
+    berth_tests::require_root_and_kvm();
+    let root = tempfile::tempdir().unwrap();
+    let name = unique("mig-forge");
+    let text = spec(&name, "{vcpus: 1}", "{size: 64MiB}", 0);
+    let mut dst = Vmm::start(root.path(), &name, &text, Some("127.0.0.1:0"), &[]).unwrap();
+    let (addr, token) = dst.incoming.clone().unwrap();
+    let token = Token::from_hex(&token).unwrap();
+    // A forger that knows the token and speaks the real protocol.
+    let mut conn = TcpStream::connect(&addr).unwrap();
+    let key = wire::connect(&mut conn, &token, 0).unwrap();
+    let mut w = FrameWriter::new(conn.try_clone().unwrap(), key.clone());
+    let config = SourceConfig {
+        version: CONFIG_VERSION,
+        name: name.clone(),
+        ranges: vec![(0, 64 << 20)],
+        max_vcpus: 1,
+        online_vcpus: 1,
+        cpu_mode: berth_schema::CpuMode::Custom,
+        cpu_vendor: String::new(),
+        cpu_flags: Default::default(),
+        long_mode: true,
+        heartbeat: None,
+        connections: 1,
+        source: SourceIdentity {
+            boot_id: "forged".into(),
+            pid: 1,
+        },
+    };
+    w.send(FrameKind::Config, &[&serde_json::to_vec(&config).unwrap()])
+        .unwrap();
+    let mut r = FrameReader::new(conn.try_clone().unwrap(), key.for_replies());
+    assert_eq!(r.recv().unwrap().kind, FrameKind::Info);
+    let head = wire::pages_head(&[64 << 20]);
+    w.send(FrameKind::Pages, &[&head, &[0xAA; wire::PAGE_SIZE]])
+        .unwrap();
+    let code = dst.wait_exit(Duration::from_secs(10));
+    assert!(matches!(code, Some(c) if c != 0), "{code:?}");
+    assert!(
+        dst.stderr_text().contains("outside guest memory"),
+        "{}",
+        dst.stderr_text()
+    );
+    assert_incoming_gone(root.path(), &name);
+}
+
+#[test]
+fn a_lost_commit_keeps_the_guest_paused_until_resolved_then_resumes() {
+    berth_tests::require_root_and_kvm();
+    let (root, name, mut src, mut dst) = fault_pair("mig-nocommit", 4, "64MiB");
+    let (addr, token) = dst.incoming.clone().unwrap();
+    let proxy = Proxy::start(&addr, Fault::DropCommit);
+    src.migrate(&proxy.addr.to_string(), &token, FAST, 1);
+    let outcome = src.migration_outcome(Duration::from_secs(30));
+    assert_eq!(
+        outcome.phase,
+        MigrationPhase::SwitchoverUnknown,
+        "{outcome:?}"
+    );
+    // Never twice: the source holds the guest paused.
+    assert_eq!(src.status().state, GuestRunState::Paused);
+    let ticks = src.ticks();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(src.ticks(), ticks);
+    // The destination never read Commit: it gives up without running the guest.
+    assert!(matches!(dst.wait_exit(Duration::from_secs(15)), Some(c) if c != 0));
+    assert_incoming_gone(root.path(), &name);
+    src.client()
+        .call(Op::MigrateResolve(MigrateResolveArgs {
+            destination_running: false,
+        }))
+        .unwrap();
+    wait_until("the source to resume", Duration::from_secs(5), || {
+        src.status().state == GuestRunState::Running
+    });
+    src.assert_beating();
+    assert!(src.client().verify_memory().unwrap().ok());
+    drop(proxy);
+}
+
+#[test]
+fn a_lost_running_keeps_the_source_paused_and_the_destination_runs() {
+    berth_tests::require_root_and_kvm();
+    let (root, name, mut src, mut dst) = fault_pair("mig-norunning", 4, "64MiB");
+    let (addr, token) = dst.incoming.clone().unwrap();
+    let proxy = Proxy::start(&addr, Fault::DropRunning);
+    src.migrate(&proxy.addr.to_string(), &token, FAST, 1);
+    let outcome = src.migration_outcome(Duration::from_secs(30));
+    assert_eq!(
+        outcome.phase,
+        MigrationPhase::SwitchoverUnknown,
+        "{outcome:?}"
+    );
+    assert_eq!(src.status().state, GuestRunState::Paused);
+    // The destination read Commit: the guest runs there, and only there.
+    assert_eq!(dst.migration().phase, MigrationPhase::Completed);
+    dst.assert_beating();
+    src.client()
+        .call(Op::MigrateResolve(MigrateResolveArgs {
+            destination_running: true,
+        }))
+        .unwrap();
+    assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
+    dst.socket = root.path().join("guests").join(&name).join("control.sock");
+    wait_until("the handover", Duration::from_secs(15), || {
+        dst.socket.exists()
+    });
+    dst.assert_beating();
+    dst.client().shutdown(Duration::from_secs(10)).unwrap();
+    assert_eq!(dst.wait_exit(Duration::from_secs(10)), Some(0));
+    drop(proxy);
+}
+
+#[test]
+fn a_fast_dirtier_on_a_capped_link_converges_with_auto_converge_and_aborts_without() {
+    berth_tests::require_root_and_kvm();
+    // 2 vCPUs x 40 pages x ~100 ticks/s: about 30 MB/s of dirty memory, 8 MiB/s link.
+    let (root, name, mut src, mut dst) = fault_pair("mig-conv", 40, "32MiB");
+    let (addr, token) = dst.incoming.clone().unwrap();
+    src.migrate(
+        &addr,
+        &token,
+        r#"{"maxDowntime":"30ms","bandwidth":"8MiB/s","autoConverge":false,"completionTimeoutPerGiB":"96s","onTimeout":"abort"}"#,
+        2,
+    );
+    let outcome = src.migration_outcome(Duration::from_secs(30));
+    assert_eq!(outcome.phase, MigrationPhase::Failed, "{outcome:?}");
+    assert!(
+        outcome
+            .error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("converge"),
+        "{outcome:?}"
+    );
+    assert!(matches!(dst.wait_exit(Duration::from_secs(15)), Some(c) if c != 0));
+    src.assert_beating();
+    assert!(src.client().verify_memory().unwrap().ok());
+    assert_incoming_gone(root.path(), &name);
+
+    // Again with auto-converge: it throttles the guest until the rest fits.
+    let text = spec(&name, "{vcpus: 2}", "{size: 32MiB}", 40);
+    let mut dst = Vmm::start(root.path(), &name, &text, Some("127.0.0.1:0"), &[]).unwrap();
+    let (addr, token) = dst.incoming.clone().unwrap();
+    src.migrate(
+        &addr,
+        &token,
+        r#"{"maxDowntime":"30ms","bandwidth":"8MiB/s","autoConverge":true,"completionTimeoutPerGiB":"960s"}"#,
+        2,
+    );
+    let mut max_throttle = 0;
+    let outcome = src.watch_migration(Duration::from_secs(60), |st| {
+        max_throttle = max_throttle.max(st.throttle_percent)
+    });
+    assert_eq!(outcome.phase, MigrationPhase::Completed, "{outcome:?}");
+    assert!(max_throttle >= 20, "throttle never rose: {max_throttle}");
+    assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
+    dst.socket = root.path().join("guests").join(&name).join("control.sock");
+    wait_until("the handover", Duration::from_secs(15), || {
+        dst.socket.exists()
+    });
+    dst.assert_beating();
+    assert!(dst.client().verify_memory().unwrap().ok());
+    dst.client().shutdown(Duration::from_secs(10)).unwrap();
+    assert_eq!(dst.wait_exit(Duration::from_secs(10)), Some(0));
+}
