@@ -29,6 +29,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -88,6 +89,9 @@ pub struct LocalDriver {
     /// VMMs this process started, reaped once they exit (so that a long-lived
     /// `berth serve` keeps no zombies).
     children: Mutex<Vec<Child>>,
+    /// Set by [`LocalDriver::cancel_migrations`]: migrations in flight are cancelled
+    /// (the guest stays in its source VMM) and no new one starts.
+    cancel: AtomicBool,
 }
 
 impl LocalDriver {
@@ -99,6 +103,85 @@ impl LocalDriver {
             state_dir: state_dir.into(),
             vmm,
             children: Mutex::new(Vec::new()),
+            cancel: AtomicBool::new(false),
+        }
+    }
+
+    /// Cancels the migrations in flight (the VMM's `migrateCancel`: a migration
+    /// before its switchover ends with the guest in its source VMM) and refuses new
+    /// ones; `berth serve` calls it on SIGTERM.
+    pub fn cancel_migrations(&self) {
+        self.cancel.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether [`LocalDriver::cancel_migrations`] was called.
+    pub fn cancelling(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst)
+    }
+
+    /// The control socket of the VMM running guest `name`.
+    pub fn control_socket(&self, name: &str) -> PathBuf {
+        self.socket(name)
+    }
+
+    /// Whether an incoming VMM for `name` (a migration to this host) holds its lock.
+    pub fn incoming_under_way(&self, name: &str) -> bool {
+        vmm_lock_held(&self.guests_dir().join(format!("{name}.incoming")))
+    }
+
+    /// Starts an incoming VMM for `guest` listening on `listen` (a migration from
+    /// another host); returns its pid and the listen address and one-time token it
+    /// reported. The VMM removes itself if the migration fails before its commit, and
+    /// takes over the guest's directory after it.
+    ///
+    /// # Errors
+    /// When the guest already runs here or is already arriving, or the VMM cannot be
+    /// built.
+    pub fn prepare_incoming(
+        &self,
+        guest: &Guest,
+        listen: &str,
+    ) -> Result<(i32, String, String), DriverError> {
+        let name = &guest.metadata.name;
+        if let Some(status) = self.live_status(name) {
+            return Err(DriverError::Refused(format!(
+                "guest {name} already runs on {} (pid {})",
+                self.host, status.pid
+            )));
+        }
+        if self.incoming_under_way(name) {
+            return Err(DriverError::Refused(format!(
+                "a migration of {name} to {} is already under way",
+                self.host
+            )));
+        }
+        let pid = {
+            let _pool_lock = match guest.spec.memory.hugepages {
+                Some(_) => Some(lock_hugepage_pools()?),
+                None => None,
+            };
+            self.spawn_vmm(guest, Some(listen))?
+        };
+        let status = Client::connect(self.incoming_socket(name))
+            .and_then(|mut c| c.call(Op::MigrateStatus))
+            .map_err(|e| failed(format!("asking the incoming VMM of {name}"), e))
+            .and_then(|v| {
+                serde_json::from_value::<MigrationStatus>(v)
+                    .map_err(|e| failed("reading the incoming VMM's status", e))
+            });
+        match status {
+            Ok(MigrationStatus {
+                listen: Some(listen),
+                token: Some(token),
+                ..
+            }) => Ok((pid, listen, token)),
+            Ok(_) | Err(_) => {
+                kill_pid(pid);
+                Err(DriverError::Failed {
+                    context: format!("preparing the incoming migration of {name}"),
+                    source: "the incoming VMM reported no address and token".into(),
+                })
+            }
         }
     }
 
@@ -168,7 +251,8 @@ impl LocalDriver {
         for name in names {
             match self.live_status(&name) {
                 Some(status) => {
-                    let observed = self.observed_guest(&name, &status, &online);
+                    let mut observed = self.observed_guest(&name, &status, &online);
+                    observed.migrating_to = self.outgoing_migration(&name);
                     guests.push(LocalGuest { observed, status });
                 }
                 None => self.clean_if_dead(&name),
@@ -191,6 +275,34 @@ impl LocalDriver {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Where the guest is being migrated to, while a migration runs: this host for a
+    /// local migration, else the destination's address.
+    fn outgoing_migration(&self, name: &str) -> Option<String> {
+        let value = Client::connect(self.socket(name))
+            .and_then(|mut c| c.call(Op::MigrateStatus))
+            .ok()?;
+        let status: MigrationStatus = serde_json::from_value(value).ok()?;
+        let running = !matches!(
+            status.phase,
+            MigrationPhase::Idle
+                | MigrationPhase::Completed
+                | MigrationPhase::Failed
+                | MigrationPhase::Cancelled
+        );
+        if !running || status.role.as_deref() != Some("outgoing") {
+            return None;
+        }
+        let destination = status.destination?;
+        let local = destination
+            .parse::<std::net::SocketAddr>()
+            .is_ok_and(|a| a.ip().is_loopback());
+        Some(if local {
+            self.host.clone()
+        } else {
+            destination
+        })
     }
 
     /// Removes what a dead VMM left (socket, pid file, cgroup), holding its lock so that
@@ -363,6 +475,11 @@ impl LocalDriver {
     /// On failure before the commit the guest keeps running in its old VMM.
     fn local_migrate(&self, guest: &Guest) -> Result<(), DriverError> {
         let name = &guest.metadata.name;
+        if self.cancelling() {
+            return Err(DriverError::Refused(format!(
+                "{name}: not migrating, the service is stopping"
+            )));
+        }
         let mut source = self.connect(name)?;
         let source_pid = source
             .status()
@@ -451,6 +568,11 @@ impl LocalDriver {
             if Instant::now() > deadline {
                 let _ = source.call(Op::MigrateCancel);
                 break Err("the migration did not finish within 10 minutes; cancelled".into());
+            }
+            if self.cancelling() {
+                // Before the switchover the guest stays here; after it, this is a no-op
+                // and the loop sees the migration complete.
+                let _ = source.call(Op::MigrateCancel);
             }
             std::thread::sleep(Duration::from_millis(20));
         };
@@ -661,6 +783,11 @@ impl Driver for LocalDriver {
                     )))
                 }
             }
+        }
+        if self.incoming_under_way(name) {
+            return Err(DriverError::Refused(format!(
+                "guest {name} is arriving on {host} by a live migration; not starting a second copy"
+            )));
         }
         // A hugepage-backed guest takes its pages under the pool lock, so that tests
         // that count free pages exactly (and pool resizes) do not race with it.
