@@ -207,9 +207,13 @@ fn driver_inputs(args: &Args) -> anyhow::Result<(Desired, Observed)> {
         .with_context(|| format!("the manifests in {} are not valid", path.display()))?;
     print_warnings(&validated);
     let desired = Desired::from_manifests(&validated.manifests);
+    let host = match args.driver {
+        DriverKind::Local => args.local.this_host(&desired)?,
+        DriverKind::Sim => String::new(),
+    };
     let driver: Box<dyn Driver> = match args.driver {
         DriverKind::Sim => Box::new(simulated_fleet(args, &desired)?),
-        DriverKind::Local => Box::new(args.local.observer(&args.local.this_host(&desired)?)),
+        DriverKind::Local => Box::new(args.local.observer(&host)),
     };
     let observed = driver
         .observe()
@@ -217,7 +221,6 @@ fn driver_inputs(args: &Args) -> anyhow::Result<(Desired, Observed)> {
     if args.driver != DriverKind::Local {
         return Ok((desired, observed));
     }
-    let host = driver_host(args, &desired)?;
     let scoped = super::apply::Scoped::new(desired, observed, &host, true);
     let mut note = String::new();
     scoped.note(&mut note);
@@ -251,8 +254,4 @@ fn simulated_fleet(args: &Args, desired: &Desired) -> anyhow::Result<SimDriver> 
             )))
         }
     }
-}
-
-fn driver_host(args: &Args, desired: &Desired) -> anyhow::Result<String> {
-    args.local.this_host(desired)
 }
