@@ -50,6 +50,9 @@ pub enum IncomingError {
         /// The error.
         source: std::io::Error,
     },
+    /// Faulting RAM in.
+    #[error("Cannot fault in the guest's memory: {0}")]
+    Populate(std::io::Error),
     /// The token.
     #[error("Cannot generate the migration token: {0}")]
     Token(std::io::Error),
@@ -185,6 +188,11 @@ fn prepare_and_receive(
     vmm.set_cgroup(cgroup);
     let vmm = Arc::new(vmm);
     let fail = |e: IncomingError| (e, Some(Arc::clone(&vmm)));
+    // RAM is faulted in before the source is told where to connect (see
+    // `GuestRam::populate`); it also proves the memory is there.
+    super::ram::GuestRam::new(vmm.vm())
+        .populate()
+        .map_err(|e| fail(IncomingError::Populate(e)))?;
     let listener = TcpListener::bind(&opts.listen).map_err(|source| {
         fail(IncomingError::Listen {
             addr: opts.listen.clone(),

@@ -223,15 +223,37 @@ impl Incoming {
         drop(self.listener);
         let config = config.expect("the loop ends with a config");
         conns.sort_by_key(|c| c.stream);
+        let count = conns.len();
         let mut conns = conns.into_iter();
-        let first = conns.next().expect("connection 0");
+        let Conn {
+            reader: mut first_reader,
+            replies,
+            ..
+        } = conns.next().expect("connection 0");
+        let replies = Mutex::new(replies);
         let ram = GuestRam::new(vmm.vm());
         let bounds = ram.bounds();
         let pages = std::sync::atomic::AtomicU64::new(0);
+        // Each pass is acknowledged (`Info` "pass N" on connection 0) once every
+        // connection has applied it, so the source measures what really arrived and
+        // pauses only when nothing of earlier passes is still in flight.
+        let passes = Mutex::new((vec![0u32; count], 0u32));
+        let pass_applied = |conn: usize, pass: u32| {
+            let mut p = passes.lock().unwrap_or_else(|e| e.into_inner());
+            p.0[conn] = pass;
+            let all = p.0.iter().copied().min().unwrap_or(0);
+            if all > p.1 {
+                p.1 = all;
+                let ack = format!("pass {all}");
+                let mut w = replies.lock().unwrap_or_else(|e| e.into_inner());
+                let _ = w.send(FrameKind::Info, &[ack.as_bytes()]);
+            }
+        };
         std::thread::scope(|scope| -> Result<(), ReceiveError> {
             let others: Vec<_> = conns
                 .map(|mut c| {
                     let (ram, bounds, pages) = (&ram, &bounds, &pages);
+                    let pass_applied = &pass_applied;
                     scope.spawn(move || -> Result<(), ReceiveError> {
                         loop {
                             let frame =
@@ -241,6 +263,7 @@ impl Incoming {
                                 })?;
                             match apply(frame.kind, frame.payload, ram, bounds, pages)? {
                                 Applied::LastPass => return Ok(()),
+                                Applied::Pass(n) => pass_applied(c.stream as usize, n),
                                 Applied::Done => {}
                                 Applied::Other(kind) => {
                                     return Err(ReceiveError::Protocol(format!(
@@ -253,19 +276,18 @@ impl Incoming {
                     })
                 })
                 .collect();
-            let mut first = first;
             let mut last_pass_seen = false;
             let state_received_at;
             let state = loop {
                 if cancelled() {
                     return Err(ReceiveError::Cancelled);
                 }
-                let frame = first
-                    .reader
+                let frame = first_reader
                     .recv()
                     .map_err(|source| ReceiveError::Connection { conn: 0, source })?;
                 match apply(frame.kind, frame.payload, &ram, &bounds, &pages)? {
                     Applied::Done => {}
+                    Applied::Pass(n) => pass_applied(0, n),
                     Applied::LastPass => last_pass_seen = true,
                     Applied::Other(FrameKind::State) if last_pass_seen => {
                         state_received_at = Instant::now();
@@ -292,14 +314,13 @@ impl Incoming {
             }
             migration.status().phase = MigrationPhase::Switchover;
             load(vmm, &config, &state)?;
-            first
-                .replies
+            let mut replies = replies.lock().unwrap_or_else(|e| e.into_inner());
+            replies
                 .send(FrameKind::Loaded, &[])
                 .map_err(|source| ReceiveError::Connection { conn: 0, source })?;
             migration.status().phase = MigrationPhase::Loaded;
             // Loaded: only Commit makes this guest run.
-            let frame = first
-                .reader
+            let frame = first_reader
                 .recv()
                 .map_err(|source| ReceiveError::Connection { conn: 0, source })?;
             match frame.kind {
@@ -318,7 +339,7 @@ impl Incoming {
             vmm.start().map_err(ReceiveError::Start)?;
             let downtime = state_received_at.elapsed();
             // The guest runs here now, whether or not the source hears it.
-            let _ = first.replies.send(FrameKind::Running, &[]);
+            let _ = replies.send(FrameKind::Running, &[]);
             let mut st = migration.status();
             st.phase = MigrationPhase::Completed;
             st.downtime_ms = Some(downtime.as_secs_f64() * 1000.0);
@@ -345,6 +366,7 @@ fn read_config(c: &mut Conn) -> Result<SourceConfig, ReceiveError> {
 
 enum Applied {
     Done,
+    Pass(u32),
     LastPass,
     Other(FrameKind),
 }
@@ -376,11 +398,12 @@ fn apply(
                     payload.len()
                 )));
             }
+            let pass = u32::from_le_bytes(payload[..4].try_into().expect("4 bytes"));
             let flags = u32::from_le_bytes(payload[4..8].try_into().expect("4 bytes"));
             Ok(if flags & 1 != 0 {
                 Applied::LastPass
             } else {
-                Applied::Done
+                Applied::Pass(pass)
             })
         }
         FrameKind::Info => Ok(Applied::Done),

@@ -343,6 +343,8 @@ struct Session<'a> {
     replies: Receiver<Reply>,
     counters: &'a Counters,
     started: Instant,
+    /// The last pass the destination acknowledged as applied.
+    acked: std::cell::Cell<u32>,
 }
 
 impl Session<'_> {
@@ -355,7 +357,11 @@ impl Session<'_> {
             Ok(Reply::Frame(FrameKind::Abort, why)) => Err(SendError::Refused(
                 String::from_utf8_lossy(&why).into_owned(),
             )),
-            Ok(Reply::Frame(FrameKind::Info, _)) | Err(mpsc::TryRecvError::Empty) => Ok(()),
+            Ok(Reply::Frame(FrameKind::Info, payload)) => {
+                self.note_info(&payload);
+                Ok(())
+            }
+            Err(mpsc::TryRecvError::Empty) => Ok(()),
             Ok(Reply::Frame(got, _)) => Err(SendError::Unexpected {
                 got,
                 expected: "nothing",
@@ -461,6 +467,42 @@ impl Session<'_> {
         }
     }
 
+    /// Records a pass acknowledgement (`pass N`).
+    fn note_info(&self, payload: &[u8]) {
+        let acked = std::str::from_utf8(payload)
+            .ok()
+            .and_then(|s| s.strip_prefix("pass "))
+            .and_then(|n| n.parse::<u32>().ok());
+        if let Some(n) = acked {
+            self.acked.set(self.acked.get().max(n));
+        }
+    }
+
+    /// Waits until the destination has applied pass `pass` on every connection.
+    fn wait_applied(&self, pass: u32) -> Result<(), SendError> {
+        let deadline = Instant::now() + ACK_TIMEOUT;
+        while self.acked.get() < pass {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.replies.recv_timeout(left) {
+                Ok(Reply::Frame(FrameKind::Info, payload)) => self.note_info(&payload),
+                Ok(Reply::Frame(FrameKind::Abort, why)) => {
+                    return Err(SendError::Refused(
+                        String::from_utf8_lossy(&why).into_owned(),
+                    ))
+                }
+                Ok(Reply::Frame(got, _)) => {
+                    return Err(SendError::Unexpected {
+                        got,
+                        expected: "a pass acknowledgement",
+                    })
+                }
+                Ok(Reply::Failed(e)) => return Err(SendError::Replies(e)),
+                Err(_) => return Err(SendError::Timeout("a pass acknowledgement")),
+            }
+        }
+        Ok(())
+    }
+
     fn progress(&self) {
         let mut st = self.vmm.migration().status();
         st.bytes_sent = self.counters.bytes.load(Ordering::Relaxed);
@@ -482,6 +524,7 @@ fn migrate(
 ) -> Result<(Committed, Instant), SendError> {
     let started = Instant::now();
     let ram = GuestRam::new(vmm.vm());
+    trace(started, "connecting");
     let mut sockets: Vec<TcpStream> = Vec::new();
     let connected = connect_all(vmm, &ram, addr, token, connections, &mut sockets);
     let (writers, reader) = match connected {
@@ -650,6 +693,7 @@ fn run_session<'scope, 'env>(
         replies,
         counters: &shared.counters,
         started,
+        acked: std::cell::Cell::new(0),
     };
     let result = precopy_and_switch(&session, policy, was_paused);
     // Workers end when their job channels close.
@@ -707,9 +751,11 @@ fn precopy_and_switch(
     let vmm = s.vmm;
     let migration = vmm.migration();
     migration.status().phase = MigrationPhase::Precopy;
+    trace(s.started, "verdict");
 
     s.ram.reset_vmm_dirty();
     vmm.vm().set_dirty_logging(true)?;
+    trace(s.started, "dirty logging on");
     let throttle = if policy.auto_converge {
         Some(Throttle::start(Arc::clone(vmm)).map_err(SendError::Thread)?)
     } else {
@@ -741,7 +787,9 @@ fn precopy_and_switch(
         let before = s.counters.bytes.load(Ordering::Relaxed);
         let t = Instant::now();
         s.pass(runs, pass, skip_zero, false, &mut sample)?;
+        s.wait_applied(pass)?;
         let duration = t.elapsed();
+        trace(s.started, &format!("pass {pass} sent in {duration:?}"));
         s.ram.collect_dirty(&mut dirty.borrow_mut())?;
         let dirty_pages = dirty.borrow().count();
         let result = PassResult {
@@ -795,10 +843,15 @@ fn precopy_and_switch(
     };
     let final_runs = dirty.borrow_mut().take_runs();
     // The guest is paused: the rest, then the state.
+    trace(s.started, "paused");
     s.pass(final_runs, pass + 1, false, true, &mut || Ok(()))?;
+    trace(s.started, "last pass sent");
     let state = save_state(vmm, was_paused)?;
+    trace(s.started, "state saved");
     s.frame(FrameKind::State, state.encode()?)?;
+    trace(s.started, "state sent");
     s.reply(FrameKind::Loaded, "Loaded")?;
+    trace(s.started, "loaded");
     if migration.cancel_requested() {
         return Err(SendError::Cancelled);
     }
@@ -816,6 +869,16 @@ fn precopy_and_switch(
             paused_at,
         ),
     })
+}
+
+/// With `BERTH_MIGRATION_TRACE` set, prints the time of each migration step to stderr.
+fn trace(since: Instant, what: &str) {
+    if std::env::var_os("BERTH_MIGRATION_TRACE").is_some() {
+        eprintln!(
+            "berth-vmm: migration +{:.3} ms: {what}",
+            since.elapsed().as_secs_f64() * 1000.0
+        );
+    }
 }
 
 /// Reads every vCPU (started or held for hot-add), the VM and the devices. The vCPUs
