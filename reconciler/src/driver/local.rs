@@ -351,8 +351,10 @@ impl LocalDriver {
             // shut down first).
             GuestRunState::Halted | GuestRunState::Crashed => GuestState::Stopped,
         };
+        // A guest that asks for no weight runs with the cgroup's default one, which is
+        // not a change to undo.
         let io_weight = match readback.as_ref().map(|r| &r.io_weight) {
-            Some(Knob::Enforced(weight)) => Some(*weight),
+            Some(Knob::Enforced(weight)) if status.io.is_some() => Some(*weight),
             _ => status.io.map(|io| io.weight),
         };
         ObservedGuest {

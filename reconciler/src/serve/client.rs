@@ -12,7 +12,7 @@ use axum::http::{header, Request, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
 
 use super::auth::Secret;
-use super::peer::{IncomingMigration, IncomingRequest, INCOMING_PATH};
+use super::peer::{IncomingMigration, IncomingOutcome, IncomingRequest, INCOMING_PATH};
 use super::status::Status;
 
 /// The longest a request may take.
@@ -167,6 +167,24 @@ pub async fn request_incoming(
     decode(server, send(server, request).await?)
 }
 
+/// Asks the service at `server` whether `guest` runs there after an incoming
+/// migration (the source's question after a `switchoverUnknown`).
+///
+/// # Errors
+/// When the service cannot be reached, refuses, or cannot tell yet.
+pub async fn incoming_running(
+    server: &str,
+    fleet_secret: &Secret,
+    guest: &str,
+) -> Result<bool, ClientError> {
+    let request = Request::get(format!("{INCOMING_PATH}/{guest}"))
+        .header(header::AUTHORIZATION, fleet_secret.bearer())
+        .body(Body::empty())
+        .expect("a valid request");
+    let outcome: IncomingOutcome = decode(server, send(server, request).await?)?;
+    Ok(outcome.running)
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -176,7 +194,7 @@ mod tests {
     use super::*;
     use crate::serve::http::{router, ApiState};
     use crate::serve::metrics::Metrics;
-    use crate::serve::peer::NotYetSupported;
+    use crate::serve::peer::NoIncoming;
     use crate::serve::status::StatusStore;
 
     #[test]
@@ -203,7 +221,7 @@ mod tests {
             triggers,
             webhook_secret: None,
             fleet_secret: Some(Arc::new(Secret::new("fleet"))),
-            incoming: Arc::new(NotYetSupported),
+            incoming: Arc::new(NoIncoming),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await

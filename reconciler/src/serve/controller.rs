@@ -29,6 +29,7 @@ use tracing::{error, info, warn};
 
 use super::backoff::{BackoffPolicy, Backoffs};
 use super::git::CommitId;
+use super::incoming::IncomingNotes;
 use super::metrics::Metrics;
 use super::placement::{Placements, StartGuard};
 use super::source::{Revision, SourceEvent};
@@ -38,7 +39,7 @@ use super::status::{
 use crate::apply::execute_step;
 use crate::driver::Driver;
 use crate::model::{Desired, Observed};
-use crate::plan::{plan, Action, GuestPlan, Operation, Plan, Step};
+use crate::plan::{plan, Action, GuestPlan, Operation, Plan, Step, StopReason};
 
 /// The backoff key of the observe step; `/` never appears in a guest name.
 const OBSERVE_KEY: &str = "observe/";
@@ -55,8 +56,8 @@ pub struct ControllerConfig {
 }
 
 /// Called with each new valid revision before it is enforced (the simulated fleet adds
-/// the hosts it names).
-pub type RevisionHook = Box<dyn Fn(&Desired) + Send + Sync>;
+/// the hosts it names; the local driver learns the peers' addresses).
+pub type RevisionHook = Box<dyn Fn(&CommitId, &Desired) + Send + Sync>;
 
 /// How an action ended.
 #[derive(Debug)]
@@ -93,6 +94,10 @@ pub struct Controller {
     metrics: Arc<Metrics>,
     on_revision: Option<RevisionHook>,
     guard: Option<(Arc<dyn StartGuard>, Arc<Placements>)>,
+    /// Whether the driver sees this host only: then a cold move away stops the guest
+    /// here and the destination's service starts it.
+    this_host_only: bool,
+    incoming_notes: Option<Arc<IncomingNotes>>,
     enforcing: Option<(CommitId, Arc<Desired>)>,
     /// The revision the host last converged to.
     converged_on: Option<CommitId>,
@@ -125,6 +130,8 @@ impl Controller {
             metrics,
             on_revision: None,
             guard: None,
+            this_host_only: false,
+            incoming_notes: None,
             enforcing: None,
             converged_on: None,
             in_flight: HashMap::new(),
@@ -148,6 +155,15 @@ impl Controller {
         placements: Arc<Placements>,
     ) -> Self {
         self.guard = Some((guard, placements));
+        self
+    }
+
+    /// The driver acts on this host only (the local driver): a cold move away is
+    /// stopping the guest here; the destination's service starts it there once this
+    /// host no longer runs it. `notes` says why migrations to this host failed.
+    pub fn this_host_only(mut self, notes: Arc<IncomingNotes>) -> Self {
+        self.this_host_only = true;
+        self.incoming_notes = Some(notes);
         self
     }
 
@@ -245,7 +261,7 @@ impl Controller {
                 info!(revision = %commit, ?trigger, "enforcing revision");
                 self.metrics.revision("valid");
                 if let Some(hook) = &self.on_revision {
-                    hook(&desired);
+                    hook(&commit, &desired);
                 }
                 if let Some((_, placements)) = &self.guard {
                     placements.record(&desired, &self.config.host);
@@ -434,7 +450,21 @@ impl Controller {
             )),
             _ => None,
         };
-        let step = step.clone();
+        let step = match &step.action {
+            Action::ColdMigrate { guest, from, to }
+                if self.this_host_only && *to != self.config.host =>
+            {
+                Step {
+                    action: Action::Stop {
+                        guest: guest.clone(),
+                        host: from.clone(),
+                        reason: StopReason::Desired,
+                    },
+                    wave: step.wave,
+                }
+            }
+            _ => step.clone(),
+        };
         let driver = Arc::clone(&self.driver);
         let done = self.completions.0.clone();
         tokio::spawn(async move {
@@ -563,6 +593,18 @@ impl Controller {
                     why.clone(),
                 ));
                 conditions.retain(|c| c.kind != "Synced" || c.reason == "WaitingForMigration");
+            }
+            if let Some(note) = self
+                .incoming_notes
+                .as_ref()
+                .and_then(|n| n.get(name.as_str()))
+            {
+                conditions.push(Condition::new(
+                    "MigrationFailed",
+                    true,
+                    "IncomingMigrationFailed",
+                    note,
+                ));
             }
             if let Some(e) = self.failures.get(name.as_str()) {
                 status.phase = "Failed".into();

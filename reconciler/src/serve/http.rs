@@ -8,6 +8,7 @@
 //! | `GET /metrics` | none | Prometheus metrics (OpenMetrics text) |
 //! | `POST /hooks/git` | `X-Hub-Signature-256` | 202, and the branch head is looked at |
 //! | `POST /v1/migrations/incoming` | fleet secret (bearer) | listen address and token |
+//! | `GET /v1/migrations/incoming/{guest}` | fleet secret (bearer) | whether the guest runs here |
 //!
 //! `/status` and `/metrics` tell what runs on the host, nothing secret; bind the
 //! listener to an address the monitoring (and the fleet's peers) can reach, and no
@@ -16,7 +17,7 @@
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -27,7 +28,7 @@ use tracing::{info, warn};
 
 use super::auth::{verify_bearer, verify_signature, AuthError, Secret, SIGNATURE_HEADER};
 use super::metrics::Metrics;
-use super::peer::{IncomingMigrations, IncomingRequest, PeerError, INCOMING_PATH};
+use super::peer::{IncomingMigrations, IncomingOutcome, IncomingRequest, PeerError, INCOMING_PATH};
 use super::source::Trigger;
 use super::status::StatusStore;
 
@@ -56,6 +57,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/metrics", get(metrics))
         .route("/hooks/git", post(webhook))
         .route(INCOMING_PATH, post(incoming))
+        .route(&format!("{INCOMING_PATH}/{{guest}}"), get(incoming_outcome))
         .with_state(state)
 }
 
@@ -136,10 +138,37 @@ async fn incoming(State(state): State<ApiState>, headers: HeaderMap, body: Bytes
     }
 }
 
+async fn incoming_outcome(
+    State(state): State<ApiState>,
+    Path(guest): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let credentials = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
+    if let Err(e) = verify_bearer(state.fleet_secret.as_deref(), credentials) {
+        return unauthorized("peer request", e);
+    }
+    let handler = Arc::clone(&state.incoming);
+    match tokio::task::spawn_blocking(move || handler.running(&guest)).await {
+        Ok(Ok(running)) => (StatusCode::OK, Json(IncomingOutcome { running })).into_response(),
+        Ok(Err(e)) => {
+            let code = match e {
+                PeerError::Unsupported(_) => StatusCode::NOT_IMPLEMENTED,
+                _ => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            (code, Json(json!({ "error": e.to_string() }))).into_response()
+        }
+        Err(panic) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(json!({ "error": format!("asking panicked: {panic}") })),
+        )
+            .into_response(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::serve::peer::{IncomingMigration, NotYetSupported};
+    use crate::serve::peer::{IncomingMigration, NoIncoming};
     use axum::body::Body;
     use axum::http::Request;
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -231,16 +260,16 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn incoming_migrations_are_not_supported_yet() {
-        let (state, _rx) = state(None, Some("s"), Arc::new(NotYetSupported));
+    async fn a_host_without_incoming_migrations_answers_501() {
+        let (state, _rx) = state(None, Some("s"), Arc::new(NoIncoming));
         let (code, body) = call(&router(state), peer_request(Some("Bearer s"))).await;
         assert_eq!(code, StatusCode::NOT_IMPLEMENTED);
-        assert!(body.contains("not supported yet"), "{body}");
+        assert!(body.contains("receives no migrations"), "{body}");
     }
 
     #[tokio::test]
     async fn webhooks_need_a_valid_signature() {
-        let (state, mut rx) = state(Some("hook-secret"), None, Arc::new(NotYetSupported));
+        let (state, mut rx) = state(Some("hook-secret"), None, Arc::new(NoIncoming));
         let app = router(state);
         let body = r#"{"ref":"refs/heads/main"}"#;
         let post = |signature: Option<String>| {
@@ -267,7 +296,7 @@ mod tests {
 
     #[tokio::test]
     async fn health_status_and_metrics() {
-        let (state, _rx) = state(None, None, Arc::new(NotYetSupported));
+        let (state, _rx) = state(None, None, Arc::new(NoIncoming));
         state.status.update(|s| s.host = "kvm01".into());
         let app = router(state);
         let get = |path: &str| Request::get(path).body(Body::empty()).expect("request");

@@ -136,18 +136,32 @@ impl Metrics {
                 result: result.to_owned(),
             })
             .inc();
-        let migration = match kind {
-            "migrate" => Some("remote"),
-            "local_migrate" => Some("local"),
-            _ => None,
-        };
-        if let (Some(kind), true) = (migration, ok) {
+        // A migration to another host is recorded from what its VMM reports
+        // ([`Metrics::migration`]); a local one by its wall time.
+        if kind == "local_migrate" && ok {
             self.migration_duration
                 .get_or_create(&MigrationLabels {
-                    kind: kind.to_owned(),
+                    kind: "local".to_owned(),
                 })
                 .observe(took.as_secs_f64());
         }
+    }
+
+    /// Records one completed migration as its source VMM reported it: its duration,
+    /// the guest's pause at switchover (when reported) and the bytes sent.
+    pub fn migration(&self, kind: &str, took: Duration, downtime_secs: Option<f64>, bytes: u64) {
+        let labels = MigrationLabels {
+            kind: kind.to_owned(),
+        };
+        self.migration_duration
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
+        if let Some(downtime) = downtime_secs {
+            self.migration_downtime
+                .get_or_create(&labels)
+                .observe(downtime);
+        }
+        self.migration_bytes.get_or_create(&labels).inc_by(bytes);
     }
 
     /// Counts one new head.
@@ -184,6 +198,7 @@ mod tests {
         let m = Metrics::new();
         m.action("retune", true, Duration::from_millis(3));
         m.action("migrate", true, Duration::from_millis(300));
+        m.migration("remote", Duration::from_millis(250), Some(0.002), 4096);
         m.action("start", false, Duration::from_millis(1));
         m.drift_corrections.inc();
         m.reconcile_duration.observe(0.002);
@@ -194,6 +209,8 @@ mod tests {
             "berth_drift_corrections_total 1",
             "berth_reconcile_duration_seconds_count 1",
             "berth_migration_duration_seconds_count{kind=\"remote\"} 1",
+            "berth_migration_downtime_seconds_count{kind=\"remote\"} 1",
+            "berth_migration_bytes_total{kind=\"remote\"} 4096",
             "# EOF",
         ] {
             assert!(

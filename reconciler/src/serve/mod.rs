@@ -12,13 +12,16 @@
 //!   the guest, so that a guest moving here is never started twice.
 //! - [`client`]: the API's client side (`berth status`, and the peer request a
 //!   migration source makes).
+//! - [`remote`]: `--driver local`, the local driver plus live migration to another
+//!   host (the source side), and [`incoming`], the destination side.
 //! - [`simfleet`]: `--driver sim`, a simulated fleet that survives restarts.
 //!
 //! Restart safety: the service keeps no state that matters besides what it observes.
 //! It acts only after a full observe, so after a restart (or a SIGKILL) it adopts what
-//! runs instead of starting it again. On SIGTERM or SIGINT it stops dispatching, lets
-//! the actions in flight finish (a driver leaves each guest running exactly once, and a
-//! failed migration keeps the guest on its source), and exits with the guests running.
+//! runs instead of starting it again. On SIGTERM or SIGINT it stops dispatching,
+//! cancels a migration in flight that has not reached its switchover (the guest stays
+//! on its source), lets the other actions in flight finish (a driver leaves each guest
+//! running exactly once), and exits with the guests running.
 
 pub mod auth;
 pub mod backoff;
@@ -26,9 +29,11 @@ pub mod client;
 pub mod controller;
 pub mod git;
 pub mod http;
+pub mod incoming;
 pub mod metrics;
 pub mod peer;
 pub mod placement;
+pub mod remote;
 pub mod simfleet;
 pub mod source;
 pub mod status;
@@ -41,12 +46,15 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
-use crate::driver::Driver;
+use crate::driver::local::locate_vmm;
+use crate::driver::{Driver, DriverError, LocalDriver};
 use auth::{Secret, SecretError};
 use backoff::BackoffPolicy;
 use controller::{Controller, ControllerConfig};
 use git::{GitError, GitRepo};
+use incoming::{IncomingNotes, LocalIncoming};
 use metrics::Metrics;
+use remote::{Enforced, ServeDriver};
 use simfleet::{SimFleetError, SimulatedFleet};
 use source::{Follower, Trigger};
 use status::{SourceStatus, Status, StatusStore};
@@ -79,6 +87,10 @@ pub struct ServeArgs {
     /// real guests).
     #[arg(long, value_enum, default_value_t = DriverKind::Local)]
     pub driver: DriverKind,
+    /// The berth-vmm binary (`--driver local`; default: `$BERTH_VMM`, else berth-vmm
+    /// next to berth).
+    #[arg(long)]
+    pub vmm_path: Option<PathBuf>,
     /// How often to look at the branch head even without a filesystem event or webhook.
     #[arg(long, default_value = "30s")]
     pub poll_interval: berth_schema::Duration,
@@ -147,9 +159,9 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
-    /// The local driver is not part of this build yet.
-    #[error("the local driver (berth-vmm processes) is not available in this build yet; use --driver sim for a simulated fleet")]
-    LocalDriverUnavailable,
+    /// The berth-vmm binary cannot be found.
+    #[error("cannot use the local driver: {0}")]
+    Vmm(#[source] DriverError),
     /// The simulated fleet cannot be loaded.
     #[error(transparent)]
     SimFleet(#[from] SimFleetError),
@@ -203,24 +215,29 @@ pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
     })?;
     let webhook_secret = load_secret(args.webhook_secret_file.as_deref(), "webhook")?;
     let fleet_secret = load_secret(args.fleet_secret_file.as_deref(), "peer API")?;
-    let sim = match args.driver {
-        DriverKind::Local => return Err(ServeError::LocalDriverUnavailable),
-        DriverKind::Sim => {
-            std::fs::create_dir_all(&args.state_dir).map_err(|source| ServeError::StateDir {
-                path: args.state_dir.display().to_string(),
-                source,
-            })?;
-            Arc::new(SimulatedFleet::open(Some(
-                args.state_dir.join("sim-fleet.json"),
-            ))?)
+    std::fs::create_dir_all(&args.state_dir).map_err(|source| ServeError::StateDir {
+        path: args.state_dir.display().to_string(),
+        source,
+    })?;
+    let fleet = match args.driver {
+        DriverKind::Local => {
+            let vmm = locate_vmm(args.vmm_path.as_deref()).map_err(ServeError::Vmm)?;
+            Fleet::Local(Arc::new(LocalDriver::new(
+                args.host.clone(),
+                &args.state_dir,
+                vmm,
+            )))
         }
+        DriverKind::Sim => Fleet::Sim(Arc::new(SimulatedFleet::open(Some(
+            args.state_dir.join("sim-fleet.json"),
+        ))?)),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("berth-serve")
         .build()
         .map_err(ServeError::Runtime)?;
-    let result = runtime.block_on(serve(args, repo, webhook_secret, fleet_secret, sim));
+    let result = runtime.block_on(serve(args, repo, webhook_secret, fleet_secret, fleet));
     // Actions in flight were waited for already; nothing should be left.
     runtime.shutdown_timeout(Duration::from_secs(5));
     result
@@ -251,14 +268,43 @@ fn warn_if_readable_by_others(path: &std::path::Path) {
     }
 }
 
+/// What runs the guests.
+enum Fleet {
+    Local(Arc<LocalDriver>),
+    Sim(Arc<SimulatedFleet>),
+}
+
 async fn serve(
     args: &ServeArgs,
     repo: GitRepo,
     webhook_secret: Option<Arc<Secret>>,
     fleet_secret: Option<Arc<Secret>>,
-    sim: Arc<SimulatedFleet>,
+    fleet: Fleet,
 ) -> Result<(), ServeError> {
-    let driver: Arc<dyn Driver> = sim.clone();
+    let metrics = Arc::new(Metrics::new());
+    let enforced = Arc::new(Enforced::default());
+    let notes = Arc::new(IncomingNotes::default());
+    let (driver, incoming, local): (Arc<dyn Driver>, Arc<dyn peer::IncomingMigrations>, _) =
+        match &fleet {
+            Fleet::Local(local) => {
+                let driver = Arc::new(ServeDriver::new(
+                    Arc::clone(local),
+                    Arc::clone(&enforced),
+                    fleet_secret.clone(),
+                    Arc::clone(&metrics),
+                    tokio::runtime::Handle::current(),
+                ));
+                let incoming = Arc::new(LocalIncoming::new(
+                    Arc::clone(local),
+                    Arc::clone(&enforced),
+                    repo.clone(),
+                    args.path.clone(),
+                    Arc::clone(&notes),
+                ));
+                (driver.clone(), incoming.clone(), Some((driver, incoming)))
+            }
+            Fleet::Sim(sim) => (sim.clone(), Arc::new(peer::NoIncoming), None),
+        };
     let status = StatusStore::new(Status {
         host: args.host.clone(),
         driver: driver.name().to_owned(),
@@ -269,7 +315,6 @@ async fn serve(
         },
         ..Status::default()
     });
-    let metrics = Arc::new(Metrics::new());
     let (triggers, trigger_rx) = mpsc::channel(16);
     let (events, event_rx) = mpsc::channel(4);
     let (shutdown, shutdown_rx) = watch::channel(false);
@@ -286,7 +331,7 @@ async fn serve(
         triggers: triggers.clone(),
         webhook_secret,
         fleet_secret,
-        incoming: Arc::new(peer::NotYetSupported),
+        incoming,
     });
     let mut http_stop = shutdown_rx.clone();
     let http = tokio::spawn(async move {
@@ -314,7 +359,11 @@ async fn serve(
     tokio::spawn(follower.run(trigger_rx, events.clone()));
     drop(events);
 
-    let controller = Controller::new(
+    let sim = match &fleet {
+        Fleet::Sim(sim) => Some(Arc::clone(sim)),
+        Fleet::Local(_) => None,
+    };
+    let mut controller = Controller::new(
         ControllerConfig {
             host: args.host.clone(),
             resync: args.resync_interval.get(),
@@ -324,18 +373,31 @@ async fn serve(
         status,
         metrics,
     )
-    .on_revision(Box::new(move |desired| sim.add_hosts(desired)))
+    .on_revision(Box::new(move |commit, desired| {
+        enforced.set(commit, desired);
+        if let Some(sim) = &sim {
+            sim.add_hosts(desired);
+        }
+    }))
     .with_start_guard(
         Arc::new(placement::HttpPeers),
         Arc::new(placement::Placements::open(Some(
             args.state_dir.join("placements.json"),
         ))),
     );
+    if local.is_some() {
+        controller = controller.this_host_only(notes);
+    }
     let controller = tokio::spawn(controller.run(event_rx, shutdown_rx));
 
     wait_for_signal().await.map_err(ServeError::Signals)?;
-    info!("stopping: finishing the actions in flight; guests keep running");
+    info!("stopping: cancelling a migration in flight, finishing the other actions; guests keep running");
     let _ = shutdown.send(true);
+    if let Some((driver, incoming)) = &local {
+        driver.cancel();
+        let incoming = Arc::clone(incoming);
+        let _ = tokio::task::spawn_blocking(move || incoming.abort_pending()).await;
+    }
     if let Err(e) = controller.await {
         error!(error = %e, "the reconcile loop failed");
     }

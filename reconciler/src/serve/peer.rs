@@ -5,8 +5,8 @@
 //!
 //! Requests carry the fleet's shared secret (`Authorization: Bearer <secret>`); with no
 //! secret configured the API refuses everything. What preparing means (building the
-//! VMM, reserving memory, listening) belongs to the migration engine, which implements
-//! [`IncomingMigrations`].
+//! VMM, reserving memory, listening) belongs to the driver: with `--driver local`,
+//! [`super::incoming::LocalIncoming`] implements [`IncomingMigrations`].
 
 use std::net::SocketAddr;
 
@@ -42,8 +42,8 @@ pub struct IncomingMigration {
 /// Why an incoming migration could not be prepared.
 #[derive(Debug, thiserror::Error)]
 pub enum PeerError {
-    /// This build cannot receive migrations yet.
-    #[error("incoming migrations are not supported yet: {0}")]
+    /// This host's driver cannot receive migrations.
+    #[error("this host receives no migrations: {0}")]
     Unsupported(&'static str),
     /// The request names a guest that is not placed on this host, or one that already
     /// runs here.
@@ -68,16 +68,35 @@ pub trait IncomingMigrations: Send + Sync {
     /// # Errors
     /// [`PeerError`] saying why not.
     fn prepare(&self, request: &IncomingRequest) -> Result<IncomingMigration, PeerError>;
+
+    /// Whether the guest runs here after an incoming migration: what a source whose
+    /// switchover ended unknown asks (`GET /v1/migrations/incoming/<guest>`) before it
+    /// resumes or drops its copy.
+    ///
+    /// # Errors
+    /// [`PeerError`] when this host cannot tell yet.
+    fn running(&self, guest: &str) -> Result<bool, PeerError> {
+        let _ = guest;
+        Err(PeerError::Unsupported("its driver cannot receive them"))
+    }
 }
 
-/// What the service answers until the migration engine is wired in.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct NotYetSupported;
+/// The answer to `GET /v1/migrations/incoming/<guest>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IncomingOutcome {
+    /// Whether the guest runs on this host.
+    pub running: bool,
+}
 
-impl IncomingMigrations for NotYetSupported {
+/// What a host whose driver cannot receive migrations answers (the simulated fleet).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoIncoming;
+
+impl IncomingMigrations for NoIncoming {
     fn prepare(&self, _: &IncomingRequest) -> Result<IncomingMigration, PeerError> {
         Err(PeerError::Unsupported(
-            "the migration engine is not wired into berth serve",
+            "its driver (the simulated fleet) cannot receive them",
         ))
     }
 }

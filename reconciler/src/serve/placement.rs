@@ -184,7 +184,7 @@ mod tests {
     use super::*;
     use crate::serve::http::{router, ApiState};
     use crate::serve::metrics::Metrics;
-    use crate::serve::peer::NotYetSupported;
+    use crate::serve::peer::NoIncoming;
     use crate::serve::status::{GuestStatus, StatusStore};
 
     async fn peer_running(guests: &[&str]) -> String {
@@ -208,7 +208,7 @@ mod tests {
             triggers,
             webhook_secret: None,
             fleet_secret: None,
-            incoming: Arc::new(NotYetSupported),
+            incoming: Arc::new(NoIncoming),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await

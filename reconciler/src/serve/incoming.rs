@@ -1,0 +1,280 @@
+//! The destination side of a migration between hosts, for `--driver local`: the
+//! [`IncomingMigrations`] the peer API calls.
+//!
+//! On a request it builds the guest from its own copy of the named revision (never
+//! from manifest text sent over the wire), checks the guest is placed on this host and
+//! neither runs nor arrives here already, and starts `berth-vmm --incoming` on the IP
+//! of this host's address (its Host manifest), port chosen by the kernel. A watcher
+//! follows the incoming VMM: a token unused for [`TOKEN_TTL`] is discarded (the VMM is
+//! shut down), and a migration that fails is noted so that `/status` here says why.
+//! Once the VMM runs the guest and hands its directory over, the local driver observes
+//! it like any guest: the service has adopted it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use berth_hypervisor::control::{Client, GuestRunState, Op};
+use berth_hypervisor::migration::{MigrationPhase, MigrationStatus};
+use tracing::{info, warn};
+
+use super::git::{CommitId, GitRepo};
+use super::peer::{IncomingMigration, IncomingMigrations, IncomingRequest, PeerError};
+use super::remote::Enforced;
+use super::source::{read_revision, Trigger};
+use crate::driver::{DriverError, LocalDriver};
+
+/// How long a prepared incoming VMM waits for its source before it is discarded.
+pub const TOKEN_TTL: Duration = Duration::from_secs(60);
+
+/// Why the last migration to this host of each guest failed, for `/status`.
+#[derive(Debug, Default)]
+pub struct IncomingNotes {
+    notes: Mutex<HashMap<String, String>>,
+}
+
+impl IncomingNotes {
+    /// The note about `guest`, if its last incoming migration failed.
+    pub fn get(&self, guest: &str) -> Option<String> {
+        self.lock().get(guest).cloned()
+    }
+
+    fn set(&self, guest: &str, note: String) {
+        self.lock().insert(guest.to_owned(), note);
+    }
+
+    fn clear(&self, guest: &str) {
+        self.lock().remove(guest);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        self.notes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Prepares incoming VMMs with the local driver. See the module documentation.
+pub struct LocalIncoming {
+    local: Arc<LocalDriver>,
+    enforced: Arc<Enforced>,
+    repo: GitRepo,
+    path: Option<String>,
+    notes: Arc<IncomingNotes>,
+}
+
+impl LocalIncoming {
+    /// Prepares with `local`, reading revisions other than the enforced one from
+    /// `repo` (under `path`), noting failures in `notes`.
+    pub fn new(
+        local: Arc<LocalDriver>,
+        enforced: Arc<Enforced>,
+        repo: GitRepo,
+        path: Option<String>,
+        notes: Arc<IncomingNotes>,
+    ) -> Self {
+        LocalIncoming {
+            local,
+            enforced,
+            repo,
+            path,
+            notes,
+        }
+    }
+
+    fn desired_at(&self, revision: &str) -> Result<Arc<crate::model::Desired>, PeerError> {
+        let commit = CommitId::parse(revision)
+            .ok_or_else(|| PeerError::Refused(format!("{revision:?} is not a commit id")))?;
+        if let Some((enforced, desired)) = self.enforced.get() {
+            if enforced == commit {
+                return Ok(desired);
+            }
+        }
+        let read = read_revision(&self.repo, self.path.as_deref(), &commit, Trigger::Poll)
+            .map_err(|e| {
+                PeerError::Refused(format!(
+                    "revision {} cannot be read here ({e}); is the repository fetched?",
+                    commit.short()
+                ))
+            })?;
+        read.manifests.map_err(|invalid| {
+            PeerError::Refused(format!(
+                "revision {} is invalid ({} errors)",
+                commit.short(),
+                invalid.error_count()
+            ))
+        })
+    }
+}
+
+impl LocalIncoming {
+    /// Discards every incoming VMM that does not run its guest yet (SIGTERM: the
+    /// migrations fail before their commit and the guests stay on their sources).
+    pub fn abort_pending(&self) {
+        let Ok(entries) = std::fs::read_dir(self.local.state_dir().join("guests")) else {
+            return;
+        };
+        for entry in entries.filter_map(Result::ok) {
+            let dir_name = entry.file_name().to_string_lossy().into_owned();
+            let Some(guest) = dir_name.strip_suffix(".incoming") else {
+                continue;
+            };
+            let Some(status) = incoming_status(&self.local, guest) else {
+                continue;
+            };
+            if status.phase == MigrationPhase::Completed {
+                continue;
+            }
+            info!(guest, phase = ?status.phase, "stopping: discarding the incoming migration");
+            let _ = Client::connect(entry.path().join("control.sock"))
+                .and_then(|c| c.shutdown(Duration::from_secs(5)));
+        }
+    }
+}
+
+impl IncomingMigrations for LocalIncoming {
+    fn prepare(&self, request: &IncomingRequest) -> Result<IncomingMigration, PeerError> {
+        let me = self.local.host();
+        let name = &request.guest;
+        let desired = self.desired_at(&request.revision)?;
+        let guest = desired
+            .guests
+            .iter()
+            .find(|g| &g.metadata.name == name)
+            .ok_or_else(|| PeerError::Refused(format!("no guest {name} in that revision")))?;
+        if guest.spec.host != me {
+            return Err(PeerError::Refused(format!(
+                "{name} is placed on {}, not on {me}, in that revision",
+                guest.spec.host
+            )));
+        }
+        let address = desired
+            .hosts
+            .iter()
+            .find(|h| h.metadata.name == me)
+            .map(|h| h.spec.address.clone())
+            .ok_or_else(|| PeerError::Refused(format!("host {me} has no Host manifest")))?;
+        let ip = address
+            .parse::<SocketAddr>()
+            .map_err(|e| PeerError::Failed(format!("the address of {me} ({address}): {e}")))?
+            .ip();
+        let (pid, listen, token) = self
+            .local
+            .prepare_incoming(guest, &SocketAddr::new(ip, 0).to_string())
+            .map_err(|e| match e {
+                DriverError::Refused(m) | DriverError::NotFound(m) => PeerError::Refused(m),
+                DriverError::Capacity { detail, .. } => PeerError::Capacity(detail),
+                other => PeerError::Failed(other.to_string()),
+            })?;
+        let listen: SocketAddr = listen
+            .parse()
+            .map_err(|e| PeerError::Failed(format!("the incoming VMM's address {listen}: {e}")))?;
+        info!(guest = %name, from = %request.from, %listen, pid, "incoming VMM ready");
+        self.notes.clear(name);
+        let (local, notes, guest, from) = (
+            Arc::clone(&self.local),
+            Arc::clone(&self.notes),
+            name.clone(),
+            request.from.clone(),
+        );
+        let watcher = std::thread::Builder::new()
+            .name("incoming-watch".into())
+            .spawn(move || watch(&local, &notes, &guest, &from, pid));
+        if let Err(e) = watcher {
+            warn!(error = %e, "cannot watch the incoming VMM; an unused token will not expire");
+        }
+        Ok(IncomingMigration { listen, token })
+    }
+
+    fn running(&self, guest: &str) -> Result<bool, PeerError> {
+        let incoming = incoming_status(&self.local, guest);
+        if let Some(status) = &incoming {
+            return match status.phase {
+                MigrationPhase::Completed => Ok(true),
+                MigrationPhase::Failed | MigrationPhase::Cancelled => Ok(false),
+                phase => Err(PeerError::Failed(format!(
+                    "the incoming VMM of {guest} is at {phase:?}"
+                ))),
+            };
+        }
+        if self.local.incoming_under_way(guest) {
+            return Err(PeerError::Failed(format!(
+                "the incoming VMM of {guest} does not answer"
+            )));
+        }
+        // Handed over (or never arrived): the guest's own VMM tells.
+        Ok(Client::connect(self.local.control_socket(guest))
+            .and_then(|mut c| c.status())
+            .is_ok_and(|s| matches!(s.state, GuestRunState::Running | GuestRunState::Paused)))
+    }
+}
+
+fn incoming_status(local: &LocalDriver, guest: &str) -> Option<MigrationStatus> {
+    let socket = local
+        .state_dir()
+        .join("guests")
+        .join(format!("{guest}.incoming"))
+        .join("control.sock");
+    Client::connect(socket)
+        .and_then(|mut c| c.call(Op::MigrateStatus))
+        .ok()
+        .and_then(|v| serde_json::from_value(v).ok())
+}
+
+/// Follows the incoming VMM `pid` of `guest` until it hands over or exits.
+fn watch(local: &LocalDriver, notes: &IncomingNotes, guest: &str, from: &str, pid: i32) {
+    let started = Instant::now();
+    let mut last: Option<MigrationStatus> = None;
+    loop {
+        std::thread::sleep(Duration::from_millis(50));
+        let alive = super::remote::process_exists(pid);
+        match incoming_status(local, guest) {
+            Some(status) => {
+                if status.phase == MigrationPhase::Listening && started.elapsed() > TOKEN_TTL {
+                    warn!(
+                        guest,
+                        from, "the migration never came; discarding the incoming VMM"
+                    );
+                    notes.set(
+                        guest,
+                        format!("the migration from {from} never came within {TOKEN_TTL:?}; the incoming VMM was discarded"),
+                    );
+                    let _ = Client::connect(
+                        local
+                            .state_dir()
+                            .join("guests")
+                            .join(format!("{guest}.incoming"))
+                            .join("control.sock"),
+                    )
+                    .and_then(|c| c.shutdown(Duration::from_secs(5)));
+                    return;
+                }
+                last = Some(status);
+            }
+            None if alive && !local.incoming_under_way(guest) => {
+                info!(guest, from, pid, "the guest arrived and runs here");
+                notes.clear(guest);
+                return;
+            }
+            None if alive => {}
+            None => {
+                let ended = last
+                    .as_ref()
+                    .map(|s| (s.phase, s.error.clone()))
+                    .unwrap_or((MigrationPhase::Failed, None));
+                if ended.0 != MigrationPhase::Completed {
+                    let why = ended.1.unwrap_or_else(|| {
+                        "the incoming VMM exited before the switchover".to_owned()
+                    });
+                    warn!(guest, from, error = %why, "incoming migration failed");
+                    notes.set(
+                        guest,
+                        format!(
+                            "the migration from {from} failed: {why}; the guest stays on {from}"
+                        ),
+                    );
+                }
+                return;
+            }
+        }
+    }
+}

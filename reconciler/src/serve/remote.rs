@@ -1,0 +1,356 @@
+//! `berth serve --driver local`: the local driver, plus what only the service can do
+//! because it knows the other hosts: a live migration to another host (the source side,
+//! driven from here) and the source half of a cold move.
+//!
+//! A live migration from this host A to host B:
+//! 1. A asks B's service to prepare an incoming VMM (`POST /v1/migrations/incoming`
+//!    with the fleet secret, naming the guest and the revision A plans from); B builds
+//!    it from its own copy of that revision and answers with the listen address and a
+//!    one-time token ([`super::incoming`]).
+//! 2. A tells the guest's VMM to migrate there and follows its progress until it
+//!    completes or fails; on failure the guest keeps running here. What the VMM reports
+//!    (time, downtime, bytes) goes into the metrics.
+//! 3. On SIGTERM ([`ServeDriver::cancel`]) a migration before its switchover is
+//!    cancelled (`migrateCancel`): the guest stays here.
+//!
+//! A `switchoverUnknown` outcome (the source sent the commit but lost the link before
+//! the destination's answer) is resolved by asking B whether its VMM runs the guest;
+//! while B cannot tell, the guest stays paused here rather than risk two copies.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use berth_hypervisor::control::{Client, Op};
+use berth_hypervisor::migration::{
+    MigrateArgs, MigrateResolveArgs, MigrationPhase, MigrationStatus,
+};
+use berth_schema::Guest;
+use tracing::{info, warn};
+
+use super::auth::Secret;
+use super::client;
+use super::git::CommitId;
+use super::metrics::Metrics;
+use super::peer::IncomingRequest;
+use crate::diff::{Field, HostSetting};
+use crate::driver::{Driver, DriverError, LocalDriver};
+use crate::model::{Desired, Observed};
+
+/// The longest a migration to another host may run before it is cancelled (the
+/// policy's completion timeout applies inside the VMM first).
+const MIGRATION_DEADLINE: Duration = Duration::from_secs(600);
+
+/// How long the source VMM gets to exit after a completed migration.
+const SOURCE_EXIT: Duration = Duration::from_secs(10);
+
+/// The revision being enforced, shared by the loop (which sets it), the migration
+/// source (which names it to the destination) and the destination (which builds the
+/// incoming VMM from it).
+#[derive(Debug, Default)]
+pub struct Enforced {
+    inner: RwLock<Option<(CommitId, Arc<Desired>)>>,
+}
+
+impl Enforced {
+    /// Records a newly enforced revision.
+    pub fn set(&self, commit: &CommitId, desired: &Desired) {
+        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        *inner = Some((commit.clone(), Arc::new(desired.clone())));
+    }
+
+    /// The revision being enforced.
+    pub fn get(&self) -> Option<(CommitId, Arc<Desired>)> {
+        self.inner.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The service address of each host of the enforced revision.
+    fn addresses(&self) -> BTreeMap<String, String> {
+        self.get()
+            .map(|(_, d)| {
+                d.hosts
+                    .iter()
+                    .map(|h| (h.metadata.name.clone(), h.spec.address.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// The driver `berth serve --driver local` uses. See the module documentation.
+pub struct ServeDriver {
+    local: Arc<LocalDriver>,
+    enforced: Arc<Enforced>,
+    fleet_secret: Option<Arc<Secret>>,
+    metrics: Arc<Metrics>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl ServeDriver {
+    /// A driver over `local`, asking peers with `fleet_secret`, reporting into
+    /// `metrics`; peer requests run on `runtime`.
+    pub fn new(
+        local: Arc<LocalDriver>,
+        enforced: Arc<Enforced>,
+        fleet_secret: Option<Arc<Secret>>,
+        metrics: Arc<Metrics>,
+        runtime: tokio::runtime::Handle,
+    ) -> Self {
+        ServeDriver {
+            local,
+            enforced,
+            fleet_secret,
+            metrics,
+            runtime,
+        }
+    }
+
+    /// Cancels the migrations in flight (before their switchover) and refuses new ones.
+    pub fn cancel(&self) {
+        self.local.cancel_migrations();
+    }
+
+    fn me(&self) -> &str {
+        self.local.host()
+    }
+
+    /// Migrates `guest` from this host to `to`, as the module documentation says.
+    fn migrate_away(&self, guest: &Guest, to: &str) -> Result<(), DriverError> {
+        let name = &guest.metadata.name;
+        if self.local.cancelling() {
+            return Err(DriverError::Refused(format!(
+                "{name}: not migrating, the service is stopping"
+            )));
+        }
+        let secret = self.fleet_secret.as_deref().ok_or_else(|| {
+            DriverError::Refused(format!(
+                "{name}: cannot migrate to {to} without the fleet secret (--fleet-secret-file)"
+            ))
+        })?;
+        let (revision, _) = self
+            .enforced
+            .get()
+            .ok_or_else(|| DriverError::NotFound(format!("{name}: no revision enforced yet")))?;
+        let address = self.enforced.addresses().remove(to).ok_or_else(|| {
+            DriverError::NotFound(format!("{name}: host {to} has no Host manifest"))
+        })?;
+        let server = format!("http://{address}");
+        let request = IncomingRequest {
+            guest: name.clone(),
+            from: self.me().to_owned(),
+            revision: revision.to_string(),
+        };
+        let prepared = self
+            .runtime
+            .block_on(client::request_incoming(&server, secret, &request))
+            .map_err(|e| DriverError::Failed {
+                context: format!("{to} did not prepare the migration of {name}"),
+                source: Box::new(e),
+            })?;
+        info!(guest = %name, to, listen = %prepared.listen, "migrating live");
+        let socket = self.local.control_socket(name);
+        let mut source = Client::connect(&socket).map_err(|e| {
+            DriverError::NotFound(format!("guest {name} does not run on {} ({e})", self.me()))
+        })?;
+        let source_pid = source
+            .status()
+            .map_err(|e| failed(format!("reading the status of {name}"), e))?
+            .pid;
+        source
+            .call(Op::Migrate(MigrateArgs {
+                destination: prepared.listen.to_string(),
+                token: prepared.token,
+                policy: guest.spec.migration,
+                connections: None,
+            }))
+            .map_err(|e| failed(format!("starting the migration of {name} to {to}"), e))?;
+        let outcome = self.follow(&mut source, source_pid, name, &server, secret);
+        match outcome {
+            Ok(status) => {
+                self.metrics.migration(
+                    "remote",
+                    Duration::from_millis(status.elapsed_ms),
+                    status.downtime_ms.map(|ms| ms / 1000.0),
+                    status.bytes_sent,
+                );
+                info!(
+                    guest = %name, to, elapsed_ms = status.elapsed_ms,
+                    downtime_ms = ?status.downtime_ms, bytes = status.bytes_sent,
+                    "migration completed"
+                );
+                if !wait_gone(source_pid, SOURCE_EXIT) {
+                    warn!(guest = %name, pid = source_pid, "the source VMM has not exited after the migration");
+                }
+                Ok(())
+            }
+            Err(reason) => Err(DriverError::Failed {
+                context: format!("migrating {name} to {to}; the guest stays on {}", self.me()),
+                source: reason.into(),
+            }),
+        }
+    }
+
+    /// Follows the source VMM's migration to its end; the last status on success.
+    fn follow(
+        &self,
+        source: &mut Client,
+        source_pid: i32,
+        name: &str,
+        server: &str,
+        secret: &Secret,
+    ) -> Result<MigrationStatus, String> {
+        let deadline = Instant::now() + MIGRATION_DEADLINE;
+        let mut cancel_sent = false;
+        let mut last: Option<MigrationStatus> = None;
+        loop {
+            match source
+                .call(Op::MigrateStatus)
+                .map(serde_json::from_value::<MigrationStatus>)
+            {
+                Ok(Ok(status)) => {
+                    match status.phase {
+                        MigrationPhase::Completed => return Ok(status),
+                        MigrationPhase::Failed | MigrationPhase::Cancelled => {
+                            return Err(status.error.unwrap_or_else(|| {
+                                if cancel_sent {
+                                    "cancelled: the service is stopping".to_owned()
+                                } else {
+                                    format!("{:?}", status.phase)
+                                }
+                            }))
+                        }
+                        MigrationPhase::SwitchoverUnknown => {
+                            let running = self
+                                .runtime
+                                .block_on(client::incoming_running(server, secret, name));
+                            match running {
+                                Ok(running) => {
+                                    let _ = source.call(Op::MigrateResolve(MigrateResolveArgs {
+                                        destination_running: running,
+                                    }));
+                                    if !running {
+                                        return Err("the switchover was not confirmed; the guest resumed here".into());
+                                    }
+                                }
+                                Err(e) => {
+                                    warn!(guest = %name, error = %e, "switchover unknown and the destination cannot tell; the guest stays paused here");
+                                }
+                            }
+                        }
+                        _ => last = Some(status),
+                    }
+                }
+                Ok(Err(e)) => return Err(format!("unreadable migration status: {e}")),
+                // The source exits right after a completed migration.
+                Err(_) if !process_exists(source_pid) => {
+                    return last
+                        .map(|mut s| {
+                            s.phase = MigrationPhase::Completed;
+                            s
+                        })
+                        .ok_or_else(|| "the source VMM exited".to_owned())
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+            if !cancel_sent && (self.local.cancelling() || Instant::now() > deadline) {
+                info!(guest = %name, "cancelling the migration");
+                let _ = source.call(Op::MigrateCancel);
+                cancel_sent = true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Maps the destination address a VMM reports to the name of the host it belongs
+    /// to, so that status and plan name hosts.
+    fn host_of(&self, destination: &str) -> Option<String> {
+        let ip = destination.parse::<std::net::SocketAddr>().ok()?.ip();
+        self.enforced
+            .addresses()
+            .into_iter()
+            .find(|(_, address)| {
+                address
+                    .parse::<std::net::SocketAddr>()
+                    .is_ok_and(|a| a.ip() == ip)
+            })
+            .map(|(name, _)| name)
+    }
+}
+
+impl Driver for ServeDriver {
+    fn name(&self) -> &'static str {
+        "local"
+    }
+
+    fn observe(&self) -> Result<Observed, DriverError> {
+        let mut observed = self.local.observe()?;
+        for g in &mut observed.guests {
+            if let Some(host) = g.migrating_to.as_deref().and_then(|to| self.host_of(to)) {
+                g.migrating_to = Some(host);
+            }
+        }
+        Ok(observed)
+    }
+
+    fn configure_host(&self, host: &str, settings: &[HostSetting]) -> Result<(), DriverError> {
+        self.local.configure_host(host, settings)
+    }
+
+    fn start(&self, guest: &Guest, host: &str) -> Result<(), DriverError> {
+        self.local.start(guest, host)
+    }
+
+    fn retune(&self, guest: &Guest, host: &str, fields: &[Field]) -> Result<(), DriverError> {
+        self.local.retune(guest, host, fields)
+    }
+
+    /// Stops the guest here; the source half of a cold move stops here too, and the
+    /// destination's service starts it once this host no longer runs it.
+    fn stop(&self, name: &str, host: &str) -> Result<(), DriverError> {
+        self.local.stop(name, host)
+    }
+
+    fn migrate(&self, guest: &Guest, from: &str, to: &str) -> Result<(), DriverError> {
+        if from == to {
+            return self.local.migrate(guest, from, to);
+        }
+        if from != self.me() {
+            return Err(DriverError::NotFound(format!(
+                "{}: a migration from {from} is driven by {from}'s service",
+                guest.metadata.name
+            )));
+        }
+        self.migrate_away(guest, to)
+    }
+}
+
+fn failed(
+    context: impl Into<String>,
+    source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+) -> DriverError {
+    DriverError::Failed {
+        context: context.into(),
+        source: source.into(),
+    }
+}
+
+/// Whether process `pid` exists and is not a zombie.
+pub(super) fn process_exists(pid: i32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('Z'))
+        })
+}
+
+fn wait_gone(pid: i32, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while process_exists(pid) {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    true
+}

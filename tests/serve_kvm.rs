@@ -1,0 +1,871 @@
+//! `berth serve --driver local` end to end on real KVM: two "hosts" as network
+//! namespaces joined by a veth pair, each running the real `berth serve` (entered with
+//! `nsenter --net`, which keeps the host's /sys and cgroup mounts) against one local
+//! git repository, each with its own state directory. Guests are small heartbeat guests.
+//!
+//! Covered: a pinning commit applied live within a second (read from /proc), the
+//! service restarted (SIGKILL) adopting its guest, an invalid commit refused while the
+//! guest keeps its last good state, a webhook with a bad signature refused, a kill -9
+//! in the middle of an apply converging after a restart with exactly one VMM per guest,
+//! a placement change migrating the guest live between the namespaces with heartbeats
+//! continuing, and the destination's service stopped mid-migration leaving the guest
+//! on its source.
+//!
+//! Every process is killed by pid, and every namespace, state directory and cgroup is
+//! removed when a test ends, even when it fails.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use berth_hypervisor::host::cgroup::Cgroups;
+use serde_json::Value;
+
+const FLEET_SECRET: &str = "fleet-secret-for-tests";
+const WEBHOOK_SECRET: &str = "webhook-secret-for-tests";
+
+fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn run(program: &str, args: &[&str]) {
+    let status = Command::new(program)
+        .args(args)
+        .status()
+        .unwrap_or_else(|e| panic!("run {program}: {e}"));
+    assert!(status.success(), "{program} {args:?} failed");
+}
+
+/// Two network namespaces joined by a veth pair, with a /30 between them; deleted on
+/// drop.
+struct NetPair {
+    ns: [String; 2],
+    ips: [String; 2],
+}
+
+impl NetPair {
+    fn new(k: u32) -> NetPair {
+        let pid = std::process::id();
+        let ns = [format!("bsk-{pid}-{k}-a"), format!("bsk-{pid}-{k}-b")];
+        let (va, vb) = (
+            format!("bka{}x{k}", pid % 100_000),
+            format!("bkb{}x{k}", pid % 100_000),
+        );
+        let net = format!("10.254.{}", pid % 250);
+        let ips = [
+            format!("{net}.{}", 4 * k + 1),
+            format!("{net}.{}", 4 * k + 2),
+        ];
+        let pair = NetPair { ns, ips };
+        for ns in &pair.ns {
+            run("ip", &["netns", "add", ns]);
+        }
+        run(
+            "ip",
+            &[
+                "link",
+                "add",
+                &va,
+                "netns",
+                &pair.ns[0],
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &vb,
+                "netns",
+                &pair.ns[1],
+            ],
+        );
+        for (i, dev) in [&va, &vb].into_iter().enumerate() {
+            let ns = &pair.ns[i];
+            run(
+                "ip",
+                &[
+                    "-n",
+                    ns,
+                    "addr",
+                    "add",
+                    &format!("{}/30", pair.ips[i]),
+                    "dev",
+                    dev,
+                ],
+            );
+            run("ip", &["-n", ns, "link", "set", dev, "up"]);
+            run("ip", &["-n", ns, "link", "set", "lo", "up"]);
+        }
+        pair
+    }
+}
+
+impl Drop for NetPair {
+    fn drop(&mut self) {
+        for ns in &self.ns {
+            let _ = Command::new("ip").args(["netns", "delete", ns]).status();
+        }
+    }
+}
+
+/// An HTTP request from inside network namespace `ns` (a thread that joins it).
+fn http(
+    ns: &str,
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> std::io::Result<(u16, String)> {
+    let ns_path = format!("/var/run/netns/{ns}");
+    let addr = addr.to_owned();
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    request.push_str(body);
+    std::thread::spawn(move || {
+        let file = fs::File::open(&ns_path)?;
+        // SAFETY: setns on a valid namespace fd; it changes only this thread, which
+        // ends after the request.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let sock = addr.parse().map_err(std::io::Error::other)?;
+        let mut stream = TcpStream::connect_timeout(&sock, Duration::from_secs(2))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        stream.write_all(request.as_bytes())?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+        let code = head
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        Ok((code, body.to_owned()))
+    })
+    .join()
+    .expect("the request thread does not panic")
+}
+
+/// A throwaway repository with a local identity.
+struct Repo {
+    dir: PathBuf,
+}
+
+impl Repo {
+    fn new(dir: PathBuf) -> Self {
+        fs::create_dir_all(&dir).expect("mkdir");
+        let repo = Repo { dir };
+        repo.git(&["init", "--quiet", "--initial-branch=main"]);
+        repo.git(&["config", "user.name", "berth tests"]);
+        repo.git(&["config", "user.email", "tests@berth.invalid"]);
+        repo.git(&["config", "commit.gpgsign", "false"]);
+        repo
+    }
+
+    fn git(&self, args: &[&str]) -> String {
+        let out = Command::new("git")
+            .arg("-C")
+            .arg(&self.dir)
+            .args(args)
+            .output()
+            .expect("run git");
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8")
+    }
+
+    fn commit(&self, files: &[(&str, &str)], message: &str) -> String {
+        for (path, text) in files {
+            fs::write(self.dir.join(path), text).expect("write");
+        }
+        self.git(&["add", "--all"]);
+        self.git(&["commit", "--quiet", "-m", message]);
+        self.git(&["rev-parse", "HEAD"]).trim().to_owned()
+    }
+}
+
+/// One "host": a namespace, a state directory, and its `berth serve` when running.
+struct Host {
+    name: String,
+    ns: String,
+    addr: String,
+    state: PathBuf,
+    log: PathBuf,
+    serve: Option<Child>,
+}
+
+impl Host {
+    fn start(&mut self, repo: &Path, secrets: &Path, extra: &[&str]) {
+        assert!(self.serve.is_none(), "{} already serves", self.name);
+        let stderr = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/var/run/netns/{}", self.ns))
+            .arg(berth_tests::bin("berth"))
+            .args(["serve", "--driver", "local", "--host", &self.name])
+            .arg("--repo")
+            .arg(repo)
+            .arg("--state-dir")
+            .arg(&self.state)
+            .arg("--webhook-secret-file")
+            .arg(secrets.join("webhook"))
+            .arg("--fleet-secret-file")
+            .arg(secrets.join("fleet"))
+            .args(["--listen", &self.addr, "--poll-interval", "1h"])
+            .args(["--resync-interval", "2s"])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("start berth serve");
+        self.serve = Some(child);
+        wait_until(
+            &format!("{}'s API", self.name),
+            Duration::from_secs(20),
+            || self.get("/healthz").is_some_and(|(c, _)| c == 200),
+        );
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut child) = self.serve.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then waits for the service to exit.
+    fn terminate(&mut self) -> Option<i32> {
+        let mut child = self.serve.take()?;
+        // SAFETY: kill on the pid of our own child, not yet reaped.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{} did not stop within 30 s of SIGTERM", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn get(&self, path: &str) -> Option<(u16, String)> {
+        http(&self.ns, &self.addr, "GET", path, &[], "").ok()
+    }
+
+    fn status(&self) -> Value {
+        let (code, body) = self.get("/status").expect("status");
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str(&body).expect("status JSON")
+    }
+
+    fn guest_status(&self, name: &str) -> Option<Value> {
+        self.status()["guests"]
+            .as_array()
+            .expect("guests")
+            .iter()
+            .find(|g| g["name"] == name)
+            .cloned()
+    }
+
+    fn guest_dir(&self, name: &str) -> PathBuf {
+        self.state.join("guests").join(name)
+    }
+
+    fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// Two hosts, a repository, and the guests the test made: everything is removed on
+/// drop, processes by pid.
+struct Fleet {
+    _net: NetPair,
+    _dir: tempfile::TempDir,
+    repo: Repo,
+    secrets: PathBuf,
+    hosts: [Host; 2],
+    guests: Vec<String>,
+}
+
+static FLEETS: AtomicU32 = AtomicU32::new(0);
+
+impl Fleet {
+    fn new() -> Fleet {
+        berth_tests::require_root_and_kvm();
+        let k = FLEETS.fetch_add(1, Ordering::SeqCst);
+        let net = NetPair::new(k);
+        let dir = tempfile::tempdir().expect("temp dir");
+        let secrets = dir.path().join("secrets");
+        fs::create_dir_all(&secrets).expect("mkdir");
+        for (file, secret) in [("fleet", FLEET_SECRET), ("webhook", WEBHOOK_SECRET)] {
+            let path = secrets.join(file);
+            fs::write(&path, format!("{secret}\n")).expect("write secret");
+            fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .expect("chmod");
+        }
+        let host = |i: usize| Host {
+            name: format!("kvm0{}", i + 1),
+            ns: net.ns[i].clone(),
+            addr: format!("{}:7410", net.ips[i]),
+            state: dir.path().join(format!("state-{i}")),
+            log: dir.path().join(format!("serve-{i}.log")),
+            serve: None,
+        };
+        let hosts = [host(0), host(1)];
+        Fleet {
+            repo: Repo::new(dir.path().join("repo")),
+            _net: net,
+            secrets,
+            hosts,
+            _dir: dir,
+            guests: Vec::new(),
+        }
+    }
+
+    /// A guest name unique to this test process and test.
+    fn guest_name(&mut self, tag: &str) -> String {
+        let name = format!("{tag}-{}", std::process::id());
+        self.guests.push(name.clone());
+        name
+    }
+
+    fn start(&mut self, i: usize) {
+        let (repo, secrets) = (self.repo.dir.clone(), self.secrets.clone());
+        self.hosts[i].start(&repo, &secrets, &[]);
+    }
+
+    fn hosts_yaml(&self) -> String {
+        self.hosts
+            .iter()
+            .map(|h| {
+                format!(
+                    "apiVersion: berth.dev/v1\nkind: Host\nmetadata: {{name: {}}}\n\
+                     spec: {{address: '{}', cpus: 0-1, memory: 8GiB}}\n---\n",
+                    h.name, h.addr
+                )
+            })
+            .collect()
+    }
+
+    fn commit(&self, guests: &str, message: &str) -> String {
+        let text = format!("{}{guests}", self.hosts_yaml());
+        self.repo.commit(&[("fleet.yaml", &text)], message)
+    }
+
+    /// Every berth-vmm process of guest `name`, in either state directory.
+    fn vmms(&self, name: &str) -> Vec<i32> {
+        let needles: Vec<String> = self
+            .hosts
+            .iter()
+            .map(|h| h.guest_dir(name).display().to_string() + "/")
+            .collect();
+        vmm_pids(|cmdline| needles.iter().any(|n| cmdline.contains(n.as_str())))
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for host in &self.hosts {
+                eprintln!("--- {} log ---\n{}", host.name, host.log_text());
+            }
+        }
+        for host in &mut self.hosts {
+            host.kill9();
+        }
+        let roots: Vec<String> = self
+            .hosts
+            .iter()
+            .map(|h| h.state.display().to_string() + "/")
+            .collect();
+        let pids = vmm_pids(|cmdline| roots.iter().any(|r| cmdline.contains(r.as_str())));
+        for &pid in &pids {
+            // SAFETY: kill by pid of a berth-vmm this test started (its state dir is
+            // this test's temporary directory).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pids
+            .iter()
+            .any(|p| Path::new(&format!("/proc/{p}")).exists())
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if let Ok(cgroups) = Cgroups::detect() {
+            for name in &self.guests {
+                let _ = cgroups.remove_stale(name);
+                let _ = cgroups.remove_stale(&format!("{name}.incoming"));
+            }
+        }
+    }
+}
+
+/// Pids of berth-vmm processes whose command line matches.
+fn vmm_pids(matches: impl Fn(&str) -> bool) -> Vec<i32> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir("/proc").expect("/proc").filter_map(Result::ok) {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(raw) = fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
+        let state = fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        let zombie = state
+            .rsplit(')')
+            .next()
+            .is_some_and(|r| r.trim_start().starts_with('Z'));
+        if !zombie && cmdline.contains("berth-vmm") && matches(&cmdline) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// A heartbeat guest: 100 ticks a second, a line every 10 ticks.
+fn guest_yaml(name: &str, host: &str, cpu: &str, migration: &str, dirty: u32) -> String {
+    format!(
+        "apiVersion: berth.dev/v1\nkind: Guest\nmetadata: {{name: {name}}}\nspec:\n  host: {host}\n  \
+         cpu: {{vcpus: 1, pinning: {{vcpus: {{0: '{cpu}'}}}}}}\n  memory: {{size: 32MiB}}\n  \
+         boot: {{kernel: builtin:heartbeat, heartbeat: {{tickHz: 100, ticksPerLine: 10, dirtyPagesPerTick: {dirty}}}}}\n  \
+         migration: {migration}\n---\n"
+    )
+}
+
+const FAST: &str = "{mode: live, maxDowntime: 30ms}";
+
+/// The pid of the VMM running `name` under `host`, from its pid file, when it answers.
+fn vmm_pid(host: &Host, name: &str) -> Option<i32> {
+    let pid: i32 = fs::read_to_string(host.guest_dir(name).join("pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Path::new(&format!("/proc/{pid}")).exists().then_some(pid)
+}
+
+/// The CPUs thread `vcpu0` of `pid` may run on, from /proc.
+fn vcpu0_affinity(pid: i32) -> Option<String> {
+    for task in fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .filter_map(Result::ok)
+    {
+        let comm = fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim() == "vcpu0" {
+            let status = fs::read_to_string(task.path().join("status")).ok()?;
+            return status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .map(|s| s.trim().to_owned());
+        }
+    }
+    None
+}
+
+/// Heartbeat counters of vCPU 0 from the console logs given, in order.
+fn heartbeats(logs: &[PathBuf]) -> Vec<u64> {
+    let mut out = Vec::new();
+    for log in logs {
+        let text = fs::read_to_string(log).unwrap_or_default();
+        for line in text.lines() {
+            let mut it = line.split_whitespace();
+            if it.next() != Some("hb") || it.next() != Some("vcpu=0") {
+                continue;
+            }
+            if let Some(n) = it
+                .next()
+                .and_then(|f| f.strip_prefix("n="))
+                .and_then(|n| n.parse().ok())
+            {
+                out.push(n);
+            }
+        }
+    }
+    out
+}
+
+fn assert_continuous(ns: &[u64], at_least: usize) {
+    assert!(ns.len() >= at_least, "only {} heartbeat lines", ns.len());
+    for w in ns.windows(2) {
+        assert_eq!(w[1], w[0] + 10, "heartbeat {} followed by {}", w[0], w[1]);
+    }
+}
+
+fn console_logs(host: &Host, name: &str) -> Vec<PathBuf> {
+    let dir = host.guest_dir(name);
+    vec![dir.join("console.log.1"), dir.join("console.log")]
+}
+
+fn signature(secret: &str, body: &str) -> String {
+    let mut child = Command::new("openssl")
+        .args(["dgst", "-sha256", "-hmac", secret])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run openssl");
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(body.as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("openssl output");
+    let text = String::from_utf8(out.stdout).expect("utf-8");
+    format!("sha256={}", text.trim().rsplit(' ').next().expect("digest"))
+}
+
+#[test]
+fn live_retune_restart_adoption_invalid_commit_and_webhook() {
+    let mut fleet = Fleet::new();
+    let name = fleet.guest_name("kvm-retune");
+    fleet.commit(
+        &guest_yaml(&name, "kvm01", "0", FAST, 0),
+        "one guest on cpu 0",
+    );
+    fleet.start(0);
+    let host = &fleet.hosts[0];
+    wait_until("the guest to start", Duration::from_secs(20), || {
+        vmm_pid(host, &name).is_some_and(|p| vcpu0_affinity(p).as_deref() == Some("0"))
+    });
+    let pid = vmm_pid(host, &name).expect("running");
+
+    // A pinning commit is applied live, within a second, in the same VMM.
+    let committed = Instant::now();
+    let rev = fleet.commit(&guest_yaml(&name, "kvm01", "1", FAST, 0), "pin to cpu 1");
+    let host = &fleet.hosts[0];
+    wait_until("the new pinning", Duration::from_secs(2), || {
+        vcpu0_affinity(pid).as_deref() == Some("1")
+    });
+    let took = committed.elapsed();
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    assert_eq!(vmm_pid(host, &name), Some(pid), "retuned in place");
+    wait_until("the status", Duration::from_secs(5), || {
+        host.status()["lastApplied"]["revision"] == rev.as_str()
+    });
+    let g = host.guest_status(&name).expect("listed");
+    assert_eq!(g["phase"], "Running", "{g}");
+    assert_eq!(g["runsHere"], true, "{g}");
+
+    // SIGKILL and restart: the running guest is adopted, never started again.
+    fleet.hosts[0].kill9();
+    let before = heartbeats(&console_logs(&fleet.hosts[0], &name));
+    let log_before = fleet.hosts[0].log_text().len();
+    fleet.start(0);
+    let host = &fleet.hosts[0];
+    wait_until(
+        "the restarted service to converge",
+        Duration::from_secs(10),
+        || host.status()["lastApplied"]["revision"] == rev.as_str(),
+    );
+    assert_eq!(vmm_pid(host, &name), Some(pid), "adopted, not restarted");
+    assert_eq!(fleet.vmms(&name), vec![pid], "exactly one VMM");
+    let restarted = host.log_text()[log_before..].to_owned();
+    assert!(
+        !restarted.contains("dispatching"),
+        "the restarted service did nothing:\n{restarted}"
+    );
+
+    // An invalid commit is refused with file:line; the guest keeps its last good state.
+    let bad = fleet.commit(
+        &guest_yaml(&name, "kvm01", "0", FAST, 0).replace("vcpus: 1,", "vcpus: 1, bogus: 3,"),
+        "invalid",
+    );
+    let host = &fleet.hosts[0];
+    wait_until("the refusal", Duration::from_secs(5), || {
+        host.status()["lastError"]["revision"] == bad.as_str()
+    });
+    let status = host.status();
+    let error = &status["lastError"];
+    assert_eq!(error["kind"], "invalid", "{error}");
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("fleet.yaml:"),
+        "{error}"
+    );
+    assert_eq!(
+        status["enforcing"],
+        rev.as_str(),
+        "the last good revision stays"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        vcpu0_affinity(pid).as_deref(),
+        Some("1"),
+        "last good pinning kept"
+    );
+    assert_eq!(fleet.vmms(&name), vec![pid]);
+
+    // A webhook with a bad signature is refused; a good one is accepted.
+    let body = r#"{"ref":"refs/heads/main"}"#;
+    let wrong = signature("not-the-secret", body);
+    for sig in [None, Some(wrong.as_str())] {
+        let mut headers = vec![("X-GitHub-Event", "push")];
+        if let Some(s) = sig {
+            headers.push(("X-Hub-Signature-256", s));
+        }
+        let (code, text) =
+            http(&host.ns, &host.addr, "POST", "/hooks/git", &headers, body).expect("webhook");
+        assert_eq!(code, 401, "{sig:?}: {text}");
+    }
+    let good = signature(WEBHOOK_SECRET, body);
+    let (code, _) = http(
+        &host.ns,
+        &host.addr,
+        "POST",
+        "/hooks/git",
+        &[("X-GitHub-Event", "push"), ("X-Hub-Signature-256", &good)],
+        body,
+    )
+    .expect("webhook");
+    assert_eq!(code, 202);
+
+    // The heartbeats went on through all of it.
+    std::thread::sleep(Duration::from_millis(300));
+    let after = heartbeats(&console_logs(&fleet.hosts[0], &name));
+    assert!(after.len() > before.len(), "heartbeats continue");
+    assert_continuous(&after, 5);
+
+    // SIGTERM leaves the guest running.
+    assert_eq!(fleet.hosts[0].terminate(), Some(0));
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        fleet.vmms(&name),
+        vec![pid],
+        "the guest outlives the service"
+    );
+}
+
+#[test]
+fn kill9_mid_apply_then_restart_converges_with_one_vmm_per_guest() {
+    let mut fleet = Fleet::new();
+    let names: Vec<String> = (0..3)
+        .map(|i| fleet.guest_name(&format!("kvm-k9-{i}")))
+        .collect();
+    fleet.commit("", "hosts only");
+    fleet.start(0);
+    let host = &fleet.hosts[0];
+    wait_until("the first revision", Duration::from_secs(10), || {
+        host.status()["lastApplied"]["revision"].is_string()
+    });
+    let guests: String = names
+        .iter()
+        .map(|n| guest_yaml(n, "kvm01", "0", FAST, 0))
+        .collect();
+    let rev = fleet.commit(&guests, "three guests");
+    // Killed as soon as it dispatches the starts.
+    let log = fleet.hosts[0].log.clone();
+    wait_until(
+        "the starts to be dispatched",
+        Duration::from_secs(10),
+        || {
+            fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("dispatching")
+        },
+    );
+    fleet.hosts[0].kill9();
+    let started_before: Vec<usize> = names.iter().map(|n| fleet.vmms(n).len()).collect();
+    fleet.start(0);
+    let host = &fleet.hosts[0];
+    wait_until(
+        "convergence after the restart",
+        Duration::from_secs(30),
+        || host.status()["lastApplied"]["revision"] == rev.as_str(),
+    );
+    for name in &names {
+        let vmms = fleet.vmms(name);
+        assert_eq!(
+            vmms.len(),
+            1,
+            "{name}: {vmms:?} (before the restart: {started_before:?})"
+        );
+        let g = host.guest_status(name).expect("listed");
+        assert_eq!(g["phase"], "Running", "{g}");
+    }
+}
+
+/// Waits until `name` runs on host `to` and not on `from`; returns the new pid.
+fn wait_moved(fleet: &Fleet, name: &str, from: usize, to: usize, timeout: Duration) -> i32 {
+    wait_until("the guest to move", timeout, || {
+        vmm_pid(&fleet.hosts[to], name).is_some() && vmm_pid(&fleet.hosts[from], name).is_none()
+    });
+    vmm_pid(&fleet.hosts[to], name).expect("moved")
+}
+
+#[test]
+fn placement_change_migrates_live_between_namespaces() {
+    let mut fleet = Fleet::new();
+    let name = fleet.guest_name("kvm-move");
+    fleet.commit(&guest_yaml(&name, "kvm01", "0", FAST, 2), "guest on kvm01");
+    fleet.start(0);
+    fleet.start(1);
+    wait_until("the guest on kvm01", Duration::from_secs(20), || {
+        vmm_pid(&fleet.hosts[0], &name).is_some()
+    });
+    let source_pid = vmm_pid(&fleet.hosts[0], &name).expect("running");
+    wait_until("heartbeats", Duration::from_secs(10), || {
+        heartbeats(&console_logs(&fleet.hosts[0], &name)).len() >= 5
+    });
+    // kvm02 does not start a guest placed on kvm01.
+    assert!(vmm_pid(&fleet.hosts[1], &name).is_none());
+
+    let rev = fleet.commit(&guest_yaml(&name, "kvm02", "1", FAST, 2), "move to kvm02");
+    let dest_pid = wait_moved(&fleet, &name, 0, 1, Duration::from_secs(30));
+    assert_ne!(dest_pid, source_pid);
+    wait_until("the source VMM to exit", Duration::from_secs(10), || {
+        !Path::new(&format!("/proc/{source_pid}")).exists()
+    });
+    assert_eq!(fleet.vmms(&name), vec![dest_pid], "exactly one VMM");
+    // Heartbeats continue across the hosts, no gap, no repeat.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut logs = vec![fleet.hosts[0].guest_dir(&name).join("console.log")];
+    logs.extend(console_logs(&fleet.hosts[1], &name));
+    let beats = heartbeats(&logs);
+    assert_continuous(&beats, 8);
+    assert_eq!(
+        vcpu0_affinity(dest_pid).as_deref(),
+        Some("1"),
+        "pinned as the manifest says"
+    );
+
+    // Status on both sides.
+    let (a, b) = (&fleet.hosts[0], &fleet.hosts[1]);
+    wait_until("both sides to converge", Duration::from_secs(10), || {
+        a.status()["lastApplied"]["revision"] == rev.as_str()
+            && b.status()["lastApplied"]["revision"] == rev.as_str()
+    });
+    assert!(a.guest_status(&name).is_none(), "{}", a.status());
+    let g = b.guest_status(&name).expect("listed on kvm02");
+    assert_eq!(g["phase"], "Running", "{g}");
+    assert_eq!(g["runsHere"], true, "{g}");
+    // The migration's figures, from what the VMM reported.
+    let (_, metrics) = a.get("/metrics").expect("metrics");
+    let value = |prefix: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{prefix} missing:\n{metrics}"))
+    };
+    assert!(value("berth_migration_bytes_total{kind=\"remote\"}") > 0.0);
+    assert_eq!(
+        value("berth_migration_downtime_seconds_count{kind=\"remote\"}"),
+        1.0
+    );
+    assert_eq!(
+        value("berth_migration_duration_seconds_count{kind=\"remote\"}"),
+        1.0
+    );
+    assert_eq!(
+        value("berth_actions_total{kind=\"migrate\",result=\"ok\"}"),
+        1.0
+    );
+}
+
+#[test]
+fn stopping_the_destination_mid_migration_keeps_the_guest_on_the_source() {
+    let mut fleet = Fleet::new();
+    let name = fleet.guest_name("kvm-abort");
+    // A guest dirtying pages faster than the capped link moves them: without
+    // auto-converge the migration keeps copying until it is cut.
+    let slow = "{mode: live, maxDowntime: 5ms, bandwidth: 2MiB/s, autoConverge: false}";
+    fleet.commit(&guest_yaml(&name, "kvm01", "0", slow, 20), "guest on kvm01");
+    fleet.start(0);
+    fleet.start(1);
+    wait_until("the guest on kvm01", Duration::from_secs(20), || {
+        vmm_pid(&fleet.hosts[0], &name).is_some()
+    });
+    let pid = vmm_pid(&fleet.hosts[0], &name).expect("running");
+    fleet.commit(&guest_yaml(&name, "kvm02", "0", slow, 20), "move to kvm02");
+    let incoming = fleet.hosts[1]
+        .state
+        .join("guests")
+        .join(format!("{name}.incoming"));
+    wait_until("the incoming VMM on kvm02", Duration::from_secs(20), || {
+        incoming.exists()
+    });
+    wait_until(
+        "the migration to be under way",
+        Duration::from_secs(10),
+        || {
+            fleet.hosts[0]
+                .guest_status(&name)
+                .is_some_and(|g| g["phase"] == "Migrating")
+        },
+    );
+    assert_eq!(fleet.hosts[1].terminate(), Some(0));
+    // The source's action fails, the guest stays, and the status says why.
+    let a = &fleet.hosts[0];
+    wait_until("the failure on kvm01", Duration::from_secs(20), || {
+        a.guest_status(&name).is_some_and(|g| {
+            g["conditions"]
+                .as_array()
+                .is_some_and(|c| c.iter().any(|c| c["type"] == "Failed"))
+        })
+    });
+    let g = a.guest_status(&name).expect("listed");
+    let failed = g["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == "Failed"))
+        .expect("a Failed condition")
+        .to_string();
+    assert!(failed.contains("stays on kvm01"), "{failed}");
+    assert_eq!(
+        vmm_pid(a, &name),
+        Some(pid),
+        "the guest stays in its source VMM"
+    );
+    assert_eq!(fleet.vmms(&name), vec![pid]);
+    wait_until("the incoming VMM to go", Duration::from_secs(10), || {
+        !incoming.exists()
+    });
+    let before = heartbeats(&console_logs(a, &name)).len();
+    std::thread::sleep(Duration::from_millis(500));
+    let beats = heartbeats(&console_logs(a, &name));
+    assert!(beats.len() > before, "the guest still beats on kvm01");
+    assert_continuous(&beats, 5);
+    let mut lines: BTreeMap<&str, usize> = BTreeMap::new();
+    for l in fleet.hosts[1].log_text().lines() {
+        if l.contains("discarding the incoming migration") {
+            *lines.entry("discarded").or_default() += 1;
+        }
+    }
+    assert_eq!(
+        lines.get("discarded"),
+        Some(&1),
+        "{}",
+        fleet.hosts[1].log_text()
+    );
+}
