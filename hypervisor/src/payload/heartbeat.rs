@@ -26,58 +26,23 @@
 //! | 0x200000.. | data region, split evenly between the vCPUs (up to `maxVcpus`) |
 
 use berth_schema::HeartbeatSpec;
-use iced_x86::code_asm::*;
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion};
 
-use crate::arch::x86_64::layout::{IDT_ADDR, LAPIC_ADDR};
+use super::heartbeat_layout::*;
+pub use super::heartbeat_layout::{
+    CODE_ADDR, DATA_ADDR, MAGIC, RECORDS_ADDR, RECORD_SIZE, SHARED_ADDR, SPURIOUS_VECTOR,
+    STACKS_ADDR, TIMER_VECTOR,
+};
+use crate::arch::x86_64::layout::IDT_ADDR;
 use crate::vstate::memory::GuestMemory;
-
-/// The LAPIC timer vector.
-pub const TIMER_VECTOR: u8 = 0x40;
-/// The LAPIC spurious vector.
-pub const SPURIOUS_VECTOR: u8 = 0xFF;
-/// The code's address.
-pub const CODE_ADDR: u64 = 0x10000;
-/// The shared page.
-pub const SHARED_ADDR: u64 = 0x12000;
-/// The first per-vCPU record.
-pub const RECORDS_ADDR: u64 = 0x13000;
-/// Bytes per record.
-pub const RECORD_SIZE: u64 = 64;
-/// The stacks; vCPU `i`'s stack top is `STACKS_ADDR + (i + 1) * 4096`.
-pub const STACKS_ADDR: u64 = 0x20000;
-/// The data region's start.
-pub const DATA_ADDR: u64 = 0x20_0000;
-/// Identifies the shared page's layout version.
-pub const MAGIC: u64 = u64::from_le_bytes(*b"BERTHHB1");
-
-// Record fields.
-const REC_TICKS: i32 = 0;
-const REC_LINES: i32 = 8;
-const REC_CURSOR: i32 = 16;
-const REC_GEN: i32 = 24;
-const REC_BASE: i32 = 32;
-const REC_PAGES: i32 = 40;
-const REC_INDEX: i32 = 48;
-const REC_SHARED: i32 = 56;
-// Shared page fields.
-const SH_LOCK: i32 = 0;
-const SH_TIMER_COUNT: i32 = 8;
-const SH_TICKS_PER_LINE: i32 = 16;
-const SH_DIRTY_PER_TICK: i32 = 24;
-const SH_MAGIC: i32 = 32;
 
 /// KVM's LAPIC timer runs at 1 GHz (one count per nanosecond) with divide-by-1.
 const LAPIC_TIMER_HZ: u64 = 1_000_000_000;
-const COM1: i32 = 0x3f8;
 
 /// Why the payload could not be built, loaded or verified.
 #[derive(Debug, thiserror::Error)]
 pub enum HeartbeatError {
-    /// The assembler refused the code (a bug).
-    #[error("Cannot assemble the heartbeat payload: {0}")]
-    Assemble(iced_x86::IcedError),
     /// Guest memory too small or a write failed.
     #[error("Cannot write the heartbeat payload into guest memory: {0}")]
     Write(vm_memory::GuestMemoryError),
@@ -203,154 +168,15 @@ impl Layout {
 /// The maximum vCPUs the records area and stacks hold.
 pub const MAX_VCPUS: u32 = ((DATA_ADDR - STACKS_ADDR) / 4096 - 1) as u32;
 
-/// Assembles the payload for code address [`CODE_ADDR`]; returns the code and the
-/// offsets of the entry, timer and spurious handlers.
-///
-/// # Errors
-/// [`HeartbeatError::Assemble`].
-pub fn assemble() -> Result<(Vec<u8>, u64, u64, u64), HeartbeatError> {
-    build().map_err(HeartbeatError::Assemble)
-}
+/// The payload's code, assembled at build time by `build.rs` from `heartbeat_asm.rs`.
+const CODE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/heartbeat.bin"));
+// ENTRY_ADDR, TIMER_ADDR and SPURIOUS_ADDR: where the assembler put the handlers.
+include!(concat!(env!("OUT_DIR"), "/heartbeat_labels.rs"));
 
-fn build() -> Result<(Vec<u8>, u64, u64, u64), iced_x86::IcedError> {
-    let mut a = CodeAssembler::new(64)?;
-    let mut entry = a.create_label();
-    let mut idle = a.create_label();
-    let mut timer = a.create_label();
-    let mut dirty_loop = a.create_label();
-    let mut no_wrap = a.create_label();
-    let mut count = a.create_label();
-    let mut eoi = a.create_label();
-    let mut acquire = a.create_label();
-    let mut spin = a.create_label();
-    let mut spurious = a.create_label();
-    let mut prepend_dec = a.create_label();
-    let mut digit = a.create_label();
-
-    // Entry: rsp = stack top, r15 = record, interrupts off.
-    a.set_label(&mut entry)?;
-    a.mov(r9, qword_ptr(r15 + REC_SHARED))?;
-    a.mov(rbx, LAPIC_ADDR)?;
-    a.mov(dword_ptr(rbx + 0xF0), 0x100 | u32::from(SPURIOUS_VECTOR))?; // SVR: enable
-    a.mov(dword_ptr(rbx + 0x3E0), 0xBu32)?; // divide by 1
-    a.mov(
-        dword_ptr(rbx + 0x320),
-        (1u32 << 17) | u32::from(TIMER_VECTOR),
-    )?; // periodic
-    a.mov(eax, dword_ptr(r9 + SH_TIMER_COUNT))?;
-    a.mov(dword_ptr(rbx + 0x380), eax)?; // initial count: starts the timer
-    a.set_label(&mut idle)?;
-    a.sti()?;
-    a.hlt()?;
-    a.jmp(idle)?;
-
-    // Timer interrupt.
-    a.set_label(&mut timer)?;
-    for r in [rax, rcx, rdx, rsi, rdi, r8, r9] {
-        a.push(r)?;
-    }
-    a.cld()?;
-    a.mov(r9, qword_ptr(r15 + REC_SHARED))?;
-    a.mov(r8, qword_ptr(r9 + SH_DIRTY_PER_TICK))?;
-    a.test(r8, r8)?;
-    a.jz(count)?;
-    a.cmp(qword_ptr(r15 + REC_PAGES), 0)?;
-    a.je(count)?;
-    a.set_label(&mut dirty_loop)?;
-    a.mov(rdi, qword_ptr(r15 + REC_CURSOR))?;
-    a.shl(rdi, 12)?;
-    a.add(rdi, qword_ptr(r15 + REC_BASE))?;
-    a.mov(rax, rdi)?;
-    a.shl(rax, 20)?; // (gpa >> 12) << 32
-    a.or(rax, qword_ptr(r15 + REC_GEN))?;
-    a.mov(ecx, 512u32)?;
-    a.rep().stosq()?;
-    a.mov(rax, qword_ptr(r15 + REC_CURSOR))?;
-    a.inc(rax)?;
-    a.cmp(rax, qword_ptr(r15 + REC_PAGES))?;
-    a.jb(no_wrap)?;
-    a.xor(eax, eax)?;
-    a.inc(qword_ptr(r15 + REC_GEN))?;
-    a.set_label(&mut no_wrap)?;
-    a.mov(qword_ptr(r15 + REC_CURSOR), rax)?;
-    a.dec(r8)?;
-    a.jnz(dirty_loop)?;
-
-    a.set_label(&mut count)?;
-    a.mov(rax, qword_ptr(r15 + REC_TICKS))?;
-    a.inc(rax)?;
-    a.mov(qword_ptr(r15 + REC_TICKS), rax)?;
-    a.xor(edx, edx)?;
-    a.div(qword_ptr(r9 + SH_TICKS_PER_LINE))?;
-    a.test(rdx, rdx)?;
-    a.jnz(eoi)?;
-
-    // Build "hb vcpu=<i> n=<ticks>\n" backwards in a stack buffer.
-    a.sub(rsp, 64)?;
-    a.lea(rdi, qword_ptr(rsp + 64))?;
-    a.dec(rdi)?;
-    a.mov(byte_ptr(rdi), b'\n' as u32)?;
-    a.mov(rax, qword_ptr(r15 + REC_TICKS))?;
-    a.call(prepend_dec)?;
-    a.sub(rdi, 3)?;
-    a.mov(byte_ptr(rdi), b' ' as u32)?;
-    a.mov(byte_ptr(rdi + 1), b'n' as u32)?;
-    a.mov(byte_ptr(rdi + 2), b'=' as u32)?;
-    a.mov(rax, qword_ptr(r15 + REC_INDEX))?;
-    a.call(prepend_dec)?;
-    a.sub(rdi, 8)?;
-    a.mov(rax, u64::from_le_bytes(*b"hb vcpu="))?;
-    a.mov(qword_ptr(rdi), rax)?;
-    a.mov(rsi, rdi)?;
-    a.lea(rcx, qword_ptr(rsp + 64))?;
-    a.sub(rcx, rdi)?;
-    a.mov(edx, COM1 as u32)?;
-    // Take the console spinlock.
-    a.set_label(&mut acquire)?;
-    a.mov(eax, 1u32)?;
-    a.xchg(qword_ptr(r9 + SH_LOCK), rax)?;
-    a.test(rax, rax)?;
-    a.jz(spin)?; // got it: jump over the wait
-    a.pause()?;
-    a.jmp(acquire)?;
-    a.set_label(&mut spin)?;
-    a.rep().outsb()?;
-    a.mov(qword_ptr(r9 + SH_LOCK), 0)?;
-    a.inc(qword_ptr(r15 + REC_LINES))?;
-    a.add(rsp, 64)?;
-
-    a.set_label(&mut eoi)?;
-    a.mov(rax, LAPIC_ADDR)?;
-    a.mov(dword_ptr(rax + 0xB0), 0u32)?;
-    for r in [r9, r8, rdi, rsi, rdx, rcx, rax] {
-        a.pop(r)?;
-    }
-    a.iretq()?;
-
-    a.set_label(&mut spurious)?;
-    a.iretq()?;
-
-    // rdi: cursor moving down; rax: value. Clobbers rax, rdx, r8.
-    a.set_label(&mut prepend_dec)?;
-    a.mov(r8, 10u64)?;
-    a.set_label(&mut digit)?;
-    a.xor(edx, edx)?;
-    a.div(r8)?;
-    a.add(dl, b'0' as u32)?;
-    a.dec(rdi)?;
-    a.mov(byte_ptr(rdi), dl)?;
-    a.test(rax, rax)?;
-    a.jnz(digit)?;
-    a.ret()?;
-
-    let result = a.assemble_options(
-        CODE_ADDR,
-        iced_x86::BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
-    )?;
-    let entry_ip = result.label_ip(&entry)?;
-    let timer_ip = result.label_ip(&timer)?;
-    let spurious_ip = result.label_ip(&spurious)?;
-    Ok((result.inner.code_buffer, entry_ip, timer_ip, spurious_ip))
+/// The payload's code (for [`CODE_ADDR`]) and the addresses of its entry, timer and
+/// spurious handlers.
+pub fn assemble() -> (&'static [u8], u64, u64, u64) {
+    (CODE, ENTRY_ADDR, TIMER_ADDR, SPURIOUS_ADDR)
 }
 
 fn idt_gate(handler: u64) -> [u64; 2] {
@@ -379,13 +205,13 @@ pub fn load(
             max: MAX_VCPUS,
         });
     }
-    let (code, entry, timer, spurious) = assemble()?;
+    let (code, entry, timer, spurious) = assemble();
     let w = |bytes: &[u8], addr: u64| {
         mem.write_slice(bytes, GuestAddress(addr))
             .map_err(HeartbeatError::Write)
     };
     let q = |value: u64, addr: u64| w(&value.to_le_bytes(), addr);
-    w(&code, CODE_ADDR)?;
+    w(code, CODE_ADDR)?;
     for (vector, handler) in [(TIMER_VECTOR, timer), (SPURIOUS_VECTOR, spurious)] {
         let gate = idt_gate(handler);
         let addr = IDT_ADDR + u64::from(vector) * 16;
@@ -543,8 +369,13 @@ mod tests {
     }
 
     #[test]
+    fn the_payload_addresses_the_lapic_where_the_vmm_maps_it() {
+        assert_eq!(LAPIC_BASE, crate::arch::x86_64::layout::LAPIC_ADDR);
+    }
+
+    #[test]
     fn assembles_small_code() {
-        let (code, entry, timer, spurious) = assemble().unwrap();
+        let (code, entry, timer, spurious) = assemble();
         assert!(code.len() < 4096, "{} bytes", code.len());
         assert_eq!(entry, CODE_ADDR);
         assert!(timer > entry && spurious > timer);

@@ -1,6 +1,7 @@
 //! What a guest runs: the built-in payloads and Linux.
 
 pub mod heartbeat;
+mod heartbeat_layout;
 pub mod linux;
 
 /// The `boot.kernel` value of the test payload that triple-faults at its first
