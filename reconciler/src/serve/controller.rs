@@ -370,8 +370,18 @@ impl Controller {
         };
         self.backoffs.succeeded(OBSERVE_KEY);
         self.metrics.ready.set(1);
+        let me = self.config.host.as_str();
+        let observed_host = observed.hosts.iter().find(|h| h.name == me).cloned();
+        // A guest that arrived (a migration to this host ended) waits no more.
+        self.waiting.retain(|name, _| {
+            !observed
+                .guests
+                .iter()
+                .any(|g| &g.name == name && g.host == me && g.has_vmm())
+        });
         self.status.update(|s| {
             s.ready = true;
+            s.observed_host = observed_host;
             if s.last_error.as_ref().is_some_and(|e| e.kind == "observe") {
                 s.last_error = None;
             }

@@ -319,12 +319,7 @@ async fn serve(
     let (events, event_rx) = mpsc::channel(4);
     let (shutdown, shutdown_rx) = watch::channel(false);
 
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .map_err(|source| ServeError::Listen {
-            addr: args.listen,
-            source,
-        })?;
+    let listener = bind(args.listen).await?;
     let api = http::router(http::ApiState {
         status: status.clone(),
         metrics: Arc::clone(&metrics),
@@ -385,8 +380,9 @@ async fn serve(
             args.state_dir.join("placements.json"),
         ))),
     );
-    if local.is_some() {
+    if let Some((driver, _)) = &local {
         controller = controller.this_host_only(notes);
+        tokio::spawn(Arc::clone(driver).refresh_peers(shutdown_rx.clone()));
     }
     let controller = tokio::spawn(controller.run(event_rx, shutdown_rx));
 
@@ -407,6 +403,25 @@ async fn serve(
     }
     info!("stopped");
     Ok(())
+}
+
+/// Binds the API's listener. After a SIGKILL the address can stay taken for a moment
+/// (a VMM being started then holds the inherited socket until its exec), so a taken
+/// address is tried again for a few seconds.
+async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, ServeError> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(listener) => return Ok(listener),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(source) => return Err(ServeError::Listen { addr, source }),
+        }
+    }
 }
 
 async fn wait_for_signal() -> std::io::Result<()> {

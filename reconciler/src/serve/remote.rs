@@ -35,7 +35,7 @@ use super::metrics::Metrics;
 use super::peer::IncomingRequest;
 use crate::diff::{Field, HostSetting};
 use crate::driver::{Driver, DriverError, LocalDriver};
-use crate::model::{Desired, Observed};
+use crate::model::{Desired, Observed, ObservedHost};
 
 /// The longest a migration to another host may run before it is cancelled (the
 /// policy's completion timeout applies inside the VMM first).
@@ -43,6 +43,13 @@ const MIGRATION_DEADLINE: Duration = Duration::from_secs(600);
 
 /// How long the source VMM gets to exit after a completed migration.
 const SOURCE_EXIT: Duration = Duration::from_secs(10);
+
+/// How often the other hosts are asked how they are (for planning migrations to them).
+const PEER_REFRESH: Duration = Duration::from_secs(2);
+
+/// How long a peer's last answer is planned with; after that it counts as unobserved
+/// and migrations to it are blocked, with that reason.
+const PEER_STALE: Duration = Duration::from_secs(15);
 
 /// The revision being enforced, shared by the loop (which sets it), the migration
 /// source (which names it to the destination) and the destination (which builds the
@@ -84,6 +91,8 @@ pub struct ServeDriver {
     fleet_secret: Option<Arc<Secret>>,
     metrics: Arc<Metrics>,
     runtime: tokio::runtime::Handle,
+    /// The other hosts as they last reported themselves, and when.
+    peers: RwLock<BTreeMap<String, (Instant, ObservedHost)>>,
 }
 
 impl ServeDriver {
@@ -102,6 +111,43 @@ impl ServeDriver {
             fleet_secret,
             metrics,
             runtime,
+            peers: RwLock::new(BTreeMap::new()),
+        }
+    }
+
+    /// Asks the other hosts of the enforced revision for their observed state every
+    /// [`PEER_REFRESH`], until `stop` turns true. The local driver sees this host only;
+    /// a migration is planned against what the destination last reported.
+    pub async fn refresh_peers(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+        loop {
+            let asks = self
+                .enforced
+                .addresses()
+                .into_iter()
+                .filter(|(name, _)| name != self.me())
+                .map(|(name, address)| async move {
+                    let server = format!("http://{address}");
+                    let answer = tokio::time::timeout(PEER_REFRESH, client::status(&server)).await;
+                    (name, answer)
+                });
+            for (name, answer) in futures_join(asks).await {
+                match answer {
+                    Ok(Ok(status)) => {
+                        if let Some(host) = status.observed_host.filter(|h| h.name == name) {
+                            self.peers
+                                .write()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .insert(name, (Instant::now(), host));
+                        }
+                    }
+                    Ok(Err(e)) => tracing::debug!(peer = %name, error = %e, "peer not asked"),
+                    Err(_) => tracing::debug!(peer = %name, "peer did not answer"),
+                }
+            }
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => return,
+                () = tokio::time::sleep(PEER_REFRESH) => {}
+            }
         }
     }
 
@@ -284,6 +330,14 @@ impl Driver for ServeDriver {
 
     fn observe(&self) -> Result<Observed, DriverError> {
         let mut observed = self.local.observe()?;
+        let peers = self.peers.read().unwrap_or_else(|e| e.into_inner());
+        observed.hosts.extend(
+            peers
+                .values()
+                .filter(|(at, host)| at.elapsed() < PEER_STALE && host.name != self.me())
+                .map(|(_, host)| host.clone()),
+        );
+        drop(peers);
         for g in &mut observed.guests {
             if let Some(host) = g.migrating_to.as_deref().and_then(|to| self.host_of(to)) {
                 g.migrating_to = Some(host);
@@ -322,6 +376,22 @@ impl Driver for ServeDriver {
         }
         self.migrate_away(guest, to)
     }
+}
+
+/// Runs the futures concurrently; their outputs in order.
+async fn futures_join<F>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futures.map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        if let Ok(v) = h.await {
+            out.push(v);
+        }
+    }
+    out
 }
 
 fn failed(

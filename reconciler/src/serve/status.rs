@@ -33,6 +33,10 @@ pub struct Status {
     pub last_error: Option<LastError>,
     /// Guests placed on this host or running on it.
     pub guests: Vec<GuestStatus>,
+    /// This host as last observed (CPU, memory, hugepage pools): what a migration
+    /// source plans against when its driver sees only its own host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_host: Option<crate::model::ObservedHost>,
 }
 
 /// The repository followed.
@@ -348,6 +352,7 @@ mod tests {
                 at: "2025-01-01T00:00:00.000Z".into(),
             }),
             last_error: None,
+            observed_host: None,
             guests: vec![
                 GuestStatus {
                     name: "web-1".into(),
