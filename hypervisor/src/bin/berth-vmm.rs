@@ -15,32 +15,77 @@ use anyhow::Context;
 use berth_hypervisor::statedir::{StateDir, StateDirError};
 use berth_hypervisor::vmm::{CgroupState, VmmEvent};
 use berth_hypervisor::{control, VmConfig, Vmm};
-use clap::{Parser, Subcommand};
 
-/// berth's per-guest KVM process.
-#[derive(Debug, Parser)]
-#[command(name = "berth-vmm", version)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
+const USAGE: &str = "\
+berth-vmm: berth's per-guest KVM process
+
+Usage: berth-vmm run --spec FILE|- --state-dir DIR [--incoming ADDRESS]
+
+Commands:
+  run  Run a guest until it is shut down
+
+Options of run:
+  --spec FILE|-         The Guest manifest (YAML or JSON); - reads standard input
+  --state-dir DIR       The state root; the guest's files go to DIR/guests/<name>/
+  --incoming ADDRESS    Wait for a live migration of this guest on ADDRESS (host:port;
+                        port 0 picks one) instead of booting it; prints
+                        `ready <socket> incoming <address> <token>`. Files go to
+                        DIR/guests/<name>.incoming/ until the commit.
+  -h, --help            Print this help
+  -V, --version         Print the version
+";
+
+/// What `berth-vmm run` was asked to do.
+#[derive(Debug)]
+struct RunArgs {
+    spec: String,
+    state_dir: PathBuf,
+    incoming: Option<String>,
 }
 
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Run a guest until it is shut down.
-    Run {
-        /// The Guest manifest (YAML or JSON); `-` reads standard input.
-        #[arg(long)]
-        spec: String,
-        /// The state root; the guest's files go to `<state-dir>/guests/<name>/`.
-        #[arg(long)]
-        state_dir: PathBuf,
-        /// Wait for a live migration of this guest on this address (`host:port`; port 0
-        /// picks one) instead of booting it; prints `ready <socket> incoming <address>
-        /// <token>`. Files go to `<state-dir>/guests/<name>.incoming/` until the commit.
-        #[arg(long, value_name = "ADDRESS")]
-        incoming: Option<String>,
-    },
+/// What the command line asks for.
+#[derive(Debug)]
+enum Cli {
+    Run(RunArgs),
+    Help,
+    Version,
+}
+
+/// Parses the command line. The VMM is started by berth, not typed by people, and its
+/// whole interface is one command with three options, so it uses lexopt rather than a
+/// full argument parser: every resident kibibyte counts once per guest.
+fn parse_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Cli, lexopt::Error> {
+    use lexopt::prelude::*;
+    let mut parser = lexopt::Parser::from_iter(std::iter::once("berth-vmm".into()).chain(args));
+    let mut command = None;
+    let (mut spec, mut state_dir, mut incoming) = (None, None, None);
+    while let Some(arg) = parser.next()? {
+        match arg {
+            Short('h') | Long("help") => return Ok(Cli::Help),
+            Short('V') | Long("version") => return Ok(Cli::Version),
+            Value(v) if command.is_none() => {
+                let v = v.string()?;
+                if v != "run" {
+                    return Err(format!("unknown command {v:?} (expected run)").into());
+                }
+                command = Some(v);
+            }
+            Long("spec") if command.is_some() => spec = Some(parser.value()?.string()?),
+            Long("state-dir") if command.is_some() => state_dir = Some(parser.value()?.into()),
+            Long("incoming") if command.is_some() => {
+                incoming = Some(parser.value()?.string()?);
+            }
+            _ => return Err(arg.unexpected()),
+        }
+    }
+    if command.is_none() {
+        return Err("missing command (expected run)".into());
+    }
+    Ok(Cli::Run(RunArgs {
+        spec: spec.ok_or("run needs --spec FILE|-")?,
+        state_dir: state_dir.ok_or("run needs --state-dir DIR")?,
+        incoming,
+    }))
 }
 
 /// A mistake in what the caller gave, as opposed to a host failure.
@@ -49,8 +94,22 @@ enum Command {
 struct UserError(String);
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match run(cli) {
+    let args = match parse_args(std::env::args_os().skip(1)) {
+        Ok(Cli::Run(args)) => args,
+        Ok(Cli::Help) => {
+            print!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Ok(Cli::Version) => {
+            println!("berth-vmm {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("error: {e}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(args) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e}");
@@ -66,13 +125,13 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
-    let Command::Run {
+    let RunArgs {
         spec,
         state_dir,
         incoming,
-    } = cli.command;
+    } = args;
     // Before any thread exists, so every thread inherits the mask and SIGTERM/SIGINT are
     // taken only by the signal thread below.
     let signals = block_termination_signals()?;
@@ -274,4 +333,49 @@ fn spawn_signal_thread(
         })
         .context("starting the signal thread")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, String> {
+        parse_args(args.iter().map(Into::into)).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn run_takes_spec_state_dir_and_incoming() {
+        let Ok(Cli::Run(a)) = parse(&[
+            "run",
+            "--spec",
+            "-",
+            "--state-dir",
+            "/s",
+            "--incoming=127.0.0.1:0",
+        ]) else {
+            panic!("run not parsed");
+        };
+        assert_eq!(a.spec, "-");
+        assert_eq!(a.state_dir, PathBuf::from("/s"));
+        assert_eq!(a.incoming.as_deref(), Some("127.0.0.1:0"));
+        assert!(matches!(parse(&["--help"]), Ok(Cli::Help)));
+        assert!(matches!(parse(&["-V"]), Ok(Cli::Version)));
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        assert!(parse(&[]).unwrap_err().contains("missing command"));
+        assert!(parse(&["walk"]).unwrap_err().contains("unknown command"));
+        assert!(parse(&["run", "--spec", "x"])
+            .unwrap_err()
+            .contains("--state-dir"));
+        assert!(parse(&["run", "--state-dir", "d"])
+            .unwrap_err()
+            .contains("--spec"));
+        assert!(
+            parse(&["run", "--spec", "x", "--state-dir", "d", "--bogus"])
+                .unwrap_err()
+                .contains("--bogus")
+        );
+    }
 }
