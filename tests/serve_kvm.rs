@@ -8,8 +8,9 @@
 //! guest keeps its last good state, a webhook with a bad signature refused, a kill -9
 //! in the middle of an apply converging after a restart with exactly one VMM per guest,
 //! a placement change migrating the guest live between the namespaces with heartbeats
-//! continuing, and the destination's service stopped mid-migration leaving the guest
-//! on its source.
+//! continuing, the destination's service stopped mid-migration leaving the guest on
+//! its source, the source's service stopped mid-migration cancelling it (the guest
+//! stays), and a cold move (stopped on the source, booted on the destination).
 //!
 //! Every process is killed by pid, and every namespace, state directory and cgroup is
 //! removed when a test ends, even when it fails.
@@ -867,5 +868,93 @@ fn stopping_the_destination_mid_migration_keeps_the_guest_on_the_source() {
         Some(&1),
         "{}",
         fleet.hosts[1].log_text()
+    );
+}
+
+#[test]
+fn sigterm_on_the_source_mid_migration_cancels_it_and_the_guest_stays() {
+    let mut fleet = Fleet::new();
+    let name = fleet.guest_name("kvm-term");
+    let slow = "{mode: live, maxDowntime: 5ms, bandwidth: 2MiB/s, autoConverge: false}";
+    fleet.commit(&guest_yaml(&name, "kvm01", "0", slow, 20), "guest on kvm01");
+    fleet.start(0);
+    fleet.start(1);
+    wait_until("the guest on kvm01", Duration::from_secs(20), || {
+        vmm_pid(&fleet.hosts[0], &name).is_some()
+    });
+    let pid = vmm_pid(&fleet.hosts[0], &name).expect("running");
+    fleet.commit(&guest_yaml(&name, "kvm02", "0", slow, 20), "move to kvm02");
+    wait_until(
+        "the migration to be under way",
+        Duration::from_secs(20),
+        || {
+            fleet.hosts[0]
+                .guest_status(&name)
+                .is_some_and(|g| g["phase"] == "Migrating")
+        },
+    );
+    assert_eq!(fleet.hosts[0].terminate(), Some(0), "a clean stop");
+    assert!(
+        fleet.hosts[0]
+            .log_text()
+            .contains("cancelling the migration"),
+        "{}",
+        fleet.hosts[0].log_text()
+    );
+    assert_eq!(
+        vmm_pid(&fleet.hosts[0], &name),
+        Some(pid),
+        "the guest stays on kvm01"
+    );
+    let incoming = fleet.hosts[1]
+        .state
+        .join("guests")
+        .join(format!("{name}.incoming"));
+    wait_until("the incoming VMM to go", Duration::from_secs(10), || {
+        !incoming.exists()
+    });
+    assert_eq!(fleet.vmms(&name), vec![pid]);
+    let before = heartbeats(&console_logs(&fleet.hosts[0], &name)).len();
+    std::thread::sleep(Duration::from_millis(500));
+    let beats = heartbeats(&console_logs(&fleet.hosts[0], &name));
+    assert!(beats.len() > before, "the guest still beats on kvm01");
+    assert_continuous(&beats, 5);
+    // kvm02 reports why it does not run the guest it was given.
+    let g = fleet.hosts[1].guest_status(&name).expect("listed on kvm02");
+    assert_eq!(g["phase"], "WaitingForMigration", "{g}");
+}
+
+#[test]
+fn a_cold_move_stops_on_the_source_then_starts_on_the_destination() {
+    let mut fleet = Fleet::new();
+    let name = fleet.guest_name("kvm-cold");
+    let cold = "{mode: cold}";
+    fleet.commit(&guest_yaml(&name, "kvm01", "0", cold, 0), "guest on kvm01");
+    fleet.start(0);
+    fleet.start(1);
+    wait_until("the guest on kvm01", Duration::from_secs(20), || {
+        vmm_pid(&fleet.hosts[0], &name).is_some()
+    });
+    let source_pid = vmm_pid(&fleet.hosts[0], &name).expect("running");
+    let rev = fleet.commit(&guest_yaml(&name, "kvm02", "0", cold, 0), "move cold");
+    let dest_pid = wait_moved(&fleet, &name, 0, 1, Duration::from_secs(30));
+    assert_ne!(dest_pid, source_pid);
+    assert_eq!(fleet.vmms(&name), vec![dest_pid], "exactly one VMM");
+    let (a, b) = (&fleet.hosts[0], &fleet.hosts[1]);
+    wait_until("both sides to converge", Duration::from_secs(10), || {
+        a.status()["lastApplied"]["revision"] == rev.as_str()
+            && b.status()["lastApplied"]["revision"] == rev.as_str()
+    });
+    assert!(a.guest_status(&name).is_none(), "{}", a.status());
+    assert_eq!(b.guest_status(&name).expect("listed")["phase"], "Running");
+    // A fresh boot: the counters start again on kvm02.
+    wait_until("heartbeats on kvm02", Duration::from_secs(10), || {
+        !heartbeats(&[b.guest_dir(&name).join("console.log")]).is_empty()
+    });
+    assert_eq!(heartbeats(&[b.guest_dir(&name).join("console.log")])[0], 10);
+    assert!(
+        a.log_text().contains("action=\"cold_migrate\""),
+        "{}",
+        a.log_text()
     );
 }
