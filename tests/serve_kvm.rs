@@ -234,7 +234,6 @@ impl Host {
             .arg("--fleet-secret-file")
             .arg(secrets.join("fleet"))
             .args(["--listen", &self.addr, "--poll-interval", "1h"])
-            .args(["--resync-interval", "2s"])
             .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())

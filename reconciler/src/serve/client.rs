@@ -168,7 +168,8 @@ pub async fn request_incoming(
 }
 
 /// Asks the service at `server` whether `guest` runs there after an incoming
-/// migration (the source's question after a `switchoverUnknown`).
+/// migration (the source's question after a `switchoverUnknown`), and the switchover
+/// pause its VMM measured.
 ///
 /// # Errors
 /// When the service cannot be reached, refuses, or cannot tell yet.
@@ -176,13 +177,12 @@ pub async fn incoming_running(
     server: &str,
     fleet_secret: &Secret,
     guest: &str,
-) -> Result<bool, ClientError> {
+) -> Result<IncomingOutcome, ClientError> {
     let request = Request::get(format!("{INCOMING_PATH}/{guest}"))
         .header(header::AUTHORIZATION, fleet_secret.bearer())
         .body(Body::empty())
         .expect("a valid request");
-    let outcome: IncomingOutcome = decode(server, send(server, request).await?)?;
-    Ok(outcome.running)
+    decode(server, send(server, request).await?)
 }
 
 #[cfg(test)]

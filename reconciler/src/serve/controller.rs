@@ -98,6 +98,9 @@ pub struct Controller {
     /// here and the destination's service starts it.
     this_host_only: bool,
     incoming_notes: Option<Arc<IncomingNotes>>,
+    /// Wakes the loop for a pass when something it cannot see changed (a peer became
+    /// observed).
+    pokes: Arc<tokio::sync::Notify>,
     enforcing: Option<(CommitId, Arc<Desired>)>,
     /// The revision the host last converged to.
     converged_on: Option<CommitId>,
@@ -132,6 +135,7 @@ impl Controller {
             guard: None,
             this_host_only: false,
             incoming_notes: None,
+            pokes: Arc::new(tokio::sync::Notify::new()),
             enforcing: None,
             converged_on: None,
             in_flight: HashMap::new(),
@@ -167,6 +171,11 @@ impl Controller {
         self
     }
 
+    /// A handle whose `notify_one` makes the loop run a pass.
+    pub fn pokes(&self) -> Arc<tokio::sync::Notify> {
+        Arc::clone(&self.pokes)
+    }
+
     /// Runs until `shutdown` turns true, then waits for the actions in flight.
     pub async fn run(
         mut self,
@@ -176,6 +185,7 @@ impl Controller {
         let mut resync = tokio::time::interval(self.config.resync);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut source_open = true;
+        let pokes = Arc::clone(&self.pokes);
         loop {
             let retry_at = self.backoffs.next_deadline(Instant::now());
             let wake = tokio::select! {
@@ -184,6 +194,7 @@ impl Controller {
                 Some(done) = self.completions.1.recv() => Wake::Completed(done),
                 event = events.recv(), if source_open => Wake::Source(event),
                 _ = resync.tick() => Wake::Tick,
+                () = pokes.notified() => Wake::Tick,
                 () = sleep_until(retry_at), if retry_at.is_some() => Wake::Tick,
             };
             match wake {
@@ -592,6 +603,9 @@ impl Controller {
                 }
             }
             if let Some(kind) = self.in_flight.get(name.as_str()) {
+                if matches!(*kind, "migrate" | "local_migrate") {
+                    status.phase = "Migrating".into();
+                }
                 conditions.push(Condition::new("Progressing", true, "ActionInFlight", *kind));
             }
             if let Some(why) = self.waiting.get(name.as_str()) {

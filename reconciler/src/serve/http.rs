@@ -28,7 +28,7 @@ use tracing::{info, warn};
 
 use super::auth::{verify_bearer, verify_signature, AuthError, Secret, SIGNATURE_HEADER};
 use super::metrics::Metrics;
-use super::peer::{IncomingMigrations, IncomingOutcome, IncomingRequest, PeerError, INCOMING_PATH};
+use super::peer::{IncomingMigrations, IncomingRequest, PeerError, INCOMING_PATH};
 use super::source::Trigger;
 use super::status::StatusStore;
 
@@ -149,7 +149,7 @@ async fn incoming_outcome(
     }
     let handler = Arc::clone(&state.incoming);
     match tokio::task::spawn_blocking(move || handler.running(&guest)).await {
-        Ok(Ok(running)) => (StatusCode::OK, Json(IncomingOutcome { running })).into_response(),
+        Ok(Ok(outcome)) => (StatusCode::OK, Json(outcome)).into_response(),
         Ok(Err(e)) => {
             let code = match e {
                 PeerError::Unsupported(_) => StatusCode::NOT_IMPLEMENTED,

@@ -20,7 +20,9 @@ use berth_hypervisor::migration::{MigrationPhase, MigrationStatus};
 use tracing::{info, warn};
 
 use super::git::{CommitId, GitRepo};
-use super::peer::{IncomingMigration, IncomingMigrations, IncomingRequest, PeerError};
+use super::peer::{
+    IncomingMigration, IncomingMigrations, IncomingOutcome, IncomingRequest, PeerError,
+};
 use super::remote::Enforced;
 use super::source::{read_revision, Trigger};
 use crate::driver::{DriverError, LocalDriver};
@@ -185,12 +187,16 @@ impl IncomingMigrations for LocalIncoming {
         Ok(IncomingMigration { listen, token })
     }
 
-    fn running(&self, guest: &str) -> Result<bool, PeerError> {
+    fn running(&self, guest: &str) -> Result<IncomingOutcome, PeerError> {
+        let outcome = |running: bool, status: Option<&MigrationStatus>| IncomingOutcome {
+            running,
+            downtime_ms: status.and_then(|s| s.downtime_ms),
+        };
         let incoming = incoming_status(&self.local, guest);
         if let Some(status) = &incoming {
             return match status.phase {
-                MigrationPhase::Completed => Ok(true),
-                MigrationPhase::Failed | MigrationPhase::Cancelled => Ok(false),
+                MigrationPhase::Completed => Ok(outcome(true, Some(status))),
+                MigrationPhase::Failed | MigrationPhase::Cancelled => Ok(outcome(false, None)),
                 phase => Err(PeerError::Failed(format!(
                     "the incoming VMM of {guest} is at {phase:?}"
                 ))),
@@ -202,9 +208,16 @@ impl IncomingMigrations for LocalIncoming {
             )));
         }
         // Handed over (or never arrived): the guest's own VMM tells.
-        Ok(Client::connect(self.local.control_socket(guest))
+        let socket = self.local.control_socket(guest);
+        let running = Client::connect(&socket)
             .and_then(|mut c| c.status())
-            .is_ok_and(|s| matches!(s.state, GuestRunState::Running | GuestRunState::Paused)))
+            .is_ok_and(|s| matches!(s.state, GuestRunState::Running | GuestRunState::Paused));
+        let arrived: Option<MigrationStatus> = Client::connect(&socket)
+            .and_then(|mut c| c.call(Op::MigrateStatus))
+            .ok()
+            .and_then(|v| serde_json::from_value(v).ok())
+            .filter(|s: &MigrationStatus| s.role.as_deref() == Some("incoming"));
+        Ok(outcome(running, arrived.as_ref()))
     }
 }
 

@@ -382,27 +382,34 @@ async fn serve(
     );
     if let Some((driver, _)) = &local {
         controller = controller.this_host_only(notes);
-        tokio::spawn(Arc::clone(driver).refresh_peers(shutdown_rx.clone()));
+        tokio::spawn(Arc::clone(driver).refresh_peers(controller.pokes(), shutdown_rx.clone()));
     }
     let controller = tokio::spawn(controller.run(event_rx, shutdown_rx));
 
     wait_for_signal().await.map_err(ServeError::Signals)?;
     info!("stopping: cancelling a migration in flight, finishing the other actions; guests keep running");
     let _ = shutdown.send(true);
-    if let Some((driver, incoming)) = &local {
+    if let Some((driver, _)) = &local {
         driver.cancel();
-        let incoming = Arc::clone(incoming);
-        let _ = tokio::task::spawn_blocking(move || incoming.abort_pending()).await;
     }
     if let Err(e) = controller.await {
         error!(error = %e, "the reconcile loop failed");
     }
-    match http.await {
-        Ok(result) => result.map_err(ServeError::Http)?,
-        Err(e) => error!(error = %e, "the HTTP server failed"),
+    let served = match http.await {
+        Ok(result) => result.map_err(ServeError::Http),
+        Err(e) => {
+            error!(error = %e, "the HTTP server failed");
+            Ok(())
+        }
+    };
+    // After the server: a migration prepared by a request still in flight at the
+    // signal is discarded too.
+    if let Some((_, incoming)) = &local {
+        let incoming = Arc::clone(incoming);
+        let _ = tokio::task::spawn_blocking(move || incoming.abort_pending()).await;
     }
     info!("stopped");
-    Ok(())
+    served
 }
 
 /// Binds the API's listener. After a SIGKILL the address can stay taken for a moment

@@ -75,18 +75,22 @@ pub trait IncomingMigrations: Send + Sync {
     ///
     /// # Errors
     /// [`PeerError`] when this host cannot tell yet.
-    fn running(&self, guest: &str) -> Result<bool, PeerError> {
+    fn running(&self, guest: &str) -> Result<IncomingOutcome, PeerError> {
         let _ = guest;
         Err(PeerError::Unsupported("its driver cannot receive them"))
     }
 }
 
 /// The answer to `GET /v1/migrations/incoming/<guest>`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct IncomingOutcome {
     /// Whether the guest runs on this host.
     pub running: bool,
+    /// The switchover pause as the incoming VMM measured it (state read to vCPUs
+    /// started), once it runs the guest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<f64>,
 }
 
 /// What a host whose driver cannot receive migrations answers (the simulated fleet).

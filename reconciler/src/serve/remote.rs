@@ -118,7 +118,13 @@ impl ServeDriver {
     /// Asks the other hosts of the enforced revision for their observed state every
     /// [`PEER_REFRESH`], until `stop` turns true. The local driver sees this host only;
     /// a migration is planned against what the destination last reported.
-    pub async fn refresh_peers(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    /// `poke` is notified when a peer becomes observed (first answer, or again after
+    /// going stale), so that migrations blocked for want of it are planned at once.
+    pub async fn refresh_peers(
+        self: Arc<Self>,
+        poke: Arc<tokio::sync::Notify>,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
         loop {
             let asks = self
                 .enforced
@@ -134,10 +140,14 @@ impl ServeDriver {
                 match answer {
                     Ok(Ok(status)) => {
                         if let Some(host) = status.observed_host.filter(|h| h.name == name) {
-                            self.peers
+                            let previous = self
+                                .peers
                                 .write()
                                 .unwrap_or_else(|e| e.into_inner())
                                 .insert(name, (Instant::now(), host));
+                            if previous.is_none_or(|(at, _)| at.elapsed() >= PEER_STALE) {
+                                poke.notify_one();
+                            }
                         }
                     }
                     Ok(Err(e)) => tracing::debug!(peer = %name, error = %e, "peer not asked"),
@@ -213,15 +223,23 @@ impl ServeDriver {
         let outcome = self.follow(&mut source, source_pid, name, &server, secret);
         match outcome {
             Ok(status) => {
+                // The source exits right after completing; when its last status went
+                // unread, the destination's measure of the pause stands in.
+                let downtime_ms = status.downtime_ms.or_else(|| {
+                    self.runtime
+                        .block_on(client::incoming_running(&server, secret, name))
+                        .ok()
+                        .and_then(|o| o.downtime_ms)
+                });
                 self.metrics.migration(
                     "remote",
                     Duration::from_millis(status.elapsed_ms),
-                    status.downtime_ms.map(|ms| ms / 1000.0),
+                    downtime_ms.map(|ms| ms / 1000.0),
                     status.bytes_sent,
                 );
                 info!(
                     guest = %name, to, elapsed_ms = status.elapsed_ms,
-                    downtime_ms = ?status.downtime_ms, bytes = status.bytes_sent,
+                    downtime_ms = ?downtime_ms, bytes = status.bytes_sent,
                     "migration completed"
                 );
                 if !wait_gone(source_pid, SOURCE_EXIT) {
@@ -269,7 +287,7 @@ impl ServeDriver {
                             let running = self
                                 .runtime
                                 .block_on(client::incoming_running(server, secret, name));
-                            match running {
+                            match running.map(|o| o.running) {
                                 Ok(running) => {
                                     let _ = source.call(Op::MigrateResolve(MigrateResolveArgs {
                                         destination_running: running,
@@ -404,14 +422,19 @@ fn failed(
     }
 }
 
-/// Whether process `pid` exists and is not a zombie.
+/// Whether process `pid` still runs: it exists and is not a zombie whose threads have
+/// all ended (a leader that exited while its other threads still run is not gone yet,
+/// and cannot be reaped yet either).
 pub(super) fn process_exists(pid: i32) -> bool {
-    std::path::Path::new(&format!("/proc/{pid}")).exists()
-        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-            s.rsplit(')')
-                .next()
-                .is_some_and(|r| r.trim_start().starts_with('Z'))
-        })
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let zombie = stat
+        .rsplit(')')
+        .next()
+        .is_some_and(|r| r.trim_start().starts_with('Z'));
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, Iterator::count);
+    !(zombie && threads <= 1)
 }
 
 fn wait_gone(pid: i32, timeout: Duration) -> bool {
