@@ -13,6 +13,12 @@
 //! 3. On SIGTERM ([`ServeDriver::cancel`]) a migration before its switchover is
 //!    cancelled (`migrateCancel`): the guest stays here.
 //!
+//! The local driver sees this host only, so the plan of a move is made against what
+//! the destination last reported of itself (its `/status` carries its observed host;
+//! [`ServeDriver::refresh_peers`] asks every 2 s and wakes the loop when a peer becomes
+//! observed). A destination silent for 15 s is unobserved: moves to it are blocked, with
+//! that reason, until it answers again.
+//!
 //! A `switchoverUnknown` outcome (the source sent the commit but lost the link before
 //! the destination's answer) is resolved by asking B whether its VMM runs the guest;
 //! while B cannot tell, the guest stays paused here rather than risk two copies.
@@ -116,7 +122,7 @@ impl ServeDriver {
     }
 
     /// Asks the other hosts of the enforced revision for their observed state every
-    /// [`PEER_REFRESH`], until `stop` turns true. The local driver sees this host only;
+    /// 2 s, until `stop` turns true. The local driver sees this host only;
     /// a migration is planned against what the destination last reported.
     /// `poke` is notified when a peer becomes observed (first answer, or again after
     /// going stale), so that migrations blocked for want of it are planned at once.
