@@ -11,6 +11,7 @@
 //! - [`render`]: the plan as text, JSON (with its JSON Schema) and markdown.
 //! - [`serve`]: `berth serve`, the host-resident service (git source, reconcile loop,
 //!   HTTP API), and `berth status`.
+#![warn(missing_docs)]
 
 pub mod apply;
 pub mod classify;
