@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use berth_tests::command;
+use berth_tests::{command, GitRepo};
 use serde_json::Value;
 
 fn tempdir() -> tempfile::TempDir {
@@ -39,48 +39,6 @@ fn guests(weight: u16) -> String {
          ---\napiVersion: berth.dev/v1\nkind: Guest\nmetadata: {{name: db-1}}\n\
          spec:\n  host: kvm02\n  cpu: {{vcpus: 1}}\n  memory: {{size: 64MiB}}\n"
     )
-}
-
-/// A throwaway repository with a local identity.
-struct Repo {
-    dir: PathBuf,
-}
-
-impl Repo {
-    fn new(dir: PathBuf) -> Self {
-        fs::create_dir_all(&dir).expect("mkdir");
-        let repo = Repo { dir };
-        repo.git(&["init", "--quiet", "--initial-branch=main"]);
-        repo.git(&["config", "user.name", "berth tests"]);
-        repo.git(&["config", "user.email", "tests@berth.invalid"]);
-        repo.git(&["config", "commit.gpgsign", "false"]);
-        repo
-    }
-
-    fn git(&self, args: &[&str]) -> String {
-        let out = Command::new("git")
-            .arg("-C")
-            .arg(&self.dir)
-            .args(args)
-            .output()
-            .expect("run git");
-        assert!(
-            out.status.success(),
-            "git {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).expect("utf-8")
-    }
-
-    /// Writes the files and commits them; returns the commit id.
-    fn commit(&self, files: &[(&str, &str)], message: &str) -> String {
-        for (path, text) in files {
-            fs::write(self.dir.join(path), text).expect("write");
-        }
-        self.git(&["add", "--all"]);
-        self.git(&["commit", "--quiet", "-m", message]);
-        self.git(&["rev-parse", "HEAD"]).trim().to_owned()
-    }
 }
 
 /// A running `berth serve`, killed (by its pid, through the Child handle) when
@@ -309,7 +267,7 @@ fn metric(serve: &Serve, line_start: &str) -> Option<f64> {
 #[test]
 fn commits_are_applied_through_the_watch_and_invalid_ones_are_refused() {
     let tmp = tempdir();
-    let repo = Repo::new(tmp.path().join("repo"));
+    let repo = GitRepo::new(tmp.path().join("repo"));
     let first = repo.commit(
         &[("hosts.yaml", HOSTS), ("guests.yaml", &guests(100))],
         "first",
@@ -394,7 +352,7 @@ fn commits_are_applied_through_the_watch_and_invalid_ones_are_refused() {
 #[test]
 fn webhooks_need_a_valid_signature() {
     let tmp = tempdir();
-    let repo = Repo::new(tmp.path().join("repo"));
+    let repo = GitRepo::new(tmp.path().join("repo"));
     let first = repo.commit(
         &[("hosts.yaml", HOSTS), ("guests.yaml", &guests(100))],
         "first",
@@ -435,7 +393,7 @@ fn webhooks_need_a_valid_signature() {
 #[test]
 fn a_restart_adopts_running_guests_and_never_starts_them_twice() {
     let tmp = tempdir();
-    let repo = Repo::new(tmp.path().join("repo"));
+    let repo = GitRepo::new(tmp.path().join("repo"));
     let first = repo.commit(
         &[("hosts.yaml", HOSTS), ("guests.yaml", &guests(100))],
         "first",
@@ -483,7 +441,7 @@ fn a_restart_adopts_running_guests_and_never_starts_them_twice() {
 #[test]
 fn a_guest_moving_here_is_not_started_while_its_old_host_runs_it() {
     let tmp = tempdir();
-    let repo = Repo::new(tmp.path().join("repo"));
+    let repo = GitRepo::new(tmp.path().join("repo"));
     let (p1, p2) = (free_port(), free_port());
     let hosts = format!(
         "apiVersion: berth.dev/v1\nkind: Host\nmetadata: {{name: kvm01}}\n\

@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use berth_hypervisor::host::cgroup::Cgroups;
+use berth_tests::GitRepo;
 use serde_json::Value;
 
 const FLEET_SECRET: &str = "fleet-secret-for-tests";
@@ -162,47 +163,6 @@ fn http(
     .expect("the request thread does not panic")
 }
 
-/// A throwaway repository with a local identity.
-struct Repo {
-    dir: PathBuf,
-}
-
-impl Repo {
-    fn new(dir: PathBuf) -> Self {
-        fs::create_dir_all(&dir).expect("mkdir");
-        let repo = Repo { dir };
-        repo.git(&["init", "--quiet", "--initial-branch=main"]);
-        repo.git(&["config", "user.name", "berth tests"]);
-        repo.git(&["config", "user.email", "tests@berth.invalid"]);
-        repo.git(&["config", "commit.gpgsign", "false"]);
-        repo
-    }
-
-    fn git(&self, args: &[&str]) -> String {
-        let out = Command::new("git")
-            .arg("-C")
-            .arg(&self.dir)
-            .args(args)
-            .output()
-            .expect("run git");
-        assert!(
-            out.status.success(),
-            "git {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).expect("utf-8")
-    }
-
-    fn commit(&self, files: &[(&str, &str)], message: &str) -> String {
-        for (path, text) in files {
-            fs::write(self.dir.join(path), text).expect("write");
-        }
-        self.git(&["add", "--all"]);
-        self.git(&["commit", "--quiet", "-m", message]);
-        self.git(&["rev-parse", "HEAD"]).trim().to_owned()
-    }
-}
-
 /// One "host": a namespace, a state directory, and its `berth serve` when running.
 struct Host {
     name: String,
@@ -308,7 +268,7 @@ impl Host {
 struct Fleet {
     _net: NetPair,
     _dir: tempfile::TempDir,
-    repo: Repo,
+    repo: GitRepo,
     secrets: PathBuf,
     hosts: [Host; 2],
     guests: Vec<String>,
@@ -340,7 +300,7 @@ impl Fleet {
         };
         let hosts = [host(0), host(1)];
         Fleet {
-            repo: Repo::new(dir.path().join("repo")),
+            repo: GitRepo::new(dir.path().join("repo")),
             _net: net,
             secrets,
             hosts,

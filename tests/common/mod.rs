@@ -63,3 +63,49 @@ pub fn require_root_and_kvm() {
     assert_eq!(euid, 0, "this test needs root (cgroups, hugepages)");
     assert!(Path::new("/dev/kvm").exists(), "this test needs /dev/kvm");
 }
+
+/// A throwaway git repository with a local identity, for tests that follow or plan
+/// revisions.
+pub struct GitRepo {
+    /// The work tree.
+    pub dir: PathBuf,
+}
+
+impl GitRepo {
+    /// `git init` in `dir` (created if needed), branch `main`, a local user, no signing.
+    pub fn new(dir: PathBuf) -> Self {
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let repo = GitRepo { dir };
+        repo.git(&["init", "--quiet", "--initial-branch=main"]);
+        repo.git(&["config", "user.name", "berth tests"]);
+        repo.git(&["config", "user.email", "tests@berth.invalid"]);
+        repo.git(&["config", "commit.gpgsign", "false"]);
+        repo
+    }
+
+    /// Runs git in the repository; panics with git's stderr when it fails.
+    pub fn git(&self, args: &[&str]) -> String {
+        let out = Command::new("git")
+            .arg("-C")
+            .arg(&self.dir)
+            .args(args)
+            .output()
+            .expect("run git");
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8")
+    }
+
+    /// Writes the files and commits them; returns the commit id.
+    pub fn commit(&self, files: &[(&str, &str)], message: &str) -> String {
+        for (path, text) in files {
+            std::fs::write(self.dir.join(path), text).expect("write");
+        }
+        self.git(&["add", "--all"]);
+        self.git(&["commit", "--quiet", "-m", message]);
+        self.git(&["rev-parse", "HEAD"]).trim().to_owned()
+    }
+}
