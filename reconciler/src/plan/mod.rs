@@ -538,7 +538,7 @@ fn guest_intent(
         plan.to = Some(wanted.host.clone());
         if stops {
             plan.operation = Operation::ColdMigrate;
-            sched.cold_migrate(index, obs, &wanted, policy);
+            sched.cold_migrate(index, obs, &wanted);
         } else {
             plan.operation = Operation::Migrate;
             sched.migrate(index, obs, &wanted, policy, state_change);

@@ -291,6 +291,25 @@ impl<'a> Scheduler<'a> {
         }
     }
 
+    /// A task moving `guest` from its observed host to its wanted one: it takes room on
+    /// the destination before it gives back room on the source.
+    fn move_task(
+        &self,
+        guest: usize,
+        observed: &ObservedGuest,
+        wanted: &ObservedGuest,
+        action: Action,
+    ) -> (Task, usize, usize) {
+        let from = self
+            .host(&observed.host)
+            .expect("observed hosts are indexed");
+        let to = self.host(&wanted.host).expect("checked by destination()");
+        let mut t = Self::guest_task(guest, action, RANK_MOVE);
+        t.add = Some((to, Footprint::of(wanted)));
+        t.remove = Some((from, Footprint::of(observed)));
+        (t, from, to)
+    }
+
     pub(super) fn migrate(
         &mut self,
         guest: usize,
@@ -299,21 +318,12 @@ impl<'a> Scheduler<'a> {
         policy: Policy,
         state_change: bool,
     ) {
-        let from = self
-            .host(&observed.host)
-            .expect("observed hosts are indexed");
-        let to = self.host(&wanted.host).expect("checked by destination()");
-        let mut t = Self::guest_task(
-            guest,
-            Action::Migrate {
-                guest: observed.name.clone(),
-                from: observed.host.clone(),
-                to: wanted.host.clone(),
-            },
-            RANK_MOVE,
-        );
-        t.add = Some((to, Footprint::of(wanted)));
-        t.remove = Some((from, Footprint::of(observed)));
+        let action = Action::Migrate {
+            guest: observed.name.clone(),
+            from: observed.host.clone(),
+            to: wanted.host.clone(),
+        };
+        let (mut t, from, to) = self.move_task(guest, observed, wanted, action);
         t.migration = vec![from, to];
         t.fallback = Fallback::LiveMove {
             may_stop: policy.restart == RestartPolicy::IfRequired,
@@ -331,23 +341,13 @@ impl<'a> Scheduler<'a> {
         guest: usize,
         observed: &ObservedGuest,
         wanted: &ObservedGuest,
-        _policy: Policy,
     ) {
-        let from = self
-            .host(&observed.host)
-            .expect("observed hosts are indexed");
-        let to = self.host(&wanted.host).expect("checked by destination()");
-        let mut t = Self::guest_task(
-            guest,
-            Action::ColdMigrate {
-                guest: observed.name.clone(),
-                from: observed.host.clone(),
-                to: wanted.host.clone(),
-            },
-            RANK_MOVE,
-        );
-        t.add = Some((to, Footprint::of(wanted)));
-        t.remove = Some((from, Footprint::of(observed)));
+        let action = Action::ColdMigrate {
+            guest: observed.name.clone(),
+            from: observed.host.clone(),
+            to: wanted.host.clone(),
+        };
+        let (mut t, _, _) = self.move_task(guest, observed, wanted, action);
         t.fallback = Fallback::ColdMove;
         self.push(t);
     }
