@@ -9,7 +9,7 @@
 //! directories, cgroups, hugepages) through guards, also when it fails.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -86,14 +86,7 @@ impl Vmm {
             .stderr(std::fs::File::create(&stderr).unwrap())
             .spawn()
             .expect("spawn berth-vmm");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx.recv_timeout(Duration::from_secs(20)).unwrap_or_default();
+        let line = berth_tests::first_stdout_line(&mut child, Duration::from_secs(20));
         let mut vmm = Vmm {
             child: Some(child),
             name: name.to_owned(),

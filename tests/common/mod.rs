@@ -109,3 +109,17 @@ impl GitRepo {
         self.git(&["rev-parse", "HEAD"]).trim().to_owned()
     }
 }
+
+/// The first line `child` writes to its piped stdout (the VMM's `ready ...` line), or
+/// an empty string if none comes within `timeout`. The rest of stdout is left unread.
+pub fn first_stdout_line(child: &mut std::process::Child, timeout: std::time::Duration) -> String {
+    use std::io::BufRead;
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    rx.recv_timeout(timeout).unwrap_or_default()
+}
