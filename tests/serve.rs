@@ -8,10 +8,10 @@ use std::fs;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use berth_tests::{command, GitRepo};
+use berth_tests::{command, github_signature, GitRepo};
 use serde_json::Value;
 
 fn tempdir() -> tempfile::TempDir {
@@ -221,27 +221,6 @@ fn http(
     body: &str,
 ) -> (u16, String) {
     try_http(addr, method, path, headers, body).expect("HTTP request")
-}
-
-/// `sha256=<hex HMAC-SHA256 of body>` computed by openssl, independently of berth.
-fn github_signature(secret: &str, body: &str) -> String {
-    let mut child = Command::new("openssl")
-        .args(["dgst", "-sha256", "-hmac", secret])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("run openssl");
-    child
-        .stdin
-        .take()
-        .expect("piped")
-        .write_all(body.as_bytes())
-        .expect("write");
-    let out = child.wait_with_output().expect("openssl output");
-    let text = String::from_utf8(out.stdout).expect("utf-8");
-    let hex = text.trim().rsplit(' ').next().expect("digest");
-    assert_eq!(hex.len(), 64, "{text}");
-    format!("sha256={hex}")
 }
 
 fn applied(revision: &str) -> impl Fn(&Value) -> bool + '_ {

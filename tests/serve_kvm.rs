@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use berth_hypervisor::host::cgroup::Cgroups;
-use berth_tests::GitRepo;
+use berth_tests::{github_signature, GitRepo};
 use serde_json::Value;
 
 const FLEET_SECRET: &str = "fleet-secret-for-tests";
@@ -485,24 +485,6 @@ fn console_logs(host: &Host, name: &str) -> Vec<PathBuf> {
     vec![dir.join("console.log.1"), dir.join("console.log")]
 }
 
-fn signature(secret: &str, body: &str) -> String {
-    let mut child = Command::new("openssl")
-        .args(["dgst", "-sha256", "-hmac", secret])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("run openssl");
-    child
-        .stdin
-        .take()
-        .expect("piped")
-        .write_all(body.as_bytes())
-        .expect("write");
-    let out = child.wait_with_output().expect("openssl output");
-    let text = String::from_utf8(out.stdout).expect("utf-8");
-    format!("sha256={}", text.trim().rsplit(' ').next().expect("digest"))
-}
-
 #[test]
 fn live_retune_restart_adoption_invalid_commit_and_webhook() {
     let mut fleet = Fleet::new();
@@ -588,7 +570,7 @@ fn live_retune_restart_adoption_invalid_commit_and_webhook() {
 
     // A webhook with a bad signature is refused; a good one is accepted.
     let body = r#"{"ref":"refs/heads/main"}"#;
-    let wrong = signature("not-the-secret", body);
+    let wrong = github_signature("not-the-secret", body);
     for sig in [None, Some(wrong.as_str())] {
         let mut headers = vec![("X-GitHub-Event", "push")];
         if let Some(s) = sig {
@@ -598,7 +580,7 @@ fn live_retune_restart_adoption_invalid_commit_and_webhook() {
             http(&host.ns, &host.addr, "POST", "/hooks/git", &headers, body).expect("webhook");
         assert_eq!(code, 401, "{sig:?}: {text}");
     }
-    let good = signature(WEBHOOK_SECRET, body);
+    let good = github_signature(WEBHOOK_SECRET, body);
     let (code, _) = http(
         &host.ns,
         &host.addr,

@@ -123,3 +123,26 @@ pub fn first_stdout_line(child: &mut std::process::Child, timeout: std::time::Du
     });
     rx.recv_timeout(timeout).unwrap_or_default()
 }
+
+/// GitHub's `X-Hub-Signature-256` value for `body`: `sha256=<hex HMAC-SHA256>`, computed
+/// by openssl, independently of berth's own code.
+pub fn github_signature(secret: &str, body: &str) -> String {
+    use std::io::Write;
+    let mut child = Command::new("openssl")
+        .args(["dgst", "-sha256", "-hmac", secret])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run openssl");
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(body.as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("openssl output");
+    let text = String::from_utf8(out.stdout).expect("utf-8");
+    let hex = text.trim().rsplit(' ').next().expect("digest");
+    assert_eq!(hex.len(), 64, "{text}");
+    format!("sha256={hex}")
+}
