@@ -380,6 +380,8 @@ fn local_migration_keeps_heartbeats_memory_pinning_and_memtune() {
     });
     let relocation = dst.migration().relocation.unwrap();
     assert!(relocation.ends_with(&name), "{relocation}");
+    // The vCPUs' XSAVE areas came whole, at this host's KVM size.
+    assert_eq!(dst.migration().xsave_bytes, Some(host_xsave_size()));
     assert_incoming_gone(root.path(), &name);
     dst.assert_beating();
     std::thread::sleep(Duration::from_millis(300));
@@ -854,22 +856,22 @@ fn a_cut_link_aborts_the_migration() {
     proxied_fault("mig-cut", Fault::Stall(150_000));
 }
 
-#[test]
-fn a_page_beyond_guest_memory_is_refused() {
-    berth_tests::require_root_and_kvm();
-    let root = tempfile::tempdir().unwrap();
-    let name = unique("mig-forge");
-    let text = spec(&name, "{vcpus: 1}", "{size: 64MiB}", 0);
-    let mut dst = Vmm::start(root.path(), &name, &text, Some("127.0.0.1:0"), &[]).unwrap();
+/// A forger's connection 0 to `dst`: it knows the token and speaks the real protocol.
+fn forge_connection(dst: &Vmm) -> (FrameWriter<TcpStream>, FrameReader<TcpStream>) {
     let (addr, token) = dst.incoming.clone().unwrap();
     let token = Token::from_hex(&token).unwrap();
-    // A forger that knows the token and speaks the real protocol.
     let mut conn = TcpStream::connect(&addr).unwrap();
     let key = wire::connect(&mut conn, &token, 0).unwrap();
-    let mut w = FrameWriter::new(conn.try_clone().unwrap(), key.clone());
-    let config = SourceConfig {
+    let w = FrameWriter::new(conn.try_clone().unwrap(), key.clone());
+    let r = FrameReader::new(conn, key.for_replies());
+    (w, r)
+}
+
+/// A config for a 64 MiB, 1-vCPU guest `name` that passes the pre-checks here.
+fn forged_config(name: &str) -> SourceConfig {
+    SourceConfig {
         version: CONFIG_VERSION,
-        name: name.clone(),
+        name: name.to_owned(),
         ranges: vec![(0, 64 << 20)],
         max_vcpus: 1,
         online_vcpus: 1,
@@ -883,10 +885,218 @@ fn a_page_beyond_guest_memory_is_refused() {
             boot_id: "forged".into(),
             pid: 1,
         },
-    };
+        xsave_size: host_xsave_size(),
+    }
+}
+
+/// The XSAVE area size of this host's KVM, asked without berth's code:
+/// KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2) on a fresh VM, at least the legacy 4 KiB.
+fn host_xsave_size() -> u32 {
+    const KVM_CREATE_VM: libc::c_ulong = 0xAE01;
+    const KVM_CHECK_EXTENSION: libc::c_ulong = 0xAE03;
+    const KVM_CAP_XSAVE2: libc::c_ulong = 208;
+    let kvm = std::fs::File::open("/dev/kvm").expect("open /dev/kvm");
+    use std::os::fd::{AsRawFd as _, FromRawFd as _};
+    // SAFETY: KVM_CREATE_VM on an open /dev/kvm fd takes a machine type (0) and returns
+    // a new fd, owned at once below.
+    let vm = unsafe { libc::ioctl(kvm.as_raw_fd(), KVM_CREATE_VM, 0) };
+    assert!(vm >= 0, "KVM_CREATE_VM failed");
+    // SAFETY: `vm` is a fresh fd nobody else owns.
+    let vm = unsafe { std::fs::File::from_raw_fd(vm) };
+    // SAFETY: KVM_CHECK_EXTENSION takes a capability number and only returns a value.
+    let size = unsafe { libc::ioctl(vm.as_raw_fd(), KVM_CHECK_EXTENSION, KVM_CAP_XSAVE2) };
+    (size.max(0) as u32).max(4096)
+}
+
+#[test]
+fn a_larger_xsave_area_than_this_host_takes_is_refused_in_the_prechecks() {
+    berth_tests::require_root_and_kvm();
+    let root = tempfile::tempdir().unwrap();
+    let name = unique("mig-xsave");
+    let text = spec(&name, "{vcpus: 1}", "{size: 64MiB}", 0);
+    let mut dst = Vmm::start(root.path(), &name, &text, Some("127.0.0.1:0"), &[]).unwrap();
+    let (mut w, mut r) = forge_connection(&dst);
+    let mut config = forged_config(&name);
+    config.xsave_size = host_xsave_size() + 8192;
     w.send(FrameKind::Config, &[&serde_json::to_vec(&config).unwrap()])
         .unwrap();
-    let mut r = FrameReader::new(conn.try_clone().unwrap(), key.for_replies());
+    let verdict = r.recv().unwrap();
+    assert_eq!(verdict.kind, FrameKind::Abort);
+    let why = String::from_utf8_lossy(verdict.payload).into_owned();
+    let want = format!(
+        "XSAVE state is {} bytes per vCPU, this host's KVM takes only {}",
+        config.xsave_size,
+        host_xsave_size()
+    );
+    assert!(why.contains(&want), "{why}");
+    let code = dst.wait_exit(Duration::from_secs(10));
+    assert!(matches!(code, Some(c) if c != 0), "{code:?}");
+    assert!(dst.stderr_text().contains(&want), "{}", dst.stderr_text());
+    assert_incoming_gone(root.path(), &name);
+}
+
+/// What a migration does with a vCPU's XSAVE area (save on one VM, encode, decode,
+/// restore on another), with AVX-512 registers planted in it: every byte arrives, at
+/// the size KVM_CAP_XSAVE2 gives on this host.
+#[test]
+fn extended_xsave_components_survive_save_encode_decode_and_restore() {
+    use berth_hypervisor::arch::x86_64::cpuid;
+    use berth_hypervisor::config::{Backing, MemoryConfig};
+    use berth_hypervisor::migration::state::{
+        saveable_msrs, DevicesState, MachineState, Persist as _, Vcpu, XsaveAbi, STATE_VERSION,
+    };
+    use berth_hypervisor::vstate::{memory, vcpu::VcpuHandle, vm::Vm};
+
+    berth_tests::require_root_and_kvm();
+    let machine = || {
+        let mem = memory::create(&MemoryConfig {
+            size: 4 << 20,
+            backing: Backing::Anonymous,
+            locked: false,
+            share_pages: false,
+            numa: None,
+        })
+        .unwrap();
+        let vm = Vm::new(mem).unwrap();
+        let supported = vm.supported_cpuid().unwrap();
+        let ids = cpuid::for_vcpu(
+            &supported,
+            berth_schema::CpuMode::HostPassthrough,
+            None,
+            0,
+            1,
+        )
+        .unwrap();
+        let vcpu = VcpuHandle::create(&vm, 0, &ids).unwrap();
+        (vm, vcpu)
+    };
+    let (source_vm, source) = machine();
+    let (dest_vm, dest) = machine();
+    let abi = XsaveAbi::of(source_vm.fd());
+    assert_eq!(abi.size() as u32, host_xsave_size());
+    let fd = source.fd();
+    let msrs = saveable_msrs(source_vm.kvm(), &fd).unwrap();
+    let source_vcpu = Vcpu {
+        index: 0,
+        fd: &fd,
+        msrs: &msrs,
+        xsave: abi,
+    };
+    let mut saved = source_vcpu.save().unwrap();
+    assert_eq!(saved.xsave.len() as u32, host_xsave_size());
+
+    // The guest may use the components its CPUID leaf 0xD offers (XCR0 bits): fill
+    // AVX (2), opmask (5), ZMM_Hi256 (6) and Hi16_ZMM (7), where offered, with a
+    // pattern at their standard-format offsets, and mark them present in XSTATE_BV.
+    let leaf = |index: u32| {
+        saved
+            .cpuid
+            .iter()
+            .find(|e| e.function == 0xD && e.index == index)
+            .map(|e| (e.eax, e.ebx, e.edx))
+    };
+    let (xcr0_low, _, xcr0_high) = leaf(0).expect("CPUID leaf 0xD");
+    let xcr0 = u64::from(xcr0_low) | u64::from(xcr0_high) << 32;
+    let mut planted = Vec::new();
+    for component in [2u32, 5, 6, 7] {
+        if xcr0 & (1 << component) == 0 {
+            continue;
+        }
+        let (size, offset, _) = leaf(component).unwrap();
+        let (offset, size) = (offset as usize, size as usize);
+        for (i, byte) in saved.xsave[offset..offset + size].iter_mut().enumerate() {
+            *byte = (i as u8).wrapping_mul(31) ^ (component as u8) | 1;
+        }
+        let mut bv = u64::from_le_bytes(saved.xsave[512..520].try_into().unwrap());
+        bv |= 1 << component;
+        saved.xsave[512..520].copy_from_slice(&bv.to_le_bytes());
+        planted.push((component, offset, size));
+    }
+    assert!(
+        planted.iter().any(|&(c, ..)| c == 6),
+        "this host's guests see no AVX-512 (XCR0 {xcr0:#x}); the test needs it"
+    );
+    source_vcpu.restore(&saved).unwrap();
+    // KVM took them: a fresh read returns the planted bytes.
+    let source_state = source_vcpu.save().unwrap();
+    for &(component, offset, size) in &planted {
+        assert_eq!(
+            source_state.xsave[offset..offset + size],
+            saved.xsave[offset..offset + size],
+            "component {component} after KVM_SET_XSAVE on the source"
+        );
+    }
+
+    let state = MachineState {
+        version: STATE_VERSION,
+        xsave_size: abi.size() as u32,
+        vcpus: vec![source_state],
+        online: 1,
+        paused: false,
+        vm: source_vm.save_state().unwrap(),
+        devices: DevicesState::default(),
+    };
+    let bytes = state.encode().unwrap();
+    let arrived = MachineState::decode(&bytes).unwrap();
+    let dest_abi = XsaveAbi::of(dest_vm.fd());
+    arrived.check_xsave(dest_abi).unwrap();
+    let dest_fd = dest.fd();
+    let dest_vcpu = Vcpu {
+        index: 0,
+        fd: &dest_fd,
+        msrs: &[],
+        xsave: dest_abi,
+    };
+    dest_vcpu.restore(&arrived.vcpus[0]).unwrap();
+    let loaded = Vcpu {
+        msrs: &msrs,
+        ..dest_vcpu
+    }
+    .save()
+    .unwrap();
+    assert_eq!(loaded.xsave.len() as u32, host_xsave_size());
+    assert!(
+        loaded.xsave == state.vcpus[0].xsave,
+        "the destination's XSAVE area differs from the source's"
+    );
+    for &(component, offset, size) in &planted {
+        assert_eq!(
+            loaded.xsave[offset..offset + size],
+            saved.xsave[offset..offset + size],
+            "component {component} on the destination"
+        );
+    }
+
+    // A state from a host with a larger area is refused here, not truncated.
+    let mut larger = MachineState::decode(&bytes).unwrap();
+    larger.xsave_size += 4096;
+    larger.vcpus[0].xsave.resize(larger.xsave_size as usize, 0);
+    let larger = MachineState::decode(&larger.encode().unwrap()).unwrap();
+    let err = larger.check_xsave(dest_abi).unwrap_err().to_string();
+    assert!(err.contains("XSAVE areas are"), "{err}");
+    assert!(Vcpu {
+        index: 0,
+        fd: &dest_fd,
+        msrs: &[],
+        xsave: dest_abi,
+    }
+    .restore(&larger.vcpus[0])
+    .is_err());
+}
+
+#[test]
+fn a_page_beyond_guest_memory_is_refused() {
+    berth_tests::require_root_and_kvm();
+    let root = tempfile::tempdir().unwrap();
+    let name = unique("mig-forge");
+    let text = spec(&name, "{vcpus: 1}", "{size: 64MiB}", 0);
+    let mut dst = Vmm::start(root.path(), &name, &text, Some("127.0.0.1:0"), &[]).unwrap();
+    let (mut w, mut r) = forge_connection(&dst);
+    w.send(
+        FrameKind::Config,
+        &[&serde_json::to_vec(&forged_config(&name)).unwrap()],
+    )
+    .unwrap();
     assert_eq!(r.recv().unwrap().kind, FrameKind::Info);
     let head = wire::pages_head(&[64 << 20]);
     w.send(FrameKind::Pages, &[&head, &[0xAA; wire::PAGE_SIZE]])

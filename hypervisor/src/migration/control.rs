@@ -111,6 +111,10 @@ pub struct MigrationStatus {
     /// Why it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Bytes of XSAVE area carried per vCPU (the source host's KVM area size):
+    /// source once the config is sent, destination once the state is restored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xsave_bytes: Option<u32>,
     /// Destination: where the lock and files went after commit, or why they could not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relocation: Option<String>,

@@ -20,8 +20,9 @@ use crate::arch::x86_64::cpuid;
 use crate::config::VmConfig;
 use crate::payload::heartbeat::Layout;
 
-/// The version of [`SourceConfig`].
-pub const CONFIG_VERSION: u32 = 1;
+/// The version of [`SourceConfig`]. Version 2 added [`SourceConfig::xsave_size`] (and
+/// goes with machine state version 2).
+pub const CONFIG_VERSION: u32 = 2;
 
 /// Who the source is: enough to recognise a local migration.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,6 +79,10 @@ pub struct SourceConfig {
     pub connections: u32,
     /// The source.
     pub source: SourceIdentity,
+    /// Bytes in each vCPU's XSAVE area as the source's KVM reads it (absent from
+    /// version 1, which the version check refuses).
+    #[serde(default)]
+    pub xsave_size: u32,
 }
 
 /// A VMM already holding a guest's state directory.
@@ -110,15 +115,19 @@ pub struct DestinationFacts {
     pub running_here: Option<RunningGuest>,
     /// This host's boot id.
     pub boot_id: String,
+    /// Bytes of XSAVE area this host's KVM takes per vCPU.
+    pub xsave_size: u32,
 }
 
 impl DestinationFacts {
-    /// The facts of the incoming machine built from `config` with `ranges` of RAM and
-    /// `supported` CPUID, looking for a running VMM of the guest under `state_root`.
+    /// The facts of the incoming machine built from `config` with `ranges` of RAM,
+    /// `supported` CPUID and `xsave_size` bytes of XSAVE area, looking for a running VMM
+    /// of the guest under `state_root`.
     pub fn gather(
         config: &VmConfig,
         ranges: Vec<(u64, u64)>,
         supported: &kvm_bindings::CpuId,
+        xsave_size: usize,
         state_root: &Path,
     ) -> DestinationFacts {
         let pinned: CpuSet = config
@@ -148,6 +157,7 @@ impl DestinationFacts {
                 &config.name,
             )),
             boot_id: boot_id(),
+            xsave_size: xsave_size as u32,
         }
     }
 }
@@ -200,6 +210,12 @@ pub fn check(source: &SourceConfig, dest: &DestinationFacts) -> Vec<String> {
         problems.push(format!(
             "this host's CPU lacks flags the guest sees: {}",
             missing.join(", ")
+        ));
+    }
+    if source.xsave_size > dest.xsave_size {
+        problems.push(format!(
+            "the guest's XSAVE state is {} bytes per vCPU, this host's KVM takes only {} (KVM_CAP_XSAVE2): extended register state (such as AMX tiles) would be lost",
+            source.xsave_size, dest.xsave_size
         ));
     }
     if source.long_mode && !dest.host_64bit {
@@ -285,6 +301,7 @@ mod tests {
                 boot_id: "b1".into(),
                 pid: 10,
             },
+            xsave_size: 4096,
         };
         let dest = DestinationFacts {
             name: "web-1".into(),
@@ -296,13 +313,17 @@ mod tests {
             offline_pinned_cpus: String::new(),
             running_here: None,
             boot_id: "b2".into(),
+            xsave_size: 4096,
         };
         (source, dest)
     }
 
     #[test]
     fn a_compatible_destination_passes_and_may_grow() {
-        let (s, d) = pair();
+        let (s, mut d) = pair();
+        assert_eq!(check(&s, &d), Vec::<String>::new());
+        // A larger XSAVE area here takes the source's whole.
+        d.xsave_size = 11008;
         assert_eq!(check(&s, &d), Vec::<String>::new());
     }
 
@@ -316,6 +337,7 @@ mod tests {
         d.host_64bit = false;
         d.running_here = Some(RunningGuest { pid: Some(99) });
         s.name = "web-2".into();
+        s.xsave_size = 11008;
         let problems = check(&s, &d).join("\n");
         for needle in [
             "lacks flags the guest sees: nx",
@@ -325,6 +347,7 @@ mod tests {
             "32-bit host",
             "already runs on this host (VMM pid 99)",
             "started for guest",
+            "XSAVE state is 11008 bytes per vCPU, this host's KVM takes only 4096",
         ] {
             assert!(
                 problems.contains(needle),

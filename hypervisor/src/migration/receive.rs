@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use super::control::MigrationPhase;
 use super::precheck::{self, DestinationFacts, SourceConfig};
 use super::ram::GuestRam;
-use super::state::{MachineState, Persist as _, StateError, Vcpu};
+use super::state::{MachineState, Persist as _, StateError, Vcpu, XsaveAbi};
 use super::wire::{self, FrameKind, FrameReader, FrameWriter, Token, WireError};
 use super::LINK_TIMEOUT;
 use crate::vmm::{Payload, Vmm, VmmError};
@@ -185,6 +185,7 @@ impl Incoming {
                         &vmm.vm()
                             .supported_cpuid()
                             .map_err(|e| ReceiveError::Protocol(e.to_string()))?,
+                        XsaveAbi::of(vmm.vm().fd()).size(),
                         state_root,
                     );
                     let problems = precheck::check(&cfg, &facts);
@@ -421,6 +422,8 @@ fn load(vmm: &Vmm, config: &SourceConfig, state: &MachineState) -> Result<(), Re
         }
         .into());
     }
+    let xsave = XsaveAbi::of(vmm.vm().fd());
+    state.check_xsave(xsave)?;
     vmm.vm().restore(&state.vm).map_err(StateError::Vm)?;
     for s in &state.vcpus {
         let handle = vcpus
@@ -431,9 +434,11 @@ fn load(vmm: &Vmm, config: &SourceConfig, state: &MachineState) -> Result<(), Re
             index: s.index,
             fd: &fd,
             msrs: &[],
+            xsave,
         }
         .restore(s)?;
     }
+    vmm.migration().status().xsave_bytes = Some(state.xsave_size);
     match vmm.devices().restore(&state.devices) {
         Ok(()) => {}
         Err(never) => match never {},

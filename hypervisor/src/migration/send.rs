@@ -25,7 +25,7 @@ use super::control::{MigrateArgs, MigrateResolveArgs, MigrationPhase};
 use super::policy::{Convergence, Decision, PassResult, Policy, SAMPLE_PERIOD};
 use super::precheck::{SourceConfig, SourceIdentity, CONFIG_VERSION};
 use super::ram::{connection_of, GuestRam, Run};
-use super::state::{self, MachineState, Persist as _, StateError, Vcpu, STATE_VERSION};
+use super::state::{self, MachineState, Persist as _, StateError, Vcpu, XsaveAbi, STATE_VERSION};
 use super::throttle::Throttle;
 use super::wire::{self, FrameKind, FrameReader, FrameWriter, Token, WireError, PAGE_SIZE};
 use super::{KEEPALIVE, LINK_TIMEOUT, MAX_CONNECTIONS};
@@ -574,6 +574,7 @@ fn connect_all(
     sockets: &mut Vec<TcpStream>,
 ) -> Result<(Vec<FrameWriter<TcpStream>>, FrameReader<TcpStream>), SendError> {
     let config = source_config(vmm, ram, connections)?;
+    vmm.migration().status().xsave_bytes = Some(config.xsave_size);
     let mut writers = Vec::with_capacity(connections as usize);
     let mut reader = None;
     for stream in 0..connections {
@@ -740,6 +741,7 @@ fn source_config(
         },
         connections,
         source: SourceIdentity::here(),
+        xsave_size: XsaveAbi::of(vmm.vm().fd()).size() as u32,
     })
 }
 
@@ -888,6 +890,7 @@ fn save_state(vmm: &Vmm, paused: bool) -> Result<MachineState, SendError> {
     let first = vcpus[0].fd();
     let msrs = state::saveable_msrs(vmm.vm().kvm(), &first)?;
     drop(first);
+    let xsave = XsaveAbi::of(vmm.vm().fd());
     let mut saved = Vec::with_capacity(vcpus.len());
     for v in vcpus {
         let fd = v.fd();
@@ -896,12 +899,14 @@ fn save_state(vmm: &Vmm, paused: bool) -> Result<MachineState, SendError> {
                 index: v.index(),
                 fd: &fd,
                 msrs: &msrs,
+                xsave,
             }
             .save()?,
         );
     }
     Ok(MachineState {
         version: STATE_VERSION,
+        xsave_size: xsave.size() as u32,
         vcpus: saved,
         online: vmm.online_vcpus(),
         paused,

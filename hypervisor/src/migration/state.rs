@@ -15,21 +15,34 @@
 //! lives in SREGS), MSRs after LAPIC (TSC-deadline needs the LAPIC mode, and TSC comes
 //! first in the list so that TSC-deadline is relative to the restored TSC), vCPU events
 //! last (pending exceptions and interrupts need everything else in place).
+//!
+//! The XSAVE area is carried whole, at the size of the source host's KVM uABI area
+//! ([`XsaveAbi`]): the legacy 4 KiB `kvm_xsave` holds x87, SSE, AVX, AVX-512 and PKRU,
+//! and KVM_CAP_XSAVE2 reports a larger size when dynamically enabled components (AMX
+//! tile data) are permitted. [`MachineState::xsave_size`] says how large every vCPU's
+//! area is; a destination whose KVM takes less refuses the guest in its pre-checks
+//! (and again before restoring anything), never truncating it.
 
 use std::fmt;
 
 use kvm_bindings::{
     kvm_cpuid_entry2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs,
-    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
+    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, Xsave, KVM_MAX_CPUID_ENTRIES,
 };
-use kvm_ioctls::{Kvm, VcpuFd};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 
 use crate::devices::Devices;
 use crate::vstate::vm::{Vm, VmError, VmState};
 
 /// The version of [`MachineState`] this build writes and reads.
-pub const STATE_VERSION: u32 = 1;
+///
+/// Version 2: the XSAVE area is a byte string of [`MachineState::xsave_size`] bytes
+/// (version 1 carried only the legacy 4 KiB `kvm_xsave`).
+pub const STATE_VERSION: u32 = 2;
+
+/// The legacy `kvm_xsave` area: KVM_GET_XSAVE's size, and the smallest area there is.
+pub const LEGACY_XSAVE_SIZE: usize = std::mem::size_of::<kvm_xsave>();
 
 /// `IA32_TSC`: restored before every other MSR.
 const MSR_IA32_TSC: u32 = 0x10;
@@ -97,6 +110,24 @@ pub enum StateError {
     /// A version this build does not know.
     #[error("Machine state version {0} is not known (this build reads version {STATE_VERSION})")]
     Version(u32),
+    /// An XSAVE area does not have the size the state announces.
+    #[error("The XSAVE area of vCPU {index} is {len} bytes, the state announces {size}")]
+    XsaveLength {
+        /// vCPU index.
+        index: u32,
+        /// Bytes carried.
+        len: usize,
+        /// [`MachineState::xsave_size`].
+        size: u32,
+    },
+    /// The source's XSAVE areas are larger than this host's KVM takes.
+    #[error("The guest's XSAVE areas are {source_size} bytes, this host's KVM takes {here} (KVM_CAP_XSAVE2): the guest would lose register state")]
+    XsaveTooLarge {
+        /// The source's area size.
+        source_size: usize,
+        /// This host's.
+        here: usize,
+    },
     /// The state has more vCPUs than this machine.
     #[error("The source has {source_vcpus} vCPUs, this VMM only {here} (maxVcpus)")]
     TooManyVcpus {
@@ -143,8 +174,9 @@ pub struct VcpuState {
     pub regs: kvm_regs,
     /// Segment and control registers, EFER, APIC base.
     pub sregs: kvm_sregs,
-    /// FPU/SSE/AVX state (the legacy 4 KiB XSAVE area).
-    pub xsave: kvm_xsave,
+    /// x87, SSE, AVX, AVX-512, PKRU... state: the whole XSAVE area in KVM's uABI
+    /// (standard) format, [`MachineState::xsave_size`] bytes.
+    pub xsave: Vec<u8>,
     /// Extended control registers (XCR0).
     pub xcrs: kvm_xcrs,
     /// Debug registers.
@@ -170,7 +202,109 @@ impl fmt::Debug for VcpuState {
     }
 }
 
-/// A vCPU for [`Persist`]: its fd, index, and the MSRs to save.
+/// How this host's KVM reads and writes a vCPU's XSAVE area.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XsaveAbi {
+    /// No KVM_CAP_XSAVE2 (Linux before 5.17): KVM_GET_XSAVE and KVM_SET_XSAVE on the
+    /// 4 KiB `kvm_xsave`.
+    Legacy,
+    /// KVM_GET_XSAVE2 and KVM_SET_XSAVE on an area of this many bytes (at least 4 KiB).
+    Xsave2(usize),
+}
+
+impl XsaveAbi {
+    /// What the KVM of `vm` offers: KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2) on the VM fd,
+    /// which also counts the components this process was permitted (arch_prctl).
+    pub fn of(vm: &VmFd) -> XsaveAbi {
+        match usize::try_from(vm.check_extension_int(Cap::Xsave2)) {
+            Ok(size) if size > 0 => XsaveAbi::Xsave2(size.max(LEGACY_XSAVE_SIZE)),
+            _ => XsaveAbi::Legacy,
+        }
+    }
+
+    /// Bytes in one vCPU's area.
+    pub fn size(self) -> usize {
+        match self {
+            XsaveAbi::Legacy => LEGACY_XSAVE_SIZE,
+            XsaveAbi::Xsave2(size) => size,
+        }
+    }
+
+    /// An `Xsave` as large as KVM's area (the 4 KiB `kvm_xsave` plus the rest in `u32`s).
+    fn buffer(self) -> Xsave {
+        let extra = (self.size() - LEGACY_XSAVE_SIZE).div_ceil(std::mem::size_of::<u32>());
+        Xsave::new(extra).expect("an XSAVE area fits a FamStructWrapper")
+    }
+
+    /// Reads the vCPU's whole XSAVE area.
+    ///
+    /// # Errors
+    /// KVM's error.
+    pub fn get(self, fd: &VcpuFd) -> Result<Vec<u8>, kvm_ioctls::Error> {
+        let words: Vec<u32> = match self {
+            XsaveAbi::Legacy => fd.get_xsave()?.region.to_vec(),
+            XsaveAbi::Xsave2(_) => {
+                let mut xsave = self.buffer();
+                // SAFETY: the buffer holds the KVM_CAP_XSAVE2 size that KVM_GET_XSAVE2
+                // writes; this process never asks for more XSAVE components after the
+                // size was read.
+                unsafe { fd.get_xsave2(&mut xsave)? };
+                let fam = xsave.as_fam_struct_ref();
+                fam.xsave
+                    .region
+                    .iter()
+                    .chain(xsave.as_slice())
+                    .copied()
+                    .collect()
+            }
+        };
+        let mut bytes: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        bytes.truncate(self.size());
+        Ok(bytes)
+    }
+
+    /// Writes `area` (as [`XsaveAbi::get`] read it on a host whose area is the same
+    /// size or smaller) into the vCPU; the rest of KVM's area is zero, which is what
+    /// the area's XSAVE header already says of components it does not hold.
+    ///
+    /// # Errors
+    /// KVM's error; `EINVAL` for an area larger than this host's.
+    pub fn set(self, fd: &VcpuFd, area: &[u8]) -> Result<(), kvm_ioctls::Error> {
+        if area.len() > self.size() {
+            return Err(kvm_ioctls::Error::new(libc::EINVAL));
+        }
+        let mut words = area
+            .chunks(std::mem::size_of::<u32>())
+            .map(|c| {
+                let mut w = [0u8; 4];
+                w[..c.len()].copy_from_slice(c);
+                u32::from_ne_bytes(w)
+            })
+            .chain(std::iter::repeat(0));
+        let mut legacy = kvm_xsave::default();
+        for (slot, word) in legacy.region.iter_mut().zip(&mut words) {
+            *slot = word;
+        }
+        match self {
+            // SAFETY: without KVM_CAP_XSAVE2, KVM_SET_XSAVE reads the 4 KiB kvm_xsave.
+            XsaveAbi::Legacy => unsafe { fd.set_xsave(&legacy) },
+            XsaveAbi::Xsave2(_) => {
+                let mut xsave = self.buffer();
+                for (slot, word) in xsave.as_mut_slice().iter_mut().zip(&mut words) {
+                    *slot = word;
+                }
+                // SAFETY: only the legacy region is replaced; the FAM length stays.
+                unsafe { xsave.as_mut_fam_struct().xsave.region = legacy.region };
+                // SAFETY: the buffer holds the KVM_CAP_XSAVE2 size that KVM_SET_XSAVE
+                // reads (see `get`).
+                unsafe { fd.set_xsave2(&xsave) }
+            }
+        }
+    }
+}
+
+/// A vCPU for [`Persist`]: its fd, index, the MSRs to save and how to reach its XSAVE
+/// area.
 pub struct Vcpu<'a> {
     /// vCPU index.
     pub index: u32,
@@ -178,6 +312,8 @@ pub struct Vcpu<'a> {
     pub fd: &'a VcpuFd,
     /// MSR indexes to save ([`saveable_msrs`]).
     pub msrs: &'a [u32],
+    /// This host's XSAVE interface.
+    pub xsave: XsaveAbi,
 }
 
 impl Persist for Vcpu<'_> {
@@ -206,7 +342,7 @@ impl Persist for Vcpu<'_> {
             mp_state: fd.get_mp_state().map_err(err("MP state"))?,
             regs: fd.get_regs().map_err(err("registers"))?,
             sregs: fd.get_sregs().map_err(err("segment registers"))?,
-            xsave: fd.get_xsave().map_err(err("XSAVE area"))?,
+            xsave: self.xsave.get(fd).map_err(err("XSAVE area"))?,
             xcrs: fd.get_xcrs().map_err(err("XCRs"))?,
             debug_regs: fd.get_debug_regs().map_err(err("debug registers"))?,
             lapic: fd.get_lapic().map_err(err("LAPIC"))?,
@@ -240,10 +376,13 @@ impl Persist for Vcpu<'_> {
         fd.set_mp_state(s.mp_state).map_err(err("MP state"))?;
         fd.set_regs(&s.regs).map_err(err("registers"))?;
         fd.set_sregs(&s.sregs).map_err(err("segment registers"))?;
-        // SAFETY: `s.xsave` is a whole legacy kvm_xsave read by KVM_GET_XSAVE on the
-        // source; KVM_SET_XSAVE reads exactly that 4 KiB structure (no extra area, since
-        // this VMM never enables KVM_CAP_XSAVE2).
-        unsafe { fd.set_xsave(&s.xsave) }.map_err(err("XSAVE area"))?;
+        if s.xsave.len() > self.xsave.size() {
+            return Err(StateError::XsaveTooLarge {
+                source_size: s.xsave.len(),
+                here: self.xsave.size(),
+            });
+        }
+        self.xsave.set(fd, &s.xsave).map_err(err("XSAVE area"))?;
         fd.set_xcrs(&s.xcrs).map_err(err("XCRs"))?;
         fd.set_debug_regs(&s.debug_regs)
             .map_err(err("debug registers"))?;
@@ -394,6 +533,8 @@ impl Persist for Devices {
 pub struct MachineState {
     /// [`STATE_VERSION`].
     pub version: u32,
+    /// Bytes in every vCPU's XSAVE area: the source host's [`XsaveAbi::size`].
+    pub xsave_size: u32,
     /// Every vCPU the source created (started or held for hot-add), by index.
     pub vcpus: Vec<VcpuState>,
     /// vCPUs the source had started.
@@ -421,16 +562,44 @@ impl MachineState {
         serde_json::to_vec(self).map_err(StateError::Encode)
     }
 
-    /// Parses JSON bytes, refusing an unknown version before anything else is read.
+    /// Parses JSON bytes, refusing an unknown version before anything else is read,
+    /// and an XSAVE area whose length is not the announced size.
     ///
     /// # Errors
-    /// [`StateError::Version`], [`StateError::Decode`].
+    /// [`StateError::Version`], [`StateError::Decode`], [`StateError::XsaveLength`].
     pub fn decode(bytes: &[u8]) -> Result<MachineState, StateError> {
         let v: VersionOnly = serde_json::from_slice(bytes).map_err(StateError::Decode)?;
         if v.version != STATE_VERSION {
             return Err(StateError::Version(v.version));
         }
-        serde_json::from_slice(bytes).map_err(StateError::Decode)
+        let state: MachineState = serde_json::from_slice(bytes).map_err(StateError::Decode)?;
+        let size = state.xsave_size;
+        let bad = state
+            .vcpus
+            .iter()
+            .find(|v| v.xsave.len() != size as usize || v.xsave.len() < LEGACY_XSAVE_SIZE);
+        if let Some(v) = bad {
+            return Err(StateError::XsaveLength {
+                index: v.index,
+                len: v.xsave.len(),
+                size,
+            });
+        }
+        Ok(state)
+    }
+
+    /// Refuses a state whose XSAVE areas this host cannot take whole.
+    ///
+    /// # Errors
+    /// [`StateError::XsaveTooLarge`].
+    pub fn check_xsave(&self, here: XsaveAbi) -> Result<(), StateError> {
+        if self.xsave_size as usize > here.size() {
+            return Err(StateError::XsaveTooLarge {
+                source_size: self.xsave_size as usize,
+                here: here.size(),
+            });
+        }
+        Ok(())
     }
 }
 
@@ -446,5 +615,64 @@ mod tests {
             MachineState::decode(b"{}").unwrap_err(),
             StateError::Decode(_)
         ));
+    }
+
+    fn state_with_xsave(size: u32, len: usize) -> Vec<u8> {
+        let vcpu = VcpuState {
+            index: 0,
+            cpuid: Vec::new(),
+            mp_state: Default::default(),
+            regs: Default::default(),
+            sregs: Default::default(),
+            xsave: (0..len).map(|i| i as u8).collect(),
+            xcrs: Default::default(),
+            debug_regs: Default::default(),
+            lapic: Default::default(),
+            msrs: Vec::new(),
+            events: Default::default(),
+            tsc_khz: None,
+        };
+        MachineState {
+            version: STATE_VERSION,
+            xsave_size: size,
+            vcpus: vec![vcpu],
+            online: 1,
+            paused: false,
+            vm: VmState {
+                pic_master: Default::default(),
+                pic_slave: Default::default(),
+                ioapic: Default::default(),
+                pit: Default::default(),
+                clock: Default::default(),
+            },
+            devices: DevicesState::default(),
+        }
+        .encode()
+        .unwrap()
+    }
+
+    #[test]
+    fn xsave_areas_carry_their_announced_size_whole() {
+        let state = MachineState::decode(&state_with_xsave(11008, 11008)).unwrap();
+        assert_eq!(state.vcpus[0].xsave.len(), 11008);
+        assert_eq!(state.vcpus[0].xsave[4200], (4200 % 256) as u8);
+        // A host with a smaller area refuses it; one as large takes it.
+        let err = state.check_xsave(XsaveAbi::Legacy).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StateError::XsaveTooLarge {
+                    source_size: 11008,
+                    here: 4096
+                }
+            ),
+            "{err}"
+        );
+        state.check_xsave(XsaveAbi::Xsave2(11008)).unwrap();
+        // A length other than the announced one, or below the legacy area, is corrupt.
+        for (size, len) in [(11008, 4096), (2048, 2048)] {
+            let err = MachineState::decode(&state_with_xsave(size, len)).unwrap_err();
+            assert!(matches!(err, StateError::XsaveLength { .. }), "{err}");
+        }
     }
 }
