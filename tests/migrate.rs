@@ -463,6 +463,75 @@ fn restart_class_changes_apply_through_a_local_migration() {
     assert_eq!(pool.stats().unwrap().free, free_before);
 }
 
+/// `VmLck` of process `pid`, bytes.
+fn locked_bytes(pid: i32) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("VmLck:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("VmLck in /proc/<pid>/status");
+    kib << 10
+}
+
+/// Migrates `src`'s guest `name` into `dst` on this host and waits until `dst` has
+/// taken the guest's directory; `src` has exited.
+fn migrate_locally(root: &Path, name: &str, src: &mut Vmm, dst: &mut Vmm) {
+    let (addr, token) = dst.incoming.clone().unwrap();
+    src.migrate(&addr, &token, FAST, 2);
+    let outcome = src.migration_outcome(Duration::from_secs(30));
+    assert_eq!(outcome.phase, MigrationPhase::Completed, "{outcome:?}");
+    assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
+    dst.socket = root.join("guests").join(name).join("control.sock");
+    wait_until("the handover", Duration::from_secs(10), || {
+        dst.socket.exists() && dst.migration().relocation.is_some()
+    });
+}
+
+#[test]
+fn local_migrations_lock_and_unlock_guest_memory() {
+    berth_tests::require_root_and_kvm();
+    let root = tempfile::tempdir().unwrap();
+    let name = unique("mig-lock");
+    let size = 64u64 << 20;
+    let unlocked = spec(&name, "{vcpus: 2}", "{size: 64MiB, locked: false}", 4);
+    let locked = spec(&name, "{vcpus: 2}", "{size: 64MiB, locked: true}", 4);
+    let guest_dir = root.path().join("guests").join(&name);
+
+    let mut first = Vmm::start(root.path(), &name, &unlocked, None, &[]).unwrap();
+    assert_eq!(locked_bytes(first.pid()), 0);
+    let mut second = Vmm::start(root.path(), &name, &locked, Some("127.0.0.1:0"), &[]).unwrap();
+    wait_until("heartbeats", Duration::from_secs(10), || {
+        first.ticks().iter().all(|&t| t >= 30)
+    });
+    migrate_locally(root.path(), &name, &mut first, &mut second);
+    second.assert_beating();
+    let lck = locked_bytes(second.pid());
+    assert!(lck >= size, "VmLck {lck} after migrating into locked: true");
+    assert!(second.status().memory.locked >= size);
+    // The next handover renames the guest's console.log.1 away: keep the first VMM's.
+    let first_log = root.path().join("first-console.log");
+    std::fs::copy(guest_dir.join("console.log.1"), &first_log).unwrap();
+
+    // And back: unlocked again.
+    let mut third = Vmm::start(root.path(), &name, &unlocked, Some("127.0.0.1:0"), &[]).unwrap();
+    migrate_locally(root.path(), &name, &mut second, &mut third);
+    third.assert_beating();
+    assert_eq!(locked_bytes(third.pid()), 0);
+    std::thread::sleep(Duration::from_millis(300));
+    let lines = heartbeats(&[
+        first_log,
+        guest_dir.join("console.log.1"),
+        guest_dir.join("console.log"),
+    ]);
+    assert_continuous(&lines, 10, 6);
+    let report = third.client().verify_memory().unwrap();
+    assert!(report.ok(), "{:?}", report.bad);
+    third.client().shutdown(Duration::from_secs(10)).unwrap();
+    assert_eq!(third.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
 /// Two network namespaces joined by a veth pair; deleted on drop.
 struct NetPair {
     a: String,

@@ -160,10 +160,15 @@ pub fn start(vmm: &Arc<Vmm>, args: MigrateArgs) -> Result<serde_json::Value, Vmm
     let migration = vmm.migration();
     {
         let mut st = migration.status();
-        if !matches!(
-            st.phase,
-            MigrationPhase::Idle | MigrationPhase::Failed | MigrationPhase::Cancelled
-        ) {
+        // A guest that arrived here by a completed migration moves on like any other.
+        let arrived =
+            st.phase == MigrationPhase::Completed && st.role.as_deref() == Some("incoming");
+        if !arrived
+            && !matches!(
+                st.phase,
+                MigrationPhase::Idle | MigrationPhase::Failed | MigrationPhase::Cancelled
+            )
+        {
             return Err(VmmError::Refused(format!(
                 "a migration is already {:?}",
                 st.phase
