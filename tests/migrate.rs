@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use berth_hypervisor::control::protocol::Op;
+use berth_hypervisor::control::protocol::{Op, Retune};
 use berth_hypervisor::control::{Client, GuestRunState, Status};
 use berth_hypervisor::host::cgroup::Cgroups;
 use berth_hypervisor::host::hugepages::{HugePagePool, PoolReservation};
@@ -530,6 +530,57 @@ fn local_migrations_lock_and_unlock_guest_memory() {
     assert!(report.ok(), "{:?}", report.bad);
     third.client().shutdown(Duration::from_secs(10)).unwrap();
     assert_eq!(third.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
+#[test]
+fn vcpus_added_by_a_local_migration_start_beating_and_can_be_hot_added() {
+    berth_tests::require_root_and_kvm();
+    let root = tempfile::tempdir().unwrap();
+    let name = unique("mig-vcpus");
+    // vCPU 1 is the source's hot-add reserve; vCPUs 2 and 3 exist only on the
+    // destination, whose memory grew.
+    let before = spec(&name, "{vcpus: 1, maxVcpus: 2}", "{size: 64MiB}", 4);
+    let after = spec(&name, "{vcpus: 3, maxVcpus: 4}", "{size: 96MiB}", 4);
+    let guest_dir = root.path().join("guests").join(&name);
+    let mut src = Vmm::start(root.path(), &name, &before, None, &[]).unwrap();
+    let mut dst = Vmm::start(root.path(), &name, &after, Some("127.0.0.1:0"), &[]).unwrap();
+    wait_until("heartbeats", Duration::from_secs(10), || {
+        src.ticks().iter().all(|&t| t >= 30)
+    });
+    migrate_locally(root.path(), &name, &mut src, &mut dst);
+    let status = dst.status();
+    assert_eq!((status.vcpus, status.max_vcpus), (3, 4));
+    dst.assert_beating();
+    // vCPU 3 is hot-added after the switchover, as on any guest.
+    dst.client()
+        .retune(&Retune {
+            vcpus: Some(4),
+            ..Default::default()
+        })
+        .unwrap();
+    wait_until("vCPU 3 to beat", Duration::from_secs(5), || {
+        dst.ticks().len() == 4 && dst.ticks()[3] >= 20
+    });
+    dst.assert_beating();
+    std::thread::sleep(Duration::from_millis(300));
+    let source_lines = heartbeats(&[guest_dir.join("console.log.1")]);
+    assert_eq!(source_lines.keys().copied().collect::<Vec<_>>(), [0]);
+    let lines = heartbeats(&[
+        guest_dir.join("console.log.1"),
+        guest_dir.join("console.log"),
+    ]);
+    assert_continuous(&lines, 10, 2);
+    assert_eq!(lines.keys().copied().collect::<Vec<_>>(), [0, 1, 2, 3]);
+    for vcpu in 1..4 {
+        assert_eq!(lines[&vcpu][0], 10, "vCPU {vcpu} starts counting from zero");
+    }
+    // The new vCPUs dirty their own share of the memory that grew, and it verifies.
+    let report = dst.client().verify_memory().unwrap();
+    assert!(report.ok(), "{:?}", report.bad);
+    let pages = |mib: u64| mib * 256;
+    assert!(report.pages > pages(90), "{report:?}");
+    dst.client().shutdown(Duration::from_secs(10)).unwrap();
+    assert_eq!(dst.wait_exit(Duration::from_secs(10)), Some(0));
 }
 
 /// Two network namespaces joined by a veth pair; deleted on drop.

@@ -20,6 +20,7 @@ use super::ram::GuestRam;
 use super::state::{MachineState, Persist as _, StateError, Vcpu, XsaveAbi};
 use super::wire::{self, FrameKind, FrameReader, FrameWriter, Token, WireError};
 use super::LINK_TIMEOUT;
+use crate::payload::heartbeat;
 use crate::vmm::{Payload, Vmm, VmmError};
 
 /// Failed handshakes tolerated before the incoming VMM gives up.
@@ -54,6 +55,9 @@ pub enum ReceiveError {
     /// The state could not be decoded or restored.
     #[error(transparent)]
     State(#[from] StateError),
+    /// The vCPUs this VMM has beyond the source's could not be prepared.
+    #[error("Cannot prepare the vCPUs added by this VMM: {0}")]
+    AddVcpus(VmmError),
     /// Starting the vCPUs failed.
     #[error("Cannot start the guest: {0}")]
     Start(VmmError),
@@ -413,6 +417,14 @@ fn apply(
 }
 
 /// Restores the state into the built machine (VM first, then vCPUs, then devices).
+///
+/// This VMM may have more vCPUs than the source (a larger maxVcpus). A heartbeat
+/// guest's payload is extended to them ([`heartbeat::add_vcpus`]) and each starts at
+/// the payload's entry, as at a fresh start; the guest then runs as many vCPUs as the
+/// source ran or this VMM's spec asks for, whichever is more (a decrease would need a
+/// hot-remove), and the rest are hot-added later like on any guest. A Linux guest
+/// brings CPUs up itself from its MP table, which lists only the source's: its extra
+/// vCPUs stay in reserve and it runs what the source ran.
 fn load(vmm: &Vmm, config: &SourceConfig, state: &MachineState) -> Result<(), ReceiveError> {
     let vcpus = vmm.vcpus();
     if state.vcpus.len() > vcpus.len() {
@@ -443,11 +455,24 @@ fn load(vmm: &Vmm, config: &SourceConfig, state: &MachineState) -> Result<(), Re
         Ok(()) => {}
         Err(never) => match never {},
     }
-    vmm.set_payload(match config.heartbeat {
-        Some(layout) => Payload::Heartbeat(layout),
-        None => Payload::Linux,
-    });
-    vmm.set_start(state.online, state.paused);
+    let online = match config.heartbeat {
+        Some(layout) => {
+            let added = &vcpus[state.vcpus.len()..];
+            let layout = heartbeat::add_vcpus(vmm.vm().memory(), &layout, vcpus.len() as u32)
+                .map_err(|e| ReceiveError::AddVcpus(e.into()))?;
+            for v in added {
+                heartbeat::boot_vcpu(&v.fd(), &layout, v.index())
+                    .map_err(|e| ReceiveError::AddVcpus(e.into()))?;
+            }
+            vmm.set_payload(Payload::Heartbeat(layout));
+            state.online.max(vmm.config().vcpus)
+        }
+        None => {
+            vmm.set_payload(Payload::Linux);
+            state.online
+        }
+    };
+    vmm.set_start(online, state.paused);
     Ok(())
 }
 

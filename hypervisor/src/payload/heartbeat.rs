@@ -12,7 +12,9 @@
 //! 4. EOIs and returns.
 //!
 //! All payload state lives in guest memory, so a migrated guest carries it, and
-//! [`verify_memory`] can check every data page from the VMM.
+//! [`verify_memory`] can check every data page from the VMM. A destination with more
+//! vCPUs than the source's maxVcpus gives the new ones records and shares of their own
+//! ([`add_vcpus`]) and boot registers ([`boot_vcpu`]), as a fresh start would.
 //!
 //! Guest-physical layout:
 //!
@@ -199,12 +201,6 @@ pub fn load(
     spec: &HeartbeatSpec,
     max_vcpus: u32,
 ) -> Result<Layout, HeartbeatError> {
-    if max_vcpus > MAX_VCPUS {
-        return Err(HeartbeatError::TooManyVcpus {
-            wanted: max_vcpus,
-            max: MAX_VCPUS,
-        });
-    }
     let (code, entry, timer, spurious) = assemble();
     let w = |bytes: &[u8], addr: u64| {
         mem.write_slice(bytes, GuestAddress(addr))
@@ -233,27 +229,102 @@ pub fn load(
     )?;
     q(MAGIC, SHARED_ADDR + SH_MAGIC as u64)?;
 
-    let low_end = mem.iter().next().map_or(0, |r| r.start_addr().0 + r.len());
-    let data_pages = low_end.saturating_sub(DATA_ADDR) / 4096;
-    let share = data_pages / u64::from(max_vcpus.max(1));
-    let layout = Layout { entry, max_vcpus };
-    for i in 0..max_vcpus {
+    let layout = Layout {
+        entry,
+        max_vcpus: 0,
+    };
+    add_records(mem, layout, DATA_ADDR, max_vcpus)
+}
+
+/// The end of the first memory region: the data region ends there.
+fn low_end(mem: &GuestMemory) -> u64 {
+    mem.iter().next().map_or(0, |r| r.start_addr().0 + r.len())
+}
+
+/// Writes fresh records for vCPUs `layout.max_vcpus..max_vcpus`, splitting the data
+/// pages from `free` to the end of the first memory region evenly between them.
+fn add_records(
+    mem: &GuestMemory,
+    layout: Layout,
+    free: u64,
+    max_vcpus: u32,
+) -> Result<Layout, HeartbeatError> {
+    let added = max_vcpus.saturating_sub(layout.max_vcpus);
+    if added == 0 {
+        return Ok(layout);
+    }
+    if max_vcpus > MAX_VCPUS {
+        return Err(HeartbeatError::TooManyVcpus {
+            wanted: max_vcpus,
+            max: MAX_VCPUS,
+        });
+    }
+    let share = low_end(mem).saturating_sub(free) / 4096 / u64::from(added);
+    for (k, i) in (layout.max_vcpus..max_vcpus).enumerate() {
         let rec = layout.record_addr(i);
         let fields = [
             (REC_TICKS, 0),
             (REC_LINES, 0),
             (REC_CURSOR, 0),
             (REC_GEN, 1),
-            (REC_BASE, DATA_ADDR + u64::from(i) * share * 4096),
+            (REC_BASE, free + k as u64 * share * 4096),
             (REC_PAGES, share),
             (REC_INDEX, u64::from(i)),
             (REC_SHARED, SHARED_ADDR),
         ];
         for (off, value) in fields {
-            q(value, rec + off as u64)?;
+            mem.write_obj(value, GuestAddress(rec + off as u64))
+                .map_err(HeartbeatError::Write)?;
         }
     }
-    Ok(layout)
+    Ok(Layout {
+        max_vcpus,
+        ..layout
+    })
+}
+
+/// Extends a running payload (a migrated guest's, in `mem`) to `max_vcpus` vCPUs: the
+/// new vCPUs get fresh records (counting from zero) and share the data pages after the
+/// existing shares (memory that grew), or none when there are no such pages. The
+/// existing vCPUs' records are left alone. Returns the extended layout.
+///
+/// # Errors
+/// [`HeartbeatError`] when memory holds no payload or there are too many vCPUs.
+pub fn add_vcpus(
+    mem: &GuestMemory,
+    layout: &Layout,
+    max_vcpus: u32,
+) -> Result<Layout, HeartbeatError> {
+    let magic: u64 = mem
+        .read_obj(GuestAddress(SHARED_ADDR + SH_MAGIC as u64))
+        .map_err(HeartbeatError::Read)?;
+    if magic != MAGIC {
+        return Err(HeartbeatError::NoPayload(magic));
+    }
+    let mut free = DATA_ADDR;
+    for i in 0..layout.max_vcpus {
+        let rec = layout.record(mem, i)?;
+        free = free.max(rec.base + rec.pages * 4096);
+    }
+    add_records(mem, *layout, free, max_vcpus)
+}
+
+/// Puts vCPU `index` at the payload's entry in 64-bit mode, with its stack and record.
+///
+/// # Errors
+/// The failing KVM call.
+pub fn boot_vcpu(
+    fd: &kvm_ioctls::VcpuFd,
+    layout: &Layout,
+    index: u32,
+) -> Result<(), crate::arch::x86_64::regs::RegsError> {
+    crate::arch::x86_64::regs::setup_long_mode(
+        fd,
+        layout.entry,
+        layout.stack_top(index),
+        Some(layout.idt()),
+        vcpu_regs(layout, index),
+    )
 }
 
 /// The initial registers of vCPU `index`: r15 holds its record.
@@ -427,6 +498,59 @@ mod tests {
         assert_eq!(report.bad.len(), 1);
         assert_eq!(report.bad[0].offset, 56);
         assert_eq!(report.bad[0].vcpu, 0);
+    }
+
+    #[test]
+    fn added_vcpus_get_fresh_records_and_the_free_pages() {
+        let mem = memory(12 << 20);
+        let spec = HeartbeatSpec {
+            tick_hz: 100,
+            ticks_per_line: 10,
+            dirty_pages_per_tick: 3,
+        };
+        let layout = load(&mem, &spec, 2).unwrap();
+        // vCPU 0 has run a while; vCPU 1's share ends 1 MiB before the region does
+        // (as if the memory had grown by 1 MiB).
+        let rec0 = layout.record_addr(0);
+        mem.write_obj(77u64, GuestAddress(rec0 + REC_TICKS as u64))
+            .unwrap();
+        let old1 = layout.record(&mem, 1).unwrap();
+        mem.write_obj(
+            old1.pages - 256,
+            GuestAddress(layout.record_addr(1) + REC_PAGES as u64),
+        )
+        .unwrap();
+        let before = [0, 1].map(|i| layout.record(&mem, i).unwrap());
+
+        let grown = add_vcpus(&mem, &layout, 4).unwrap();
+        assert_eq!(grown.max_vcpus, 4);
+        assert_eq!(grown.entry, layout.entry);
+        assert_eq!([0, 1].map(|i| grown.record(&mem, i).unwrap()), before);
+        let end1 = before[1].base + before[1].pages * 4096;
+        for (k, i) in [2u32, 3].into_iter().enumerate() {
+            let rec = grown.record(&mem, i).unwrap();
+            assert_eq!(
+                rec,
+                VcpuRecord {
+                    ticks: 0,
+                    lines: 0,
+                    cursor: 0,
+                    generation: 1,
+                    base: end1 + k as u64 * 128 * 4096,
+                    pages: 128,
+                    index: u64::from(i),
+                }
+            );
+        }
+        assert!(verify_memory(&mem, &grown).unwrap().ok());
+        // No more vCPUs, no change; without free pages the new ones get none.
+        assert_eq!(add_vcpus(&mem, &grown, 4).unwrap(), grown);
+        let more = add_vcpus(&mem, &grown, 5).unwrap();
+        assert_eq!(more.record(&mem, 4).unwrap().pages, 0);
+        assert!(matches!(
+            add_vcpus(&mem, &grown, MAX_VCPUS + 1),
+            Err(HeartbeatError::TooManyVcpus { .. })
+        ));
     }
 
     #[test]
