@@ -289,6 +289,38 @@ fn two_pinned_vcpus_beat_repin_drift_pause_memtune_and_shut_down() {
     assert!(report.ok(), "{:?}", report.bad);
     assert!(report.written > 0);
 
+    // Every thread of the VMM is in the guest's cgroup in every hierarchy (the main
+    // thread joins before it starts any other), and what the guest wrote is charged
+    // there.
+    let ours = format!(":/berth/{name}");
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let tid = task.unwrap().file_name().to_string_lossy().into_owned();
+        let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/cgroup")).unwrap();
+        for line in text.lines().filter(|l| {
+            ["memory", "cpuset", "blkio"]
+                .iter()
+                .any(|c| l.split(':').nth(1) == Some(*c))
+        }) {
+            assert!(line.ends_with(&ours), "thread {tid}: {line}");
+        }
+    }
+    let usage_file = ["memory.usage_in_bytes", "memory.current"]
+        .iter()
+        .map(|f| cgroup_dir.join(f))
+        .find(|f| f.exists())
+        .unwrap();
+    let usage: u64 = std::fs::read_to_string(&usage_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        usage >= report.written * 4096,
+        "{} is {usage} for {} written pages",
+        usage_file.display(),
+        report.written
+    );
+
     // Graceful shutdown: the process exits 0 and cleans up socket, pid and cgroup.
     vmm.client().shutdown(Duration::from_secs(5)).unwrap();
     assert_eq!(vmm.wait_exit(Duration::from_secs(10)), Some(0));

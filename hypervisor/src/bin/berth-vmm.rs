@@ -170,17 +170,17 @@ fn serve(
     started: Instant,
     signals: libc::sigset_t,
 ) -> anyhow::Result<ExitCode> {
-    // Joining the cgroup waits on the kernel (the cpuset attach takes milliseconds), so it
-    // runs beside the VM's creation. Guest memory is charged when first touched, which
-    // happens after the join (payload loading); locked memory is touched at once, so a
-    // locked guest joins first.
+    // Making the cgroup and writing its limits runs beside the VM's creation; this
+    // thread then joins it (see CgroupState::join), before it touches guest memory and
+    // starts any other thread. A locked guest touches all of its memory when it is
+    // mapped (mlock), so it joins before that.
     let cgroup_config = config.clone();
     let cgroup_setup = std::thread::Builder::new()
         .name("cgroup-setup".into())
-        .spawn(move || CgroupState::create(&cgroup_config))
+        .spawn(move || CgroupState::prepare(&cgroup_config))
         .context("starting the cgroup thread")?;
     let (early_cgroup, cgroup_setup) = if config.memory.locked {
-        (Some(join_cgroup(cgroup_setup)), None)
+        (Some(join_cgroup(cgroup_setup).and_then(join)), None)
     } else {
         (None, Some(cgroup_setup))
     };
@@ -193,7 +193,7 @@ fn serve(
     );
     let cgroup = match (early_cgroup, cgroup_setup) {
         (Some(cgroup), _) => cgroup,
-        (None, Some(handle)) => join_cgroup(handle),
+        (None, Some(handle)) => join_cgroup(handle).and_then(join),
         (None, None) => unreachable!("the cgroup thread is joined exactly once"),
     }?;
     if let Some(reason) = &cgroup.missing {
@@ -281,6 +281,12 @@ fn join_cgroup(
         .join()
         .map_err(|_| anyhow::anyhow!("the cgroup thread panicked"))??;
     Ok(state)
+}
+
+/// Moves this thread into the prepared cgroup (see CgroupState::join).
+fn join(mut cgroup: CgroupState) -> anyhow::Result<CgroupState> {
+    cgroup.join()?;
+    Ok(cgroup)
 }
 
 fn user_error(e: berth_hypervisor::vmm::VmmError) -> anyhow::Error {

@@ -1,9 +1,11 @@
 //! Side-by-side start-up benchmark of berth-vmm and QEMU (microvm, paused), on this host.
 //!
-//! `vmm-bench [--runs N] [--memory MiB]`, as root with /dev/kvm and `qemu-system-x86_64`
-//! on the PATH. Prints a markdown table:
-//! - time from process start to the control socket accepting (berth: `control.sock`;
-//!   QEMU: the QMP socket answering its greeting);
+//! `vmm-bench [--runs N] [--memory MiB] [--vmm PATH]`, as root with /dev/kvm and
+//! `qemu-system-x86_64` on the PATH; berth-vmm is taken from next to this binary unless
+//! `--vmm` names one. Prints a markdown table:
+//! - time from process start to the control socket accepting (berth: its `ready` line,
+//!   printed once the guest runs in its cgroup and `control.sock` listens; QEMU: the QMP
+//!   socket answering its greeting, with `-S` so that the guest is built and paused);
 //! - RSS excluding guest memory (berth: VmRSS minus the touched guest pages, which the
 //!   heartbeat guest barely touches, reported both ways; QEMU: VmRSS of a paused guest);
 //! - berth only: time to the first heartbeat line, and guest starts per second with two
@@ -20,18 +22,26 @@ use anyhow::{bail, Context};
 fn main() -> anyhow::Result<()> {
     let mut runs = 20usize;
     let mut memory_mib = 256u64;
+    let mut vmm = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--runs" => runs = args.next().context("--runs N")?.parse()?,
             "--memory" => memory_mib = args.next().context("--memory MiB")?.parse()?,
-            other => bail!("unknown argument {other} (usage: vmm-bench [--runs N] [--memory MiB])"),
+            "--vmm" => vmm = Some(PathBuf::from(args.next().context("--vmm PATH")?)),
+            other => bail!(
+                "unknown argument {other} (usage: vmm-bench [--runs N] [--memory MiB] [--vmm PATH])"
+            ),
         }
     }
-    let vmm = std::env::current_exe()?
-        .parent()
-        .context("binary directory")?
-        .join("berth-vmm");
+    let vmm = match vmm {
+        Some(path) => path,
+        None => std::env::current_exe()?
+            .parent()
+            .context("binary directory")?
+            .join("berth-vmm"),
+    };
+    println!("berth-vmm: {} ({})\n", vmm.display(), linkage(&vmm));
     let work = tempfile::tempdir()?;
 
     let mut berth_ready = Vec::new();
@@ -80,6 +90,29 @@ fn main() -> anyhow::Result<()> {
     );
     println!("| guest starts per second (2 in flight, 2 cores) | {throughput:.1} | n/a | |");
     Ok(())
+}
+
+/// "static" or "dynamic", from the ELF program headers (a PT_INTERP entry means the
+/// binary needs the dynamic loader).
+fn linkage(binary: &Path) -> &'static str {
+    let Ok(bytes) = std::fs::read(binary) else {
+        return "unreadable";
+    };
+    let field = |at: usize, len: usize| -> Option<u64> {
+        let b = bytes.get(at..at + len)?;
+        Some(b.iter().rev().fold(0, |acc, &x| (acc << 8) | u64::from(x)))
+    };
+    let (Some(phoff), Some(phentsize), Some(phnum)) =
+        (field(0x20, 8), field(0x36, 2), field(0x38, 2))
+    else {
+        return "not ELF";
+    };
+    let interp = (0..phnum).any(|i| field((phoff + i * phentsize) as usize, 4) == Some(3));
+    if interp {
+        "dynamic"
+    } else {
+        "static"
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -155,14 +188,14 @@ fn run_berth(vmm: &Path, root: &Path, name: &str, memory_mib: u64) -> anyhow::Re
     };
     std::thread::sleep(Duration::from_millis(100));
     let pid = child.id() as i32;
-    let status = berth_hypervisor::host::sysinfo::read_process_memory(pid)?;
+    let memory = berth_hypervisor::host::sysinfo::read_process_memory(pid)?;
     let touched = guest_resident(pid, memory_mib << 20)?;
     stop(&mut child)?;
     Ok(BerthRun {
         ready,
         first_line,
-        rss: status.rss.get(),
-        rss_without_guest: status.rss.get().saturating_sub(touched),
+        rss: memory.rss.get(),
+        rss_without_guest: memory.rss.get().saturating_sub(touched),
     })
 }
 

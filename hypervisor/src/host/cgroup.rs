@@ -635,6 +635,25 @@ impl GuestCgroup {
         Ok(())
     }
 
+    /// Moves the calling thread into the cgroup in every hierarchy: `0` written to
+    /// `tasks` on v1, which moves only this thread and so skips the kernel's RCU grace
+    /// period for whole-process moves; on v2 the whole process through `cgroup.procs`.
+    /// Threads the caller creates afterwards start in the cgroup.
+    ///
+    /// # Errors
+    /// [`CgroupError::Write`] naming the file that refused.
+    pub fn add_current_thread(&self) -> Result<(), CgroupError> {
+        match self.version {
+            CgroupVersion::V1 => {
+                for d in &self.dirs {
+                    write(&d.dir.join("tasks"), "0")?;
+                }
+                Ok(())
+            }
+            CgroupVersion::V2 => self.add_process(std::process::id() as Pid),
+        }
+    }
+
     /// Moves one thread into the cgroup: `tasks` on v1; `cgroup.threads` on v2, which
     /// works only within a threaded subtree.
     ///

@@ -103,7 +103,7 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// Creates the VM, its irqchip and PIT, and registers `memory`.
+    /// Creates the VM, registers `memory`, then creates the irqchip and PIT.
     ///
     /// # Errors
     /// The failing step as a [`VmError`].
@@ -115,12 +115,6 @@ impl Vm {
         // Only Intel VMX without unrestricted guest needs the identity map; a kernel that
         // refuses it (PVM, AMD) runs fine without.
         let _ = fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDR);
-        fd.create_irq_chip().map_err(VmError::CreateIrqChip)?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        fd.create_pit2(pit).map_err(VmError::CreatePit)?;
         let slots = memory
             .iter()
             .enumerate()
@@ -138,7 +132,16 @@ impl Vm {
             slots,
             dirty_logging: AtomicBool::new(false),
         };
+        // Memory before the irqchip: registering a slot waits for an SRCU grace period
+        // of the VM, and right after the irqchip and PIT have registered their devices
+        // that wait took 5-10 ms on this host, against 0.1-0.2 ms on a fresh VM.
         vm.register_slots(false)?;
+        vm.fd.create_irq_chip().map_err(VmError::CreateIrqChip)?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.fd.create_pit2(pit).map_err(VmError::CreatePit)?;
         Ok(vm)
     }
 
