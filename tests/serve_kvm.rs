@@ -10,7 +10,11 @@
 //! a placement change migrating the guest live between the namespaces with heartbeats
 //! continuing, the destination's service stopped mid-migration leaving the guest on
 //! its source, the source's service stopped mid-migration cancelling it (the guest
-//! stays), and a cold move (stopped on the source, booted on the destination).
+//! stays), a cold move (stopped on the source, booted on the destination), and the
+//! source's service SIGKILLed while its VMM waits in `switchoverUnknown` (the `Commit`
+//! or the `Running` frame dropped on the veth by a tc filter, the peer API cut): started
+//! again, it asks the destination and the guest runs exactly once, on the destination
+//! if it read `Commit`, else on the source.
 //!
 //! Every process is killed by pid, and every namespace, state directory and cgroup is
 //! removed when a test ends, even when it fails.
@@ -25,7 +29,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use berth_hypervisor::control::{Client, GuestRunState, Op};
 use berth_hypervisor::host::cgroup::Cgroups;
+use berth_hypervisor::migration::{MigrationPhase, MigrationStatus};
 use berth_tests::{github_signature, GitRepo};
 use serde_json::Value;
 
@@ -53,6 +59,7 @@ fn run(program: &str, args: &[&str]) {
 struct NetPair {
     ns: [String; 2],
     ips: [String; 2],
+    devs: [String; 2],
 }
 
 impl NetPair {
@@ -68,7 +75,11 @@ impl NetPair {
             format!("{net}.{}", 4 * k + 1),
             format!("{net}.{}", 4 * k + 2),
         ];
-        let pair = NetPair { ns, ips };
+        let pair = NetPair {
+            ns,
+            ips,
+            devs: [va.clone(), vb.clone()],
+        };
         for ns in &pair.ns {
             run("ip", &["netns", "add", ns]);
         }
@@ -107,6 +118,113 @@ impl NetPair {
             run("ip", &["-n", ns, "link", "set", "lo", "up"]);
         }
         pair
+    }
+}
+
+/// The migration stream's frame kinds the tests drop (`berth_hypervisor`'s wire
+/// format: a frame header is `kind u8 | 0 u8 * 3 | payload length u32 LE`).
+const FRAME_COMMIT: u8 = 7;
+const FRAME_RUNNING: u8 = 9;
+
+impl NetPair {
+    /// From now on, the IPv4 packets that namespace `i` sends on its veth and that
+    /// `matches` (tc u32 selectors) select are lost: redirected to the namespace's
+    /// loopback, where nothing accepts them (forwarding is off). `prio` names the rule
+    /// for [`NetPair::heal`].
+    fn lose(&self, i: usize, prio: u32, matches: &[&str]) {
+        let (ns, dev) = (self.ns[i].as_str(), self.devs[i].as_str());
+        // Already there from an earlier rule: fine.
+        let _ = Command::new("tc")
+            .args(["-n", ns, "qdisc", "add", "dev", dev, "clsact"])
+            .stderr(Stdio::null())
+            .status();
+        let prio = prio.to_string();
+        let mut args = vec![
+            "-n", ns, "filter", "add", "dev", dev, "egress", "protocol", "ip", "prio", &prio, "u32",
+        ];
+        args.extend_from_slice(matches);
+        args.extend_from_slice(&["action", "mirred", "egress", "redirect", "dev", "lo"]);
+        run("tc", &args);
+    }
+
+    /// Loses the migration frames of `kind` with no payload that namespace `i` sends:
+    /// a TCP segment (20-byte IP header, 32-byte TCP header with timestamps) whose data
+    /// starts with that frame header, retransmissions included.
+    fn lose_frames(&self, i: usize, prio: u32, kind: u8) {
+        let header = format!("0x{kind:02x}000000");
+        self.lose(
+            i,
+            prio,
+            &[
+                "match",
+                "u8",
+                "0x45",
+                "0xff",
+                "at",
+                "0", // IPv4, no options
+                "match",
+                "u8",
+                "6",
+                "0xff",
+                "at",
+                "9", // TCP
+                "match",
+                "u16",
+                "0",
+                "0xff00",
+                "at",
+                "2", // a small packet
+                "match",
+                "u8",
+                "0x80",
+                "0xf0",
+                "at",
+                "32", // data at 32 bytes
+                "match",
+                "u32",
+                &header,
+                "0xffffffff",
+                "at",
+                "52", //
+                "match",
+                "u32",
+                "0",
+                "0xffffffff",
+                "at",
+                "56", // no payload
+            ],
+        );
+    }
+
+    /// Loses every TCP segment namespace `i` sends to `port`.
+    fn lose_port(&self, i: usize, prio: u32, port: u16) {
+        let port = port.to_string();
+        self.lose(
+            i,
+            prio,
+            &[
+                "match", "ip", "protocol", "6", "0xff", "match", "ip", "dport", &port, "0xffff",
+            ],
+        );
+    }
+
+    /// Removes the rule `prio` of namespace `i`.
+    fn heal(&self, i: usize, prio: u32) {
+        let (ns, dev) = (self.ns[i].as_str(), self.devs[i].as_str());
+        run(
+            "tc",
+            &[
+                "-n",
+                ns,
+                "filter",
+                "del",
+                "dev",
+                dev,
+                "egress",
+                "prio",
+                &prio.to_string(),
+            ],
+        );
     }
 }
 
@@ -266,7 +384,7 @@ impl Host {
 /// Two hosts, a repository, and the guests the test made: everything is removed on
 /// drop, processes by pid.
 struct Fleet {
-    _net: NetPair,
+    net: NetPair,
     _dir: tempfile::TempDir,
     repo: GitRepo,
     secrets: PathBuf,
@@ -301,7 +419,7 @@ impl Fleet {
         let hosts = [host(0), host(1)];
         Fleet {
             repo: GitRepo::new(dir.path().join("repo")),
-            _net: net,
+            net,
             secrets,
             hosts,
             _dir: dir,
@@ -898,4 +1016,251 @@ fn a_cold_move_stops_on_the_source_then_starts_on_the_destination() {
         "{}",
         a.log_text()
     );
+}
+
+/// The migration status of the VMM running `name` under `host`, when it answers.
+fn migration_status(host: &Host, name: &str) -> Option<MigrationStatus> {
+    let mut client = Client::connect(host.guest_dir(name).join("control.sock")).ok()?;
+    serde_json::from_value(client.call(Op::MigrateStatus).ok()?).ok()
+}
+
+/// The run state of the VMM running `name` under `host`, when it answers.
+fn run_state(host: &Host, name: &str) -> Option<GuestRunState> {
+    let mut client = Client::connect(host.guest_dir(name).join("control.sock")).ok()?;
+    client.status().ok().map(|s| s.state)
+}
+
+/// The value of the first metric line of `host` that starts with `prefix`.
+fn metric(host: &Host, prefix: &str) -> Option<f64> {
+    let (_, text) = host.get("/metrics")?;
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Which frame of the switchover the link loses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lost {
+    /// kvm01's `Commit`: kvm02 never runs the guest.
+    Commit,
+    /// kvm02's `Running`: kvm02 runs the guest, kvm01 never hears of it.
+    Running,
+}
+
+/// A live move from kvm01 to kvm02 whose switchover frame `lost` is dropped on the
+/// veth, while kvm01's service cannot reach kvm02's either: kvm01's VMM ends in
+/// `switchoverUnknown` with the guest paused (and, with a lost `Commit`, its service
+/// shows it stuck). Then the service is SIGKILLed, the link heals, and the service is
+/// started again; returns the fleet, the guest, the source VMM's pid and the revision
+/// enforced at the end.
+fn kill_the_source_in_an_unknown_switchover(lost: Lost) -> (Fleet, String, i32, String) {
+    let mut fleet = Fleet::new();
+    let name = fleet.guest_name(match lost {
+        Lost::Commit => "kvm-nocommit",
+        Lost::Running => "kvm-norunning",
+    });
+    fleet.commit(&guest_yaml(&name, "kvm01", "0", FAST, 2), "guest on kvm01");
+    fleet.start(0);
+    fleet.start(1);
+    wait_until("the guest on kvm01", Duration::from_secs(20), || {
+        vmm_pid(&fleet.hosts[0], &name).is_some()
+    });
+    let source_pid = vmm_pid(&fleet.hosts[0], &name).expect("running");
+    wait_until("heartbeats", Duration::from_secs(10), || {
+        heartbeats(&console_logs(&fleet.hosts[0], &name)).len() >= 5
+    });
+    const LOST_FRAME: u32 = 10;
+    const NO_API: u32 = 11;
+    match lost {
+        Lost::Commit => fleet.net.lose_frames(0, LOST_FRAME, FRAME_COMMIT),
+        Lost::Running => fleet.net.lose_frames(1, LOST_FRAME, FRAME_RUNNING),
+    }
+    let moved = fleet.commit(&guest_yaml(&name, "kvm02", "0", FAST, 2), "move to kvm02");
+    // Once the VMM migrates, kvm01's service cannot ask kvm02's any more.
+    wait_until("the migration to start", Duration::from_secs(30), || {
+        migration_status(&fleet.hosts[0], &name).is_some_and(|s| s.phase != MigrationPhase::Idle)
+    });
+    fleet.net.lose_port(0, NO_API, 7410);
+    wait_until(
+        "the switchover to be unknown",
+        Duration::from_secs(20),
+        || {
+            migration_status(&fleet.hosts[0], &name)
+                .is_some_and(|s| s.phase == MigrationPhase::SwitchoverUnknown)
+        },
+    );
+    let a = &fleet.hosts[0];
+    // With a lost Running, kvm02's VMM runs the guest but can move into cgroup
+    // berth/<name> (one cgroup tree for both "hosts" here) only once the source VMM
+    // exits, and gives its handover up after 30 s: the service is killed at once.
+    if lost == Lost::Commit {
+        show_stuck(a, &name);
+    }
+    // Never twice: the source holds the guest paused.
+    assert_eq!(run_state(a, &name), Some(GuestRunState::Paused));
+    assert_eq!(vmm_pid(a, &name), Some(source_pid));
+
+    fleet.hosts[0].kill9();
+    let a = &fleet.hosts[0];
+    let paused = heartbeats(&console_logs(a, &name)).len();
+    let enforced = match lost {
+        Lost::Commit => {
+            // kvm02 never read Commit: its incoming VMM gives up and leaves; nobody runs
+            // the guest while kvm01's service is away.
+            let incoming = fleet.hosts[1]
+                .state
+                .join("guests")
+                .join(format!("{name}.incoming"));
+            wait_until(
+                "kvm02's incoming VMM to go",
+                Duration::from_secs(20),
+                || !incoming.exists(),
+            );
+            assert_eq!(fleet.vmms(&name), vec![source_pid]);
+            // The operator gives up on the move meanwhile.
+            fleet.commit(&guest_yaml(&name, "kvm01", "0", FAST, 2), "back to kvm01")
+        }
+        Lost::Running => {
+            // kvm02 read Commit: the guest runs there (its VMM moves into the guest's
+            // directory once the source's cgroup, on this one machine, is gone), and
+            // is paused here.
+            let incoming = fleet.hosts[1]
+                .state
+                .join("guests")
+                .join(format!("{name}.incoming"))
+                .join("control.sock");
+            wait_until("the guest to run on kvm02", Duration::from_secs(20), || {
+                Client::connect(&incoming)
+                    .and_then(|mut c| c.status())
+                    .is_ok_and(|s| s.state == GuestRunState::Running)
+            });
+            moved
+        }
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        heartbeats(&console_logs(a, &name)).len(),
+        paused,
+        "the source stays paused without its service"
+    );
+    assert_eq!(run_state(a, &name), Some(GuestRunState::Paused));
+
+    fleet.net.heal(0, NO_API);
+    match lost {
+        Lost::Commit => fleet.net.heal(0, LOST_FRAME),
+        Lost::Running => fleet.net.heal(1, LOST_FRAME),
+    }
+    fleet.start(0);
+    (fleet, name, source_pid, enforced)
+}
+
+/// kvm01's service, alive, shows the unknown switchover of `name` as stuck, naming
+/// kvm02, in its status, metrics and log.
+fn show_stuck(a: &Host, name: &str) {
+    wait_until(
+        "the stuck switchover in /status",
+        Duration::from_secs(30),
+        || {
+            a.guest_status(name)
+                .is_some_and(|g| g["phase"] == "SwitchoverUnknown")
+        },
+    );
+    let g = a.guest_status(name).expect("listed");
+    let condition = g["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == "SwitchoverUnknown"))
+        .unwrap_or_else(|| panic!("a SwitchoverUnknown condition: {g}"))
+        .to_string();
+    assert!(condition.contains("kvm02"), "{condition}");
+    assert!(condition.contains("never resumed blindly"), "{condition}");
+    assert_eq!(
+        metric(
+            a,
+            &format!("berth_switchover_unknown{{guest=\"{name}\",peer=\"kvm02\"}}")
+        ),
+        Some(1.0)
+    );
+    assert!(
+        a.log_text()
+            .contains("switchover unknown and the destination cannot tell"),
+        "{}",
+        a.log_text()
+    );
+}
+
+#[test]
+fn a_source_killed_in_an_unknown_switchover_resumes_the_guest_the_destination_never_ran() {
+    let (fleet, name, source_pid, rev) = kill_the_source_in_an_unknown_switchover(Lost::Commit);
+    let a = &fleet.hosts[0];
+    wait_until(
+        "the guest to run again on kvm01",
+        Duration::from_secs(20),
+        || run_state(a, &name) == Some(GuestRunState::Running),
+    );
+    assert_eq!(vmm_pid(a, &name), Some(source_pid), "in its source VMM");
+    assert_eq!(fleet.vmms(&name), vec![source_pid], "exactly one VMM");
+    let before = heartbeats(&console_logs(a, &name)).len();
+    std::thread::sleep(Duration::from_millis(500));
+    let beats = heartbeats(&console_logs(a, &name));
+    assert!(beats.len() > before, "the guest beats on kvm01 again");
+    assert_continuous(&beats, 8);
+    assert!(
+        a.log_text()
+            .contains("the destination does not run the guest; it runs here again"),
+        "{}",
+        a.log_text()
+    );
+    assert_eq!(
+        metric(a, "berth_switchover_resolutions_total{outcome=\"source\"}"),
+        Some(1.0)
+    );
+    let b = &fleet.hosts[1];
+    wait_until("both sides to converge", Duration::from_secs(20), || {
+        a.status()["lastApplied"]["revision"] == rev.as_str()
+            && b.status()["lastApplied"]["revision"] == rev.as_str()
+    });
+    let g = a.guest_status(&name).expect("listed on kvm01");
+    assert_eq!(g["phase"], "Running", "{g}");
+    assert!(metric(a, "berth_switchover_unknown{").is_none());
+    assert!(vmm_pid(b, &name).is_none());
+}
+
+#[test]
+fn a_source_killed_in_an_unknown_switchover_drops_its_copy_when_the_destination_runs_it() {
+    let (fleet, name, source_pid, rev) = kill_the_source_in_an_unknown_switchover(Lost::Running);
+    let (a, b) = (&fleet.hosts[0], &fleet.hosts[1]);
+    wait_until("the source VMM to exit", Duration::from_secs(20), || {
+        !Path::new(&format!("/proc/{source_pid}")).exists()
+    });
+    wait_until("the handover on kvm02", Duration::from_secs(20), || {
+        vmm_pid(b, &name).is_some()
+    });
+    let dest_pid = vmm_pid(b, &name).expect("runs on kvm02");
+    assert_eq!(fleet.vmms(&name), vec![dest_pid], "exactly one VMM");
+    // Heartbeats continue from kvm01's last one on kvm02: no gap, no repeat.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut logs = vec![a.guest_dir(&name).join("console.log")];
+    logs.extend(console_logs(b, &name));
+    assert_continuous(&heartbeats(&logs), 8);
+    assert!(
+        a.log_text()
+            .contains("the destination runs the guest; the copy here was dropped"),
+        "{}",
+        a.log_text()
+    );
+    assert_eq!(
+        metric(
+            a,
+            "berth_switchover_resolutions_total{outcome=\"destination\"}"
+        ),
+        Some(1.0)
+    );
+    wait_until("both sides to converge", Duration::from_secs(20), || {
+        a.status()["lastApplied"]["revision"] == rev.as_str()
+            && b.status()["lastApplied"]["revision"] == rev.as_str()
+    });
+    assert!(a.guest_status(&name).is_none(), "{}", a.status());
+    let g = b.guest_status(&name).expect("listed on kvm02");
+    assert_eq!(g["phase"], "Running", "{g}");
 }

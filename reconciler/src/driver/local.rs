@@ -20,9 +20,15 @@
 //! --incoming`); the guest pauses only for the switchover.
 //!
 //! VMMs are started detached (their own session, stdin closed, output to `vmm.log`), so
-//! they outlive `berth apply` and `berth serve` restarts.
+//! they outlive `berth apply` and `berth serve` restarts. Each migration away from a
+//! VMM is recorded in `<state>/migrations/` first ([`outgoing`]), so that a switchover
+//! left unknown by a process that died can be resolved by its successor.
 
-use std::collections::BTreeMap;
+mod outgoing;
+
+pub use outgoing::{OutgoingGuard, OutgoingRecord, Resolved, UnknownSwitchover};
+
+use std::collections::{BTreeMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
@@ -92,6 +98,8 @@ pub struct LocalDriver {
     /// Set by [`LocalDriver::cancel_migrations`]: migrations in flight are cancelled
     /// (the guest stays in its source VMM) and no new one starts.
     cancel: AtomicBool,
+    /// Guests whose migration away this process follows ([`LocalDriver::begin_outgoing`]).
+    outgoing: Mutex<HashSet<String>>,
 }
 
 impl LocalDriver {
@@ -104,6 +112,7 @@ impl LocalDriver {
             vmm,
             children: Mutex::new(Vec::new()),
             cancel: AtomicBool::new(false),
+            outgoing: Mutex::new(HashSet::new()),
         }
     }
 
@@ -482,6 +491,7 @@ impl LocalDriver {
                 "{name}: not migrating, the service is stopping"
             )));
         }
+        let _following = self.begin_outgoing(name)?;
         let mut source = self.connect(name)?;
         let source_pid = source
             .status()
@@ -518,6 +528,17 @@ impl LocalDriver {
                 ));
             }
         };
+        let record = OutgoingRecord {
+            guest: name.clone(),
+            to: self.host.clone(),
+            peer: None,
+            destination: listen.clone(),
+            source_pid,
+        };
+        if let Err(e) = self.record_outgoing(&record) {
+            kill_pid(dest_pid);
+            return Err(e);
+        }
         let args = MigrateArgs {
             destination: listen,
             token,
@@ -525,6 +546,7 @@ impl LocalDriver {
             connections: None,
         };
         if let Err(e) = source.call(Op::Migrate(args)) {
+            self.forget_outgoing(name);
             kill_pid(dest_pid);
             return Err(failed(format!("starting the migration of {name}"), e));
         }
@@ -578,6 +600,7 @@ impl LocalDriver {
             }
             std::thread::sleep(Duration::from_millis(20));
         };
+        self.forget_outgoing_if_ended(&record);
         if let Err(reason) = outcome {
             // The incoming VMM exits by itself when the migration fails before commit.
             if !self.wait_gone(dest_pid, STOP_TIMEOUT) {

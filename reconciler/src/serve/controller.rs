@@ -36,6 +36,7 @@ use super::source::{Revision, SourceEvent};
 use super::status::{
     now_rfc3339, Applied, Condition, GuestStatus, LastError, Problem, StatusStore,
 };
+use super::switchover::Switchovers;
 use crate::apply::execute_step;
 use crate::driver::Driver;
 use crate::model::{Desired, Observed};
@@ -98,6 +99,9 @@ pub struct Controller {
     /// here and the destination's service starts it.
     this_host_only: bool,
     incoming_notes: Option<Arc<IncomingNotes>>,
+    /// Switchovers of migrations away from this host that wait for the destination's
+    /// answer, shown on their guests.
+    switchovers: Option<Arc<Switchovers>>,
     /// Wakes the loop for a pass when something it cannot see changed (a peer became
     /// observed).
     pokes: Arc<tokio::sync::Notify>,
@@ -135,6 +139,7 @@ impl Controller {
             guard: None,
             this_host_only: false,
             incoming_notes: None,
+            switchovers: None,
             pokes: Arc::new(tokio::sync::Notify::new()),
             enforcing: None,
             converged_on: None,
@@ -168,6 +173,12 @@ impl Controller {
     pub fn this_host_only(mut self, notes: Arc<IncomingNotes>) -> Self {
         self.this_host_only = true;
         self.incoming_notes = Some(notes);
+        self
+    }
+
+    /// Shows the unresolved switchovers of `switchovers` on their guests' status.
+    pub fn with_switchovers(mut self, switchovers: Arc<Switchovers>) -> Self {
+        self.switchovers = Some(switchovers);
         self
     }
 
@@ -629,6 +640,12 @@ impl Controller {
                     "IncomingMigrationFailed",
                     note,
                 ));
+            }
+            if let Some(unresolved) = self.switchovers.as_ref().and_then(|s| s.get(name.as_str())) {
+                status.phase = "SwitchoverUnknown".into();
+                conditions.push(unresolved.condition());
+                // The migration's own failure says the same, less precisely.
+                continue;
             }
             if let Some(e) = self.failures.get(name.as_str()) {
                 status.phase = "Failed".into();

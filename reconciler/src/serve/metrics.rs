@@ -35,6 +35,22 @@ pub struct MigrationLabels {
     pub kind: String,
 }
 
+/// Labels of `berth_switchover_unknown`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct SwitchoverLabels {
+    /// The guest held paused here.
+    pub guest: String,
+    /// The destination host that has not said whether it runs the guest.
+    pub peer: String,
+}
+
+/// Labels of `berth_switchover_resolutions`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ResolutionLabels {
+    /// Where the guest runs after the resolution: `destination` or `source`.
+    pub outcome: String,
+}
+
 /// The service's metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -56,6 +72,11 @@ pub struct Metrics {
     pub migration_downtime: Family<MigrationLabels, Histogram>,
     /// Bytes sent by migrations, as the migration engine reports them.
     pub migration_bytes: Family<MigrationLabels, Counter>,
+    /// 1 per guest held paused here because its switchover is unknown and the
+    /// destination has not said yet whether it runs the guest.
+    pub switchover_unknown: Family<SwitchoverLabels, Gauge>,
+    /// Unknown switchovers resolved, by where the guest runs afterwards.
+    pub switchover_resolutions: Family<ResolutionLabels, Counter>,
 }
 
 impl Metrics {
@@ -114,6 +135,18 @@ impl Metrics {
             "Bytes sent by migrations from this host",
             migration_bytes.clone(),
         );
+        let switchover_unknown = Family::<SwitchoverLabels, Gauge>::default();
+        registry.register(
+            "switchover_unknown",
+            "Guests held paused here: their switchover is unknown and the destination has not said whether it runs them",
+            switchover_unknown.clone(),
+        );
+        let switchover_resolutions = Family::<ResolutionLabels, Counter>::default();
+        registry.register(
+            "switchover_resolutions",
+            "Unknown switchovers resolved, by where the guest runs afterwards",
+            switchover_resolutions.clone(),
+        );
         Metrics {
             registry: Mutex::new(registry),
             reconcile_duration,
@@ -124,6 +157,8 @@ impl Metrics {
             migration_duration,
             migration_downtime,
             migration_bytes,
+            switchover_unknown,
+            switchover_resolutions,
         }
     }
 
@@ -164,6 +199,29 @@ impl Metrics {
         self.migration_bytes.get_or_create(&labels).inc_by(bytes);
     }
 
+    /// Shows `guest` held paused for an answer from `peer` (`stuck`), or no more.
+    pub fn switchover_unknown(&self, guest: &str, peer: &str, stuck: bool) {
+        let labels = SwitchoverLabels {
+            guest: guest.to_owned(),
+            peer: peer.to_owned(),
+        };
+        if stuck {
+            self.switchover_unknown.get_or_create(&labels).set(1);
+        } else {
+            self.switchover_unknown.remove(&labels);
+        }
+    }
+
+    /// Counts one resolved switchover: the guest runs on the `destination` or the
+    /// `source`.
+    pub fn switchover_resolved(&self, outcome: &str) {
+        self.switchover_resolutions
+            .get_or_create(&ResolutionLabels {
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+
     /// Counts one new head.
     pub fn revision(&self, result: &str) {
         self.revisions
@@ -202,6 +260,10 @@ mod tests {
         m.action("start", false, Duration::from_millis(1));
         m.drift_corrections.inc();
         m.reconcile_duration.observe(0.002);
+        m.switchover_unknown("web-1", "kvm02", true);
+        m.switchover_unknown("web-2", "kvm02", true);
+        m.switchover_unknown("web-2", "kvm02", false);
+        m.switchover_resolved("source");
         let text = m.encode();
         for line in [
             "berth_actions_total{kind=\"retune\",result=\"ok\"} 1",
@@ -211,6 +273,8 @@ mod tests {
             "berth_migration_duration_seconds_count{kind=\"remote\"} 1",
             "berth_migration_downtime_seconds_count{kind=\"remote\"} 1",
             "berth_migration_bytes_total{kind=\"remote\"} 4096",
+            "berth_switchover_unknown{guest=\"web-1\",peer=\"kvm02\"} 1",
+            "berth_switchover_resolutions_total{outcome=\"source\"} 1",
             "# EOF",
         ] {
             assert!(
@@ -218,5 +282,6 @@ mod tests {
                 "{line} missing from\n{text}"
             );
         }
+        assert!(!text.contains("guest=\"web-2\""), "{text}");
     }
 }

@@ -14,11 +14,15 @@
 //!   migration source makes).
 //! - [`remote`]: `--driver local`, the local driver plus live migration to another
 //!   host (the source side), and [`incoming`], the destination side.
+//! - [`switchover`]: resolving the unknown switchovers of migrations away from this
+//!   host, also those a SIGKILLed predecessor left.
 //! - [`simfleet`]: `--driver sim`, a simulated fleet that survives restarts.
 //!
-//! Restart safety: the service keeps no state that matters besides what it observes.
-//! It acts only after a full observe, so after a restart (or a SIGKILL) it adopts what
-//! runs instead of starting it again. On SIGTERM or SIGINT it stops dispatching,
+//! Restart safety: the service keeps no state that matters besides what it observes
+//! and, for each migration away from this host, where it went (recorded before it
+//! starts). It acts only after a full observe, so after a restart (or a SIGKILL) it
+//! adopts what runs instead of starting it again; a guest its predecessor left paused
+//! in an unknown switchover is resolved by asking the recorded destination. On SIGTERM or SIGINT it stops dispatching,
 //! cancels a migration in flight that has not reached its switchover (the guest stays
 //! on its source), lets the other actions in flight finish (a driver leaves each guest
 //! running exactly once), and exits with the guests running.
@@ -37,6 +41,7 @@ pub mod remote;
 pub mod simfleet;
 pub mod source;
 pub mod status;
+pub mod switchover;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -58,6 +63,7 @@ use remote::{Enforced, ServeDriver};
 use simfleet::{SimFleetError, SimulatedFleet};
 use source::{Follower, Trigger};
 use status::{SourceStatus, Status, StatusStore};
+use switchover::{Resolver, Switchovers};
 
 /// Arguments of `berth serve`.
 #[derive(Debug, clap::Args)]
@@ -284,6 +290,7 @@ async fn serve(
     let metrics = Arc::new(Metrics::new());
     let enforced = Arc::new(Enforced::default());
     let notes = Arc::new(IncomingNotes::default());
+    let switchovers = Arc::new(Switchovers::default());
     let (driver, incoming, local): (Arc<dyn Driver>, Arc<dyn peer::IncomingMigrations>, _) =
         match &fleet {
             Fleet::Local(local) => {
@@ -292,6 +299,7 @@ async fn serve(
                     Arc::clone(&enforced),
                     fleet_secret.clone(),
                     Arc::clone(&metrics),
+                    Arc::clone(&switchovers),
                     tokio::runtime::Handle::current(),
                 ));
                 let incoming = Arc::new(LocalIncoming::new(
@@ -325,7 +333,7 @@ async fn serve(
         metrics: Arc::clone(&metrics),
         triggers: triggers.clone(),
         webhook_secret,
-        fleet_secret,
+        fleet_secret: fleet_secret.clone(),
         incoming,
     });
     let mut http_stop = shutdown_rx.clone();
@@ -366,7 +374,7 @@ async fn serve(
         },
         driver,
         status,
-        metrics,
+        Arc::clone(&metrics),
     )
     .on_revision(Box::new(move |commit, desired| {
         enforced.set(commit, desired);
@@ -380,9 +388,22 @@ async fn serve(
             args.state_dir.join("placements.json"),
         ))),
     );
-    if let Some((driver, _)) = &local {
-        controller = controller.this_host_only(notes);
+    if let (Some((driver, _)), Fleet::Local(local_driver)) = (&local, &fleet) {
+        controller = controller
+            .this_host_only(notes)
+            .with_switchovers(Arc::clone(&switchovers));
         tokio::spawn(Arc::clone(driver).refresh_peers(controller.pokes(), shutdown_rx.clone()));
+        let resolver = Resolver::new(
+            Arc::clone(local_driver),
+            fleet_secret,
+            Arc::clone(&metrics),
+            switchovers,
+        );
+        tokio::spawn(resolver.run(
+            args.resync_interval.get(),
+            controller.pokes(),
+            shutdown_rx.clone(),
+        ));
     }
     let controller = tokio::spawn(controller.run(event_rx, shutdown_rx));
 

@@ -21,7 +21,11 @@
 //!
 //! A `switchoverUnknown` outcome (the source sent the commit but lost the link before
 //! the destination's answer) is resolved by asking B whether its VMM runs the guest;
-//! while B cannot tell, the guest stays paused here rather than risk two copies.
+//! while B cannot tell, the guest stays paused here rather than risk two copies. Where
+//! the migration went is recorded in the state directory before it starts
+//! ([`crate::driver::local::OutgoingRecord`]); when B cannot tell within
+//! [`RESOLVE_INLINE`], or this service dies meanwhile, the
+//! [`super::switchover::Resolver`] goes on asking, also after a restart.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
@@ -32,14 +36,16 @@ use berth_hypervisor::migration::{
     MigrateArgs, MigrateResolveArgs, MigrationPhase, MigrationStatus,
 };
 use berth_schema::Guest;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::auth::Secret;
 use super::client;
 use super::git::CommitId;
 use super::metrics::Metrics;
 use super::peer::IncomingRequest;
+use super::switchover::Switchovers;
 use crate::diff::{Field, HostSetting};
+use crate::driver::local::OutgoingRecord;
 use crate::driver::{Driver, DriverError, LocalDriver};
 use crate::model::{Desired, Observed, ObservedHost};
 
@@ -49,6 +55,15 @@ const MIGRATION_DEADLINE: Duration = Duration::from_secs(600);
 
 /// How long the source VMM gets to exit after a completed migration.
 const SOURCE_EXIT: Duration = Duration::from_secs(10);
+
+/// How long a migration asks the destination about an unknown switchover itself
+/// before it leaves it to the resolver: longer than the destination's link timeout, so
+/// that a destination that never read `Commit` has given up by then.
+pub const RESOLVE_INLINE: Duration = Duration::from_secs(10);
+
+/// How often, and how long each time, the destination is asked meanwhile.
+const ASK_INTERVAL: Duration = Duration::from_millis(200);
+const ASK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How often the other hosts are asked how they are (for planning migrations to them).
 const PEER_REFRESH: Duration = Duration::from_secs(2);
@@ -96,19 +111,32 @@ pub struct ServeDriver {
     enforced: Arc<Enforced>,
     fleet_secret: Option<Arc<Secret>>,
     metrics: Arc<Metrics>,
+    switchovers: Arc<Switchovers>,
     runtime: tokio::runtime::Handle,
     /// The other hosts as they last reported themselves, and when.
     peers: RwLock<BTreeMap<String, (Instant, ObservedHost)>>,
 }
 
+/// How following a migration ended badly.
+enum FollowError {
+    /// Before `Commit`, or resolved with the destination not running the guest: the
+    /// guest runs here.
+    Failed(String),
+    /// The switchover is unknown and the destination could not tell in time: the guest
+    /// stays paused here and the resolver takes over.
+    Unknown(String),
+}
+
 impl ServeDriver {
     /// A driver over `local`, asking peers with `fleet_secret`, reporting into
-    /// `metrics`; peer requests run on `runtime`.
+    /// `metrics`, handing unknown switchovers it cannot resolve to `switchovers`; peer
+    /// requests run on `runtime`.
     pub fn new(
         local: Arc<LocalDriver>,
         enforced: Arc<Enforced>,
         fleet_secret: Option<Arc<Secret>>,
         metrics: Arc<Metrics>,
+        switchovers: Arc<Switchovers>,
         runtime: tokio::runtime::Handle,
     ) -> Self {
         ServeDriver {
@@ -116,6 +144,7 @@ impl ServeDriver {
             enforced,
             fleet_secret,
             metrics,
+            switchovers,
             runtime,
             peers: RwLock::new(BTreeMap::new()),
         }
@@ -184,6 +213,7 @@ impl ServeDriver {
                 "{name}: not migrating, the service is stopping"
             )));
         }
+        let following = self.local.begin_outgoing(name)?;
         let secret = self.fleet_secret.as_deref().ok_or_else(|| {
             DriverError::Refused(format!(
                 "{name}: cannot migrate to {to} without the fleet secret (--fleet-secret-file)"
@@ -218,15 +248,29 @@ impl ServeDriver {
             .status()
             .map_err(|e| failed(format!("reading the status of {name}"), e))?
             .pid;
-        source
-            .call(Op::Migrate(MigrateArgs {
-                destination: prepared.listen.to_string(),
-                token: prepared.token,
-                policy: guest.spec.migration,
-                connections: None,
-            }))
-            .map_err(|e| failed(format!("starting the migration of {name} to {to}"), e))?;
-        let outcome = self.follow(&mut source, source_pid, name, &server, secret);
+        let record = OutgoingRecord {
+            guest: name.clone(),
+            to: to.to_owned(),
+            peer: Some(server.clone()),
+            destination: prepared.listen.to_string(),
+            source_pid,
+        };
+        self.local.record_outgoing(&record)?;
+        if let Err(e) = source.call(Op::Migrate(MigrateArgs {
+            destination: prepared.listen.to_string(),
+            token: prepared.token,
+            policy: guest.spec.migration,
+            connections: None,
+        })) {
+            self.local.forget_outgoing(name);
+            return Err(failed(
+                format!("starting the migration of {name} to {to}"),
+                e,
+            ));
+        }
+        let outcome = self.follow(&mut source, source_pid, name, to, &server, secret);
+        self.local.forget_outgoing_if_ended(&record);
+        drop(following);
         match outcome {
             Ok(status) => {
                 // The source exits right after completing; when its last status went
@@ -253,10 +297,34 @@ impl ServeDriver {
                 }
                 Ok(())
             }
-            Err(reason) => Err(DriverError::Failed {
+            Err(FollowError::Failed(reason)) => Err(DriverError::Failed {
                 context: format!("migrating {name} to {to}; the guest stays on {}", self.me()),
                 source: reason.into(),
             }),
+            Err(FollowError::Unknown(reason)) => {
+                // No longer followed here: the resolver may take it now.
+                self.switchovers.kick();
+                Err(DriverError::Failed {
+                    context: format!(
+                        "migrating {name} to {to}: the switchover is unknown; the guest stays paused on {} until {to} says whether it runs it",
+                        self.me()
+                    ),
+                    source: reason.into(),
+                })
+            }
+        }
+    }
+
+    /// Whether the service at `server` runs `name` after its incoming migration.
+    fn ask_destination(&self, server: &str, secret: &Secret, name: &str) -> Result<bool, String> {
+        let asked = self.runtime.block_on(tokio::time::timeout(
+            ASK_TIMEOUT,
+            client::incoming_running(server, secret, name),
+        ));
+        match asked {
+            Ok(Ok(outcome)) => Ok(outcome.running),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("{server} did not answer within {ASK_TIMEOUT:?}")),
         }
     }
 
@@ -266,12 +334,14 @@ impl ServeDriver {
         source: &mut Client,
         source_pid: i32,
         name: &str,
+        to: &str,
         server: &str,
         secret: &Secret,
-    ) -> Result<MigrationStatus, String> {
+    ) -> Result<MigrationStatus, FollowError> {
         let deadline = Instant::now() + MIGRATION_DEADLINE;
         let mut cancel_sent = false;
         let mut last: Option<MigrationStatus> = None;
+        let mut unknown_since: Option<Instant> = None;
         loop {
             match source
                 .call(Op::MigrateStatus)
@@ -281,36 +351,50 @@ impl ServeDriver {
                     match status.phase {
                         MigrationPhase::Completed => return Ok(status),
                         MigrationPhase::Failed | MigrationPhase::Cancelled => {
-                            return Err(status.error.unwrap_or_else(|| {
+                            return Err(FollowError::Failed(status.error.unwrap_or_else(|| {
                                 if cancel_sent {
                                     "cancelled: the service is stopping".to_owned()
                                 } else {
                                     format!("{:?}", status.phase)
                                 }
-                            }))
+                            })))
                         }
                         MigrationPhase::SwitchoverUnknown => {
-                            let running = self
-                                .runtime
-                                .block_on(client::incoming_running(server, secret, name));
-                            match running.map(|o| o.running) {
+                            let since = *unknown_since.get_or_insert_with(|| {
+                                warn!(guest = %name, to, error = ?status.error, "switchover unknown; asking the destination whether it runs the guest");
+                                Instant::now()
+                            });
+                            match self.ask_destination(server, secret, name) {
                                 Ok(running) => {
                                     let _ = source.call(Op::MigrateResolve(MigrateResolveArgs {
                                         destination_running: running,
                                     }));
                                     if !running {
-                                        return Err("the switchover was not confirmed; the guest resumed here".into());
+                                        return Err(FollowError::Failed("the switchover was not confirmed; the guest resumed here".into()));
                                     }
                                 }
+                                Err(e)
+                                    if since.elapsed() > RESOLVE_INLINE
+                                        || self.local.cancelling() =>
+                                {
+                                    return Err(FollowError::Unknown(format!(
+                                        "{to} could not tell within {RESOLVE_INLINE:?} whether it runs the guest ({e}); asked again in the background"
+                                    )));
+                                }
                                 Err(e) => {
-                                    warn!(guest = %name, error = %e, "switchover unknown and the destination cannot tell; the guest stays paused here");
+                                    debug!(guest = %name, error = %e, "the destination cannot tell yet");
+                                    std::thread::sleep(ASK_INTERVAL);
                                 }
                             }
                         }
                         _ => last = Some(status),
                     }
                 }
-                Ok(Err(e)) => return Err(format!("unreadable migration status: {e}")),
+                Ok(Err(e)) => {
+                    return Err(FollowError::Failed(format!(
+                        "unreadable migration status: {e}"
+                    )))
+                }
                 // The source exits right after a completed migration.
                 Err(_) if !process_exists(source_pid) => {
                     return last
@@ -318,9 +402,9 @@ impl ServeDriver {
                             s.phase = MigrationPhase::Completed;
                             s
                         })
-                        .ok_or_else(|| "the source VMM exited".to_owned())
+                        .ok_or_else(|| FollowError::Failed("the source VMM exited".to_owned()))
                 }
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(FollowError::Failed(e.to_string())),
             }
             if !cancel_sent && (self.local.cancelling() || Instant::now() > deadline) {
                 info!(guest = %name, "cancelling the migration");

@@ -129,8 +129,10 @@ pub struct GuestStatus {
     /// Where it runs, or where the manifest places it when it does not run.
     pub host: String,
     /// `Running`, `Paused`, `Stopped`, `Pending`, `Blocked`, `Suspended`, `Migrating`,
-    /// `WaitingForMigration` (another host still runs it), `Orphan`, or `Failed` (an
-    /// action failed; retried with backoff).
+    /// `WaitingForMigration` (another host still runs it), `Orphan`, `Failed` (an
+    /// action failed; retried with backoff), or `SwitchoverUnknown` (a migration away
+    /// sent its commit but the destination has not said whether it runs the guest;
+    /// held paused here, asked again with backoff).
     pub phase: String,
     /// Whether a VMM of the guest runs on the reporting host (peers ask this before
     /// starting a guest, so that it never runs twice).

@@ -1,0 +1,488 @@
+//! Unknown switchovers of migrations away from this host, resolved even when the
+//! service that started the migration died.
+//!
+//! Once a source VMM has sent `Commit` it never resumes the guest by itself; when the
+//! destination's `Running` does not come back it reports `switchoverUnknown` and keeps
+//! the guest paused until `migrateResolve` says whether the destination runs it. The
+//! migration that started it asks the destination at once ([`super::remote`]); when it
+//! cannot get an answer in time, or when the service was SIGKILLed and started again,
+//! the [`Resolver`] takes over.
+//!
+//! The resolver looks at every VMM of this host when the service starts, every resync
+//! interval, and when a migration hands an unknown switchover over
+//! ([`Switchovers::kick`]). For each VMM in `switchoverUnknown` that no migration of
+//! this process follows, it asks the destination recorded for it before the migration
+//! started ([`crate::driver::local::OutgoingRecord`]): the destination's service
+//! (`GET /v1/migrations/incoming/{guest}`, fleet secret) for a migration to another
+//! host, the incoming VMM for a local one. Then it calls `migrateResolve`: the
+//! destination runs the guest, the copy here is dropped; it does not, the guest
+//! resumes here.
+//!
+//! While the destination cannot be reached or cannot tell yet, nothing is resumed (the
+//! destination might run the guest: resuming here could run it twice). The resolver
+//! asks again with backoff, and the guest is shown stuck: phase `SwitchoverUnknown`
+//! with a condition naming the peer and the last error in `/status`,
+//! `berth_switchover_unknown{guest,peer}` at 1 in the metrics, and a warning per
+//! attempt in the log.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use super::auth::Secret;
+use super::backoff::{BackoffPolicy, Backoffs};
+use super::client;
+use super::metrics::Metrics;
+use super::status::{now_rfc3339, Condition};
+use crate::driver::local::{Resolved, UnknownSwitchover};
+use crate::driver::LocalDriver;
+
+/// How long the destination's service may take to answer.
+const PEER_ASK: Duration = Duration::from_secs(5);
+
+/// Backoff between attempts on one guest: soon at first (a destination that is at
+/// `Loaded` decides within its link timeout), then up to a minute.
+pub const RESOLVE_BACKOFF: BackoffPolicy = BackoffPolicy {
+    initial: Duration::from_secs(1),
+    max: Duration::from_secs(60),
+};
+
+/// A switchover that could not be resolved yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unresolved {
+    /// The destination host, or `unknown` without a record.
+    pub peer: String,
+    /// Whether the migration was recorded (else nobody knows whom to ask).
+    pub recorded: bool,
+    /// When the first attempt failed (RFC 3339).
+    pub since: String,
+    /// Attempts so far.
+    pub attempts: u32,
+    /// Why the last attempt failed.
+    pub error: String,
+    /// When the next attempt is due.
+    pub retry_at: Instant,
+}
+
+impl Unresolved {
+    /// The condition `/status` shows on the guest.
+    pub fn condition(&self) -> Condition {
+        let wait = self
+            .retry_at
+            .saturating_duration_since(Instant::now())
+            .as_secs_f64();
+        let (reason, message) = if self.recorded {
+            (
+                "DestinationUnanswered",
+                format!(
+                    "the switchover to {peer} is unknown and {peer} has not said whether it \
+                     runs the guest ({error}); the guest stays paused here, never resumed \
+                     blindly (since {since}, attempt {attempts}, next in {wait:.1}s)",
+                    peer = self.peer,
+                    error = self.error,
+                    since = self.since,
+                    attempts = self.attempts,
+                ),
+            )
+        } else {
+            (
+                "DestinationNotRecorded",
+                format!(
+                    "the switchover is unknown and no record says where the guest went \
+                     ({error}); the guest stays paused here: once you know whether the \
+                     destination runs it, answer its VMM's migrateResolve by hand",
+                    error = self.error,
+                ),
+            )
+        };
+        Condition::new("SwitchoverUnknown", true, reason, message)
+    }
+}
+
+/// The switchovers the resolver could not resolve yet, for `/status`; and the way to
+/// wake the resolver.
+#[derive(Debug, Default)]
+pub struct Switchovers {
+    unresolved: Mutex<BTreeMap<String, Unresolved>>,
+    kick: Notify,
+}
+
+impl Switchovers {
+    /// The unresolved switchover of `guest`, if any.
+    pub fn get(&self, guest: &str) -> Option<Unresolved> {
+        self.lock().get(guest).cloned()
+    }
+
+    /// Makes the resolver look now (a migration handed an unknown switchover over).
+    pub fn kick(&self) {
+        self.kick.notify_one();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Unresolved>> {
+        self.unresolved.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Whom to ask about an unknown switchover.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Ask {
+    /// The service of host `name` at `server`.
+    Peer { name: String, server: String },
+    /// The incoming VMM of a local migration.
+    Local,
+    /// Nobody: the migration was not recorded (or its record names another VMM).
+    Unrecorded,
+}
+
+fn whom_to_ask(switchover: &UnknownSwitchover) -> Ask {
+    match &switchover.record {
+        Some(record) => match &record.peer {
+            Some(server) => Ask::Peer {
+                name: record.to.clone(),
+                server: server.clone(),
+            },
+            None => Ask::Local,
+        },
+        None => Ask::Unrecorded,
+    }
+}
+
+/// Resolves unknown switchovers. See the module documentation.
+pub struct Resolver {
+    local: Arc<LocalDriver>,
+    fleet_secret: Option<Arc<Secret>>,
+    metrics: Arc<Metrics>,
+    store: Arc<Switchovers>,
+    backoffs: Backoffs,
+}
+
+impl Resolver {
+    /// A resolver over the VMMs of `local`, asking peers with `fleet_secret`, reporting
+    /// into `store` and `metrics`.
+    pub fn new(
+        local: Arc<LocalDriver>,
+        fleet_secret: Option<Arc<Secret>>,
+        metrics: Arc<Metrics>,
+        store: Arc<Switchovers>,
+    ) -> Self {
+        Resolver {
+            local,
+            fleet_secret,
+            metrics,
+            store,
+            backoffs: Backoffs::new(RESOLVE_BACKOFF),
+        }
+    }
+
+    /// Looks now, then every `interval`, on a kick, and when an attempt is due, until
+    /// `stop` turns true; `poke` wakes the reconcile loop when something changed.
+    pub async fn run(
+        mut self,
+        interval: Duration,
+        poke: Arc<Notify>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let store = Arc::clone(&self.store);
+        loop {
+            if self.pass().await {
+                poke.notify_one();
+            }
+            let retry_at = self.backoffs.next_deadline(Instant::now());
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => return,
+                () = store.kick.notified() => {}
+                () = tokio::time::sleep(interval) => {}
+                () = sleep_until(retry_at), if retry_at.is_some() => {}
+            }
+        }
+    }
+
+    /// One look at every VMM; whether anything changed.
+    async fn pass(&mut self) -> bool {
+        let local = Arc::clone(&self.local);
+        let Ok(found) = tokio::task::spawn_blocking(move || local.unknown_switchovers()).await
+        else {
+            return false;
+        };
+        let mut changed = false;
+        // Resolved meanwhile (by hand), or the VMM is gone: nothing to show any more.
+        let gone: Vec<(String, Unresolved)> = self
+            .store
+            .lock()
+            .iter()
+            .filter(|(guest, _)| !found.iter().any(|s| &s.guest == *guest))
+            .map(|(g, u)| (g.clone(), u.clone()))
+            .collect();
+        for (guest, unresolved) in gone {
+            self.clear(&guest, &unresolved.peer);
+            changed = true;
+        }
+        for switchover in found {
+            if !self.backoffs.ready(&switchover.guest, Instant::now()) {
+                continue;
+            }
+            let ask = whom_to_ask(&switchover);
+            let outcome = match self.answer(&switchover, &ask).await {
+                Ok(running) => self.resolve(&switchover, running).await,
+                Err(e) => Err(e),
+            };
+            let peer = match &ask {
+                Ask::Peer { name, .. } => name.clone(),
+                Ask::Local => self.local.host().to_owned(),
+                Ask::Unrecorded => "unknown".to_owned(),
+            };
+            match outcome {
+                Ok(resolved) => {
+                    self.resolved(&switchover.guest, &peer, resolved);
+                    self.clear(&switchover.guest, &peer);
+                }
+                Err(error) => self.failed(&switchover, &ask, peer, error),
+            }
+            changed = true;
+        }
+        changed
+    }
+
+    /// Whether the destination runs the guest.
+    async fn answer(&self, switchover: &UnknownSwitchover, ask: &Ask) -> Result<bool, String> {
+        let guest = &switchover.guest;
+        match ask {
+            Ask::Peer { name, server } => {
+                let secret = self.fleet_secret.as_deref().ok_or_else(|| {
+                    format!("no fleet secret (--fleet-secret-file) to ask {name}")
+                })?;
+                match tokio::time::timeout(
+                    PEER_ASK,
+                    client::incoming_running(server, secret, guest),
+                )
+                .await
+                {
+                    Ok(Ok(outcome)) => Ok(outcome.running),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err(format!("{server} did not answer within {PEER_ASK:?}")),
+                }
+            }
+            Ask::Local => {
+                let (local, guest) = (Arc::clone(&self.local), guest.clone());
+                tokio::task::spawn_blocking(move || local.local_incoming_runs(&guest))
+                    .await
+                    .map_err(|e| e.to_string())?
+            }
+            Ask::Unrecorded => Err(format!(
+                "its VMM streamed to {}; {}",
+                switchover
+                    .destination
+                    .as_deref()
+                    .unwrap_or("an unknown address"),
+                switchover
+                    .error
+                    .as_deref()
+                    .unwrap_or("no answer after Commit"),
+            )),
+        }
+    }
+
+    async fn resolve(
+        &self,
+        switchover: &UnknownSwitchover,
+        destination_running: bool,
+    ) -> Result<Resolved, String> {
+        let local = Arc::clone(&self.local);
+        let (guest, pid) = (switchover.guest.clone(), switchover.pid);
+        tokio::task::spawn_blocking(move || {
+            local.resolve_switchover(&guest, pid, destination_running)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
+    }
+
+    fn resolved(&self, guest: &str, peer: &str, resolved: Resolved) {
+        let outcome = match resolved {
+            Resolved::DestinationRuns => {
+                info!(
+                    guest,
+                    peer, "unknown switchover resolved: the destination runs the guest; the copy here was dropped"
+                );
+                "destination"
+            }
+            Resolved::ResumedHere => {
+                info!(
+                    guest,
+                    peer, "unknown switchover resolved: the destination does not run the guest; it runs here again"
+                );
+                "source"
+            }
+            Resolved::AlreadyEnded => {
+                info!(guest, peer, "unknown switchover already ended");
+                return;
+            }
+        };
+        self.metrics.switchover_resolved(outcome);
+    }
+
+    fn clear(&mut self, guest: &str, peer: &str) {
+        self.backoffs.succeeded(guest);
+        if self.store.lock().remove(guest).is_some() {
+            self.metrics.switchover_unknown(guest, peer, false);
+        }
+    }
+
+    fn failed(&mut self, switchover: &UnknownSwitchover, ask: &Ask, peer: String, error: String) {
+        let guest = &switchover.guest;
+        let retry = self.backoffs.failed(guest, Instant::now());
+        let wait = retry.not_before.saturating_duration_since(Instant::now());
+        warn!(
+            guest = %guest, peer = %peer, attempt = retry.failures, retry_in = ?wait, error = %error,
+            "switchover unknown and the destination cannot tell; the guest stays paused here, never resumed blindly"
+        );
+        let mut store = self.store.lock();
+        let since = store
+            .get(guest)
+            .map_or_else(now_rfc3339, |u| u.since.clone());
+        store.insert(
+            guest.clone(),
+            Unresolved {
+                peer: peer.clone(),
+                recorded: *ask != Ask::Unrecorded,
+                since,
+                attempts: retry.failures,
+                error,
+                retry_at: retry.not_before,
+            },
+        );
+        drop(store);
+        self.metrics.switchover_unknown(guest, &peer, true);
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::driver::local::OutgoingRecord;
+
+    fn switchover(record: Option<OutgoingRecord>) -> UnknownSwitchover {
+        UnknownSwitchover {
+            guest: "web-1".into(),
+            pid: 42,
+            destination: Some("10.0.0.2:40123".into()),
+            error: Some("no Running after Commit: timed out".into()),
+            record,
+        }
+    }
+
+    fn record(peer: Option<&str>) -> OutgoingRecord {
+        OutgoingRecord {
+            guest: "web-1".into(),
+            to: "kvm02".into(),
+            peer: peer.map(str::to_owned),
+            destination: "10.0.0.2:40123".into(),
+            source_pid: 42,
+        }
+    }
+
+    #[test]
+    fn asks_whom_the_record_names() {
+        assert_eq!(
+            whom_to_ask(&switchover(Some(record(Some("http://10.0.0.2:7410"))))),
+            Ask::Peer {
+                name: "kvm02".into(),
+                server: "http://10.0.0.2:7410".into()
+            }
+        );
+        assert_eq!(whom_to_ask(&switchover(Some(record(None)))), Ask::Local);
+        assert_eq!(whom_to_ask(&switchover(None)), Ask::Unrecorded);
+    }
+
+    #[test]
+    fn the_condition_names_the_peer_and_the_error() {
+        let unresolved = Unresolved {
+            peer: "kvm02".into(),
+            recorded: true,
+            since: "2025-01-01T00:00:00Z".into(),
+            attempts: 3,
+            error: "cannot reach http://10.0.0.2:7410: connection refused".into(),
+            retry_at: Instant::now() + Duration::from_secs(4),
+        };
+        let c = unresolved.condition();
+        assert_eq!(
+            (c.kind.as_str(), c.status.as_str(), c.reason.as_str()),
+            ("SwitchoverUnknown", "True", "DestinationUnanswered")
+        );
+        for part in [
+            "to kvm02",
+            "connection refused",
+            "never resumed blindly",
+            "attempt 3",
+        ] {
+            assert!(c.message.contains(part), "{part}: {}", c.message);
+        }
+        let c = Unresolved {
+            recorded: false,
+            peer: "unknown".into(),
+            ..unresolved
+        }
+        .condition();
+        assert_eq!(c.reason, "DestinationNotRecorded");
+        assert!(c.message.contains("migrateResolve"), "{}", c.message);
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_peer_is_asked_again_and_nothing_is_resumed() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let local = Arc::new(LocalDriver::new(
+            "kvm01",
+            tmp.path(),
+            std::path::PathBuf::from("/nonexistent/berth-vmm"),
+        ));
+        let store = Arc::new(Switchovers::default());
+        let metrics = Arc::new(Metrics::new());
+        let mut resolver = Resolver::new(
+            local,
+            Some(Arc::new(Secret::new("fleet"))),
+            Arc::clone(&metrics),
+            Arc::clone(&store),
+        );
+        // A port nothing listens on.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let server = format!("http://{}", closed.local_addr().expect("addr"));
+        drop(closed);
+        let stuck = switchover(Some(record(Some(&server))));
+        let ask = whom_to_ask(&stuck);
+        let error = resolver
+            .answer(&stuck, &ask)
+            .await
+            .expect_err("unreachable");
+        assert!(error.contains("cannot reach"), "{error}");
+        resolver.failed(&stuck, &ask, "kvm02".into(), error);
+        let unresolved = store.get("web-1").expect("shown stuck");
+        assert_eq!(
+            (unresolved.peer.as_str(), unresolved.attempts),
+            ("kvm02", 1)
+        );
+        assert!(
+            !resolver.backoffs.ready("web-1", Instant::now()),
+            "backs off"
+        );
+        let text = metrics.encode();
+        assert!(
+            text.contains("berth_switchover_unknown{guest=\"web-1\",peer=\"kvm02\"} 1"),
+            "{text}"
+        );
+        // The VMM is gone (resolved by hand): the next look clears it.
+        assert!(resolver.pass().await);
+        assert!(store.get("web-1").is_none());
+        assert!(!metrics.encode().contains("berth_switchover_unknown{"));
+    }
+}
