@@ -24,7 +24,7 @@ use crate::host::cgroup::{CgroupError, Cgroups, GuestCgroup, NotEnforced};
 use crate::hostlink;
 use crate::payload::{self, heartbeat};
 use crate::vstate::memory::{self, MemoryError};
-use crate::vstate::vcpu::{VcpuError, VcpuEvent, VcpuHandle, VcpuRunState};
+use crate::vstate::vcpu::{VcpuError, VcpuEvent, VcpuHandle, VcpuRegisters, VcpuRunState};
 use crate::vstate::vm::{Vm, VmError};
 
 /// Events the VMM's main thread acts on.
@@ -603,6 +603,25 @@ impl Vmm {
             vcpu.resume();
         }
         Ok(())
+    }
+
+    /// The registers of every started vCPU. Only while no vCPU runs guest code (paused,
+    /// halted or crashed), so that the values hold still.
+    ///
+    /// # Errors
+    /// [`VmmError::Refused`] while a vCPU runs; [`VmmError::Vcpu`] when KVM fails.
+    pub fn vcpu_registers(&self) -> Result<Vec<VcpuRegisters>, VmmError> {
+        let _steer = lock(&self.steering);
+        if let Some(vcpu) = self.started().find(|v| !v.state().is_quiescent()) {
+            return Err(VmmError::Refused(format!(
+                "cannot read registers: vCPU {} is running (pause the guest first)",
+                vcpu.index()
+            )));
+        }
+        Ok(self
+            .started()
+            .map(|v| v.registers())
+            .collect::<Result<_, _>>()?)
     }
 
     fn refuse_if_stopped(&self, what: &str) -> Result<(), VmmError> {

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::protocol::{
-    ErrorBody, Op, Request, Response, Retune, ShutdownArgs, Status, PROTOCOL_VERSION,
+    ErrorBody, Op, Request, Response, Retune, ShutdownArgs, Status, VcpuRegisters, PROTOCOL_VERSION,
 };
 use crate::payload::heartbeat::VerifyReport;
 
@@ -199,6 +199,14 @@ impl Client {
     /// See [`Client::call`].
     pub fn verify_memory(&mut self) -> Result<VerifyReport, ClientError> {
         self.typed(Op::VerifyMemory)
+    }
+
+    /// The registers of every started vCPU, read while the guest is paused.
+    ///
+    /// # Errors
+    /// See [`Client::call`]; a running guest is [`ClientError::Refused`].
+    pub fn vcpu_registers(&mut self) -> Result<Vec<VcpuRegisters>, ClientError> {
+        self.typed(Op::VcpuRegisters)
     }
 
     /// Asks the VMM to shut down and waits until it has closed the connection (it

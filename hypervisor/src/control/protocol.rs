@@ -15,6 +15,7 @@ use berth_schema::{CpuSet, IoSpec, MemTune, Pinning};
 use serde::{Deserialize, Serialize};
 
 use crate::devices::IgnoredAccesses;
+pub use crate::vstate::vcpu::VcpuRegisters;
 use crate::vstate::vcpu::VcpuRunState;
 
 /// The protocol version this VMM speaks.
@@ -62,6 +63,9 @@ pub enum Op {
     MigrateCancel,
     /// End a `switchoverUnknown` state ([`crate::migration::MigrateResolveArgs`]).
     MigrateResolve(crate::migration::MigrateResolveArgs),
+    /// Report the [`VcpuRegisters`] of every started vCPU; refused while the guest
+    /// runs (pause it first).
+    VcpuRegisters,
 }
 
 impl Op {
@@ -78,6 +82,7 @@ impl Op {
             Op::MigrateStatus => "migrateStatus",
             Op::MigrateCancel => "migrateCancel",
             Op::MigrateResolve(_) => "migrateResolve",
+            Op::VcpuRegisters => "vcpuRegisters",
         }
     }
 }
@@ -246,7 +251,7 @@ pub fn parse_request(line: &[u8]) -> Result<Request, Response> {
 }
 
 /// The operations [`parse_op`] knows.
-pub const KNOWN_OPS: [&str; 10] = [
+pub const KNOWN_OPS: [&str; 11] = [
     "status",
     "retune",
     "pause",
@@ -257,6 +262,7 @@ pub const KNOWN_OPS: [&str; 10] = [
     "migrateStatus",
     "migrateCancel",
     "migrateResolve",
+    "vcpuRegisters",
 ];
 
 /// Builds an [`Op`] from its name and `args`. (Arguments are decoded from a
@@ -287,6 +293,7 @@ pub fn parse_op(op: &str, args: Option<serde_json::Value>) -> Result<Op, (ErrorC
         "migrateStatus" => Op::MigrateStatus,
         "migrateCancel" => Op::MigrateCancel,
         "migrateResolve" => Op::MigrateResolve(decode(op, args)?),
+        "vcpuRegisters" => Op::VcpuRegisters,
         other => {
             return Err((
                 ErrorCode::UnknownOp,

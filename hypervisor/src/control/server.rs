@@ -124,6 +124,9 @@ fn handle(vmm: &Arc<Vmm>, request: Request) -> Response {
         Op::MigrateStatus => Ok(vmm.migration().status_json()),
         Op::MigrateCancel => crate::migration::send::cancel(vmm),
         Op::MigrateResolve(args) => crate::migration::send::resolve(vmm, args),
+        Op::VcpuRegisters => vmm
+            .vcpu_registers()
+            .map(|regs| serde_json::to_value(regs).unwrap_or_default()),
         Op::Shutdown(args) => {
             vmm.request_shutdown(args.timeout_ms, "shutdown requested on the control socket");
             Ok(serde_json::json!({"state": "stopping"}))

@@ -41,6 +41,36 @@ pub enum VcpuError {
     /// The kick signal handler could not be installed.
     #[error("Cannot install the vCPU kick signal handler: {0}")]
     SignalHandler(vmm_sys_util::errno::Error),
+    /// KVM_GET_REGS or KVM_GET_SREGS failed.
+    #[error("Cannot read the registers of vCPU {0}: {1}")]
+    GetRegisters(u32, kvm_ioctls::Error),
+}
+
+/// Where a vCPU is and in which mode, from KVM_GET_REGS and KVM_GET_SREGS: enough to
+/// tell that a guest runs its own code (`rip`) and is still in long mode (`efer`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VcpuRegisters {
+    /// vCPU index.
+    pub index: u32,
+    /// Instruction pointer.
+    pub rip: u64,
+    /// Stack pointer.
+    pub rsp: u64,
+    /// Flags.
+    pub rflags: u64,
+    /// Code segment selector.
+    pub cs: u16,
+    /// CR0 (PE, PG).
+    pub cr0: u64,
+    /// CR2, the last page-fault address.
+    pub cr2: u64,
+    /// CR3, the page-table root.
+    pub cr3: u64,
+    /// CR4 (PAE, LA57).
+    pub cr4: u64,
+    /// EFER (LME, LMA).
+    pub efer: u64,
 }
 
 /// What a vCPU is doing.
@@ -190,6 +220,30 @@ impl VcpuHandle {
     /// runs waits until the thread leaves KVM_RUN; pause first.
     pub fn fd(&self) -> MutexGuard<'_, VcpuFd> {
         self.fd.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reads [`VcpuRegisters`]. Call it only on a quiescent vCPU: a running one holds
+    /// its fd until it leaves KVM_RUN.
+    ///
+    /// # Errors
+    /// [`VcpuError::GetRegisters`].
+    pub fn registers(&self) -> Result<VcpuRegisters, VcpuError> {
+        let fd = self.fd();
+        let err = |e| VcpuError::GetRegisters(self.index, e);
+        let regs = fd.get_regs().map_err(err)?;
+        let sregs = fd.get_sregs().map_err(err)?;
+        Ok(VcpuRegisters {
+            index: self.index,
+            rip: regs.rip,
+            rsp: regs.rsp,
+            rflags: regs.rflags,
+            cs: sregs.cs.selector,
+            cr0: sregs.cr0,
+            cr2: sregs.cr2,
+            cr3: sregs.cr3,
+            cr4: sregs.cr4,
+            efer: sregs.efer,
+        })
     }
 
     /// The thread id, once started.
