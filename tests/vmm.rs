@@ -818,3 +818,39 @@ fn linux_vmlinux_prints_its_boot_log() {
         regs.cr3
     );
 }
+
+#[test]
+fn one_gib_hugepage_backs_a_guest_and_comes_back() {
+    berth_tests::require_root_and_kvm();
+    // A 1 GiB page needs 1 GiB of contiguous free memory; compacting first makes that
+    // likely on a machine that is not short of memory.
+    let _ = std::fs::write("/proc/sys/vm/compact_memory", "1");
+    let pool = HugePagePool::new(PageSize::Huge1G);
+    // Restored on drop, also when the test fails.
+    let reservation = PoolReservation::grow(pool.clone(), 1).unwrap();
+    assert_eq!(
+        reservation.added(),
+        1,
+        "the kernel found no contiguous GiB for the 1 GiB pool"
+    );
+    let before = pool.stats().unwrap();
+    let name = unique("hb-1g");
+    let text = spec(
+        &name,
+        "{vcpus: 1}",
+        "{size: 1GiB, hugepages: {pageSize: 1GiB}}",
+        &heartbeat(100, 10, 1),
+    );
+    let mut vmm = Vmm::start(&name, &text).unwrap();
+    assert_eq!(before.free - pool.stats().unwrap().free, 1);
+    let status = vmm.status();
+    assert_eq!(status.memory.hugepages, 1);
+    assert_eq!(status.memory.backing, "hugetlb-1GiB");
+    wait_until("a heartbeat", Duration::from_secs(10), || {
+        vmm.console().contains("hb vcpu=0 n=10\n")
+    });
+    vmm.client().shutdown(Duration::from_secs(5)).unwrap();
+    assert_eq!(vmm.wait_exit(Duration::from_secs(10)), Some(0));
+    assert_eq!(pool.stats().unwrap().free, before.free);
+    drop(reservation);
+}
