@@ -1,7 +1,10 @@
-//! Live migration on loopback, berth-vmm beside QEMU, same memory size and content.
+//! Live migration on loopback, berth-vmm beside QEMU 7.2, in one run.
 //!
-//! `migrate-bench [--runs N] [--connections N] [--qemu-default-bandwidth]`, as root with /dev/kvm and
-//! `qemu-system-x86_64` on the PATH. Two cases:
+//! `migrate-bench [--scenario copy|dirtying|all] [--runs N] [--connections N]
+//! [--qemu-default-bandwidth] [--deadline-secs N] [--converge-limit-secs N]
+//! [--dirty-cap-mib N]`, as root with /dev/kvm and `qemu-system-x86_64` on the PATH.
+//!
+//! Scenario `copy` (medians of `--runs`), same memory size and content on both sides:
 //! - `random`: a 256 MiB guest holding 200 MiB of random data (at 8 MiB);
 //! - `zero`: a mostly-zero 1 GiB guest.
 //!
@@ -13,15 +16,26 @@
 //!
 //! QEMU: `-machine pc -cpu kvm64`, the random data through `-device loader`, the
 //! destination with `-incoming`, `migrate-set-parameters downtime-limit=30` (and
-//! max-bandwidth raised to 100 GiB/s so its default cap does not decide), times from
-//! `query-migrate`.
+//! max-bandwidth raised to 100 GiB/s so its default cap does not decide, unless
+//! `--qemu-default-bandwidth`), times from `query-migrate`.
 //!
-//! Prints a markdown table of medians.
+//! Scenario `dirtying` (once): a guest dirtying memory faster than the link, 30 ms
+//! downtime limit, with and without auto-converge; see `migrate-bench/dirtying.rs`.
+//!
+//! Prints markdown tables. Every process it starts is killed by its pid, and every file
+//! it writes is in one temporary directory, removed at the end, also on failure.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+#[path = "migrate-bench/dirty_guest.rs"]
+mod dirty_guest;
+#[path = "migrate-bench/dirtying.rs"]
+mod dirtying;
+#[path = "migrate-bench/incoming.rs"]
+mod incoming;
+#[path = "migrate-bench/qemu.rs"]
+mod qemu;
+
+use std::ffi::OsString;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,7 +44,27 @@ use berth_hypervisor::migration::{self, MigrateArgs, MigrationPhase};
 use berth_hypervisor::{VmConfig, Vmm};
 use vm_memory::{Bytes as _, GuestAddress};
 
+use dirty_guest::Workload;
+use incoming::IncomingVmm;
+use qemu::{free_port, Qemu, Qmp};
+
 const RANDOM_AT: u64 = 8 << 20;
+
+const USAGE: &str = "usage: migrate-bench [--scenario copy|dirtying|all] [--runs N] \
+    [--connections N] [--qemu-default-bandwidth] [--deadline-secs N] \
+    [--converge-limit-secs N] [--dirty-cap-mib N]";
+
+const HELP: &str = "Migrates guests on loopback with berth-vmm and QEMU 7.2 side by side \
+    (root, /dev/kvm, qemu-system-x86_64 on the PATH) and prints markdown tables.
+  --scenario S             copy (random-data and mostly-zero guests), dirtying (a guest
+                           dirtying faster than the link, with and without auto-converge)
+                           or all (default)
+  --runs N                 copy: runs per case, medians printed (default 3)
+  --connections N          berth's TCP connections (default 2)
+  --qemu-default-bandwidth copy: leave QEMU's max-bandwidth at its default
+  --deadline-secs N        dirtying: give up runs without auto-converge after N s (20)
+  --converge-limit-secs N  dirtying: runs with auto-converge may take N s (120)
+  --dirty-cap-mib N        dirtying: the common bandwidth cap, MiB/s (4)";
 
 struct Case {
     name: &'static str,
@@ -45,28 +79,99 @@ struct Sample {
     bytes: u64,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scenario {
+    Copy,
+    Dirtying,
+    All,
+}
+
 fn main() -> anyhow::Result<()> {
+    let mut scenario = Scenario::All;
     let mut runs = 3usize;
     let mut connections = 2u32;
     let mut qemu_default_bandwidth = false;
+    let mut dirtying = dirtying::Settings {
+        // Faster than QEMU's default cap (128 MiB/s in 7.2): 156 MiB/s asked.
+        qemu_default_workload: Workload {
+            memory_mib: 256,
+            tick_hz: 1000,
+            pages_per_tick: 40,
+        },
+        // What one heartbeat vCPU sustains here with room to spare (it fills whole
+        // pages, at most about 12 MiB/s): 7.8 MiB/s asked of QEMU's guest, 9.4 MiB/s of
+        // the heartbeat, at least twice the default common cap.
+        workload: Workload {
+            memory_mib: 16,
+            tick_hz: 100,
+            pages_per_tick: 20,
+        },
+        berth_workload: Workload {
+            memory_mib: 16,
+            tick_hz: 100,
+            pages_per_tick: 24,
+        },
+        cap: 4 << 20,
+        deadline: Duration::from_secs(20),
+        converge_limit: Duration::from_secs(120),
+        connections,
+    };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
+        let mut value = |what: &str| args.next().with_context(|| format!("{arg} {what}"));
         match arg.as_str() {
-            "--runs" => runs = args.next().context("--runs N")?.parse()?,
-            "--connections" => connections = args.next().context("--connections N")?.parse()?,
+            "--scenario" => {
+                scenario = match value("copy|dirtying|all")?.as_str() {
+                    "copy" => Scenario::Copy,
+                    "dirtying" => Scenario::Dirtying,
+                    "all" => Scenario::All,
+                    other => bail!("unknown scenario {other} ({USAGE})"),
+                }
+            }
+            "--runs" => runs = value("N")?.parse()?,
+            "--connections" => connections = value("N")?.parse()?,
             "--qemu-default-bandwidth" => qemu_default_bandwidth = true,
-            other => bail!(
-                "unknown argument {other} (usage: migrate-bench [--runs N] [--connections N] \
-                 [--qemu-default-bandwidth])"
-            ),
+            "--deadline-secs" => dirtying.deadline = Duration::from_secs(value("N")?.parse()?),
+            "--converge-limit-secs" => {
+                dirtying.converge_limit = Duration::from_secs(value("N")?.parse()?)
+            }
+            "--dirty-cap-mib" => dirtying.cap = value("N")?.parse::<u64>()? << 20,
+            "-h" | "--help" => {
+                println!("{USAGE}\n\n{HELP}");
+                return Ok(());
+            }
+            other => bail!("unknown argument {other} ({USAGE})"),
         }
     }
+    dirtying.connections = connections;
     let vmm_bin = std::env::current_exe()?
         .parent()
         .context("binary directory")?
         .join("berth-vmm");
     let work = tempfile::tempdir()?;
-    let random = work.path().join("random.bin");
+    if scenario != Scenario::Dirtying {
+        copy_cases(
+            &vmm_bin,
+            work.path(),
+            runs,
+            connections,
+            qemu_default_bandwidth,
+        )?;
+    }
+    if scenario != Scenario::Copy {
+        dirtying::run(&vmm_bin, work.path(), &dirtying)?;
+    }
+    Ok(())
+}
+
+fn copy_cases(
+    vmm_bin: &Path,
+    work: &Path,
+    runs: usize,
+    connections: u32,
+    qemu_default_bandwidth: bool,
+) -> anyhow::Result<()> {
+    let random = work.join("random.bin");
     let mut data = vec![0u8; 200 << 20];
     getrandom::fill(&mut data).map_err(|e| anyhow::anyhow!("getrandom: {e}"))?;
     std::fs::write(&random, &data)?;
@@ -90,11 +195,11 @@ fn main() -> anyhow::Result<()> {
         let mut qemu = Vec::new();
         for run in 0..runs {
             berth.push(
-                berth_run(&vmm_bin, work.path(), case, &data, connections, run)
+                berth_run(vmm_bin, work, case, &data, connections, run)
                     .with_context(|| format!("berth, {}", case.name))?,
             );
             qemu.push(
-                qemu_run(work.path(), case, &random, run, qemu_default_bandwidth)
+                qemu_run(work, case, &random, run, qemu_default_bandwidth)
                     .with_context(|| format!("QEMU, {}", case.name))?,
             );
         }
@@ -169,23 +274,7 @@ fn berth_run(
     let spec_path = root.join("spec.yaml");
     std::fs::write(&spec_path, &text)?;
     // The destination process.
-    let mut dest = Command::new(vmm_bin)
-        .args(["run", "--spec"])
-        .arg(&spec_path)
-        .arg("--state-dir")
-        .arg(&root)
-        .args(["--incoming", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()?;
-    let mut line = String::new();
-    BufReader::new(dest.stdout.take().context("stdout")?).read_line(&mut line)?;
-    let words: Vec<&str> = line.split_whitespace().collect();
-    let ["ready", socket, "incoming", addr, token] = words.as_slice() else {
-        let _ = dest.kill();
-        bail!("the incoming VMM said {line:?}");
-    };
-    let socket = PathBuf::from(socket);
+    let mut dest = IncomingVmm::spawn(vmm_bin, &spec_path, &root, &name)?;
     // The source: this process.
     let guest: berth_schema::Guest = serde_yaml::from_str(&text)?;
     let config = VmConfig::from_guest(&guest)?;
@@ -204,12 +293,12 @@ fn berth_run(
     vmm.start()?;
     std::thread::sleep(Duration::from_millis(200));
     let args = MigrateArgs {
-        destination: addr.to_string(),
-        token: token.to_string(),
+        destination: dest.address.clone(),
+        token: dest.token.clone(),
         policy: serde_json::from_str(r#"{"maxDowntime":"30ms"}"#)?,
         connections: Some(connections),
     };
-    let cpu_before = (cpu_ms(std::process::id()), cpu_ms(dest.id()));
+    let cpu_before = (cpu_ms(std::process::id()), cpu_ms(dest.pid()));
     let t = Instant::now();
     migration::send::start(&vmm, args).map_err(|e| anyhow::anyhow!("{e}"))?;
     let status = loop {
@@ -227,10 +316,9 @@ fn berth_run(
         "berth: {:.0} ms; CPU ms source {:.0}, destination {:.0}",
         total.as_secs_f64() * 1000.0,
         cpu_ms(std::process::id()) - cpu_before.0,
-        cpu_ms(dest.id()) - cpu_before.1
+        cpu_ms(dest.pid()) - cpu_before.1
     );
     if status.phase != MigrationPhase::Completed {
-        let _ = dest.kill();
         bail!("the migration ended {:?}: {:?}", status.phase, status.error);
     }
     vmm.stop_vcpus(Duration::from_secs(2));
@@ -243,12 +331,12 @@ fn berth_run(
     let socket = if final_socket.exists() {
         final_socket
     } else {
-        socket
+        dest.socket.clone()
     };
     let mut client = berth_hypervisor::control::Client::connect(&socket)?;
     let running = client.status()?.state;
     client.shutdown(Duration::from_secs(10))?;
-    let _ = dest.wait();
+    dest.wait_exit(Duration::from_secs(10))?;
     anyhow::ensure!(
         running == berth_hypervisor::control::GuestRunState::Running,
         "the destination guest is {running:?}"
@@ -258,105 +346,6 @@ fn berth_run(
         downtime_ms: status.downtime_ms.unwrap_or(f64::NAN),
         bytes: status.bytes_sent,
     })
-}
-
-struct Qemu {
-    child: Child,
-}
-
-impl Drop for Qemu {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn qemu(
-    work: &Path,
-    case: &Case,
-    random: &Path,
-    qmp: &Path,
-    incoming: Option<u16>,
-) -> anyhow::Result<Qemu> {
-    let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-machine", "pc,accel=kvm", "-cpu", "kvm64", "-m"])
-        .arg(format!("{}M", case.memory_mib))
-        .args([
-            "-nographic",
-            "-nodefaults",
-            "-no-user-config",
-            "-serial",
-            "none",
-        ])
-        .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", qmp.display()));
-    if case.random_mib > 0 {
-        cmd.arg("-device").arg(format!(
-            "loader,file={},addr={RANDOM_AT:#x},force-raw=on",
-            random.display()
-        ));
-    }
-    if let Some(port) = incoming {
-        cmd.arg("-incoming").arg(format!("tcp:127.0.0.1:{port}"));
-    }
-    let child = cmd
-        .current_dir(work)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("starting qemu-system-x86_64")?;
-    Ok(Qemu { child })
-}
-
-struct Qmp {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-}
-
-impl Qmp {
-    fn connect(path: &Path) -> anyhow::Result<Qmp> {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let stream = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
-                Err(e) => return Err(e).context("QMP socket"),
-            }
-        };
-        let mut q = Qmp {
-            reader: BufReader::new(stream.try_clone()?),
-            writer: stream,
-        };
-        let mut greeting = String::new();
-        q.reader.read_line(&mut greeting)?;
-        q.call(r#"{"execute":"qmp_capabilities"}"#)?;
-        Ok(q)
-    }
-
-    fn call(&mut self, cmd: &str) -> anyhow::Result<serde_json::Value> {
-        self.writer.write_all(cmd.as_bytes())?;
-        self.writer.write_all(b"\n")?;
-        loop {
-            let mut line = String::new();
-            if self.reader.read_line(&mut line)? == 0 {
-                bail!("QMP closed");
-            }
-            let v: serde_json::Value = serde_json::from_str(&line)?;
-            if let Some(e) = v.get("error") {
-                bail!("QMP {cmd}: {e}");
-            }
-            if let Some(r) = v.get("return") {
-                return Ok(r.clone());
-            }
-        }
-    }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 fn qemu_run(
@@ -369,8 +358,20 @@ fn qemu_run(
     let src_qmp = work.join(format!("qemu-src-{}-{run}.qmp", case.memory_mib));
     let dst_qmp = work.join(format!("qemu-dst-{}-{run}.qmp", case.memory_mib));
     let port = free_port()?;
-    let _src = qemu(work, case, random, &src_qmp, None)?;
-    let _dst = qemu(work, case, random, &dst_qmp, Some(port))?;
+    let loader: Vec<OsString> = if case.random_mib > 0 {
+        vec![
+            "-device".into(),
+            format!(
+                "loader,file={},addr={RANDOM_AT:#x},force-raw=on",
+                random.display()
+            )
+            .into(),
+        ]
+    } else {
+        Vec::new()
+    };
+    let _src = Qemu::spawn(work, case.memory_mib, &src_qmp, &loader, None)?;
+    let _dst = Qemu::spawn(work, case.memory_mib, &dst_qmp, &loader, Some(port))?;
     let mut src = Qmp::connect(&src_qmp)?;
     let _dst_qmp = Qmp::connect(&dst_qmp)?;
     std::thread::sleep(Duration::from_millis(500));
