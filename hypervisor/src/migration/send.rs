@@ -14,7 +14,7 @@
 
 use std::io::Write as _;
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs as _};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -299,16 +299,35 @@ struct Counters {
     zero: AtomicU64,
 }
 
-/// A transfer cap shared by the workers.
+/// A transfer cap shared by the workers. It holds during pre-copy only: once the guest
+/// is paused for the switchover, what is left goes at the link's speed (as QEMU does),
+/// since every millisecond then is downtime.
 #[derive(Debug)]
 struct RateLimiter {
     rate: Option<f64>,
     next: Mutex<Instant>,
+    lifted: AtomicBool,
 }
 
 impl RateLimiter {
+    fn new(rate: Option<u64>) -> Self {
+        RateLimiter {
+            rate: rate.map(|b| b as f64),
+            next: Mutex::new(Instant::now()),
+            lifted: AtomicBool::new(false),
+        }
+    }
+
+    /// Ends the cap for the rest of the migration.
+    fn lift(&self) {
+        self.lifted.store(true, Ordering::SeqCst);
+    }
+
     fn take(&self, bytes: usize) {
         let Some(rate) = self.rate else { return };
+        if self.lifted.load(Ordering::SeqCst) {
+            return;
+        }
         let wait = {
             let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
             let now = Instant::now();
@@ -347,6 +366,7 @@ struct Session<'a> {
     events: Receiver<Event>,
     replies: Receiver<Reply>,
     counters: &'a Counters,
+    limiter: &'a RateLimiter,
     started: Instant,
     /// The last pass the destination acknowledged as applied.
     acked: std::cell::Cell<u32>,
@@ -543,10 +563,7 @@ fn migrate(
     };
     let shared = Shared {
         counters: Counters::default(),
-        limiter: RateLimiter {
-            rate: policy.bandwidth.map(|b| b as f64),
-            next: Mutex::new(Instant::now()),
-        },
+        limiter: RateLimiter::new(policy.bandwidth),
     };
     let result = std::thread::scope(|scope| {
         let result = run_session(
@@ -698,6 +715,7 @@ fn run_session<'scope, 'env>(
         events,
         replies,
         counters: &shared.counters,
+        limiter: &shared.limiter,
         started,
         acked: std::cell::Cell::new(0),
     };
@@ -828,6 +846,7 @@ fn precopy_and_switch(
                 if !was_paused {
                     vmm.pause().map_err(SendError::Pause)?;
                 }
+                s.limiter.lift();
                 migration.status().phase = MigrationPhase::Switchover;
                 s.ram.collect_dirty(&mut dirty.borrow_mut())?;
                 break paused_at;
