@@ -1037,3 +1037,32 @@ fn worker(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cap_holds_until_lifted() {
+        // 64 KiB/s: each 16 KiB take waits 250 ms once the first one is spent.
+        let limiter = RateLimiter::new(Some(64 << 10));
+        let t = Instant::now();
+        limiter.take(16 << 10);
+        limiter.take(16 << 10);
+        assert!(
+            t.elapsed() >= Duration::from_millis(200),
+            "{:?}",
+            t.elapsed()
+        );
+        limiter.lift();
+        let t = Instant::now();
+        for _ in 0..100 {
+            limiter.take(16 << 10);
+        }
+        assert!(
+            t.elapsed() < Duration::from_millis(200),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+}
