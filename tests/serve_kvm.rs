@@ -783,20 +783,27 @@ fn wait_moved(fleet: &Fleet, name: &str, from: usize, to: usize, timeout: Durati
     vmm_pid(&fleet.hosts[to], name).expect("moved")
 }
 
+/// Commits guest `name` on kvm01 (vCPU 0 on CPU 0, fast heartbeat), starts both hosts'
+/// services and waits for its VMM and five heartbeats; returns the VMM's pid.
+fn guest_beating_on_kvm01(fleet: &mut Fleet, name: &str) -> i32 {
+    fleet.commit(&guest_yaml(name, "kvm01", "0", FAST, 2), "guest on kvm01");
+    fleet.start(0);
+    fleet.start(1);
+    wait_until("the guest on kvm01", Duration::from_secs(20), || {
+        vmm_pid(&fleet.hosts[0], name).is_some()
+    });
+    let pid = vmm_pid(&fleet.hosts[0], name).expect("running");
+    wait_until("heartbeats", Duration::from_secs(10), || {
+        heartbeats(&console_logs(&fleet.hosts[0], name)).len() >= 5
+    });
+    pid
+}
+
 #[test]
 fn placement_change_migrates_live_between_namespaces() {
     let mut fleet = Fleet::new();
     let name = fleet.guest_name("kvm-move");
-    fleet.commit(&guest_yaml(&name, "kvm01", "0", FAST, 2), "guest on kvm01");
-    fleet.start(0);
-    fleet.start(1);
-    wait_until("the guest on kvm01", Duration::from_secs(20), || {
-        vmm_pid(&fleet.hosts[0], &name).is_some()
-    });
-    let source_pid = vmm_pid(&fleet.hosts[0], &name).expect("running");
-    wait_until("heartbeats", Duration::from_secs(10), || {
-        heartbeats(&console_logs(&fleet.hosts[0], &name)).len() >= 5
-    });
+    let source_pid = guest_beating_on_kvm01(&mut fleet, &name);
     // kvm02 does not start a guest placed on kvm01.
     assert!(vmm_pid(&fleet.hosts[1], &name).is_none());
 
@@ -1060,16 +1067,7 @@ fn kill_the_source_in_an_unknown_switchover(lost: Lost) -> (Fleet, String, i32, 
         Lost::Commit => "kvm-nocommit",
         Lost::Running => "kvm-norunning",
     });
-    fleet.commit(&guest_yaml(&name, "kvm01", "0", FAST, 2), "guest on kvm01");
-    fleet.start(0);
-    fleet.start(1);
-    wait_until("the guest on kvm01", Duration::from_secs(20), || {
-        vmm_pid(&fleet.hosts[0], &name).is_some()
-    });
-    let source_pid = vmm_pid(&fleet.hosts[0], &name).expect("running");
-    wait_until("heartbeats", Duration::from_secs(10), || {
-        heartbeats(&console_logs(&fleet.hosts[0], &name)).len() >= 5
-    });
+    let source_pid = guest_beating_on_kvm01(&mut fleet, &name);
     const LOST_FRAME: u32 = 10;
     const NO_API: u32 = 11;
     match lost {

@@ -253,6 +253,23 @@ fn median(samples: &[Sample]) -> Sample {
     }
 }
 
+/// The source VMM of a run, in this process: built from the Guest manifest `text`, its
+/// payload loaded, not started; the console goes to `root/source-console.log`.
+fn source_vmm(text: &str, root: &Path) -> anyhow::Result<Arc<Vmm>> {
+    let guest: berth_schema::Guest = serde_yaml::from_str(text)?;
+    let config = VmConfig::from_guest(&guest)?;
+    // Nothing reads the VMM's events in a bench run.
+    let (events, _inbox) = std::sync::mpsc::channel();
+    let vmm = Arc::new(Vmm::create(
+        config,
+        &root.join("source-console.log"),
+        events,
+        Instant::now(),
+    )?);
+    vmm.load_payload()?;
+    Ok(vmm)
+}
+
 fn guest_spec(name: &str, memory_mib: u64) -> String {
     format!(
         "apiVersion: berth.dev/v1\nkind: Guest\nmetadata: {{name: {name}}}\nspec:\n  host: bench\n  cpu: {{vcpus: 1}}\n  memory: {{size: {memory_mib}MiB}}\n  boot: {{kernel: builtin:heartbeat, heartbeat: {{tickHz: 100, ticksPerLine: 100, dirtyPagesPerTick: 0}}}}\n"
@@ -276,16 +293,7 @@ fn berth_run(
     // The destination process.
     let mut dest = IncomingVmm::spawn(vmm_bin, &spec_path, &root, &name)?;
     // The source: this process.
-    let guest: berth_schema::Guest = serde_yaml::from_str(&text)?;
-    let config = VmConfig::from_guest(&guest)?;
-    let (events, _inbox) = std::sync::mpsc::channel();
-    let vmm = Arc::new(Vmm::create(
-        config,
-        &root.join("source-console.log"),
-        events,
-        Instant::now(),
-    )?);
-    vmm.load_payload()?;
+    let vmm = source_vmm(&text, &root)?;
     let random = &data[..(case.random_mib << 20) as usize];
     vmm.vm()
         .memory()

@@ -43,7 +43,7 @@ use anyhow::{bail, ensure, Context};
 use berth_hypervisor::control::{Client, GuestRunState};
 use berth_hypervisor::migration::{self, MigrateArgs, MigrationPhase, MigrationStatus};
 use berth_hypervisor::vmm::Payload;
-use berth_hypervisor::{VmConfig, Vmm};
+use berth_hypervisor::Vmm;
 use berth_schema::Bandwidth;
 
 use crate::dirty_guest::{self, Counters, Workload};
@@ -490,16 +490,7 @@ fn berth_runs(
     let text = spec_text(&name, &w);
     let spec_path = root.join("spec.yaml");
     std::fs::write(&spec_path, &text)?;
-    let guest: berth_schema::Guest = serde_yaml::from_str(&text)?;
-    let config = VmConfig::from_guest(&guest)?;
-    let (events, _inbox) = std::sync::mpsc::channel();
-    let vmm = Arc::new(Vmm::create(
-        config,
-        &root.join("source-console.log"),
-        events,
-        Instant::now(),
-    )?);
-    vmm.load_payload()?;
+    let vmm = crate::source_vmm(&text, &root)?;
     vmm.start()?;
     // A full lap, so that no page of the working set is zero (as in the QEMU guest).
     wait_for(
