@@ -684,7 +684,8 @@ fn boot_linux_until(
     berth_tests::require_root_and_kvm();
     let name = unique("linux");
     let boot = format!("{{kernel: \"{kernel}\", cmdline: \"{LINUX_CMDLINE}\"}}");
-    let text = spec(&name, "{vcpus: 1}", "{size: 256MiB}", &boot);
+    // Two vCPUs: the second must wait for the kernel to start it (INIT/SIPI).
+    let text = spec(&name, "{vcpus: 2}", "{size: 256MiB}", &boot);
     let vmm = Vmm::start(&name, &text).unwrap();
     let started = Instant::now();
     let mut c = vmm.client();
@@ -709,7 +710,14 @@ fn boot_linux_until(
     let elapsed = started.elapsed();
     let status = c.pause().unwrap();
     assert_eq!(status.state, GuestRunState::Paused, "{status:?}");
-    let regs = c.vcpu_registers().unwrap()[0];
+    let all = c.vcpu_registers().unwrap();
+    let (regs, ap) = (all[0], all[1]);
+    // The application processor has not run: still at the reset vector.
+    assert_eq!(
+        (ap.cs, ap.rip),
+        (0xf000, 0xfff0),
+        "vCPU 1 ran before the kernel started it: {ap:x?}"
+    );
     let console = vmm.console();
     eprintln!(
         "{milestone} after {elapsed:.1?}; {} console bytes; ignored accesses {:?}; vCPU 0 at \

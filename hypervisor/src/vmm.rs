@@ -443,11 +443,13 @@ impl Vmm {
                 let entry = payload::linux::load(mem, kernel, initrd.as_deref(), cmdline)?;
                 mptable::write(mem, config.max_vcpus)?;
                 for vcpu in &self.vcpus {
-                    let i = vcpu.index();
-                    if i == 0 {
+                    if vcpu.index() == 0 {
                         regs::setup_long_mode(&vcpu.fd(), entry.rip, entry.rsp, None, |r| {
                             r.rsi = entry.rsi;
                         })?;
+                    } else {
+                        // The kernel starts its other CPUs itself.
+                        vcpu.wait_for_startup_ipi()?;
                     }
                 }
                 Payload::Linux

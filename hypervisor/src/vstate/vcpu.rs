@@ -11,7 +11,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_mp_state, kvm_run, CpuId, KVM_MP_STATE_RUNNABLE};
+use kvm_bindings::{
+    kvm_mp_state, kvm_run, CpuId, KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZED,
+};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use serde::{Deserialize, Serialize};
 
@@ -190,8 +192,9 @@ impl VcpuHandle {
         lapic::set_lint(&mut lapic_state);
         fd.set_lapic(&lapic_state)
             .map_err(|e| VcpuError::Lapic(index, e))?;
-        // Application processors start waiting for INIT/SIPI; every berth payload starts
-        // all its vCPUs directly at their entry point.
+        // KVM makes application processors wait for INIT/SIPI; the built-in payloads
+        // start every vCPU directly at its entry point (a Linux guest's wait again, see
+        // `wait_for_startup_ipi`).
         fd.set_mp_state(kvm_mp_state {
             mp_state: KVM_MP_STATE_RUNNABLE,
         })
@@ -209,6 +212,20 @@ impl VcpuHandle {
             tid: AtomicI32::new(0),
             thread: Mutex::new(None),
         })
+    }
+
+    /// Makes this vCPU wait for INIT and SIPI from another vCPU, as an application
+    /// processor does on a PC: a Linux guest starts its other CPUs itself (through the
+    /// MP table), and a vCPU left runnable would run from the reset vector instead.
+    ///
+    /// # Errors
+    /// [`VcpuError::SetMpState`].
+    pub fn wait_for_startup_ipi(&self) -> Result<(), VcpuError> {
+        self.fd()
+            .set_mp_state(kvm_mp_state {
+                mp_state: KVM_MP_STATE_UNINITIALIZED,
+            })
+            .map_err(|e| VcpuError::SetMpState(self.index, e))
     }
 
     /// The vCPU index (also its APIC ID).
