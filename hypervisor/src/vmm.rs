@@ -417,14 +417,7 @@ impl Vmm {
             BootConfig::Heartbeat(spec) => {
                 let layout = heartbeat::load(mem, spec, config.max_vcpus)?;
                 for vcpu in &self.vcpus {
-                    let i = vcpu.index();
-                    regs::setup_long_mode(
-                        &vcpu.fd(),
-                        layout.entry,
-                        layout.stack_top(i),
-                        Some(layout.idt()),
-                        heartbeat::vcpu_regs(&layout, i),
-                    )?;
+                    heartbeat::boot_vcpu(&vcpu.fd(), &layout, vcpu.index())?;
                 }
                 Payload::Heartbeat(layout)
             }

@@ -328,7 +328,7 @@ pub fn boot_vcpu(
 }
 
 /// The initial registers of vCPU `index`: r15 holds its record.
-pub fn vcpu_regs(layout: &Layout, index: u32) -> impl FnOnce(&mut kvm_bindings::kvm_regs) {
+fn vcpu_regs(layout: &Layout, index: u32) -> impl FnOnce(&mut kvm_bindings::kvm_regs) {
     let record = layout.record_addr(index);
     move |regs| regs.r15 = record
 }
