@@ -24,8 +24,10 @@ pub const THROTTLE_MAX: u8 = 99;
 pub const SAMPLE_PERIOD: Duration = Duration::from_millis(250);
 /// What switching over costs besides the pages (pausing the vCPUs, state save, transfer,
 /// restore, two round trips), counted into the estimated downtime. Measured here: 1.3 to
-/// 1.4 ms for an idle guest on a quiet machine, 6 to 9 ms for a throttled guest that
-/// dirties memory, on a loaded one; this budgets for the latter.
+/// 1.4 ms for an idle guest on a quiet machine; 6 to 9 ms for a throttled guest that
+/// dirties memory, on a loaded machine, when the last pass still went through the
+/// bandwidth cap. After the cap was lifted for the paused phase such a guest's whole
+/// downtime was 3.9 and 8.8 ms (BENCHMARKS.md); 5 ms sits between the two cases.
 pub const SWITCHOVER_OVERHEAD: Duration = Duration::from_millis(5);
 
 /// The settings of one migration, validated.

@@ -424,7 +424,7 @@ fn apply(
 /// source ran or this VMM's spec asks for, whichever is more (a decrease would need a
 /// hot-remove), and the rest are hot-added later like on any guest. A Linux guest
 /// brings CPUs up itself from its MP table, which lists only the source's: its extra
-/// vCPUs stay in reserve and it runs what the source ran.
+/// vCPUs wait for a startup IPI (in reserve) and it runs what the source ran.
 fn load(vmm: &Vmm, config: &SourceConfig, state: &MachineState) -> Result<(), ReceiveError> {
     let vcpus = vmm.vcpus();
     if state.vcpus.len() > vcpus.len() {
@@ -468,6 +468,12 @@ fn load(vmm: &Vmm, config: &SourceConfig, state: &MachineState) -> Result<(), Re
             state.online.max(vmm.config().vcpus)
         }
         None => {
+            // Not started by the MP table the kernel read: they wait for an INIT/SIPI
+            // that never comes, also if one is hot-added later.
+            for v in &vcpus[state.vcpus.len()..] {
+                v.wait_for_startup_ipi()
+                    .map_err(|e| ReceiveError::AddVcpus(e.into()))?;
+            }
             vmm.set_payload(Payload::Linux);
             state.online
         }

@@ -160,10 +160,19 @@ pub fn start(vmm: &Arc<Vmm>, args: MigrateArgs) -> Result<serde_json::Value, Vmm
     let migration = vmm.migration();
     {
         let mut st = migration.status();
-        // A guest that arrived here by a completed migration moves on like any other.
-        let arrived =
+        // A guest that arrived here by a completed migration moves on like any other,
+        // once it has taken over its directory and cgroup (`relocation` says how that
+        // ended; the status is reset below, so the handover must not be under way).
+        let incoming =
             st.phase == MigrationPhase::Completed && st.role.as_deref() == Some("incoming");
-        if !arrived
+        if incoming && st.relocation.is_none() {
+            return Err(VmmError::Refused(
+                "the guest arrived by migration and is still taking over its directory and \
+                 cgroup; try again in a moment"
+                    .into(),
+            ));
+        }
+        if !incoming
             && !matches!(
                 st.phase,
                 MigrationPhase::Idle | MigrationPhase::Failed | MigrationPhase::Cancelled

@@ -564,22 +564,20 @@ impl LocalDriver {
                             break Err(s.error.unwrap_or_else(|| format!("{:?}", s.phase)))
                         }
                         MigrationPhase::SwitchoverUnknown => {
-                            // The destination ran the guest if and only if it answers.
-                            let running = Client::connect(self.incoming_socket(name))
-                                .or_else(|_| Client::connect(self.socket(name)))
-                                .and_then(|mut c| c.status())
-                                .is_ok_and(|st| {
-                                    st.pid == dest_pid && st.state == GuestRunState::Running
-                                });
-                            let _ = source.call(Op::MigrateResolve(MigrateResolveArgs {
-                                destination_running: running,
-                            }));
-                            break if running {
-                                Ok(())
-                            } else {
-                                Err("the switchover was not confirmed; the guest stays in its old VMM"
-                                .to_owned())
-                            };
+                            // Ask the incoming VMM until it can tell: it either got Commit
+                            // and runs the guest, or gives up waiting for it and discards
+                            // its copy. Resolving before that could run the guest twice.
+                            if let Ok(running) = self.local_incoming_runs(name) {
+                                let _ = source.call(Op::MigrateResolve(MigrateResolveArgs {
+                                    destination_running: running,
+                                }));
+                                break if running {
+                                    Ok(())
+                                } else {
+                                    Err("the switchover was not confirmed; the guest stays in its old VMM"
+                                    .to_owned())
+                                };
+                            }
                         }
                         _ => {}
                     }

@@ -210,15 +210,15 @@ impl Resolver {
         };
         let mut changed = false;
         // Resolved meanwhile (by hand), or the VMM is gone: nothing to show any more.
-        let gone: Vec<(String, Unresolved)> = self
+        let gone: Vec<String> = self
             .store
             .lock()
-            .iter()
-            .filter(|(guest, _)| !found.iter().any(|s| &s.guest == *guest))
-            .map(|(g, u)| (g.clone(), u.clone()))
+            .keys()
+            .filter(|guest| !found.iter().any(|s| &s.guest == *guest))
+            .cloned()
             .collect();
-        for (guest, unresolved) in gone {
-            self.clear(&guest, &unresolved.peer);
+        for guest in gone {
+            self.clear(&guest);
             changed = true;
         }
         for switchover in found {
@@ -238,7 +238,7 @@ impl Resolver {
             match outcome {
                 Ok(resolved) => {
                     self.resolved(&switchover.guest, &peer, resolved);
-                    self.clear(&switchover.guest, &peer);
+                    self.clear(&switchover.guest);
                 }
                 Err(error) => self.failed(&switchover, &ask, peer, error),
             }
@@ -325,10 +325,11 @@ impl Resolver {
         self.metrics.switchover_resolved(outcome);
     }
 
-    fn clear(&mut self, guest: &str, peer: &str) {
+    fn clear(&mut self, guest: &str) {
         self.backoffs.succeeded(guest);
-        if self.store.lock().remove(guest).is_some() {
-            self.metrics.switchover_unknown(guest, peer, false);
+        // The series carries the peer it was set with.
+        if let Some(was) = self.store.lock().remove(guest) {
+            self.metrics.switchover_unknown(guest, &was.peer, false);
         }
     }
 
@@ -344,6 +345,10 @@ impl Resolver {
         let since = store
             .get(guest)
             .map_or_else(now_rfc3339, |u| u.since.clone());
+        if let Some(old) = store.get(guest).filter(|u| u.peer != peer) {
+            // A new peer label: the old series ends.
+            self.metrics.switchover_unknown(guest, &old.peer, false);
+        }
         store.insert(
             guest.clone(),
             Unresolved {
