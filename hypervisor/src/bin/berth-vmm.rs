@@ -180,7 +180,8 @@ fn serve(
         .spawn(move || CgroupState::prepare(&cgroup_config))
         .context("starting the cgroup thread")?;
     let (early_cgroup, cgroup_setup) = if config.memory.locked {
-        (Some(join_cgroup(cgroup_setup).and_then(join)), None)
+        // A cgroup that fails here fails the start before any memory is locked.
+        (Some(join_cgroup(cgroup_setup).and_then(join)?), None)
     } else {
         (None, Some(cgroup_setup))
     };
@@ -193,9 +194,9 @@ fn serve(
     );
     let cgroup = match (early_cgroup, cgroup_setup) {
         (Some(cgroup), _) => cgroup,
-        (None, Some(handle)) => join_cgroup(handle).and_then(join),
+        (None, Some(handle)) => join_cgroup(handle).and_then(join)?,
         (None, None) => unreachable!("the cgroup thread is joined exactly once"),
-    }?;
+    };
     if let Some(reason) = &cgroup.missing {
         eprintln!("berth-vmm: running without a cgroup: {reason}");
     }

@@ -180,16 +180,19 @@ impl LocalDriver {
             .flatten()
             .filter_map(Result::ok)
             .filter_map(|e| e.file_name().into_string().ok())
-            .filter_map(|n| n.strip_suffix(".json").map(str::to_owned))
-            .filter(|n| !followed.contains(n));
+            .filter_map(|n| n.strip_suffix(".json").map(str::to_owned));
         for guest in records {
-            let Some(record) = self.outgoing_record(&guest) else {
-                self.forget_outgoing(&guest);
+            // Held while deciding, so that a migration that begins meanwhile (its
+            // record written, its source not migrating yet) is not taken for ended.
+            let followed = self.followed();
+            if followed.contains(&guest) {
                 continue;
-            };
-            if self.migration_ended(&record) {
-                self.forget_outgoing(&guest);
             }
+            match self.outgoing_record(&guest) {
+                Some(record) if !self.migration_ended(&record) => {}
+                _ => self.forget_outgoing(&guest),
+            }
+            drop(followed);
         }
         out
     }
