@@ -333,7 +333,10 @@ fn two_pinned_vcpus_beat_repin_drift_pause_memtune_and_shut_down() {
     let ours = format!(":/berth/{name}");
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
         let tid = task.unwrap().file_name().to_string_lossy().into_owned();
-        let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/cgroup")).unwrap();
+        // A thread may end meanwhile (a control connection's).
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/cgroup")) else {
+            continue;
+        };
         for line in text.lines().filter(|l| {
             ["memory", "cpuset", "blkio"]
                 .iter()
