@@ -66,6 +66,20 @@ pub struct MemoryConfig {
     pub numa: Option<NumaSpec>,
 }
 
+#[cfg(test)]
+impl MemoryConfig {
+    /// Plain anonymous memory of `size` bytes: not locked, not shared, no NUMA policy.
+    pub(crate) fn anonymous(size: u64) -> Self {
+        MemoryConfig {
+            size,
+            backing: Backing::Anonymous,
+            locked: false,
+            share_pages: false,
+            numa: None,
+        }
+    }
+}
+
 /// What the guest boots.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BootConfig {

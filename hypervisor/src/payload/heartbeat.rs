@@ -29,7 +29,7 @@
 
 use berth_schema::HeartbeatSpec;
 use serde::{Deserialize, Serialize};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::heartbeat_layout::*;
 pub use super::heartbeat_layout::{
@@ -237,10 +237,6 @@ pub fn load(
 }
 
 /// The end of the first memory region: the data region ends there.
-fn low_end(mem: &GuestMemory) -> u64 {
-    mem.iter().next().map_or(0, |r| r.start_addr().0 + r.len())
-}
-
 /// Writes fresh records for vCPUs `layout.max_vcpus..max_vcpus`, splitting the data
 /// pages from `free` to the end of the first memory region evenly between them.
 fn add_records(
@@ -259,7 +255,7 @@ fn add_records(
             max: MAX_VCPUS,
         });
     }
-    let share = low_end(mem).saturating_sub(free) / 4096 / u64::from(added);
+    let share = crate::vstate::memory::low_end(mem).saturating_sub(free) / 4096 / u64::from(added);
     for (k, i) in (layout.max_vcpus..max_vcpus).enumerate() {
         let rec = layout.record_addr(i);
         let fields = [
@@ -426,17 +422,10 @@ pub fn load_triple_fault(mem: &GuestMemory) -> Result<u64, HeartbeatError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Backing, MemoryConfig};
+    use crate::config::MemoryConfig;
 
     fn memory(size: u64) -> GuestMemory {
-        crate::vstate::memory::create(&MemoryConfig {
-            size,
-            backing: Backing::Anonymous,
-            locked: false,
-            share_pages: false,
-            numa: None,
-        })
-        .unwrap()
+        crate::vstate::memory::create(&MemoryConfig::anonymous(size)).unwrap()
     }
 
     #[test]

@@ -118,7 +118,7 @@ pub fn load(
     };
     let mut file = open(kernel)?;
     let himem = Some(GuestAddress(HIMEM_START));
-    let low_end = mem.iter().next().map_or(0, |r| r.start_addr().0 + r.len());
+    let low_end = crate::vstate::memory::low_end(mem);
     let (result, rip) = match Elf::load(mem, None, &mut file, himem) {
         Ok(r) => {
             let rip = r.kernel_load.0;
@@ -242,17 +242,10 @@ fn load_initrd(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Backing, MemoryConfig};
+    use crate::config::MemoryConfig;
 
     fn memory(size: u64) -> GuestMemory {
-        crate::vstate::memory::create(&MemoryConfig {
-            size,
-            backing: Backing::Anonymous,
-            locked: false,
-            share_pages: false,
-            numa: None,
-        })
-        .unwrap()
+        crate::vstate::memory::create(&MemoryConfig::anonymous(size)).unwrap()
     }
 
     #[test]

@@ -211,6 +211,12 @@ fn apply_ksm(host: sys::HostRange, share: bool) -> Result<(), MemoryError> {
     }
 }
 
+/// Where the first (low) RAM region ends: the top of memory below the MMIO hole.
+pub fn low_end(mem: &GuestMemory) -> u64 {
+    use vm_memory::GuestMemoryBackend as _;
+    mem.iter().next().map_or(0, |r| r.start_addr().0 + r.len())
+}
+
 /// Total guest memory in bytes.
 pub fn total_size(mem: &GuestMemory) -> u64 {
     use vm_memory::GuestMemoryBackend as _;
@@ -304,13 +310,7 @@ mod tests {
     use vm_memory::{Bytes, GuestMemoryBackend as _};
 
     fn anon(size: u64) -> MemoryConfig {
-        MemoryConfig {
-            size,
-            backing: Backing::Anonymous,
-            locked: false,
-            share_pages: false,
-            numa: None,
-        }
+        MemoryConfig::anonymous(size)
     }
 
     #[test]

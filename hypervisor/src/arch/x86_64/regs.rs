@@ -144,14 +144,8 @@ mod tests {
 
     #[test]
     fn identity_map_covers_4_gib() {
-        let mem = crate::vstate::memory::create(&crate::config::MemoryConfig {
-            size: 4 << 20,
-            backing: crate::config::Backing::Anonymous,
-            locked: false,
-            share_pages: false,
-            numa: None,
-        })
-        .unwrap();
+        let mem = crate::vstate::memory::create(&crate::config::MemoryConfig::anonymous(4 << 20))
+            .unwrap();
         write_boot_tables(&mem).unwrap();
         let pde = |gib: u64, i: u64| -> u64 {
             mem.read_obj(GuestAddress(PD_ADDR + gib * 0x1000 + i * 8))
