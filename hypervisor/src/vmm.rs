@@ -813,6 +813,23 @@ impl Vmm {
         });
     }
 
+    /// Serves the VMM's events until a shutdown is asked for (or the channel closes),
+    /// then stops the vCPUs, waiting at most the shutdown's timeout. The caller then
+    /// releases the guest's files and cgroup.
+    pub fn run_until_shutdown(&self, inbox: &std::sync::mpsc::Receiver<VmmEvent>) {
+        let (timeout, reason) = loop {
+            match inbox.recv() {
+                Ok(VmmEvent::Vcpu(event)) => self.on_vcpu_event(&event),
+                Ok(VmmEvent::Shutdown { timeout, reason }) => break (timeout, reason),
+                Err(_) => break (Duration::from_secs(5), "event channel closed".into()),
+            }
+        };
+        eprintln!("berth-vmm: shutting down: {reason}");
+        if !self.stop_vcpus(timeout) {
+            eprintln!("berth-vmm: vCPUs did not stop within {timeout:?}; exiting anyway");
+        }
+    }
+
     /// Acts on a vCPU event: a crash or a halt stops the other vCPUs.
     pub fn on_vcpu_event(&self, event: &VcpuEvent) {
         {

@@ -224,18 +224,7 @@ fn serve(
         let _ = out.flush();
     }
 
-    let (timeout, reason) = loop {
-        match inbox.recv() {
-            Ok(VmmEvent::Vcpu(event)) => vmm.on_vcpu_event(&event),
-            Ok(VmmEvent::Shutdown { timeout, reason }) => break (timeout, reason),
-            Err(_) => break (Duration::from_secs(5), "event channel closed".into()),
-        }
-    };
-    eprintln!("berth-vmm: shutting down: {reason}");
-    let graceful = vmm.stop_vcpus(timeout);
-    if !graceful {
-        eprintln!("berth-vmm: vCPUs did not stop within {timeout:?}; exiting anyway");
-    }
+    vmm.run_until_shutdown(&inbox);
     // The socket goes first: a client waiting on it sees the VMM gone as soon as the
     // guest's resources are released.
     std::fs::remove_file(state.socket_path()).ok();

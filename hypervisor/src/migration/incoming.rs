@@ -130,17 +130,7 @@ pub fn run(
             eprintln!("berth-vmm: cannot start the handover thread: {e}");
         }
     }
-    let (timeout, reason) = loop {
-        match inbox.recv() {
-            Ok(VmmEvent::Vcpu(event)) => vmm.on_vcpu_event(&event),
-            Ok(VmmEvent::Shutdown { timeout, reason }) => break (timeout, reason),
-            Err(_) => break (Duration::from_secs(5), "event channel closed".into()),
-        }
-    };
-    eprintln!("berth-vmm: shutting down: {reason}");
-    if !vmm.stop_vcpus(timeout) {
-        eprintln!("berth-vmm: vCPUs did not stop within {timeout:?}; exiting anyway");
-    }
+    vmm.run_until_shutdown(&inbox);
     let dir = current.lock().unwrap_or_else(|e| e.into_inner()).take();
     if let Some(dir) = &dir {
         std::fs::remove_file(dir.socket_path()).ok();
