@@ -49,6 +49,19 @@ pub enum DriverError {
     },
 }
 
+impl DriverError {
+    /// [`DriverError::Failed`]: `context` says what was being done.
+    pub fn failed(
+        context: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        DriverError::Failed {
+            context: context.into(),
+            source: source.into(),
+        }
+    }
+}
+
 /// Runs guests and host settings somewhere: berth-vmm processes on this host, a
 /// simulated fleet, later libvirt or remote hosts.
 pub trait Driver: Send + Sync {

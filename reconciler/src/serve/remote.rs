@@ -246,7 +246,7 @@ impl ServeDriver {
         })?;
         let source_pid = source
             .status()
-            .map_err(|e| failed(format!("reading the status of {name}"), e))?
+            .map_err(|e| DriverError::failed(format!("reading the status of {name}"), e))?
             .pid;
         let record = OutgoingRecord {
             guest: name.clone(),
@@ -263,7 +263,7 @@ impl ServeDriver {
             connections: None,
         })) {
             self.local.forget_outgoing(name);
-            return Err(failed(
+            return Err(DriverError::failed(
                 format!("starting the migration of {name} to {to}"),
                 e,
             ));
@@ -502,30 +502,7 @@ where
     out
 }
 
-fn failed(
-    context: impl Into<String>,
-    source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
-) -> DriverError {
-    DriverError::Failed {
-        context: context.into(),
-        source: source.into(),
-    }
-}
-
-/// Whether process `pid` still runs: it exists and is not a zombie whose threads have
-/// all ended (a leader that exited while its other threads still run is not gone yet,
-/// and cannot be reaped yet either).
-pub(super) fn process_exists(pid: i32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    let zombie = stat
-        .rsplit(')')
-        .next()
-        .is_some_and(|r| r.trim_start().starts_with('Z'));
-    let threads = std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, Iterator::count);
-    !(zombie && threads <= 1)
-}
+pub(super) use crate::driver::local::process_exists;
 
 fn wait_gone(pid: i32, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
