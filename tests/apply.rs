@@ -10,6 +10,7 @@
 //! lock that `PoolReservation` takes, and given back on drop. Every VMM is stopped by
 //! pid on drop, even when a test fails.
 
+use berth_tests::proc_affinity;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -221,15 +222,6 @@ fn pool_lock() -> File {
     // SAFETY: flock on a descriptor `file` owns; no memory is passed.
     assert_eq!(unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) }, 0);
     file
-}
-
-fn proc_affinity(pid: i32, tid: i32) -> String {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-        .unwrap()
-        .trim()
-        .to_owned()
 }
 
 fn vcpu_tids(status: &Status) -> Vec<i32> {

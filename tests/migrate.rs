@@ -8,6 +8,7 @@
 //! Every test cleans up what it made (VMM processes by pid, namespaces, state
 //! directories, cgroups, hugepages) through guards, also when it fails.
 
+use berth_tests::{proc_affinity, unique, wait_until};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -32,10 +33,6 @@ fn spec(name: &str, cpu: &str, memory: &str, dirty: u32) -> String {
     format!(
         "apiVersion: berth.dev/v1\nkind: Guest\nmetadata: {{name: {name}}}\nspec:\n  host: kvm01\n  cpu: {cpu}\n  memory: {memory}\n  boot: {{kernel: builtin:heartbeat, heartbeat: {{tickHz: 100, ticksPerLine: 10, dirtyPagesPerTick: {dirty}}}}}\n"
     )
-}
-
-fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}", std::process::id())
 }
 
 /// A berth-vmm process; killed by pid on drop, with its cgroups removed.
@@ -260,14 +257,6 @@ impl Drop for Vmm {
     }
 }
 
-fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// The heartbeat lines of each vCPU, in order, from the console logs given.
 fn heartbeats(logs: &[PathBuf]) -> BTreeMap<u32, Vec<u64>> {
     let mut out: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
@@ -305,15 +294,6 @@ fn assert_continuous(lines: &BTreeMap<u32, Vec<u64>>, per_line: u64, at_least: u
             );
         }
     }
-}
-
-fn proc_affinity(pid: i32, tid: i32) -> String {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-        .unwrap()
-        .trim()
-        .to_owned()
 }
 
 fn cgroup_of(pid: i32, controller: &str) -> String {

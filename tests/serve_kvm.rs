@@ -19,6 +19,7 @@
 //! Every process is killed by pid, and every namespace, state directory and cgroup is
 //! removed when a test ends, even when it fails.
 
+use berth_tests::wait_until;
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{Read, Write};
@@ -37,14 +38,6 @@ use serde_json::Value;
 
 const FLEET_SECRET: &str = "fleet-secret-for-tests";
 const WEBHOOK_SECRET: &str = "webhook-secret-for-tests";
-
-fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
 
 fn run(program: &str, args: &[&str]) {
     let status = Command::new(program)

@@ -4,6 +4,7 @@
 //! Every test cleans up what it made (VMM processes by pid, state directories, cgroups,
 //! hugepages) through guards, also when it fails.
 
+use berth_tests::{proc_affinity, unique, wait_until};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -40,10 +41,6 @@ fn heartbeat(tick_hz: u32, per_line: u32, dirty: u32) -> String {
     format!(
         "{{kernel: builtin:heartbeat, heartbeat: {{tickHz: {tick_hz}, ticksPerLine: {per_line}, dirtyPagesPerTick: {dirty}}}}}"
     )
-}
-
-fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}", std::process::id())
 }
 
 impl Vmm {
@@ -140,23 +137,6 @@ impl Drop for Vmm {
             let _ = cgroups.remove_stale(&self.name);
         }
     }
-}
-
-fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn proc_affinity(pid: i32, tid: i32) -> String {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-        .unwrap()
-        .trim()
-        .to_owned()
 }
 
 fn set_affinity(tid: i32, cpu: usize) {

@@ -146,3 +146,32 @@ pub fn github_signature(secret: &str, body: &str) -> String {
     assert_eq!(hex.len(), 64, "{text}");
     format!("sha256={hex}")
 }
+
+/// Polls `cond` every 10 ms until it holds; fails the test naming `what` after
+/// `timeout`.
+pub fn wait_until(what: &str, timeout: std::time::Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + timeout;
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// The CPUs thread `tid` of process `pid` may run on, as /proc shows them
+/// (`Cpus_allowed_list`, for example `0-1`).
+pub fn proc_affinity(pid: i32, tid: i32) -> String {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+/// A guest name unique to this test process: `<prefix>-<pid>`.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", std::process::id())
+}
