@@ -243,19 +243,11 @@ impl<'a> Scheduler<'a> {
         observed: &ObservedGuest,
         wanted: &ObservedGuest,
     ) {
-        let h = self
-            .host(&observed.host)
-            .expect("observed hosts are indexed");
-        let mut t = Self::guest_task(
-            guest,
-            Action::Restart {
-                guest: observed.name.clone(),
-                host: observed.host.clone(),
-            },
-            RANK_RESTART,
-        );
-        t.add = Some((h, Footprint::of(wanted)));
-        t.remove = Some((h, Footprint::of(observed)));
+        let action = Action::Restart {
+            guest: observed.name.clone(),
+            host: observed.host.clone(),
+        };
+        let mut t = self.in_place_task(guest, observed, wanted, action, RANK_RESTART);
         t.credit_own = true;
         self.push(t);
     }
@@ -268,20 +260,12 @@ impl<'a> Scheduler<'a> {
         policy: Policy,
         state_change: bool,
     ) {
-        let h = self
-            .host(&observed.host)
-            .expect("observed hosts are indexed");
-        let mut t = Self::guest_task(
-            guest,
-            Action::LocalMigrate {
-                guest: observed.name.clone(),
-                host: observed.host.clone(),
-            },
-            RANK_LOCAL,
-        );
-        t.add = Some((h, Footprint::of(wanted)));
-        t.remove = Some((h, Footprint::of(observed)));
-        t.migration = vec![h];
+        let action = Action::LocalMigrate {
+            guest: observed.name.clone(),
+            host: observed.host.clone(),
+        };
+        let mut t = self.in_place_task(guest, observed, wanted, action, RANK_LOCAL);
+        t.migration = t.add.iter().map(|&(h, _)| h).collect();
         t.fallback = Fallback::LocalMove {
             may_stop: policy.restart == RestartPolicy::IfRequired,
         };
@@ -289,6 +273,25 @@ impl<'a> Scheduler<'a> {
         if state_change {
             self.state_after(guest, id, observed);
         }
+    }
+
+    /// A task that replaces `guest` on its own host (restart, local migration): it
+    /// takes the wanted footprint there and gives back the observed one.
+    fn in_place_task(
+        &self,
+        guest: usize,
+        observed: &ObservedGuest,
+        wanted: &ObservedGuest,
+        action: Action,
+        rank: u8,
+    ) -> Task {
+        let h = self
+            .host(&observed.host)
+            .expect("observed hosts are indexed");
+        let mut t = Self::guest_task(guest, action, rank);
+        t.add = Some((h, Footprint::of(wanted)));
+        t.remove = Some((h, Footprint::of(observed)));
+        t
     }
 
     /// A task moving `guest` from its observed host to its wanted one: it takes room on
