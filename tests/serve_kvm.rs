@@ -22,7 +22,6 @@
 use berth_tests::wait_until;
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -240,15 +239,11 @@ fn http(
 ) -> std::io::Result<(u16, String)> {
     let ns_path = format!("/var/run/netns/{ns}");
     let addr = addr.to_owned();
-    let mut request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (name, value) in headers {
-        request.push_str(&format!("{name}: {value}\r\n"));
-    }
-    request.push_str("\r\n");
-    request.push_str(body);
+    let (method, path, body) = (method.to_owned(), path.to_owned(), body.to_owned());
+    let headers: Vec<(String, String)> = headers
+        .iter()
+        .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+        .collect();
     std::thread::spawn(move || {
         let file = fs::File::open(&ns_path)?;
         // SAFETY: setns on a valid namespace fd; it changes only this thread, which
@@ -257,18 +252,12 @@ fn http(
             return Err(std::io::Error::last_os_error());
         }
         let sock = addr.parse().map_err(std::io::Error::other)?;
-        let mut stream = TcpStream::connect_timeout(&sock, Duration::from_secs(2))?;
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        stream.write_all(request.as_bytes())?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
-        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-        let code = head
-            .split(' ')
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        Ok((code, body.to_owned()))
+        let stream = TcpStream::connect_timeout(&sock, Duration::from_secs(2))?;
+        let headers: Vec<(&str, &str)> = headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        berth_tests::http_exchange(stream, &addr, &method, &path, &headers, &body)
     })
     .join()
     .expect("the request thread does not panic")

@@ -175,3 +175,37 @@ pub fn proc_affinity(pid: i32, tid: i32) -> String {
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{}", std::process::id())
 }
+
+/// One HTTP/1.1 exchange on a fresh `stream` to `host`: sends the request (closing the
+/// connection after it), reads the whole response (10 s read timeout) and returns its
+/// status code and body.
+pub fn http_exchange(
+    mut stream: std::net::TcpStream,
+    host: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    request.push_str(body);
+    stream.write_all(request.as_bytes())?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let code = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    Ok((code, body.to_owned()))
+}
