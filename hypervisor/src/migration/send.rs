@@ -476,27 +476,43 @@ impl Session<'_> {
         }
     }
 
+    /// The destination's next reply (a pass acknowledgement is noted before it is
+    /// returned), waiting until `deadline`; an Abort, a broken reply stream or the
+    /// deadline end the migration, with `what` naming what was awaited.
+    fn next_reply(
+        &self,
+        deadline: Instant,
+        what: &'static str,
+    ) -> Result<(FrameKind, Vec<u8>), SendError> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match self.replies.recv_timeout(left) {
+            Ok(Reply::Frame(FrameKind::Abort, why)) => Err(SendError::Refused(
+                String::from_utf8_lossy(&why).into_owned(),
+            )),
+            Ok(Reply::Frame(kind, payload)) => {
+                if kind == FrameKind::Info {
+                    self.note_info(&payload);
+                }
+                Ok((kind, payload))
+            }
+            Ok(Reply::Failed(e)) => Err(SendError::Replies(e)),
+            Err(_) => Err(SendError::Timeout(what)),
+        }
+    }
+
     /// Waits for the destination's `expected` reply.
     fn reply(&self, expected: FrameKind, what: &'static str) -> Result<Vec<u8>, SendError> {
         let deadline = Instant::now() + ACK_TIMEOUT;
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.replies.recv_timeout(left) {
-                Ok(Reply::Frame(kind, payload)) if kind == expected => return Ok(payload),
-                Ok(Reply::Frame(FrameKind::Info, _)) => {}
-                Ok(Reply::Frame(FrameKind::Abort, why)) => {
-                    return Err(SendError::Refused(
-                        String::from_utf8_lossy(&why).into_owned(),
-                    ))
-                }
-                Ok(Reply::Frame(got, _)) => {
+            match self.next_reply(deadline, what)? {
+                (kind, payload) if kind == expected => return Ok(payload),
+                (FrameKind::Info, _) => {}
+                (got, _) => {
                     return Err(SendError::Unexpected {
                         got,
                         expected: what,
                     })
                 }
-                Ok(Reply::Failed(e)) => return Err(SendError::Replies(e)),
-                Err(_) => return Err(SendError::Timeout(what)),
             }
         }
     }
@@ -514,24 +530,17 @@ impl Session<'_> {
 
     /// Waits until the destination has applied pass `pass` on every connection.
     fn wait_applied(&self, pass: u32) -> Result<(), SendError> {
+        const WHAT: &str = "a pass acknowledgement";
         let deadline = Instant::now() + ACK_TIMEOUT;
         while self.acked.get() < pass {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.replies.recv_timeout(left) {
-                Ok(Reply::Frame(FrameKind::Info, payload)) => self.note_info(&payload),
-                Ok(Reply::Frame(FrameKind::Abort, why)) => {
-                    return Err(SendError::Refused(
-                        String::from_utf8_lossy(&why).into_owned(),
-                    ))
-                }
-                Ok(Reply::Frame(got, _)) => {
+            match self.next_reply(deadline, WHAT)? {
+                (FrameKind::Info, _) => {}
+                (got, _) => {
                     return Err(SendError::Unexpected {
                         got,
-                        expected: "a pass acknowledgement",
+                        expected: WHAT,
                     })
                 }
-                Ok(Reply::Failed(e)) => return Err(SendError::Replies(e)),
-                Err(_) => return Err(SendError::Timeout("a pass acknowledgement")),
             }
         }
         Ok(())
