@@ -376,12 +376,7 @@ impl Persist for Vcpu<'_> {
         fd.set_mp_state(s.mp_state).map_err(err("MP state"))?;
         fd.set_regs(&s.regs).map_err(err("registers"))?;
         fd.set_sregs(&s.sregs).map_err(err("segment registers"))?;
-        if s.xsave.len() > self.xsave.size() {
-            return Err(StateError::XsaveTooLarge {
-                source_size: s.xsave.len(),
-                here: self.xsave.size(),
-            });
-        }
+        // MachineState::check_xsave refused an area larger than this host's before.
         self.xsave.set(fd, &s.xsave).map_err(err("XSAVE area"))?;
         fd.set_xcrs(&s.xcrs).map_err(err("XCRs"))?;
         fd.set_debug_regs(&s.debug_regs)
