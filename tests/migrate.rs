@@ -1211,12 +1211,13 @@ fn a_page_beyond_guest_memory_is_refused() {
     assert_incoming_gone(root.path(), &name);
 }
 
-#[test]
-fn a_lost_commit_keeps_the_guest_paused_until_resolved_then_resumes() {
+/// A migration through a proxy that loses one switchover frame (`fault`), left in
+/// `switchoverUnknown` on the source.
+fn unknown_switchover(tag: &str, fault: Fault) -> (tempfile::TempDir, String, Vmm, Vmm, Proxy) {
     berth_tests::require_root_and_kvm();
-    let (root, name, mut src, mut dst) = fault_pair("mig-nocommit", 4, "64MiB");
+    let (root, name, mut src, dst) = fault_pair(tag, 4, "64MiB");
     let (addr, token) = dst.incoming.clone().unwrap();
-    let proxy = Proxy::start(&addr, Fault::DropCommit);
+    let proxy = Proxy::start(&addr, fault);
     src.migrate(&proxy.addr.to_string(), &token, FAST, 1);
     let outcome = src.migration_outcome(Duration::from_secs(30));
     assert_eq!(
@@ -1224,6 +1225,13 @@ fn a_lost_commit_keeps_the_guest_paused_until_resolved_then_resumes() {
         MigrationPhase::SwitchoverUnknown,
         "{outcome:?}"
     );
+    (root, name, src, dst, proxy)
+}
+
+#[test]
+fn a_lost_commit_keeps_the_guest_paused_until_resolved_then_resumes() {
+    let (root, name, src, mut dst, proxy) =
+        unknown_switchover("mig-nocommit", Fault::DropCommit);
     // Never twice: the source holds the guest paused.
     assert_eq!(src.status().state, GuestRunState::Paused);
     let ticks = src.ticks();
@@ -1247,17 +1255,8 @@ fn a_lost_commit_keeps_the_guest_paused_until_resolved_then_resumes() {
 
 #[test]
 fn a_lost_running_keeps_the_source_paused_and_the_destination_runs() {
-    berth_tests::require_root_and_kvm();
-    let (root, name, mut src, mut dst) = fault_pair("mig-norunning", 4, "64MiB");
-    let (addr, token) = dst.incoming.clone().unwrap();
-    let proxy = Proxy::start(&addr, Fault::DropRunning);
-    src.migrate(&proxy.addr.to_string(), &token, FAST, 1);
-    let outcome = src.migration_outcome(Duration::from_secs(30));
-    assert_eq!(
-        outcome.phase,
-        MigrationPhase::SwitchoverUnknown,
-        "{outcome:?}"
-    );
+    let (root, name, mut src, mut dst, proxy) =
+        unknown_switchover("mig-norunning", Fault::DropRunning);
     assert_eq!(src.status().state, GuestRunState::Paused);
     // The destination read Commit: the guest runs there, and only there.
     assert_eq!(dst.migration().phase, MigrationPhase::Completed);
