@@ -1230,8 +1230,7 @@ fn unknown_switchover(tag: &str, fault: Fault) -> (tempfile::TempDir, String, Vm
 
 #[test]
 fn a_lost_commit_keeps_the_guest_paused_until_resolved_then_resumes() {
-    let (root, name, src, mut dst, proxy) =
-        unknown_switchover("mig-nocommit", Fault::DropCommit);
+    let (root, name, src, mut dst, proxy) = unknown_switchover("mig-nocommit", Fault::DropCommit);
     // Never twice: the source holds the guest paused.
     assert_eq!(src.status().state, GuestRunState::Paused);
     let ticks = src.ticks();

@@ -765,16 +765,25 @@ fn wait_moved(fleet: &Fleet, name: &str, from: usize, to: usize, timeout: Durati
     vmm_pid(&fleet.hosts[to], name).expect("moved")
 }
 
-/// Commits guest `name` on kvm01 (vCPU 0 on CPU 0, fast heartbeat), starts both hosts'
-/// services and waits for its VMM and five heartbeats; returns the VMM's pid.
-fn guest_beating_on_kvm01(fleet: &mut Fleet, name: &str) -> i32 {
-    fleet.commit(&guest_yaml(name, "kvm01", "0", FAST, 2), "guest on kvm01");
+/// Commits guest `name` on kvm01 (vCPU 0 on CPU 0, `migration` policy, `dirty` pages
+/// per tick), starts both hosts' services and waits for its VMM; returns its pid.
+fn start_on_kvm01(fleet: &mut Fleet, name: &str, migration: &str, dirty: u32) -> i32 {
+    fleet.commit(
+        &guest_yaml(name, "kvm01", "0", migration, dirty),
+        "guest on kvm01",
+    );
     fleet.start(0);
     fleet.start(1);
     wait_until("the guest on kvm01", Duration::from_secs(20), || {
         vmm_pid(&fleet.hosts[0], name).is_some()
     });
-    let pid = vmm_pid(&fleet.hosts[0], name).expect("running");
+    vmm_pid(&fleet.hosts[0], name).expect("running")
+}
+
+/// Commits guest `name` on kvm01 (vCPU 0 on CPU 0, fast heartbeat), starts both hosts'
+/// services and waits for its VMM and five heartbeats; returns the VMM's pid.
+fn guest_beating_on_kvm01(fleet: &mut Fleet, name: &str) -> i32 {
+    let pid = start_on_kvm01(fleet, name, FAST, 2);
     wait_until("heartbeats", Duration::from_secs(10), || {
         heartbeats(&console_logs(&fleet.hosts[0], name)).len() >= 5
     });
@@ -850,13 +859,7 @@ fn stopping_the_destination_mid_migration_keeps_the_guest_on_the_source() {
     // A guest dirtying pages faster than the capped link moves them: without
     // auto-converge the migration keeps copying until it is cut.
     let slow = "{mode: live, maxDowntime: 5ms, bandwidth: 2MiB/s, autoConverge: false}";
-    fleet.commit(&guest_yaml(&name, "kvm01", "0", slow, 20), "guest on kvm01");
-    fleet.start(0);
-    fleet.start(1);
-    wait_until("the guest on kvm01", Duration::from_secs(20), || {
-        vmm_pid(&fleet.hosts[0], &name).is_some()
-    });
-    let pid = vmm_pid(&fleet.hosts[0], &name).expect("running");
+    let pid = start_on_kvm01(&mut fleet, &name, slow, 20);
     fleet.commit(&guest_yaml(&name, "kvm02", "0", slow, 20), "move to kvm02");
     let incoming = fleet.hosts[1]
         .state
@@ -924,13 +927,7 @@ fn sigterm_on_the_source_mid_migration_cancels_it_and_the_guest_stays() {
     let mut fleet = Fleet::new();
     let name = fleet.guest_name("kvm-term");
     let slow = "{mode: live, maxDowntime: 5ms, bandwidth: 2MiB/s, autoConverge: false}";
-    fleet.commit(&guest_yaml(&name, "kvm01", "0", slow, 20), "guest on kvm01");
-    fleet.start(0);
-    fleet.start(1);
-    wait_until("the guest on kvm01", Duration::from_secs(20), || {
-        vmm_pid(&fleet.hosts[0], &name).is_some()
-    });
-    let pid = vmm_pid(&fleet.hosts[0], &name).expect("running");
+    let pid = start_on_kvm01(&mut fleet, &name, slow, 20);
     fleet.commit(&guest_yaml(&name, "kvm02", "0", slow, 20), "move to kvm02");
     wait_until(
         "the migration to be under way",
@@ -977,13 +974,7 @@ fn a_cold_move_stops_on_the_source_then_starts_on_the_destination() {
     let mut fleet = Fleet::new();
     let name = fleet.guest_name("kvm-cold");
     let cold = "{mode: cold}";
-    fleet.commit(&guest_yaml(&name, "kvm01", "0", cold, 0), "guest on kvm01");
-    fleet.start(0);
-    fleet.start(1);
-    wait_until("the guest on kvm01", Duration::from_secs(20), || {
-        vmm_pid(&fleet.hosts[0], &name).is_some()
-    });
-    let source_pid = vmm_pid(&fleet.hosts[0], &name).expect("running");
+    let source_pid = start_on_kvm01(&mut fleet, &name, cold, 0);
     let rev = fleet.commit(&guest_yaml(&name, "kvm02", "0", cold, 0), "move cold");
     let dest_pid = wait_moved(&fleet, &name, 0, 1, Duration::from_secs(30));
     assert_ne!(dest_pid, source_pid);
