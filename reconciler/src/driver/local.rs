@@ -1128,20 +1128,19 @@ fn kill_pid(pid: i32) {
     }
 }
 
-/// Whether process `pid` still runs: it exists and is not a zombie whose threads have
-/// all ended (a zombie still answers kill(0); a leader that exited while its other
-/// threads still run is not gone yet, and cannot be reaped yet either).
-pub(crate) fn process_exists(pid: i32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    let state = stat.rsplit(')').next().map(str::trim_start);
-    if state.is_some_and(|s| s.starts_with('X')) {
-        return false;
+/// Whether process `pid` still runs, for a VMM that stopped answering: a zombie (its
+/// leader exited, even while its other threads are still torn down) counts as gone,
+/// since a VMM exits right after it completed a migration. `serve::remote` keeps a
+/// stricter test for waiting until a process is reaped.
+fn process_exists(pid: i32) -> bool {
+    // A zombie still answers kill(0); its state in /proc says it is gone.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with(['Z', 'X'])),
+        Err(_) => false,
     }
-    let zombie = state.is_some_and(|s| s.starts_with('Z'));
-    let threads = std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, Iterator::count);
-    !(zombie && threads <= 1)
 }
 
 fn read_metadata(dir: &Path) -> Option<Metadata> {

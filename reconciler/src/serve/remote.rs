@@ -502,7 +502,20 @@ where
     out
 }
 
-pub(super) use crate::driver::local::process_exists;
+/// Whether process `pid` still runs: it exists and is not a zombie whose threads have
+/// all ended (a leader that exited while its other threads still run is not gone yet,
+/// and cannot be reaped yet either).
+pub(super) fn process_exists(pid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let zombie = stat
+        .rsplit(')')
+        .next()
+        .is_some_and(|r| r.trim_start().starts_with('Z'));
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, Iterator::count);
+    !(zombie && threads <= 1)
+}
 
 fn wait_gone(pid: i32, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
