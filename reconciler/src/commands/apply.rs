@@ -30,7 +30,8 @@ use crate::cli::write_stdout;
 /// Arguments of `berth apply`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// A manifest directory (searched recursively for *.yaml and *.yml) or one file.
+    /// A manifest directory (searched recursively for *.yaml and *.yml) or one file;
+    /// `-` reads one manifest file from standard input (then only --yes confirms).
     /// Not with --rev.
     #[arg(conflicts_with = "rev")]
     pub path: Option<PathBuf>,
@@ -119,7 +120,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     }
     if !confirmed(args, plan.steps.len(), &host)? {
         write_stdout("Apply cancelled; nothing was changed.\n")?;
-        return Ok(ExitCode::from(crate::cli::EXIT_FAILURE));
+        return Ok(ExitCode::from(crate::cli::EXIT_ERROR));
     }
 
     let report = execute(&plan, &scoped.desired, driver.as_ref());
@@ -206,7 +207,7 @@ fn confirmed(args: &Args, actions: usize, host: &str) -> anyhow::Result<bool> {
 fn simulated(args: &Args, desired: &Desired) -> anyhow::Result<SimDriver> {
     let running = match &args.sim_from {
         Some(from) => {
-            let set = berth_schema::load_path(from).with_context(|| {
+            let set = super::input::load(from).with_context(|| {
                 format!(
                     "the manifests in {} (--sim-from) are not valid",
                     from.display()

@@ -147,7 +147,7 @@ pub fn load_source(
         });
     }
     let path = path.unwrap_or(Path::new("."));
-    let validated = berth_schema::load_path(path).with_context(|| {
+    let validated = super::input::load(path).with_context(|| {
         format!(
             "the manifests in {} are not valid; nothing was applied",
             path.display()

@@ -469,8 +469,13 @@ pub struct StatusArgs {
     /// The `berth serve` to ask.
     #[arg(long, default_value = "http://127.0.0.1:7410")]
     pub server: String,
-    /// Print the raw JSON of `/status` instead of a table.
-    #[arg(long)]
+    /// Output format: `text` (a header and a table of guests with their conditions),
+    /// or the whole `/status` document as `json` or `yaml`.
+    #[arg(short = 'o', long, value_name = "FORMAT",
+          value_parser = crate::output::without_markdown(), default_value = "text")]
+    pub output: crate::output::Output,
+    /// The same as `-o json` (the flag before `-o` existed).
+    #[arg(long, hide = true, conflicts_with = "output")]
     pub json: bool,
 }
 
@@ -483,9 +488,12 @@ pub enum StatusError {
     /// The service could not be asked.
     #[error(transparent)]
     Client(#[from] client::ClientError),
+    /// The status cannot be written as YAML.
+    #[error("cannot write the status as YAML: {0}")]
+    Yaml(#[source] serde_yaml::Error),
 }
 
-/// Reads the status of a `berth serve` and renders it (a table, or JSON).
+/// Reads the status of a `berth serve` and renders it (a table, JSON or YAML).
 ///
 /// # Errors
 /// When the service cannot be reached or answers with an error.
@@ -495,11 +503,11 @@ pub fn status_text(args: &StatusArgs) -> Result<String, StatusError> {
         .build()
         .map_err(StatusError::Runtime)?;
     let status = runtime.block_on(client::status(&args.server))?;
-    Ok(if args.json {
-        let mut text = serde_json::to_string_pretty(&status).expect("the status serializes");
-        text.push('\n');
-        text
-    } else {
-        status::render_table(&status)
+    use crate::output::{self, Output};
+    let format = if args.json { Output::Json } else { args.output };
+    Ok(match format {
+        Output::Json => output::json(&status).expect("the status serializes"),
+        Output::Yaml => output::yaml(&status).map_err(StatusError::Yaml)?,
+        Output::Text | Output::Markdown => status::render_table(&status),
     })
 }
