@@ -133,13 +133,12 @@ impl Fleet {
         String::from_utf8(out.stdout).unwrap()
     }
 
-    /// `berth plan --driver local --detailed-exitcode`: (exit code, stdout).
+    /// `berth plan --detailed-exitcode` with plan's default driver (local, as apply's):
+    /// (exit code, stdout).
     fn plan(&self) -> (i32, String) {
         let m = self.manifests();
         let out = self.berth(&[
             "plan",
-            "--driver",
-            "local",
             "--detailed-exitcode",
             "--color",
             "never",
@@ -288,6 +287,10 @@ fn examples_come_up_retune_live_and_a_second_apply_does_nothing() {
         "{out}"
     );
     assert!(out.contains("The fleet matches the manifests."), "{out}");
+    // Right after apply, plan (its default driver and the same state directory) sees
+    // what apply did.
+    let (code, plan) = fleet.plan();
+    assert_eq!(code, 0, "no changes right after apply: {plan}");
     let applied: serde_json::Value =
         serde_json::from_slice(&std::fs::read(fleet.state().join("applied.json")).unwrap())
             .unwrap();
