@@ -641,3 +641,40 @@ fn a_second_apply_is_refused_by_the_lock_and_a_failed_start_is_reported() {
     );
     assert_eq!(fleet.pids(), pids, "both guests still run, once each");
 }
+
+#[test]
+fn a_host_naming_a_cpu_this_machine_lacks_fails_apply_and_changes_nothing() {
+    let fleet = Fleet::new("ap-cpu64");
+    let hosts = fleet.manifests().join("hosts.yaml");
+    let text = std::fs::read_to_string(&hosts).unwrap();
+    std::fs::write(&hosts, text.replace("cpus: \"0-1\"", "cpus: \"0-1,64\"")).unwrap();
+    // Validation and a simulated plan cannot know this machine: they accept it.
+    let m = fleet.manifests();
+    let out = berth_tests::command("berth")
+        .args(["validate", m.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+
+    let out = fleet.berth(&["apply", "--yes", m.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let expected = format!(
+        "{}:6:9: error: spec.cpus: CPU 64 is not online on this machine",
+        hosts.display()
+    );
+    assert!(stderr.contains(&expected), "{expected} in:\n{stderr}");
+    assert!(
+        stderr.contains("does not match this machine; nothing was applied"),
+        "{stderr}"
+    );
+    assert!(fleet.pids().is_empty(), "no guest was started");
+    assert!(!fleet.state().join("guests").join(&fleet.web).exists());
+    assert!(!fleet.state().join("applied.json").exists());
+    let _lock = pool_lock();
+    assert_eq!(
+        HugePagePool::new(PageSize::Huge2M).stats().unwrap().total,
+        fleet.pool_before,
+        "the hugepage pool was not touched"
+    );
+}

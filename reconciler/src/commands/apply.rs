@@ -1,7 +1,9 @@
 //! `berth apply`: validate, observe, plan, show the plan, confirm, execute in order,
 //! observe again, and report per action what happened.
 //!
-//! - Nothing is touched when the manifests are invalid.
+//! - Nothing is touched when the manifests are invalid, or when this host's Host
+//!   manifest (or a guest placed on it) does not fit this machine (CPUs, memory,
+//!   hugepage sizes, /dev/kvm; see `berth_reconciler::machine`).
 //! - An exclusive lock on `<state>/apply.lock` keeps two applies (or an apply and
 //!   `berth serve`) apart: the second fails at once naming the holder, or waits with
 //!   `--wait`.
@@ -87,6 +89,9 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     }
     let desired = Desired::from_manifests(&source.validated.manifests);
     let host = args.local.this_host(&desired)?;
+    if args.driver == ApplyDriver::Local {
+        super::target::ensure_machine_fits(&source.validated, &host)?;
+    }
 
     let (driver, _lock): (Box<dyn Driver>, Option<StateLock>) = match args.driver {
         ApplyDriver::Local => {
