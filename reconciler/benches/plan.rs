@@ -78,6 +78,8 @@ fn host(i: usize, guests_per_host: usize) -> Host {
             transparent_hugepages: ThpMode::Madvise,
             schedulable: true,
             cpu_model: None,
+            driver: Default::default(),
+            libvirt: None,
         },
     }
 }
@@ -121,6 +123,8 @@ fn guest(i: usize, hosts: usize) -> Guest {
                 numa: None,
             },
             io: None,
+            disks: Vec::new(),
+            nics: Vec::new(),
             migration: MigrationPolicy::default(),
             restart_policy: RestartPolicy::Never,
         },

@@ -77,6 +77,12 @@ pub struct GuestSpec {
     /// Block I/O weight.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub io: Option<IoSpec>,
+    /// Disks, in order (libvirt driver only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<Disk>,
+    /// Network cards, in order (libvirt driver only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<Nic>,
     /// How the guest moves between hosts, and how restart-class changes are applied.
     #[serde(default)]
     pub migration: MigrationPolicy,
@@ -139,6 +145,10 @@ pub enum RestartPolicy {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Boot {
+    /// `kernel` (the default) boots `kernel`, `initrd` and `cmdline` directly; `disk`
+    /// lets the firmware boot from the disks, in their `bootOrder` (libvirt driver only).
+    #[serde(default, skip_serializing_if = "BootFrom::is_kernel")]
+    pub from: BootFrom,
     /// `builtin:heartbeat`, or the path of a Linux bzImage or vmlinux.
     #[serde(default = "Boot::default_kernel")]
     pub kernel: String,
@@ -170,12 +180,196 @@ impl Boot {
 impl Default for Boot {
     fn default() -> Self {
         Boot {
+            from: BootFrom::Kernel,
             kernel: Self::default_kernel(),
             initrd: None,
             cmdline: None,
             heartbeat: None,
         }
     }
+}
+
+/// Where a guest boots from.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum BootFrom {
+    /// The kernel named by `kernel` (a Linux image or `builtin:heartbeat`).
+    #[default]
+    Kernel,
+    /// The firmware boots from the guest's disks.
+    Disk,
+}
+
+impl BootFrom {
+    /// Whether this is the default, a kernel boot.
+    pub fn is_kernel(&self) -> bool {
+        *self == BootFrom::Kernel
+    }
+}
+
+/// A disk of a guest (libvirt `<disk type='file' device='disk'>`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Disk {
+    /// Absolute path of the image file on the host.
+    pub source: String,
+    /// The bus the guest sees the disk on.
+    #[serde(default)]
+    pub bus: DiskBus,
+    /// The image format.
+    #[serde(default)]
+    pub format: DiskFormat,
+    /// Host page cache mode; `none` (O_DIRECT) is what live migration needs.
+    #[serde(default)]
+    pub cache: DiskCache,
+    /// The guest cannot write to the disk.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub read_only: bool,
+    /// Position in the firmware's boot order, from 1 (with `boot.from: disk`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub boot_order: Option<u32>,
+    /// The path is on storage every host sees (NFS, a cluster file system), so the
+    /// guest can move live without copying the disk.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shared: bool,
+}
+
+/// The bus a disk is attached to.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum DiskBus {
+    /// virtio-blk (`vda`, `vdb`...).
+    #[default]
+    Virtio,
+    /// AHCI (`sda`...).
+    Sata,
+    /// virtio-scsi (`sda`...).
+    Scsi,
+}
+
+/// A disk image format.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum DiskFormat {
+    /// A plain image.
+    #[default]
+    Raw,
+    /// QEMU copy-on-write.
+    Qcow2,
+}
+
+/// Host page cache mode of a disk (QEMU's `cache=`).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum DiskCache {
+    /// O_DIRECT, no host cache; safe for live migration.
+    #[default]
+    None,
+    /// Host cache, every write synced.
+    Writethrough,
+    /// Host cache, flushes on the guest's request.
+    Writeback,
+    /// O_DIRECT and every write synced.
+    Directsync,
+    /// Host cache, flushes ignored: loses data on a host crash.
+    Unsafe,
+}
+
+/// A network card of a guest (libvirt `<interface>`); exactly one of `bridge` and
+/// `network`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Nic {
+    /// A host bridge to attach to (`<interface type='bridge'>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<String>,
+    /// A libvirt network to attach to (`<interface type='network'>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
+    /// The card the guest sees.
+    #[serde(default)]
+    pub model: NicModel,
+    /// The MAC address, `52:54:00:xx:xx:xx` style; libvirt picks one when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$"))]
+    pub mac: Option<String>,
+}
+
+/// The network card model.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum NicModel {
+    /// virtio-net.
+    #[default]
+    Virtio,
+    /// Intel e1000, for guests without virtio drivers.
+    E1000,
 }
 
 /// Settings of the built-in heartbeat payload.
@@ -515,6 +709,128 @@ pub struct HostSpec {
     /// `AMD EPYC`); used to flag live migrations between unlike CPUs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_model: Option<String>,
+    /// What runs the host's guests: `berth-vmm` (the default) or `libvirt`.
+    #[serde(default, skip_serializing_if = "HostDriver::is_berth_vmm")]
+    pub driver: HostDriver,
+    /// The libvirt connection, with `driver: libvirt`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub libvirt: Option<LibvirtSpec>,
+}
+
+impl HostSpec {
+    /// The libvirt settings in force: the given ones, or the defaults.
+    pub fn libvirt_or_default(&self) -> LibvirtSpec {
+        self.libvirt.clone().unwrap_or_default()
+    }
+}
+
+/// What runs a host's guests.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    JsonSchema,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum HostDriver {
+    /// berth's own VMM, one process per guest.
+    #[default]
+    BerthVmm,
+    /// libvirtd and QEMU: disks, network cards, any OS.
+    Libvirt,
+}
+
+impl HostDriver {
+    /// Whether this is the default, berth-vmm.
+    pub fn is_berth_vmm(&self) -> bool {
+        *self == HostDriver::BerthVmm
+    }
+
+    /// The name as manifests spell it.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            HostDriver::BerthVmm => "berth-vmm",
+            HostDriver::Libvirt => "libvirt",
+        }
+    }
+}
+
+impl std::fmt::Display for HostDriver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How berth reaches libvirt on a host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LibvirtSpec {
+    /// The connection URI.
+    #[serde(default = "LibvirtSpec::default_uri")]
+    pub uri: String,
+    /// `kvm`, or `qemu` (TCG emulation) where KVM is missing or unusable.
+    #[serde(default)]
+    pub domain_type: DomainType,
+}
+
+impl LibvirtSpec {
+    /// libvirt's system connection.
+    pub const DEFAULT_URI: &'static str = "qemu:///system";
+
+    fn default_uri() -> String {
+        Self::DEFAULT_URI.to_owned()
+    }
+}
+
+impl Default for LibvirtSpec {
+    fn default() -> Self {
+        LibvirtSpec {
+            uri: Self::default_uri(),
+            domain_type: DomainType::default(),
+        }
+    }
+}
+
+/// libvirt's `<domain type=...>`.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum DomainType {
+    /// Hardware virtualization.
+    #[default]
+    Kvm,
+    /// QEMU's TCG software emulation: slow, but needs no KVM.
+    Qemu,
+}
+
+impl DomainType {
+    /// The name libvirt uses.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            DomainType::Kvm => "kvm",
+            DomainType::Qemu => "qemu",
+        }
+    }
 }
 
 fn default_true() -> bool {

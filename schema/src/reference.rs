@@ -165,6 +165,10 @@ fn type_of(prop: &Value, defs: &Map<String, Value>, refs: &mut Vec<String>) -> S
                 .map_or_else(|| "value".to_owned(), |v| type_of(v, defs, refs));
             format!("map of {key} to {value}")
         }
+        "array" => match prop.get("items") {
+            Some(items) => format!("list of {}", type_of(items, defs, refs)),
+            None => "list".to_owned(),
+        },
         "integer" => {
             let range = match (prop["minimum"].as_i64(), prop["maximum"].as_i64()) {
                 (Some(min), Some(max)) => format!(" ({min}–{max})"),

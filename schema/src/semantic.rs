@@ -10,9 +10,10 @@ use crate::cpuset::CpuSet;
 use crate::diagnostic::Diagnostic;
 use crate::load::{ManifestSet, Typed};
 use crate::manifest::{
-    Boot, CpuMode, Guest, GuestState, Host, MigrationMode, ANNOTATION_PRUNE, ANNOTATION_SUSPEND,
+    Boot, BootFrom, CpuMode, DomainType, Guest, GuestState, Host, HostDriver, MigrationMode,
+    ANNOTATION_PRUNE, ANNOTATION_SUSPEND,
 };
-use crate::source::{Manifest, Origin};
+use crate::source::{index_path, Manifest, Origin};
 use crate::structure::suggest;
 use crate::units::{Bytes, PageSize};
 
@@ -101,6 +102,7 @@ pub fn check(set: &ManifestSet, hosts_complete: bool) -> Vec<Diagnostic> {
         check_shared_cpus(set, host, &mut out);
     }
     check_passthrough_migration(set, &mut out);
+    check_macs(set, &mut out);
     if let Some(fleet) = &set.fleet {
         if fleet.spec.max_concurrent_migrations == 0 {
             out.push(fleet.origin.error(
@@ -162,6 +164,16 @@ fn check_host(host: &Manifest<Host>, out: &mut Vec<Diagnostic>) {
                 spec.cpus
             ),
         ));
+    }
+    match (&spec.libvirt, spec.driver) {
+        (Some(_), HostDriver::BerthVmm) => out.push(o.error(
+            "spec.libvirt",
+            "applies only to driver libvirt, and this host runs driver berth-vmm (set driver: libvirt)",
+        )),
+        (Some(libvirt), HostDriver::Libvirt) if libvirt.uri.trim().is_empty() => {
+            out.push(o.error("spec.libvirt.uri", "must not be empty (for example qemu:///system)"))
+        }
+        _ => {}
     }
     let pool: u64 = spec
         .hugepages
@@ -229,6 +241,10 @@ fn check_guest(guest: &Manifest<Guest>, host: Option<&Host>, out: &mut Vec<Diagn
     }
     check_memory(guest, host, out);
     check_boot(o, &spec.boot, out);
+    check_devices(guest, out);
+    if let Some(host) = host {
+        check_driver_fields(guest, host, out);
+    }
     if spec.migration.completion_timeout_per_gib.get().is_zero() {
         out.push(o.error(
             "spec.migration.completionTimeoutPerGiB",
@@ -398,6 +414,174 @@ fn check_boot(o: &Origin, boot: &Boot, out: &mut Vec<Diagnostic>) {
         }
         if hb.ticks_per_line == 0 {
             out.push(o.error("spec.boot.heartbeat.ticksPerLine", "must be at least 1"));
+        }
+    }
+}
+
+/// Disks and network cards on their own: paths, boot order, one attachment per card.
+fn check_devices(guest: &Manifest<Guest>, out: &mut Vec<Diagnostic>) {
+    let o = &guest.origin;
+    let spec = &guest.spec;
+    let mut sources: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut orders: BTreeMap<u32, usize> = BTreeMap::new();
+    for (i, disk) in spec.disks.iter().enumerate() {
+        let path = index_path("spec.disks", i);
+        if !disk.source.starts_with('/') {
+            out.push(o.error(
+                format!("{path}.source"),
+                format!("{:?} is not an absolute path", disk.source),
+            ));
+        }
+        if let Some(first) = sources.insert(&disk.source, i) {
+            out.push(o.error(
+                format!("{path}.source"),
+                format!("{} is also spec.disks[{first}]", disk.source),
+            ));
+        }
+        if let Some(order) = disk.boot_order {
+            if order == 0 {
+                out.push(o.error(format!("{path}.bootOrder"), "starts at 1"));
+            } else if let Some(first) = orders.insert(order, i) {
+                out.push(o.error(
+                    format!("{path}.bootOrder"),
+                    format!("{order} is also the boot order of spec.disks[{first}]"),
+                ));
+            }
+            if spec.boot.from == BootFrom::Kernel {
+                out.push(o.warning(
+                    format!("{path}.bootOrder"),
+                    "ignored: the guest boots a kernel directly (boot.from: kernel)",
+                ));
+            }
+        }
+    }
+    if spec.boot.from == BootFrom::Disk {
+        if spec.disks.is_empty() {
+            out.push(o.error("spec.boot.from", "disk, but the guest has no disks"));
+        }
+        let boot = &spec.boot;
+        for (field, set) in [
+            ("kernel", !boot.is_heartbeat()),
+            ("initrd", boot.initrd.is_some()),
+            ("cmdline", boot.cmdline.is_some()),
+        ] {
+            if set {
+                out.push(o.warning(
+                    format!("spec.boot.{field}"),
+                    "ignored: the guest boots from its disks (boot.from: disk)",
+                ));
+            }
+        }
+    }
+    for (i, nic) in spec.nics.iter().enumerate() {
+        let path = index_path("spec.nics", i);
+        match (&nic.bridge, &nic.network) {
+            (Some(_), Some(_)) => out.push(o.error(
+                path.clone(),
+                "names both a bridge and a network; a card attaches to one",
+            )),
+            (None, None) => {
+                out.push(o.error(path.clone(), "needs a bridge or a network to attach to"))
+            }
+            (Some(name), None) | (None, Some(name)) if name.trim().is_empty() => {
+                out.push(o.error(path.clone(), "names an empty bridge or network"))
+            }
+            _ => {}
+        }
+        if let Some(mac) = &nic.mac {
+            match parse_mac(mac) {
+                None => out.push(o.error(
+                    format!("{path}.mac"),
+                    format!("{mac:?} is not a MAC address (six hex pairs, 52:54:00:12:34:56)"),
+                )),
+                Some(bytes) if bytes[0] & 1 == 1 => out.push(o.error(
+                    format!("{path}.mac"),
+                    format!("{mac} is a multicast address; a card needs a unicast one"),
+                )),
+                Some(_) => {}
+            }
+        }
+    }
+}
+
+fn parse_mac(mac: &str) -> Option<[u8; 6]> {
+    let mut bytes = [0u8; 6];
+    let mut parts = mac.split(':');
+    for byte in &mut bytes {
+        let part = parts.next()?;
+        if part.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    parts.next().is_none().then_some(bytes)
+}
+
+/// A field that the guest's host's driver cannot honour.
+fn check_driver_fields(guest: &Manifest<Guest>, host: &Host, out: &mut Vec<Diagnostic>) {
+    let o = &guest.origin;
+    let spec = &guest.spec;
+    let name = &host.metadata.name;
+    let driver = host.spec.driver;
+    match driver {
+        HostDriver::BerthVmm => {
+            let unsupported = [
+                ("spec.disks", !spec.disks.is_empty(), "attach disks"),
+                ("spec.nics", !spec.nics.is_empty(), "attach network cards"),
+                (
+                    "spec.boot.from",
+                    spec.boot.from == BootFrom::Disk,
+                    "boot from a disk",
+                ),
+            ];
+            for (path, set, what) in unsupported {
+                if set {
+                    out.push(o.error(
+                        path,
+                        format!("host {name} runs driver {driver}, which cannot {what}; place the guest on a host with driver: libvirt"),
+                    ));
+                }
+            }
+        }
+        HostDriver::Libvirt => {
+            if spec.boot.from == BootFrom::Kernel && spec.boot.is_heartbeat() {
+                out.push(o.error(
+                    "spec.boot.kernel",
+                    format!("{} runs only under berth-vmm, and host {name} runs driver {driver}; boot a Linux kernel or boot.from: disk", Boot::HEARTBEAT),
+                ));
+            }
+            let libvirt = host.spec.libvirt_or_default();
+            if libvirt.domain_type == DomainType::Qemu && spec.cpu.mode == CpuMode::HostPassthrough
+            {
+                out.push(o.error(
+                    "spec.cpu.mode",
+                    format!("host-passthrough needs KVM, and host {name} runs driver {driver} with domainType qemu (TCG); use host-model or a custom model"),
+                ));
+            }
+        }
+    }
+}
+
+/// A MAC address names one card in the whole fleet.
+fn check_macs(set: &ManifestSet, out: &mut Vec<Diagnostic>) {
+    let mut seen: BTreeMap<[u8; 6], String> = BTreeMap::new();
+    for guest in set.guests.values() {
+        for (i, nic) in guest.spec.nics.iter().enumerate() {
+            let Some(mac) = nic.mac.as_deref().and_then(parse_mac) else {
+                continue;
+            };
+            let here = format!("guest {} spec.nics[{i}]", guest.metadata.name);
+            if let Some(first) = seen.get(&mac) {
+                out.push(guest.origin.error(
+                    format!("{}.mac", index_path("spec.nics", i)),
+                    format!(
+                        "{} is also the MAC of {first}",
+                        nic.mac.as_deref().unwrap_or_default()
+                    ),
+                ));
+            } else {
+                seen.insert(mac, here);
+            }
         }
     }
 }

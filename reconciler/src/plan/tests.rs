@@ -34,6 +34,8 @@ fn host(name: &str, cpus: &str, memory: Bytes) -> Host {
             transparent_hugepages: ThpMode::Madvise,
             schedulable: true,
             cpu_model: None,
+            driver: Default::default(),
+            libvirt: None,
         },
     }
 }
@@ -67,6 +69,8 @@ fn guest(name: &str, host: &str, memory: Bytes) -> Guest {
                 numa: None,
             },
             io: None,
+            disks: Vec::new(),
+            nics: Vec::new(),
             migration: MigrationPolicy::default(),
             restart_policy: RestartPolicy::Never,
         },
