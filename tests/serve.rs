@@ -469,3 +469,146 @@ fn a_guest_moving_here_is_not_started_while_its_old_host_runs_it() {
     assert_eq!(web["runsHere"], true);
     assert_eq!(metric(&kvm02, starts), Some(2.0));
 }
+
+/// What Prometheus 2.42 sends when it scrapes (scrape/scrape.go, `acceptHeader`).
+const PROMETHEUS_2_42_ACCEPT: &str = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+
+/// `GET /metrics` with `accept`: (Content-Type, body).
+fn scrape(addr: &str, accept: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nAccept: {accept}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    let (head, body) = response.split_once("\r\n\r\n").expect("a response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let content_type = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-type")
+                .then(|| value.trim().to_owned())
+        })
+        .expect("a Content-Type");
+    (content_type, body.to_owned())
+}
+
+/// promtool (Debian package `prometheus`, installed by .ci/run). Not there is a failure,
+/// never a skipped check.
+fn promtool() -> &'static str {
+    let found = std::process::Command::new("promtool")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        found,
+        "promtool is needed (apt-get install prometheus; .ci/run installs it)"
+    );
+    "promtool"
+}
+
+#[test]
+fn metrics_answer_in_the_format_the_scraper_asks_for_and_pass_promtool() {
+    use std::io::Write;
+    let promtool = promtool();
+    let tmp = tempdir();
+    let repo = GitRepo::new(tmp.path().join("repo"));
+    let first = repo.commit(
+        &[("hosts.yaml", HOSTS), ("guests.yaml", &guests(100))],
+        "first",
+    );
+    let serve = Serve::start(
+        &repo.dir,
+        &tmp.path().join("state"),
+        tmp.path().join("serve.log"),
+        &[],
+    );
+    serve.wait_for("the first revision applied", applied(&first));
+    let second = repo.commit(&[("guests.yaml", &guests(300))], "io weight 300");
+    serve.wait_for("the second revision applied", applied(&second));
+
+    // Prometheus 2.42 prefers OpenMetrics and gets it.
+    let (content_type, openmetrics) = scrape(&serve.addr, PROMETHEUS_2_42_ACCEPT);
+    assert_eq!(
+        content_type,
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    );
+    assert!(openmetrics.ends_with("# EOF\n"), "{openmetrics}");
+    assert!(openmetrics.contains("# TYPE berth_actions counter\n"));
+    // promtool's OpenMetrics parser (the one of its backfill, strict about `# EOF`)
+    // reads it; backfilling needs a timestamp per sample, so one is added.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let stamped: String = openmetrics
+        .lines()
+        .map(|l| {
+            if l.starts_with('#') {
+                format!("{l}\n")
+            } else {
+                format!("{l} {now}\n")
+            }
+        })
+        .collect();
+    let om_file = tmp.path().join("metrics.om");
+    fs::write(&om_file, stamped).expect("write");
+    let out = std::process::Command::new(promtool)
+        .args(["tsdb", "create-blocks-from", "openmetrics"])
+        .arg(&om_file)
+        .arg(tmp.path().join("blocks"))
+        .output()
+        .expect("run promtool");
+    assert!(
+        out.status.success(),
+        "promtool reads the OpenMetrics output: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Asked for the text format 0.0.4 (as `curl -H 'Accept: text/plain;version=0.0.4'`
+    // for `promtool check metrics`), it gets that, and promtool's linter finds nothing.
+    let (content_type, text) = scrape(&serve.addr, "text/plain;version=0.0.4");
+    assert_eq!(content_type, "text/plain; version=0.0.4; charset=utf-8");
+    assert!(!text.contains("# EOF"), "{text}");
+    assert!(
+        text.contains("# TYPE berth_actions_total counter\n"),
+        "{text}"
+    );
+    assert!(text.contains("berth_actions_total{kind=\"retune\",result=\"ok\"} 1\n"));
+    let mut child = std::process::Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run promtool");
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(text.as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("promtool");
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "promtool check metrics: {}{}\non:\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Every metric is listed in the README, by its full name.
+    let readme =
+        fs::read_to_string(berth_tests::workspace_root().join("README.md")).expect("README.md");
+    for family in text.lines().filter_map(|l| l.strip_prefix("# TYPE ")) {
+        let name = family.split(' ').next().expect("a name");
+        assert!(
+            readme.contains(&format!("`{name}`")) || readme.contains(&format!("`{name}{{")),
+            "README.md does not list {name}"
+        );
+    }
+}

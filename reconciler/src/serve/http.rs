@@ -5,7 +5,7 @@
 //! |---|---|---|
 //! | `GET /healthz` | none | 200 `ok` while the service runs |
 //! | `GET /status` | none | the [`Status`](super::status::Status) as JSON |
-//! | `GET /metrics` | none | Prometheus metrics (OpenMetrics text) |
+//! | `GET /metrics` | none | Prometheus metrics: the text format 0.0.4 when `Accept` asks for it, else OpenMetrics |
 //! | `POST /hooks/git` | `X-Hub-Signature-256` | 202, and the branch head is looked at |
 //! | `POST /v1/migrations/incoming` | fleet secret (bearer) | listen address and token |
 //! | `GET /v1/migrations/incoming/{guest}` | fleet secret (bearer) | whether the guest runs here |
@@ -65,13 +65,12 @@ async fn status(State(state): State<ApiState>) -> Response {
     Json(state.status.snapshot()).into_response()
 }
 
-async fn metrics(State(state): State<ApiState>) -> Response {
+async fn metrics(State(state): State<ApiState>, headers: HeaderMap) -> Response {
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let format = super::exposition::negotiate(accept);
     (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        state.metrics.encode(),
+        [(header::CONTENT_TYPE, format.content_type())],
+        state.metrics.encode_as(format),
     )
         .into_response()
 }

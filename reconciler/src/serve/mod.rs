@@ -35,6 +35,7 @@ pub mod auth;
 pub mod backoff;
 pub mod client;
 pub mod controller;
+pub mod exposition;
 pub mod git;
 pub mod http;
 pub mod incoming;
