@@ -346,6 +346,57 @@ fn webhooks_need_a_valid_signature() {
     assert_eq!(code, 202, "{answer}");
     serve.wait_for("the second revision applied", applied(&second));
     eprintln!("webhook to applied: {:?}", sent.elapsed());
+
+    // A body over the limit (25 MiB, README) gets a JSON error and a log line.
+    let (code, answer) = oversized_webhook(&serve.addr, (25 << 20) + 1);
+    assert_eq!(code, 413, "{answer}");
+    let error: Value = serde_json::from_str(&answer).expect("a JSON error");
+    assert_eq!(
+        error["error"], "webhook refused: the body is larger than 26214400 bytes",
+        "{answer}"
+    );
+    assert!(
+        serve
+            .log()
+            .contains("webhook refused: its body could not be read"),
+        "{}",
+        serve.log()
+    );
+}
+
+/// POSTs a `len`-byte webhook body (spaces) and returns the answer; the service may
+/// answer before the body is sent whole, so a failed write is not an error.
+fn oversized_webhook(addr: &str, len: usize) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        stream,
+        "POST /hooks/git HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+         X-Hub-Signature-256: sha256=00\r\nContent-Length: {len}\r\n\r\n"
+    )
+    .expect("send the head");
+    let chunk = vec![b' '; 1 << 20];
+    let mut sent = 0;
+    while sent < len {
+        let n = chunk.len().min(len - sent);
+        if stream.write_all(&chunk[..n]).is_err() {
+            break;
+        }
+        sent += n;
+    }
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    let response = String::from_utf8_lossy(&response);
+    let (head, body) = response.split_once("\r\n\r\n").expect("an answer");
+    let code = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, body.to_owned())
 }
 
 #[test]
@@ -372,6 +423,11 @@ fn a_restart_adopts_running_guests_and_never_starts_them_twice() {
     assert!(
         serve.log().contains("guests keep running"),
         "{}",
+        serve.log()
+    );
+    assert!(
+        !serve.log().contains("cancelling"),
+        "no migration was in flight, none is said to be cancelled:\n{}",
         serve.log()
     );
     let fleet = fs::read_to_string(state.join("sim-fleet.json")).expect("fleet state");

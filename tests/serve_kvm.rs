@@ -939,13 +939,13 @@ fn sigterm_on_the_source_mid_migration_cancels_it_and_the_guest_stays() {
         },
     );
     assert_eq!(fleet.hosts[0].terminate(), Some(0), "a clean stop");
-    assert!(
-        fleet.hosts[0]
-            .log_text()
-            .contains("cancelling the migration"),
-        "{}",
-        fleet.hosts[0].log_text()
-    );
+    let log = fleet.hosts[0].log_text();
+    assert!(log.contains("cancelling the migration"), "{log}");
+    let stopping = log
+        .lines()
+        .find(|l| l.contains("stopping: cancelling the migrations in flight"))
+        .unwrap_or_else(|| panic!("the stop names the migration in flight:\n{log}"));
+    assert!(stopping.contains(&name), "{stopping}");
     assert_eq!(
         vmm_pid(&fleet.hosts[0], &name),
         Some(pid),
