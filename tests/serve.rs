@@ -214,6 +214,22 @@ fn guest<'a>(status: &'a Value, name: &str) -> Option<&'a Value> {
         .find(|g| g["name"] == name)
 }
 
+/// The service's condition of type `kind` (`Null` when absent).
+fn condition<'a>(status: &'a Value, kind: &str) -> &'a Value {
+    status["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == kind))
+        .unwrap_or(&Value::Null)
+}
+
+/// A guest's condition of type `kind`; it must be there.
+fn guest_condition<'a>(guest: &'a Value, kind: &str) -> &'a Value {
+    guest["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == kind))
+        .unwrap_or_else(|| panic!("no {kind} condition: {guest}"))
+}
+
 fn metric(serve: &Serve, line_start: &str) -> Option<f64> {
     let (_, text) = http(&serve.addr, "GET", "/metrics", &[], "");
     text.lines()
@@ -237,11 +253,27 @@ fn commits_are_applied_through_the_watch_and_invalid_ones_are_refused() {
         &[],
     );
 
-    let status = serve.wait_for("the first revision applied", applied(&first));
+    let status = serve.wait_for("the first revision applied", |s| {
+        applied(&first)(s) && condition(s, "Ready")["status"] == "True"
+    });
     assert_eq!(status["host"], "kvm01");
     assert_eq!(status["driver"], "sim");
     assert_eq!(status["ready"], true);
     assert_eq!(guest(&status, "web-1").expect("web-1")["phase"], "Running");
+    // Kubernetes-style: the service's and the guest's conditions, the revisions.
+    assert_eq!(status["lastAppliedRevision"], first.as_str());
+    assert_eq!(status["lastAttemptedRevision"], first.as_str());
+    assert_eq!(condition(&status, "Ready")["reason"], "Converged");
+    let web = guest(&status, "web-1").expect("web-1");
+    assert_eq!(web["observedRevision"], first.as_str());
+    let ready = guest_condition(web, "Ready");
+    assert_eq!(
+        (&ready["status"], &ready["reason"]),
+        (&"True".into(), &"InSync".into())
+    );
+    assert!(ready["lastTransitionTime"]
+        .as_str()
+        .is_some_and(|t| t.ends_with('Z')));
     assert!(
         guest(&status, "db-1").is_none(),
         "kvm02's guest is not acted on here"
@@ -250,11 +282,15 @@ fn commits_are_applied_through_the_watch_and_invalid_ones_are_refused() {
     // A live change, noticed through the filesystem watch (poll is 1 h, no webhook).
     let committed = Instant::now();
     let second = repo.commit(&[("guests.yaml", &guests(300))], "io weight 300");
-    serve.wait_for("the second revision applied", applied(&second));
+    let status = serve.wait_for("the second revision applied", |s| {
+        applied(&second)(s)
+            && guest(s, "web-1").is_some_and(|g| g["observedRevision"] == second.as_str())
+    });
     eprintln!(
         "commit to applied through the watch: {:?}",
         committed.elapsed()
     );
+    let web_ready = guest_condition(guest(&status, "web-1").expect("web-1"), "Ready").clone();
     assert_eq!(
         metric(&serve, "berth_actions_total{kind=\"retune\",result=\"ok\"}"),
         Some(1.0)
@@ -281,6 +317,18 @@ fn commits_are_applied_through_the_watch_and_invalid_ones_are_refused() {
     assert_eq!(status["enforcing"], second.as_str());
     assert_eq!(status["lastApplied"]["revision"], second.as_str());
     assert_eq!(status["source"]["revision"], third.as_str());
+    assert_eq!(status["lastAppliedRevision"], second.as_str());
+    assert_eq!(status["lastAttemptedRevision"], third.as_str());
+    let stalled = condition(&status, "Stalled");
+    assert_eq!(
+        (&stalled["status"], &stalled["reason"]),
+        (&"True".into(), &"RevisionInvalid".into())
+    );
+    assert_eq!(condition(&status, "Ready")["status"], "False");
+    // web-1 stayed ready all along: its Ready condition did not flip, nor its time.
+    let web = guest(&status, "web-1").expect("web-1");
+    assert_eq!(guest_condition(web, "Ready"), &web_ready);
+    assert_eq!(web["observedRevision"], second.as_str());
 
     // `berth status` prints the same as a table.
     let out = command("berth")
@@ -294,6 +342,27 @@ fn commits_are_applied_through_the_watch_and_invalid_ones_are_refused() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(table.contains("guests.yaml:8:"), "{table}");
+    assert!(
+        table.contains("Ready=False (RevisionInvalid), Stalled=True (RevisionInvalid)"),
+        "{table}"
+    );
+    assert!(
+        table.lines().any(|l| l.starts_with("web-1")
+            && l.contains("True (InSync)")
+            && l.contains(&second[..12])),
+        "{table}"
+    );
+    // And -o yaml (or the old --json) the same document as /status.
+    for args in [&["-o", "yaml"][..], &["--json"], &["-o", "json"]] {
+        let out = command("berth")
+            .args(["status", "--server", &format!("http://{}", serve.addr)])
+            .args(args)
+            .output()
+            .expect("berth status");
+        assert!(out.status.success(), "{args:?}");
+        let doc: Value = serde_yaml::from_slice(&out.stdout).expect("YAML (JSON is YAML)");
+        assert_eq!(doc["lastAttemptedRevision"], third.as_str(), "{args:?}");
+    }
     assert!(
         table
             .lines()

@@ -884,15 +884,16 @@ fn stopping_the_destination_mid_migration_keeps_the_guest_on_the_source() {
         a.guest_status(&name).is_some_and(|g| {
             g["conditions"]
                 .as_array()
-                .is_some_and(|c| c.iter().any(|c| c["type"] == "Failed"))
+                .is_some_and(|c| c.iter().any(|c| c["type"] == "MigrationFailed"))
         })
     });
     let g = a.guest_status(&name).expect("listed");
     let failed = g["conditions"]
         .as_array()
-        .and_then(|c| c.iter().find(|c| c["type"] == "Failed"))
-        .expect("a Failed condition")
+        .and_then(|c| c.iter().find(|c| c["type"] == "MigrationFailed"))
+        .expect("a MigrationFailed condition")
         .to_string();
+    assert!(failed.contains("OutgoingMigrationFailed"), "{failed}");
     assert!(failed.contains("stays on kvm01"), "{failed}");
     assert_eq!(
         vmm_pid(a, &name),

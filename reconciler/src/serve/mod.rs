@@ -34,6 +34,7 @@
 pub mod auth;
 pub mod backoff;
 pub mod client;
+pub mod conditions;
 pub mod controller;
 pub mod exposition;
 pub mod git;

@@ -12,7 +12,7 @@ use crate::driver::sim::{SimDriver, SimOp};
 use crate::driver::DriverError;
 use crate::model::ObservedHost;
 use crate::serve::source::Trigger;
-use crate::serve::status::Status;
+use crate::serve::status::{ConditionStatus, Status};
 
 const HOSTS: &str = "\
 apiVersion: berth.dev/v1
@@ -217,8 +217,16 @@ async fn failures_back_off_per_guest_and_others_go_on() {
     let failed = a
         .conditions
         .iter()
-        .find(|c| c.kind == "Failed")
-        .expect("Failed condition");
+        .find(|c| c.kind == ConditionType::Ready)
+        .expect("Ready condition");
+    assert_eq!(
+        (failed.status, failed.reason),
+        (ConditionStatus::False, Reason::ActionFailed)
+    );
+    assert!(a
+        .conditions
+        .iter()
+        .any(|c| c.kind == ConditionType::Reconciling && c.reason == Reason::RetryingAfterFailure));
     assert!(
         failed.message.contains("simulated failure"),
         "{}",
@@ -256,7 +264,7 @@ async fn suspended_guests_are_left_alone() {
     assert!(status.guests[0]
         .conditions
         .iter()
-        .any(|c| c.kind == "Suspended"));
+        .any(|c| c.kind == ConditionType::Suspended));
     // Several resyncs later, still untouched.
     tokio::time::sleep(Duration::from_millis(350)).await;
     assert_eq!(sim.log(), vec!["start a on kvm01"]);
@@ -358,9 +366,11 @@ async fn one_action_per_guest_at_a_time_and_shutdown_waits_for_it() {
     // A new revision's retune is in flight when the service is told to stop.
     h.send(revision(2, &[guest("a", "kvm01", 300, "")])).await;
     h.wait_for("retune in flight", |s| {
-        s.guests
-            .iter()
-            .any(|g| g.conditions.iter().any(|c| c.kind == "Progressing"))
+        s.guests.iter().any(|g| {
+            g.conditions
+                .iter()
+                .any(|c| c.kind == ConditionType::Reconciling && c.reason == Reason::ActionInFlight)
+        })
     })
     .await;
     h.stop().await;
