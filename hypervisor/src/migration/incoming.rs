@@ -299,14 +299,12 @@ fn handover(
     };
     vmm.remove_cgroup().map_err(|e| e.to_string())?;
     vmm.set_cgroup(cgroup);
-    let old_log = target.console_path();
-    if old_log.exists() {
-        let _ = std::fs::rename(&old_log, old_log.with_extension("log.1"));
-    }
+    // The guest's console history (the source's console.log, for a local migration)
+    // stays: what the guest wrote since the commit is appended to it.
     vmm.devices()
         .serial()
         .log_mut()
-        .relocate(&target.console_path())
+        .relocate_appending(&target.console_path())
         .map_err(|e| format!("cannot move the console log: {e}"))?;
     let mut slot = current.lock().unwrap_or_else(|e| e.into_inner());
     let socket = slot

@@ -18,7 +18,7 @@
 //! - Guests annotated `berth.dev/suspend: "true"` are left alone (the plan reports them
 //!   as suspended).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,7 +34,8 @@ use super::metrics::Metrics;
 use super::placement::{Placements, StartGuard};
 use super::source::{Revision, SourceEvent};
 use super::status::{
-    now_rfc3339, Applied, Condition, GuestStatus, LastError, Problem, StatusStore,
+    now_rfc3339, Applied, Condition, ConditionType, GuestStatus, LastError, Problem, Reason,
+    StatusStore,
 };
 use super::switchover::Switchovers;
 use crate::apply::execute_step;
@@ -111,8 +112,11 @@ pub struct Controller {
     backoffs: Backoffs,
     /// Actions in flight, by key (guest name, or `host/<name>`).
     in_flight: HashMap<String, &'static str>,
-    /// The last error of each key whose last action failed.
-    failures: HashMap<String, String>,
+    /// The last error of each key whose last action failed, with the action's kind.
+    failures: HashMap<String, (&'static str, String)>,
+    /// The enforced revision each guest was last reconciled at (found in sync, or an
+    /// action done): its `observedRevision`.
+    observed_revisions: HashMap<String, CommitId>,
     /// Why each key's start waits for another host.
     waiting: HashMap<String, String>,
     completions: (
@@ -145,6 +149,7 @@ impl Controller {
             converged_on: None,
             in_flight: HashMap::new(),
             failures: HashMap::new(),
+            observed_revisions: HashMap::new(),
             waiting: HashMap::new(),
             completions: mpsc::unbounded_channel(),
         }
@@ -272,6 +277,7 @@ impl Controller {
             trigger,
         } = revision;
         self.status.update(|s| {
+            s.last_attempted_revision = Some(commit.to_string());
             s.source.revision = Some(commit.to_string());
             s.source.seen_at = Some(now_rfc3339());
         });
@@ -342,6 +348,11 @@ impl Controller {
                 self.backoffs.succeeded(&done.key);
                 self.failures.remove(&done.key);
                 self.waiting.remove(&done.key);
+                // Acted on at the revision enforced now (a newer one that came in
+                // meanwhile is checked by the next pass, which records it if in sync).
+                if let Some((revision, _)) = &self.enforcing {
+                    self.observed_revisions.insert(done.key, revision.clone());
+                }
             }
             Outcome::Failed(e) => {
                 self.metrics.action(done.kind, false, done.took);
@@ -352,7 +363,7 @@ impl Controller {
                     failures = retry.failures, retry_in = ?wait, "action failed"
                 );
                 self.waiting.remove(&done.key);
-                self.failures.insert(done.key, e);
+                self.failures.insert(done.key, (done.kind, e));
             }
             Outcome::Waiting(why) => {
                 // Asked again with backoff: the peer answers cheaply, and a migration
@@ -409,7 +420,7 @@ impl Controller {
             }
         });
         let Some((revision, desired)) = self.enforcing.clone() else {
-            let guests = self.guest_statuses(&Desired::default(), &observed, None);
+            let guests = self.guest_statuses(&Desired::default(), &observed, None, false);
             self.status.update(|s| s.guests = guests);
             return;
         };
@@ -444,7 +455,16 @@ impl Controller {
                 });
             });
         }
-        let guests = self.guest_statuses(&desired, &observed, Some(&plan));
+        let planned: HashSet<&str> = plan.guests.iter().map(|g| g.name.as_str()).collect();
+        let here = self.config.host.as_str();
+        for g in desired.guests.iter().filter(|g| g.spec.host == here) {
+            let name = g.metadata.name.as_str();
+            if !planned.contains(name) && !self.in_flight.contains_key(name) {
+                self.observed_revisions
+                    .insert(name.to_owned(), revision.clone());
+            }
+        }
+        let guests = self.guest_statuses(&desired, &observed, Some(&plan), drift);
         self.status.update(|s| s.guests = guests);
         self.metrics
             .reconcile_duration
@@ -536,12 +556,15 @@ impl Controller {
         });
     }
 
-    /// Every guest placed on this host, running on it, or on its way to it.
+    /// Every guest placed on this host, running on it, or on its way to it, with its
+    /// conditions ([`super::conditions`]). `drift`: the host had converged to the
+    /// enforced revision, so a change planned now was made outside berth.
     fn guest_statuses(
         &self,
         desired: &Desired,
         observed: &Observed,
         plan: Option<&Plan>,
+        drift: bool,
     ) -> Vec<GuestStatus> {
         let me = self.config.host.as_str();
         let plans: HashMap<&str, &GuestPlan> = plan
@@ -577,77 +600,106 @@ impl Controller {
             }
         }
         for (name, status) in &mut out {
-            let conditions = &mut status.conditions;
-            match plans.get(name.as_str()) {
-                None => conditions.push(Condition::new("Synced", true, "InSync", "")),
-                Some(p) => {
-                    let message = p.reason.clone().unwrap_or_else(|| {
-                        let fields: Vec<String> =
-                            p.changes.iter().map(|c| c.diff.field.to_string()).collect();
-                        if fields.is_empty() {
-                            p.operation.describe().to_owned()
-                        } else {
-                            format!("{}: {}", p.operation.describe(), fields.join(", "))
-                        }
-                    });
-                    let incoming = p.to.as_deref() == Some(me) && p.host != me;
-                    let reason = match p.operation {
-                        Operation::Blocked => "Blocked",
-                        Operation::Suspended => "Suspended",
-                        Operation::Orphan => "Orphan",
-                        Operation::Migrating => "Migrating",
-                        _ if incoming => "WaitingForMigration",
-                        _ => "Changes",
-                    };
-                    match reason {
-                        "Changes" => {}
-                        "WaitingForMigration" => {
-                            status.phase = reason.into();
-                            status.host = p.host.clone();
-                        }
-                        _ => status.phase = reason.into(),
+            let mut c = GuestConditions::default();
+            if let Some(p) = plans.get(name.as_str()) {
+                let message = p.reason.clone().unwrap_or_else(|| {
+                    let fields: Vec<String> =
+                        p.changes.iter().map(|c| c.diff.field.to_string()).collect();
+                    if fields.is_empty() {
+                        p.operation.describe().to_owned()
+                    } else {
+                        format!("{}: {}", p.operation.describe(), fields.join(", "))
                     }
-                    conditions.push(Condition::new("Synced", false, reason, message));
-                    if p.operation == Operation::Suspended {
-                        conditions.push(Condition::new("Suspended", true, "Annotation", ""));
+                });
+                let incoming = p.to.as_deref() == Some(me) && p.host != me;
+                let reason = match p.operation {
+                    Operation::Blocked => Reason::Blocked,
+                    Operation::Suspended => Reason::Suspended,
+                    Operation::Orphan => Reason::Orphan,
+                    Operation::Migrating => Reason::Migrating,
+                    _ if incoming => Reason::WaitingForMigration,
+                    _ => Reason::ChangesPending,
+                };
+                match reason {
+                    Reason::ChangesPending => {}
+                    Reason::WaitingForMigration => {
+                        status.phase = "WaitingForMigration".into();
+                        status.host = p.host.clone();
                     }
+                    _ => status.phase = format!("{reason:?}"),
+                }
+                c.not_ready(reason, &message);
+                match reason {
+                    Reason::Blocked => c.stalled = Some((Reason::Blocked, message.clone())),
+                    Reason::Suspended => c.extra.push(Condition::new(
+                        ConditionType::Suspended,
+                        true,
+                        Reason::Annotation,
+                        "reconciling is suspended (berth.dev/suspend)",
+                    )),
+                    Reason::Orphan => {}
+                    _ => c.reconciling = Some((reason, message.clone())),
+                }
+                let acts = !matches!(
+                    p.operation,
+                    Operation::Blocked
+                        | Operation::Suspended
+                        | Operation::Orphan
+                        | Operation::Migrating
+                );
+                if drift && acts {
+                    c.extra.push(Condition::new(
+                        ConditionType::Drifted,
+                        true,
+                        Reason::ChangedOutsideBerth,
+                        &message,
+                    ));
+                }
+                let restart = match p.operation {
+                    Operation::LocalMigrate => Some(Reason::LocalMigration),
+                    Operation::Restart => Some(Reason::Restart),
+                    _ => None,
+                };
+                if let Some(how) = restart {
+                    c.extra.push(Condition::new(
+                        ConditionType::RestartRequired,
+                        true,
+                        how,
+                        &message,
+                    ));
                 }
             }
             if let Some(kind) = self.in_flight.get(name.as_str()) {
                 if matches!(*kind, "migrate" | "local_migrate") {
                     status.phase = "Migrating".into();
                 }
-                conditions.push(Condition::new("Progressing", true, "ActionInFlight", *kind));
+                c.reconciling = Some((Reason::ActionInFlight, (*kind).to_owned()));
             }
             if let Some(why) = self.waiting.get(name.as_str()) {
                 status.phase = "WaitingForMigration".into();
-                conditions.push(Condition::new(
-                    "Synced",
-                    false,
-                    "WaitingForMigration",
-                    why.clone(),
-                ));
-                conditions.retain(|c| c.kind != "Synced" || c.reason == "WaitingForMigration");
+                c.not_ready(Reason::WaitingForMigration, why);
+                c.reconciling = Some((Reason::WaitingForMigration, why.clone()));
             }
             if let Some(note) = self
                 .incoming_notes
                 .as_ref()
                 .and_then(|n| n.get(name.as_str()))
             {
-                conditions.push(Condition::new(
-                    "MigrationFailed",
+                c.extra.push(Condition::new(
+                    ConditionType::MigrationFailed,
                     true,
-                    "IncomingMigrationFailed",
+                    Reason::IncomingMigrationFailed,
                     note,
                 ));
             }
             if let Some(unresolved) = self.switchovers.as_ref().and_then(|s| s.get(name.as_str())) {
                 status.phase = "SwitchoverUnknown".into();
-                conditions.push(unresolved.condition());
+                let condition = unresolved.condition();
+                c.not_ready(Reason::SwitchoverUnknown, &condition.message);
+                c.reconciling = Some((Reason::SwitchoverUnknown, condition.message.clone()));
+                c.extra.push(condition);
                 // The migration's own failure says the same, less precisely.
-                continue;
-            }
-            if let Some(e) = self.failures.get(name.as_str()) {
+            } else if let Some((kind, e)) = self.failures.get(name.as_str()) {
                 status.phase = "Failed".into();
                 let retry = self.backoffs.get(name).map_or(String::new(), |r| {
                     let wait = r.not_before.saturating_duration_since(Instant::now());
@@ -657,30 +709,77 @@ impl Controller {
                         wait.as_secs_f64()
                     )
                 });
-                conditions.push(Condition::new(
-                    "Failed",
-                    true,
-                    "ActionFailed",
-                    format!("{e}{retry}"),
-                ));
+                let message = format!("{kind}: {e}{retry}");
+                c.not_ready(Reason::ActionFailed, &message);
+                c.reconciling = Some((Reason::RetryingAfterFailure, message.clone()));
+                if matches!(*kind, "migrate" | "local_migrate" | "cold_migrate") {
+                    c.extra.push(Condition::new(
+                        ConditionType::MigrationFailed,
+                        true,
+                        Reason::OutgoingMigrationFailed,
+                        message,
+                    ));
+                }
             }
+            status.observed_revision = self.observed_revisions.get(name).map(ToString::to_string);
+            status.conditions = c.into_conditions();
         }
         // Guests migrating to this host from elsewhere are shown as waiting for it.
         if let Some(plan) = plan {
             for p in &plan.guests {
                 if p.to.as_deref() == Some(me) && p.host != me && !out.contains_key(&p.name) {
                     let mut status = guest_status(&p.name, &p.host, "WaitingForMigration");
-                    status.conditions.push(Condition::new(
-                        "Synced",
-                        false,
-                        "WaitingForMigration",
-                        format!("{} from {}", p.operation.describe(), p.host),
-                    ));
+                    let message = format!("{} from {}", p.operation.describe(), p.host);
+                    let mut c = GuestConditions::default();
+                    c.not_ready(Reason::WaitingForMigration, &message);
+                    c.reconciling = Some((Reason::WaitingForMigration, message));
+                    status.conditions = c.into_conditions();
                     out.insert(p.name.clone(), status);
                 }
             }
         }
         out.into_values().collect()
+    }
+}
+
+/// A guest's conditions while they are worked out: `Ready` (in sync until something
+/// says otherwise), `Reconciling` and `Stalled` when set, and berth's own.
+struct GuestConditions {
+    ready: (bool, Reason, String),
+    reconciling: Option<(Reason, String)>,
+    stalled: Option<(Reason, String)>,
+    extra: Vec<Condition>,
+}
+
+impl Default for GuestConditions {
+    fn default() -> Self {
+        GuestConditions {
+            ready: (true, Reason::InSync, String::new()),
+            reconciling: None,
+            stalled: None,
+            extra: Vec::new(),
+        }
+    }
+}
+
+impl GuestConditions {
+    fn not_ready(&mut self, reason: Reason, message: &str) {
+        self.ready = (false, reason, message.to_owned());
+    }
+
+    fn into_conditions(self) -> Vec<Condition> {
+        let (ready, reason, message) = self.ready;
+        let mut out = vec![Condition::new(ConditionType::Ready, ready, reason, message)];
+        for (kind, state) in [
+            (ConditionType::Reconciling, self.reconciling),
+            (ConditionType::Stalled, self.stalled),
+        ] {
+            if let Some((reason, message)) = state {
+                out.push(Condition::new(kind, true, reason, message));
+            }
+        }
+        out.extend(self.extra);
+        out
     }
 }
 
@@ -690,6 +789,7 @@ fn guest_status(name: &str, host: &str, phase: &str) -> GuestStatus {
         host: host.to_owned(),
         phase: phase.to_owned(),
         runs_here: false,
+        observed_revision: None,
         conditions: Vec::new(),
     }
 }

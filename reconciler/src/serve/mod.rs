@@ -34,7 +34,9 @@
 pub mod auth;
 pub mod backoff;
 pub mod client;
+pub mod conditions;
 pub mod controller;
+pub mod exposition;
 pub mod git;
 pub mod http;
 pub mod incoming;
@@ -115,12 +117,13 @@ pub struct ServeArgs {
     /// How long to let filesystem events settle before reading the head.
     #[arg(long, default_value = "50ms")]
     pub debounce: berth_schema::Duration,
-    /// A file holding the webhook secret (as configured on the git host). Without it,
-    /// every webhook is refused.
+    /// A file holding the webhook secret (as configured on the git host); whitespace at
+    /// its ends (the final newline) is trimmed. Without it, every webhook is refused.
+    /// Webhook bodies are read up to 25 MiB (GitHub sends at most 25 MB).
     #[arg(long)]
     pub webhook_secret_file: Option<PathBuf>,
-    /// A file holding the fleet's shared secret for the peer API. Without it, every
-    /// peer request is refused.
+    /// A file holding the fleet's shared secret for the peer API; whitespace at its
+    /// ends is trimmed. Without it, every peer request is refused.
     #[arg(long)]
     pub fleet_secret_file: Option<PathBuf>,
     /// Log format on stderr.
@@ -436,10 +439,15 @@ async fn serve(
     let controller = tokio::spawn(controller.run(event_rx, shutdown_rx));
 
     wait_for_signal().await.map_err(ServeError::Signals)?;
-    info!("stopping: cancelling a migration in flight, finishing the other actions; guests keep running");
     let _ = shutdown.send(true);
-    if let Some((driver, _)) = &local {
-        driver.cancel();
+    let migrating = local
+        .as_ref()
+        .map(|(driver, _)| driver.cancel())
+        .unwrap_or_default();
+    if migrating.is_empty() {
+        info!("stopping: finishing the actions in flight; guests keep running");
+    } else {
+        info!(guests = %migrating.join(","), "stopping: cancelling the migrations in flight that have not reached their switchover, finishing the other actions; guests keep running");
     }
     if let Err(e) = controller.await {
         error!(error = %e, "the reconcile loop failed");

@@ -198,6 +198,7 @@ mod tests {
                     host: "kvm01".into(),
                     phase: "Running".into(),
                     runs_here: true,
+                    observed_revision: None,
                     conditions: Vec::new(),
                 })
                 .collect();

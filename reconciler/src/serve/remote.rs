@@ -196,9 +196,11 @@ impl ServeDriver {
         }
     }
 
-    /// Cancels the migrations in flight (before their switchover) and refuses new ones.
-    pub fn cancel(&self) {
+    /// Cancels the migrations in flight (before their switchover) and refuses new ones;
+    /// returns the guests that were migrating.
+    pub fn cancel(&self) -> Vec<String> {
         self.local.cancel_migrations();
+        self.local.outgoing_in_flight()
     }
 
     fn me(&self) -> &str {

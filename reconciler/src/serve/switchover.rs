@@ -37,7 +37,7 @@ use super::auth::Secret;
 use super::backoff::{BackoffPolicy, Backoffs};
 use super::client;
 use super::metrics::Metrics;
-use super::status::{now_rfc3339, Condition};
+use super::status::{now_rfc3339, Condition, ConditionType, Reason};
 use crate::driver::local::{Resolved, UnknownSwitchover};
 use crate::driver::LocalDriver;
 
@@ -77,7 +77,7 @@ impl Unresolved {
             .as_secs_f64();
         let (reason, message) = if self.recorded {
             (
-                "DestinationUnanswered",
+                Reason::DestinationUnanswered,
                 format!(
                     "the switchover to {peer} is unknown and {peer} has not said whether it \
                      runs the guest ({error}); the guest stays paused here, never resumed \
@@ -90,7 +90,7 @@ impl Unresolved {
             )
         } else {
             (
-                "DestinationNotRecorded",
+                Reason::DestinationNotRecorded,
                 format!(
                     "the switchover is unknown and no record says where the guest went \
                      ({error}); the guest stays paused here: once you know whether the \
@@ -99,7 +99,7 @@ impl Unresolved {
                 ),
             )
         };
-        Condition::new("SwitchoverUnknown", true, reason, message)
+        Condition::new(ConditionType::SwitchoverUnknown, true, reason, message)
     }
 }
 
@@ -422,8 +422,12 @@ mod tests {
         };
         let c = unresolved.condition();
         assert_eq!(
-            (c.kind.as_str(), c.status.as_str(), c.reason.as_str()),
-            ("SwitchoverUnknown", "True", "DestinationUnanswered")
+            (c.kind, c.status, c.reason),
+            (
+                ConditionType::SwitchoverUnknown,
+                crate::serve::status::ConditionStatus::True,
+                Reason::DestinationUnanswered
+            )
         );
         for part in [
             "to kvm02",
@@ -439,7 +443,7 @@ mod tests {
             ..unresolved
         }
         .condition();
-        assert_eq!(c.reason, "DestinationNotRecorded");
+        assert_eq!(c.reason, Reason::DestinationNotRecorded);
         assert!(c.message.contains("migrateResolve"), "{}", c.message);
     }
 

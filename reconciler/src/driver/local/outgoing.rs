@@ -98,6 +98,14 @@ impl LocalDriver {
         self.outgoing.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The guests whose migration away this process follows now (local ones too), in
+    /// name order.
+    pub fn outgoing_in_flight(&self) -> Vec<String> {
+        let mut guests: Vec<String> = self.followed().iter().cloned().collect();
+        guests.sort();
+        guests
+    }
+
     /// Marks a migration of `guest` away from this VMM as followed by this process.
     ///
     /// # Errors
@@ -340,6 +348,7 @@ mod tests {
         {
             let _guard = local.begin_outgoing("web-1").expect("not followed yet");
             assert!(local.begin_outgoing("web-1").is_err(), "followed once");
+            assert_eq!(local.outgoing_in_flight(), ["web-1"]);
             assert!(local.unknown_switchovers().is_empty());
             assert!(local.outgoing_record("web-1").is_some());
         }
