@@ -1,6 +1,7 @@
 //! `cargo bench -p berth-schema --bench scale`: loading and validating 20,000 guests on
 //! 2,000 hosts (one file per guest, the hosts in one file), as `berth validate` does
-//! after reading the files. Prints the median and the spread of the runs, and the load
+//! after reading the files. Prints the median and the spread of the runs, the CPU time
+//! they took (which a busy machine changes less than the wall time), and the load
 //! average, so figures from a shared machine can be judged.
 
 use std::time::{Duration, Instant};
@@ -37,6 +38,20 @@ fn repository(guests: usize, hosts: usize) -> Vec<(String, String)> {
     files
 }
 
+/// CPU time used by this process so far (user + system, every thread), from
+/// `/proc/self/stat`, in clock ticks of 10 ms.
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<u64> = after_name
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    Duration::from_millis(fields.iter().sum::<u64>() * 10)
+}
+
 fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
@@ -54,22 +69,27 @@ fn main() {
     };
     let files = repository(guests, hosts);
     let mut times: Vec<Duration> = Vec::new();
+    let mut cpu: Vec<Duration> = Vec::new();
     for _ in 0..runs {
         let files = files.clone();
-        let start = Instant::now();
+        let (start, cpu_start) = (Instant::now(), cpu_time());
         let v = berth_schema::load_files(files).expect("the generated repository is valid");
         times.push(start.elapsed());
+        cpu.push(cpu_time().saturating_sub(cpu_start));
         assert_eq!(v.manifests.guests.len(), guests);
         assert_eq!(v.manifests.hosts.len(), hosts);
     }
     times.sort();
+    cpu.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     println!(
-        "| {guests} guests, {hosts} hosts, {} files | median {:.0} ms (min {:.0}, max {:.0}, {runs} runs) | load average {} |",
+        "| {guests} guests, {hosts} hosts, {} files | wall: median {:.0} ms (min {:.0}, max {:.0}, {runs} runs) | \
+         CPU (all threads): median {:.0} ms | load average {} |",
         files.len(),
         ms(times[times.len() / 2]),
         ms(times[0]),
         ms(times[times.len() - 1]),
+        ms(cpu[cpu.len() / 2]),
         load_average()
     );
 }

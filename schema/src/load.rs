@@ -367,13 +367,12 @@ fn load_file(file: &str, bytes: &[u8]) -> FileResult {
             continue;
         }
         result.seen_documents += 1;
-        let spans = SourceMap::of(&doc);
-        match check_and_type(file, &doc, &spans, &mut result.diagnostics) {
+        match check_and_type(file, &doc, &mut result.diagnostics) {
             Some(typed) => {
                 let origin = Origin {
                     file: file.to_owned(),
                     at: doc.at,
-                    spans,
+                    spans: SourceMap::of(doc),
                 };
                 result.documents.push((origin, typed));
             }
@@ -459,12 +458,7 @@ fn is_json_schema(doc: &Node) -> bool {
 }
 
 /// Structural checks, then deserialization into the manifest types.
-fn check_and_type(
-    file: &str,
-    doc: &Node,
-    spans: &SourceMap,
-    out: &mut Vec<Diagnostic>,
-) -> Option<Typed> {
+fn check_and_type(file: &str, doc: &Node, out: &mut Vec<Diagnostic>) -> Option<Typed> {
     let before = out.len();
     let kind = check_document(file, doc, out)?;
     if out.len() > before {
@@ -494,11 +488,12 @@ fn check_and_type(
                     _ => {}
                 }
             }
-            let at = match spans.nearest(&path) {
-                Some((p, span)) if p == path => span.value,
-                Some((_, span)) => span.key.unwrap_or(span.value),
-                None => doc.at,
+            let origin = Origin {
+                file: file.to_owned(),
+                at: doc.at,
+                spans: SourceMap::of(doc.clone()),
             };
+            let at = origin.locate(&path);
             out.push(Diagnostic::error(
                 file,
                 Some(at),

@@ -20,14 +20,14 @@ pub(crate) const MAX_DEPTH: usize = 64;
 pub(crate) const MAX_NODES: usize = 200_000;
 
 /// A node of a YAML document and where it starts.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Node {
     pub value: Value,
     pub at: Location,
 }
 
 /// The value of a node, with plain scalars resolved as YAML 1.2's core schema does.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Value {
     Null,
     Bool(bool),
@@ -40,7 +40,7 @@ pub(crate) enum Value {
 }
 
 /// A mapping entry; keys are scalars.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Entry {
     /// The key as written.
     pub key: String,
