@@ -30,7 +30,7 @@ use crate::cli::write_stdout;
 /// Arguments of `berth apply`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// A manifest directory (searched recursively for *.yaml and *.yml) or one file.
+    /// A manifest directory (searched recursively for *.yaml, *.yml and *.json) or one file.
     /// Not with --rev.
     #[arg(conflicts_with = "rev")]
     pub path: Option<PathBuf>,

@@ -12,7 +12,7 @@ use crate::cli::{write_stdout, EXIT_INVALID};
 /// Arguments of `berth validate`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// A manifest directory (searched recursively for *.yaml and *.yml) or one file.
+    /// A manifest directory (searched recursively for *.yaml, *.yml and *.json) or one file.
     #[arg(default_value = ".")]
     pub path: PathBuf,
     /// How to print the problems.
