@@ -61,13 +61,30 @@ fn load_average() -> String {
 fn main() {
     // `cargo bench` passes `--bench`; `cargo test --benches` runs this with no flag:
     // keep that run small.
-    let full = std::env::args().any(|a| a == "--bench");
+    // `-- --write-to DIR` writes the repository to DIR instead, for timing
+    // `berth validate DIR`.
+    let args: Vec<String> = std::env::args().collect();
+    let full = args.iter().any(|a| a == "--bench");
     let (guests, hosts, runs) = if full {
         (20_000, 2_000, 11)
     } else {
         (200, 20, 1)
     };
     let files = repository(guests, hosts);
+    if let Some(dir) = args
+        .iter()
+        .position(|a| a == "--write-to")
+        .and_then(|i| args.get(i + 1))
+    {
+        let dir = std::path::Path::new(dir);
+        for (name, text) in &files {
+            let path = dir.join(name);
+            std::fs::create_dir_all(path.parent().expect("a file has a parent")).expect("mkdir");
+            std::fs::write(path, text).expect("write a manifest");
+        }
+        println!("{} files written to {}", files.len(), dir.display());
+        return;
+    }
     let mut times: Vec<Duration> = Vec::new();
     let mut cpu: Vec<Duration> = Vec::new();
     for _ in 0..runs {
