@@ -32,7 +32,7 @@ use crate::cli::write_stdout;
 /// Arguments of `berth apply`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// A manifest directory (searched recursively for *.yaml and *.yml) or one file;
+    /// A manifest directory (searched recursively for *.yaml, *.yml and *.json) or one file;
     /// `-` reads one manifest file from standard input (then only --yes confirms).
     /// Not with --rev.
     #[arg(conflicts_with = "rev")]

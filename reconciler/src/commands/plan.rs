@@ -28,7 +28,7 @@ use crate::cli::write_stdout;
 /// Arguments of `berth plan`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// A manifest directory (searched recursively for *.yaml and *.yml) or one file;
+    /// A manifest directory (searched recursively for *.yaml, *.yml and *.json) or one file;
     /// `-` reads one manifest file from standard input. Not with --base/--head.
     #[arg(conflicts_with_all = ["base", "head"])]
     pub path: Option<PathBuf>,

@@ -83,7 +83,7 @@ pub struct ServeArgs {
     #[arg(long, default_value = "main")]
     pub branch: String,
     /// Read only the manifests under this directory of the repository (by default,
-    /// every `*.yaml` and `*.yml` outside hidden directories).
+    /// every `*.yaml`, `*.yml` and `*.json` outside hidden directories).
     #[arg(long)]
     pub path: Option<String>,
     /// This host's name, as its Host manifest names it: only guests placed on it (and
