@@ -775,7 +775,7 @@ fn spawn_pumps(client: TcpStream, server: TcpStream, fault: Option<Fault>, stop:
             let _ = to.shutdown(Shutdown::Write);
         });
     }
-    // Source to destination: frame by frame after the 80-byte hello.
+    // Source to destination: frame by frame after the source's hello.
     let (mut from, mut to) = (client, server);
     std::thread::spawn(move || {
         let mut offset = 0usize;
@@ -800,7 +800,7 @@ fn spawn_pumps(client: TcpStream, server: TcpStream, fault: Option<Fault>, stop:
             offset += bytes.len();
             to.write_all(bytes).is_ok()
         };
-        let mut hello = [0u8; 80];
+        let mut hello = [0u8; wire::HELLO_S_LEN];
         // The source's hello comes after the destination's (forwarded by the other pump).
         if from.read_exact(&mut hello).is_err() || !forward(&mut hello, &mut to) {
             return finish(fault, cut_all, &stop);
@@ -811,7 +811,7 @@ fn spawn_pumps(client: TcpStream, server: TcpStream, fault: Option<Fault>, stop:
                 break;
             }
             let len = u32::from_le_bytes(header[4..8].try_into().unwrap()) as usize;
-            let mut body = vec![0u8; len.min(wire::MAX_PAYLOAD) + wire::MAC_LEN];
+            let mut body = vec![0u8; len.min(wire::MAX_PAYLOAD) + wire::TAG_LEN];
             if from.read_exact(&mut body).is_err() {
                 break;
             }
@@ -1198,9 +1198,8 @@ fn a_page_beyond_guest_memory_is_refused() {
     )
     .unwrap();
     assert_eq!(r.recv().unwrap().kind, FrameKind::Info);
-    let head = wire::pages_head(&[64 << 20]);
-    w.send(FrameKind::Pages, &[&head, &[0xAA; wire::PAGE_SIZE]])
-        .unwrap();
+    let payload = wire::pages_payload(&[64 << 20], &[0xAA; wire::PAGE_SIZE]);
+    w.send(FrameKind::Pages, &[&payload]).unwrap();
     let code = dst.wait_exit(Duration::from_secs(10));
     assert!(matches!(code, Some(c) if c != 0), "{code:?}");
     assert!(
