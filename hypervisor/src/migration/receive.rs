@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use super::control::MigrationPhase;
 use super::precheck::{self, DestinationFacts, SourceConfig};
-use super::ram::GuestRam;
+use super::ram::{connection_of, GuestRam};
 use super::state::{MachineState, Persist as _, StateError, Vcpu, XsaveAbi};
 use super::wire::{self, FrameKind, FrameReader, FrameWriter, Token, WireError};
 use super::LINK_TIMEOUT;
@@ -58,9 +58,18 @@ pub enum ReceiveError {
     /// The vCPUs this VMM has beyond the source's could not be prepared.
     #[error("Cannot prepare the vCPUs added by this VMM: {0}")]
     AddVcpus(VmmError),
-    /// Starting the vCPUs failed.
-    #[error("Cannot start the guest: {0}")]
-    Start(VmmError),
+    /// Starting the vCPUs failed after `Commit`: some may have run, so this counts as
+    /// run (the committed marker stays).
+    #[error("Cannot start the guest after the commit (it counts as run here): {0}")]
+    StartAfterCommit(VmmError),
+    /// The committed marker could not be written: the guest is not started.
+    #[error("Cannot write the committed marker {path}: {source}")]
+    Marker {
+        /// The marker's path.
+        path: std::path::PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
     /// The source gave up.
     #[error("The source aborted the migration: {0}")]
     Aborted(String),
@@ -152,12 +161,20 @@ impl Incoming {
         }))
     }
 
-    /// Receives the guest into `vmm` (built, not started) and, on `Commit`, starts it.
+    /// Receives the guest into `vmm` (built, not started) and, on `Commit`, writes the
+    /// durable marker `committed` (see [`write_committed_marker`]) and starts it.
     /// `state_root` is where this host's guests live (for the name pre-check).
     ///
     /// # Errors
-    /// Any failure before `Commit`; the guest never ran here.
-    pub fn receive(self, vmm: &Vmm, state_root: &Path) -> Result<(), ReceiveError> {
+    /// Any failure before `Commit` (the guest never ran here), and
+    /// [`ReceiveError::StartAfterCommit`] when the vCPUs could not all start after it
+    /// (some may have run: the marker stays).
+    pub fn receive(
+        self,
+        vmm: &Vmm,
+        state_root: &Path,
+        committed: &Path,
+    ) -> Result<(), ReceiveError> {
         let migration = vmm.migration();
         let cancelled = || migration.cancel_requested();
         let mut bad = 0;
@@ -226,6 +243,7 @@ impl Incoming {
         }
         // The token is spent: no further connections.
         drop(self.listener);
+        let sockets = self.sockets;
         let config = config.expect("the loop ends with a config");
         conns.sort_by_key(|c| c.stream);
         let count = conns.len();
@@ -259,14 +277,16 @@ impl Incoming {
                 .map(|mut c| {
                     let (ram, bounds, pages) = (&ram, &bounds, &pages);
                     let pass_applied = &pass_applied;
+                    let sockets = &sockets;
                     scope.spawn(move || -> Result<(), ReceiveError> {
-                        loop {
+                        let result = (|| loop {
                             let frame =
                                 c.reader.recv().map_err(|source| ReceiveError::Connection {
                                     conn: c.stream,
                                     source,
                                 })?;
-                            match apply(frame.kind, frame.payload, ram, bounds, pages)? {
+                            let conn = (c.stream, count as u32);
+                            match apply(frame.kind, frame.payload, ram, bounds, pages, conn)? {
                                 Applied::LastPass => return Ok(()),
                                 Applied::Pass(n) => pass_applied(c.stream as usize, n),
                                 Applied::Done => {}
@@ -277,20 +297,50 @@ impl Incoming {
                                     )))
                                 }
                             }
+                        })();
+                        if result.is_err() {
+                            // Unblock connection 0's reader: this error is the one to report.
+                            shutdown_all(sockets);
                         }
+                        result
                     })
                 })
                 .collect();
             let mut last_pass_seen = false;
             let state_received_at;
+            // A failing data connection shuts every socket down: connection 0's error is
+            // then only the echo of it, and the data connection's is reported.
+            let first_failed = |e: ReceiveError,
+                                others: Vec<
+                std::thread::ScopedJoinHandle<'_, Result<(), ReceiveError>>,
+            >| {
+                others
+                    .into_iter()
+                    .filter_map(|h| h.join().ok())
+                    .find_map(Result::err)
+                    .unwrap_or(e)
+            };
             let state = loop {
                 if cancelled() {
                     return Err(ReceiveError::Cancelled);
                 }
-                let frame = first_reader
-                    .recv()
-                    .map_err(|source| ReceiveError::Connection { conn: 0, source })?;
-                match apply(frame.kind, frame.payload, &ram, &bounds, &pages)? {
+                let frame = match first_reader.recv() {
+                    Ok(frame) => frame,
+                    Err(source) => {
+                        return Err(first_failed(
+                            ReceiveError::Connection { conn: 0, source },
+                            others,
+                        ))
+                    }
+                };
+                match apply(
+                    frame.kind,
+                    frame.payload,
+                    &ram,
+                    &bounds,
+                    &pages,
+                    (0, count as u32),
+                )? {
                     Applied::Done => {}
                     Applied::Pass(n) => pass_applied(0, n),
                     Applied::LastPass => last_pass_seen = true,
@@ -319,15 +369,24 @@ impl Incoming {
             }
             migration.status().phase = MigrationPhase::Switchover;
             load(vmm, &config, &state)?;
+            if let Some(ms) = super::fault::injected("delay-loaded-ms") {
+                std::thread::sleep(Duration::from_millis(ms.parse().unwrap_or(1500)));
+            }
             let mut replies = replies.lock().unwrap_or_else(|e| e.into_inner());
             replies
                 .send(FrameKind::Loaded, &[])
                 .map_err(|source| ReceiveError::Connection { conn: 0, source })?;
             migration.status().phase = MigrationPhase::Loaded;
-            // Loaded: only Commit makes this guest run.
-            let frame = first_reader
-                .recv()
-                .map_err(|source| ReceiveError::Connection { conn: 0, source })?;
+            // Loaded: only Commit makes this guest run. A keepalive the source sent
+            // while this side was loading may come first: it means nothing.
+            let frame = loop {
+                let frame = first_reader
+                    .recv()
+                    .map_err(|source| ReceiveError::Connection { conn: 0, source })?;
+                if frame.kind != FrameKind::Info {
+                    break frame;
+                }
+            };
             match frame.kind {
                 FrameKind::Commit => {}
                 FrameKind::Abort => {
@@ -341,7 +400,24 @@ impl Incoming {
                     )))
                 }
             }
-            vmm.start().map_err(ReceiveError::Start)?;
+            // The commit point here: durable before any vCPU may run, so that a
+            // destination that dies from now on is never taken for one that did not
+            // run the guest.
+            write_committed_marker(committed).map_err(|source| ReceiveError::Marker {
+                path: committed.to_owned(),
+                source,
+            })?;
+            migration.status().committed = true;
+            if super::fault::on("exit-after-commit") {
+                eprintln!("berth-vmm: BERTH_FAULT exit-after-commit: exiting after the commit");
+                std::process::exit(101);
+            }
+            let started = if super::fault::on("start-fails") {
+                Err(VmmError::Host("BERTH_FAULT start-fails".into()))
+            } else {
+                vmm.start()
+            };
+            started.map_err(ReceiveError::StartAfterCommit)?;
             let downtime = state_received_at.elapsed();
             // The guest runs here now, whether or not the source hears it.
             let _ = replies.send(FrameKind::Running, &[]);
@@ -376,23 +452,46 @@ enum Applied {
     Other(FrameKind),
 }
 
+/// Applies one frame of connection `conn.0` of `conn.1`. Pages are written only
+/// after every address of the frame was checked: inside guest memory, and carried by
+/// the connection the sender assigns its 2 MiB chunk to ([`connection_of`]), so two
+/// receiving threads never write the same page.
 fn apply(
     kind: FrameKind,
     payload: &[u8],
     ram: &GuestRam<'_>,
     bounds: &wire::MemoryBounds,
     pages: &std::sync::atomic::AtomicU64,
+    conn: (u32, u32),
 ) -> Result<Applied, ReceiveError> {
-    let wire_err = |source| ReceiveError::Connection { conn: 0, source };
+    let wire_err = |source| ReceiveError::Connection {
+        conn: conn.0,
+        source,
+    };
+    let check_owner = |gpas: &[u64]| -> Result<(), ReceiveError> {
+        match gpas
+            .iter()
+            .find(|&&gpa| connection_of(gpa, conn.1) != conn.0 as usize)
+        {
+            Some(gpa) => Err(ReceiveError::Protocol(format!(
+                "page {gpa:#x} arrived on connection {} but belongs to connection {}",
+                conn.0,
+                connection_of(*gpa, conn.1)
+            ))),
+            None => Ok(()),
+        }
+    };
     match kind {
         FrameKind::Pages => {
             let (gpas, data) = wire::parse_pages(kind, payload, bounds).map_err(wire_err)?;
+            check_owner(&gpas)?;
             ram.write_pages(&gpas, data);
             pages.fetch_add(gpas.len() as u64, std::sync::atomic::Ordering::Relaxed);
             Ok(Applied::Done)
         }
         FrameKind::ZeroPages => {
             let (gpas, _) = wire::parse_pages(kind, payload, bounds).map_err(wire_err)?;
+            check_owner(&gpas)?;
             ram.zero_pages(&gpas);
             Ok(Applied::Done)
         }
@@ -479,6 +578,27 @@ fn load(vmm: &Vmm, config: &SourceConfig, state: &MachineState) -> Result<(), Re
         }
     };
     vmm.set_start(online, state.paused);
+    Ok(())
+}
+
+/// Writes the destination's committed marker at `path` (contents: this process's pid)
+/// and makes it durable (the file and its directory fsync'd) before returning. It says
+/// "this destination read `Commit`": from then on the guest counts as run here, even if
+/// this process dies or its vCPUs fail to start, so that the source is never told to
+/// resume a copy that may have run. It goes with the `.incoming` directory when the
+/// handover succeeds; a later incoming VMM of the guest refuses to start while it is
+/// there (see [`super::incoming`]).
+///
+/// # Errors
+/// The file cannot be written or synced.
+pub fn write_committed_marker(path: &Path) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut f = std::fs::File::create(path)?;
+    writeln!(f, "committed pid {}", std::process::id())?;
+    f.sync_all()?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
     Ok(())
 }
 

@@ -274,16 +274,28 @@ fn outgoing(vmm: &Arc<Vmm>, addr: SocketAddr, token: &Token, connections: u32, p
                 migration.status().phase = MigrationPhase::Completed;
                 vmm.request_shutdown(Some(5000), "the destination runs the guest (resolved)");
             } else {
-                {
-                    let mut st = migration.status();
-                    st.phase = MigrationPhase::Failed;
-                    st.error = Some(format!(
-                        "{why}; resolved: the destination did not run the guest"
+                // The guest runs here again: dirty logging has no use any more.
+                let logging = vmm.vm().set_dirty_logging(false);
+                let resumed = if was_paused {
+                    Ok(())
+                } else if super::fault::on("resume-fails") {
+                    Err(VmmError::Host("BERTH_FAULT resume-fails".into()))
+                } else {
+                    vmm.resume()
+                };
+                let mut st = migration.status();
+                st.phase = MigrationPhase::Failed;
+                let mut error = format!("{why}; resolved: the destination did not run the guest");
+                if let Err(e) = &logging {
+                    error.push_str(&format!("; turning dirty logging off failed: {e}"));
+                }
+                if let Err(e) = &resumed {
+                    error.push_str(&format!(
+                        "; resuming the guest here FAILED: {e} (it stays paused; resume it)"
                     ));
+                    eprintln!("berth-vmm: resuming the guest after the resolution failed: {e}");
                 }
-                if !was_paused {
-                    let _ = vmm.resume();
-                }
+                st.error = Some(error);
             }
         }
         Err(e) => {
