@@ -452,6 +452,25 @@ enum Applied {
     Other(FrameKind),
 }
 
+/// Where a receiver writes pages: guest RAM, or a test's stand-in that checks every
+/// write.
+pub(crate) trait PageSink: Sync {
+    /// Writes whole pages `data` at `gpas` (checked against the bounds).
+    fn write_pages(&self, gpas: &[u64], data: &[u8]);
+    /// Zeroes the pages at `gpas` (checked against the bounds).
+    fn zero_pages(&self, gpas: &[u64]);
+}
+
+impl PageSink for GuestRam<'_> {
+    fn write_pages(&self, gpas: &[u64], data: &[u8]) {
+        GuestRam::write_pages(self, gpas, data);
+    }
+
+    fn zero_pages(&self, gpas: &[u64]) {
+        GuestRam::zero_pages(self, gpas);
+    }
+}
+
 /// Applies one frame of connection `conn.0` of `conn.1`. Pages are written only
 /// after every address of the frame was checked: inside guest memory, and carried by
 /// the connection the sender assigns its 2 MiB chunk to ([`connection_of`]), so two
@@ -459,7 +478,7 @@ enum Applied {
 fn apply(
     kind: FrameKind,
     payload: &[u8],
-    ram: &GuestRam<'_>,
+    ram: &impl PageSink,
     bounds: &wire::MemoryBounds,
     pages: &std::sync::atomic::AtomicU64,
     conn: (u32, u32),
@@ -606,5 +625,245 @@ pub fn write_committed_marker(path: &Path) -> std::io::Result<()> {
 pub fn shutdown_all(sockets: &Mutex<Vec<TcpStream>>) {
     for s in sockets.lock().unwrap_or_else(|e| e.into_inner()).iter() {
         let _ = s.shutdown(Shutdown::Both);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The receiver meets hostile bytes: arbitrary streams, streams sealed by a peer
+    //! that holds the keys but sends nonsense, and good streams mutated on the way. No
+    //! panic, no page written outside guest memory, every bad frame a clear error.
+
+    use super::*;
+    use crate::migration::wire::{MemoryBounds, PAGE_SIZE};
+    use proptest::prelude::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    const PAGE: u64 = PAGE_SIZE as u64;
+
+    /// Guest memory as two ranges (64 pages at 0, 16 pages at 4 GiB), in a buffer;
+    /// every write is checked to fall inside them.
+    struct Recorder {
+        bounds: MemoryBounds,
+        mem: Mutex<Vec<u8>>,
+        written: AtomicU64,
+    }
+
+    impl Recorder {
+        fn new() -> Recorder {
+            Recorder {
+                bounds: MemoryBounds::new([(0, 64 * PAGE), (1 << 32, 16 * PAGE)]),
+                mem: Mutex::new(vec![0u8; 80 * PAGE_SIZE]),
+                written: AtomicU64::new(0),
+            }
+        }
+
+        fn offset(&self, gpa: u64) -> usize {
+            assert!(
+                self.bounds.contains_page(gpa),
+                "a write outside guest memory: {gpa:#x}"
+            );
+            if gpa >= 1 << 32 {
+                (64 * PAGE + (gpa - (1 << 32))) as usize
+            } else {
+                gpa as usize
+            }
+        }
+    }
+
+    impl PageSink for Recorder {
+        fn write_pages(&self, gpas: &[u64], data: &[u8]) {
+            assert_eq!(
+                data.len(),
+                gpas.len() * PAGE_SIZE,
+                "data and addresses disagree"
+            );
+            let mut mem = self.mem.lock().unwrap();
+            for (gpa, page) in gpas.iter().zip(data.chunks_exact(PAGE_SIZE)) {
+                let at = self.offset(*gpa);
+                mem[at..at + PAGE_SIZE].copy_from_slice(page);
+                self.written.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+
+        fn zero_pages(&self, gpas: &[u64]) {
+            let mut mem = self.mem.lock().unwrap();
+            for gpa in gpas {
+                let at = self.offset(*gpa);
+                mem[at..at + PAGE_SIZE].fill(0);
+                self.written.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Decodes `stream` as the receiver does (frames, then pages and state) until the
+    /// first error; returns the payloads of the frames that authenticated, and the
+    /// error. Panics (fails the property) on a write outside memory.
+    fn decode(
+        stream: &[u8],
+        key: &wire::SessionKey,
+        conn: (u32, u32),
+        sink: &Recorder,
+    ) -> (Vec<(FrameKind, Vec<u8>)>, Option<String>) {
+        let mut reader = FrameReader::new(stream, key.clone());
+        let pages = AtomicU64::new(0);
+        let mut good = Vec::new();
+        loop {
+            if reader.get_mut().is_empty() {
+                // The end, at a frame boundary.
+                return (good, None);
+            }
+            let frame = match reader.recv() {
+                Ok(frame) => frame,
+                Err(e) => return (good, Some(e.to_string())),
+            };
+            good.push((frame.kind, frame.payload.to_vec()));
+            let applied = apply(frame.kind, frame.payload, sink, &sink.bounds, &pages, conn);
+            match applied {
+                Err(e) => return (good, Some(e.to_string())),
+                Ok(Applied::Other(FrameKind::State)) => {
+                    if let Err(e) = MachineState::decode(frame.payload) {
+                        return (good, Some(e.to_string()));
+                    }
+                }
+                Ok(_) => {}
+            }
+        }
+    }
+
+    fn page_addr() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            (0u64..64).prop_map(|p| p * PAGE),
+            (0u64..16).prop_map(|p| (1 << 32) + p * PAGE),
+            any::<u64>(),
+            (0u64..64 * PAGE),
+            Just(64 * PAGE),
+            Just(!0xfffu64),
+        ]
+    }
+
+    /// A payload a hostile source might seal: page frames with any addresses and
+    /// counts (lying or not), or any bytes.
+    fn payload() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            (
+                proptest::collection::vec(page_addr(), 0..4),
+                any::<u8>(),
+                0usize..3
+            )
+                .prop_map(|(gpas, fill, extra)| {
+                    let data = vec![fill; gpas.len().saturating_sub(extra % 2) * PAGE_SIZE];
+                    let mut p = wire::pages_payload(&gpas, &data);
+                    if extra == 2 {
+                        p[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+                    }
+                    p
+                }),
+            proptest::collection::vec(page_addr(), 0..8)
+                .prop_map(|gpas| wire::pages_payload(&gpas, &[])),
+            proptest::collection::vec(any::<u8>(), 0..64),
+        ]
+    }
+
+    fn seal(frames: &[(u8, Vec<u8>)], key: &wire::SessionKey) -> Vec<u8> {
+        let mut w = FrameWriter::new(Vec::new(), key.clone());
+        for (kind, payload) in frames {
+            w.send_raw_kind(*kind, payload).unwrap();
+        }
+        std::mem::take(w.get_mut())
+    }
+
+    fn connection() -> impl Strategy<Value = (u32, u32)> {
+        prop_oneof![Just((0, 1)), Just((0, 2)), Just((1, 2)), Just((2, 3))]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn arbitrary_bytes_are_refused_cleanly(
+            stream in proptest::collection::vec(any::<u8>(), 0..2048),
+            conn in connection(),
+        ) {
+            let sink = Recorder::new();
+            let (good, error) = decode(&stream, &wire::SessionKey::for_tests(3), conn, &sink);
+            // Without the key nothing authenticates (2^-128 per frame).
+            prop_assert!(good.is_empty());
+            prop_assert_eq!(sink.written.load(Ordering::Relaxed), 0);
+            if !stream.is_empty() {
+                prop_assert!(error.is_some_and(|e| !e.is_empty()));
+            }
+        }
+
+        #[test]
+        fn sealed_nonsense_never_writes_outside_memory(
+            frames in proptest::collection::vec((0u8..13, payload()), 1..6),
+            conn in connection(),
+        ) {
+            let key = wire::SessionKey::for_tests(5);
+            let stream = seal(&frames, &key);
+            let sink = Recorder::new();
+            let (good, error) = decode(&stream, &key, conn, &sink);
+            // What authenticated is exactly what was sealed, in order.
+            for (i, (kind, payload)) in good.iter().enumerate() {
+                prop_assert_eq!(*kind as u8, frames[i].0);
+                prop_assert_eq!(payload, &frames[i].1);
+            }
+            if let Some(e) = error {
+                prop_assert!(!e.is_empty());
+            }
+        }
+
+        #[test]
+        fn mutated_streams_fail_at_the_mutation(
+            frames in proptest::collection::vec(
+                (proptest::collection::vec(0u64..64, 1..4), any::<u8>()),
+                1..5,
+            ),
+            mutation in 0usize..4,
+            at in any::<prop::sample::Index>(),
+            len in 1usize..64,
+            bit in 0u8..8,
+        ) {
+            // A good stream: page frames on connection 0 of 1, in bounds.
+            let key = wire::SessionKey::for_tests(7);
+            let sealed: Vec<(u8, Vec<u8>)> = frames
+                .iter()
+                .map(|(pages, fill)| {
+                    let gpas: Vec<u64> = pages.iter().map(|p| p * PAGE).collect();
+                    let data = vec![*fill; gpas.len() * PAGE_SIZE];
+                    (FrameKind::Pages as u8, wire::pages_payload(&gpas, &data))
+                })
+                .collect();
+            let stream = seal(&sealed, &key);
+            let i = at.index(stream.len());
+            let mut bad = stream.clone();
+            match mutation {
+                0 => bad[i] ^= 1 << bit,
+                1 => bad.truncate(i),
+                2 => {
+                    let end = (i + len).min(bad.len());
+                    bad.drain(i..end);
+                }
+                _ => {
+                    let end = (i + len).min(bad.len());
+                    let copy = bad[i..end].to_vec();
+                    bad.splice(i..i, copy);
+                }
+            }
+            let sink = Recorder::new();
+            let (good, error) = decode(&bad, &key, (0, 1), &sink);
+            // Every frame that got through is one that was sent, in its place.
+            for (n, (kind, payload)) in good.iter().enumerate() {
+                prop_assert_eq!(*kind as u8, sealed[n].0);
+                prop_assert_eq!(payload, &sealed[n].1);
+            }
+            // The mutation was noticed: an error, or (a truncation at a frame edge) a
+            // stream that simply holds fewer frames.
+            match error {
+                Some(e) => prop_assert!(!e.is_empty()),
+                None => prop_assert!(mutation == 1 && good.len() < sealed.len()),
+            }
+        }
     }
 }

@@ -377,9 +377,9 @@ impl FrameKind {
     }
 }
 
-fn header(kind: FrameKind, len: usize) -> [u8; HEADER_LEN] {
+fn header(kind: u8, len: usize) -> [u8; HEADER_LEN] {
     let mut h = [0u8; HEADER_LEN];
-    h[0] = kind as u8;
+    h[0] = kind;
     h[4..8].copy_from_slice(&(len as u32).to_le_bytes());
     h
 }
@@ -427,6 +427,18 @@ impl<W: Write> FrameWriter<W> {
     /// [`WireError::FrameTooLarge`] for a payload over [`MAX_PAYLOAD`],
     /// [`WireError::Exhausted`], and I/O errors.
     pub fn send_in_place(&mut self, kind: FrameKind, payload: &mut [u8]) -> Result<()> {
+        self.seal_and_write(kind as u8, payload)
+    }
+
+    /// Sends a frame of any kind byte, also one this version does not know (for tests
+    /// of a hostile peer that holds the keys).
+    #[doc(hidden)]
+    pub fn send_raw_kind(&mut self, kind: u8, payload: &[u8]) -> Result<()> {
+        let mut payload = payload.to_vec();
+        self.seal_and_write(kind, &mut payload)
+    }
+
+    fn seal_and_write(&mut self, kind: u8, payload: &mut [u8]) -> Result<()> {
         let len = payload.len();
         if len > MAX_PAYLOAD {
             return Err(WireError::FrameTooLarge(len));
@@ -838,7 +850,7 @@ mod tests {
         let swapped = [&bytes[one..], &bytes[..one]].concat();
         let mut r = FrameReader::new(&swapped[..], key.clone());
         assert!(matches!(r.recv(), Err(WireError::BadTag { seq: 0 })));
-        let mut huge = header(FrameKind::Pages, 0).to_vec();
+        let mut huge = header(FrameKind::Pages as u8, 0).to_vec();
         huge[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
         let mut r = FrameReader::new(&huge[..], key);
         assert!(matches!(r.recv(), Err(WireError::FrameTooLarge(_))));
