@@ -45,6 +45,7 @@
 //! `guests/<name>/` and then `guests/<name>.incoming/`.
 
 pub mod control;
+pub mod fault;
 pub mod incoming;
 pub mod policy;
 pub mod precheck;

@@ -267,7 +267,46 @@ impl LocalDriver {
                 None => self.clean_if_dead(&name),
             }
         }
+        // A guest that arrived by migration and runs, but whose VMM could not take over
+        // `<name>/` yet (the handover failed; the VMM keeps trying): seen from
+        // `<name>.incoming/`, never left running unseen.
+        let mut arrived: Vec<String> = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter_map(|n| n.strip_suffix(".incoming").map(str::to_owned))
+            .filter(|n| !guests.iter().any(|g| &g.observed.name == n))
+            .collect();
+        arrived.sort();
+        for name in arrived {
+            if let Some(status) = self.committed_incoming_status(&name) {
+                let observed = self.observed_guest(&name, &status, &online);
+                guests.push(LocalGuest { observed, status });
+            }
+        }
         Ok(guests)
+    }
+
+    /// The status of the incoming VMM of `name` if it read `Commit` (so it runs the
+    /// guest, or did) and still answers in `<name>.incoming/`.
+    fn committed_incoming_status(&self, name: &str) -> Option<Status> {
+        let mut client = Client::connect(self.incoming_socket(name)).ok()?;
+        let migration: MigrationStatus =
+            serde_json::from_value(client.call(Op::MigrateStatus).ok()?).ok()?;
+        if !migration.committed {
+            return None;
+        }
+        client.status().ok()
+    }
+
+    /// Whether an incoming VMM of `name` read `Commit` here and then ended without
+    /// handing over (its durable marker is there and no VMM holds the directory): the
+    /// guest counts as run here.
+    pub fn incoming_committed(&self, name: &str) -> bool {
+        !self.incoming_under_way(name)
+            && berth_hypervisor::migration::incoming::committed_marker(&self.state_dir, name)
+                .exists()
     }
 
     /// The status of the VMM of `name`, if one answers. A VMM that holds its lock but
@@ -436,10 +475,47 @@ impl LocalDriver {
         })
     }
 
+    /// The VMM of `name`: in `<name>/`, else a committed incoming VMM still in
+    /// `<name>.incoming/` (its handover failed), which is adopted as the guest's VMM.
     fn connect(&self, name: &str) -> Result<Client, DriverError> {
-        Client::connect(self.socket(name)).map_err(|e| {
-            DriverError::NotFound(format!("guest {name} does not run on {} ({e})", self.host))
+        Client::connect(self.socket(name)).or_else(|e| {
+            if self.committed_incoming_status(name).is_some() {
+                if let Ok(client) = Client::connect(self.incoming_socket(name)) {
+                    return Ok(client);
+                }
+            }
+            Err(DriverError::NotFound(format!(
+                "guest {name} does not run on {} ({e})",
+                self.host
+            )))
         })
+    }
+
+    /// Stops guest `name` also while its VMM's outgoing migration is in
+    /// `switchoverUnknown` (`berth stop --force-unknown-switchover`): only for an
+    /// operator who knows the destination runs the guest; otherwise it is lost.
+    ///
+    /// # Errors
+    /// As [`Driver::stop`].
+    pub fn stop_forced(&self, name: &str) -> Result<(), DriverError> {
+        let mut probe = self.connect(name)?;
+        let pid = probe
+            .status()
+            .map_err(|e| failed(format!("reading the status of {name}"), e))?
+            .pid;
+        match self.connect(name)?.shutdown_forced(STOP_TIMEOUT) {
+            Ok(()) | Err(ClientError::Closed | ClientError::Io(_)) => {}
+            Err(e) => return Err(failed(format!("shutting down guest {name}"), e)),
+        }
+        if !self.wait_gone(pid, STOP_TIMEOUT) {
+            return Err(DriverError::Failed {
+                context: format!("stopping guest {name}"),
+                source: format!("the VMM (pid {pid}) is still running after a forced shutdown")
+                    .into(),
+            });
+        }
+        self.clean_if_dead(name);
+        Ok(())
     }
 
     /// Waits for the process `pid` to end.
@@ -571,6 +647,18 @@ impl LocalDriver {
                                 let _ = source.call(Op::MigrateResolve(MigrateResolveArgs {
                                     destination_running: running,
                                 }));
+                                if running && self.incoming_committed(name) {
+                                    // The new VMM read Commit and ended: the guest counts
+                                    // as run there (never twice); the marker has answered.
+                                    let _ = self.wait_gone(source_pid, STOP_TIMEOUT);
+                                    let _ = std::fs::remove_dir_all(
+                                        self.guests_dir().join(format!("{name}.incoming")),
+                                    );
+                                    break Err("the new VMM read Commit and then ended: the \
+                                        guest counts as run there, so its old VMM was shut \
+                                        down too; it is started afresh by the next apply"
+                                        .to_owned());
+                                }
                                 break if running {
                                     Ok(())
                                 } else {

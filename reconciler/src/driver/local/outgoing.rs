@@ -257,6 +257,10 @@ impl LocalDriver {
             .and_then(|mut c| c.call(Op::MigrateStatus))
             .ok()
             .and_then(|v| serde_json::from_value::<MigrationStatus>(v).ok());
+        if status.as_ref().is_some_and(|s| s.committed) {
+            // It read Commit: run, also if its vCPUs then failed to start.
+            return Ok(true);
+        }
         match status.map(|s| s.phase) {
             Some(MigrationPhase::Completed) => Ok(true),
             Some(MigrationPhase::Failed | MigrationPhase::Cancelled) => Ok(false),
@@ -264,6 +268,8 @@ impl LocalDriver {
             None if self.incoming_under_way(guest) => {
                 Err(format!("the incoming VMM of {guest} does not answer"))
             }
+            // Gone after reading Commit: its durable marker says it may have run.
+            None if self.incoming_committed(guest) => Ok(true),
             // Gone without having run the guest, or never started.
             None => Ok(false),
         }
@@ -373,6 +379,21 @@ mod tests {
         assert!(local.unknown_switchovers().is_empty());
         assert!(local.outgoing_record("web-1").is_some());
         // No incoming VMM there: a local destination that never ran the guest.
+        assert_eq!(local.local_incoming_runs("web-1"), Ok(false));
+    }
+
+    #[test]
+    fn a_dead_destination_that_read_commit_counts_as_run() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let local = driver(tmp.path());
+        let marker = berth_hypervisor::migration::incoming::committed_marker(tmp.path(), "web-1");
+        std::fs::create_dir_all(marker.parent().unwrap()).unwrap();
+        // What an incoming VMM that read Commit and then died leaves: its durable
+        // marker, and no VMM holding the directory.
+        berth_hypervisor::migration::receive::write_committed_marker(&marker).unwrap();
+        assert!(local.incoming_committed("web-1"));
+        assert_eq!(local.local_incoming_runs("web-1"), Ok(true));
+        std::fs::remove_file(&marker).unwrap();
         assert_eq!(local.local_incoming_runs("web-1"), Ok(false));
     }
 }
