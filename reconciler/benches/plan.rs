@@ -12,13 +12,13 @@ use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use berth_reconciler::driver::{Driver, SimDriver};
+use berth_reconciler::driver::{Driver, FleetCapabilities, SimDriver};
 use berth_reconciler::model::{Desired, Observed};
 use berth_reconciler::{git, plan};
 use berth_schema::{
-    Boot, Bytes, CpuMode, CpuSpec, FleetSpec, Guest, GuestSpec, GuestState, Host, HostSpec,
-    HugepageSpec, KsmSpec, MemorySpec, Metadata, MigrationPolicy, PageSize, Pinning, RestartPolicy,
-    ThpMode, API_VERSION,
+    Boot, Bytes, CpuMode, CpuSpec, FleetSpec, Guest, GuestSpec, GuestState, Host, HostDriver,
+    HostSpec, HugepageSpec, KsmSpec, MemorySpec, Metadata, MigrationPolicy, PageSize, Pinning,
+    RestartPolicy, ThpMode, API_VERSION,
 };
 
 struct Counting;
@@ -78,6 +78,7 @@ fn host(i: usize, guests_per_host: usize) -> Host {
             transparent_hugepages: ThpMode::Madvise,
             schedulable: true,
             cpu_model: None,
+            driver: HostDriver::Local,
         },
     }
 }
@@ -166,11 +167,11 @@ fn bench_sim(guests: usize, hosts: usize) {
     let sim = SimDriver::from_manifests(&base);
     let (observed, observe_time, _) = measure(|| sim.observe().expect("observe"));
     // Warm up once, then take the best of three.
-    let _ = plan(&head, &observed);
+    let _ = plan(&head, &observed, &FleetCapabilities::default());
     let mut best: Option<(Duration, usize)> = None;
     let mut result = None;
     for _ in 0..3 {
-        let (p, t, peak) = measure(|| plan(&head, &observed));
+        let (p, t, peak) = measure(|| plan(&head, &observed, &FleetCapabilities::default()));
         if best.is_none_or(|(bt, _)| t < bt) {
             best = Some((t, peak));
         }
@@ -249,7 +250,7 @@ fn bench_ci(guests: usize, hosts: usize) {
             let head = Desired::from_manifests(&head.manifests);
             let base = Desired::from_manifests(&base.1.manifests);
             let observed = Observed::baseline(&base, &head);
-            plan(&head, &observed)
+            plan(&head, &observed, &FleetCapabilities::default())
         });
         (files, p, [read_and_load - load, load, planning])
     };

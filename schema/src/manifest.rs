@@ -515,6 +515,32 @@ pub struct HostSpec {
     /// `AMD EPYC`); used to flag live migrations between unlike CPUs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_model: Option<String>,
+    /// What runs this host's guests. The planner classifies each change by what this
+    /// driver can do, also in CI mode with no host access.
+    #[serde(default)]
+    pub driver: HostDriver,
+}
+
+/// What runs a host's guests.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum HostDriver {
+    /// berth-vmm processes, one per guest (`berth serve --driver local`).
+    #[default]
+    Local,
 }
 
 fn default_true() -> bool {

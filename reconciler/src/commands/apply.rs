@@ -19,7 +19,7 @@ use std::time::SystemTime;
 use anyhow::{bail, Context};
 use berth_reconciler::apply::{execute, Outcome};
 use berth_reconciler::driver::local::StateLock;
-use berth_reconciler::driver::{Driver, SimDriver};
+use berth_reconciler::driver::{Driver, DriverKind, Scope, SimDriver};
 use berth_reconciler::model::{Desired, Observed};
 use berth_reconciler::render;
 
@@ -51,8 +51,8 @@ pub struct Args {
     #[arg(long)]
     pub wait: bool,
     /// Which guests to act on: berth-vmm processes on this host, or a simulated fleet.
-    #[arg(long, value_enum, default_value_t = ApplyDriver::Local)]
-    pub driver: ApplyDriver,
+    #[arg(long, value_enum, default_value_t = DriverKind::Local)]
+    pub driver: DriverKind,
     /// With --driver sim: the simulated fleet runs these manifests as written.
     #[arg(long, value_name = "PATH")]
     pub sim_from: Option<PathBuf>,
@@ -62,15 +62,6 @@ pub struct Args {
     /// Local driver options.
     #[command(flatten)]
     pub local: LocalArgs,
-}
-
-/// Drivers `berth apply` can act through.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum ApplyDriver {
-    /// berth-vmm processes on this host
-    Local,
-    /// simulated fleet, no real guests
-    Sim,
 }
 
 /// Runs `berth apply`.
@@ -88,17 +79,19 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let host = args.local.this_host(&desired)?;
 
     let (driver, _lock): (Box<dyn Driver>, Option<StateLock>) = match args.driver {
-        ApplyDriver::Local => {
+        DriverKind::Local => {
             let lock = StateLock::acquire(&args.local.state_dir, args.wait)?;
             (Box::new(args.local.driver(&host)?), Some(lock))
         }
-        ApplyDriver::Sim => (Box::new(simulated(args, &desired)?), None),
+        DriverKind::Sim => (Box::new(simulated(args, &desired)?), None),
     };
     let observed = driver
         .observe()
         .with_context(|| format!("observing through the {} driver", driver.name()))?;
-    let scoped = Scoped::new(desired, observed, &host, args.driver == ApplyDriver::Local);
-    let plan = berth_reconciler::plan(&scoped.desired, &scoped.observed);
+    let capabilities = driver.plan_capabilities(&desired);
+    let scope = driver.scope();
+    let scoped = Scoped::new(desired, observed, &scope);
+    let plan = berth_reconciler::plan(&scoped.desired, &scoped.observed, &capabilities);
     let colour = super::plan::colour(args.color);
 
     let mut out = String::new();
@@ -150,13 +143,8 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let after = driver
         .observe()
         .with_context(|| format!("observing again through the {} driver", driver.name()))?;
-    let after = Scoped::new(
-        scoped.desired.clone(),
-        after,
-        &host,
-        args.driver == ApplyDriver::Local,
-    );
-    let left = berth_reconciler::plan(&after.desired, &after.observed);
+    let after = Scoped::new(scoped.desired.clone(), after, &scope);
+    let left = berth_reconciler::plan(&after.desired, &after.observed, &capabilities);
     if left.has_changes() {
         out.push_str(&format!(
             "The fleet does not match the manifests yet: {} action(s) left (berth plan shows them).\n",
@@ -174,7 +162,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
 }
 
 fn record(args: &Args, source: &super::target::Source, host: &str) -> anyhow::Result<()> {
-    if args.driver != ApplyDriver::Local {
+    if args.driver != DriverKind::Local {
         return Ok(());
     }
     Applied {
@@ -234,12 +222,12 @@ pub struct Scoped {
 }
 
 impl Scoped {
-    /// Narrows to `host` when `local` (the local driver sees this host only); the
-    /// simulated fleet sees every host and is left whole.
-    pub fn new(mut desired: Desired, mut observed: Observed, host: &str, local: bool) -> Self {
+    /// Narrows to the driver's host when its `scope` is one host (the local driver sees
+    /// this host only); a driver that sees the fleet gets it whole.
+    pub fn new(mut desired: Desired, mut observed: Observed, scope: &Scope) -> Self {
         let mut elsewhere = Vec::new();
         let mut moving_away = BTreeSet::new();
-        if local {
+        if let Some(host) = scope.host() {
             desired.guests.retain(|g| {
                 let here = g.spec.host == host;
                 if !here {

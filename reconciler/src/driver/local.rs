@@ -49,7 +49,7 @@ use berth_hypervisor::migration::{
 use berth_schema::{Boot, Bytes, CpuMode, CpuSet, Guest, GuestState, MemTune, PageSize, Pinning};
 use serde::{Deserialize, Serialize};
 
-use super::{Driver, DriverError};
+use super::{Driver, DriverError, DriverKind, Scope};
 use crate::diff::{Field, HostSetting};
 use crate::model::{
     CpuInfo, HugepagePool, Observed, ObservedCpu, ObservedGuest, ObservedHost, ObservedMemory,
@@ -752,8 +752,12 @@ impl LocalDriver {
 }
 
 impl Driver for LocalDriver {
-    fn name(&self) -> &'static str {
-        "local"
+    fn kind(&self) -> DriverKind {
+        DriverKind::Local
+    }
+
+    fn scope(&self) -> Scope {
+        Scope::Host(self.host.clone())
     }
 
     fn observe(&self) -> Result<Observed, DriverError> {
@@ -828,6 +832,12 @@ impl Driver for LocalDriver {
         let status = client
             .status()
             .map_err(|e| failed(format!("reading the status of {name}"), e))?;
+        let capabilities = self.capabilities();
+        if let Some(field) = fields.iter().find(|f| !capabilities.changes_live(**f)) {
+            return Err(DriverError::Refused(format!(
+                "{name}: the local driver cannot change {field} in a running guest"
+            )));
+        }
         let spec = &guest.spec;
         let wanted_pins = spec.cpu.pinning.clone().unwrap_or_default();
         let mut retune = Retune::default();
@@ -876,11 +886,6 @@ impl Driver for LocalDriver {
                 Field::Vcpus => retune.vcpus = Some(spec.cpu.vcpus),
                 Field::State => state_change = Some(spec.state),
                 Field::Labels | Field::Annotations => metadata = true,
-                Field::SharePages | Field::Numa => {
-                    return Err(DriverError::Refused(format!(
-                        "{name}: berth-vmm cannot change {field} live yet"
-                    )))
-                }
                 other => {
                     return Err(DriverError::Refused(format!(
                         "{name}: {other} cannot be changed live"

@@ -95,9 +95,6 @@ pub struct Controller {
     metrics: Arc<Metrics>,
     on_revision: Option<RevisionHook>,
     guard: Option<(Arc<dyn StartGuard>, Arc<Placements>)>,
-    /// Whether the driver sees this host only: then a cold move away stops the guest
-    /// here and the destination's service starts it.
-    this_host_only: bool,
     incoming_notes: Option<Arc<IncomingNotes>>,
     /// Switchovers of migrations away from this host that wait for the destination's
     /// answer, shown on their guests.
@@ -137,7 +134,6 @@ impl Controller {
             metrics,
             on_revision: None,
             guard: None,
-            this_host_only: false,
             incoming_notes: None,
             switchovers: None,
             pokes: Arc::new(tokio::sync::Notify::new()),
@@ -167,11 +163,8 @@ impl Controller {
         self
     }
 
-    /// The driver acts on this host only (the local driver): a cold move away is
-    /// stopping the guest here; the destination's service starts it there once this
-    /// host no longer runs it. `notes` says why migrations to this host failed.
-    pub fn this_host_only(mut self, notes: Arc<IncomingNotes>) -> Self {
-        self.this_host_only = true;
+    /// Shows why migrations to this host failed (`notes`) on their guests' status.
+    pub fn with_incoming_notes(mut self, notes: Arc<IncomingNotes>) -> Self {
         self.incoming_notes = Some(notes);
         self
     }
@@ -413,7 +406,11 @@ impl Controller {
             self.status.update(|s| s.guests = guests);
             return;
         };
-        let plan = plan(&desired, &observed);
+        let plan = plan(
+            &desired,
+            &observed,
+            &self.driver.plan_capabilities(&desired),
+        );
         let local: Vec<&Step> = plan.steps.iter().filter(|s| self.acts_on(s)).collect();
         let first_wave = local.iter().map(|s| s.wave).min();
         let drift = self.converged_on.as_ref() == Some(&revision);
@@ -482,9 +479,12 @@ impl Controller {
             )),
             _ => None,
         };
+        // A driver that sees this host only stops the guest here in a cold move away;
+        // the destination's service starts it there once this host no longer runs it.
+        let this_host_only = self.driver.scope().host().is_some();
         let step = match &step.action {
             Action::ColdMigrate { guest, from, to }
-                if self.this_host_only && *to != self.config.host =>
+                if this_host_only && *to != self.config.host =>
             {
                 Step {
                     action: Action::Stop {

@@ -52,7 +52,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
 use crate::driver::local::locate_vmm;
-use crate::driver::{Driver, DriverError, LocalDriver};
+use crate::driver::{Driver, DriverError, DriverKind, LocalDriver};
 use auth::{Secret, SecretError};
 use backoff::BackoffPolicy;
 use controller::{Controller, ControllerConfig};
@@ -121,15 +121,6 @@ pub struct ServeArgs {
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
-}
-
-/// Drivers `berth serve` can use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum DriverKind {
-    /// berth-vmm processes on this host.
-    Local,
-    /// A simulated fleet: no real guests.
-    Sim,
 }
 
 /// Log formats.
@@ -390,7 +381,7 @@ async fn serve(
     );
     if let (Some((driver, _)), Fleet::Local(local_driver)) = (&local, &fleet) {
         controller = controller
-            .this_host_only(notes)
+            .with_incoming_notes(notes)
             .with_switchovers(Arc::clone(&switchovers));
         tokio::spawn(Arc::clone(driver).refresh_peers(controller.pokes(), shutdown_rx.clone()));
         let resolver = Resolver::new(

@@ -46,7 +46,7 @@ use super::peer::IncomingRequest;
 use super::switchover::Switchovers;
 use crate::diff::{Field, HostSetting};
 use crate::driver::local::OutgoingRecord;
-use crate::driver::{Driver, DriverError, LocalDriver};
+use crate::driver::{Driver, DriverError, DriverKind, LocalDriver, Scope};
 use crate::model::{Desired, Observed, ObservedHost};
 
 /// The longest a migration to another host may run before it is cancelled (the
@@ -432,8 +432,12 @@ impl ServeDriver {
 }
 
 impl Driver for ServeDriver {
-    fn name(&self) -> &'static str {
-        "local"
+    fn kind(&self) -> DriverKind {
+        DriverKind::Local
+    }
+
+    fn scope(&self) -> Scope {
+        self.local.scope()
     }
 
     fn observe(&self) -> Result<Observed, DriverError> {
