@@ -638,3 +638,195 @@ fn a_second_apply_is_refused_by_the_lock_and_a_failed_start_is_reported() {
     );
     assert_eq!(fleet.pids(), pids, "both guests still run, once each");
 }
+
+/// One row of DESIGN.md's live table, applied to the batch guest on top of the rows
+/// before it: the edit, and how the local driver declares it is applied.
+struct Row {
+    from: &'static str,
+    to: &'static str,
+    /// Each changed field (as the JSON plan names it) and its class.
+    changes: &'static [(&'static str, &'static str)],
+}
+
+const LIVE: &str = "live";
+const LOCAL_MIGRATION: &str = "localMigration";
+
+/// Every row the local driver can show on one host, in an order that keeps each step
+/// one row (host placement needs two services: tests/serve_kvm.rs; hugepage backing:
+/// `hugepage_backing_change_is_a_local_migration`).
+const ROWS: &[Row] = &[
+    Row {
+        from: "pinning: {emulator: \"0\"}",
+        to: "pinning: {vcpus: {0: \"1\"}, emulator: \"0\"}",
+        changes: &[("vcpuPinning", LIVE)],
+    },
+    Row {
+        from: "pinning: {vcpus: {0: \"1\"}, emulator: \"0\"}",
+        to: "pinning: {vcpus: {0: \"1\"}, emulator: \"1\"}",
+        changes: &[("emulatorPinning", LIVE)],
+    },
+    Row {
+        from: "tune: {hardLimit: 128MiB}",
+        to: "tune: {hardLimit: 160MiB, softLimit: 96MiB, swapHardLimit: 256MiB, minGuarantee: 32MiB}",
+        changes: &[
+            ("hardLimit", LIVE),
+            ("softLimit", LIVE),
+            ("swapHardLimit", LIVE),
+            ("minGuarantee", LIVE),
+        ],
+    },
+    Row {
+        from: "io: {weight: 200}",
+        to: "io: {weight: 300}",
+        changes: &[("ioWeight", LIVE)],
+    },
+    Row {
+        from: "vcpus: 1\n    maxVcpus: 2",
+        to: "vcpus: 2\n    maxVcpus: 2",
+        changes: &[("vcpus", LIVE)],
+    },
+    Row {
+        from: "labels: {tier: batch}\nspec:\n  host: kvm01\n",
+        to: "labels: {tier: batch}\nspec:\n  host: kvm01\n  state: paused\n",
+        changes: &[("state", LIVE)],
+    },
+    Row {
+        from: "  state: paused\n",
+        to: "",
+        changes: &[("state", LIVE)],
+    },
+    Row {
+        from: "labels: {tier: batch}",
+        to: "labels: {tier: batch, team: infra}",
+        changes: &[("labels", LIVE)],
+    },
+    // berth-vmm gives KSM advice and binds NUMA memory when it maps guest memory: both
+    // are made by a local live migration, as its capabilities declare.
+    Row {
+        from: "size: 64MiB\n",
+        to: "size: 64MiB\n    sharePages: true\n",
+        changes: &[("sharePages", LOCAL_MIGRATION)],
+    },
+    Row {
+        from: "sharePages: true\n",
+        to: "sharePages: true\n    numa: {mode: strict, nodeset: \"0\"}\n",
+        changes: &[("numa", LOCAL_MIGRATION)],
+    },
+    Row {
+        from: "size: 64MiB\n",
+        to: "size: 96MiB\n",
+        changes: &[("memorySize", LOCAL_MIGRATION)],
+    },
+    Row {
+        from: "vcpus: 2\n    maxVcpus: 2",
+        to: "vcpus: 2\n    maxVcpus: 3",
+        changes: &[("maxVcpus", LOCAL_MIGRATION)],
+    },
+    Row {
+        from: "maxVcpus: 3\n",
+        to: "maxVcpus: 3\n    mode: custom\n    model: kvm64\n",
+        changes: &[("cpuMode", LOCAL_MIGRATION), ("cpuModel", LOCAL_MIGRATION)],
+    },
+    Row {
+        from: "size: 96MiB\n",
+        to: "size: 96MiB\n    locked: true\n",
+        changes: &[("locked", LOCAL_MIGRATION)],
+    },
+    // A decrease: blocked without restartPolicy, then a restart with it.
+    Row {
+        from: "vcpus: 2\n    maxVcpus: 3",
+        to: "vcpus: 1\n    maxVcpus: 3",
+        changes: &[("vcpus", "blocked")],
+    },
+    Row {
+        from: "  host: kvm01\n  cpu:\n    vcpus: 1\n",
+        to: "  host: kvm01\n  restartPolicy: ifRequired\n  cpu:\n    vcpus: 1\n",
+        changes: &[("vcpus", "restart")],
+    },
+];
+
+impl Fleet {
+    /// `berth plan --driver local --format json`, the batch guest's plan (null when
+    /// nothing changes).
+    fn batch_plan(&self) -> serde_json::Value {
+        let m = self.manifests();
+        let out = self.berth(&[
+            "plan",
+            "--driver",
+            "local",
+            "--format",
+            "json",
+            m.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "berth plan failed");
+        let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        plan["guests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["name"] == self.batch.as_str())
+            .cloned()
+            .unwrap_or(serde_json::Value::Null)
+    }
+}
+
+#[test]
+fn every_row_of_the_live_table_is_applied_as_the_local_driver_declares() {
+    let fleet = Fleet::new("ap-rows");
+    fleet.apply();
+    let mut edits = Guests::default();
+    for row in ROWS {
+        edits = edits.edit(row.from, row.to);
+        fleet.write_guests(&edits);
+        let before = fleet.status(&fleet.batch);
+        let plan = fleet.batch_plan();
+        let planned: Vec<(String, String)> = plan["changes"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{}: no changes planned: {plan}", row.to))
+            .iter()
+            .map(|c| {
+                (
+                    c["field"].as_str().unwrap().to_owned(),
+                    c["class"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        let expected: Vec<(String, String)> = row
+            .changes
+            .iter()
+            .map(|(f, c)| ((*f).to_owned(), (*c).to_owned()))
+            .collect();
+        assert_eq!(planned, expected, "{}: {plan}", row.to);
+
+        let m = fleet.manifests();
+        let out = fleet.berth(&["apply", "--yes", m.to_str().unwrap()]);
+        let blocked = row.changes.iter().any(|(_, c)| *c == "blocked");
+        assert_eq!(out.status.success(), !blocked, "{}: apply", row.to);
+        let after = fleet.status(&fleet.batch);
+        let same_vmm = row.changes.iter().all(|(_, c)| *c == LIVE) || blocked;
+        assert_eq!(
+            after.pid == before.pid,
+            same_vmm,
+            "{}: the VMM was {}replaced",
+            row.to,
+            if same_vmm { "" } else { "not " }
+        );
+        if !blocked {
+            // What was planned is what the driver did: nothing is left to do.
+            assert_eq!(
+                fleet.batch_plan(),
+                serde_json::Value::Null,
+                "{}: not converged",
+                row.to
+            );
+        }
+    }
+    // What the rows asked for is in force in the last VMM, read back from it.
+    let batch = fleet.status(&fleet.batch);
+    assert_eq!(batch.vcpus, 1);
+    assert!(batch.memory.share_pages, "KSM advice in force");
+    assert_eq!(
+        cgroup_file(&batch, "memory.limit_in_bytes"),
+        (160 * MIB).to_string()
+    );
+}
