@@ -830,3 +830,109 @@ fn every_row_of_the_live_table_is_applied_as_the_local_driver_declares() {
         (160 * MIB).to_string()
     );
 }
+
+/// Two hosts on this machine, each a state directory: `berth apply --host kvm02` does
+/// not start a guest that kvm01 may still run. kvm01 runs no `berth serve`, so it
+/// cannot be asked, and kvm02 applied the revision that placed the guest on kvm01:
+/// kvm02 refuses and names kvm01.
+#[test]
+fn apply_on_a_second_host_refuses_a_guest_the_first_may_still_run() {
+    berth_tests::require_root_and_kvm();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let root = tempfile::tempdir().unwrap();
+    let guest = format!("ap-two-{}", std::process::id());
+    let (kvm01, kvm02) = (root.path().join("kvm01"), root.path().join("kvm02"));
+    // Addresses nothing listens on.
+    let silent = || {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().to_string()
+    };
+    let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+        .unwrap()
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix('[')?.strip_suffix(']').map(str::to_owned))
+        .unwrap();
+    let ksm = std::fs::read_to_string("/sys/kernel/mm/ksm/run")
+        .unwrap()
+        .trim()
+        == "1";
+    let hosts: String = [("kvm01", silent()), ("kvm02", silent())]
+        .iter()
+        .map(|(name, address)| {
+            format!(
+                "apiVersion: berth.dev/v1\nkind: Host\nmetadata: {{name: {name}}}\nspec:\n  \
+                 address: \"{address}\"\n  cpus: \"0-1\"\n  memory: 4GiB\n  \
+                 ksm: {{enabled: {ksm}}}\n  transparentHugepages: {thp}\n---\n"
+            )
+        })
+        .collect();
+    let manifests = root.path().join("manifests");
+    std::fs::create_dir_all(&manifests).unwrap();
+    let place = |host: &str| {
+        let text = format!(
+            "{hosts}apiVersion: berth.dev/v1\nkind: Guest\nmetadata: {{name: {guest}}}\n\
+             spec: {{host: {host}, cpu: {{vcpus: 1}}, memory: {{size: 32MiB}}}}\n"
+        );
+        std::fs::write(manifests.join("fleet.yaml"), text).unwrap();
+    };
+    let apply = |host: &str, state: &Path| {
+        let out = berth_tests::command("berth")
+            .args(["apply", "--yes", "--host", host, "--state-dir"])
+            .arg(state)
+            .arg(&manifests)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eprintln!("$ berth apply --host {host}\n{text}");
+        (out.status.success(), text)
+    };
+    let socket = |state: &Path| state.join("guests").join(&guest).join("control.sock");
+    struct Stop(Vec<PathBuf>, String);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            for state in &self.0 {
+                let sock = state.join("guests").join(&self.1).join("control.sock");
+                if let Ok(status) = Client::connect(&sock).and_then(|mut c| c.status()) {
+                    // SAFETY: kill takes no memory; the pid is a VMM this test started.
+                    unsafe { libc::kill(status.pid, libc::SIGKILL) };
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            if let Ok(cgroups) = Cgroups::detect() {
+                let _ = cgroups.remove_stale(&self.1);
+            }
+        }
+    }
+    let _stop = Stop(vec![kvm01.clone(), kvm02.clone()], guest.clone());
+
+    place("kvm01");
+    let (ok, out) = apply("kvm01", &kvm01);
+    assert!(ok, "{out}");
+    let running = Client::connect(socket(&kvm01))
+        .and_then(|mut c| c.status())
+        .expect("the guest runs on kvm01");
+    let (ok, out) = apply("kvm02", &kvm02);
+    assert!(ok && out.contains("No changes."), "{out}");
+
+    // The manifest moves it; kvm02's apply cannot ask kvm01 and refuses, naming it.
+    place("kvm02");
+    let (ok, out) = apply("kvm02", &kvm02);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains(&format!("kvm01 may still run {guest} and cannot be asked")),
+        "{out}"
+    );
+    assert!(out.contains("nothing was changed"), "{out}");
+    assert!(
+        !socket(&kvm02).exists(),
+        "no second copy was started on kvm02"
+    );
+    assert!(
+        Path::new(&format!("/proc/{}", running.pid)).exists(),
+        "kvm01 still runs it"
+    );
+}

@@ -7,6 +7,11 @@
 //!   `--wait`.
 //! - The local driver acts on this host only: guests placed on other hosts are listed,
 //!   not touched (moving guests between hosts is `berth serve`'s).
+//! - Before it starts a guest it asks the other hosts whether they may still run it
+//!   (the start guard `berth serve` uses, [`berth_reconciler::fleet::Coordination`]):
+//!   it refuses, naming the host, when another host runs the guest, or cannot be asked
+//!   and is where the guest was last placed (by the manifests applied here or enforced
+//!   by `berth serve` here, `<state>/placements.json`).
 //! - After a successful apply, `<state>/applied.json` records the revision (the commit
 //!   id for `--rev`, else a hash of the documents) and the time.
 
@@ -14,13 +19,18 @@ use std::collections::BTreeSet;
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use anyhow::{bail, Context};
 use berth_reconciler::apply::{execute, Outcome};
 use berth_reconciler::driver::local::StateLock;
 use berth_reconciler::driver::{Driver, DriverKind, Scope, SimDriver};
+use berth_reconciler::fleet::http::HttpPeers;
+use berth_reconciler::fleet::placement::Placements;
+use berth_reconciler::fleet::Coordination;
 use berth_reconciler::model::{Desired, Observed};
+use berth_reconciler::plan::Action;
 use berth_reconciler::render;
 
 use super::plan::Color;
@@ -90,6 +100,11 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("observing through the {} driver", driver.name()))?;
     let capabilities = driver.plan_capabilities(&desired);
     let scope = driver.scope();
+    let fleet = desired.clone();
+    let guard = start_guard(&args.local.state_dir);
+    if let Some(me) = scope.host() {
+        guard.record_placements(me, &fleet);
+    }
     let scoped = Scoped::new(desired, observed, &scope);
     let plan = berth_reconciler::plan(&scoped.desired, &scoped.observed, &capabilities);
     let colour = super::plan::colour(args.color);
@@ -109,6 +124,9 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             "nothing can be applied: {} blocked (see the reasons above); nothing was changed",
             plan.summary.blocked
         );
+    }
+    if let Some(me) = scope.host() {
+        check_starts(&guard, me, &fleet, &plan)?;
     }
     if !confirmed(args, plan.steps.len(), &host)? {
         write_stdout("Apply cancelled; nothing was changed.\n")?;
@@ -159,6 +177,57 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     }
     record(args, &source, &host)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The start guard `berth serve` uses, with this host's record of where guests were
+/// last placed (`<state>/placements.json`, shared with `berth serve`).
+fn start_guard(state_dir: &std::path::Path) -> HttpPeers {
+    HttpPeers::new(
+        Arc::new(Placements::open(Some(state_dir.join("placements.json")))),
+        None,
+    )
+}
+
+/// Before this host (`me`) starts a guest, asks the other hosts of `fleet` whether they
+/// may still run it.
+///
+/// # Errors
+/// Naming the host, when one runs a guest to be started here, or cannot be asked and
+/// is where the guest was last placed.
+fn check_starts(
+    guard: &HttpPeers,
+    me: &str,
+    fleet: &Desired,
+    plan: &berth_reconciler::Plan,
+) -> anyhow::Result<()> {
+    let starts: Vec<&str> = plan
+        .steps
+        .iter()
+        .filter_map(|s| match &s.action {
+            Action::Start { guest, host } if host == me => Some(guest.as_str()),
+            _ => None,
+        })
+        .collect();
+    if starts.is_empty() || fleet.hosts.iter().all(|h| h.metadata.name == me) {
+        return Ok(());
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let refused: Vec<String> = runtime.block_on(async {
+        let mut refused = Vec::new();
+        for guest in starts {
+            if let Err(why) = guard.may_start(me, guest, fleet).await {
+                refused.push(why.to_string());
+            }
+        }
+        refused
+    });
+    if !refused.is_empty() {
+        bail!("{}; nothing was changed", refused.join("; "));
+    }
+    Ok(())
 }
 
 fn record(args: &Args, source: &super::target::Source, host: &str) -> anyhow::Result<()> {

@@ -29,16 +29,16 @@ use tracing::{error, info, warn};
 
 use super::backoff::{BackoffPolicy, Backoffs};
 use super::git::CommitId;
-use super::incoming::IncomingNotes;
 use super::metrics::Metrics;
-use super::placement::{Placements, StartGuard};
 use super::source::{Revision, SourceEvent};
 use super::status::{
     now_rfc3339, Applied, Condition, GuestStatus, LastError, Problem, StatusStore,
 };
-use super::switchover::Switchovers;
 use crate::apply::execute_step;
 use crate::driver::Driver;
+use crate::fleet::incoming::IncomingNotes;
+use crate::fleet::switchover::Switchovers;
+use crate::fleet::Coordination;
 use crate::model::{Desired, Observed};
 use crate::plan::{plan, Action, GuestPlan, Operation, Plan, Step, StopReason};
 
@@ -94,7 +94,8 @@ pub struct Controller {
     status: StatusStore,
     metrics: Arc<Metrics>,
     on_revision: Option<RevisionHook>,
-    guard: Option<(Arc<dyn StartGuard>, Arc<Placements>)>,
+    /// Asked before every start whether another host may still run the guest.
+    coordination: Option<Arc<dyn Coordination>>,
     incoming_notes: Option<Arc<IncomingNotes>>,
     /// Switchovers of migrations away from this host that wait for the destination's
     /// answer, shown on their guests.
@@ -133,7 +134,7 @@ impl Controller {
             status,
             metrics,
             on_revision: None,
-            guard: None,
+            coordination: None,
             incoming_notes: None,
             switchovers: None,
             pokes: Arc::new(tokio::sync::Notify::new()),
@@ -152,14 +153,10 @@ impl Controller {
         self
     }
 
-    /// Asks `guard` before every start whether another host still runs the guest;
-    /// `placements` records where the enforced revisions placed each guest.
-    pub fn with_start_guard(
-        mut self,
-        guard: Arc<dyn StartGuard>,
-        placements: Arc<Placements>,
-    ) -> Self {
-        self.guard = Some((guard, placements));
+    /// Asks `coordination` before every start whether another host may still run the
+    /// guest, and tells it where each enforced revision places the guests.
+    pub fn with_start_guard(mut self, coordination: Arc<dyn Coordination>) -> Self {
+        self.coordination = Some(coordination);
         self
     }
 
@@ -278,8 +275,8 @@ impl Controller {
                 if let Some(hook) = &self.on_revision {
                     hook(&commit, &desired);
                 }
-                if let Some((_, placements)) = &self.guard {
-                    placements.record(&desired, &self.config.host);
+                if let Some(coordination) = &self.coordination {
+                    coordination.record_placements(&self.config.host, &desired);
                 }
                 // A new revision may fix what failed: try everything again at once.
                 self.backoffs = Backoffs::new(self.config.backoff);
@@ -462,7 +459,7 @@ impl Controller {
         }
     }
 
-    fn dispatch(&mut self, key: String, step: &Step, desired: &Desired, drift: bool) {
+    fn dispatch(&mut self, key: String, step: &Step, desired: &Arc<Desired>, drift: bool) {
         let kind = action_kind(&step.action);
         info!(key = %key, action = kind, step = ?step.action, drift, "dispatching");
         self.in_flight.insert(key.clone(), kind);
@@ -471,11 +468,12 @@ impl Controller {
             .guest()
             .and_then(|name| desired.guests.iter().find(|g| g.metadata.name == name))
             .cloned();
-        let guard = match (&step.action, &self.guard) {
-            (Action::Start { guest, .. }, Some((guard, placements))) => Some((
-                Arc::clone(guard),
+        let guard = match (&step.action, &self.coordination) {
+            (Action::Start { guest, .. }, Some(coordination)) => Some((
+                Arc::clone(coordination),
                 guest.clone(),
-                placements.peers(desired, &self.config.host, guest),
+                Arc::clone(desired),
+                self.config.host.clone(),
             )),
             _ => None,
         };
@@ -501,12 +499,12 @@ impl Controller {
         let done = self.completions.0.clone();
         tokio::spawn(async move {
             let started = Instant::now();
-            if let Some((guard, guest, peers)) = guard {
-                if let Err(why) = guard.check(&guest, peers).await {
+            if let Some((coordination, guest, desired, me)) = guard {
+                if let Err(why) = coordination.may_start(&me, &guest, &desired).await {
                     let _ = done.send(Completion {
                         key,
                         kind,
-                        outcome: Outcome::Waiting(why),
+                        outcome: Outcome::Waiting(why.to_string()),
                         took: started.elapsed(),
                         drift,
                     });

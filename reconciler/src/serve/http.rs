@@ -28,9 +28,9 @@ use tracing::{info, warn};
 
 use super::auth::{verify_bearer, verify_signature, AuthError, Secret, SIGNATURE_HEADER};
 use super::metrics::Metrics;
-use super::peer::{IncomingMigrations, IncomingRequest, PeerError, INCOMING_PATH};
 use super::source::Trigger;
 use super::status::StatusStore;
+use crate::fleet::peer::{IncomingMigrations, IncomingRequest, PeerError, INCOMING_PATH};
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -168,7 +168,7 @@ async fn incoming_outcome(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::serve::peer::{IncomingMigration, NoIncoming};
+    use crate::fleet::peer::{IncomingMigration, NoIncoming};
     use axum::body::Body;
     use axum::http::Request;
     use std::sync::atomic::{AtomicUsize, Ordering};

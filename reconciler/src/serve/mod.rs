@@ -5,18 +5,19 @@
 //! - [`git`]: reading revisions with the git CLI.
 //! - [`source`]: noticing new heads (watch, poll, webhook) and reading each one once.
 //! - [`controller`]: the reconcile loop (observe, plan, dispatch) with a per-guest work
-//!   queue, backoff and suspend.
+//!   queue, backoff and suspend; before a start it asks the fleet coordination
+//!   ([`crate::fleet::Coordination`]) whether another host may still run the guest.
 //! - [`http`]: `/healthz`, `/status`, `/metrics`, `/hooks/git` and the peer API
-//!   ([`peer`]), with [`auth`] for the webhook signature and the fleet secret.
-//! - [`placement`]: before a start, the other hosts are asked whether they still run
-//!   the guest, so that a guest moving here is never started twice.
-//! - [`client`]: the API's client side (`berth status`, and the peer request a
-//!   migration source makes).
-//! - [`remote`]: `--driver local`, the local driver plus live migration to another
-//!   host (the source side), and [`incoming`], the destination side.
-//! - [`switchover`]: resolving the unknown switchovers of migrations away from this
-//!   host, also those a SIGKILLed predecessor left.
+//!   ([`crate::fleet::peer`]), with [`auth`] for the webhook signature and the fleet
+//!   secret.
+//! - [`client`]: the API's client side (`berth status`, and the transport of
+//!   [`crate::fleet::http::HttpPeers`]).
+//! - [`status`] and [`metrics`]: what `/status` and `/metrics` report.
 //! - [`simfleet`]: `--driver sim`, a simulated fleet that survives restarts.
+//!
+//! Cross-host work (the start guard, live migration to another host and its
+//! destination side, unknown switchovers) lives in [`crate::fleet`]; this module wires
+//! it up for `--driver local`.
 //!
 //! Restart safety: the service keeps no state that matters besides what it observes
 //! and, for each migration away from this host, where it went (recorded before it
@@ -33,15 +34,10 @@ pub mod client;
 pub mod controller;
 pub mod git;
 pub mod http;
-pub mod incoming;
 pub mod metrics;
-pub mod peer;
-pub mod placement;
-pub mod remote;
 pub mod simfleet;
 pub mod source;
 pub mod status;
-pub mod switchover;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -53,17 +49,21 @@ use tracing::{error, info, warn};
 
 use crate::driver::local::locate_vmm;
 use crate::driver::{Driver, DriverError, DriverKind, LocalDriver};
+use crate::fleet::http::HttpPeers;
+use crate::fleet::incoming::{IncomingNotes, LocalIncoming};
+use crate::fleet::peer::{IncomingMigrations, NoIncoming};
+use crate::fleet::placement::Placements;
+use crate::fleet::remote::{Enforced, ServeDriver};
+use crate::fleet::switchover::{Resolver, Switchovers};
+use crate::fleet::Coordination;
 use auth::{Secret, SecretError};
 use backoff::BackoffPolicy;
 use controller::{Controller, ControllerConfig};
 use git::{GitError, GitRepo};
-use incoming::{IncomingNotes, LocalIncoming};
 use metrics::Metrics;
-use remote::{Enforced, ServeDriver};
 use simfleet::{SimFleetError, SimulatedFleet};
 use source::{Follower, Trigger};
 use status::{SourceStatus, Status, StatusStore};
-use switchover::{Resolver, Switchovers};
 
 /// Arguments of `berth serve`.
 #[derive(Debug, clap::Args)]
@@ -282,28 +282,34 @@ async fn serve(
     let enforced = Arc::new(Enforced::default());
     let notes = Arc::new(IncomingNotes::default());
     let switchovers = Arc::new(Switchovers::default());
-    let (driver, incoming, local): (Arc<dyn Driver>, Arc<dyn peer::IncomingMigrations>, _) =
-        match &fleet {
-            Fleet::Local(local) => {
-                let driver = Arc::new(ServeDriver::new(
-                    Arc::clone(local),
-                    Arc::clone(&enforced),
-                    fleet_secret.clone(),
-                    Arc::clone(&metrics),
-                    Arc::clone(&switchovers),
-                    tokio::runtime::Handle::current(),
-                ));
-                let incoming = Arc::new(LocalIncoming::new(
-                    Arc::clone(local),
-                    Arc::clone(&enforced),
-                    repo.clone(),
-                    args.path.clone(),
-                    Arc::clone(&notes),
-                ));
-                (driver.clone(), incoming.clone(), Some((driver, incoming)))
-            }
-            Fleet::Sim(sim) => (sim.clone(), Arc::new(peer::NoIncoming), None),
-        };
+    let coordination: Arc<dyn Coordination> = Arc::new(HttpPeers::new(
+        Arc::new(Placements::open(Some(
+            args.state_dir.join("placements.json"),
+        ))),
+        fleet_secret.clone(),
+    ));
+    let (driver, incoming, local): (Arc<dyn Driver>, Arc<dyn IncomingMigrations>, _) = match &fleet
+    {
+        Fleet::Local(local) => {
+            let driver = Arc::new(ServeDriver::new(
+                Arc::clone(local),
+                Arc::clone(&enforced),
+                Arc::clone(&coordination),
+                Arc::clone(&metrics),
+                Arc::clone(&switchovers),
+                tokio::runtime::Handle::current(),
+            ));
+            let incoming = Arc::new(LocalIncoming::new(
+                Arc::clone(local),
+                Arc::clone(&enforced),
+                repo.clone(),
+                args.path.clone(),
+                Arc::clone(&notes),
+            ));
+            (driver.clone(), incoming.clone(), Some((driver, incoming)))
+        }
+        Fleet::Sim(sim) => (sim.clone(), Arc::new(NoIncoming), None),
+    };
     let status = StatusStore::new(Status {
         host: args.host.clone(),
         driver: driver.name().to_owned(),
@@ -373,12 +379,7 @@ async fn serve(
             sim.add_hosts(desired);
         }
     }))
-    .with_start_guard(
-        Arc::new(placement::HttpPeers),
-        Arc::new(placement::Placements::open(Some(
-            args.state_dir.join("placements.json"),
-        ))),
-    );
+    .with_start_guard(Arc::clone(&coordination));
     if let (Some((driver, _)), Fleet::Local(local_driver)) = (&local, &fleet) {
         controller = controller
             .with_incoming_notes(notes)
@@ -386,7 +387,7 @@ async fn serve(
         tokio::spawn(Arc::clone(driver).refresh_peers(controller.pokes(), shutdown_rx.clone()));
         let resolver = Resolver::new(
             Arc::clone(local_driver),
-            fleet_secret,
+            Arc::clone(&coordination),
             Arc::clone(&metrics),
             switchovers,
         );
