@@ -266,7 +266,7 @@ impl ServeDriver {
                 e,
             ));
         }
-        let outcome = self.follow(&mut source, source_pid, name, &peer);
+        let outcome = self.follow(&mut source, name, &peer);
         self.local.forget_outgoing_if_ended(&record);
         drop(following);
         match outcome {
@@ -333,7 +333,6 @@ impl ServeDriver {
     fn follow(
         &self,
         source: &mut Client,
-        source_pid: i32,
         name: &str,
         peer: &Peer,
     ) -> Result<MigrationStatus, FollowError> {
@@ -395,16 +394,9 @@ impl ServeDriver {
                         "unreadable migration status: {e}"
                     )))
                 }
-                // The source exits right after a completed migration.
-                Err(_) if !process_exists(source_pid) => {
-                    return last
-                        .map(|mut s| {
-                            s.phase = MigrationPhase::Completed;
-                            s
-                        })
-                        .ok_or_else(|| FollowError::Failed("the source VMM exited".to_owned()))
-                }
-                Err(e) => return Err(FollowError::Failed(e.to_string())),
+                // The source VMM exits right after a completed migration, and it may
+                // also have died: only the destination can tell which.
+                Err(e) => return self.source_gone(peer, name, last, &e.to_string()),
             }
             if !cancel_sent && (self.local.cancelling() || Instant::now() > deadline) {
                 info!(guest = %name, "cancelling the migration");
@@ -412,6 +404,43 @@ impl ServeDriver {
                 cancel_sent = true;
             }
             std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The source VMM stopped answering: the migration completed only if `peer` runs
+    /// the guest now (asked for up to [`RESOLVE_INLINE`] while it cannot tell yet).
+    fn source_gone(
+        &self,
+        peer: &Peer,
+        name: &str,
+        last: Option<MigrationStatus>,
+        error: &str,
+    ) -> Result<MigrationStatus, FollowError> {
+        let since = Instant::now();
+        loop {
+            match self.ask_destination(peer, name) {
+                Ok(true) => {
+                    let mut status = last.unwrap_or_default();
+                    status.phase = MigrationPhase::Completed;
+                    return Ok(status);
+                }
+                Ok(false) => {
+                    return Err(FollowError::Failed(format!(
+                        "the source VMM stopped answering ({error}) and {} does not run the guest",
+                        peer.name
+                    )))
+                }
+                Err(e) if since.elapsed() > RESOLVE_INLINE => {
+                    return Err(FollowError::Failed(format!(
+                        "the source VMM stopped answering ({error}) and {} cannot tell whether it runs the guest ({e})",
+                        peer.name
+                    )))
+                }
+                Err(e) => {
+                    debug!(guest = %name, error = %e, "the destination cannot tell yet");
+                    std::thread::sleep(ASK_INTERVAL);
+                }
+            }
         }
     }
 
