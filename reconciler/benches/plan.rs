@@ -12,7 +12,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use berth_reconciler::driver::{Driver, SimDriver};
+use berth_reconciler::driver::{Driver, FleetCapabilities, SimDriver};
 use berth_reconciler::model::{Desired, Observed};
 use berth_reconciler::{git, plan};
 use berth_schema::{
@@ -170,11 +170,11 @@ fn bench_sim(guests: usize, hosts: usize) {
     let sim = SimDriver::from_manifests(&base);
     let (observed, observe_time, _) = measure(|| sim.observe().expect("observe"));
     // Warm up once, then take the best of three.
-    let _ = plan(&head, &observed);
+    let _ = plan(&head, &observed, &FleetCapabilities::default());
     let mut best: Option<(Duration, usize)> = None;
     let mut result = None;
     for _ in 0..3 {
-        let (p, t, peak) = measure(|| plan(&head, &observed));
+        let (p, t, peak) = measure(|| plan(&head, &observed, &FleetCapabilities::default()));
         if best.is_none_or(|(bt, _)| t < bt) {
             best = Some((t, peak));
         }
@@ -278,7 +278,7 @@ fn bench_ci(guests: usize, hosts: usize, runs: usize, keep: Option<&Path>) {
             let head = Desired::from_manifests(&head.manifests);
             let base = Desired::from_manifests(&base.1.manifests);
             let observed = Observed::baseline(&base, &head);
-            plan(&head, &observed)
+            plan(&head, &observed, &FleetCapabilities::default())
         });
         (files, p, [read_and_load - load, load, planning])
     };

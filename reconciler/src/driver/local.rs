@@ -49,7 +49,7 @@ use berth_hypervisor::migration::{
 use berth_schema::{Boot, Bytes, CpuMode, CpuSet, Guest, GuestState, MemTune, PageSize, Pinning};
 use serde::{Deserialize, Serialize};
 
-use super::{Driver, DriverError};
+use super::{Driver, DriverError, DriverKind, Scope};
 use crate::diff::{Field, HostSetting};
 use crate::model::{
     CpuInfo, HugepagePool, Observed, ObservedCpu, ObservedGuest, ObservedHost, ObservedMemory,
@@ -100,6 +100,8 @@ pub struct LocalDriver {
     cancel: AtomicBool,
     /// Guests whose migration away this process follows ([`LocalDriver::begin_outgoing`]).
     outgoing: Mutex<HashSet<String>>,
+    /// How many VMMs an observe asks at once.
+    observe_workers: usize,
 }
 
 impl LocalDriver {
@@ -113,7 +115,15 @@ impl LocalDriver {
             children: Mutex::new(Vec::new()),
             cancel: AtomicBool::new(false),
             outgoing: Mutex::new(HashSet::new()),
+            observe_workers: OBSERVE_WORKERS,
         }
+    }
+
+    /// Asks at most `workers` VMMs at once when observing (default
+    /// [`OBSERVE_WORKERS`]; 1 asks one after the other).
+    pub fn observe_workers(mut self, workers: usize) -> Self {
+        self.observe_workers = workers.max(1);
+        self
     }
 
     /// Cancels the migrations in flight (the VMM's `migrateCancel`: a migration
@@ -256,17 +266,21 @@ impl LocalDriver {
             .filter(|n| !n.contains('.'))
             .collect();
         names.sort();
-        let mut guests = Vec::new();
-        for name in names {
-            match self.live_status(&name) {
-                Some(status) => {
-                    let mut observed = self.observed_guest(&name, &status, &online);
-                    observed.migrating_to = self.outgoing_migration(&name);
-                    guests.push(LocalGuest { observed, status });
-                }
-                None => self.clean_if_dead(&name),
+        let observe = |name: &String| match self.live_status(name) {
+            Some(status) => {
+                let mut observed = self.observed_guest(name, &status, &online);
+                observed.migrating_to = self.outgoing_migration(name);
+                Some(LocalGuest { observed, status })
             }
-        }
+            None => {
+                self.clean_if_dead(name);
+                None
+            }
+        };
+        let mut guests: Vec<LocalGuest> = in_parallel(&names, self.observe_workers, observe)
+            .into_iter()
+            .flatten()
+            .collect();
         // A guest that arrived by migration and runs, but whose VMM could not take over
         // `<name>/` yet (the handover failed; the VMM keeps trying): seen from
         // `<name>.incoming/`, never left running unseen.
@@ -840,8 +854,12 @@ impl LocalDriver {
 }
 
 impl Driver for LocalDriver {
-    fn name(&self) -> &'static str {
-        "local"
+    fn kind(&self) -> DriverKind {
+        DriverKind::Local
+    }
+
+    fn scope(&self) -> Scope {
+        Scope::Host(self.host.clone())
     }
 
     fn observe(&self) -> Result<Observed, DriverError> {
@@ -916,6 +934,12 @@ impl Driver for LocalDriver {
         let status = client
             .status()
             .map_err(|e| failed(format!("reading the status of {name}"), e))?;
+        let capabilities = self.capabilities();
+        if let Some(field) = fields.iter().find(|f| !capabilities.changes_live(**f)) {
+            return Err(DriverError::Refused(format!(
+                "{name}: the local driver cannot change {field} in a running guest"
+            )));
+        }
         let spec = &guest.spec;
         let wanted_pins = spec.cpu.pinning.clone().unwrap_or_default();
         let mut retune = Retune::default();
@@ -964,11 +988,6 @@ impl Driver for LocalDriver {
                 Field::Vcpus => retune.vcpus = Some(spec.cpu.vcpus),
                 Field::State => state_change = Some(spec.state),
                 Field::Labels | Field::Annotations => metadata = true,
-                Field::SharePages | Field::Numa => {
-                    return Err(DriverError::Refused(format!(
-                        "{name}: berth-vmm cannot change {field} live yet"
-                    )))
-                }
                 other => {
                     return Err(DriverError::Refused(format!(
                         "{name}: {other} cannot be changed live"
@@ -1022,6 +1041,45 @@ impl Driver for LocalDriver {
         }
         self.local_migrate(guest)
     }
+}
+
+/// How many VMMs an observe asks at once by default: each VMM answers from its own
+/// process, and most of an answer is waiting for it, so more askers than CPUs pay off.
+pub const OBSERVE_WORKERS: usize = 32;
+
+/// `f` of every item, in order, on up to `workers` threads.
+fn in_parallel<T: Sync, R: Send>(
+    items: &[T],
+    workers: usize,
+    f: impl Fn(&T) -> R + Sync,
+) -> Vec<R> {
+    let workers = items.len().min(workers);
+    if workers <= 1 {
+        return items.iter().map(f).collect();
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut results: Vec<(usize, R)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut done = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(item) = items.get(i) else {
+                            return done;
+                        };
+                        done.push((i, f(item)));
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("an observing thread does not panic"))
+            .collect()
+    });
+    results.sort_by_key(|(i, _)| *i);
+    results.into_iter().map(|(_, r)| r).collect()
 }
 
 /// The berth-vmm binary: `explicit` (`--vmm-path`), else `$BERTH_VMM`, else `berth-vmm`
@@ -1350,6 +1408,18 @@ mod tests {
 
     fn cpus(s: &str) -> CpuSet {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn in_parallel_keeps_the_order_of_the_items() {
+        let items: Vec<u32> = (0..500).collect();
+        let doubled = in_parallel(&items, 8, |i| {
+            std::thread::sleep(Duration::from_micros(u64::from(i % 7)));
+            i * 2
+        });
+        assert_eq!(doubled, items.iter().map(|i| i * 2).collect::<Vec<_>>());
+        assert_eq!(in_parallel(&[] as &[u32], 8, |i| *i), Vec::<u32>::new());
+        assert_eq!(in_parallel(&items, 1, |i| *i), items);
     }
 
     fn status(vcpus: &[(u32, Option<&str>)], emulator: &[&str], asked: Pinning) -> Status {

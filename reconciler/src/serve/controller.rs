@@ -29,17 +29,17 @@ use tracing::{error, info, warn};
 
 use super::backoff::{BackoffPolicy, Backoffs};
 use super::git::CommitId;
-use super::incoming::IncomingNotes;
 use super::metrics::Metrics;
-use super::placement::{Placements, StartGuard};
 use super::source::{Revision, SourceEvent};
 use super::status::{
     now_rfc3339, Applied, Condition, ConditionType, GuestStatus, LastError, Problem, Reason,
     StatusStore,
 };
-use super::switchover::Switchovers;
 use crate::apply::execute_step;
 use crate::driver::Driver;
+use crate::fleet::incoming::IncomingNotes;
+use crate::fleet::switchover::Switchovers;
+use crate::fleet::Coordination;
 use crate::model::{Desired, Observed};
 use crate::plan::{plan, Action, GuestPlan, Operation, Plan, Step, StopReason};
 
@@ -95,10 +95,8 @@ pub struct Controller {
     status: StatusStore,
     metrics: Arc<Metrics>,
     on_revision: Option<RevisionHook>,
-    guard: Option<(Arc<dyn StartGuard>, Arc<Placements>)>,
-    /// Whether the driver sees this host only: then a cold move away stops the guest
-    /// here and the destination's service starts it.
-    this_host_only: bool,
+    /// Asked before every start whether another host may still run the guest.
+    coordination: Option<Arc<dyn Coordination>>,
     incoming_notes: Option<Arc<IncomingNotes>>,
     /// Switchovers of migrations away from this host that wait for the destination's
     /// answer, shown on their guests.
@@ -140,8 +138,7 @@ impl Controller {
             status,
             metrics,
             on_revision: None,
-            guard: None,
-            this_host_only: false,
+            coordination: None,
             incoming_notes: None,
             switchovers: None,
             pokes: Arc::new(tokio::sync::Notify::new()),
@@ -161,22 +158,15 @@ impl Controller {
         self
     }
 
-    /// Asks `guard` before every start whether another host still runs the guest;
-    /// `placements` records where the enforced revisions placed each guest.
-    pub fn with_start_guard(
-        mut self,
-        guard: Arc<dyn StartGuard>,
-        placements: Arc<Placements>,
-    ) -> Self {
-        self.guard = Some((guard, placements));
+    /// Asks `coordination` before every start whether another host may still run the
+    /// guest, and tells it where each enforced revision places the guests.
+    pub fn with_start_guard(mut self, coordination: Arc<dyn Coordination>) -> Self {
+        self.coordination = Some(coordination);
         self
     }
 
-    /// The driver acts on this host only (the local driver): a cold move away is
-    /// stopping the guest here; the destination's service starts it there once this
-    /// host no longer runs it. `notes` says why migrations to this host failed.
-    pub fn this_host_only(mut self, notes: Arc<IncomingNotes>) -> Self {
-        self.this_host_only = true;
+    /// Shows why migrations to this host failed (`notes`) on their guests' status.
+    pub fn with_incoming_notes(mut self, notes: Arc<IncomingNotes>) -> Self {
         self.incoming_notes = Some(notes);
         self
     }
@@ -291,8 +281,8 @@ impl Controller {
                 if let Some(hook) = &self.on_revision {
                     hook(&commit, &desired);
                 }
-                if let Some((_, placements)) = &self.guard {
-                    placements.record(&desired, &self.config.host);
+                if let Some(coordination) = &self.coordination {
+                    coordination.record_placements(&self.config.host, &desired);
                 }
                 // A new revision may fix what failed: try everything again at once.
                 self.backoffs = Backoffs::new(self.config.backoff);
@@ -424,7 +414,11 @@ impl Controller {
             self.status.update(|s| s.guests = guests);
             return;
         };
-        let plan = plan(&desired, &observed);
+        let plan = plan(
+            &desired,
+            &observed,
+            &self.driver.plan_capabilities(&desired),
+        );
         let local: Vec<&Step> = plan.steps.iter().filter(|s| self.acts_on(s)).collect();
         let first_wave = local.iter().map(|s| s.wave).min();
         let drift = self.converged_on.as_ref() == Some(&revision);
@@ -485,7 +479,7 @@ impl Controller {
         }
     }
 
-    fn dispatch(&mut self, key: String, step: &Step, desired: &Desired, drift: bool) {
+    fn dispatch(&mut self, key: String, step: &Step, desired: &Arc<Desired>, drift: bool) {
         let kind = action_kind(&step.action);
         info!(key = %key, action = kind, step = ?step.action, drift, "dispatching");
         self.in_flight.insert(key.clone(), kind);
@@ -494,17 +488,21 @@ impl Controller {
             .guest()
             .and_then(|name| desired.guests.iter().find(|g| g.metadata.name == name))
             .cloned();
-        let guard = match (&step.action, &self.guard) {
-            (Action::Start { guest, .. }, Some((guard, placements))) => Some((
-                Arc::clone(guard),
+        let guard = match (&step.action, &self.coordination) {
+            (Action::Start { guest, .. }, Some(coordination)) => Some((
+                Arc::clone(coordination),
                 guest.clone(),
-                placements.peers(desired, &self.config.host, guest),
+                Arc::clone(desired),
+                self.config.host.clone(),
             )),
             _ => None,
         };
+        // A driver that sees this host only stops the guest here in a cold move away;
+        // the destination's service starts it there once this host no longer runs it.
+        let this_host_only = self.driver.scope().host().is_some();
         let step = match &step.action {
             Action::ColdMigrate { guest, from, to }
-                if self.this_host_only && *to != self.config.host =>
+                if this_host_only && *to != self.config.host =>
             {
                 Step {
                     action: Action::Stop {
@@ -521,12 +519,12 @@ impl Controller {
         let done = self.completions.0.clone();
         tokio::spawn(async move {
             let started = Instant::now();
-            if let Some((guard, guest, peers)) = guard {
-                if let Err(why) = guard.check(&guest, peers).await {
+            if let Some((coordination, guest, desired, me)) = guard {
+                if let Err(why) = coordination.may_start(&me, &guest, &desired).await {
                     let _ = done.send(Completion {
                         key,
                         kind,
-                        outcome: Outcome::Waiting(why),
+                        outcome: Outcome::Waiting(why.to_string()),
                         took: started.elapsed(),
                         drift,
                     });

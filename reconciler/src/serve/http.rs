@@ -29,9 +29,9 @@ use tracing::{info, warn};
 
 use super::auth::{verify_bearer, verify_signature, AuthError, Secret, SIGNATURE_HEADER};
 use super::metrics::Metrics;
-use super::peer::{IncomingMigrations, IncomingRequest, PeerError, INCOMING_PATH};
 use super::source::Trigger;
 use super::status::StatusStore;
+use crate::fleet::peer::{IncomingMigrations, IncomingRequest, PeerError, INCOMING_PATH};
 
 /// The largest webhook body read, 25 MiB: GitHub caps a webhook payload at 25 MB (and
 /// sends none larger), so every GitHub delivery fits. The body is read whole before its
@@ -195,7 +195,7 @@ async fn incoming_outcome(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::serve::peer::{IncomingMigration, NoIncoming};
+    use crate::fleet::peer::{IncomingMigration, NoIncoming};
     use axum::body::Body;
     use axum::http::Request;
     use std::sync::atomic::{AtomicUsize, Ordering};

@@ -9,7 +9,7 @@ use tokio::task::JoinHandle;
 use super::*;
 use crate::diff::{Field, HostSetting};
 use crate::driver::sim::{SimDriver, SimOp};
-use crate::driver::DriverError;
+use crate::driver::{DriverError, DriverKind, Scope};
 use crate::model::ObservedHost;
 use crate::serve::source::Trigger;
 use crate::serve::status::{ConditionStatus, Status};
@@ -326,8 +326,11 @@ impl SlowDriver {
 }
 
 impl Driver for SlowDriver {
-    fn name(&self) -> &'static str {
-        "sim"
+    fn kind(&self) -> DriverKind {
+        DriverKind::Sim
+    }
+    fn scope(&self) -> Scope {
+        Scope::Fleet
     }
     fn observe(&self) -> Result<Observed, DriverError> {
         self.sim.observe()
