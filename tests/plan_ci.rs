@@ -233,19 +233,35 @@ fn the_working_tree_is_not_read() {
 fn ci_mode_classifies_by_each_hosts_driver() {
     let repo = Repo::new("capabilities");
     let host = "apiVersion: berth.dev/v1\nkind: Host\nmetadata: {name: kvm01}\n\
-                spec: {address: '127.0.0.1:7410', cpus: '0-1', memory: 4GiB, driver: local}\n";
-    let guest = |extra: &str| {
+                spec: {address: '127.0.0.1:7410', cpus: '0-1', memory: 4GiB, driver: berth-vmm}\n\
+                ---\napiVersion: berth.dev/v1\nkind: Host\nmetadata: {name: kvm02}\n\
+                spec: {address: '127.0.0.1:7411', cpus: '0-1', memory: 4GiB, driver: libvirt, \
+                hugepages: {2MiB: 64}}\n";
+    let guest = |name: &str, host: &str, extra: &str| {
         format!(
-            "apiVersion: berth.dev/v1\nkind: Guest\nmetadata: {{name: web-1}}\n\
-             spec:\n  host: kvm01\n  cpu: {{vcpus: 1}}\n  memory: {{size: 64MiB{extra}}}\n"
+            "apiVersion: berth.dev/v1\nkind: Guest\nmetadata: {{name: {name}}}\n\
+             spec:\n  host: {host}\n  cpu: {{vcpus: 1}}\n  memory: {{size: 64MiB{extra}}}\n"
+        )
+    };
+    let guests = |web: &str, db: &str| {
+        format!(
+            "{}---\n{}",
+            guest("web-1", "kvm01", web),
+            guest("db-1", "kvm02", db).replace(
+                "  cpu:",
+                "  boot: {kernel: /boot/vmlinuz, cmdline: console=ttyS0}\n  cpu:"
+            )
         )
     };
     repo.write("hosts.yaml", host);
-    repo.write("guests.yaml", &guest(""));
+    repo.write("guests.yaml", &guests("", ""));
     repo.commit("base");
     repo.write(
         "guests.yaml",
-        &guest(", sharePages: true, numa: {mode: strict, nodeset: '0'}"),
+        &guests(
+            ", sharePages: true, numa: {mode: strict, nodeset: '0'}",
+            ", hugepages: {pageSize: 2MiB}",
+        ),
     );
     repo.commit("head");
     let out = repo.plan(&CI);
@@ -260,4 +276,13 @@ fn ci_mode_classifies_by_each_hosts_driver() {
         assert!(text.contains(line), "missing {line:?} in:\n{text}");
     }
     assert!(!text.contains("(live)"), "{text}");
+    // libvirt refuses to migrate a domain to its own host: a hugepage change on a
+    // libvirt host is blocked unless the policy allows a restart.
+    for line in [
+        "! guest db-1: blocked on kvm02",
+        "the libvirt driver cannot migrate it locally into one; set restartPolicy: ifRequired",
+        "spec.memory.hugepages: unset -> 2MiB  (blocked)",
+    ] {
+        assert!(text.contains(line), "missing {line:?} in:\n{text}");
+    }
 }

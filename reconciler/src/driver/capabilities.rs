@@ -249,12 +249,16 @@ mod tests {
     fn host_manifests_give_ci_mode_its_capabilities() {
         let desired = crate::model::desired_from_yaml([
             "apiVersion: berth.dev/v1\nkind: Host\nmetadata: {name: kvm01}\n\
-             spec: {address: '127.0.0.1:1', cpus: '0-1', memory: 1GiB, driver: local}\n",
+             spec: {address: '127.0.0.1:1', cpus: '0-1', memory: 1GiB, driver: berth-vmm}\n",
+            "apiVersion: berth.dev/v1\nkind: Host\nmetadata: {name: kvm02}\n\
+             spec: {address: '127.0.0.1:2', cpus: '0-1', memory: 1GiB, driver: libvirt}\n",
         ]);
         let caps = FleetCapabilities::from_manifests(&desired);
         assert_eq!(caps.of("kvm01"), &DriverKind::Local.capabilities());
         assert!(!caps.of("kvm01").changes_live(Field::SharePages));
         assert!(caps.of("kvm01").changes_live(Field::VcpuPinning));
+        assert_eq!(caps.of("kvm02"), &DriverKind::Libvirt.capabilities());
+        assert!(!caps.of("kvm02").local_migration);
         let mut limited = DriverKind::Local.capabilities();
         limited.local_migration = false;
         let caps = caps.with_host("kvm01", limited.clone());
