@@ -838,8 +838,10 @@ fn linux_vmlinux_prints_its_boot_log() {
 #[test]
 fn one_gib_hugepage_backs_a_guest_and_comes_back() {
     berth_tests::require_root_and_kvm();
-    // A 1 GiB page needs 1 GiB of contiguous free memory; compacting first makes that
-    // likely on a machine that is not short of memory.
+    // A 1 GiB page needs 1 GiB of contiguous free memory; dropping clean page cache (a
+    // build leaves gigabytes of it) and compacting first makes that likely on a
+    // machine that is not short of memory.
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "1");
     let _ = std::fs::write("/proc/sys/vm/compact_memory", "1");
     let pool = HugePagePool::new(PageSize::Huge1G);
     // Restored on drop, also when the test fails.
