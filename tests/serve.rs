@@ -2,7 +2,8 @@
 //! a throwaway git repository, the real binary on a loopback port, commits noticed
 //! through the filesystem watch and through a signed webhook, an invalid commit
 //! refused with file:line while the last good revision stays, a bad signature refused,
-//! and a restart (SIGTERM and SIGKILL) that adopts the running guests.
+//! and a restart (SIGTERM and SIGKILL) that adopts the running guests. One test runs
+//! `--driver local` (root, /dev/kvm): a Host this machine does not match is refused.
 
 use std::fs;
 use std::net::{TcpListener, TcpStream};
@@ -61,6 +62,18 @@ impl Serve {
         log: PathBuf,
         extra: &[&str],
     ) -> Self {
+        Self::start_with("sim", host, port, repo, state, log, extra)
+    }
+
+    fn start_with(
+        driver: &str,
+        host: &str,
+        port: u16,
+        repo: &Path,
+        state: &Path,
+        log: PathBuf,
+        extra: &[&str],
+    ) -> Self {
         let addr = format!("127.0.0.1:{port}");
         let secret = state.with_extension("webhook-secret");
         fs::write(&secret, format!("{WEBHOOK_SECRET}\n")).expect("write secret");
@@ -73,7 +86,7 @@ impl Serve {
             .expect("log file");
         let child = command("berth")
             .args([
-                "serve", "--driver", "sim", "--host", host, "--branch", "main",
+                "serve", "--driver", driver, "--host", host, "--branch", "main",
             ])
             .arg("--repo")
             .arg(repo)
@@ -736,4 +749,45 @@ fn metrics_answer_in_the_format_the_scraper_asks_for_and_pass_promtool() {
             "README.md does not list {name}"
         );
     }
+}
+
+#[test]
+fn serve_with_the_local_driver_refuses_a_host_this_machine_does_not_match() {
+    berth_tests::require_root_and_kvm();
+    let tmp = tempdir();
+    let repo = GitRepo::new(tmp.path().join("repo"));
+    let hosts = HOSTS.replacen("cpus: 0-1", "cpus: \"0-1,64\"", 1);
+    let commit = repo.commit(
+        &[("hosts.yaml", &hosts), ("guests.yaml", &guests(100))],
+        "kvm01 has a CPU 64",
+    );
+    let state = tmp.path().join("state");
+    let vmm = berth_tests::bin("berth-vmm");
+    let serve = Serve::start_with(
+        "local",
+        "kvm01",
+        free_port(),
+        &repo.dir,
+        &state,
+        tmp.path().join("serve.log"),
+        &["--vmm-path", vmm.to_str().expect("utf-8 path")],
+    );
+    let status = serve.wait_for("the refusal", |s| {
+        s["lastError"]["revision"] == commit.as_str()
+    });
+    let error = &status["lastError"];
+    assert_eq!(error["kind"], "invalid", "{error}");
+    let text = error["diagnostics"][0]["text"].as_str().expect("text");
+    assert!(
+        text.starts_with("hosts.yaml:4:39: error: spec.cpus: CPU 64 is not online on this machine"),
+        "{text}"
+    );
+    assert!(
+        status.get("enforcing").is_none(),
+        "nothing is enforced: {status:#}"
+    );
+    assert!(
+        !state.join("guests").join("web-1").exists(),
+        "nothing started"
+    );
 }
