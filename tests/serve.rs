@@ -251,20 +251,22 @@ fn metric(serve: &Serve, line_start: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
-#[test]
-fn commits_are_applied_through_the_watch_and_invalid_ones_are_refused() {
-    let tmp = tempdir();
-    let repo = GitRepo::new(tmp.path().join("repo"));
+/// A repository under `dir` with a first commit (the hosts, web-1 on kvm01 with I/O
+/// weight 100), and a service following it: (repository, service, first commit).
+fn serve_first_commit(dir: &Path, extra: &[&str]) -> (GitRepo, Serve, String) {
+    let repo = GitRepo::new(dir.join("repo"));
     let first = repo.commit(
         &[("hosts.yaml", HOSTS), ("guests.yaml", &guests(100))],
         "first",
     );
-    let serve = Serve::start(
-        &repo.dir,
-        &tmp.path().join("state"),
-        tmp.path().join("serve.log"),
-        &[],
-    );
+    let serve = Serve::start(&repo.dir, &dir.join("state"), dir.join("serve.log"), extra);
+    (repo, serve, first)
+}
+
+#[test]
+fn commits_are_applied_through_the_watch_and_invalid_ones_are_refused() {
+    let tmp = tempdir();
+    let (repo, serve, first) = serve_first_commit(tmp.path(), &[]);
 
     let status = serve.wait_for("the first revision applied", |s| {
         applied(&first)(s) && condition(s, "Ready")["status"] == "True"
@@ -392,17 +394,7 @@ fn commits_are_applied_through_the_watch_and_invalid_ones_are_refused() {
 #[test]
 fn webhooks_need_a_valid_signature() {
     let tmp = tempdir();
-    let repo = GitRepo::new(tmp.path().join("repo"));
-    let first = repo.commit(
-        &[("hosts.yaml", HOSTS), ("guests.yaml", &guests(100))],
-        "first",
-    );
-    let serve = Serve::start(
-        &repo.dir,
-        &tmp.path().join("state"),
-        tmp.path().join("serve.log"),
-        &["--no-watch"],
-    );
+    let (repo, serve, first) = serve_first_commit(tmp.path(), &["--no-watch"]);
     serve.wait_for("the first revision applied", applied(&first));
 
     let second = repo.commit(&[("guests.yaml", &guests(200))], "io weight 200");
@@ -651,20 +643,9 @@ fn promtool() -> &'static str {
 
 #[test]
 fn metrics_answer_in_the_format_the_scraper_asks_for_and_pass_promtool() {
-    use std::io::Write;
     let promtool = promtool();
     let tmp = tempdir();
-    let repo = GitRepo::new(tmp.path().join("repo"));
-    let first = repo.commit(
-        &[("hosts.yaml", HOSTS), ("guests.yaml", &guests(100))],
-        "first",
-    );
-    let serve = Serve::start(
-        &repo.dir,
-        &tmp.path().join("state"),
-        tmp.path().join("serve.log"),
-        &[],
-    );
+    let (repo, serve, first) = serve_first_commit(tmp.path(), &[]);
     serve.wait_for("the first revision applied", applied(&first));
     let second = repo.commit(&[("guests.yaml", &guests(300))], "io weight 300");
     serve.wait_for("the second revision applied", applied(&second));
@@ -718,20 +699,10 @@ fn metrics_answer_in_the_format_the_scraper_asks_for_and_pass_promtool() {
         "{text}"
     );
     assert!(text.contains("berth_actions_total{kind=\"retune\",result=\"ok\"} 1\n"));
-    let mut child = std::process::Command::new(promtool)
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run promtool");
-    child
-        .stdin
-        .take()
-        .expect("piped")
-        .write_all(text.as_bytes())
-        .expect("write");
-    let out = child.wait_with_output().expect("promtool");
+    let out = berth_tests::output_with_stdin(
+        std::process::Command::new(promtool).args(["check", "metrics"]),
+        text.as_bytes(),
+    );
     assert!(
         out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
         "promtool check metrics: {}{}\non:\n{text}",
