@@ -689,6 +689,26 @@ fn metrics_answer_in_the_format_the_scraper_asks_for_and_pass_promtool() {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // `promtool check metrics` (2.42) lints the text format 0.0.4 only: on OpenMetrics
+    // its one complaint is that a counter's samples (`berth_actions_total`) are not
+    // named as its family (`berth_actions`), as OpenMetrics wants. Nothing else.
+    let out = berth_tests::output_with_stdin(
+        std::process::Command::new(promtool).args(["check", "metrics"]),
+        openmetrics.as_bytes(),
+    );
+    let counters: Vec<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let lint =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    for problem in lint.lines() {
+        let counter = problem
+            .strip_suffix("_total no help text")
+            .unwrap_or_else(|| panic!("promtool on OpenMetrics: {problem}"));
+        assert!(counters.contains(&counter), "{problem}");
+    }
+
     // Asked for the text format 0.0.4 (as `curl -H 'Accept: text/plain;version=0.0.4'`
     // for `promtool check metrics`), it gets that, and promtool's linter finds nothing.
     let (content_type, text) = scrape(&serve.addr, "text/plain;version=0.0.4");
