@@ -211,6 +211,13 @@ fn a_dash_reads_the_manifest_from_standard_input() {
         "{}",
         stdout(&out)
     );
+    let out = run_with_stdin(&["plan", "-", "--driver", "sim", "--sim-from", "-"], &both);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("standard input is read once"),
+        "{}",
+        stderr(&out)
+    );
     let out = run_with_stdin(&["apply", "-", "--driver", "sim", "--yes"], &both);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(stdout(&out).contains(" done, 0 failed"), "{}", stdout(&out));
