@@ -3,9 +3,8 @@
 //! input, and exit codes CI can trust (a usage error is never 2, the code of
 //! `--detailed-exitcode`'s "changes").
 
-use std::io::Write;
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use berth_tests::{command, workspace_root};
 
@@ -19,20 +18,7 @@ fn run(cmd: &mut Command) -> Output {
 
 /// Runs `berth args` with `input` on standard input.
 fn run_with_stdin(args: &[&str], input: &str) -> Output {
-    let mut child = command("berth")
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run berth");
-    child
-        .stdin
-        .take()
-        .expect("piped")
-        .write_all(input.as_bytes())
-        .expect("write stdin");
-    child.wait_with_output().expect("wait for berth")
+    berth_tests::output_with_stdin(command("berth").args(args), input.as_bytes())
 }
 
 fn stdout(out: &Output) -> String {
@@ -224,6 +210,13 @@ fn a_dash_reads_the_manifest_from_standard_input() {
         stdout(&out).contains("Plan: 2 to start"),
         "{}",
         stdout(&out)
+    );
+    let out = run_with_stdin(&["plan", "-", "--driver", "sim", "--sim-from", "-"], &both);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("standard input is read once"),
+        "{}",
+        stderr(&out)
     );
     let out = run_with_stdin(&["apply", "-", "--driver", "sim", "--yes"], &both);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));

@@ -124,23 +124,35 @@ pub fn first_stdout_line(child: &mut std::process::Child, timeout: std::time::Du
     rx.recv_timeout(timeout).unwrap_or_default()
 }
 
+/// Runs `cmd` with `input` on its standard input; returns its exit status and output.
+pub fn output_with_stdin(cmd: &mut Command, input: &[u8]) -> std::process::Output {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
+    let mut stdin = child.stdin.take().expect("piped");
+    // Written from a thread: a child that answers before reading all of it must not
+    // block the write.
+    let input = input.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let out = child.wait_with_output().expect("wait for the child");
+    writer.join().expect("the writer does not panic");
+    out
+}
+
 /// GitHub's `X-Hub-Signature-256` value for `body`: `sha256=<hex HMAC-SHA256>`, computed
 /// by openssl, independently of berth's own code.
 pub fn github_signature(secret: &str, body: &str) -> String {
-    use std::io::Write;
-    let mut child = Command::new("openssl")
-        .args(["dgst", "-sha256", "-hmac", secret])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("run openssl");
-    child
-        .stdin
-        .take()
-        .expect("piped")
-        .write_all(body.as_bytes())
-        .expect("write");
-    let out = child.wait_with_output().expect("openssl output");
+    let out = output_with_stdin(
+        Command::new("openssl").args(["dgst", "-sha256", "-hmac", secret]),
+        body.as_bytes(),
+    );
     let text = String::from_utf8(out.stdout).expect("utf-8");
     let hex = text.trim().rsplit(' ').next().expect("digest");
     assert_eq!(hex.len(), 64, "{text}");

@@ -195,6 +195,10 @@ fn short(commit: &str) -> &str {
 /// `PATH --driver ...`: the manifests on disk against what the driver observes.
 fn driver_inputs(args: &Args) -> anyhow::Result<Inputs> {
     let path = args.path.clone().unwrap_or_else(|| PathBuf::from("."));
+    if super::input::is_stdin(&path) && args.sim_from.as_deref().is_some_and(super::input::is_stdin)
+    {
+        bail!("standard input is read once: PATH and --sim-from cannot both be -");
+    }
     let validated = super::input::load(&path)
         .with_context(|| format!("the manifests in {} are not valid", path.display()))?;
     print_warnings(&validated);

@@ -36,6 +36,10 @@ pub enum ConditionType {
     SwitchoverUnknown,
     /// Reconciling is suspended by the `berth.dev/suspend` annotation.
     Suspended,
+    /// A type this version does not know: a peer running another version of berth
+    /// (`Synced`, `Progressing` and `Failed` before these conditions) still parses.
+    #[serde(other)]
+    Other,
 }
 
 /// `True`, `False` or `Unknown`.
@@ -45,7 +49,8 @@ pub enum ConditionStatus {
     True,
     /// It does not.
     False,
-    /// Not known.
+    /// Not known (also what this version does not know).
+    #[serde(other)]
     Unknown,
 }
 
@@ -106,6 +111,9 @@ pub enum Reason {
     NotObservedYet,
     /// No revision has passed validation yet.
     NoValidRevision,
+    /// A reason this version does not know (from a peer running another version).
+    #[serde(other)]
+    Other,
 }
 
 /// A condition of a guest or of the service.
@@ -220,6 +228,19 @@ mod tests {
         let mut other = vec![ready(true, Reason::InSync)];
         seen.stamp(&Some("db-1".to_owned()), &mut other, "t4");
         assert_eq!(other[0].last_transition_time, "t4");
+    }
+
+    #[test]
+    fn a_peer_of_an_older_version_still_parses() {
+        let old: Condition = serde_json::from_value(serde_json::json!({
+            "type": "Synced", "status": "False", "reason": "Changes", "message": "retune"
+        }))
+        .expect("parses");
+        assert_eq!(
+            (old.kind, old.status, old.reason),
+            (ConditionType::Other, ConditionStatus::False, Reason::Other)
+        );
+        assert_eq!(old.last_transition_time, "");
     }
 
     #[test]

@@ -451,6 +451,13 @@ impl Controller {
         }
         let planned: HashSet<&str> = plan.guests.iter().map(|g| g.name.as_str()).collect();
         let here = self.config.host.as_str();
+        let named: HashSet<&str> = desired
+            .guests
+            .iter()
+            .map(|g| g.metadata.name.as_str())
+            .collect();
+        self.observed_revisions
+            .retain(|name, _| named.contains(name.as_str()));
         for g in desired.guests.iter().filter(|g| g.spec.host == here) {
             let name = g.metadata.name.as_str();
             if !planned.contains(name) && !self.in_flight.contains_key(name) {
