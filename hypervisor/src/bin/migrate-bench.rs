@@ -19,6 +19,11 @@
 //! max-bandwidth raised to 100 GiB/s so its default cap does not decide, unless
 //! `--qemu-default-bandwidth`), times from `query-migrate`.
 //!
+//! The reference, interleaved with those runs (medians of `--runs`): a plain copy of
+//! the same 200 MiB over as many loopback TCP connections as berth uses, into a
+//! pre-faulted buffer (`migrate-bench/plain.rs`); every total is printed as a ratio to
+//! it. berth's stream is encrypted (AES-128-GCM), the plain copy is not.
+//!
 //! Scenario `dirtying` (once): a guest dirtying memory faster than the link, 30 ms
 //! downtime limit, with and without auto-converge; see `migrate-bench/dirtying.rs`.
 //!
@@ -201,11 +206,17 @@ fn copy_cases(
         let mut qemu = Vec::new();
         for run in 0..runs {
             if case.random_mib > 0 {
+                let cpu = cpu_ms(std::process::id());
                 let t = plain::copy(
                     &data[..(case.random_mib << 20) as usize],
                     connections as usize,
                 )?;
                 plain_ms.push(t.as_secs_f64() * 1000.0);
+                eprintln!(
+                    "plain copy: {:.0} ms; CPU ms (both ends) {:.0}",
+                    t.as_secs_f64() * 1000.0,
+                    cpu_ms(std::process::id()) - cpu
+                );
             }
             berth.push(
                 berth_run(vmm_bin, work, case, &data, connections, run)

@@ -86,7 +86,7 @@ pub struct MigrationStatus {
     pub guest_bytes: u64,
     /// Pre-copy passes done (1 = the full pass).
     pub pass: u32,
-    /// Bytes put on the wire (frames, headers and MACs included).
+    /// Bytes put on the wire (frames, headers and tags included).
     pub bytes_sent: u64,
     /// Pages sent with their content.
     pub pages_sent: u64,

@@ -1,6 +1,7 @@
 //! Live migration between berth-vmm processes.
 //!
-//! - [`wire`]: the authenticated, bounds-checked stream format;
+//! - [`wire`]: the encrypted, authenticated, bounds-checked stream format;
+//! - [`fault`]: `BERTH_FAULT`, the test-only fault injection;
 //! - [`state`]: vCPU, VM and device state ([`state::Persist`] per component);
 //! - [`ram`]: guest RAM as the migration reads and writes it, and the dirty set;
 //! - [`policy`]: when to stop copying, throttle, give up or switch over (pure);

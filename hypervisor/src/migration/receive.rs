@@ -2,12 +2,15 @@
 //! the token), check its `Config`, write pages into the not-yet-running guest, restore
 //! the state, answer `Loaded`, and on `Commit` start the vCPUs and answer `Running`.
 //!
-//! Nothing from the stream is used before its frame's MAC checked out, and every page
-//! address is checked against this machine's RAM ([`wire::parse_pages`]); frames are
-//! at most [`wire::MAX_PAYLOAD`] bytes, one buffer per connection, at most
+//! Nothing from the stream is used before its frame's tag checked out (each frame is
+//! decrypted in place in its connection's buffer, then copied where it goes), and
+//! every page address is checked against this machine's RAM ([`wire::parse_pages`])
+//! and against the connection the sender assigns its 2 MiB chunk to; frames are at
+//! most [`wire::MAX_PAYLOAD`] bytes, one buffer per connection, at most
 //! [`super::MAX_CONNECTIONS`] connections, and the listener closes once they are all
 //! in (the token is good for one migration). Any failure before `Commit` returns an
-//! error; the caller then discards the machine and exits non-zero.
+//! error; the caller then discards the machine and exits non-zero. After `Commit`, a
+//! durable marker says the guest counts as run here, whatever happens next.
 
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::Path;

@@ -581,13 +581,36 @@ fn migrate(
     let ram = GuestRam::new(vmm.vm());
     trace(started, "connecting");
     let mut sockets: Vec<TcpStream> = Vec::new();
-    let connected = connect_all(vmm, &ram, addr, token, connections, &mut sockets);
+    // KVM write-protects every page when dirty logging starts (milliseconds for a
+    // large guest): done while the connections are set up and the destination runs
+    // its pre-checks, not after. It must be on before pass 1 reads any page.
+    let (connected, logging) = std::thread::scope(|scope| {
+        let logging = std::thread::Builder::new()
+            .name("mig-dirtylog".into())
+            .spawn_scoped(scope, || -> Result<(), SendError> {
+                ram.reset_vmm_dirty();
+                Ok(vmm.vm().set_dirty_logging(true)?)
+            });
+        let connected = connect_all(vmm, &ram, addr, token, connections, &mut sockets);
+        let logging = match logging {
+            Ok(handle) => handle.join().unwrap_or_else(|_| {
+                Err(SendError::Thread(std::io::Error::other(
+                    "the dirty-logging thread panicked",
+                )))
+            }),
+            Err(e) => Err(SendError::Thread(e)),
+        };
+        (connected, logging)
+    });
+    trace(started, "connected, dirty logging on");
+    let connected = connected.and_then(|c| logging.map(|()| c));
     let (writers, reader) = match connected {
         Ok(c) => c,
         Err(e) => {
             for s in &sockets {
                 let _ = s.shutdown(Shutdown::Both);
             }
+            let _ = vmm.vm().set_dirty_logging(false);
             return Err(e);
         }
     };
@@ -808,9 +831,6 @@ fn precopy_and_switch(
     migration.status().phase = MigrationPhase::Precopy;
     trace(s.started, "verdict");
 
-    s.ram.reset_vmm_dirty();
-    vmm.vm().set_dirty_logging(true)?;
-    trace(s.started, "dirty logging on");
     let throttle = if policy.auto_converge {
         Some(Throttle::start(Arc::clone(vmm)).map_err(SendError::Thread)?)
     } else {
