@@ -35,7 +35,6 @@ use berth_hypervisor::migration::{MigrationPhase, MigrationStatus};
 use berth_tests::{github_signature, GitRepo};
 use serde_json::Value;
 
-const FLEET_SECRET: &str = "fleet-secret-for-tests";
 const WEBHOOK_SECRET: &str = "webhook-secret-for-tests";
 
 fn run(program: &str, args: &[&str]) {
@@ -228,10 +227,14 @@ impl Drop for NetPair {
     }
 }
 
-/// An HTTP request from inside network namespace `ns` (a thread that joins it).
+/// An HTTPS request from inside network namespace `ns` (a thread that joins it) to the
+/// service of host `name`, with kvm01's certificate of the fleet in `tls`.
+#[allow(clippy::too_many_arguments)]
 fn http(
     ns: &str,
     addr: &str,
+    tls: &Path,
+    name: &str,
     method: &str,
     path: &str,
     headers: &[(&str, &str)],
@@ -239,6 +242,8 @@ fn http(
 ) -> std::io::Result<(u16, String)> {
     let ns_path = format!("/var/run/netns/{ns}");
     let addr = addr.to_owned();
+    let client = berth_tests::TlsClient::host(tls, "kvm01");
+    let name = name.to_owned();
     let (method, path, body) = (method.to_owned(), path.to_owned(), body.to_owned());
     let headers: Vec<(String, String)> = headers
         .iter()
@@ -257,7 +262,7 @@ fn http(
             .iter()
             .map(|(n, v)| (n.as_str(), v.as_str()))
             .collect();
-        berth_tests::http_exchange(stream, &addr, &method, &path, &headers, &body)
+        client.exchange(stream, &name, &method, &path, &headers, &body)
     })
     .join()
     .expect("the request thread does not panic")
@@ -271,6 +276,8 @@ struct Host {
     state: PathBuf,
     log: PathBuf,
     serve: Option<Child>,
+    /// The fleet's certificates.
+    tls: PathBuf,
 }
 
 impl Host {
@@ -291,8 +298,7 @@ impl Host {
             .arg(&self.state)
             .arg("--webhook-secret-file")
             .arg(secrets.join("webhook"))
-            .arg("--fleet-secret-file")
-            .arg(secrets.join("fleet"))
+            .args(berth_tests::tls_args(secrets, &self.name))
             .args(["--listen", &self.addr, "--poll-interval", "1h"])
             .args(extra)
             .env("RUST_LOG", "info")
@@ -336,7 +342,17 @@ impl Host {
     }
 
     fn get(&self, path: &str) -> Option<(u16, String)> {
-        http(&self.ns, &self.addr, "GET", path, &[], "").ok()
+        http(
+            &self.ns,
+            &self.addr,
+            &self.tls,
+            &self.name,
+            "GET",
+            path,
+            &[],
+            "",
+        )
+        .ok()
     }
 
     fn status(&self) -> Value {
@@ -384,17 +400,19 @@ impl Fleet {
         let dir = tempfile::tempdir().expect("temp dir");
         let secrets = dir.path().join("secrets");
         fs::create_dir_all(&secrets).expect("mkdir");
-        for (file, secret) in [("fleet", FLEET_SECRET), ("webhook", WEBHOOK_SECRET)] {
-            let path = secrets.join(file);
-            fs::write(&path, format!("{secret}\n")).expect("write secret");
-            fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-                .expect("chmod");
-        }
+        let path = secrets.join("webhook");
+        fs::write(&path, format!("{WEBHOOK_SECRET}\n")).expect("write secret");
+        fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .expect("chmod");
+        // The fleet's certificates, made by `berth certs`: the hosts verify each other
+        // by Host name.
+        berth_tests::berth_certs(&secrets, &["kvm01", "kvm02"], &[]);
         let host = |i: usize| Host {
             name: format!("kvm0{}", i + 1),
             ns: net.ns[i].clone(),
             addr: format!("{}:7410", net.ips[i]),
             state: dir.path().join(format!("state-{i}")),
+            tls: secrets.clone(),
             log: dir.path().join(format!("serve-{i}.log")),
             serve: None,
         };
@@ -676,14 +694,25 @@ fn live_retune_restart_adoption_invalid_commit_and_webhook() {
         if let Some(s) = sig {
             headers.push(("X-Hub-Signature-256", s));
         }
-        let (code, text) =
-            http(&host.ns, &host.addr, "POST", "/hooks/git", &headers, body).expect("webhook");
+        let (code, text) = http(
+            &host.ns,
+            &host.addr,
+            &host.tls,
+            &host.name,
+            "POST",
+            "/hooks/git",
+            &headers,
+            body,
+        )
+        .expect("webhook");
         assert_eq!(code, 401, "{sig:?}: {text}");
     }
     let good = github_signature(WEBHOOK_SECRET, body);
     let (code, _) = http(
         &host.ns,
         &host.addr,
+        &host.tls,
+        &host.name,
         "POST",
         "/hooks/git",
         &[("X-GitHub-Event", "push"), ("X-Hub-Signature-256", &good)],

@@ -48,6 +48,8 @@ pub enum Command {
     Serve(berth_reconciler::serve::ServeArgs),
     /// Show the status of a running `berth serve`.
     Status(berth_reconciler::serve::StatusArgs),
+    /// Make a fleet CA and host certificates for the hosts' mutual TLS.
+    Certs(commands::certs::Args),
 }
 
 /// Arguments of `berth schema`.
@@ -66,6 +68,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Apply(args) => commands::apply::run(&args),
         Command::Get(args) => commands::get::run(&args),
         Command::Stop(args) => commands::stop::run(&args),
+        Command::Certs(args) => commands::certs::run(&args),
         Command::Serve(args) => {
             berth_reconciler::serve::run(&args)?;
             Ok(ExitCode::SUCCESS)

@@ -22,6 +22,7 @@ pub mod model;
 pub mod plan;
 pub mod render;
 pub mod serve;
+pub mod tls;
 
 pub use model::{Desired, Observed, ObservedGuest, ObservedHost};
 pub use plan::{plan, Plan};

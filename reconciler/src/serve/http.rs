@@ -7,8 +7,15 @@
 //! | `GET /status` | none | the [`Status`](super::status::Status) as JSON |
 //! | `GET /metrics` | none | Prometheus metrics (OpenMetrics text) |
 //! | `POST /hooks/git` | `X-Hub-Signature-256` | 202, and the branch head is looked at |
-//! | `POST /v1/migrations/incoming` | fleet secret (bearer) | listen address and token |
-//! | `GET /v1/migrations/incoming/{guest}` | fleet secret (bearer) | whether the guest runs here |
+//! | `POST /v1/migrations/incoming` | a peer (see below) | listen address and token |
+//! | `GET /v1/migrations/incoming/{guest}` | a peer (see below) | whether the guest runs here |
+//!
+//! A peer, under TLS (the default), is a client that presented a certificate of the
+//! fleet CA naming exactly one Host of the enforced revision ([`PeerAuth::Certificates`]);
+//! a request to prepare a migration must also come `from` that very host. With
+//! `--insecure-plain-http` ([`PeerAuth::Secret`]) a peer is whoever presents the fleet
+//! secret as a bearer token. The other routes need no client certificate (a TLS
+//! connection without one is accepted; one of another CA is refused in the handshake).
 //!
 //! `/status` and `/metrics` tell what runs on the host, nothing secret; bind the
 //! listener to an address the monitoring (and the fleet's peers) can reach, and no
@@ -17,11 +24,11 @@
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde_json::json;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
@@ -31,6 +38,21 @@ use super::metrics::Metrics;
 use super::peer::{IncomingMigrations, IncomingRequest, PeerError, INCOMING_PATH};
 use super::source::Trigger;
 use super::status::StatusStore;
+use crate::tls::{Connection, HostNames};
+
+/// Who may call the peer routes.
+#[derive(Debug, Clone)]
+pub enum PeerAuth {
+    /// TLS: a client certificate of the fleet CA naming a Host of these (the enforced
+    /// revision's Host names).
+    Certificates(HostNames),
+    /// Plain HTTP (`--insecure-plain-http`): the fleet secret as a bearer token; `None`
+    /// refuses every peer request.
+    Secret(Option<Arc<Secret>>),
+}
+
+/// The connection's details, set by the TLS listener (absent over plain HTTP).
+type Peer = Option<Extension<ConnectInfo<Connection>>>;
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -43,8 +65,8 @@ pub struct ApiState {
     pub triggers: mpsc::Sender<Trigger>,
     /// The webhook secret; `None` refuses every webhook.
     pub webhook_secret: Option<Arc<Secret>>,
-    /// The fleet secret; `None` refuses every peer request.
-    pub fleet_secret: Option<Arc<Secret>>,
+    /// Who may call the peer routes.
+    pub peers: PeerAuth,
     /// Prepares incoming migrations.
     pub incoming: Arc<dyn IncomingMigrations>,
 }
@@ -100,11 +122,83 @@ async fn webhook(State(state): State<ApiState>, headers: HeaderMap, body: Bytes)
     (StatusCode::ACCEPTED, Json(json!({ "accepted": true }))).into_response()
 }
 
-async fn incoming(State(state): State<ApiState>, headers: HeaderMap, body: Bytes) -> Response {
-    let credentials = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
-    if let Err(e) = verify_bearer(state.fleet_secret.as_deref(), credentials) {
-        return unauthorized("peer request", e);
+/// Why a peer request was refused.
+#[derive(Debug, Clone, Copy)]
+enum Refused {
+    /// Plain HTTP without the right fleet secret.
+    Secret(AuthError),
+    /// TLS without a client certificate.
+    NoCertificate,
+    /// TLS with a certificate of the fleet CA that names no (single) Host.
+    NotAHost,
+}
+
+impl IntoResponse for Refused {
+    fn into_response(self) -> Response {
+        match self {
+            Refused::Secret(e) => unauthorized("peer request", e),
+            Refused::NoCertificate => (
+                StatusCode::UNAUTHORIZED,
+                Json(
+                    json!({ "error": "peer request refused: no client certificate \
+                    (hosts present their certificate of the fleet CA)" }),
+                ),
+            )
+                .into_response(),
+            Refused::NotAHost => forbidden(
+                "peer request refused: the client certificate names no (single) Host of \
+                 the enforced revision"
+                    .to_owned(),
+            ),
+        }
     }
+}
+
+/// The peer making the request: `Ok(Some(host))` under TLS, `Ok(None)` with the
+/// fleet secret; why not otherwise.
+fn authorize_peer(
+    state: &ApiState,
+    connection: Option<&Connection>,
+    headers: &HeaderMap,
+) -> Result<Option<String>, Refused> {
+    match &state.peers {
+        PeerAuth::Secret(secret) => {
+            let credentials = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
+            verify_bearer(secret.as_deref(), credentials)
+                .map(|()| None)
+                .map_err(Refused::Secret)
+        }
+        PeerAuth::Certificates(hosts) => {
+            let remote = connection.map(|c| c.remote.to_string());
+            let Some(certificate) = connection.and_then(|c| c.client.as_ref()) else {
+                warn!(?remote, "peer request refused: no client certificate");
+                return Err(Refused::NoCertificate);
+            };
+            match hosts.host_of(certificate) {
+                Some(host) => Ok(Some(host)),
+                None => {
+                    warn!(?remote, "peer request refused: the client certificate names no Host of the manifests");
+                    Err(Refused::NotAHost)
+                }
+            }
+        }
+    }
+}
+
+fn forbidden(error: String) -> Response {
+    (StatusCode::FORBIDDEN, Json(json!({ "error": error }))).into_response()
+}
+
+async fn incoming(
+    State(state): State<ApiState>,
+    peer: Peer,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let host = match authorize_peer(&state, peer.as_ref().map(|p| &p.0 .0), &headers) {
+        Ok(host) => host,
+        Err(refused) => return refused.into_response(),
+    };
     let request: IncomingRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => {
@@ -115,6 +209,13 @@ async fn incoming(State(state): State<ApiState>, headers: HeaderMap, body: Bytes
                 .into_response()
         }
     };
+    if let Some(host) = host.filter(|h| *h != request.from) {
+        warn!(guest = %request.guest, from = %request.from, certificate = %host, "incoming migration refused: the request is not from the host it names");
+        return forbidden(format!(
+            "peer request refused: {host} cannot ask on behalf of {}",
+            request.from
+        ));
+    }
     info!(guest = %request.guest, from = %request.from, "incoming migration requested");
     let handler = Arc::clone(&state.incoming);
     let prepared = tokio::task::spawn_blocking(move || handler.prepare(&request)).await;
@@ -140,12 +241,12 @@ async fn incoming(State(state): State<ApiState>, headers: HeaderMap, body: Bytes
 
 async fn incoming_outcome(
     State(state): State<ApiState>,
+    peer: Peer,
     Path(guest): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let credentials = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
-    if let Err(e) = verify_bearer(state.fleet_secret.as_deref(), credentials) {
-        return unauthorized("peer request", e);
+    if let Err(refused) = authorize_peer(&state, peer.as_ref().map(|p| &p.0 .0), &headers) {
+        return refused.into_response();
     }
     let handler = Arc::clone(&state.incoming);
     match tokio::task::spawn_blocking(move || handler.running(&guest)).await {
@@ -197,7 +298,7 @@ mod tests {
             metrics: Arc::new(Metrics::new()),
             triggers,
             webhook_secret: webhook.map(|s| Arc::new(Secret::new(s))),
-            fleet_secret: fleet.map(|s| Arc::new(Secret::new(s))),
+            peers: PeerAuth::Secret(fleet.map(|s| Arc::new(Secret::new(s)))),
             incoming,
         };
         (state, rx)

@@ -42,9 +42,10 @@ pub trait StartGuard: Send + Sync {
     fn check<'a>(&'a self, guest: &'a str, peers: Vec<Peer>) -> GuardFuture<'a>;
 }
 
-/// Asks the peers' `/status` over HTTP.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct HttpPeers;
+/// Asks the peers' `/status` over HTTP: over mutual TLS, where only the peer named can
+/// answer (a forged "not here" could start a second copy).
+#[derive(Debug, Clone)]
+pub struct HttpPeers(pub super::client::Transport);
 
 /// How long a peer may take to answer before it counts as silent.
 const PEER_TIMEOUT: Duration = Duration::from_secs(2);
@@ -52,11 +53,17 @@ const PEER_TIMEOUT: Duration = Duration::from_secs(2);
 impl StartGuard for HttpPeers {
     fn check<'a>(&'a self, guest: &'a str, peers: Vec<Peer>) -> GuardFuture<'a> {
         Box::pin(async move {
-            let asks = peers.into_iter().map(|peer| async move {
-                let server = format!("http://{}", peer.address);
-                let answer =
-                    tokio::time::timeout(PEER_TIMEOUT, super::client::status(&server)).await;
-                (peer, answer)
+            let asks = peers.into_iter().map(|peer| {
+                let transport = self.0.clone();
+                async move {
+                    let server = transport.url(&peer.address);
+                    let answer = tokio::time::timeout(
+                        PEER_TIMEOUT,
+                        super::client::status(&transport, &server, &peer.name),
+                    )
+                    .await;
+                    (peer, answer)
+                }
             });
             for (peer, answer) in futures_join_all(asks).await {
                 match answer {
@@ -207,7 +214,7 @@ mod tests {
             metrics: Arc::new(Metrics::new()),
             triggers,
             webhook_secret: None,
-            fleet_secret: None,
+            peers: crate::serve::http::PeerAuth::Secret(None),
             incoming: Arc::new(NoIncoming),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -235,7 +242,7 @@ mod tests {
     #[tokio::test]
     async fn waits_while_a_peer_runs_the_guest() {
         let kvm01 = peer_running(&["web-1"]).await;
-        let guard = HttpPeers;
+        let guard = HttpPeers(crate::serve::client::Transport::plain());
         let wait = guard
             .check("web-1", vec![peer("kvm01", &kvm01, true)])
             .await;
@@ -252,7 +259,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_silent_peer_blocks_only_where_the_guest_was_last_placed() {
-        let guard = HttpPeers;
+        let guard = HttpPeers(crate::serve::client::Transport::plain());
         let dead = silent();
         assert_eq!(
             guard

@@ -4,7 +4,7 @@
 //!
 //! A live migration from this host A to host B:
 //! 1. A asks B's service to prepare an incoming VMM (`POST /v1/migrations/incoming`
-//!    with the fleet secret, naming the guest and the revision A plans from); B builds
+//!    over mutual TLS, naming the guest and the revision A plans from); B builds
 //!    it from its own copy of that revision and answers with the listen address and a
 //!    one-time token ([`super::incoming`]).
 //! 2. A tells the guest's VMM to migrate there and follows its progress until it
@@ -38,8 +38,8 @@ use berth_hypervisor::migration::{
 use berth_schema::Guest;
 use tracing::{debug, info, warn};
 
-use super::auth::Secret;
 use super::client;
+use super::client::Transport;
 use super::git::CommitId;
 use super::metrics::Metrics;
 use super::peer::IncomingRequest;
@@ -109,7 +109,7 @@ impl Enforced {
 pub struct ServeDriver {
     local: Arc<LocalDriver>,
     enforced: Arc<Enforced>,
-    fleet_secret: Option<Arc<Secret>>,
+    transport: Transport,
     metrics: Arc<Metrics>,
     switchovers: Arc<Switchovers>,
     runtime: tokio::runtime::Handle,
@@ -128,13 +128,13 @@ enum FollowError {
 }
 
 impl ServeDriver {
-    /// A driver over `local`, asking peers with `fleet_secret`, reporting into
+    /// A driver over `local`, asking peers through `transport`, reporting into
     /// `metrics`, handing unknown switchovers it cannot resolve to `switchovers`; peer
     /// requests run on `runtime`.
     pub fn new(
         local: Arc<LocalDriver>,
         enforced: Arc<Enforced>,
-        fleet_secret: Option<Arc<Secret>>,
+        transport: Transport,
         metrics: Arc<Metrics>,
         switchovers: Arc<Switchovers>,
         runtime: tokio::runtime::Handle,
@@ -142,7 +142,7 @@ impl ServeDriver {
         ServeDriver {
             local,
             enforced,
-            fleet_secret,
+            transport,
             metrics,
             switchovers,
             runtime,
@@ -166,10 +166,17 @@ impl ServeDriver {
                 .addresses()
                 .into_iter()
                 .filter(|(name, _)| name != self.me())
-                .map(|(name, address)| async move {
-                    let server = format!("http://{address}");
-                    let answer = tokio::time::timeout(PEER_REFRESH, client::status(&server)).await;
-                    (name, answer)
+                .map(|(name, address)| {
+                    let transport = self.transport.clone();
+                    async move {
+                        let server = transport.url(&address);
+                        let answer = tokio::time::timeout(
+                            PEER_REFRESH,
+                            client::status(&transport, &server, &name),
+                        )
+                        .await;
+                        (name, answer)
+                    }
                 });
             for (name, answer) in futures_join(asks).await {
                 match answer {
@@ -214,11 +221,6 @@ impl ServeDriver {
             )));
         }
         let following = self.local.begin_outgoing(name)?;
-        let secret = self.fleet_secret.as_deref().ok_or_else(|| {
-            DriverError::Refused(format!(
-                "{name}: cannot migrate to {to} without the fleet secret (--fleet-secret-file)"
-            ))
-        })?;
         let (revision, _) = self
             .enforced
             .get()
@@ -226,7 +228,7 @@ impl ServeDriver {
         let address = self.enforced.addresses().remove(to).ok_or_else(|| {
             DriverError::NotFound(format!("{name}: host {to} has no Host manifest"))
         })?;
-        let server = format!("http://{address}");
+        let server = self.transport.url(&address);
         let request = IncomingRequest {
             guest: name.clone(),
             from: self.me().to_owned(),
@@ -234,7 +236,12 @@ impl ServeDriver {
         };
         let prepared = self
             .runtime
-            .block_on(client::request_incoming(&server, secret, &request))
+            .block_on(client::request_incoming(
+                &self.transport,
+                &server,
+                to,
+                &request,
+            ))
             .map_err(|e| DriverError::Failed {
                 context: format!("{to} did not prepare the migration of {name}"),
                 source: Box::new(e),
@@ -268,7 +275,7 @@ impl ServeDriver {
                 e,
             ));
         }
-        let outcome = self.follow(&mut source, source_pid, name, to, &server, secret);
+        let outcome = self.follow(&mut source, source_pid, name, to, &server);
         self.local.forget_outgoing_if_ended(&record);
         drop(following);
         match outcome {
@@ -277,7 +284,7 @@ impl ServeDriver {
                 // unread, the destination's measure of the pause stands in.
                 let downtime_ms = status.downtime_ms.or_else(|| {
                     self.runtime
-                        .block_on(client::incoming_running(&server, secret, name))
+                        .block_on(client::incoming_running(&self.transport, &server, to, name))
                         .ok()
                         .and_then(|o| o.downtime_ms)
                 });
@@ -315,11 +322,12 @@ impl ServeDriver {
         }
     }
 
-    /// Whether the service at `server` runs `name` after its incoming migration.
-    fn ask_destination(&self, server: &str, secret: &Secret, name: &str) -> Result<bool, String> {
+    /// Whether the service of host `to` at `server` runs `name` after its incoming
+    /// migration.
+    fn ask_destination(&self, server: &str, to: &str, name: &str) -> Result<bool, String> {
         let asked = self.runtime.block_on(tokio::time::timeout(
             ASK_TIMEOUT,
-            client::incoming_running(server, secret, name),
+            client::incoming_running(&self.transport, server, to, name),
         ));
         match asked {
             Ok(Ok(outcome)) => Ok(outcome.running),
@@ -336,7 +344,6 @@ impl ServeDriver {
         name: &str,
         to: &str,
         server: &str,
-        secret: &Secret,
     ) -> Result<MigrationStatus, FollowError> {
         let deadline = Instant::now() + MIGRATION_DEADLINE;
         let mut cancel_sent = false;
@@ -364,7 +371,7 @@ impl ServeDriver {
                                 warn!(guest = %name, to, error = ?status.error, "switchover unknown; asking the destination whether it runs the guest");
                                 Instant::now()
                             });
-                            match self.ask_destination(server, secret, name) {
+                            match self.ask_destination(server, to, name) {
                                 Ok(running) => {
                                     let _ = source.call(Op::MigrateResolve(MigrateResolveArgs {
                                         destination_running: running,
