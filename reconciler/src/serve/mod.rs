@@ -7,7 +7,8 @@
 //! - [`controller`]: the reconcile loop (observe, plan, dispatch) with a per-guest work
 //!   queue, backoff and suspend.
 //! - [`http`]: `/healthz`, `/status`, `/metrics`, `/hooks/git` and the peer API
-//!   ([`peer`]), with [`auth`] for the webhook signature and the fleet secret.
+//!   ([`peer`]), over TLS ([`crate::tls`]), with [`auth`] for the webhook signature
+//!   (and the fleet secret of `--insecure-plain-http`).
 //! - [`placement`]: before a start, the other hosts are asked whether they still run
 //!   the guest, so that a guest moving here is never started twice.
 //! - [`client`]: the API's client side (`berth status`, and the peer request a
