@@ -625,6 +625,14 @@ fn plain_http_needs_its_flag_and_a_loopback_address() {
         &format!("0.0.0.0:{port}"),
     ]);
     assert!(error.contains("only a loopback address"), "{error}");
+    // The fleet secret belongs to plain HTTP only: under TLS, certificates say who calls.
+    let error = refused(&[
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--fleet-secret-file",
+        "/dev/null",
+    ]);
+    assert!(error.contains("--insecure-plain-http"), "{error}");
 
     let serve = Serve::spawn(
         "kvm01",

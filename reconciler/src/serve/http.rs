@@ -360,6 +360,33 @@ mod tests {
         assert_eq!(handler.0.load(Ordering::SeqCst), 0);
     }
 
+    /// Under TLS the peer routes look at the connection's certificate only: a request
+    /// with no TLS connection details (or no certificate) is refused, bearer or not.
+    #[tokio::test]
+    async fn with_certificates_a_bearer_is_not_enough() {
+        let handler = Arc::new(Counting(AtomicUsize::new(0)));
+        let (mut state, _rx) = state(None, None, handler.clone());
+        let hosts = crate::tls::HostNames::default();
+        hosts.set(["kvm01".to_owned()]);
+        state.peers = PeerAuth::Certificates(hosts);
+        let app = router(state);
+        for auth in [None, Some("Bearer anything")] {
+            let (code, body) = call(&app, peer_request(auth)).await;
+            assert_eq!(code, StatusCode::UNAUTHORIZED, "{auth:?}: {body}");
+            assert!(body.contains("no client certificate"), "{body}");
+        }
+        let mut request = peer_request(None);
+        request
+            .extensions_mut()
+            .insert(axum::extract::ConnectInfo(Connection {
+                remote: "127.0.0.1:1".parse().expect("addr"),
+                client: None,
+            }));
+        let (code, _) = call(&app, request).await;
+        assert_eq!(code, StatusCode::UNAUTHORIZED);
+        assert_eq!(handler.0.load(Ordering::SeqCst), 0);
+    }
+
     #[tokio::test]
     async fn a_host_without_incoming_migrations_answers_501() {
         let (state, _rx) = state(None, Some("s"), Arc::new(NoIncoming));
