@@ -168,7 +168,7 @@ pub enum ServeError {
     #[error(transparent)]
     Secret(#[from] SecretError),
     /// The TLS files cannot be used.
-    #[error("cannot serve TLS: {0}")]
+    #[error("cannot serve TLS")]
     Tls(#[from] crate::tls::TlsError),
     /// Plain HTTP was asked for on an address other hosts can reach.
     #[error("--insecure-plain-http serves only a loopback address, not {0}: use TLS (--tls-ca, --tls-cert, --tls-key; see `berth certs`)")]
@@ -565,7 +565,7 @@ pub enum StatusError {
     #[error(transparent)]
     Client(#[from] client::ClientError),
     /// The TLS files cannot be used.
-    #[error("cannot speak TLS: {0}")]
+    #[error("cannot speak TLS")]
     Tls(#[from] crate::tls::TlsError),
 }
 
