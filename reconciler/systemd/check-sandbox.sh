@@ -27,10 +27,14 @@ work=$(mktemp -d "$root/target/sandbox-check.XXXXXX")
 port=$((20000 + $$ % 20000))
 guest=sandbox-$$
 serve_pid=
+pool_before=$(cat /proc/sys/vm/nr_hugepages)
 cleanup() {
     [ -n "$serve_pid" ] && kill "$serve_pid" 2>/dev/null || true
     "$bin/berth" stop --all --state-dir "$work/state" --host kvm01 >/dev/null 2>&1 || true
     sleep 1
+    # The pool as it was, if this check grew it.
+    [ "$(cat /proc/sys/vm/nr_hugepages)" -gt "$pool_before" ] &&
+        echo "$pool_before" > /proc/sys/vm/nr_hugepages || true
     rm -rf "$work"
 }
 trap cleanup EXIT INT TERM
