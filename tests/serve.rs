@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use berth_tests::{command, github_signature, GitRepo};
+use berth_tests::{berth_certs, command, github_signature, tls_args, GitRepo, TlsClient};
 use serde_json::Value;
 
 fn tempdir() -> tempfile::TempDir {
@@ -47,6 +47,9 @@ struct Serve {
     child: Option<Child>,
     addr: String,
     log: PathBuf,
+    /// The fleet's certificates (`ca.pem`, `<host>.pem`, `<host>.key`); `None` over
+    /// plain HTTP.
+    tls: Option<PathBuf>,
 }
 
 impl Serve {
@@ -65,6 +68,8 @@ impl Serve {
         Self::start_with("sim", host, port, repo, state, log, extra)
     }
 
+    /// Starts `berth serve --driver DRIVER` over TLS (a fleet CA per test, next to the
+    /// repository, made once by `berth certs`) and waits until it answers.
     fn start_with(
         driver: &str,
         host: &str,
@@ -72,6 +77,30 @@ impl Serve {
         repo: &Path,
         state: &Path,
         log: PathBuf,
+        extra: &[&str],
+    ) -> Self {
+        let certs = repo.parent().expect("repo in a temp dir").join("tls");
+        if !certs.join("ca.pem").exists() {
+            fs::create_dir_all(&certs).expect("mkdir");
+            berth_certs(&certs, &["kvm01", "kvm02"], &[]);
+        }
+        let security = tls_args(&certs, host);
+        let mut serve = Self::spawn(driver, host, port, repo, state, log, &security, extra);
+        serve.tls = Some(certs);
+        serve.wait_for("/healthz", |_| true);
+        serve
+    }
+
+    /// Starts `berth serve --driver DRIVER` with `security` (TLS files, or
+    /// --insecure-plain-http) and `extra`, without waiting for it.
+    fn spawn(
+        driver: &str,
+        host: &str,
+        port: u16,
+        repo: &Path,
+        state: &Path,
+        log: PathBuf,
+        security: &[std::ffi::OsString],
         extra: &[&str],
     ) -> Self {
         let addr = format!("127.0.0.1:{port}");
@@ -102,6 +131,7 @@ impl Serve {
                 "--resync-interval",
                 "1h",
             ])
+            .args(security)
             .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -109,13 +139,46 @@ impl Serve {
             .stderr(stderr)
             .spawn()
             .expect("start berth serve");
-        let serve = Serve {
+        Serve {
             child: Some(child),
             addr,
             log,
-        };
-        serve.wait_for("/healthz", |_| true);
-        serve
+            tls: None,
+        }
+    }
+
+    /// One request as kvm01 (with its certificate) over TLS, or over plain HTTP.
+    fn try_http(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> std::io::Result<(u16, String)> {
+        let stream = TcpStream::connect(&self.addr)?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        match &self.tls {
+            Some(dir) => TlsClient::host(dir, "kvm01").exchange(
+                stream,
+                "127.0.0.1",
+                method,
+                path,
+                headers,
+                body,
+            ),
+            None => berth_tests::http_exchange(stream, &self.addr, method, path, headers, body),
+        }
+    }
+
+    fn http(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> (u16, String) {
+        self.try_http(method, path, headers, body)
+            .expect("HTTP request")
     }
 
     fn log(&self) -> String {
@@ -123,7 +186,7 @@ impl Serve {
     }
 
     fn status(&self) -> Value {
-        let (code, body) = http(&self.addr, "GET", "/status", &[], "");
+        let (code, body) = self.http("GET", "/status", &[], "");
         assert_eq!(code, 200, "{body}");
         serde_json::from_str(&body).expect("status is JSON")
     }
@@ -132,7 +195,8 @@ impl Serve {
     fn wait_for(&self, what: &str, done: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let status = try_http(&self.addr, "GET", "/status", &[], "")
+            let status = self
+                .try_http("GET", "/status", &[], "")
                 .ok()
                 .and_then(|(code, body)| (code == 200).then_some(body))
                 .and_then(|body| serde_json::from_str::<Value>(&body).ok());
@@ -195,26 +259,6 @@ fn free_port() -> u16 {
     probe.local_addr().expect("addr").port()
 }
 
-fn try_http(
-    addr: &str,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> std::io::Result<(u16, String)> {
-    berth_tests::http_exchange(TcpStream::connect(addr)?, addr, method, path, headers, body)
-}
-
-fn http(
-    addr: &str,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> (u16, String) {
-    try_http(addr, method, path, headers, body).expect("HTTP request")
-}
-
 fn applied(revision: &str) -> impl Fn(&Value) -> bool + '_ {
     move |s| s["lastApplied"]["revision"] == revision
 }
@@ -244,7 +288,7 @@ fn guest_condition<'a>(guest: &'a Value, kind: &str) -> &'a Value {
 }
 
 fn metric(serve: &Serve, line_start: &str) -> Option<f64> {
-    let (_, text) = http(&serve.addr, "GET", "/metrics", &[], "");
+    let (_, text) = serve.http("GET", "/metrics", &[], "");
     text.lines()
         .find(|l| l.starts_with(line_start))
         .and_then(|l| l.rsplit(' ').next())
@@ -260,6 +304,29 @@ fn serve_first_commit(dir: &Path, extra: &[&str]) -> (GitRepo, Serve, String) {
         "first",
     );
     let serve = Serve::start(&repo.dir, &dir.join("state"), dir.join("serve.log"), extra);
+    (repo, serve, first)
+}
+
+/// [`serve_first_commit`] over plain HTTP on loopback (`--insecure-plain-http`), for the
+/// tests that speak HTTP by hand to look at what TLS would hide (headers, a body cut
+/// off by the server).
+fn serve_first_commit_plain(dir: &Path, extra: &[&str]) -> (GitRepo, Serve, String) {
+    let repo = GitRepo::new(dir.join("repo"));
+    let first = repo.commit(
+        &[("hosts.yaml", HOSTS), ("guests.yaml", &guests(100))],
+        "first",
+    );
+    let serve = Serve::spawn(
+        "sim",
+        "kvm01",
+        free_port(),
+        &repo.dir,
+        &dir.join("state"),
+        dir.join("serve.log"),
+        &["--insecure-plain-http".into()],
+        extra,
+    );
+    serve.wait_for("/healthz", |_| true);
     (repo, serve, first)
 }
 
@@ -346,8 +413,11 @@ fn commits_are_applied_through_the_watch_and_invalid_ones_are_refused() {
     assert_eq!(web["observedRevision"], second.as_str());
 
     // `berth status` prints the same as a table.
+    let ca = serve.tls.as_ref().expect("TLS").join("ca.pem");
     let out = command("berth")
-        .args(["status", "--server", &format!("http://{}", serve.addr)])
+        .args(["status", "--server", &format!("https://{}", serve.addr)])
+        .arg("--tls-ca")
+        .arg(&ca)
         .output()
         .expect("berth status");
     let table = String::from_utf8_lossy(&out.stdout);
@@ -394,14 +464,14 @@ fn commits_are_applied_through_the_watch_and_invalid_ones_are_refused() {
 #[test]
 fn webhooks_need_a_valid_signature() {
     let tmp = tempdir();
-    let (repo, serve, first) = serve_first_commit(tmp.path(), &["--no-watch"]);
+    let (repo, serve, first) = serve_first_commit_plain(tmp.path(), &["--no-watch"]);
     serve.wait_for("the first revision applied", applied(&first));
 
     let second = repo.commit(&[("guests.yaml", &guests(200))], "io weight 200");
     let body = format!(r#"{{"ref":"refs/heads/main","after":"{second}"}}"#);
     let wrong = github_signature("not-the-secret", &body);
     for headers in [vec![], vec![("X-Hub-Signature-256", wrong.as_str())]] {
-        let (code, answer) = http(&serve.addr, "POST", "/hooks/git", &headers, &body);
+        let (code, answer) = serve.http("POST", "/hooks/git", &headers, &body);
         assert_eq!(code, 401, "{answer}");
     }
     // Neither the refused webhooks nor anything else (no watch, poll 1 h) looked.
@@ -410,8 +480,7 @@ fn webhooks_need_a_valid_signature() {
 
     let good = github_signature(WEBHOOK_SECRET, &body);
     let sent = Instant::now();
-    let (code, answer) = http(
-        &serve.addr,
+    let (code, answer) = serve.http(
         "POST",
         "/hooks/git",
         &[("X-Hub-Signature-256", &good), ("X-GitHub-Event", "push")],
@@ -584,8 +653,7 @@ fn a_guest_moving_here_is_not_started_while_its_old_host_runs_it() {
 
     let body = r#"{"ref":"refs/heads/main"}"#;
     let signature = github_signature(WEBHOOK_SECRET, body);
-    let (code, answer) = http(
-        &kvm01.addr,
+    let (code, answer) = kvm01.http(
         "POST",
         "/hooks/git",
         &[("X-Hub-Signature-256", &signature)],
@@ -645,7 +713,7 @@ fn promtool() -> &'static str {
 fn metrics_answer_in_the_format_the_scraper_asks_for_and_pass_promtool() {
     let promtool = promtool();
     let tmp = tempdir();
-    let (repo, serve, first) = serve_first_commit(tmp.path(), &[]);
+    let (repo, serve, first) = serve_first_commit_plain(tmp.path(), &[]);
     serve.wait_for("the first revision applied", applied(&first));
     let second = repo.commit(&[("guests.yaml", &guests(300))], "io weight 300");
     serve.wait_for("the second revision applied", applied(&second));
@@ -780,5 +848,160 @@ fn serve_with_the_local_driver_refuses_a_host_this_machine_does_not_match() {
     assert!(
         !state.join("guests").join("web-1").exists(),
         "nothing started"
+    );
+}
+
+/// Mutual TLS end to end on the real binary: the peer API refuses a client without a
+/// certificate (401), with a certificate of the fleet CA naming no Host (403), with a
+/// certificate of another CA (no HTTP answer: the handshake fails), and plain HTTP on
+/// the TLS port (no HTTP answer); `/status` and `/metrics` need no client certificate.
+/// A host's certificate gets through to the handler (501: the simulated fleet receives
+/// no migrations).
+#[test]
+fn the_peer_api_takes_only_hosts_of_the_fleet_ca() {
+    let tmp = tempdir();
+    let repo = GitRepo::new(tmp.path().join("repo"));
+    let first = repo.commit(
+        &[("hosts.yaml", HOSTS), ("guests.yaml", &guests(100))],
+        "first",
+    );
+    let fleet = tmp.path().join("tls");
+    fs::create_dir_all(&fleet).expect("mkdir");
+    berth_certs(&fleet, &["kvm01", "kvm02", "admin"], &[]);
+    let stranger = tmp.path().join("stranger");
+    fs::create_dir_all(&stranger).expect("mkdir");
+    berth_certs(&stranger, &["kvm02"], &[]);
+    let serve = Serve::start(
+        &repo.dir,
+        &tmp.path().join("state"),
+        tmp.path().join("serve.log"),
+        &[],
+    );
+    serve.wait_for("the first revision applied", applied(&first));
+
+    let ask = |client: &TlsClient, method: &str, path: &str| {
+        let stream = TcpStream::connect(&serve.addr).expect("connect");
+        client.exchange(stream, "127.0.0.1", method, path, &[], "{}")
+    };
+    let peer_routes = [
+        ("POST", "/v1/migrations/incoming"),
+        ("GET", "/v1/migrations/incoming/web-1"),
+    ];
+    let kvm02 = TlsClient::host(&fleet, "kvm02");
+    let anonymous = TlsClient::new(&fleet.join("ca.pem"), None);
+    let admin = TlsClient::host(&fleet, "admin");
+    // Trusts the fleet CA (so the server is checked as usual) but presents a
+    // certificate of another CA, naming kvm02.
+    let foreign = TlsClient::new(
+        &fleet.join("ca.pem"),
+        Some((&stranger.join("kvm02.pem"), &stranger.join("kvm02.key"))),
+    );
+    for (method, path) in peer_routes {
+        let (code, body) = ask(&kvm02, method, path).expect("kvm02 is answered");
+        assert!(code == 400 || code == 501, "{method} {path}: {code} {body}");
+        let (code, body) = ask(&anonymous, method, path).expect("answered");
+        assert_eq!(code, 401, "{method} {path} without a certificate: {body}");
+        assert!(body.contains("no client certificate"), "{body}");
+        let (code, body) = ask(&admin, method, path).expect("answered");
+        assert_eq!(code, 403, "{method} {path} as a non-Host: {body}");
+        let refused = ask(&foreign, method, path);
+        assert!(
+            !matches!(refused, Ok((100..=599, _))),
+            "{method} {path} with another CA's certificate: {refused:?}"
+        );
+    }
+    assert_eq!(ask(&anonymous, "GET", "/status").expect("status").0, 200);
+    assert_eq!(ask(&anonymous, "GET", "/metrics").expect("metrics").0, 200);
+
+    // Plain HTTP on the TLS port: no HTTP answer, not even to /healthz.
+    for path in ["/healthz", "/v1/migrations/incoming/web-1"] {
+        let stream = TcpStream::connect(&serve.addr).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let plain = berth_tests::http_exchange(stream, &serve.addr, "GET", path, &[], "");
+        assert!(
+            !matches!(plain, Ok((100..=599, _))),
+            "plain HTTP {path}: {plain:?}"
+        );
+    }
+    let log = serve.log();
+    assert!(log.contains("TLS handshake refused"), "{log}");
+    assert!(
+        log.contains("peer request refused: no client certificate"),
+        "{log}"
+    );
+}
+
+/// Plain HTTP only when asked for, and only on loopback.
+#[test]
+fn plain_http_needs_its_flag_and_a_loopback_address() {
+    let tmp = tempdir();
+    let repo = GitRepo::new(tmp.path().join("repo"));
+    let first = repo.commit(
+        &[("hosts.yaml", HOSTS), ("guests.yaml", &guests(100))],
+        "first",
+    );
+    let state = tmp.path().join("state");
+    let refused = |args: &[&str]| {
+        let out = command("berth")
+            .args(["serve", "--driver", "sim", "--host", "kvm01", "--repo"])
+            .arg(&repo.dir)
+            .arg("--state-dir")
+            .arg(&state)
+            .args(args)
+            .output()
+            .expect("run berth serve");
+        assert!(!out.status.success(), "{args:?} was accepted");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let port = free_port().to_string();
+    let error = refused(&["--listen", &format!("127.0.0.1:{port}")]);
+    assert!(error.contains("--tls-ca"), "{error}");
+    let error = refused(&[
+        "--insecure-plain-http",
+        "--listen",
+        &format!("0.0.0.0:{port}"),
+    ]);
+    assert!(error.contains("only a loopback address"), "{error}");
+    // The fleet secret belongs to plain HTTP only: under TLS, certificates say who calls.
+    let error = refused(&[
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--fleet-secret-file",
+        "/dev/null",
+    ]);
+    assert!(error.contains("--insecure-plain-http"), "{error}");
+
+    let serve = Serve::spawn(
+        "sim",
+        "kvm01",
+        free_port(),
+        &repo.dir,
+        &state,
+        tmp.path().join("serve.log"),
+        &["--insecure-plain-http".into()],
+        &[],
+    );
+    serve.wait_for("the first revision applied", applied(&first));
+    let out = command("berth")
+        .args([
+            "status",
+            "--json",
+            "--server",
+            &format!("http://{}", serve.addr),
+        ])
+        .output()
+        .expect("berth status");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"kvm01\""));
+    assert!(
+        serve.log().contains("--insecure-plain-http"),
+        "{}",
+        serve.log()
     );
 }

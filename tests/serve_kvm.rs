@@ -35,7 +35,6 @@ use berth_hypervisor::migration::{MigrationPhase, MigrationStatus};
 use berth_tests::{github_signature, GitRepo};
 use serde_json::Value;
 
-const FLEET_SECRET: &str = "fleet-secret-for-tests";
 const WEBHOOK_SECRET: &str = "webhook-secret-for-tests";
 
 fn run(program: &str, args: &[&str]) {
@@ -228,10 +227,14 @@ impl Drop for NetPair {
     }
 }
 
-/// An HTTP request from inside network namespace `ns` (a thread that joins it).
+/// An HTTPS request from inside network namespace `ns` (a thread that joins it) to the
+/// service of host `name`, with kvm01's certificate of the fleet in `tls`.
+#[allow(clippy::too_many_arguments)]
 fn http(
     ns: &str,
     addr: &str,
+    tls: &Path,
+    name: &str,
     method: &str,
     path: &str,
     headers: &[(&str, &str)],
@@ -239,6 +242,8 @@ fn http(
 ) -> std::io::Result<(u16, String)> {
     let ns_path = format!("/var/run/netns/{ns}");
     let addr = addr.to_owned();
+    let client = berth_tests::TlsClient::host(tls, "kvm01");
+    let name = name.to_owned();
     let (method, path, body) = (method.to_owned(), path.to_owned(), body.to_owned());
     let headers: Vec<(String, String)> = headers
         .iter()
@@ -257,7 +262,7 @@ fn http(
             .iter()
             .map(|(n, v)| (n.as_str(), v.as_str()))
             .collect();
-        berth_tests::http_exchange(stream, &addr, &method, &path, &headers, &body)
+        client.exchange(stream, &name, &method, &path, &headers, &body)
     })
     .join()
     .expect("the request thread does not panic")
@@ -271,6 +276,8 @@ struct Host {
     state: PathBuf,
     log: PathBuf,
     serve: Option<Child>,
+    /// The fleet's certificates.
+    tls: PathBuf,
 }
 
 impl Host {
@@ -291,8 +298,7 @@ impl Host {
             .arg(&self.state)
             .arg("--webhook-secret-file")
             .arg(secrets.join("webhook"))
-            .arg("--fleet-secret-file")
-            .arg(secrets.join("fleet"))
+            .args(berth_tests::tls_args(secrets, &self.name))
             .args(["--listen", &self.addr, "--poll-interval", "1h"])
             .args(extra)
             .env("RUST_LOG", "info")
@@ -336,7 +342,17 @@ impl Host {
     }
 
     fn get(&self, path: &str) -> Option<(u16, String)> {
-        http(&self.ns, &self.addr, "GET", path, &[], "").ok()
+        http(
+            &self.ns,
+            &self.addr,
+            &self.tls,
+            &self.name,
+            "GET",
+            path,
+            &[],
+            "",
+        )
+        .ok()
     }
 
     fn status(&self) -> Value {
@@ -384,17 +400,19 @@ impl Fleet {
         let dir = tempfile::tempdir().expect("temp dir");
         let secrets = dir.path().join("secrets");
         fs::create_dir_all(&secrets).expect("mkdir");
-        for (file, secret) in [("fleet", FLEET_SECRET), ("webhook", WEBHOOK_SECRET)] {
-            let path = secrets.join(file);
-            fs::write(&path, format!("{secret}\n")).expect("write secret");
-            fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-                .expect("chmod");
-        }
+        let path = secrets.join("webhook");
+        fs::write(&path, format!("{WEBHOOK_SECRET}\n")).expect("write secret");
+        fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .expect("chmod");
+        // The fleet's certificates, made by `berth certs`: the hosts verify each other
+        // by Host name.
+        berth_tests::berth_certs(&secrets, &["kvm01", "kvm02"], &[]);
         let host = |i: usize| Host {
             name: format!("kvm0{}", i + 1),
             ns: net.ns[i].clone(),
             addr: format!("{}:7410", net.ips[i]),
             state: dir.path().join(format!("state-{i}")),
+            tls: secrets.clone(),
             log: dir.path().join(format!("serve-{i}.log")),
             serve: None,
         };
@@ -676,14 +694,25 @@ fn live_retune_restart_adoption_invalid_commit_and_webhook() {
         if let Some(s) = sig {
             headers.push(("X-Hub-Signature-256", s));
         }
-        let (code, text) =
-            http(&host.ns, &host.addr, "POST", "/hooks/git", &headers, body).expect("webhook");
+        let (code, text) = http(
+            &host.ns,
+            &host.addr,
+            &host.tls,
+            &host.name,
+            "POST",
+            "/hooks/git",
+            &headers,
+            body,
+        )
+        .expect("webhook");
         assert_eq!(code, 401, "{sig:?}: {text}");
     }
     let good = github_signature(WEBHOOK_SECRET, body);
     let (code, _) = http(
         &host.ns,
         &host.addr,
+        &host.tls,
+        &host.name,
         "POST",
         "/hooks/git",
         &[("X-GitHub-Event", "push"), ("X-Hub-Signature-256", &good)],
@@ -1036,6 +1065,15 @@ enum Lost {
 /// started again; returns the fleet, the guest, the source VMM's pid and the revision
 /// enforced at the end.
 fn kill_the_source_in_an_unknown_switchover(lost: Lost) -> (Fleet, String, i32, String) {
+    kill_the_source_in_an_unknown_switchover_then(lost, |_| {})
+}
+
+/// As [`kill_the_source_in_an_unknown_switchover`], calling `meanwhile` while kvm01's
+/// service is away, just before it is started again.
+fn kill_the_source_in_an_unknown_switchover_then(
+    lost: Lost,
+    meanwhile: impl FnOnce(&mut Fleet),
+) -> (Fleet, String, i32, String) {
     let mut fleet = Fleet::new();
     let name = fleet.guest_name(match lost {
         Lost::Commit => "kvm-nocommit",
@@ -1123,6 +1161,7 @@ fn kill_the_source_in_an_unknown_switchover(lost: Lost) -> (Fleet, String, i32, 
         Lost::Commit => fleet.net.heal(0, LOST_FRAME),
         Lost::Running => fleet.net.heal(1, LOST_FRAME),
     }
+    meanwhile(&mut fleet);
     fleet.start(0);
     (fleet, name, source_pid, enforced)
 }
@@ -1235,4 +1274,182 @@ fn a_source_killed_in_an_unknown_switchover_drops_its_copy_when_the_destination_
     assert!(a.guest_status(&name).is_none(), "{}", a.status());
     let g = b.guest_status(&name).expect("listed on kvm02");
     assert_eq!(g["phase"], "Running", "{g}");
+}
+
+/// A man in the middle on kvm02's address (a named mock: the fault the real kvm02
+/// cannot produce): a TLS server with a certificate naming kvm02, made by `berth certs`
+/// with another CA, that answers every request with "I run it" (`{"running": true}`).
+/// Counts the connections it got and the answers it managed to send.
+struct ForgedPeer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    connections: std::sync::Arc<AtomicU32>,
+    answered: std::sync::Arc<AtomicU32>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ForgedPeer {
+    fn start(ns: &str, addr: &str, certs: &Path) -> ForgedPeer {
+        use rustls::pki_types::pem::PemObject as _;
+        use std::io::{Read, Write};
+        use std::sync::atomic::AtomicBool;
+        use std::sync::Arc;
+        let chain: Vec<rustls::pki_types::CertificateDer<'static>> =
+            rustls::pki_types::CertificateDer::pem_file_iter(certs.join("kvm02.pem"))
+                .expect("cert")
+                .collect::<Result<_, _>>()
+                .expect("cert");
+        let key =
+            rustls::pki_types::PrivateKeyDer::from_pem_file(certs.join("kvm02.key")).expect("key");
+        let config = Arc::new(
+            rustls::ServerConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .expect("server config"),
+        );
+        let (stop, connections, answered) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicU32::new(0)),
+            Arc::new(AtomicU32::new(0)),
+        );
+        let ns_path = format!("/var/run/netns/{ns}");
+        let addr = addr.to_owned();
+        let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+        let thread = {
+            let (stop, connections, answered) =
+                (stop.clone(), connections.clone(), answered.clone());
+            std::thread::spawn(move || {
+                let file = fs::File::open(&ns_path).expect("netns");
+                // SAFETY: setns on a valid namespace fd; it changes only this thread.
+                let joined = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                assert_eq!(joined, 0, "setns");
+                let listener = std::net::TcpListener::bind(&addr).expect("bind kvm02's address");
+                listener.set_nonblocking(true).expect("nonblocking");
+                bound_tx.send(()).expect("bound");
+                while !stop.load(Ordering::SeqCst) {
+                    let Ok((stream, _)) = listener.accept() else {
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    };
+                    connections.fetch_add(1, Ordering::SeqCst);
+                    let _ = stream.set_nonblocking(false);
+                    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                    let connection =
+                        rustls::ServerConnection::new(Arc::clone(&config)).expect("connection");
+                    let mut tls = rustls::StreamOwned::new(connection, stream);
+                    let mut request = [0u8; 4096];
+                    // The handshake happens here; a client that does not trust this
+                    // certificate aborts it, and nothing is read.
+                    if matches!(tls.read(&mut request), Ok(n) if n > 0) {
+                        let body = r#"{"running":true,"downtimeMs":1.0}"#;
+                        let answer = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                            body.len()
+                        );
+                        if tls
+                            .write_all(answer.as_bytes())
+                            .and_then(|()| tls.flush())
+                            .is_ok()
+                        {
+                            answered.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                }
+            })
+        };
+        bound_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the forger listens");
+        ForgedPeer {
+            stop,
+            connections,
+            answered,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for ForgedPeer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The source's service, started again with its VMM in `switchoverUnknown`, asks kvm02
+/// whether it runs the guest; a party without the fleet's certificate answers "I run
+/// it" on kvm02's address. The answer is refused in the TLS handshake: the source
+/// keeps its paused copy and shows the switchover stuck, naming the TLS failure. When
+/// the real kvm02 answers (it never ran the guest), the guest resumes on kvm01, in
+/// its source VMM, exactly once.
+#[test]
+fn a_forged_i_run_it_without_the_fleet_certificate_cannot_end_a_switchover() {
+    let mut forger = None;
+    let (mut fleet, name, source_pid, _) =
+        kill_the_source_in_an_unknown_switchover_then(Lost::Commit, |fleet| {
+            let stranger = fleet.secrets.join("stranger");
+            fs::create_dir_all(&stranger).expect("mkdir");
+            berth_tests::berth_certs(&stranger, &["kvm02"], &[]);
+            fleet.hosts[1].terminate();
+            let b = &fleet.hosts[1];
+            forger = Some(ForgedPeer::start(&b.ns, &b.addr, &stranger));
+        });
+    let forged = forger.expect("the forger runs");
+    let a = &fleet.hosts[0];
+    wait_until("kvm01 to ask the forger", Duration::from_secs(30), || {
+        forged.connections.load(Ordering::SeqCst) >= 1
+    });
+    wait_until(
+        "the refusal in kvm01's status",
+        Duration::from_secs(30),
+        || {
+            a.guest_status(&name).is_some_and(|g| {
+                g["phase"] == "SwitchoverUnknown" && g.to_string().contains("TLS with kvm02 failed")
+            })
+        },
+    );
+    // Asked again with backoff meanwhile; never believed.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        forged.answered.load(Ordering::SeqCst),
+        0,
+        "no forged answer was read"
+    );
+    assert_eq!(
+        run_state(a, &name),
+        Some(GuestRunState::Paused),
+        "not resumed"
+    );
+    assert_eq!(vmm_pid(a, &name), Some(source_pid), "the copy is kept");
+    assert_eq!(fleet.vmms(&name), vec![source_pid], "exactly one VMM");
+    assert!(
+        metric(a, "berth_switchover_resolutions_total").is_none(),
+        "nothing was resolved"
+    );
+    assert!(
+        a.log_text().contains("UnknownIssuer"),
+        "the reason is logged: {}",
+        a.log_text()
+    );
+
+    // The real kvm02 comes back: it never ran the guest, which resumes here.
+    drop(forged);
+    fleet.start(1);
+    let a = &fleet.hosts[0];
+    wait_until(
+        "the guest to run again on kvm01",
+        Duration::from_secs(60),
+        || run_state(a, &name) == Some(GuestRunState::Running),
+    );
+    assert_eq!(vmm_pid(a, &name), Some(source_pid), "in its source VMM");
+    assert_eq!(fleet.vmms(&name), vec![source_pid], "exactly one VMM");
+    assert_eq!(
+        metric(a, "berth_switchover_resolutions_total{outcome=\"source\"}"),
+        Some(1.0)
+    );
 }

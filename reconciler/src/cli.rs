@@ -53,6 +53,8 @@ pub enum Command {
     Status(berth_reconciler::serve::StatusArgs),
     /// Print a shell completion script: `berth completion bash > /etc/bash_completion.d/berth`.
     Completion(CompletionArgs),
+    /// Make a fleet CA and host certificates for the hosts' mutual TLS.
+    Certs(commands::certs::Args),
 }
 
 /// Arguments of `berth schema`.
@@ -97,6 +99,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Apply(args) => commands::apply::run(&args),
         Command::Get(args) => commands::get::run(&args),
         Command::Stop(args) => commands::stop::run(&args),
+        Command::Certs(args) => commands::certs::run(&args),
         Command::Serve(args) => {
             berth_reconciler::serve::run(&args)?;
             Ok(ExitCode::SUCCESS)

@@ -34,6 +34,7 @@ pub mod output;
 pub mod plan;
 pub mod render;
 pub mod serve;
+pub mod tls;
 
 pub use model::{Desired, Observed, ObservedGuest, ObservedHost};
 pub use plan::{plan, Plan};

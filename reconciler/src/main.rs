@@ -9,6 +9,7 @@ mod cli;
 /// an arm in `cli::run`.
 mod commands {
     pub mod apply;
+    pub mod certs;
     pub mod get;
     pub mod input;
     pub mod plan;

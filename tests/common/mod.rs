@@ -188,19 +188,17 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{}", std::process::id())
 }
 
-/// One HTTP/1.1 exchange on a fresh `stream` to `host`: sends the request (closing the
-/// connection after it), reads the whole response (10 s read timeout) and returns its
-/// status code and body.
+/// One HTTP/1.1 exchange on a fresh `stream` (TCP, or TLS over TCP) to `host`: sends
+/// the request (closing the connection after it), reads the whole response (10 s read
+/// timeout, set by the caller on the TCP stream) and returns its status code and body.
 pub fn http_exchange(
-    mut stream: std::net::TcpStream,
+    mut stream: impl std::io::Read + std::io::Write,
     host: &str,
     method: &str,
     path: &str,
     headers: &[(&str, &str)],
     body: &str,
 ) -> std::io::Result<(u16, String)> {
-    use std::io::{Read, Write};
-    stream.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
     let mut request = format!(
         "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: {}\r\n",
         body.len()
@@ -211,8 +209,15 @@ pub fn http_exchange(
     request.push_str("\r\n");
     request.push_str(body);
     stream.write_all(request.as_bytes())?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
+    stream.flush()?;
+    let mut raw = Vec::new();
+    match stream.read_to_end(&mut raw) {
+        Ok(_) => {}
+        // A TLS peer that closes without close_notify, after a complete answer.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => {}
+        Err(e) => return Err(e),
+    }
+    let response = String::from_utf8_lossy(&raw);
     let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
     let code = head
         .split(' ')
@@ -220,4 +225,108 @@ pub fn http_exchange(
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
     Ok((code, body.to_owned()))
+}
+
+/// A fleet's certificates made by the real `berth certs` in `dir`: `ca.pem`, and
+/// `<host>.pem`/`<host>.key` for each host (naming it and 127.0.0.1 and `ips`).
+pub fn berth_certs(dir: &Path, hosts: &[&str], ips: &[&str]) {
+    let mut cmd = command("berth");
+    cmd.args(["certs", "--days", "2", "--out"]).arg(dir);
+    for host in hosts {
+        let mut addresses = vec!["127.0.0.1"];
+        addresses.extend_from_slice(ips);
+        cmd.args(["--host", &format!("{host}={}", addresses.join(","))]);
+    }
+    let out = cmd.output().expect("run berth certs");
+    assert!(
+        out.status.success(),
+        "berth certs: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The `berth serve` arguments for `host`'s certificate in `dir`.
+pub fn tls_args(dir: &Path, host: &str) -> Vec<std::ffi::OsString> {
+    vec![
+        "--tls-ca".into(),
+        dir.join("ca.pem").into(),
+        "--tls-cert".into(),
+        dir.join(format!("{host}.pem")).into(),
+        "--tls-key".into(),
+        dir.join(format!("{host}.key")).into(),
+    ]
+}
+
+/// A TLS client for the tests (rustls, TLS 1.3): trusts `ca`, presents `identity`
+/// (certificate and key PEM files) when given.
+#[derive(Clone)]
+pub struct TlsClient {
+    config: std::sync::Arc<rustls::ClientConfig>,
+}
+
+impl TlsClient {
+    /// A client trusting the CA in `ca`, with the certificate and key `identity`.
+    pub fn new(ca: &Path, identity: Option<(&Path, &Path)>) -> TlsClient {
+        use rustls::pki_types::pem::PemObject as _;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let read = |p: &Path| std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        let certs = |p: &Path| -> Vec<CertificateDer<'static>> {
+            CertificateDer::pem_slice_iter(&read(p))
+                .collect::<Result<_, _>>()
+                .expect("PEM certificates")
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in certs(ca) {
+            roots.add(cert).expect("a CA certificate");
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots);
+        let config = match identity {
+            Some((cert, key)) => builder
+                .with_client_auth_cert(
+                    certs(cert),
+                    PrivateKeyDer::from_pem_slice(&read(key)).expect("a PEM key"),
+                )
+                .expect("a client certificate"),
+            None => builder.with_no_client_auth(),
+        };
+        TlsClient {
+            config: std::sync::Arc::new(config),
+        }
+    }
+
+    /// The client of host `host` of the fleet in `dir` (see [`berth_certs`]).
+    pub fn host(dir: &Path, host: &str) -> TlsClient {
+        TlsClient::new(
+            &dir.join("ca.pem"),
+            Some((
+                &dir.join(format!("{host}.pem")),
+                &dir.join(format!("{host}.key")),
+            )),
+        )
+    }
+
+    /// One HTTP exchange over TLS on `stream` with a server that must be `name`.
+    pub fn exchange(
+        &self,
+        stream: std::net::TcpStream,
+        name: &str,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> std::io::Result<(u16, String)> {
+        stream.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+        let server_name = rustls::pki_types::ServerName::try_from(name.to_owned())
+            .map_err(std::io::Error::other)?;
+        let connection =
+            rustls::ClientConnection::new(std::sync::Arc::clone(&self.config), server_name)
+                .map_err(std::io::Error::other)?;
+        let tls = rustls::StreamOwned::new(connection, stream);
+        http_exchange(tls, name, method, path, headers, body)
+    }
 }

@@ -34,6 +34,7 @@ use berth_reconciler::fleet::Coordination;
 use berth_reconciler::model::{Desired, Observed};
 use berth_reconciler::plan::Action;
 use berth_reconciler::render;
+use berth_reconciler::serve::client::Transport;
 
 use super::plan::Color;
 use super::target::{load_source, Applied, LocalArgs};
@@ -47,6 +48,12 @@ pub struct Args {
     /// Not with --rev.
     #[arg(conflicts_with = "rev")]
     pub path: Option<PathBuf>,
+    /// The fleet's TLS files, to ask the other hosts' `berth serve` (over mutual TLS)
+    /// whether they still run a guest before this host starts it. Without --tls-ca
+    /// the other hosts are asked over plain HTTP (services started with
+    /// --insecure-plain-http).
+    #[command(flatten)]
+    pub tls: berth_reconciler::tls::TlsArgs,
     /// Apply this git revision (branch, tag or commit) of --repo, read without a
     /// checkout.
     #[arg(long, value_name = "REV")]
@@ -108,7 +115,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let capabilities = driver.plan_capabilities(&desired);
     let scope = driver.scope();
     let fleet = desired.clone();
-    let guard = start_guard(&args.local.state_dir);
+    let guard = start_guard(&args.local.state_dir, &args.tls)?;
     if let Some(me) = scope.host() {
         guard.record_placements(me, &fleet);
     }
@@ -187,12 +194,22 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
 }
 
 /// The start guard `berth serve` uses, with this host's record of where guests were
-/// last placed (`<state>/placements.json`, shared with `berth serve`).
-fn start_guard(state_dir: &std::path::Path) -> HttpPeers {
-    HttpPeers::new(
+/// last placed (`<state>/placements.json`, shared with `berth serve`), asking over
+/// mutual TLS when the fleet's files are given.
+fn start_guard(
+    state_dir: &std::path::Path,
+    tls: &berth_reconciler::tls::TlsArgs,
+) -> anyhow::Result<HttpPeers> {
+    let transport = match tls.tls_ca {
+        Some(_) => Transport::Tls(Arc::new(
+            berth_reconciler::tls::FleetTls::load(tls)?.client()?,
+        )),
+        None => Transport::plain(),
+    };
+    Ok(HttpPeers::new(
         Arc::new(Placements::open(Some(state_dir.join("placements.json")))),
-        None,
-    )
+        transport,
+    ))
 }
 
 /// Before this host (`me`) starts a guest, asks the other hosts of `fleet` whether they

@@ -6,11 +6,13 @@
 //!   from "guest still running on its old host". A host that cannot be asked holds the
 //!   start back only if it is where the guest was last placed ([`Placements`]):
 //!   otherwise one dead host would keep every new guest of the fleet from starting.
+//! - Another host's own observation is its `GET /status`'s `observedHost`.
 //! - An incoming migration is prepared with `POST /v1/migrations/incoming` and its
-//!   outcome read with `GET /v1/migrations/incoming/<guest>`, both with the fleet
-//!   secret.
+//!   outcome read with `GET /v1/migrations/incoming/<guest>`.
 //!
-//! The transport is [`crate::serve::client`].
+//! Every request goes through a [`Transport`] ([`crate::serve::client`]): mutual TLS,
+//! where only the host named can answer (a forged "not here" could start a second
+//! copy, a forged "I run it" could drop the only one), or plain HTTP on loopback.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,9 +20,8 @@ use std::time::Duration;
 use super::peer::{IncomingMigration, IncomingOutcome, IncomingRequest};
 use super::placement::Placements;
 use super::{BoxFuture, Coordination, CoordinationError, Peer, StartRefused};
-use crate::model::Desired;
-use crate::serve::auth::Secret;
-use crate::serve::client;
+use crate::model::{Desired, ObservedHost};
+use crate::serve::client::{self, Transport};
 
 /// How long a host may take to answer the start guard before it counts as silent.
 const PEER_TIMEOUT: Duration = Duration::from_secs(2);
@@ -28,35 +29,25 @@ const PEER_TIMEOUT: Duration = Duration::from_secs(2);
 /// Fleet coordination over HTTP. See the module documentation.
 pub struct HttpPeers {
     placements: Arc<Placements>,
-    fleet_secret: Option<Arc<Secret>>,
+    transport: Transport,
 }
 
 impl HttpPeers {
-    /// Asks peers with `fleet_secret` (the start guard needs none); `placements` is
-    /// where guests were last placed.
-    pub fn new(placements: Arc<Placements>, fleet_secret: Option<Arc<Secret>>) -> Self {
+    /// Asks peers through `transport`; `placements` is where guests were last placed.
+    pub fn new(placements: Arc<Placements>, transport: Transport) -> Self {
         HttpPeers {
             placements,
-            fleet_secret,
+            transport,
         }
     }
 
-    fn secret(&self, host: &str) -> Result<&Secret, CoordinationError> {
-        self.fleet_secret
-            .as_deref()
-            .ok_or_else(|| CoordinationError {
-                host: host.to_owned(),
-                source: "no fleet secret to ask it with (--fleet-secret-file)".into(),
-            })
-    }
-}
-
-/// The URL of a peer's service (records of earlier versions hold the URL already).
-fn server(peer: &Peer) -> String {
-    if peer.address.starts_with("http://") {
-        peer.address.clone()
-    } else {
-        format!("http://{}", peer.address)
+    /// The URL of a peer's service (records of earlier versions hold the URL already).
+    fn server(&self, peer: &Peer) -> String {
+        if peer.address.starts_with("http://") || peer.address.starts_with("https://") {
+            peer.address.clone()
+        } else {
+            self.transport.url(&peer.address)
+        }
     }
 }
 
@@ -82,10 +73,14 @@ impl Coordination for HttpPeers {
                         name: h.metadata.name.clone(),
                         address: h.spec.address.clone(),
                     };
+                    let server = self.server(&peer);
+                    let transport = self.transport.clone();
                     async move {
-                        let answer =
-                            tokio::time::timeout(PEER_TIMEOUT, client::status(&server(&peer)))
-                                .await;
+                        let answer = tokio::time::timeout(
+                            PEER_TIMEOUT,
+                            client::status(&transport, &server, &peer.name),
+                        )
+                        .await;
                         (peer, answer)
                     }
                 });
@@ -122,13 +117,27 @@ impl Coordination for HttpPeers {
         request: &'a IncomingRequest,
     ) -> BoxFuture<'a, Result<IncomingMigration, CoordinationError>> {
         Box::pin(async move {
-            let secret = self.secret(&to.name)?;
-            client::request_incoming(&server(to), secret, request)
+            client::request_incoming(&self.transport, &self.server(to), &to.name, request)
                 .await
                 .map_err(|e| CoordinationError {
                     host: to.name.clone(),
                     source: Box::new(e),
                 })
+        })
+    }
+
+    fn observe_host<'a>(
+        &'a self,
+        host: &'a Peer,
+    ) -> BoxFuture<'a, Result<Option<ObservedHost>, CoordinationError>> {
+        Box::pin(async move {
+            let status = client::status(&self.transport, &self.server(host), &host.name)
+                .await
+                .map_err(|e| CoordinationError {
+                    host: host.name.clone(),
+                    source: Box::new(e),
+                })?;
+            Ok(status.observed_host.filter(|h| h.name == host.name))
         })
     }
 
@@ -138,8 +147,7 @@ impl Coordination for HttpPeers {
         guest: &'a str,
     ) -> BoxFuture<'a, Result<IncomingOutcome, CoordinationError>> {
         Box::pin(async move {
-            let secret = self.secret(&host.name)?;
-            client::incoming_running(&server(host), secret, guest)
+            client::incoming_running(&self.transport, &self.server(host), &host.name, guest)
                 .await
                 .map_err(|e| CoordinationError {
                     host: host.name.clone(),
@@ -194,7 +202,7 @@ mod tests {
             metrics: Arc::new(Metrics::new()),
             triggers,
             webhook_secret: None,
-            fleet_secret: None,
+            peers: crate::serve::http::PeerAuth::Secret(None),
             incoming: Arc::new(NoIncoming),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -232,7 +240,7 @@ mod tests {
             .as_str()]);
             placements.record(&placed, "kvm02");
         }
-        HttpPeers::new(placements, None)
+        HttpPeers::new(placements, Transport::plain())
     }
 
     #[tokio::test]

@@ -3,7 +3,9 @@
 //! gets back the address to stream to and a one-time token that authenticates the
 //! stream.
 //!
-//! Requests carry the fleet's shared secret (`Authorization: Bearer <secret>`); with no
+//! Requests come over mutual TLS from a host of the fleet (a client certificate of the
+//! fleet CA naming a Host; see [`super::http`]); with `--insecure-plain-http` they carry
+//! the fleet's shared secret instead (`Authorization: Bearer <secret>`), and with no
 //! secret configured the API refuses everything. What preparing means (building the
 //! VMM, reserving memory, listening) belongs to the driver: with `--driver local`,
 //! [`super::incoming::LocalIncoming`] implements [`IncomingMigrations`].

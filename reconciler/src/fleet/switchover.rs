@@ -13,7 +13,8 @@
 //! ([`Switchovers::kick`]). For each VMM in `switchoverUnknown` that no migration of
 //! this process follows, it asks the destination recorded for it before the migration
 //! started ([`crate::driver::local::OutgoingRecord`]): the destination's service
-//! (`GET /v1/migrations/incoming/{guest}`, fleet secret) for a migration to another
+//! (`GET /v1/migrations/incoming/{guest}`, over mutual TLS: only a server with the
+//! fleet's certificate for that host can answer) for a migration to another
 //! host, the incoming VMM for a local one. Then it calls `migrateResolve`: the
 //! destination runs the guest, the copy here is dropped; it does not, the guest
 //! resumes here.
@@ -458,7 +459,9 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let coordination = crate::fleet::http::HttpPeers::new(
             Arc::new(crate::fleet::placement::Placements::open(None)),
-            Some(Arc::new(crate::serve::auth::Secret::new("fleet"))),
+            crate::serve::client::Transport::Plain {
+                fleet_secret: Some(Arc::new(crate::serve::auth::Secret::new("fleet"))),
+            },
         );
         let mut resolver = Resolver::new(
             local,
@@ -496,5 +499,68 @@ mod tests {
         assert!(resolver.pass().await);
         assert!(store.get("web-1").is_none());
         assert!(!metrics.encode().contains("berth_switchover_unknown{"));
+    }
+
+    /// A man in the middle answers "kvm02 runs it" with a certificate of another CA:
+    /// the resolver gets no answer, so nothing is dropped or resumed, and the guest
+    /// shows stuck, naming the TLS failure. The real kvm02 is then believed.
+    #[tokio::test]
+    async fn a_forged_answer_without_the_fleet_certificate_resolves_nothing() {
+        use crate::serve::client::testing::{serve_tls, RunsEverything};
+        use crate::tls::{FleetTls, TestFiles};
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (fleet_dir, other_dir) = (tmp.path().join("fleet"), tmp.path().join("other"));
+        std::fs::create_dir_all(&fleet_dir).expect("mkdir");
+        std::fs::create_dir_all(&other_dir).expect("mkdir");
+        let fleet = TestFiles::make(&fleet_dir, &["kvm01", "kvm02"]);
+        let other = TestFiles::make(&other_dir, &["kvm02"]);
+        let local = Arc::new(LocalDriver::new(
+            "kvm01",
+            tmp.path(),
+            std::path::PathBuf::from("/nonexistent/berth-vmm"),
+        ));
+        let tls = FleetTls::load(&fleet.args(Some("kvm01"))).expect("tls");
+        let store = Arc::new(Switchovers::default());
+        let mut resolver = Resolver::new(
+            local,
+            Arc::new(crate::fleet::http::HttpPeers::new(
+                Arc::new(crate::fleet::placement::Placements::open(None)),
+                crate::serve::client::Transport::Tls(Arc::new(tls.client().expect("client"))),
+            )),
+            Arc::new(Metrics::new()),
+            Arc::clone(&store),
+        );
+        let forger = serve_tls(
+            &other,
+            "kvm02",
+            &["kvm01", "kvm02"],
+            Arc::new(RunsEverything),
+        )
+        .await;
+        let stuck = switchover(Some(record(Some(&format!("https://{forger}")))));
+        let ask = whom_to_ask(&stuck);
+        let error = resolver
+            .answer(&stuck, &ask)
+            .await
+            .expect_err("a forged answer is no answer");
+        assert!(error.contains("TLS with kvm02 failed"), "{error}");
+        resolver.failed(&stuck, &ask, "kvm02".into(), error);
+        let shown = store.get("web-1").expect("shown stuck").condition();
+        assert!(
+            shown.message.contains("TLS with kvm02 failed"),
+            "{}",
+            shown.message
+        );
+
+        let real = serve_tls(
+            &fleet,
+            "kvm02",
+            &["kvm01", "kvm02"],
+            Arc::new(RunsEverything),
+        )
+        .await;
+        let stuck = switchover(Some(record(Some(&format!("https://{real}")))));
+        let ask = whom_to_ask(&stuck);
+        assert_eq!(resolver.answer(&stuck, &ask).await, Ok(true));
     }
 }

@@ -7,8 +7,15 @@
 //! | `GET /status` | none | the [`Status`](super::status::Status) as JSON |
 //! | `GET /metrics` | none | Prometheus metrics: the text format 0.0.4 when `Accept` asks for it, else OpenMetrics |
 //! | `POST /hooks/git` | `X-Hub-Signature-256` | 202, and the branch head is looked at; 413 (JSON) over [`WEBHOOK_BODY_LIMIT`] |
-//! | `POST /v1/migrations/incoming` | fleet secret (bearer) | listen address and token |
-//! | `GET /v1/migrations/incoming/{guest}` | fleet secret (bearer) | whether the guest runs here |
+//! | `POST /v1/migrations/incoming` | a peer (see below) | listen address and token |
+//! | `GET /v1/migrations/incoming/{guest}` | a peer (see below) | whether the guest runs here |
+//!
+//! A peer, under TLS (the default), is a client that presented a certificate of the
+//! fleet CA naming exactly one Host of the enforced revision ([`PeerAuth::Certificates`]);
+//! a request to prepare a migration must also come `from` that very host. With
+//! `--insecure-plain-http` ([`PeerAuth::Secret`]) a peer is whoever presents the fleet
+//! secret as a bearer token. The other routes need no client certificate (a TLS
+//! connection without one is accepted; one of another CA is refused in the handshake).
 //!
 //! `/status` and `/metrics` tell what runs on the host, nothing secret; bind the
 //! listener to an address the monitoring (and the fleet's peers) can reach, and no
@@ -18,11 +25,11 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde_json::json;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
@@ -38,6 +45,21 @@ use crate::fleet::peer::{IncomingMigrations, IncomingRequest, PeerError, INCOMIN
 /// signature can be checked; a larger one is refused with 413 and a JSON error, and
 /// logged.
 pub const WEBHOOK_BODY_LIMIT: usize = 25 << 20;
+use crate::tls::{Connection, HostNames};
+
+/// Who may call the peer routes.
+#[derive(Debug, Clone)]
+pub enum PeerAuth {
+    /// TLS: a client certificate of the fleet CA naming a Host of these (the enforced
+    /// revision's Host names).
+    Certificates(HostNames),
+    /// Plain HTTP (`--insecure-plain-http`): the fleet secret as a bearer token; `None`
+    /// refuses every peer request.
+    Secret(Option<Arc<Secret>>),
+}
+
+/// The connection's details, set by the TLS listener (absent over plain HTTP).
+type Peer = Option<Extension<ConnectInfo<Connection>>>;
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -50,8 +72,8 @@ pub struct ApiState {
     pub triggers: mpsc::Sender<Trigger>,
     /// The webhook secret; `None` refuses every webhook.
     pub webhook_secret: Option<Arc<Secret>>,
-    /// The fleet secret; `None` refuses every peer request.
-    pub fleet_secret: Option<Arc<Secret>>,
+    /// Who may call the peer routes.
+    pub peers: PeerAuth,
     /// Prepares incoming migrations.
     pub incoming: Arc<dyn IncomingMigrations>,
 }
@@ -127,11 +149,83 @@ async fn webhook(
     (StatusCode::ACCEPTED, Json(json!({ "accepted": true }))).into_response()
 }
 
-async fn incoming(State(state): State<ApiState>, headers: HeaderMap, body: Bytes) -> Response {
-    let credentials = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
-    if let Err(e) = verify_bearer(state.fleet_secret.as_deref(), credentials) {
-        return unauthorized("peer request", e);
+/// Why a peer request was refused.
+#[derive(Debug, Clone, Copy)]
+enum Refused {
+    /// Plain HTTP without the right fleet secret.
+    Secret(AuthError),
+    /// TLS without a client certificate.
+    NoCertificate,
+    /// TLS with a certificate of the fleet CA that names no (single) Host.
+    NotAHost,
+}
+
+impl IntoResponse for Refused {
+    fn into_response(self) -> Response {
+        match self {
+            Refused::Secret(e) => unauthorized("peer request", e),
+            Refused::NoCertificate => (
+                StatusCode::UNAUTHORIZED,
+                Json(
+                    json!({ "error": "peer request refused: no client certificate \
+                    (hosts present their certificate of the fleet CA)" }),
+                ),
+            )
+                .into_response(),
+            Refused::NotAHost => forbidden(
+                "peer request refused: the client certificate names no (single) Host of \
+                 the enforced revision"
+                    .to_owned(),
+            ),
+        }
     }
+}
+
+/// The peer making the request: `Ok(Some(host))` under TLS, `Ok(None)` with the
+/// fleet secret; why not otherwise.
+fn authorize_peer(
+    state: &ApiState,
+    connection: Option<&Connection>,
+    headers: &HeaderMap,
+) -> Result<Option<String>, Refused> {
+    match &state.peers {
+        PeerAuth::Secret(secret) => {
+            let credentials = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
+            verify_bearer(secret.as_deref(), credentials)
+                .map(|()| None)
+                .map_err(Refused::Secret)
+        }
+        PeerAuth::Certificates(hosts) => {
+            let remote = connection.map(|c| c.remote.to_string());
+            let Some(certificate) = connection.and_then(|c| c.client.as_ref()) else {
+                warn!(?remote, "peer request refused: no client certificate");
+                return Err(Refused::NoCertificate);
+            };
+            match hosts.host_of(certificate) {
+                Some(host) => Ok(Some(host)),
+                None => {
+                    warn!(?remote, "peer request refused: the client certificate names no Host of the manifests");
+                    Err(Refused::NotAHost)
+                }
+            }
+        }
+    }
+}
+
+fn forbidden(error: String) -> Response {
+    (StatusCode::FORBIDDEN, Json(json!({ "error": error }))).into_response()
+}
+
+async fn incoming(
+    State(state): State<ApiState>,
+    peer: Peer,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let host = match authorize_peer(&state, peer.as_ref().map(|p| &p.0 .0), &headers) {
+        Ok(host) => host,
+        Err(refused) => return refused.into_response(),
+    };
     let request: IncomingRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => {
@@ -142,6 +236,13 @@ async fn incoming(State(state): State<ApiState>, headers: HeaderMap, body: Bytes
                 .into_response()
         }
     };
+    if let Some(host) = host.filter(|h| *h != request.from) {
+        warn!(guest = %request.guest, from = %request.from, certificate = %host, "incoming migration refused: the request is not from the host it names");
+        return forbidden(format!(
+            "peer request refused: {host} cannot ask on behalf of {}",
+            request.from
+        ));
+    }
     info!(guest = %request.guest, from = %request.from, "incoming migration requested");
     let handler = Arc::clone(&state.incoming);
     let prepared = tokio::task::spawn_blocking(move || handler.prepare(&request)).await;
@@ -167,12 +268,12 @@ async fn incoming(State(state): State<ApiState>, headers: HeaderMap, body: Bytes
 
 async fn incoming_outcome(
     State(state): State<ApiState>,
+    peer: Peer,
     Path(guest): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let credentials = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
-    if let Err(e) = verify_bearer(state.fleet_secret.as_deref(), credentials) {
-        return unauthorized("peer request", e);
+    if let Err(refused) = authorize_peer(&state, peer.as_ref().map(|p| &p.0 .0), &headers) {
+        return refused.into_response();
     }
     let handler = Arc::clone(&state.incoming);
     match tokio::task::spawn_blocking(move || handler.running(&guest)).await {
@@ -224,7 +325,7 @@ mod tests {
             metrics: Arc::new(Metrics::new()),
             triggers,
             webhook_secret: webhook.map(|s| Arc::new(Secret::new(s))),
-            fleet_secret: fleet.map(|s| Arc::new(Secret::new(s))),
+            peers: PeerAuth::Secret(fleet.map(|s| Arc::new(Secret::new(s)))),
             incoming,
         };
         (state, rx)
@@ -283,6 +384,33 @@ mod tests {
             let (code, body) = call(&app, peer_request(auth)).await;
             assert_eq!(code, StatusCode::UNAUTHORIZED, "{auth:?}: {body}");
         }
+        assert_eq!(handler.0.load(Ordering::SeqCst), 0);
+    }
+
+    /// Under TLS the peer routes look at the connection's certificate only: a request
+    /// with no TLS connection details (or no certificate) is refused, bearer or not.
+    #[tokio::test]
+    async fn with_certificates_a_bearer_is_not_enough() {
+        let handler = Arc::new(Counting(AtomicUsize::new(0)));
+        let (mut state, _rx) = state(None, None, handler.clone());
+        let hosts = crate::tls::HostNames::default();
+        hosts.set(["kvm01".to_owned()]);
+        state.peers = PeerAuth::Certificates(hosts);
+        let app = router(state);
+        for auth in [None, Some("Bearer anything")] {
+            let (code, body) = call(&app, peer_request(auth)).await;
+            assert_eq!(code, StatusCode::UNAUTHORIZED, "{auth:?}: {body}");
+            assert!(body.contains("no client certificate"), "{body}");
+        }
+        let mut request = peer_request(None);
+        request
+            .extensions_mut()
+            .insert(axum::extract::ConnectInfo(Connection {
+                remote: "127.0.0.1:1".parse().expect("addr"),
+                client: None,
+            }));
+        let (code, _) = call(&app, request).await;
+        assert_eq!(code, StatusCode::UNAUTHORIZED);
         assert_eq!(handler.0.load(Ordering::SeqCst), 0);
     }
 

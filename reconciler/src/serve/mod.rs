@@ -8,8 +8,8 @@
 //!   queue, backoff and suspend; before a start it asks the fleet coordination
 //!   ([`crate::fleet::Coordination`]) whether another host may still run the guest.
 //! - [`http`]: `/healthz`, `/status`, `/metrics`, `/hooks/git` and the peer API
-//!   ([`crate::fleet::peer`]), with [`auth`] for the webhook signature and the fleet
-//!   secret.
+//!   ([`crate::fleet::peer`]), over TLS ([`crate::tls`]), with [`auth`] for the webhook
+//!   signature (and the fleet secret of `--insecure-plain-http`).
 //! - [`client`]: the API's client side (`berth status`, and the transport of
 //!   [`crate::fleet::http::HttpPeers`]).
 //! - [`status`] and [`metrics`]: what `/status` and `/metrics` report.
@@ -89,9 +89,18 @@ pub struct ServeArgs {
     /// migrations away from it) are acted on.
     #[arg(long)]
     pub host: String,
-    /// Address of the HTTP API (status, metrics, webhook, peer API).
+    /// Address of the API (status, metrics, webhook, peer API), served over TLS.
     #[arg(long, default_value = "127.0.0.1:7410")]
     pub listen: SocketAddr,
+    /// The fleet CA, this host's certificate and key: the API is served over TLS and
+    /// other hosts are called over mutual TLS (see `berth certs`).
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
+    /// Serve and call the API over plain HTTP, with no TLS at all: for experiments on
+    /// loopback only (a non-loopback --listen is refused). Peers then authenticate with
+    /// the fleet secret (--fleet-secret-file), which anyone on the path can read.
+    #[arg(long, conflicts_with_all = ["tls_ca", "tls_cert", "tls_key"])]
+    pub insecure_plain_http: bool,
     /// Where the driver keeps its state (`sim-fleet.json` for the simulated fleet).
     #[arg(long, default_value = "/var/lib/berth")]
     pub state_dir: PathBuf,
@@ -121,9 +130,10 @@ pub struct ServeArgs {
     /// Webhook bodies are read up to 25 MiB (GitHub sends at most 25 MB).
     #[arg(long)]
     pub webhook_secret_file: Option<PathBuf>,
-    /// A file holding the fleet's shared secret for the peer API; whitespace at its
-    /// ends is trimmed. Without it, every peer request is refused.
-    #[arg(long)]
+    /// With --insecure-plain-http only: a file holding the fleet's shared secret for
+    /// the peer API (without it, every peer request is refused). Under TLS, peers are
+    /// authenticated by their certificates instead.
+    #[arg(long, requires = "insecure_plain_http")]
     pub fleet_secret_file: Option<PathBuf>,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
@@ -154,6 +164,12 @@ pub enum ServeError {
     /// A secret file cannot be read.
     #[error(transparent)]
     Secret(#[from] SecretError),
+    /// The TLS files cannot be used.
+    #[error("cannot serve TLS")]
+    Tls(#[from] crate::tls::TlsError),
+    /// Plain HTTP was asked for on an address other hosts can reach.
+    #[error("--insecure-plain-http serves only a loopback address, not {0}: use TLS (--tls-ca, --tls-cert, --tls-key; see `berth certs`)")]
+    PlainNotLoopback(SocketAddr),
     /// The state directory cannot be created.
     #[error("cannot create the state directory {path}: {source}")]
     StateDir {
@@ -224,7 +240,21 @@ pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
         source,
     })?;
     let webhook_secret = load_secret(args.webhook_secret_file.as_deref(), "webhook")?;
-    let fleet_secret = load_secret(args.fleet_secret_file.as_deref(), "peer API")?;
+    let security = if args.insecure_plain_http {
+        if !args.listen.ip().is_loopback() {
+            return Err(ServeError::PlainNotLoopback(args.listen));
+        }
+        warn!("--insecure-plain-http: the API is served and peers are called without TLS");
+        Security::Plain(load_secret(args.fleet_secret_file.as_deref(), "peer API")?)
+    } else {
+        for key in [&args.tls.tls_key, &args.tls.tls_cert]
+            .into_iter()
+            .flatten()
+        {
+            warn_if_readable_by_others(key);
+        }
+        Security::Tls(crate::tls::FleetTls::load_for_host(&args.tls, &args.host)?)
+    };
     std::fs::create_dir_all(&args.state_dir).map_err(|source| ServeError::StateDir {
         path: args.state_dir.display().to_string(),
         source,
@@ -254,14 +284,7 @@ pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
         DriverKind::Local => Some(Machine::read().map_err(ServeError::Machine)?),
         DriverKind::Sim | DriverKind::Libvirt => None,
     };
-    let result = runtime.block_on(serve(
-        args,
-        repo,
-        webhook_secret,
-        fleet_secret,
-        fleet,
-        machine,
-    ));
+    let result = runtime.block_on(serve(args, repo, webhook_secret, security, fleet, machine));
     // Actions in flight were waited for already; nothing should be left.
     runtime.shutdown_timeout(Duration::from_secs(5));
     result
@@ -286,10 +309,20 @@ fn load_secret(
 fn warn_if_readable_by_others(path: &std::path::Path) {
     use std::os::unix::fs::PermissionsExt as _;
     if let Ok(meta) = std::fs::metadata(path) {
-        if meta.permissions().mode() & 0o077 != 0 {
+        // Certificates may be world-readable; keys and secrets not.
+        let public = path.extension().is_some_and(|e| e == "pem" || e == "crt");
+        if !public && meta.permissions().mode() & 0o077 != 0 {
             warn!(path = %path.display(), "the secret file is readable by others than its owner (chmod 600 it)");
         }
     }
+}
+
+/// How the API is served and peers are called.
+enum Security {
+    /// Mutual TLS with the fleet CA.
+    Tls(crate::tls::FleetTls),
+    /// Plain HTTP on loopback, with the fleet secret, if any.
+    Plain(Option<Arc<Secret>>),
 }
 
 /// What runs the guests.
@@ -302,10 +335,25 @@ async fn serve(
     args: &ServeArgs,
     repo: GitRepo,
     webhook_secret: Option<Arc<Secret>>,
-    fleet_secret: Option<Arc<Secret>>,
+    security: Security,
     fleet: Fleet,
     machine: Option<Machine>,
 ) -> Result<(), ServeError> {
+    let host_names = crate::tls::HostNames::default();
+    let (transport, peer_auth, server_tls) = match security {
+        Security::Tls(tls) => (
+            client::Transport::Tls(Arc::new(tls.client()?)),
+            http::PeerAuth::Certificates(host_names.clone()),
+            Some(tls.server_config()?),
+        ),
+        Security::Plain(secret) => (
+            client::Transport::Plain {
+                fleet_secret: secret.clone(),
+            },
+            http::PeerAuth::Secret(secret),
+            None,
+        ),
+    };
     let metrics = Arc::new(Metrics::new());
     let enforced = Arc::new(Enforced::default());
     let notes = Arc::new(IncomingNotes::default());
@@ -314,7 +362,7 @@ async fn serve(
         Arc::new(Placements::open(Some(
             args.state_dir.join("placements.json"),
         ))),
-        fleet_secret.clone(),
+        transport.clone(),
     ));
     let (driver, incoming, local): (Arc<dyn Driver>, Arc<dyn IncomingMigrations>, _) = match &fleet
     {
@@ -358,17 +406,30 @@ async fn serve(
         metrics: Arc::clone(&metrics),
         triggers: triggers.clone(),
         webhook_secret,
-        fleet_secret: fleet_secret.clone(),
+        peers: peer_auth,
         incoming,
     });
     let mut http_stop = shutdown_rx.clone();
-    let http = tokio::spawn(async move {
-        axum::serve(listener, api)
-            .with_graceful_shutdown(async move {
-                let _ = http_stop.wait_for(|stop| *stop).await;
+    let stopped = async move {
+        let _ = http_stop.wait_for(|stop| *stop).await;
+    };
+    let http = match server_tls {
+        Some(config) => {
+            let listener =
+                crate::tls::TlsListener::new(listener, config).map_err(ServeError::Http)?;
+            let api = api.into_make_service_with_connect_info::<crate::tls::Connection>();
+            tokio::spawn(async move {
+                axum::serve(listener, api)
+                    .with_graceful_shutdown(stopped)
+                    .await
             })
-            .await
-    });
+        }
+        None => tokio::spawn(async move {
+            axum::serve(listener, api)
+                .with_graceful_shutdown(stopped)
+                .await
+        }),
+    };
     info!(listen = %args.listen, host = %args.host, repo = %args.repo.display(), branch = %args.branch, "berth serve started");
 
     let _watcher = if args.no_watch {
@@ -408,6 +469,7 @@ async fn serve(
         Arc::clone(&metrics),
     )
     .on_revision(Box::new(move |commit, desired| {
+        host_names.set(desired.hosts.iter().map(|h| h.metadata.name.clone()));
         enforced.set(commit, desired);
         if let Some(sim) = &sim {
             sim.add_hosts(desired);
@@ -497,9 +559,20 @@ async fn wait_for_signal() -> std::io::Result<()> {
 /// Arguments of `berth status`.
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
-    /// The `berth serve` to ask.
-    #[arg(long, default_value = "http://127.0.0.1:7410")]
+    /// The `berth serve` to ask: `https://HOST:PORT` (TLS, checked against the fleet CA
+    /// of --tls-ca), or `http://HOST:PORT` for a service started with
+    /// --insecure-plain-http.
+    #[arg(long, default_value = "https://127.0.0.1:7410")]
     pub server: String,
+    /// The name the server's certificate must carry (default: the host part of
+    /// --server; a Host name such as `kvm01` works when --server is an address the
+    /// certificate does not name).
+    #[arg(long)]
+    pub server_name: Option<String>,
+    /// The fleet CA (required for https); a client certificate is optional (`/status`
+    /// needs none).
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
     /// Output format: `text` (a header and a table of guests with their conditions),
     /// or the whole `/status` document as `json` or `yaml`.
     #[arg(short = 'o', long, value_name = "FORMAT",
@@ -525,6 +598,9 @@ pub enum StatusError {
     /// The status cannot be written as YAML.
     #[error("cannot write the status as YAML: {0}")]
     Yaml(#[source] serde_yaml::Error),
+    /// The TLS files cannot be used.
+    #[error("cannot speak TLS")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// Reads the status of a `berth serve` and renders it (a table, JSON or YAML).
@@ -536,7 +612,16 @@ pub fn status_text(args: &StatusArgs) -> Result<String, StatusError> {
         .enable_all()
         .build()
         .map_err(StatusError::Runtime)?;
-    let status = runtime.block_on(client::status(&args.server))?;
+    let transport = if args.server.starts_with("http://") {
+        client::Transport::plain()
+    } else {
+        client::Transport::Tls(Arc::new(crate::tls::FleetTls::load(&args.tls)?.client()?))
+    };
+    let name = match &args.server_name {
+        Some(name) => name.clone(),
+        None => client::host_of(&args.server)?,
+    };
+    let status = runtime.block_on(client::status(&transport, &args.server, &name))?;
     use crate::output::{self, Output};
     let format = if args.json { Output::Json } else { args.output };
     Ok(match format {
