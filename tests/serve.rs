@@ -93,6 +93,7 @@ impl Serve {
 
     /// Starts `berth serve --driver DRIVER` with `security` (TLS files, or
     /// --insecure-plain-http) and `extra`, without waiting for it.
+    #[allow(clippy::too_many_arguments)] // one per `berth serve` setting a test varies
     fn spawn(
         driver: &str,
         host: &str,
