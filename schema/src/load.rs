@@ -182,11 +182,14 @@ fn is_json_name(file: &str) -> bool {
 
 /// Checks that a `.json` file is JSON, with JSON's own error and position, and makes it
 /// ready for the YAML parser, which builds the tree with positions (JSON is YAML 1.2):
-/// tabs become spaces, as YAML does not indent with tabs. Valid JSON has tabs only
-/// between tokens, and a tab and a space are one column each, so positions stay true.
+/// tabs become spaces, as YAML does not indent with tabs, and a character escaped as a
+/// UTF-16 surrogate pair (`\ud83d\ude00`), which YAML does not know, is escaped as
+/// YAML's `\U0001f600`, two characters shorter, so two spaces follow the string's
+/// closing quote. Valid JSON has tabs only between tokens, and a tab and a space are one
+/// column each, so every position stays true.
 fn check_json(text: &str) -> Result<String, (Location, String)> {
     match serde_json::from_str::<serde::de::IgnoredAny>(text) {
-        Ok(_) => Ok(text.replace('\t', " ")),
+        Ok(_) => Ok(json_for_yaml(text)),
         Err(e) => {
             let at = Location {
                 line: e.line().max(1),
@@ -199,6 +202,59 @@ fn check_json(text: &str) -> Result<String, (Location, String)> {
             Err((at, format!("invalid JSON: {message}")))
         }
     }
+}
+
+/// The rewriting [`check_json`] describes, of a text that is valid JSON.
+fn json_for_yaml(text: &str) -> String {
+    fn surrogate(hex: &str, range: std::ops::RangeInclusive<u32>) -> Option<u32> {
+        u32::from_str_radix(hex, 16)
+            .ok()
+            .filter(|u| range.contains(u))
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut in_string = false;
+    let mut pad = 0;
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        let mut step = c.len_utf8();
+        match c {
+            '"' => {
+                out.push('"');
+                if in_string {
+                    out.extend(std::iter::repeat_n(' ', pad));
+                    pad = 0;
+                }
+                in_string = !in_string;
+            }
+            '\\' if in_string => {
+                let pair = rest.get(..12).and_then(|e| {
+                    let high = surrogate(e.strip_prefix("\\u")?.get(..4)?, 0xd800..=0xdbff)?;
+                    let low = surrogate(e.get(6..)?.strip_prefix("\\u")?, 0xdc00..=0xdfff)?;
+                    Some(0x10000 + ((high - 0xd800) << 10) + (low - 0xdc00))
+                });
+                match pair {
+                    Some(code) => {
+                        out.push_str(&format!("\\U{code:08x}"));
+                        pad += 2;
+                        step = 12;
+                    }
+                    None => {
+                        // Any other escape: copied with the character it escapes, so
+                        // that an escaped quote does not end the string.
+                        out.push('\\');
+                        if let Some(next) = rest[1..].chars().next() {
+                            out.push(next);
+                            step += next.len_utf8();
+                        }
+                    }
+                }
+            }
+            '\t' => out.push(' '),
+            c => out.push(c),
+        }
+        rest = &rest[step..];
+    }
+    out
 }
 
 fn is_hidden(path: &Path) -> bool {
@@ -653,6 +709,23 @@ mod tests {
                 "g.json:7:61: error: spec.cpu.pinning.vcpus.99999999999: key 99999999999 is out of range (expected at most 4294967295)",
                 "g.json:8:5: error: spec.memroy: unknown field memroy, did you mean memory?",
             ]
+        );
+    }
+
+    #[test]
+    fn json_surrogate_pairs_keep_positions() {
+        let host = HOST_JSON.replace(
+            "{\"name\": \"kvm01\"}",
+            "{\"name\": \"kvm01\", \"labels\": {\"x\": \"a\\ud83d\\ude00\\\"\\u00e9\", \"y\": \"b\"}}",
+        );
+        let v = load_files([("h.json", host.as_str())]).unwrap();
+        let h = &v.manifests.hosts["kvm01"];
+        assert_eq!(h.metadata.labels["x"], "a\u{1f600}\"\u{e9}");
+        let line = host.lines().nth(3).unwrap();
+        let column = line[..line.find("\"b\"").unwrap()].chars().count() + 1;
+        assert_eq!(
+            h.origin.locate("metadata.labels.y"),
+            Location { line: 4, column }
         );
     }
 

@@ -277,7 +277,7 @@ pub fn numa_nodes_online() -> Result<CpuSet, SysInfoError> {
             })
         }
     };
-    parsed(path, text.trim().parse().map_err(|e| format!("{e}")))
+    parsed(path, CpuSet::parse_list(&text).map_err(|e| format!("{e}")))
 }
 
 // ------------------------------------------------------------------------------- memory
