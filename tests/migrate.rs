@@ -2,8 +2,11 @@
 //! move between two berth-vmm processes on this host and between two network
 //! namespaces; faults on the way (destination killed, link cut, wrong token, a flipped
 //! byte, a truncated stream, a page beyond guest memory, a lost `Commit` or `Running`)
-//! leave the guest running on the source and the receiver gone cleanly. Run as root
-//! with /dev/kvm.
+//! leave the guest running on the source and the receiver gone cleanly. The corners of
+//! exactly-once (a destination failing after `Commit`, shutdown in an unknown
+//! switchover, a failed handover, a late keepalive, a failed resume, a page on the
+//! wrong connection) are driven by the test-only `BERTH_FAULT` knob; a tcpdump capture
+//! shows the stream encrypted. Run as root with /dev/kvm (and tcpdump).
 //!
 //! Every test cleans up what it made (VMM processes by pid, namespaces, state
 //! directories, cgroups, hugepages) through guards, also when it fails.
