@@ -596,9 +596,9 @@ impl LocalDriver {
                     }
                 }
                 Ok(Err(e)) => break Err(format!("unreadable migration status: {e}")),
-                // The source exits right after a completed migration.
-                Err(_) if !process_exists(source_pid) => break Ok(()),
-                Err(e) => break Err(e.to_string()),
+                // The source VMM exits right after a completed migration, and it may
+                // also have died: only the new VMM can tell which.
+                Err(e) => break self.source_gone(name, dest_pid, &e.to_string()),
             }
             if Instant::now() > deadline {
                 let _ = source.call(Op::MigrateCancel);
@@ -954,6 +954,41 @@ impl Driver for LocalDriver {
     }
 }
 
+impl LocalDriver {
+    /// The old VMM of a local migration stopped answering: the migration completed only
+    /// if the new VMM (`dest_pid`) runs the guest. Asked for up to 10 s while it cannot
+    /// tell; an incoming VMM whose migration failed exits by itself, so one that is gone
+    /// without having run the guest is a failure.
+    fn source_gone(&self, name: &str, dest_pid: i32, error: &str) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            // Handed over already: the new VMM answers on the guest's own socket.
+            let handed_over = Client::connect(self.socket(name))
+                .and_then(|mut c| c.status())
+                .is_ok_and(|s| s.pid == dest_pid);
+            let answer = if handed_over {
+                Ok(true)
+            } else {
+                self.local_incoming_runs(name)
+            };
+            match answer {
+                Ok(true) => return Ok(()),
+                Ok(false) if !process_exists(dest_pid) => {
+                    return Err(format!(
+                        "the old VMM stopped answering ({error}) and the new one does not run the guest"
+                    ))
+                }
+                Ok(false) | Err(_) if Instant::now() <= deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                // The new VMM lives on: never killed for being slow to tell. The
+                // hand-over of the guest's directory that follows confirms it or fails.
+                Ok(false) | Err(_) => return Ok(()),
+            }
+        }
+    }
+}
+
 /// How many VMMs an observe asks at once by default: each VMM answers from its own
 /// process, and most of an answer is waiting for it, so more askers than CPUs pay off.
 pub const OBSERVE_WORKERS: usize = 32;
@@ -1189,15 +1224,19 @@ fn kill_pid(pid: i32) {
 /// leader exited, even while its other threads are still torn down) counts as gone,
 /// since a VMM exits right after it completed a migration. `serve::remote` keeps a
 /// stricter test for waiting until a process is reaped.
-fn process_exists(pid: i32) -> bool {
-    // A zombie still answers kill(0); its state in /proc says it is gone.
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit(')')
-            .next()
-            .is_some_and(|rest| rest.trim_start().starts_with(['Z', 'X'])),
-        Err(_) => false,
-    }
+/// Whether process `pid` still runs: it exists and is not a zombie (or dead) whose
+/// threads have all ended. A zombie still answers kill(0), so /proc tells; a leader
+/// that exited while its other threads (vCPUs) still run is not gone yet.
+pub(crate) fn process_exists(pid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let ended = stat
+        .rsplit(')')
+        .next()
+        .is_some_and(|rest| rest.trim_start().starts_with(['Z', 'X']));
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, Iterator::count);
+    !(ended && threads <= 1)
 }
 
 fn read_metadata(dir: &Path) -> Option<Metadata> {

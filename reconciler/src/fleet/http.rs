@@ -6,6 +6,7 @@
 //!   from "guest still running on its old host". A host that cannot be asked holds the
 //!   start back only if it is where the guest was last placed ([`Placements`]):
 //!   otherwise one dead host would keep every new guest of the fleet from starting.
+//! - Another host's own observation is its `GET /status`'s `observedHost`.
 //! - An incoming migration is prepared with `POST /v1/migrations/incoming` and its
 //!   outcome read with `GET /v1/migrations/incoming/<guest>`, both with the fleet
 //!   secret.
@@ -18,7 +19,7 @@ use std::time::Duration;
 use super::peer::{IncomingMigration, IncomingOutcome, IncomingRequest};
 use super::placement::Placements;
 use super::{BoxFuture, Coordination, CoordinationError, Peer, StartRefused};
-use crate::model::Desired;
+use crate::model::{Desired, ObservedHost};
 use crate::serve::auth::Secret;
 use crate::serve::client;
 
@@ -129,6 +130,21 @@ impl Coordination for HttpPeers {
                     host: to.name.clone(),
                     source: Box::new(e),
                 })
+        })
+    }
+
+    fn observe_host<'a>(
+        &'a self,
+        host: &'a Peer,
+    ) -> BoxFuture<'a, Result<Option<ObservedHost>, CoordinationError>> {
+        Box::pin(async move {
+            let status = client::status(&server(host))
+                .await
+                .map_err(|e| CoordinationError {
+                    host: host.name.clone(),
+                    source: Box::new(e),
+                })?;
+            Ok(status.observed_host.filter(|h| h.name == host.name))
         })
     }
 

@@ -239,7 +239,7 @@ fn watch(local: &LocalDriver, notes: &IncomingNotes, guest: &str, from: &str, pi
     let mut last: Option<MigrationStatus> = None;
     loop {
         std::thread::sleep(Duration::from_millis(50));
-        let alive = super::remote::process_exists(pid);
+        let alive = crate::driver::local::process_exists(pid);
         match incoming_status(local, guest) {
             Some(status) => {
                 if status.phase == MigrationPhase::Listening && started.elapsed() > TOKEN_TTL {

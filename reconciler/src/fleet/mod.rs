@@ -1,7 +1,7 @@
 //! Fleet coordination: what one host needs from the other hosts of its fleet, behind
 //! one trait, [`Coordination`].
 //!
-//! A host asks the fleet four things:
+//! A host asks the fleet five things:
 //! - before it starts a guest: may another host still run it? ([`Coordination::may_start`],
 //!   the start guard `berth apply` and `berth serve` share: a host that runs it, or
 //!   that cannot be asked and is where the guest was last placed, holds the start back,
@@ -9,6 +9,8 @@
 //! - to prepare an incoming guest on a destination ([`Coordination::prepare_incoming`]);
 //! - whether the destination runs the guest after a migration, to follow it to its end
 //!   and to resolve an unknown switchover ([`Coordination::incoming_outcome`]);
+//! - how another host observes itself, to plan moves to it
+//!   ([`Coordination::observe_host`]);
 //! - and it tells the fleet where each enforced revision places the guests
 //!   ([`Coordination::record_placements`]).
 //!
@@ -34,7 +36,7 @@ pub mod switchover;
 use std::future::Future;
 use std::pin::Pin;
 
-use crate::model::Desired;
+use crate::model::{Desired, ObservedHost};
 use peer::{IncomingMigration, IncomingOutcome, IncomingRequest};
 
 /// A future a [`Coordination`] returns (object-safe `async`).
@@ -145,6 +147,13 @@ pub trait Coordination: Send + Sync {
         to: &'a Peer,
         request: &'a IncomingRequest,
     ) -> BoxFuture<'a, Result<IncomingMigration, CoordinationError>>;
+
+    /// How `host` last observed itself (capacity, settings, CPU), for planning moves
+    /// to it: a driver scoped to one host sees no other. `None` while it has not said.
+    fn observe_host<'a>(
+        &'a self,
+        host: &'a Peer,
+    ) -> BoxFuture<'a, Result<Option<ObservedHost>, CoordinationError>>;
 
     /// Whether `host` runs `guest` after an incoming migration.
     fn incoming_outcome<'a>(

@@ -42,10 +42,9 @@ use super::peer::IncomingRequest;
 use super::switchover::Switchovers;
 use super::{Coordination, Peer};
 use crate::diff::{Field, HostSetting};
-use crate::driver::local::OutgoingRecord;
+use crate::driver::local::{process_exists, OutgoingRecord};
 use crate::driver::{Driver, DriverError, DriverKind, LocalDriver, Scope};
 use crate::model::{Desired, Observed, ObservedHost};
-use crate::serve::client;
 use crate::serve::git::CommitId;
 use crate::serve::metrics::Metrics;
 
@@ -166,15 +165,20 @@ impl ServeDriver {
                 .addresses()
                 .into_iter()
                 .filter(|(name, _)| name != self.me())
-                .map(|(name, address)| async move {
-                    let server = format!("http://{address}");
-                    let answer = tokio::time::timeout(PEER_REFRESH, client::status(&server)).await;
-                    (name, answer)
+                .map(|(name, address)| {
+                    let coordination = Arc::clone(&self.coordination);
+                    async move {
+                        let peer = Peer { name, address };
+                        let answer =
+                            tokio::time::timeout(PEER_REFRESH, coordination.observe_host(&peer))
+                                .await;
+                        (peer.name, answer)
+                    }
                 });
             for (name, answer) in futures_join(asks).await {
                 match answer {
-                    Ok(Ok(status)) => {
-                        if let Some(host) = status.observed_host.filter(|h| h.name == name) {
+                    Ok(Ok(observed)) => {
+                        if let Some(host) = observed {
                             let previous = self
                                 .peers
                                 .write()
@@ -185,7 +189,9 @@ impl ServeDriver {
                             }
                         }
                     }
-                    Ok(Err(e)) => tracing::debug!(peer = %name, error = %e, "peer not asked"),
+                    Ok(Err(e)) => {
+                        tracing::debug!(peer = %name, error = %e.chain(), "peer not asked")
+                    }
                     Err(_) => tracing::debug!(peer = %name, "peer did not answer"),
                 }
             }
@@ -533,21 +539,6 @@ where
         }
     }
     out
-}
-
-/// Whether process `pid` still runs: it exists and is not a zombie whose threads have
-/// all ended (a leader that exited while its other threads still run is not gone yet,
-/// and cannot be reaped yet either).
-pub(super) fn process_exists(pid: i32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    let zombie = stat
-        .rsplit(')')
-        .next()
-        .is_some_and(|r| r.trim_start().starts_with('Z'));
-    let threads = std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, Iterator::count);
-    !(zombie && threads <= 1)
 }
 
 fn wait_gone(pid: i32, timeout: Duration) -> bool {
