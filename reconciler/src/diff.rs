@@ -360,3 +360,110 @@ pub fn diff_host(observed: &ObservedHost, desired: &Host) -> Vec<HostChange> {
 fn show_opt(v: Option<u32>) -> String {
     v.map_or_else(|| "unset".to_owned(), |v| v.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::desired_from_yaml;
+
+    fn guest(spec: &str) -> ObservedGuest {
+        let desired = desired_from_yaml([format!(
+            "apiVersion: berth.dev/v1\nkind: Guest\nmetadata: {{name: g}}\nspec: {spec}\n"
+        )
+        .as_str()]);
+        ObservedGuest::as_written(&desired.guests[0])
+    }
+
+    fn host(spec: &str) -> Host {
+        let desired = desired_from_yaml([format!(
+            "apiVersion: berth.dev/v1\nkind: Host\nmetadata: {{name: h}}\n\
+             spec: {{address: '127.0.0.1:1', cpus: '0-1', memory: 1GiB, {spec}}}\n"
+        )
+        .as_str()]);
+        desired.hosts[0].clone()
+    }
+
+    const BASE: &str = "{host: h, cpu: {vcpus: 1, maxVcpus: 4}, memory: {size: 64MiB}}";
+
+    #[test]
+    fn the_same_guest_has_no_differences() {
+        assert_eq!(diff_guest(&guest(BASE), &guest(BASE)), Vec::new());
+    }
+
+    #[test]
+    fn differences_come_in_field_order_with_both_values_as_text() {
+        let wanted = guest(
+            "{host: h, cpu: {vcpus: 2, maxVcpus: 4, pinning: {vcpus: {0: '1'}}}, \
+             memory: {size: 64MiB, tune: {hardLimit: 128MiB}}, io: {weight: 300}}",
+        );
+        let diffs = diff_guest(&guest(BASE), &wanted);
+        let fields: Vec<Field> = diffs.iter().map(|d| d.field).collect();
+        assert_eq!(
+            fields,
+            [
+                Field::Vcpus,
+                Field::VcpuPinning,
+                Field::HardLimit,
+                Field::IoWeight
+            ]
+        );
+        assert_eq!(
+            (diffs[0].from.as_deref(), diffs[0].to.as_deref()),
+            (Some("1"), Some("2"))
+        );
+        // Unset on one side is `None`, not an empty text.
+        assert_eq!(diffs[1].from, None);
+        assert_eq!(diffs[1].to.as_deref(), Some("{0: 1}"));
+        assert_eq!(diffs[2].from, None);
+        assert_eq!(diffs[3].to.as_deref(), Some("300"));
+    }
+
+    #[test]
+    fn the_managed_annotation_is_not_a_difference() {
+        let mut observed = guest(BASE);
+        observed.annotations.remove(ANNOTATION_MANAGED);
+        let wanted = guest(BASE);
+        assert!(
+            diff_guest(&observed, &wanted)
+                .iter()
+                .all(|d| d.field != Field::Annotations),
+            "{:?}",
+            diff_guest(&observed, &wanted)
+        );
+    }
+
+    #[test]
+    fn host_settings_berth_manages_are_diffed_and_others_left_alone() {
+        let observed = ObservedHost::as_written(&host("hugepages: {2MiB: 8}"), []);
+        // The same pool, KSM tunables left unset: nothing to change.
+        assert_eq!(
+            diff_host(&observed, &host("hugepages: {2MiB: 8}")),
+            Vec::new()
+        );
+        // A pool the manifest does not list is not berth's to shrink.
+        assert_eq!(
+            diff_host(&observed, &host("ksm: {enabled: false}")),
+            Vec::new()
+        );
+        let changes = diff_host(
+            &observed,
+            &host("hugepages: {2MiB: 16}, ksm: {enabled: true, pagesToScan: 200}, transparentHugepages: never"),
+        );
+        let fields: Vec<&str> = changes.iter().map(|c| c.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "spec.hugepages.2MiB",
+                "spec.ksm.enabled",
+                "spec.ksm.pagesToScan",
+                "spec.transparentHugepages"
+            ]
+        );
+        assert_eq!(changes[0].pool_resize(), Some((PageSize::Huge2M, 8, 16)));
+        assert_eq!(changes[1].pool_resize(), None);
+        assert_eq!(
+            (changes[3].from.as_str(), changes[3].to.as_str()),
+            ("madvise", "never")
+        );
+    }
+}

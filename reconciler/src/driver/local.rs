@@ -266,10 +266,10 @@ impl LocalDriver {
             .filter(|n| !n.contains('.'))
             .collect();
         names.sort();
-        let observe = |name: &String| match self.live_status(name) {
-            Some(status) => {
+        let observe = |name: &String| match self.live_client(name) {
+            Some((mut client, status)) => {
                 let mut observed = self.observed_guest(name, &status, &online);
-                observed.migrating_to = self.outgoing_migration(name);
+                observed.migrating_to = self.outgoing_migration(&mut client);
                 Some(LocalGuest { observed, status })
             }
             None => {
@@ -326,11 +326,18 @@ impl LocalDriver {
     /// The status of the VMM of `name`, if one answers. A VMM that holds its lock but
     /// has not bound its socket yet (starting) gets a moment.
     fn live_status(&self, name: &str) -> Option<Status> {
+        self.live_client(name).map(|(_, status)| status)
+    }
+
+    /// [`LocalDriver::live_status`], with the connection for further questions.
+    fn live_client(&self, name: &str) -> Option<(Client, Status)> {
         let socket = self.socket(name);
         let deadline = Instant::now() + Duration::from_secs(2);
         loop {
-            if let Ok(status) = Client::connect(&socket).and_then(|mut c| c.status()) {
-                return Some(status);
+            if let Ok(mut client) = Client::connect(&socket) {
+                if let Ok(status) = client.status() {
+                    return Some((client, status));
+                }
             }
             if !vmm_lock_held(&self.guest_dir(name)) || Instant::now() > deadline {
                 return None;
@@ -341,10 +348,8 @@ impl LocalDriver {
 
     /// Where the guest is being migrated to, while a migration runs: this host for a
     /// local migration, else the destination's address.
-    fn outgoing_migration(&self, name: &str) -> Option<String> {
-        let value = Client::connect(self.socket(name))
-            .and_then(|mut c| c.call(Op::MigrateStatus))
-            .ok()?;
+    fn outgoing_migration(&self, client: &mut Client) -> Option<String> {
+        let value = client.call(Op::MigrateStatus).ok()?;
         let status: MigrationStatus = serde_json::from_value(value).ok()?;
         let running = !matches!(
             status.phase,
