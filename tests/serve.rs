@@ -441,11 +441,17 @@ fn commits_are_applied_through_the_watch_and_invalid_ones_are_refused() {
     // And -o yaml (or the old --json) the same document as /status.
     for args in [&["-o", "yaml"][..], &["--json"], &["-o", "json"]] {
         let out = command("berth")
-            .args(["status", "--server", &format!("http://{}", serve.addr)])
+            .args(["status", "--server", &format!("https://{}", serve.addr)])
+            .arg("--tls-ca")
+            .arg(&ca)
             .args(args)
             .output()
             .expect("berth status");
-        assert!(out.status.success(), "{args:?}");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let doc: Value = serde_yaml::from_slice(&out.stdout).expect("YAML (JSON is YAML)");
         assert_eq!(doc["lastAttemptedRevision"], third.as_str(), "{args:?}");
     }
