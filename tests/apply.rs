@@ -133,13 +133,12 @@ impl Fleet {
         String::from_utf8(out.stdout).unwrap()
     }
 
-    /// `berth plan --driver local --detailed-exitcode`: (exit code, stdout).
+    /// `berth plan --detailed-exitcode` with plan's default driver (local, as apply's):
+    /// (exit code, stdout).
     fn plan(&self) -> (i32, String) {
         let m = self.manifests();
         let out = self.berth(&[
             "plan",
-            "--driver",
-            "local",
             "--detailed-exitcode",
             "--color",
             "never",
@@ -288,6 +287,10 @@ fn examples_come_up_retune_live_and_a_second_apply_does_nothing() {
         "{out}"
     );
     assert!(out.contains("The fleet matches the manifests."), "{out}");
+    // Right after apply, plan (its default driver and the same state directory) sees
+    // what apply did.
+    let (code, plan) = fleet.plan();
+    assert_eq!(code, 0, "no changes right after apply: {plan}");
     let applied: serde_json::Value =
         serde_json::from_slice(&std::fs::read(fleet.state().join("applied.json")).unwrap())
             .unwrap();
@@ -637,4 +640,41 @@ fn a_second_apply_is_refused_by_the_lock_and_a_failed_start_is_reported() {
         "no VMM runs for the failed guest"
     );
     assert_eq!(fleet.pids(), pids, "both guests still run, once each");
+}
+
+#[test]
+fn a_host_naming_a_cpu_this_machine_lacks_fails_apply_and_changes_nothing() {
+    let fleet = Fleet::new("ap-cpu64");
+    let hosts = fleet.manifests().join("hosts.yaml");
+    let text = std::fs::read_to_string(&hosts).unwrap();
+    std::fs::write(&hosts, text.replace("cpus: \"0-1\"", "cpus: \"0-1,64\"")).unwrap();
+    // Validation and a simulated plan cannot know this machine: they accept it.
+    let m = fleet.manifests();
+    let out = berth_tests::command("berth")
+        .args(["validate", m.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+
+    let out = fleet.berth(&["apply", "--yes", m.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let expected = format!(
+        "{}:6:9: error: spec.cpus: CPU 64 is not online on this machine",
+        hosts.display()
+    );
+    assert!(stderr.contains(&expected), "{expected} in:\n{stderr}");
+    assert!(
+        stderr.contains("does not match this machine; nothing was applied"),
+        "{stderr}"
+    );
+    assert!(fleet.pids().is_empty(), "no guest was started");
+    assert!(!fleet.state().join("guests").join(&fleet.web).exists());
+    assert!(!fleet.state().join("applied.json").exists());
+    let _lock = pool_lock();
+    assert_eq!(
+        HugePagePool::new(PageSize::Huge2M).stats().unwrap().total,
+        fleet.pool_before,
+        "the hugepage pool was not touched"
+    );
 }

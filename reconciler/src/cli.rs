@@ -1,20 +1,23 @@
 //! The command line: arguments, dispatch to the subcommands, and how errors end the
 //! process.
 //!
-//! Exit codes: 0 success; 1 the input is wrong (invalid manifests); 2 a usage error
-//! (from clap); 3 anything else went wrong (an internal or environment error).
+//! Exit codes, the same for every command: 0 success; 1 an error, invalid input
+//! (manifests, a Host this machine does not match) or a usage error; 2 only from
+//! `berth plan --detailed-exitcode`, when the plan has changes. A usage error is never
+//! 2, so that a typo in a CI job never reads as "changes present".
 
 use std::io::Write;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use berth_reconciler::output::{self, Output};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::commands;
 
 /// The input (manifests, arguments) is wrong.
 pub const EXIT_INVALID: u8 = 1;
 /// Something other than the input went wrong.
-pub const EXIT_FAILURE: u8 = 3;
+pub const EXIT_ERROR: u8 = 1;
 
 /// GitOps for KVM guests: manifests in git, a reconcile loop that converges the guests
 /// that really run.
@@ -48,14 +51,42 @@ pub enum Command {
     Serve(berth_reconciler::serve::ServeArgs),
     /// Show the status of a running `berth serve`.
     Status(berth_reconciler::serve::StatusArgs),
+    /// Print a shell completion script: `berth completion bash > /etc/bash_completion.d/berth`.
+    Completion(CompletionArgs),
 }
 
 /// Arguments of `berth schema`.
 #[derive(Debug, clap::Args)]
 pub struct SchemaArgs {
-    /// Print the manifest reference (Markdown) instead of the JSON Schema.
-    #[arg(long)]
+    /// `json` (the JSON Schema of a manifest document, the default; `text` is the
+    /// same), `yaml` (the same schema as YAML), or `markdown` (the manifest reference).
+    #[arg(short = 'o', long, value_enum, value_name = "FORMAT", default_value_t = Output::Text)]
+    pub output: Output,
+    /// The same as `-o markdown`.
+    #[arg(long, conflicts_with = "output")]
     pub reference: bool,
+}
+
+/// Arguments of `berth completion`.
+#[derive(Debug, clap::Args)]
+pub struct CompletionArgs {
+    /// The shell.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+/// Parses the command line. Help and version go to stdout with exit 0; a usage error
+/// goes to stderr with exit 1 (clap's own code, 2, is `--detailed-exitcode`'s
+/// "changes").
+pub fn parse() -> Result<Cli, ExitCode> {
+    Cli::try_parse().map_err(|error| {
+        let _ = error.print();
+        if error.use_stderr() {
+            ExitCode::from(EXIT_INVALID)
+        } else {
+            ExitCode::SUCCESS
+        }
+    })
 }
 
 /// Runs the subcommand.
@@ -75,12 +106,23 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Schema(args) => {
-            let text = if args.reference {
-                berth_schema::reference::markdown()
+            let format = if args.reference {
+                Output::Markdown
             } else {
-                berth_schema::json_schema_text()
+                args.output
+            };
+            let text = match format {
+                Output::Markdown => berth_schema::reference::markdown(),
+                Output::Yaml => output::yaml(&berth_schema::json_schema())?,
+                Output::Text | Output::Json => berth_schema::json_schema_text(),
             };
             write_stdout(&text)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Completion(args) => {
+            let mut script = Vec::new();
+            clap_complete::generate(args.shell, &mut Cli::command(), "berth", &mut script);
+            write_stdout(&String::from_utf8(script)?)?;
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -95,16 +137,11 @@ pub fn write_stdout(text: &str) -> anyhow::Result<()> {
     }
 }
 
-/// Prints an error and its causes once, and picks the exit code: invalid manifests are
-/// the user's to fix, anything else is a failure.
+/// Prints an error and its causes once; every error exits 1.
 pub fn report(error: &anyhow::Error) -> ExitCode {
     eprintln!("error: {error}");
     for cause in error.chain().skip(1) {
         eprintln!("caused by: {cause}");
     }
-    if error.downcast_ref::<berth_schema::Invalid>().is_some() {
-        ExitCode::from(EXIT_INVALID)
-    } else {
-        ExitCode::from(EXIT_FAILURE)
-    }
+    ExitCode::from(EXIT_ERROR)
 }

@@ -8,6 +8,8 @@
 //! - [`driver`]: the [`driver::Driver`] trait and `SimDriver`, a simulated fleet.
 //! - [`apply`]: runs a plan through a driver, wave by wave.
 //! - [`git`]: a revision's manifest files, read with the git CLI (no checkout).
+//! - [`machine`]: the Host manifest checked against this machine before acting.
+//! - [`output`]: the `-o/--output` flag every command that prints data shares.
 //! - [`render`]: the plan as text, JSON (with its JSON Schema) and markdown.
 //! - [`serve`]: `berth serve`, the host-resident service (git source, reconcile loop,
 //!   HTTP API), and `berth status`.
@@ -18,7 +20,9 @@ pub mod classify;
 pub mod diff;
 pub mod driver;
 pub mod git;
+pub mod machine;
 pub mod model;
+pub mod output;
 pub mod plan;
 pub mod render;
 pub mod serve;

@@ -3,8 +3,6 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
-
 mod cli;
 
 /// One module per subcommand. Adding one: a module here, a variant in `cli::Command`,
@@ -12,6 +10,7 @@ mod cli;
 mod commands {
     pub mod apply;
     pub mod get;
+    pub mod input;
     pub mod plan;
     pub mod stop;
     pub mod target;
@@ -19,7 +18,10 @@ mod commands {
 }
 
 fn main() -> ExitCode {
-    let args = cli::Cli::parse();
+    let args = match cli::parse() {
+        Ok(args) => args,
+        Err(code) => return code,
+    };
     match cli::run(args) {
         Ok(code) => code,
         Err(error) => cli::report(&error),

@@ -1,5 +1,8 @@
 //! berth-vmm: runs one KVM guest per process.
 //!
+//! Exit codes, as berth's: 0 the guest was shut down cleanly (or help, version); 1 a
+//! usage error, a bad spec, a guest that already runs, or a host failure. Never 2.
+//!
 //! `berth-vmm run --spec FILE|- --state-dir DIR` takes the state directory
 //! `DIR/guests/<name>/`, builds the guest, binds `control.sock` once the guest runs,
 //! prints `ready <socket path>` on stdout, and serves the control socket until a
@@ -106,7 +109,7 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             eprintln!("error: {e}\n\n{USAGE}");
-            return ExitCode::from(2);
+            return ExitCode::FAILURE;
         }
     };
     match run(args) {
@@ -116,11 +119,7 @@ fn main() -> ExitCode {
             for cause in e.chain().skip(1) {
                 eprintln!("  caused by: {cause}");
             }
-            if e.downcast_ref::<UserError>().is_some() {
-                ExitCode::from(2)
-            } else {
-                ExitCode::FAILURE
-            }
+            ExitCode::FAILURE
         }
     }
 }

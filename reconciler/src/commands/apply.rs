@@ -1,7 +1,9 @@
 //! `berth apply`: validate, observe, plan, show the plan, confirm, execute in order,
 //! observe again, and report per action what happened.
 //!
-//! - Nothing is touched when the manifests are invalid.
+//! - Nothing is touched when the manifests are invalid, or when this host's Host
+//!   manifest (or a guest placed on it) does not fit this machine (CPUs, memory,
+//!   hugepage sizes, /dev/kvm; see `berth_reconciler::machine`).
 //! - An exclusive lock on `<state>/apply.lock` keeps two applies (or an apply and
 //!   `berth serve`) apart: the second fails at once naming the holder, or waits with
 //!   `--wait`.
@@ -30,7 +32,8 @@ use crate::cli::write_stdout;
 /// Arguments of `berth apply`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// A manifest directory (searched recursively for *.yaml and *.yml) or one file.
+    /// A manifest directory (searched recursively for *.yaml and *.yml) or one file;
+    /// `-` reads one manifest file from standard input (then only --yes confirms).
     /// Not with --rev.
     #[arg(conflicts_with = "rev")]
     pub path: Option<PathBuf>,
@@ -86,6 +89,9 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     }
     let desired = Desired::from_manifests(&source.validated.manifests);
     let host = args.local.this_host(&desired)?;
+    if args.driver == ApplyDriver::Local {
+        super::target::ensure_machine_fits(&source.validated, &host)?;
+    }
 
     let (driver, _lock): (Box<dyn Driver>, Option<StateLock>) = match args.driver {
         ApplyDriver::Local => {
@@ -119,7 +125,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     }
     if !confirmed(args, plan.steps.len(), &host)? {
         write_stdout("Apply cancelled; nothing was changed.\n")?;
-        return Ok(ExitCode::from(crate::cli::EXIT_FAILURE));
+        return Ok(ExitCode::from(crate::cli::EXIT_ERROR));
     }
 
     let report = execute(&plan, &scoped.desired, driver.as_ref());
@@ -206,7 +212,7 @@ fn confirmed(args: &Args, actions: usize, host: &str) -> anyhow::Result<bool> {
 fn simulated(args: &Args, desired: &Desired) -> anyhow::Result<SimDriver> {
     let running = match &args.sim_from {
         Some(from) => {
-            let set = berth_schema::load_path(from).with_context(|| {
+            let set = super::input::load(from).with_context(|| {
                 format!(
                     "the manifests in {} (--sim-from) are not valid",
                     from.display()

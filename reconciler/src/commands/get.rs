@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 use std::process::ExitCode;
 
 use berth_reconciler::driver::local::LocalGuest;
+use berth_reconciler::output::{self, Output};
 use berth_schema::{Bytes, Pinning};
 use serde::Serialize;
 
@@ -30,21 +31,14 @@ pub enum What {
 /// Arguments of `berth get guests`.
 #[derive(Debug, clap::Args)]
 pub struct GuestsArgs {
-    /// Output format.
-    #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
+    /// Output format: `text` (aligned columns; `table` is an alias), or the rows as
+    /// `json` or `yaml`.
+    #[arg(short = 'o', long, value_name = "FORMAT",
+          value_parser = output::without_markdown(), default_value = "text")]
     pub output: Output,
     /// Local driver options.
     #[command(flatten)]
     pub local: LocalArgs,
-}
-
-/// Output formats of `berth get`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Output {
-    /// Aligned columns.
-    Table,
-    /// A JSON array.
-    Json,
 }
 
 /// One guest, as `berth get guests` shows it.
@@ -103,8 +97,9 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let guests = driver.guests()?;
     let rows: Vec<Row> = guests.iter().map(Row::of).collect();
     let text = match args.output {
-        Output::Json => serde_json::to_string_pretty(&rows)? + "\n",
-        Output::Table => table(&rows),
+        Output::Json => output::json(&rows)?,
+        Output::Yaml => output::yaml(&rows)?,
+        Output::Text | Output::Markdown => table(&rows),
     };
     write_stdout(&text)?;
     Ok(ExitCode::SUCCESS)

@@ -5,11 +5,12 @@
 //! - CI mode, `--base REV --head REV [--repo PATH]`: both revisions are read from git
 //!   (no checkout), the head is validated, and the base is taken as running exactly as
 //!   written. No host is touched.
+//! - `PATH` (`--driver local`, the default, as for `berth apply`): the berth-vmm
+//!   processes of this host under the same state directory `apply` uses, read back from
+//!   them, so that changes made by hand show up as drift. Guests placed on other hosts
+//!   are listed, not planned. Right after an apply, this plan is empty.
 //! - `PATH --driver sim`: a simulated fleet, no real guests; it runs the manifests of
 //!   `--sim-from PATH` as written, or nothing.
-//! - `PATH --driver local`: the berth-vmm processes of this host, read back from them,
-//!   so that changes made by hand show up as drift. Guests placed on other hosts are
-//!   listed, not planned.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -18,6 +19,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use berth_reconciler::driver::{Driver, SimDriver};
 use berth_reconciler::model::{Desired, Observed};
+use berth_reconciler::output::{self, Output};
 use berth_reconciler::{git, plan, render};
 use berth_schema::Validated;
 
@@ -26,8 +28,8 @@ use crate::cli::write_stdout;
 /// Arguments of `berth plan`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// A manifest directory (searched recursively for *.yaml and *.yml) or one file.
-    /// Not with --base/--head.
+    /// A manifest directory (searched recursively for *.yaml and *.yml) or one file;
+    /// `-` reads one manifest file from standard input. Not with --base/--head.
     #[arg(conflicts_with_all = ["base", "head"])]
     pub path: Option<PathBuf>,
     /// CI mode: the revision taken as running exactly as written (for example the
@@ -43,8 +45,9 @@ pub struct Args {
     /// CI mode: read the manifests under this directory of the repository only.
     #[arg(long, value_name = "DIR")]
     pub dir: Option<String>,
-    /// Where observed state comes from, outside CI mode.
-    #[arg(long, value_enum, default_value_t = DriverKind::Sim)]
+    /// Where observed state comes from, outside CI mode: this host's guests, as
+    /// `berth apply` sees them, or a simulated fleet.
+    #[arg(long, value_enum, default_value_t = DriverKind::Local)]
     pub driver: DriverKind,
     /// With --driver sim: the simulated fleet runs these manifests as written.
     #[arg(long, value_name = "PATH")]
@@ -52,9 +55,13 @@ pub struct Args {
     /// With --driver local: the local driver's options.
     #[command(flatten)]
     pub local: super::target::LocalArgs,
-    /// Output format.
-    #[arg(long, value_enum, default_value_t = Format::Text)]
-    pub format: Format,
+    /// Output format: `text` (like `terraform plan`: symbols, field changes, YAML
+    /// diffs, the order, a summary), `json` (`formatVersion` 1; schema:
+    /// `berth plan --json-schema`), `yaml` (the same data), or `markdown` (for a
+    /// pull-request comment). `--format` is an alias.
+    #[arg(short = 'o', long = "output", alias = "format", value_enum,
+          value_name = "FORMAT", default_value_t = Output::Text)]
+    pub output: Output,
     /// Colour in the text format.
     #[arg(long, value_enum, default_value_t = Color::Auto)]
     pub color: Color,
@@ -62,7 +69,7 @@ pub struct Args {
     /// 1 on error (terraform's convention).
     #[arg(long)]
     pub detailed_exitcode: bool,
-    /// Print the JSON Schema of `--format json` and exit.
+    /// Print the JSON Schema of `-o json` and exit.
     #[arg(long)]
     pub json_schema: bool,
 }
@@ -70,21 +77,10 @@ pub struct Args {
 /// Drivers `berth plan` can observe through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum DriverKind {
-    /// simulated fleet, no real guests
-    Sim,
     /// berth-vmm processes on this host
     Local,
-}
-
-/// Output formats.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Format {
-    /// Like `terraform plan`: symbols, field changes, YAML diffs, the order, a summary.
-    Text,
-    /// The plan as JSON (`formatVersion` 1; schema: `berth plan --json-schema`).
-    Json,
-    /// Markdown for a pull-request comment.
-    Markdown,
+    /// simulated fleet, no real guests
+    Sim,
 }
 
 /// When to colour the text format.
@@ -127,10 +123,11 @@ fn plan_and_print(args: &Args) -> anyhow::Result<bool> {
         _ => driver_inputs(args)?,
     };
     let plan = plan(&desired, &observed);
-    let out = match args.format {
-        Format::Text => render::text(&plan, colour(args.color)),
-        Format::Json => render::json(&plan),
-        Format::Markdown => render::markdown(&plan),
+    let out = match args.output {
+        Output::Text => render::text(&plan, colour(args.color)),
+        Output::Json => render::json(&plan),
+        Output::Yaml => output::json_text_to_yaml(&render::json(&plan))?,
+        Output::Markdown => render::markdown(&plan),
     };
     write_stdout(&out)?;
     Ok(plan.has_changes())
@@ -203,7 +200,7 @@ fn short(commit: &str) -> &str {
 /// `PATH --driver ...`: the manifests on disk against what the driver observes.
 fn driver_inputs(args: &Args) -> anyhow::Result<(Desired, Observed)> {
     let path = args.path.clone().unwrap_or_else(|| PathBuf::from("."));
-    let validated = berth_schema::load_path(&path)
+    let validated = super::input::load(&path)
         .with_context(|| format!("the manifests in {} are not valid", path.display()))?;
     print_warnings(&validated);
     let desired = Desired::from_manifests(&validated.manifests);
@@ -233,7 +230,7 @@ fn driver_inputs(args: &Args) -> anyhow::Result<(Desired, Observed)> {
 fn simulated_fleet(args: &Args, desired: &Desired) -> anyhow::Result<SimDriver> {
     match &args.sim_from {
         Some(from) => {
-            let running = berth_schema::load_path(from).with_context(|| {
+            let running = super::input::load(from).with_context(|| {
                 format!(
                     "the manifests in {} (--sim-from) are not valid",
                     from.display()

@@ -9,6 +9,7 @@ use anyhow::{bail, Context};
 use berth_reconciler::driver::local::{locate_vmm, DEFAULT_STATE_DIR};
 use berth_reconciler::driver::LocalDriver;
 use berth_reconciler::git;
+use berth_reconciler::machine::Machine;
 use berth_reconciler::model::Desired;
 use berth_schema::{Host, Validated};
 use serde::{Deserialize, Serialize};
@@ -147,7 +148,7 @@ pub fn load_source(
         });
     }
     let path = path.unwrap_or(Path::new("."));
-    let validated = berth_schema::load_path(path).with_context(|| {
+    let validated = super::input::load(path).with_context(|| {
         format!(
             "the manifests in {} are not valid; nothing was applied",
             path.display()
@@ -214,4 +215,18 @@ impl Applied {
             .and_then(|()| std::fs::rename(&tmp, &path))
             .with_context(|| format!("writing {}", path.display()))
     }
+}
+
+/// Checks the Host manifest `host` (and the guests placed on it) against this machine.
+///
+/// # Errors
+/// The mismatches, as [`berth_schema::Invalid`] (each with its file, line and field),
+/// or why the machine could not be read.
+pub fn ensure_machine_fits(validated: &Validated, host: &str) -> anyhow::Result<()> {
+    let machine = Machine::read()?;
+    machine
+        .ensure_fits(&validated.manifests, host)
+        .with_context(|| {
+            format!("the Host manifest {host} does not match this machine; nothing was applied")
+        })
 }

@@ -7,26 +7,23 @@ use std::process::ExitCode;
 use berth_schema::{Diagnostic, ManifestSet};
 use serde::Serialize;
 
+use berth_reconciler::output::{self, Output};
+
 use crate::cli::{write_stdout, EXIT_INVALID};
 
 /// Arguments of `berth validate`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// A manifest directory (searched recursively for *.yaml and *.yml) or one file.
+    /// A manifest directory (searched recursively for *.yaml and *.yml) or one file;
+    /// `-` reads one manifest file from standard input.
     #[arg(default_value = ".")]
     pub path: PathBuf,
-    /// How to print the problems.
-    #[arg(long, value_enum, default_value_t = Format::Text)]
-    pub format: Format,
-}
-
-/// Output formats.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Format {
-    /// One line per problem, `file:line:col: error: field: message`, then a summary.
-    Text,
-    /// One JSON object with every problem, for CI tools.
-    Json,
+    /// How to print the problems: `text` (one line per problem,
+    /// `file:line:col: error: field: message`, then a summary), or one object with
+    /// every problem as `json` or `yaml`. `--format` is an alias.
+    #[arg(short = 'o', long = "output", alias = "format", value_name = "FORMAT",
+          value_parser = output::without_markdown(), default_value = "text")]
+    pub output: Output,
 }
 
 /// The JSON output.
@@ -42,7 +39,7 @@ struct Report<'a> {
 
 /// Validates and prints; exit code 0 when valid (warnings allowed), 1 otherwise.
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
-    let (diagnostics, set) = match berth_schema::load_path(&args.path) {
+    let (diagnostics, set) = match super::input::load(&args.path) {
         Ok(v) => (v.warnings, Some(v.manifests)),
         Err(invalid) => (invalid.diagnostics, None),
     };
@@ -55,13 +52,10 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         hosts: set.as_ref().map_or(0, |s| s.hosts.len()),
         diagnostics: &diagnostics,
     };
-    let text = match args.format {
-        Format::Json => {
-            let mut json = serde_json::to_string_pretty(&report)?;
-            json.push('\n');
-            json
-        }
-        Format::Text => text(&report, set.as_ref(), &args.path),
+    let text = match args.output {
+        Output::Json => output::json(&report)?,
+        Output::Yaml => output::yaml(&report)?,
+        Output::Text | Output::Markdown => text(&report, set.as_ref(), &args.path),
     };
     write_stdout(&text)?;
     Ok(if report.valid {

@@ -18,6 +18,10 @@
 //!   host, also those a SIGKILLed predecessor left.
 //! - [`simfleet`]: `--driver sim`, a simulated fleet that survives restarts.
 //!
+//! With `--driver local`, each new head is also checked against this machine
+//! ([`crate::machine`]): a Host manifest naming CPUs, memory or hugepage sizes it lacks
+//! makes the revision invalid, so nothing of it is done.
+//!
 //! Restart safety: the service keeps no state that matters besides what it observes
 //! and, for each migration away from this host, where it went (recorded before it
 //! starts). It acts only after a full observe, so after a restart (or a SIGKILL) it
@@ -53,6 +57,7 @@ use tracing::{error, info, warn};
 
 use crate::driver::local::locate_vmm;
 use crate::driver::{Driver, DriverError, LocalDriver};
+use crate::machine::Machine;
 use auth::{Secret, SecretError};
 use backoff::BackoffPolicy;
 use controller::{Controller, ControllerConfig};
@@ -168,6 +173,9 @@ pub enum ServeError {
     /// The berth-vmm binary cannot be found.
     #[error("cannot use the local driver: {0}")]
     Vmm(#[source] DriverError),
+    /// This machine's facts (CPUs, memory, hugepage sizes) cannot be read.
+    #[error(transparent)]
+    Machine(crate::machine::MachineError),
     /// The simulated fleet cannot be loaded.
     #[error(transparent)]
     SimFleet(#[from] SimFleetError),
@@ -243,7 +251,20 @@ pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
         .thread_name("berth-serve")
         .build()
         .map_err(ServeError::Runtime)?;
-    let result = runtime.block_on(serve(args, repo, webhook_secret, fleet_secret, fleet));
+    // Guests run on this machine only with the local driver: its Host manifest is
+    // checked against it (a simulated fleet has no machine to match).
+    let machine = match args.driver {
+        DriverKind::Local => Some(Machine::read().map_err(ServeError::Machine)?),
+        DriverKind::Sim => None,
+    };
+    let result = runtime.block_on(serve(
+        args,
+        repo,
+        webhook_secret,
+        fleet_secret,
+        fleet,
+        machine,
+    ));
     // Actions in flight were waited for already; nothing should be left.
     runtime.shutdown_timeout(Duration::from_secs(5));
     result
@@ -286,6 +307,7 @@ async fn serve(
     webhook_secret: Option<Arc<Secret>>,
     fleet_secret: Option<Arc<Secret>>,
     fleet: Fleet,
+    machine: Option<Machine>,
 ) -> Result<(), ServeError> {
     let metrics = Arc::new(Metrics::new());
     let enforced = Arc::new(Enforced::default());
@@ -353,12 +375,18 @@ async fn serve(
     };
     tokio::spawn(source::poll(args.poll_interval.get(), triggers.clone()));
     let _ = triggers.try_send(Trigger::Startup);
-    let follower = Follower::new(
+    let mut follower = Follower::new(
         repo,
         args.branch.clone(),
         args.path.clone(),
         args.debounce.get(),
     );
+    if let Some(machine) = machine {
+        follower = follower.with_machine_check(source::MachineCheck {
+            host: args.host.clone(),
+            machine,
+        });
+    }
     tokio::spawn(follower.run(trigger_rx, events.clone()));
     drop(events);
 
@@ -469,8 +497,13 @@ pub struct StatusArgs {
     /// The `berth serve` to ask.
     #[arg(long, default_value = "http://127.0.0.1:7410")]
     pub server: String,
-    /// Print the raw JSON of `/status` instead of a table.
-    #[arg(long)]
+    /// Output format: `text` (a header and a table of guests with their conditions),
+    /// or the whole `/status` document as `json` or `yaml`.
+    #[arg(short = 'o', long, value_name = "FORMAT",
+          value_parser = crate::output::without_markdown(), default_value = "text")]
+    pub output: crate::output::Output,
+    /// The same as `-o json` (the flag before `-o` existed).
+    #[arg(long, hide = true, conflicts_with = "output")]
     pub json: bool,
 }
 
@@ -483,9 +516,12 @@ pub enum StatusError {
     /// The service could not be asked.
     #[error(transparent)]
     Client(#[from] client::ClientError),
+    /// The status cannot be written as YAML.
+    #[error("cannot write the status as YAML: {0}")]
+    Yaml(#[source] serde_yaml::Error),
 }
 
-/// Reads the status of a `berth serve` and renders it (a table, or JSON).
+/// Reads the status of a `berth serve` and renders it (a table, JSON or YAML).
 ///
 /// # Errors
 /// When the service cannot be reached or answers with an error.
@@ -495,11 +531,11 @@ pub fn status_text(args: &StatusArgs) -> Result<String, StatusError> {
         .build()
         .map_err(StatusError::Runtime)?;
     let status = runtime.block_on(client::status(&args.server))?;
-    Ok(if args.json {
-        let mut text = serde_json::to_string_pretty(&status).expect("the status serializes");
-        text.push('\n');
-        text
-    } else {
-        status::render_table(&status)
+    use crate::output::{self, Output};
+    let format = if args.json { Output::Json } else { args.output };
+    Ok(match format {
+        Output::Json => output::json(&status).expect("the status serializes"),
+        Output::Yaml => output::yaml(&status).map_err(StatusError::Yaml)?,
+        Output::Text | Output::Markdown => status::render_table(&status),
     })
 }

@@ -21,6 +21,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use super::git::{CommitId, GitRepo};
+use crate::machine::Machine;
 use crate::model::Desired;
 
 /// Something that says the branch head may have moved.
@@ -99,8 +100,36 @@ pub fn read_revision(
     commit: &CommitId,
     trigger: Trigger,
 ) -> Result<Revision, crate::git::GitError> {
+    read_checked_revision(repo, dir, commit, trigger, None)
+}
+
+/// This host's Host manifest checked against this machine: a revision whose Host (or
+/// a guest placed on it) does not fit is treated as invalid, so nothing of it is done.
+#[derive(Debug, Clone)]
+pub struct MachineCheck {
+    /// This host's name.
+    pub host: String,
+    /// This machine's facts, read when the service started.
+    pub machine: Machine,
+}
+
+/// [`read_revision`], and when `check` is given, the machine check on a valid revision.
+///
+/// # Errors
+/// When git fails.
+pub fn read_checked_revision(
+    repo: &GitRepo,
+    dir: Option<&str>,
+    commit: &CommitId,
+    trigger: Trigger,
+    check: Option<&MachineCheck>,
+) -> Result<Revision, crate::git::GitError> {
     let files = crate::git::read_revision(repo.dir(), commit.as_str(), dir)?.files;
-    let (manifests, warnings) = match berth_schema::load_files(files) {
+    let checked = berth_schema::load_files(files).and_then(|v| match check {
+        Some(c) => c.machine.ensure_fits(&v.manifests, &c.host).map(|()| v),
+        None => Ok(v),
+    });
+    let (manifests, warnings) = match checked {
         Ok(v) => (
             Ok(Arc::new(Desired::from_manifests(&v.manifests))),
             v.warnings,
@@ -122,6 +151,7 @@ pub struct Follower {
     branch: String,
     dir: Option<String>,
     debounce: Duration,
+    machine_check: Option<MachineCheck>,
 }
 
 impl Follower {
@@ -133,7 +163,14 @@ impl Follower {
             branch,
             dir,
             debounce,
+            machine_check: None,
         }
+    }
+
+    /// Checks each valid revision's Host manifest against this machine.
+    pub fn with_machine_check(mut self, check: MachineCheck) -> Self {
+        self.machine_check = Some(check);
+        self
     }
 
     /// Reads triggers until the channel closes; sends each new head to `events`.
@@ -182,7 +219,13 @@ impl Follower {
             let f = Arc::clone(&follower);
             let commit = head.clone();
             let read = tokio::task::spawn_blocking(move || {
-                read_revision(&f.repo, f.dir.as_deref(), &commit, trigger)
+                read_checked_revision(
+                    &f.repo,
+                    f.dir.as_deref(),
+                    &commit,
+                    trigger,
+                    f.machine_check.as_ref(),
+                )
             })
             .await
             .expect("reading a revision does not panic");
@@ -325,6 +368,43 @@ mod tests {
         let first = &invalid.diagnostics[0];
         assert_eq!((first.file.as_str(), first.line), ("hosts.yaml", Some(4)));
         assert!(first.message.contains("cpuz"), "{first}");
+    }
+
+    #[test]
+    fn a_host_this_machine_does_not_match_makes_the_revision_invalid() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path();
+        init_repo(dir);
+        let fits = commit_file(dir, "hosts.yaml", HOST);
+        let cpu64 = commit_file(
+            dir,
+            "hosts.yaml",
+            &HOST.replace("cpus: 0-1", "cpus: \"0-1,64\""),
+        );
+        let repo = GitRepo::open(dir).expect("open");
+        let check = MachineCheck {
+            host: "kvm01".into(),
+            machine: Machine {
+                online_cpus: "0-1".parse().expect("cpuset"),
+                memory: berth_schema::Bytes::gib(64),
+                page_sizes: vec![berth_schema::PageSize::Huge2M],
+                kvm: true,
+            },
+        };
+        let read = |commit| {
+            read_checked_revision(&repo, None, commit, Trigger::Poll, Some(&check)).expect("read")
+        };
+        read(&fits).manifests.expect("the Host fits");
+        let invalid = read(&cpu64).manifests.expect_err("CPU 64 is not online");
+        let texts: Vec<String> = invalid
+            .diagnostics
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            texts,
+            ["hosts.yaml:4:39: error: spec.cpus: CPU 64 is not online on this machine (online: 0-1)"]
+        );
     }
 
     #[tokio::test]

@@ -1,0 +1,232 @@
+//! The command line's conventions, over the real `berth` and `berth-vmm` binaries: one
+//! `-o/--output` flag (the old flags still work), shell completions, `-` for standard
+//! input, and exit codes CI can trust (a usage error is never 2, the code of
+//! `--detailed-exitcode`'s "changes").
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+
+use berth_tests::{command, workspace_root};
+
+fn examples() -> PathBuf {
+    workspace_root().join("manifests")
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output().expect("run the binary")
+}
+
+/// Runs `berth args` with `input` on standard input.
+fn run_with_stdin(args: &[&str], input: &str) -> Output {
+    let mut child = command("berth")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run berth");
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(input.as_bytes())
+        .expect("write stdin");
+    child.wait_with_output().expect("wait for berth")
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// What YAML output holds, as a JSON value, to compare with the JSON output.
+fn yaml_value(text: &str) -> serde_json::Value {
+    serde_yaml::from_str(text).unwrap_or_else(|e| panic!("not YAML ({e}):\n{text}"))
+}
+
+fn json_value(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}):\n{text}"))
+}
+
+#[test]
+fn usage_errors_exit_1_never_2() {
+    for args in [
+        &["plan", "--bogus"][..],
+        &["plan", "--detailed-exitcode", "--bogus"],
+        &["plan", "--base", "main"],
+        &["validate", "-o", "markdown"],
+        &["no-such-command"],
+        &[],
+    ] {
+        let out = run(command("berth").args(args));
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "berth {args:?}: {}",
+            stderr(&out)
+        );
+        assert!(
+            stdout(&out).is_empty(),
+            "berth {args:?}: usage goes to stderr"
+        );
+    }
+    for args in [&["--help"][..], &["plan", "--help"], &["--version"]] {
+        let out = run(command("berth").args(args));
+        assert_eq!(out.status.code(), Some(0), "berth {args:?}");
+        assert!(!stdout(&out).is_empty());
+    }
+    for args in [&["--bogus"][..], &["run"], &["launch"], &[]] {
+        let out = run(command("berth-vmm").args(args));
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "berth-vmm {args:?}: {}",
+            stderr(&out)
+        );
+    }
+    let out = run(command("berth-vmm").arg("--help"));
+    assert_eq!(out.status.code(), Some(0));
+}
+
+#[test]
+fn a_missing_path_and_invalid_input_exit_1() {
+    let out = run(command("berth").args(["validate", "/nonexistent/berth"]));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let out = run(command("berth").args(["plan", "--driver", "sim", "/nonexistent/berth"]));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let out = run(command("berth").args([
+        "plan",
+        "--driver",
+        "sim",
+        "--detailed-exitcode",
+        "/nonexistent/berth",
+    ]));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+}
+
+#[test]
+fn one_output_flag_with_the_old_flags_as_aliases() {
+    let dir = examples();
+    let dir = dir.to_str().unwrap();
+    // validate: -o json, its alias --format json, and yaml with the same data.
+    let json = run(command("berth").args(["validate", dir, "-o", "json"]));
+    assert_eq!(json.status.code(), Some(0), "{}", stderr(&json));
+    let alias = run(command("berth").args(["validate", dir, "--format", "json"]));
+    assert_eq!(stdout(&json), stdout(&alias));
+    let yaml = run(command("berth").args(["validate", dir, "--output", "yaml"]));
+    assert_eq!(yaml.status.code(), Some(0), "{}", stderr(&yaml));
+    let value = json_value(&stdout(&json));
+    assert_eq!(value["guests"], 2, "{value}");
+    assert_eq!(yaml_value(&stdout(&yaml)), value);
+
+    // plan against a simulated fleet: every format, and the --format alias.
+    let plan = |args: &[&str]| {
+        let out = run(command("berth")
+            .args(["plan", dir, "--driver", "sim"])
+            .args(args));
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", stderr(&out));
+        stdout(&out)
+    };
+    let json = plan(&["-o", "json"]);
+    assert_eq!(json, plan(&["--format", "json"]));
+    let value = json_value(&json);
+    assert_eq!(value["formatVersion"], 1);
+    assert_eq!(yaml_value(&plan(&["-o", "yaml"])), value);
+    let markdown = plan(&["-o", "markdown"]);
+    assert_eq!(markdown, plan(&["--format", "markdown"]));
+    assert!(markdown.contains('|'), "a markdown table: {markdown}");
+    assert!(plan(&[]).contains("Plan: 2 to start"), "{}", plan(&[]));
+
+    // schema: json (the default), yaml, markdown (--reference is an alias).
+    let schema = |args: &[&str]| stdout(&run(command("berth").arg("schema").args(args)));
+    let value = json_value(&schema(&[]));
+    assert_eq!(json_value(&schema(&["-o", "json"])), value);
+    assert_eq!(yaml_value(&schema(&["-o", "yaml"])), value);
+    assert_eq!(schema(&["-o", "markdown"]), schema(&["--reference"]));
+
+    // get guests: `table` is the old name of `text`; the state directory is empty.
+    let state = tempfile::tempdir().unwrap();
+    let get = |format: &str| {
+        let out = run(command("berth")
+            .args(["get", "guests", "--host", "kvm01", "-o", format])
+            .arg("--state-dir")
+            .arg(state.path()));
+        assert_eq!(out.status.code(), Some(0), "{format}: {}", stderr(&out));
+        stdout(&out)
+    };
+    assert_eq!(get("table"), get("text"));
+    assert_eq!(json_value(&get("json")), serde_json::json!([]));
+    assert_eq!(yaml_value(&get("yaml")), serde_json::json!([]));
+}
+
+#[test]
+fn completions_for_three_shells() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = run(command("berth").args(["completion", shell]));
+        assert_eq!(out.status.code(), Some(0), "{shell}: {}", stderr(&out));
+        let script = stdout(&out);
+        for word in ["validate", "plan", "apply", "status", "output"] {
+            assert!(script.contains(word), "{shell} completion lacks {word}");
+        }
+    }
+    // The bash script is valid bash and completes subcommands.
+    let out = run(command("berth").args(["completion", "bash"]));
+    let script = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(script.path(), &out.stdout).unwrap();
+    let check = format!(
+        "source {}; COMP_WORDS=(berth pla); COMP_CWORD=1; _berth berth pla berth; echo \"${{COMPREPLY[@]}}\"",
+        script.path().display()
+    );
+    let out = run(Command::new("bash").args(["-c", &check]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out).trim(), "plan", "{}", stderr(&out));
+    let out = run(command("berth").args(["completion", "tcsh-or-so"]));
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn a_dash_reads_the_manifest_from_standard_input() {
+    let hosts = std::fs::read_to_string(examples().join("hosts.yaml")).unwrap();
+    let guests = std::fs::read_to_string(examples().join("guests.yaml")).unwrap();
+    let both = format!("{hosts}\n---\n{guests}");
+    let out = run_with_stdin(&["validate", "-", "-o", "json"], &both);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let value = json_value(&stdout(&out));
+    assert_eq!(
+        (value["guests"].clone(), value["hosts"].clone()),
+        (2.into(), 1.into())
+    );
+
+    // Problems on standard input are named <stdin>, with their line.
+    let broken = both.replace("size: 128MiB", "size: 128MiBs");
+    assert_ne!(broken, both, "the example has a 128MiB guest");
+    let out = run_with_stdin(&["validate", "-"], &broken);
+    assert_eq!(out.status.code(), Some(1));
+    let line = stdout(&out)
+        .lines()
+        .find(|l| l.contains("spec.memory.size"))
+        .map(str::to_owned)
+        .unwrap_or_else(|| panic!("{}", stdout(&out)));
+    assert!(line.starts_with("<stdin>:"), "{line}");
+
+    // plan - (against a simulated fleet, so no host is read) and apply - refuse
+    // nothing they would not refuse from a file.
+    let out = run_with_stdin(
+        &["plan", "-", "--driver", "sim", "--detailed-exitcode"],
+        &both,
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("Plan: 2 to start"),
+        "{}",
+        stdout(&out)
+    );
+    let out = run_with_stdin(&["apply", "-", "--driver", "sim", "--yes"], &both);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains(" done, 0 failed"), "{}", stdout(&out));
+    assert!(stdout(&out).contains("The fleet matches the manifests."));
+}
