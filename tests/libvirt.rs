@@ -436,10 +436,15 @@ fn what_the_guest_wrote_to_its_disk_is_there_after_a_restart() {
     );
     let (last, boot) = counters(&console).last().cloned().unwrap();
     libvirt.start(&name).unwrap();
+    // The line is complete once its closing bracket is there.
     let deadline = Instant::now() + Duration::from_secs(60);
     let line = loop {
         let text = fs::read_to_string(&console.0).unwrap_or_default();
-        if let Some(line) = text.lines().filter(|l| l.starts_with("berth-init")).nth(1) {
+        if let Some(line) = text
+            .lines()
+            .filter(|l| l.starts_with("berth-init") && l.trim_end().ends_with(']'))
+            .nth(1)
+        {
             break line.to_owned();
         }
         assert!(Instant::now() < deadline, "second boot not seen:\n{text}");
@@ -540,4 +545,136 @@ fn a_domain_defined_by_hand_is_listed_as_unmanaged_and_left_alone() {
         Err(LibvirtError::Unmanaged(_))
     ));
     assert!(libvirt.observe(&name).unwrap().unwrap().owner.is_none());
+}
+
+/// A manifest directory: Host virt01 (libvirt, TCG) and the test guest, with `extra`
+/// lines appended to the guest's spec.
+fn write_manifests(dir: &Path, images: &Images, name: &str, extra: &str) {
+    let host = "apiVersion: berth.dev/v1
+kind: Host
+metadata: {name: virt01}
+spec:
+  address: 127.0.0.1:7499
+  cpus: 0-1
+  memory: 8GiB
+  driver: libvirt
+  libvirt: {uri: 'qemu:///system', domainType: qemu}
+";
+    let guest = format!(
+        "apiVersion: berth.dev/v1
+kind: Guest
+metadata: {{name: {name}}}
+spec:
+  host: virt01
+  boot: {{kernel: {kernel}, initrd: {initrd}, cmdline: 'console=ttyS0 quiet panic=-1'}}
+  cpu: {{vcpus: 1, maxVcpus: 2}}
+  memory: {{size: 256MiB}}
+  disks:
+    - {{source: {disk}, shared: true}}
+{extra}",
+        kernel = images.path("vmlinuz"),
+        initrd = images.path("initrd.cpio"),
+        disk = images.path("disk.raw"),
+    );
+    fs::write(dir.join("hosts.yaml"), host).unwrap();
+    fs::write(dir.join("guest.yaml"), guest).unwrap();
+}
+
+/// Runs `berth` with `args`; returns (exit code, stdout + stderr).
+fn berth(args: &[&str]) -> (i32, String) {
+    let out = Command::new(berth_tests::bin("berth"))
+        .args(args)
+        .output()
+        .expect("run berth");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+#[test]
+fn berth_apply_boots_a_libvirt_guest_retunes_it_live_and_undoes_drift() {
+    let libvirt = connect();
+    let images = Images::new();
+    let name = name("apply");
+    let manifests = images.dir.path().join("manifests");
+    fs::create_dir_all(&manifests).unwrap();
+    let state = images.dir.path().join("state");
+    let console = ConsoleLog::default_for(&name);
+    struct Cleanup<'a>(#[allow(dead_code)] Domain<'a>, PathBuf);
+    impl Drop for Cleanup<'_> {
+        fn drop(&mut self) {
+            let _ = fs::remove_file(&self.1);
+        }
+    }
+    let _cleanup = Cleanup(
+        Domain {
+            libvirt: &libvirt,
+            name: name.clone(),
+        },
+        PathBuf::from(&console.0),
+    );
+    let _ = fs::remove_file(&console.0);
+    let dir = manifests.to_str().unwrap();
+    let state_dir = state.to_str().unwrap();
+    let apply = [
+        "apply",
+        dir,
+        "--yes",
+        "--host",
+        "virt01",
+        "--state-dir",
+        state_dir,
+    ];
+    let plan = ["plan", dir, "--host", "virt01", "--detailed-exitcode"];
+
+    write_manifests(&manifests, &images, &name, "");
+    let (code, out) = berth(&apply);
+    assert_eq!(code, 0, "{out}");
+    wait_counter(&console, 3, Duration::from_secs(60));
+    let (code, out) = berth(&plan);
+    assert_eq!(code, 0, "right after apply, plan shows no changes:\n{out}");
+    let pid = qemu_pid(&name);
+    let all: CpuSet = "0-1".parse().unwrap();
+    assert_eq!(kernel_vcpu_affinity(pid, 0), all);
+
+    // Drift by hand: plan shows it, apply undoes it.
+    let status = Command::new("virsh")
+        .args(["-c", URI, "vcpupin", &name, "0", "0", "--live"])
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (code, out) = berth(&plan);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("spec.cpu.pinning"), "{out}");
+    let (code, out) = berth(&apply);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(kernel_vcpu_affinity(pid, 0), all);
+
+    // A pinning and memtune commit, applied live.
+    let pinned = "  cpu: {vcpus: 1, maxVcpus: 2, pinning: {vcpus: {0: '1'}}}\n";
+    let text = fs::read_to_string(manifests.join("guest.yaml"))
+        .unwrap()
+        .replace("  cpu: {vcpus: 1, maxVcpus: 2}\n", pinned)
+        .replace(
+            "  memory: {size: 256MiB}\n",
+            "  memory: {size: 256MiB, tune: {hardLimit: 1GiB}}\n",
+        );
+    fs::write(manifests.join("guest.yaml"), text).unwrap();
+    let (code, out) = berth(&plan);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("live"), "{out}");
+    let (code, out) = berth(&apply);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(kernel_vcpu_affinity(pid, 0), "1".parse().unwrap());
+    assert_eq!(kernel_memory_limit(pid), Some(1 << 30));
+    let (code, out) = berth(&plan);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(qemu_pid(&name), pid, "the same QEMU runs the guest");
+    let (n, _) = counters(&console).last().cloned().unwrap();
+    wait_counter(&console, n + 2, Duration::from_secs(30));
+    assert_no_reset(&console);
 }

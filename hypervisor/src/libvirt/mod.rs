@@ -23,7 +23,7 @@ use virt::domain::{Domain, DomainState, MemoryParameters, NUMAParameters};
 use virt::sys;
 
 use crate::host::cgroup::Knob;
-pub use xml::{ConsoleLog, Ownership};
+pub use xml::{ConsoleLog, Definition, Ownership};
 
 /// A failed libvirt operation, naming the guest (and the field, for bad input).
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +75,14 @@ pub enum LibvirtError {
     /// No domain of that name.
     #[error("guest {0}: no such domain")]
     NoDomain(String),
+    /// libvirt returned XML berth cannot read.
+    #[error("guest {guest}: libvirt's {what} cannot be read")]
+    Unreadable {
+        /// The guest.
+        guest: String,
+        /// Which document.
+        what: String,
+    },
     /// The domain XML could not be written.
     #[error("guest {guest}: building the domain XML")]
     Xml {
@@ -164,6 +172,23 @@ pub struct ObservedDomain {
     pub numa: Option<(NumaMode, Option<CpuSet>)>,
     /// Block I/O weight, or why the host cannot enforce one.
     pub io_weight: Knob<u32>,
+    /// Boot, CPU model and memory backing from the running domain's XML (the CPU mode
+    /// from its persistent XML, since libvirt expands host-model in the live one).
+    pub definition: Definition,
+    /// Every host CPU: a vCPU pinned to all of them is not pinned.
+    pub host_cpus: CpuSet,
+}
+
+/// A host as libvirt reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Node {
+    /// The host's CPUs.
+    pub cpus: CpuSet,
+    /// Its memory.
+    pub memory_total: Bytes,
+    /// Memory free now.
+    pub memory_free: Bytes,
 }
 
 /// How a graceful stop ended.
@@ -218,6 +243,23 @@ impl Libvirt {
     /// The connection URI.
     pub fn uri(&self) -> &str {
         &self.uri
+    }
+
+    /// The host's CPUs and memory, as libvirt reports them.
+    pub fn node(&self) -> Result<Node, LibvirtError> {
+        let info = self
+            .conn
+            .node_info()
+            .map_err(|source| self.host_err("reading the node info", source))?;
+        let free = self
+            .conn
+            .free_memory()
+            .map_err(|source| self.host_err("reading the free memory", source))?;
+        Ok(Node {
+            cpus: (0..self.host_cpus).collect(),
+            memory_total: Bytes(info.memory * 1024),
+            memory_free: Bytes(free),
+        })
     }
 
     /// The host's UUID, as libvirt reports it in its capabilities.
@@ -350,8 +392,29 @@ impl Libvirt {
                 (mode, nodeset)
             }),
             io_weight,
+            definition: self.definition(dom, &name)?,
+            host_cpus: (0..self.host_cpus).collect(),
             name,
         })
+    }
+
+    fn definition(&self, dom: &Domain, name: &str) -> Result<Definition, LibvirtError> {
+        let live = dom
+            .xml_desc(0)
+            .map_err(|source| call(name, "reading the domain XML", source))?;
+        let config = dom
+            .xml_desc(sys::VIR_DOMAIN_XML_INACTIVE)
+            .map_err(|source| call(name, "reading the persistent domain XML", source))?;
+        let unreadable = |what: &str| LibvirtError::Unreadable {
+            guest: name.to_owned(),
+            what: what.to_owned(),
+        };
+        let mut def = xml::parse_definition(&live).ok_or_else(|| unreadable("domain XML"))?;
+        let persistent =
+            xml::parse_definition(&config).ok_or_else(|| unreadable("persistent domain XML"))?;
+        def.cpu_mode = persistent.cpu_mode;
+        def.cpu_model = persistent.cpu_model;
+        Ok(def)
     }
 
     /// Checks what the Guest names on this host (disk images, kernel, networks,
@@ -475,10 +538,7 @@ impl Libvirt {
     pub fn record(&self, guest: &Guest, revision: &str) -> Result<(), LibvirtError> {
         let name = &guest.metadata.name;
         let dom = self.managed(name)?;
-        let owner = Ownership {
-            revision: revision.to_owned(),
-            fingerprint: xml::fingerprint(&guest.spec),
-        };
+        let owner = Ownership::of(guest, revision);
         let text = xml::ownership_xml(&owner).map_err(|source| LibvirtError::Xml {
             guest: name.clone(),
             source,

@@ -27,6 +27,140 @@ pub struct Ownership {
     pub revision: String,
     /// [`fingerprint`] of the Guest spec applied last.
     pub fingerprint: String,
+    /// The Guest's labels and annotations when berth last applied it, as JSON
+    /// (`{"labels": {...}, "annotations": {...}}`).
+    pub object_meta: String,
+}
+
+impl Ownership {
+    /// What berth records for `guest` applied at `revision`.
+    pub fn of(guest: &Guest, revision: &str) -> Ownership {
+        let meta = serde_json::json!({
+            "labels": guest.metadata.labels,
+            "annotations": guest.metadata.annotations,
+        });
+        Ownership {
+            revision: revision.to_owned(),
+            fingerprint: fingerprint(&guest.spec),
+            object_meta: meta.to_string(),
+        }
+    }
+}
+
+/// The restart-class settings of a domain as its XML describes them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Definition {
+    /// `<os><kernel>`.
+    pub kernel: Option<String>,
+    /// `<os><initrd>`.
+    pub initrd: Option<String>,
+    /// `<os><cmdline>`.
+    pub cmdline: Option<String>,
+    /// `<cpu mode=...>`; `None` without a `<cpu>` element.
+    pub cpu_mode: Option<String>,
+    /// `<cpu><model>`.
+    pub cpu_model: Option<String>,
+    /// `<memoryBacking><hugepages><page size>` in KiB; `Some(0)` for hugepages of the
+    /// default size.
+    pub hugepage_kib: Option<u64>,
+    /// `<memoryBacking><locked/>`.
+    pub locked: bool,
+    /// `<memoryBacking><nosharepages/>`.
+    pub nosharepages: bool,
+    /// `<blkiotune><weight>`: a weight was set for the domain.
+    pub blkio_weight: Option<u32>,
+}
+
+fn at(path: &[Vec<u8>], want: &[&[u8]]) -> bool {
+    path.len() == want.len() && path.iter().zip(want).all(|(a, b)| a.as_slice() == *b)
+}
+
+/// Reads the restart-class settings from a domain's XML.
+pub fn parse_definition(domain: &str) -> Option<Definition> {
+    let mut reader = Reader::from_str(domain);
+    let mut path: Vec<Vec<u8>> = Vec::new();
+    let mut def = Definition::default();
+    loop {
+        let event = reader.read_event().ok()?;
+        let (element, empty) = match &event {
+            Event::Start(e) => (Some(e.clone()), false),
+            Event::Empty(e) => (Some(e.clone()), true),
+            _ => (None, false),
+        };
+        if let Some(e) = element {
+            let attr = |name: &str| {
+                e.try_get_attribute(name)
+                    .ok()
+                    .flatten()
+                    .and_then(|a| a.unescape_value().ok().map(|v| v.into_owned()))
+            };
+            path.push(e.local_name().as_ref().to_vec());
+            if at(&path, &[b"domain", b"cpu"]) {
+                def.cpu_mode = Some(attr("mode").unwrap_or_else(|| "custom".to_owned()));
+            } else if at(&path, &[b"domain", b"memoryBacking", b"hugepages"]) {
+                def.hugepage_kib.get_or_insert(0);
+            } else if at(&path, &[b"domain", b"memoryBacking", b"hugepages", b"page"]) {
+                let size: u64 = attr("size")?.parse().ok()?;
+                let kib = match attr("unit").as_deref().unwrap_or("KiB") {
+                    "KiB" | "K" | "k" => size,
+                    "MiB" | "M" => size << 10,
+                    "GiB" | "G" => size << 20,
+                    _ => return None,
+                };
+                def.hugepage_kib = Some(kib);
+            } else if at(&path, &[b"domain", b"memoryBacking", b"locked"]) {
+                def.locked = true;
+            } else if at(&path, &[b"domain", b"memoryBacking", b"nosharepages"]) {
+                def.nosharepages = true;
+            }
+            if empty {
+                path.pop();
+            }
+            continue;
+        }
+        let slot = if at(&path, &[b"domain", b"os", b"kernel"]) {
+            Some(&mut def.kernel)
+        } else if at(&path, &[b"domain", b"os", b"initrd"]) {
+            Some(&mut def.initrd)
+        } else if at(&path, &[b"domain", b"os", b"cmdline"]) {
+            Some(&mut def.cmdline)
+        } else if at(&path, &[b"domain", b"cpu", b"model"]) {
+            Some(&mut def.cpu_model)
+        } else {
+            None
+        };
+        if let (Event::Text(t), true) = (&event, at(&path, &[b"domain", b"blkiotune", b"weight"])) {
+            def.blkio_weight = t.decode().ok()?.trim().parse().ok();
+        }
+        match event {
+            Event::End(_) => {
+                path.pop();
+            }
+            Event::Text(t) => {
+                if let Some(slot) = slot {
+                    slot.get_or_insert_with(String::new)
+                        .push_str(&t.decode().ok()?);
+                }
+            }
+            // An entity inside a text value (`&amp;`) comes as its own event.
+            Event::GeneralRef(r) => {
+                let resolved = match r.as_ref() {
+                    b"amp" => "&",
+                    b"lt" => "<",
+                    b"gt" => ">",
+                    b"quot" => "\"",
+                    b"apos" => "'",
+                    _ => return None,
+                };
+                if let Some(slot) = slot {
+                    slot.get_or_insert_with(String::new).push_str(resolved);
+                }
+            }
+            Event::Eof => return Some(def),
+            _ => {}
+        }
+    }
 }
 
 /// The Guest spec's fingerprint: BLAKE3 of its canonical JSON (maps are ordered).
@@ -58,10 +192,7 @@ pub fn domain_xml(
     console: &ConsoleLog,
 ) -> io::Result<String> {
     let spec = &guest.spec;
-    let owner = Ownership {
-        revision: revision.to_owned(),
-        fingerprint: fingerprint(spec),
-    };
+    let owner = Ownership::of(guest, revision);
     let mut w = Writer::new_with_indent(Vec::new(), b' ', 2);
     w.create_element("domain")
         .with_attribute(("type", domain_type.as_str()))
@@ -112,10 +243,15 @@ pub fn domain_xml(
     String::from_utf8(w.into_inner()).map_err(io::Error::other)
 }
 
-/// berth's `<metadata>` element alone, as `virDomainSetMetadata` takes it.
+/// berth's `<metadata>` element alone, as `virDomainSetMetadata` takes it: without a
+/// namespace, which libvirt adds from the call's URI and key.
 pub fn ownership_xml(owner: &Ownership) -> io::Result<String> {
     let mut w = Writer::new(Vec::new());
-    write_ownership(&mut w, owner)?;
+    w.create_element("guest").write_inner_content(|w| {
+        text(w, "revision", &owner.revision)?;
+        text(w, "fingerprint", &owner.fingerprint)?;
+        text(w, "objectMeta", &owner.object_meta)
+    })?;
     String::from_utf8(w.into_inner()).map_err(io::Error::other)
 }
 
@@ -129,7 +265,8 @@ fn write_ownership<W: io::Write>(w: &mut Writer<W>, owner: &Ownership) -> io::Re
                 w,
                 &format!("{METADATA_KEY}:fingerprint"),
                 &owner.fingerprint,
-            )
+            )?;
+            text(w, &format!("{METADATA_KEY}:objectMeta"), &owner.object_meta)
         })?;
     Ok(())
 }
@@ -140,6 +277,7 @@ pub fn parse_ownership(xml: &str) -> Option<Ownership> {
     let mut reader = Reader::from_str(xml);
     let mut revision = None;
     let mut fingerprint = None;
+    let mut object_meta = None;
     let mut current: Option<Vec<u8>> = None;
     loop {
         match reader.read_event().ok()? {
@@ -150,6 +288,7 @@ pub fn parse_ownership(xml: &str) -> Option<Ownership> {
                 match current.as_deref() {
                     Some(b"revision") => revision = Some(value),
                     Some(b"fingerprint") => fingerprint = Some(value),
+                    Some(b"objectMeta") => object_meta = Some(value),
                     _ => {}
                 }
             }
@@ -160,6 +299,7 @@ pub fn parse_ownership(xml: &str) -> Option<Ownership> {
     Some(Ownership {
         revision: revision.unwrap_or_default(),
         fingerprint: fingerprint?,
+        object_meta: object_meta.unwrap_or_default(),
     })
 }
 
@@ -529,6 +669,25 @@ spec:
         let owner = parse_ownership(meta).unwrap();
         assert_eq!(owner.revision, "abc123");
         assert_eq!(owner.fingerprint, fingerprint(&guest().spec));
+    }
+
+    #[test]
+    fn the_definition_reads_back_from_the_xml_berth_writes() {
+        let xml = domain_xml(&guest(), DomainType::Qemu, "r", &ConsoleLog("/c".into())).unwrap();
+        let def = parse_definition(&xml).unwrap();
+        assert_eq!(def.kernel.as_deref(), Some("/srv/vmlinuz"));
+        assert_eq!(def.initrd.as_deref(), Some("/srv/initrd.gz"));
+        assert_eq!(def.cmdline.as_deref(), Some("console=ttyS0 a<b&c"));
+        assert_eq!(def.cpu_mode.as_deref(), Some("host-model"));
+        assert_eq!(def.hugepage_kib, None);
+        assert!(def.nosharepages && !def.locked);
+        assert_eq!(def.blkio_weight, Some(500));
+        let huge = "<domain><memoryBacking><hugepages><page size='2' unit='MiB'/></hugepages><locked/></memoryBacking>\
+                    <cpu mode='custom'><model fallback='forbid'>kvm64</model></cpu></domain>";
+        let def = parse_definition(huge).unwrap();
+        assert_eq!(def.hugepage_kib, Some(2048));
+        assert!(def.locked && !def.nosharepages);
+        assert_eq!(def.cpu_model.as_deref(), Some("kvm64"));
     }
 
     #[test]

@@ -21,7 +21,7 @@ use std::time::SystemTime;
 use anyhow::{bail, Context};
 use berth_reconciler::apply::{execute, Outcome};
 use berth_reconciler::driver::local::StateLock;
-use berth_reconciler::driver::{Driver, SimDriver};
+use berth_reconciler::driver::{Driver, LibvirtDriver, SimDriver};
 use berth_reconciler::model::{Desired, Observed};
 use berth_reconciler::render;
 
@@ -89,14 +89,20 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     }
     let desired = Desired::from_manifests(&source.validated.manifests);
     let host = args.local.this_host(&desired)?;
-    if args.driver == ApplyDriver::Local {
+    let libvirt = super::target::libvirt_host(&desired, &host);
+    // libvirtd checks its own host; the machine check is berth-vmm's.
+    if args.driver == ApplyDriver::Local && libvirt.is_none() {
         super::target::ensure_machine_fits(&source.validated, &host)?;
     }
 
     let (driver, _lock): (Box<dyn Driver>, Option<StateLock>) = match args.driver {
         ApplyDriver::Local => {
             let lock = StateLock::acquire(&args.local.state_dir, args.wait)?;
-            (Box::new(args.local.driver(&host)?), Some(lock))
+            let driver: Box<dyn Driver> = match libvirt {
+                Some(spec) => Box::new(LibvirtDriver::new(&host, spec, &source.revision)?),
+                None => Box::new(args.local.driver(&host)?),
+            };
+            (driver, Some(lock))
         }
         ApplyDriver::Sim => (Box::new(simulated(args, &desired)?), None),
     };

@@ -6,6 +6,7 @@
 //! Implementations must be safe to call from several threads at once for different
 //! guests; the reconciler never runs two actions on one guest at the same time.
 
+pub mod libvirt;
 pub mod local;
 pub mod sim;
 
@@ -14,6 +15,7 @@ use berth_schema::Guest;
 use crate::diff::{Field, HostSetting};
 use crate::model::Observed;
 
+pub use libvirt::LibvirtDriver;
 pub use local::LocalDriver;
 pub use sim::SimDriver;
 
