@@ -10,6 +10,7 @@ mod cli;
 mod commands {
     pub mod apply;
     pub mod get;
+    pub mod import;
     pub mod input;
     pub mod plan;
     pub mod stop;

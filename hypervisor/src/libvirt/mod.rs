@@ -10,6 +10,7 @@
 //! Every call blocks on libvirtd: async callers run them on a blocking thread.
 
 mod ffi;
+pub mod import;
 pub mod xml;
 
 use std::io;
@@ -533,11 +534,70 @@ impl Libvirt {
         self.observe_domain(&dom)
     }
 
+    /// Guest manifests for every domain on the connection, placed on `host`, with each
+    /// domain's type (`berth import`).
+    pub fn import(&self, host: &str) -> Result<Vec<(Guest, DomainType)>, LibvirtError> {
+        let domains = self
+            .conn
+            .list_all_domains(sys::VIR_CONNECT_LIST_DOMAINS_PERSISTENT)
+            .map_err(|source| self.host_err("listing domains", source))?;
+        let mut out = Vec::new();
+        for dom in &domains {
+            let name = dom
+                .name()
+                .map_err(|source| self.host_err("reading a domain's name", source))?;
+            let xml = dom
+                .xml_desc(sys::VIR_DOMAIN_XML_INACTIVE)
+                .map_err(|source| call(&name, "reading the persistent domain XML", source))?;
+            let (state, _) = dom
+                .state()
+                .map_err(|source| call(&name, "reading the state", source))?;
+            let state = match state {
+                virt::enumutil::Enum::Known(s) => RunState::of(s),
+                virt::enumutil::Enum::Unknown(_) => RunState::Transient,
+            };
+            let state = match state {
+                RunState::Paused => GuestState::Paused,
+                RunState::Stopped => GuestState::Stopped,
+                RunState::Running | RunState::Transient => GuestState::Running,
+            };
+            let imported = import::guest_from_domain(&xml, host, state).map_err(|e| {
+                LibvirtError::Invalid {
+                    guest: name.clone(),
+                    field: "domain XML".to_owned(),
+                    message: e.to_string(),
+                }
+            })?;
+            out.push(imported);
+        }
+        out.sort_by(|a, b| a.0.metadata.name.cmp(&b.0.metadata.name));
+        Ok(out)
+    }
+
+    /// Makes an existing domain berth's: records `guest` (its manifest) at `revision` in
+    /// the domain's `<metadata>`, live and in its config. Nothing else changes.
+    pub fn adopt(&self, guest: &Guest, revision: &str) -> Result<(), LibvirtError> {
+        let name = &guest.metadata.name;
+        let dom = self
+            .lookup(name)?
+            .ok_or_else(|| LibvirtError::NoDomain(name.clone()))?;
+        self.write_ownership(&dom, guest, revision)
+    }
+
     /// Records `revision` and the spec's fingerprint in the domain's `<metadata>`,
     /// live and in its config.
     pub fn record(&self, guest: &Guest, revision: &str) -> Result<(), LibvirtError> {
+        let dom = self.managed(&guest.metadata.name)?;
+        self.write_ownership(&dom, guest, revision)
+    }
+
+    fn write_ownership(
+        &self,
+        dom: &Domain,
+        guest: &Guest,
+        revision: &str,
+    ) -> Result<(), LibvirtError> {
         let name = &guest.metadata.name;
-        let dom = self.managed(name)?;
         let owner = Ownership::of(guest, revision);
         let text = xml::ownership_xml(&owner).map_err(|source| LibvirtError::Xml {
             guest: name.clone(),
@@ -548,7 +608,7 @@ impl Libvirt {
             Some(&text),
             Some(xml::METADATA_KEY),
             Some(xml::METADATA_NS),
-            impact(&dom),
+            impact(dom),
         )
         .map_err(|source| call(name, "recording berth's metadata", source))
     }

@@ -12,6 +12,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use berth_hypervisor::host::cgroup::Knob;
+use berth_hypervisor::libvirt::import::QEMU_DEFAULT_CPU_MODEL;
 use berth_hypervisor::libvirt::{ConsoleLog, Libvirt, LibvirtError, ObservedDomain, RunState};
 use berth_schema::{
     Boot, BootFrom, CpuMode, CpuSet, Guest, GuestState, KsmSpec, LibvirtSpec, MemTune, NumaSpec,
@@ -162,7 +163,12 @@ impl LibvirtDriver {
                 vcpus: d.vcpus,
                 max_vcpus: d.max_vcpus,
                 mode,
-                model: def.cpu_model.clone().filter(|_| mode == CpuMode::Custom),
+                // No <cpu> element: QEMU's default model.
+                model: match (mode, &def.cpu_mode) {
+                    (CpuMode::Custom, None) => Some(QEMU_DEFAULT_CPU_MODEL.to_owned()),
+                    (CpuMode::Custom, Some(_)) => def.cpu_model.clone(),
+                    _ => None,
+                },
                 pinning,
             },
             memory: ObservedMemory {
