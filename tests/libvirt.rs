@@ -319,7 +319,11 @@ fn a_tcg_linux_guest_boots_and_takes_live_changes_without_a_restart() {
     let libvirt = connect();
     let images = Images::new();
     let name = name("live");
-    let guest = images.guest(&name, "");
+    let mut guest = images.guest(&name, "");
+    guest.spec.memory.tune = Some(MemTune {
+        hard_limit: Some(Bytes::mib(512)),
+        ..MemTune::default()
+    });
     let console = images.console();
     let _domain = Domain {
         libvirt: &libvirt,
@@ -338,6 +342,7 @@ fn a_tcg_linux_guest_boots_and_takes_live_changes_without_a_restart() {
     assert_eq!(observed.state, RunState::Running);
     assert_eq!((observed.vcpus, observed.max_vcpus), (1, 2));
     assert_eq!(observed.memory, Bytes::mib(256));
+    assert_eq!(observed.memtune.hard_limit, Some(Bytes::mib(512)));
     let owner = observed.owner.expect("berth owns the domain it created");
     assert_eq!(owner.revision, "rev-1");
     let listed = libvirt.list().unwrap();

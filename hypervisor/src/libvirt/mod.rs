@@ -508,7 +508,19 @@ impl Libvirt {
             }
         }
         self.preflight(guest)?;
-        let text = xml::domain_xml(guest, domain_type, revision, console).map_err(|source| {
+        // Memory limits in the XML at start make libvirt raise QEMU's RLIMIT_MEMLOCK to
+        // the hard limit, which needs CAP_SYS_RESOURCE (some sandboxes refuse it); set
+        // through the live API right after the start, they end up the same, live and in
+        // the config.
+        let deferred_tune = match (&guest.spec.memory.tune, guest.spec.state) {
+            (Some(tune), GuestState::Running | GuestState::Paused) => Some(tune.clone()),
+            _ => None,
+        };
+        let mut defined = guest.clone();
+        if deferred_tune.is_some() {
+            defined.spec.memory.tune = None;
+        }
+        let text = xml::domain_xml(&defined, domain_type, revision, console).map_err(|source| {
             LibvirtError::Xml {
                 guest: name.clone(),
                 source,
@@ -530,6 +542,17 @@ impl Libvirt {
             // worth reporting.
             let _ = dom.undefine();
             return Err(call(name, "starting the domain", source));
+        }
+        if let Some(tune) = deferred_tune {
+            let tuned = self
+                .set_memtune(name, &tune)
+                .and_then(|_| self.write_ownership(&dom, guest, revision));
+            if let Err(e) = tuned {
+                // Nothing half-created: the guest without its limits goes.
+                let _ = dom.destroy();
+                let _ = dom.undefine();
+                return Err(e);
+            }
         }
         self.observe_domain(&dom)
     }
