@@ -16,6 +16,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use berth_hypervisor::host::cgroup::Knob;
+use berth_hypervisor::libvirt::migrate::{Destination, Outcome};
 use berth_hypervisor::libvirt::{ConsoleLog, Libvirt, LibvirtError, RunState, Shutdown};
 use berth_schema::{Bytes, CpuSet, DomainType, Guest, MemTune};
 
@@ -763,4 +764,194 @@ fn a_domain_defined_by_hand_is_imported_and_then_planned_without_changes() {
     let (code, text) = berth(&["import", &name, "--host", "virt01", "--out", out]);
     assert_eq!(code, 1, "{text}");
     assert!(text.contains("never overwrites"), "{text}");
+}
+
+/// A second libvirt host on this machine: libvirtd and virtlogd in their own network
+/// namespace (a veth pair to this one) and mount namespace (private /run/libvirt,
+/// /var/lib/libvirt, /var/cache/libvirt, /var/log/libvirt and /etc/libvirt), with their
+/// own host UUID, libvirtd listening on TCP at the namespace's address. On drop, its
+/// domains are destroyed and undefined, the daemons stopped by pid, the namespace
+/// removed.
+struct PeerHost {
+    netns: String,
+    dir: tempfile::TempDir,
+    address: String,
+}
+
+const PEER_SCRIPT: &str = r#"set -euo pipefail
+NS=$1; DIR=$2; HOSTIP=$3; PEERIP=$4; UUID=$5
+ip netns add $NS
+ip link add ${NS}h type veth peer name ${NS}p
+ip link set ${NS}p netns $NS
+ip addr add $HOSTIP/30 dev ${NS}h
+ip link set ${NS}h up
+ip netns exec $NS ip addr add $PEERIP/30 dev ${NS}p
+ip netns exec $NS ip link set ${NS}p up
+ip netns exec $NS ip link set lo up
+mkdir -p $DIR/run $DIR/lib/qemu $DIR/cache/qemu $DIR/log/qemu $DIR/etc
+# The configuration, not this host's domain definitions.
+cp -a /etc/libvirt/. $DIR/etc/
+find $DIR/etc/qemu -maxdepth 1 -name '*.xml' -delete
+rm -rf $DIR/etc/qemu/autostart
+cat >> $DIR/etc/libvirtd.conf <<CONF
+listen_tls = 0
+listen_tcp = 1
+listen_addr = "$PEERIP"
+auth_tcp = "none"
+host_uuid = "$UUID"
+CONF
+# nsenter, not ip netns exec: that mounts a new /sys, without the cgroup hierarchies.
+nsenter --net=/run/netns/$NS unshare --mount --propagation private bash -c "
+  set -e
+  mount --bind $DIR/run /run/libvirt
+  mount --bind $DIR/lib /var/lib/libvirt
+  mount --bind $DIR/cache /var/cache/libvirt
+  mount --bind $DIR/log /var/log/libvirt
+  mount --bind $DIR/etc /etc/libvirt
+  virtlogd -d -p /run/libvirt/virtlogd.pid
+  libvirtd -d --listen -p /run/libvirt/libvirtd.pid
+"
+"#;
+
+impl PeerHost {
+    fn start() -> PeerHost {
+        let n = std::process::id() % 250 + 1;
+        let netns = format!("bth{}", std::process::id() % 100_000);
+        let dir = tempfile::Builder::new()
+            .prefix("berth-peer-")
+            .tempdir()
+            .unwrap();
+        let (host_ip, peer_ip) = (format!("10.211.{n}.1"), format!("10.211.{n}.2"));
+        let uuid = format!("5a0c2d1e-0000-4a4a-9b9b-{:012x}", std::process::id());
+        let peer = PeerHost {
+            netns: netns.clone(),
+            address: peer_ip.clone(),
+            dir,
+        };
+        let status = Command::new("bash")
+            .args(["-c", PEER_SCRIPT, "peer"])
+            .args([
+                &netns,
+                peer.dir.path().to_str().unwrap(),
+                &host_ip,
+                &peer_ip,
+                &uuid,
+            ])
+            .status()
+            .expect("run bash");
+        assert!(status.success(), "starting the peer libvirtd failed");
+        peer
+    }
+
+    fn uri(&self) -> String {
+        format!("qemu+tcp://{}/system", self.address)
+    }
+
+    fn connect(&self) -> Libvirt {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match Libvirt::open(&self.uri()) {
+                Ok(c) => return c,
+                Err(e) if Instant::now() > deadline => panic!("peer libvirtd: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    }
+
+    fn daemon_pid(&self, name: &str) -> Option<i32> {
+        fs::read_to_string(self.dir.path().join("run").join(format!("{name}.pid")))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+}
+
+impl Drop for PeerHost {
+    fn drop(&mut self) {
+        if let Ok(peer) = Libvirt::open(&self.uri()) {
+            // remove() touches berth's domains only: the peer has no others.
+            for name in peer.domain_names().unwrap_or_default() {
+                let _ = peer.remove(&name);
+            }
+        }
+        for daemon in ["libvirtd", "virtlogd"] {
+            if let Some(pid) = self.daemon_pid(daemon) {
+                // SAFETY: kill(2) with a pid read from the daemon's own pid file.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .status();
+    }
+}
+
+#[test]
+fn a_live_migration_to_a_second_libvirt_host_keeps_the_counter_and_the_disk() {
+    let libvirt = connect();
+    let peer = PeerHost::start();
+    let dest = peer.connect();
+    let images = Images::new();
+    let name = name("migrate");
+    let guest = images.guest(&name, "");
+    let console = images.console();
+    let _domain = Domain {
+        libvirt: &libvirt,
+        name: name.clone(),
+    };
+    libvirt
+        .create(&guest, DomainType::Qemu, "rev-1", &console)
+        .unwrap();
+    let (before, boot) = wait_counter(&console, 3, Duration::from_secs(90));
+
+    // A disk that is not shared is refused before anything moves.
+    let mut local = guest.clone();
+    local.spec.disks[0].shared = false;
+    let to = Destination {
+        uri: peer.uri(),
+        migrate_uri: format!("tcp://{}", peer.address),
+    };
+    let err = libvirt.migrate(&local, &dest, &to, |_| {}).unwrap_err();
+    assert!(err.to_string().contains("spec.disks[0].shared"), "{err}");
+
+    let started = Instant::now();
+    let mut samples = Vec::new();
+    let outcome = libvirt
+        .migrate(&guest, &dest, &to, |p| samples.push(p))
+        .expect("migrate");
+    eprintln!(
+        "migration: {:.2} s, {} progress samples, last {:?}",
+        started.elapsed().as_secs_f64(),
+        samples.len(),
+        samples.last()
+    );
+    assert_eq!(outcome, Outcome::Completed);
+    assert!(
+        libvirt.observe(&name).unwrap().is_none(),
+        "undefined on the source"
+    );
+    let there = dest
+        .observe(&name)
+        .unwrap()
+        .expect("defined on the destination");
+    assert_eq!(there.state, RunState::Running);
+    assert_eq!(there.owner.unwrap().revision, "rev-1");
+
+    // The counter carries on, same boot, written now by the destination's QEMU.
+    wait_counter(&console, before + 10, Duration::from_secs(60));
+    assert_no_reset(&console);
+    // What the guest writes to its disk (shared by both hosts) is its latest counter.
+    let sector = fs::read(images.path("disk.raw")).unwrap();
+    let line = String::from_utf8_lossy(&sector[..512])
+        .trim_end_matches('\0')
+        .to_owned();
+    let n: u64 = line
+        .strip_prefix("berth-counter ")
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("disk holds {line:?}"));
+    assert!(n > before && line.contains(&boot), "{line}");
+    dest.remove(&name).unwrap();
 }

@@ -11,6 +11,7 @@
 
 mod ffi;
 pub mod import;
+pub mod migrate;
 pub mod xml;
 
 use std::io;
@@ -320,6 +321,15 @@ impl Libvirt {
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
+    }
+
+    /// The names of every domain on the connection.
+    pub fn domain_names(&self) -> Result<Vec<String>, LibvirtError> {
+        let domains = self
+            .conn
+            .list_all_domains(0)
+            .map_err(|source| self.host_err("listing domains", source))?;
+        Ok(domains.iter().filter_map(|d| d.name().ok()).collect())
     }
 
     /// One domain, read back from libvirt; `None` when there is none of that name.
