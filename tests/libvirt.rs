@@ -875,6 +875,11 @@ impl Drop for PeerHost {
                 let _ = peer.remove(&name);
             }
         }
+        // QEMUs libvirtd did not end (it was killed, or failed): by their pid files.
+        for pid in peer_qemus(&self.dir.path().join("run/qemu")) {
+            // SAFETY: kill(2) of a live QEMU named by the peer's own pid file.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
         for daemon in ["libvirtd", "virtlogd"] {
             if let Some(pid) = self.daemon_pid(daemon) {
                 // SAFETY: kill(2) with a pid read from the daemon's own pid file.
@@ -886,6 +891,22 @@ impl Drop for PeerHost {
             .args(["netns", "del", &self.netns])
             .status();
     }
+}
+
+/// Live QEMU processes named by pid files in `dir` (a peer's /run/libvirt/qemu).
+fn peer_qemus(dir: &Path) -> Vec<i32> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "pid"))
+        .filter_map(|e| fs::read_to_string(e.path()).ok()?.trim().parse().ok())
+        .filter(|pid: &i32| {
+            fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.starts_with("qemu-system"))
+        })
+        .collect()
 }
 
 #[test]
@@ -954,4 +975,79 @@ fn a_live_migration_to_a_second_libvirt_host_keeps_the_counter_and_the_disk() {
         .unwrap_or_else(|| panic!("disk holds {line:?}"));
     assert!(n > before && line.contains(&boot), "{line}");
     dest.remove(&name).unwrap();
+}
+
+#[test]
+fn a_migration_past_its_timeout_or_to_a_dying_destination_leaves_the_guest_on_the_source() {
+    let libvirt = connect();
+    let peer = PeerHost::start();
+    let dest = peer.connect();
+    let images = Images::new();
+    let name = name("abort");
+    // 1 MiB/s for 256 MiB: the copy cannot finish within 1 s per GiB.
+    let guest = images.guest(
+        &name,
+        "  migration: {bandwidth: 1MiB/s, completionTimeoutPerGiB: 1s, onTimeout: abort}\n",
+    );
+    let console = images.console();
+    let _domain = Domain {
+        libvirt: &libvirt,
+        name: name.clone(),
+    };
+    libvirt
+        .create(&guest, DomainType::Qemu, "rev-1", &console)
+        .unwrap();
+    wait_counter(&console, 3, Duration::from_secs(90));
+    let to = Destination {
+        uri: peer.uri(),
+        migrate_uri: format!("tcp://{}", peer.address),
+    };
+
+    let err = libvirt.migrate(&guest, &dest, &to, |_| {}).unwrap_err();
+    assert!(err.to_string().contains("migrating failed"), "{err}");
+    let here = libvirt.observe(&name).unwrap().expect("still defined here");
+    assert_eq!(here.state, RunState::Running);
+    assert!(dest.observe(&name).unwrap().is_none());
+    let (n, _) = counters(&console).last().cloned().unwrap();
+    wait_counter(&console, n + 3, Duration::from_secs(30));
+
+    // The destination dies midway (its libvirtd and the incoming QEMU are killed).
+    let mut slow = guest.clone();
+    slow.spec.migration.completion_timeout_per_gib = berth_schema::Duration::from_secs(600);
+    let run = peer.dir.path().join("run");
+    let killer = std::thread::spawn(move || {
+        let qemu = run.join("qemu");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            // The incoming QEMU: a live process whose command line has -incoming.
+            let pid = peer_qemus(&qemu).into_iter().find(|pid| {
+                fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == b"-incoming"))
+            });
+            if let Some(pid) = pid {
+                std::thread::sleep(Duration::from_millis(1500));
+                let libvirtd: i32 = fs::read_to_string(run.join("libvirtd.pid"))
+                    .unwrap()
+                    .trim()
+                    .parse()
+                    .unwrap();
+                for victim in [pid, libvirtd] {
+                    // SAFETY: kill(2) of the peer's QEMU and libvirtd, read from their
+                    // pid files.
+                    unsafe { libc::kill(victim, libc::SIGKILL) };
+                }
+                return;
+            }
+            assert!(Instant::now() < deadline, "the incoming QEMU never started");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    let err = libvirt.migrate(&slow, &dest, &to, |_| {}).unwrap_err();
+    killer.join().unwrap();
+    assert!(err.to_string().contains("migrating failed"), "{err}");
+    let here = libvirt.observe(&name).unwrap().expect("still defined here");
+    assert_eq!(here.state, RunState::Running);
+    let (n, _) = counters(&console).last().cloned().unwrap();
+    wait_counter(&console, n + 3, Duration::from_secs(30));
+    assert_no_reset(&console);
 }

@@ -161,6 +161,46 @@ pub(super) fn set_blkio_weight(dom: &Domain, weight: u32, flags: c_uint) -> Resu
     result
 }
 
+/// A running job's statistics: (data processed, data remaining, data total, memory
+/// iteration) in bytes; `None` when the domain has no job.
+///
+/// `virt`'s own `Domain::job_stats` hands libvirt's allocation to a Rust `Vec` (and a
+/// null one when there is no job), so this reads the parameters here and frees them
+/// with libvirt.
+pub(super) fn job_progress(dom: &Domain) -> Result<Option<[u64; 4]>, Error> {
+    let mut kind: c_int = 0;
+    let mut params: sys::virTypedParameterPtr = ptr::null_mut();
+    let mut n: c_int = 0;
+    // SAFETY: libvirt allocates the parameter array and writes its pointer and length
+    // through the out-pointers; the domain pointer is valid while `dom` lives.
+    let rc = unsafe { sys::virDomainGetJobStats(dom.as_ptr(), &mut kind, &mut params, &mut n, 0) };
+    if rc < 0 {
+        return Err(Error::last_error());
+    }
+    if kind == sys::VIR_DOMAIN_JOB_NONE as c_int || params.is_null() {
+        // SAFETY: freeing a null or empty array is allowed.
+        unsafe { sys::virTypedParamsFree(params, n) };
+        return Ok(None);
+    }
+    let mut out = [0u64; 4];
+    let names = [
+        sys::VIR_DOMAIN_JOB_DATA_PROCESSED,
+        sys::VIR_DOMAIN_JOB_DATA_REMAINING,
+        sys::VIR_DOMAIN_JOB_DATA_TOTAL,
+        sys::VIR_DOMAIN_JOB_MEMORY_ITERATION,
+    ];
+    for (slot, name) in out.iter_mut().zip(names) {
+        let mut value: std::os::raw::c_ulonglong = 0;
+        // SAFETY: `params` holds `n` entries from libvirt; the name is NUL-terminated.
+        if unsafe { sys::virTypedParamsGetULLong(params, n, name.as_ptr(), &mut value) } == 1 {
+            *slot = value;
+        }
+    }
+    // SAFETY: `params` was allocated by libvirt above and is freed once, here.
+    unsafe { sys::virTypedParamsFree(params, n) };
+    Ok(Some(out))
+}
+
 /// Aborts the domain's running job, a migration for example (`virDomainAbortJob`).
 pub(super) fn abort_job(dom: &Domain) -> Result<(), Error> {
     // SAFETY: the domain pointer is valid while `dom` lives.

@@ -144,22 +144,20 @@ impl Libvirt {
             let mut downtime_set = false;
             while !job.is_finished() {
                 std::thread::sleep(Duration::from_millis(200));
-                let Ok(stats) = dom.job_stats(0) else {
+                let Ok(Some([processed, remaining, total, iteration])) = ffi::job_progress(&dom)
+                else {
                     continue;
                 };
-                if stats.r#type == sys::VIR_DOMAIN_JOB_NONE as i32 {
-                    continue;
-                }
                 if !downtime_set {
                     // Accepted once the job exists.
                     downtime_set = dom.migrate_set_max_downtime(downtime_ms, 0).is_ok();
                 }
                 progress(Progress {
                     elapsed_ms: started.elapsed().as_millis() as u64,
-                    data_processed: stats.data_processed.unwrap_or(0),
-                    data_remaining: stats.data_remaining.unwrap_or(0),
-                    data_total: stats.data_total.unwrap_or(0),
-                    iteration: stats.mem_iteration.unwrap_or(0),
+                    data_processed: processed,
+                    data_remaining: remaining,
+                    data_total: total,
+                    iteration,
                 });
                 if started.elapsed() > timeout && !switched {
                     match policy.on_timeout {
