@@ -678,3 +678,301 @@ fn a_host_naming_a_cpu_this_machine_lacks_fails_apply_and_changes_nothing() {
         "the hugepage pool was not touched"
     );
 }
+
+/// One row of DESIGN.md's live table, applied to the batch guest on top of the rows
+/// before it: the edit, and how the local driver declares it is applied.
+struct Row {
+    from: &'static str,
+    to: &'static str,
+    /// Each changed field (as the JSON plan names it) and its class.
+    changes: &'static [(&'static str, &'static str)],
+}
+
+const LIVE: &str = "live";
+const LOCAL_MIGRATION: &str = "localMigration";
+
+/// Every row the local driver can show on one host, in an order that keeps each step
+/// one row (host placement needs two services: tests/serve_kvm.rs; hugepage backing:
+/// `hugepage_backing_change_is_a_local_migration`).
+const ROWS: &[Row] = &[
+    Row {
+        from: "pinning: {emulator: \"0\"}",
+        to: "pinning: {vcpus: {0: \"1\"}, emulator: \"0\"}",
+        changes: &[("vcpuPinning", LIVE)],
+    },
+    Row {
+        from: "pinning: {vcpus: {0: \"1\"}, emulator: \"0\"}",
+        to: "pinning: {vcpus: {0: \"1\"}, emulator: \"1\"}",
+        changes: &[("emulatorPinning", LIVE)],
+    },
+    Row {
+        from: "tune: {hardLimit: 128MiB}",
+        to: "tune: {hardLimit: 160MiB, softLimit: 96MiB, swapHardLimit: 256MiB, minGuarantee: 32MiB}",
+        changes: &[
+            ("hardLimit", LIVE),
+            ("softLimit", LIVE),
+            ("swapHardLimit", LIVE),
+            ("minGuarantee", LIVE),
+        ],
+    },
+    Row {
+        from: "io: {weight: 200}",
+        to: "io: {weight: 300}",
+        changes: &[("ioWeight", LIVE)],
+    },
+    Row {
+        from: "vcpus: 1\n    maxVcpus: 2",
+        to: "vcpus: 2\n    maxVcpus: 2",
+        changes: &[("vcpus", LIVE)],
+    },
+    Row {
+        from: "labels: {tier: batch}\nspec:\n  host: kvm01\n",
+        to: "labels: {tier: batch}\nspec:\n  host: kvm01\n  state: paused\n",
+        changes: &[("state", LIVE)],
+    },
+    Row {
+        from: "  state: paused\n",
+        to: "",
+        changes: &[("state", LIVE)],
+    },
+    Row {
+        from: "labels: {tier: batch}",
+        to: "labels: {tier: batch, team: infra}",
+        changes: &[("labels", LIVE)],
+    },
+    // berth-vmm gives KSM advice and binds NUMA memory when it maps guest memory: both
+    // are made by a local live migration, as its capabilities declare.
+    Row {
+        from: "size: 64MiB\n",
+        to: "size: 64MiB\n    sharePages: true\n",
+        changes: &[("sharePages", LOCAL_MIGRATION)],
+    },
+    Row {
+        from: "sharePages: true\n",
+        to: "sharePages: true\n    numa: {mode: strict, nodeset: \"0\"}\n",
+        changes: &[("numa", LOCAL_MIGRATION)],
+    },
+    Row {
+        from: "size: 64MiB\n",
+        to: "size: 96MiB\n",
+        changes: &[("memorySize", LOCAL_MIGRATION)],
+    },
+    Row {
+        from: "vcpus: 2\n    maxVcpus: 2",
+        to: "vcpus: 2\n    maxVcpus: 3",
+        changes: &[("maxVcpus", LOCAL_MIGRATION)],
+    },
+    Row {
+        from: "maxVcpus: 3\n",
+        to: "maxVcpus: 3\n    mode: custom\n    model: kvm64\n",
+        changes: &[("cpuMode", LOCAL_MIGRATION), ("cpuModel", LOCAL_MIGRATION)],
+    },
+    Row {
+        from: "size: 96MiB\n",
+        to: "size: 96MiB\n    locked: true\n",
+        changes: &[("locked", LOCAL_MIGRATION)],
+    },
+    // A decrease: blocked without restartPolicy, then a restart with it.
+    Row {
+        from: "vcpus: 2\n    maxVcpus: 3",
+        to: "vcpus: 1\n    maxVcpus: 3",
+        changes: &[("vcpus", "blocked")],
+    },
+    Row {
+        from: "  host: kvm01\n  cpu:\n    vcpus: 1\n",
+        to: "  host: kvm01\n  restartPolicy: ifRequired\n  cpu:\n    vcpus: 1\n",
+        changes: &[("vcpus", "restart")],
+    },
+];
+
+impl Fleet {
+    /// `berth plan --driver local --format json`, the batch guest's plan (null when
+    /// nothing changes).
+    fn batch_plan(&self) -> serde_json::Value {
+        let m = self.manifests();
+        let out = self.berth(&[
+            "plan",
+            "--driver",
+            "local",
+            "--format",
+            "json",
+            m.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "berth plan failed");
+        let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        plan["guests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["name"] == self.batch.as_str())
+            .cloned()
+            .unwrap_or(serde_json::Value::Null)
+    }
+}
+
+#[test]
+fn every_row_of_the_live_table_is_applied_as_the_local_driver_declares() {
+    let fleet = Fleet::new("ap-rows");
+    fleet.apply();
+    let mut edits = Guests::default();
+    for row in ROWS {
+        edits = edits.edit(row.from, row.to);
+        fleet.write_guests(&edits);
+        let before = fleet.status(&fleet.batch);
+        let plan = fleet.batch_plan();
+        let planned: Vec<(String, String)> = plan["changes"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{}: no changes planned: {plan}", row.to))
+            .iter()
+            .map(|c| {
+                (
+                    c["field"].as_str().unwrap().to_owned(),
+                    c["class"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        let expected: Vec<(String, String)> = row
+            .changes
+            .iter()
+            .map(|(f, c)| ((*f).to_owned(), (*c).to_owned()))
+            .collect();
+        assert_eq!(planned, expected, "{}: {plan}", row.to);
+
+        let m = fleet.manifests();
+        let out = fleet.berth(&["apply", "--yes", m.to_str().unwrap()]);
+        let blocked = row.changes.iter().any(|(_, c)| *c == "blocked");
+        assert_eq!(out.status.success(), !blocked, "{}: apply", row.to);
+        let after = fleet.status(&fleet.batch);
+        let same_vmm = row.changes.iter().all(|(_, c)| *c == LIVE) || blocked;
+        assert_eq!(
+            after.pid == before.pid,
+            same_vmm,
+            "{}: the VMM was {}replaced",
+            row.to,
+            if same_vmm { "" } else { "not " }
+        );
+        if !blocked {
+            // What was planned is what the driver did: nothing is left to do.
+            assert_eq!(
+                fleet.batch_plan(),
+                serde_json::Value::Null,
+                "{}: not converged",
+                row.to
+            );
+        }
+    }
+    // What the rows asked for is in force in the last VMM, read back from it.
+    let batch = fleet.status(&fleet.batch);
+    assert_eq!(batch.vcpus, 1);
+    assert!(batch.memory.share_pages, "KSM advice in force");
+    assert_eq!(
+        cgroup_file(&batch, "memory.limit_in_bytes"),
+        (160 * MIB).to_string()
+    );
+}
+
+/// Two hosts on this machine, each a state directory: `berth apply --host kvm02` does
+/// not start a guest that kvm01 may still run. kvm01 runs no `berth serve`, so it
+/// cannot be asked, and kvm02 applied the revision that placed the guest on kvm01:
+/// kvm02 refuses and names kvm01.
+#[test]
+fn apply_on_a_second_host_refuses_a_guest_the_first_may_still_run() {
+    berth_tests::require_root_and_kvm();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let root = tempfile::tempdir().unwrap();
+    let guest = format!("ap-two-{}", std::process::id());
+    let (kvm01, kvm02) = (root.path().join("kvm01"), root.path().join("kvm02"));
+    // Addresses nothing listens on.
+    let silent = || {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().to_string()
+    };
+    let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+        .unwrap()
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix('[')?.strip_suffix(']').map(str::to_owned))
+        .unwrap();
+    let ksm = std::fs::read_to_string("/sys/kernel/mm/ksm/run")
+        .unwrap()
+        .trim()
+        == "1";
+    let hosts: String = [("kvm01", silent()), ("kvm02", silent())]
+        .iter()
+        .map(|(name, address)| {
+            format!(
+                "apiVersion: berth.dev/v1\nkind: Host\nmetadata: {{name: {name}}}\nspec:\n  \
+                 address: \"{address}\"\n  cpus: \"0-1\"\n  memory: 4GiB\n  \
+                 ksm: {{enabled: {ksm}}}\n  transparentHugepages: {thp}\n---\n"
+            )
+        })
+        .collect();
+    let manifests = root.path().join("manifests");
+    std::fs::create_dir_all(&manifests).unwrap();
+    let place = |host: &str| {
+        let text = format!(
+            "{hosts}apiVersion: berth.dev/v1\nkind: Guest\nmetadata: {{name: {guest}}}\n\
+             spec: {{host: {host}, cpu: {{vcpus: 1}}, memory: {{size: 32MiB}}}}\n"
+        );
+        std::fs::write(manifests.join("fleet.yaml"), text).unwrap();
+    };
+    let apply = |host: &str, state: &Path| {
+        let out = berth_tests::command("berth")
+            .args(["apply", "--yes", "--host", host, "--state-dir"])
+            .arg(state)
+            .arg(&manifests)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eprintln!("$ berth apply --host {host}\n{text}");
+        (out.status.success(), text)
+    };
+    let socket = |state: &Path| state.join("guests").join(&guest).join("control.sock");
+    struct Stop(Vec<PathBuf>, String);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            for state in &self.0 {
+                let sock = state.join("guests").join(&self.1).join("control.sock");
+                if let Ok(status) = Client::connect(&sock).and_then(|mut c| c.status()) {
+                    // SAFETY: kill takes no memory; the pid is a VMM this test started.
+                    unsafe { libc::kill(status.pid, libc::SIGKILL) };
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            if let Ok(cgroups) = Cgroups::detect() {
+                let _ = cgroups.remove_stale(&self.1);
+            }
+        }
+    }
+    let _stop = Stop(vec![kvm01.clone(), kvm02.clone()], guest.clone());
+
+    place("kvm01");
+    let (ok, out) = apply("kvm01", &kvm01);
+    assert!(ok, "{out}");
+    let running = Client::connect(socket(&kvm01))
+        .and_then(|mut c| c.status())
+        .expect("the guest runs on kvm01");
+    let (ok, out) = apply("kvm02", &kvm02);
+    assert!(ok && out.contains("No changes."), "{out}");
+
+    // The manifest moves it; kvm02's apply cannot ask kvm01 and refuses, naming it.
+    place("kvm02");
+    let (ok, out) = apply("kvm02", &kvm02);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains(&format!("kvm01 may still run {guest} and cannot be asked")),
+        "{out}"
+    );
+    assert!(out.contains("nothing was changed"), "{out}");
+    assert!(
+        !socket(&kvm02).exists(),
+        "no second copy was started on kvm02"
+    );
+    assert!(
+        Path::new(&format!("/proc/{}", running.pid)).exists(),
+        "kvm01 still runs it"
+    );
+}

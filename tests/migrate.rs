@@ -56,6 +56,19 @@ impl Vmm {
         incoming: Option<&str>,
         prefix: &[&str],
     ) -> Result<Vmm, String> {
+        Vmm::start_with_faults(root, name, spec_text, incoming, prefix, "")
+    }
+
+    /// [`Vmm::start`] with the test-only `BERTH_FAULT` set to `faults` (see
+    /// `berth_hypervisor::migration::fault`).
+    fn start_with_faults(
+        root: &Path,
+        name: &str,
+        spec_text: &str,
+        incoming: Option<&str>,
+        prefix: &[&str],
+        faults: &str,
+    ) -> Result<Vmm, String> {
         let tag = if incoming.is_some() { "in" } else { "src" };
         let spec_path = root.join(format!("{name}-{tag}.yaml"));
         std::fs::write(&spec_path, spec_text).unwrap();
@@ -76,6 +89,11 @@ impl Vmm {
             .arg(root);
         if let Some(addr) = incoming {
             cmd.arg("--incoming").arg(addr);
+        }
+        if faults.is_empty() {
+            cmd.env_remove("BERTH_FAULT");
+        } else {
+            cmd.env("BERTH_FAULT", faults);
         }
         let mut child = cmd
             .stdin(Stdio::null())
@@ -365,10 +383,10 @@ fn local_migration_keeps_heartbeats_memory_pinning_and_memtune() {
     assert_incoming_gone(root.path(), &name);
     dst.assert_beating();
     std::thread::sleep(Duration::from_millis(300));
-    let lines = heartbeats(&[
-        guest_dir.join("console.log.1"),
-        guest_dir.join("console.log"),
-    ]);
+    // The guest's whole console history stays in console.log: the source's lines, then
+    // the destination's; the move rotated nothing out.
+    assert!(!guest_dir.join("console.log.1").exists());
+    let lines = heartbeats(&[guest_dir.join("console.log")]);
     assert_continuous(&lines, 10, 3);
     let report = dst.client().verify_memory().unwrap();
     assert!(report.ok(), "{:?}", report.bad);
@@ -490,9 +508,6 @@ fn local_migrations_lock_and_unlock_guest_memory() {
     let lck = locked_bytes(second.pid());
     assert!(lck >= size, "VmLck {lck} after migrating into locked: true");
     assert!(second.status().memory.locked >= size);
-    // The next handover renames the guest's console.log.1 away: keep the first VMM's.
-    let first_log = root.path().join("first-console.log");
-    std::fs::copy(guest_dir.join("console.log.1"), &first_log).unwrap();
 
     // And back: unlocked again.
     let mut third = Vmm::start(root.path(), &name, &unlocked, Some("127.0.0.1:0"), &[]).unwrap();
@@ -500,11 +515,9 @@ fn local_migrations_lock_and_unlock_guest_memory() {
     third.assert_beating();
     assert_eq!(locked_bytes(third.pid()), 0);
     std::thread::sleep(Duration::from_millis(300));
-    let lines = heartbeats(&[
-        first_log,
-        guest_dir.join("console.log.1"),
-        guest_dir.join("console.log"),
-    ]);
+    // Two local migrations later, console.log holds the three VMMs' lines in order.
+    assert!(!guest_dir.join("console.log.1").exists());
+    let lines = heartbeats(&[guest_dir.join("console.log")]);
     assert_continuous(&lines, 10, 6);
     let report = third.client().verify_memory().unwrap();
     assert!(report.ok(), "{:?}", report.bad);
@@ -543,12 +556,22 @@ fn vcpus_added_by_a_local_migration_start_beating_and_can_be_hot_added() {
     });
     dst.assert_beating();
     std::thread::sleep(Duration::from_millis(300));
-    let source_lines = heartbeats(&[guest_dir.join("console.log.1")]);
-    assert_eq!(source_lines.keys().copied().collect::<Vec<_>>(), [0]);
-    let lines = heartbeats(&[
-        guest_dir.join("console.log.1"),
-        guest_dir.join("console.log"),
-    ]);
+    // The source's lines (vCPU 0 only) come first in console.log, then the
+    // destination's.
+    let log = std::fs::read_to_string(guest_dir.join("console.log")).unwrap();
+    let first_other = log
+        .lines()
+        .position(|l| l.starts_with("hb vcpu=") && !l.starts_with("hb vcpu=0 "))
+        .expect("lines of the added vCPUs");
+    assert!(
+        log.lines()
+            .take(first_other)
+            .filter(|l| l.starts_with("hb vcpu=0 "))
+            .count()
+            >= 3,
+        "the source's history leads console.log"
+    );
+    let lines = heartbeats(&[guest_dir.join("console.log")]);
     assert_continuous(&lines, 10, 2);
     assert_eq!(lines.keys().copied().collect::<Vec<_>>(), [0, 1, 2, 3]);
     for vcpu in 1..4 {
@@ -775,7 +798,7 @@ fn spawn_pumps(client: TcpStream, server: TcpStream, fault: Option<Fault>, stop:
             let _ = to.shutdown(Shutdown::Write);
         });
     }
-    // Source to destination: frame by frame after the 80-byte hello.
+    // Source to destination: frame by frame after the source's hello.
     let (mut from, mut to) = (client, server);
     std::thread::spawn(move || {
         let mut offset = 0usize;
@@ -800,7 +823,7 @@ fn spawn_pumps(client: TcpStream, server: TcpStream, fault: Option<Fault>, stop:
             offset += bytes.len();
             to.write_all(bytes).is_ok()
         };
-        let mut hello = [0u8; 80];
+        let mut hello = [0u8; wire::HELLO_S_LEN];
         // The source's hello comes after the destination's (forwarded by the other pump).
         if from.read_exact(&mut hello).is_err() || !forward(&mut hello, &mut to) {
             return finish(fault, cut_all, &stop);
@@ -811,7 +834,7 @@ fn spawn_pumps(client: TcpStream, server: TcpStream, fault: Option<Fault>, stop:
                 break;
             }
             let len = u32::from_le_bytes(header[4..8].try_into().unwrap()) as usize;
-            let mut body = vec![0u8; len.min(wire::MAX_PAYLOAD) + wire::MAC_LEN];
+            let mut body = vec![0u8; len.min(wire::MAX_PAYLOAD) + wire::TAG_LEN];
             if from.read_exact(&mut body).is_err() {
                 break;
             }
@@ -1198,9 +1221,8 @@ fn a_page_beyond_guest_memory_is_refused() {
     )
     .unwrap();
     assert_eq!(r.recv().unwrap().kind, FrameKind::Info);
-    let head = wire::pages_head(&[64 << 20]);
-    w.send(FrameKind::Pages, &[&head, &[0xAA; wire::PAGE_SIZE]])
-        .unwrap();
+    let payload = wire::pages_payload(&[64 << 20], &[0xAA; wire::PAGE_SIZE]);
+    w.send(FrameKind::Pages, &[&payload]).unwrap();
     let code = dst.wait_exit(Duration::from_secs(10));
     assert!(matches!(code, Some(c) if c != 0), "{code:?}");
     assert!(
@@ -1328,4 +1350,468 @@ fn a_fast_dirtier_on_a_capped_link_converges_with_auto_converge_and_aborts_witho
     assert!(dst.client().verify_memory().unwrap().ok());
     dst.client().shutdown(Duration::from_secs(10)).unwrap();
     assert_eq!(dst.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
+/// A source and an incoming VMM started with the test-only faults given (either may be
+/// empty).
+fn fault_pair_with(
+    tag: &str,
+    source_faults: &str,
+    dest_faults: &str,
+) -> (tempfile::TempDir, String, Vmm, Vmm) {
+    berth_tests::require_root_and_kvm();
+    let root = tempfile::tempdir().unwrap();
+    let name = unique(tag);
+    let text = spec(&name, "{vcpus: 2}", "{size: 64MiB}", 4);
+    let src = Vmm::start_with_faults(root.path(), &name, &text, None, &[], source_faults).unwrap();
+    let dst = Vmm::start_with_faults(
+        root.path(),
+        &name,
+        &text,
+        Some("127.0.0.1:0"),
+        &[],
+        dest_faults,
+    )
+    .unwrap();
+    wait_until("heartbeats", Duration::from_secs(10), || {
+        src.ticks().iter().all(|&t| t >= 30)
+    });
+    (root, name, src, dst)
+}
+
+fn committed_marker(root: &Path, name: &str) -> PathBuf {
+    root.join("guests")
+        .join(format!("{name}.incoming"))
+        .join("committed")
+}
+
+/// A destination that read `Commit` and then failed (`fault`) leaves its durable
+/// committed marker and its answer is "ran"; the source stays paused in
+/// `switchoverUnknown` (never resumed by itself), and a new incoming VMM of the guest
+/// refuses to start while the marker is there.
+fn a_destination_failing_after_commit_counts_as_run(tag: &str, fault: &str, exit: i32) {
+    let (root, name, mut src, mut dst) = fault_pair_with(tag, "", fault);
+    let (addr, token) = dst.incoming.clone().unwrap();
+    src.migrate(&addr, &token, FAST, 2);
+    let outcome = src.migration_outcome(Duration::from_secs(30));
+    assert_eq!(
+        outcome.phase,
+        MigrationPhase::SwitchoverUnknown,
+        "{outcome:?}"
+    );
+    assert_eq!(dst.wait_exit(Duration::from_secs(15)), Some(exit));
+    let marker = committed_marker(root.path(), &name);
+    assert!(
+        marker.exists(),
+        "no committed marker after the destination read Commit:\n{}",
+        dst.stderr_text()
+    );
+    assert_eq!(src.status().state, GuestRunState::Paused);
+    // A new incoming VMM would take the directory (and the answer) away: refused.
+    let text = spec(&name, "{vcpus: 2}", "{size: 64MiB}", 4);
+    let err = Vmm::start(root.path(), &name, &text, Some("127.0.0.1:0"), &[])
+        .err()
+        .expect("a new incoming VMM refused while the marker is there");
+    assert!(err.contains("committed"), "{err}");
+    assert!(marker.exists());
+    // The answer the marker gives: the destination ran it; the source shuts down.
+    src.client()
+        .call(Op::MigrateResolve(MigrateResolveArgs {
+            destination_running: true,
+        }))
+        .unwrap();
+    assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
+#[test]
+fn a_destination_that_dies_after_reading_commit_counts_as_run() {
+    a_destination_failing_after_commit_counts_as_run("mig-diecommit", "exit-after-commit", 101);
+}
+
+#[test]
+fn a_destination_whose_vcpus_fail_to_start_after_commit_counts_as_run() {
+    a_destination_failing_after_commit_counts_as_run("mig-startfail", "start-fails", 1);
+}
+
+#[test]
+fn shutdown_is_refused_in_an_unknown_switchover_unless_forced() {
+    let (root, name, mut src, mut dst, proxy) = unknown_switchover("mig-nostop", Fault::DropCommit);
+    assert!(matches!(dst.wait_exit(Duration::from_secs(15)), Some(c) if c != 0));
+    // The control op.
+    let refused = src.client().shutdown(Duration::from_secs(2));
+    assert!(
+        matches!(&refused, Err(e) if e.to_string().contains("switchover is unknown")),
+        "{refused:?}"
+    );
+    // SIGTERM.
+    // SAFETY: kill(2) on the pid of a child this test started and has not reaped.
+    assert_eq!(unsafe { libc::kill(src.pid(), libc::SIGTERM) }, 0);
+    // `berth stop`.
+    let berth = |extra: &[&str]| {
+        Command::new(berth_tests::bin("berth"))
+            .args(["stop", &name, "--state-dir"])
+            .arg(root.path())
+            .args(extra)
+            .output()
+            .expect("run berth stop")
+    };
+    let stop = berth(&[]);
+    assert!(!stop.status.success(), "berth stop was not refused");
+    let stderr = String::from_utf8_lossy(&stop.stderr);
+    assert!(stderr.contains("switchover is unknown"), "{stderr}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(src.status().state, GuestRunState::Paused);
+    assert_eq!(src.migration().phase, MigrationPhase::SwitchoverUnknown);
+    // The documented override.
+    let forced = berth(&["--force-unknown-switchover"]);
+    assert!(
+        forced.status.success(),
+        "{}",
+        String::from_utf8_lossy(&forced.stderr)
+    );
+    assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
+    drop(proxy);
+}
+
+#[test]
+fn a_keepalive_after_loaded_does_not_abort_the_migration() {
+    // The destination answers Loaded 2.5 s after the state: the source's connection 0,
+    // idle meanwhile, sends its keepalive (every 1 s) before Commit.
+    let (root, name, mut src, mut dst) =
+        fault_pair_with("mig-keepalive", "", "delay-loaded-ms=2500");
+    let (addr, token) = dst.incoming.clone().unwrap();
+    src.migrate(&addr, &token, FAST, 2);
+    let outcome = src.migration_outcome(Duration::from_secs(30));
+    assert_eq!(outcome.phase, MigrationPhase::Completed, "{outcome:?}");
+    assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
+    dst.socket = root.path().join("guests").join(&name).join("control.sock");
+    wait_until("the handover", Duration::from_secs(15), || {
+        dst.socket.exists()
+    });
+    dst.assert_beating();
+    dst.client().shutdown(Duration::from_secs(10)).unwrap();
+    assert_eq!(dst.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
+#[test]
+fn a_failed_resume_after_an_unknown_switchover_is_reported_and_logging_stops() {
+    let (root, name, mut src, mut dst) = fault_pair_with("mig-noresume", "resume-fails", "");
+    let (addr, token) = dst.incoming.clone().unwrap();
+    let proxy = Proxy::start(&addr, Fault::DropCommit);
+    src.migrate(&proxy.addr.to_string(), &token, FAST, 1);
+    let outcome = src.migration_outcome(Duration::from_secs(30));
+    assert_eq!(
+        outcome.phase,
+        MigrationPhase::SwitchoverUnknown,
+        "{outcome:?}"
+    );
+    assert!(
+        outcome.dirty_logging,
+        "dirty logging is on during a migration"
+    );
+    assert!(matches!(dst.wait_exit(Duration::from_secs(15)), Some(c) if c != 0));
+    src.client()
+        .call(Op::MigrateResolve(MigrateResolveArgs {
+            destination_running: false,
+        }))
+        .unwrap();
+    wait_until("the resolution", Duration::from_secs(5), || {
+        src.migration().phase == MigrationPhase::Failed
+    });
+    let st = src.migration();
+    assert!(
+        st.error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("resuming the guest here FAILED"),
+        "{st:?}"
+    );
+    assert!(!st.dirty_logging, "dirty logging still on: {st:?}");
+    // The guest is paused; the operator resumes it.
+    assert_eq!(src.status().state, GuestRunState::Paused);
+    src.client().call(Op::Resume).unwrap();
+    src.assert_beating();
+    assert_incoming_gone(root.path(), &name);
+    drop(proxy);
+}
+
+#[test]
+fn a_guest_whose_handover_fails_stays_visible_and_is_adopted() {
+    let (root, name, mut src, mut dst) = fault_pair_with("mig-handover", "", "handover-fails");
+    let (addr, token) = dst.incoming.clone().unwrap();
+    src.migrate(&addr, &token, FAST, 2);
+    let outcome = src.migration_outcome(Duration::from_secs(30));
+    assert_eq!(outcome.phase, MigrationPhase::Completed, "{outcome:?}");
+    assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
+    wait_until("a failed handover", Duration::from_secs(10), || {
+        dst.migration()
+            .relocation
+            .is_some_and(|r| r.contains("handover failed"))
+    });
+    dst.assert_beating();
+    // `berth get guests` sees it (from `<name>.incoming/`).
+    let get = Command::new(berth_tests::bin("berth"))
+        .args(["get", "guests", "-o", "json", "--state-dir"])
+        .arg(root.path())
+        .output()
+        .expect("run berth get guests");
+    let out = String::from_utf8_lossy(&get.stdout);
+    assert!(
+        get.status.success(),
+        "{}",
+        String::from_utf8_lossy(&get.stderr)
+    );
+    assert!(out.contains(&name), "the arrived guest is not seen: {out}");
+    // And it is acted on as the guest's VMM: `berth stop` stops it.
+    let stop = Command::new(berth_tests::bin("berth"))
+        .args(["stop", &name, "--state-dir"])
+        .arg(root.path())
+        .output()
+        .expect("run berth stop");
+    assert!(
+        stop.status.success(),
+        "{}",
+        String::from_utf8_lossy(&stop.stderr)
+    );
+    assert_eq!(dst.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
+#[test]
+fn a_page_on_the_wrong_connection_is_refused() {
+    berth_tests::require_root_and_kvm();
+    let root = tempfile::tempdir().unwrap();
+    let name = unique("mig-wrongconn");
+    let text = spec(&name, "{vcpus: 1}", "{size: 64MiB}", 0);
+    let mut dst = Vmm::start(root.path(), &name, &text, Some("127.0.0.1:0"), &[]).unwrap();
+    let (addr, token) = dst.incoming.clone().unwrap();
+    let token = Token::from_hex(&token).unwrap();
+    let (mut w0, mut r0) = forge_connection(&dst);
+    let mut config = forged_config(&name);
+    config.connections = 2;
+    w0.send(FrameKind::Config, &[&serde_json::to_vec(&config).unwrap()])
+        .unwrap();
+    assert_eq!(r0.recv().unwrap().kind, FrameKind::Info);
+    let mut conn1 = TcpStream::connect(&addr).unwrap();
+    let key1 = wire::connect(&mut conn1, &token, 1).unwrap();
+    let mut w1 = FrameWriter::new(conn1, key1);
+    // The page at 0 lies in chunk 0, which the sender assigns to connection 0: on
+    // connection 1 it could race connection 0's writes of the same page.
+    let payload = wire::pages_payload(&[0], &[0xAA; wire::PAGE_SIZE]);
+    w1.send(FrameKind::Pages, &[&payload]).unwrap();
+    let code = dst.wait_exit(Duration::from_secs(10));
+    assert!(matches!(code, Some(c) if c != 0), "{code:?}");
+    assert!(
+        dst.stderr_text()
+            .contains("arrived on connection 1 but belongs to connection 0"),
+        "{}",
+        dst.stderr_text()
+    );
+    assert_incoming_gone(root.path(), &name);
+}
+
+/// `tcpdump -i lo port <port>` writing to `file` until dropped (SIGINT by pid, then
+/// reaped, so the capture file is complete).
+struct Capture {
+    child: Option<Child>,
+    file: PathBuf,
+    log: Option<std::thread::JoinHandle<String>>,
+}
+
+impl Capture {
+    fn start(dir: &Path, port: u16) -> Capture {
+        let file = dir.join(format!("capture-{port}.pcap"));
+        let mut child = Command::new("tcpdump")
+            .args([
+                "-i",
+                "lo",
+                "-s",
+                "0",
+                "-U",
+                "--immediate-mode",
+                "-B",
+                "65536",
+                "-w",
+            ])
+            .arg(&file)
+            .args(["tcp", "port", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("tcpdump (apt-get install tcpdump) runs");
+        // It says "listening on lo" once it captures.
+        let mut stderr = child.stderr.take().unwrap();
+        let mut seen = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut byte = [0u8; 1];
+        while !String::from_utf8_lossy(&seen).contains("listening on") {
+            assert!(Instant::now() < deadline, "tcpdump did not start");
+            match stderr.read(&mut byte) {
+                Ok(1) => seen.push(byte[0]),
+                _ => panic!("tcpdump ended: {}", String::from_utf8_lossy(&seen)),
+            }
+        }
+        // The rest of its stderr (the packet counts at the end).
+        let log = std::thread::spawn(move || {
+            let mut rest = String::new();
+            let _ = stderr.read_to_string(&mut rest);
+            rest
+        });
+        Capture {
+            child: Some(child),
+            file,
+            log: Some(log),
+        }
+    }
+
+    /// Stops the capture (after a moment for the last packets); its bytes and what
+    /// tcpdump said.
+    fn finish(mut self) -> (Vec<u8>, String) {
+        std::thread::sleep(Duration::from_millis(500));
+        self.stop();
+        let said = self
+            .log
+            .take()
+            .map(|h| h.join().unwrap_or_default())
+            .unwrap_or_default();
+        (std::fs::read(&self.file).expect("the capture file"), said)
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill(2) on the pid of our own child, not yet reaped.
+            unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+            child.wait().unwrap();
+        }
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// The migration stream on the wire (captured by tcpdump on loopback) never shows a
+/// marker that fills 4 MiB of the guest's memory; the same capture of the same bytes
+/// sent in the clear shows it.
+#[test]
+fn a_capture_of_the_migration_never_shows_guest_memory() {
+    use berth_hypervisor::migration::send;
+    use berth_hypervisor::{VmConfig, Vmm as InProcessVmm};
+    use vm_memory::{Bytes as _, GuestAddress};
+
+    berth_tests::require_root_and_kvm();
+    let root = tempfile::tempdir().unwrap();
+    let name = unique("mig-capture");
+    let text = spec(&name, "{vcpus: 1}", "{size: 64MiB}", 0);
+    let mut marker = *b"berth-capture-marker-0123456789-";
+    getrandom_fill(&mut marker[21..]);
+    let region: Vec<u8> = marker.repeat((4 << 20) / marker.len());
+
+    // Control: the capture sees these bytes when they go in the clear.
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let capture = Capture::start(root.path(), port);
+        let reader = std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut sink = Vec::new();
+            conn.read_to_end(&mut sink).unwrap();
+            sink.len()
+        });
+        let mut conn = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        conn.write_all(&region).unwrap();
+        drop(conn);
+        assert_eq!(reader.join().unwrap(), region.len());
+        let (bytes, said) = capture.finish();
+        assert!(
+            contains(&bytes, &marker),
+            "the capture cannot see a plain stream ({} bytes captured): {said}",
+            bytes.len()
+        );
+    }
+
+    // The source VMM in this process, the marker in its guest's memory.
+    let guest: berth_schema::Guest = serde_yaml_from(&text);
+    let config = VmConfig::from_guest(&guest).unwrap();
+    let (events, _inbox) = std::sync::mpsc::channel();
+    let vmm = Arc::new(
+        InProcessVmm::create(
+            config,
+            &root.path().join("source-console.log"),
+            events,
+            Instant::now(),
+        )
+        .unwrap(),
+    );
+    vmm.load_payload().unwrap();
+    vmm.vm()
+        .memory()
+        .write_slice(&region, GuestAddress(16 << 20))
+        .unwrap();
+    vmm.start().unwrap();
+    let mut check = vec![0u8; region.len()];
+    vmm.vm()
+        .memory()
+        .read_slice(&mut check, GuestAddress(16 << 20))
+        .unwrap();
+    assert!(check == region, "the marker is in the guest's memory");
+
+    let mut dst = Vmm::start(root.path(), &name, &text, Some("127.0.0.1:0"), &[]).unwrap();
+    let (addr, token) = dst.incoming.clone().unwrap();
+    let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
+    let capture = Capture::start(root.path(), port);
+    let args = MigrateArgs {
+        destination: addr,
+        token,
+        // A cap tcpdump keeps up with, so that the capture holds the whole stream.
+        policy: serde_json::from_str(r#"{"maxDowntime":"30ms","bandwidth":"64MiB/s"}"#).unwrap(),
+        connections: Some(2),
+    };
+    send::start(&vmm, args).unwrap();
+    wait_until("the migration", Duration::from_secs(30), || {
+        !vmm.migration().active()
+    });
+    let status = vmm.migration().status().clone();
+    assert_eq!(status.phase, MigrationPhase::Completed, "{status:?}");
+    vmm.stop_vcpus(Duration::from_secs(2));
+    let (bytes, said) = capture.finish();
+    assert!(
+        bytes.len() as u64 >= status.bytes_sent,
+        "the capture holds {} bytes of a {}-byte stream: {said}",
+        bytes.len(),
+        status.bytes_sent
+    );
+    assert!(status.bytes_sent >= region.len() as u64);
+    assert!(
+        !contains(&bytes, &marker),
+        "guest memory is readable on the wire"
+    );
+    // The destination has the marker (its memory is verified by the guest's own
+    // checks; the marker pages came through whole).
+    dst.socket = root.path().join("guests").join(&name).join("control.sock");
+    wait_until("the handover", Duration::from_secs(15), || {
+        dst.socket.exists()
+    });
+    dst.assert_beating();
+    dst.client().shutdown(Duration::from_secs(10)).unwrap();
+    assert_eq!(dst.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
+fn getrandom_fill(bytes: &mut [u8]) {
+    let mut f = std::fs::File::open("/dev/urandom").unwrap();
+    f.read_exact(bytes).unwrap();
+    for b in bytes.iter_mut() {
+        // Printable, so a failure message shows it.
+        *b = b'a' + *b % 26;
+    }
+}
+
+fn serde_yaml_from(text: &str) -> berth_schema::Guest {
+    serde_yaml::from_str(text).expect("a Guest manifest")
 }

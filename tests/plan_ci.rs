@@ -228,3 +228,36 @@ fn the_working_tree_is_not_read() {
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(Path::new(&repo.dir).join(".git").exists());
 }
+
+#[test]
+fn ci_mode_classifies_by_each_hosts_driver() {
+    let repo = Repo::new("capabilities");
+    let host = "apiVersion: berth.dev/v1\nkind: Host\nmetadata: {name: kvm01}\n\
+                spec: {address: '127.0.0.1:7410', cpus: '0-1', memory: 4GiB, driver: local}\n";
+    let guest = |extra: &str| {
+        format!(
+            "apiVersion: berth.dev/v1\nkind: Guest\nmetadata: {{name: web-1}}\n\
+             spec:\n  host: kvm01\n  cpu: {{vcpus: 1}}\n  memory: {{size: 64MiB{extra}}}\n"
+        )
+    };
+    repo.write("hosts.yaml", host);
+    repo.write("guests.yaml", &guest(""));
+    repo.commit("base");
+    repo.write(
+        "guests.yaml",
+        &guest(", sharePages: true, numa: {mode: strict, nodeset: '0'}"),
+    );
+    repo.commit("head");
+    let out = repo.plan(&CI);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(2), "{text}\n{}", stderr(&out));
+    // berth-vmm sets KSM advice and the NUMA policy when it maps guest memory: the plan
+    // says so, with no host access, from the Host manifest's driver.
+    for line in [
+        "<-> guest web-1: migrate locally into a new VMM on kvm01",
+        "spec.memory.sharePages: false -> true  (local migration)",
+    ] {
+        assert!(text.contains(line), "missing {line:?} in:\n{text}");
+    }
+    assert!(!text.contains("(live)"), "{text}");
+}

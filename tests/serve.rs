@@ -214,6 +214,22 @@ fn guest<'a>(status: &'a Value, name: &str) -> Option<&'a Value> {
         .find(|g| g["name"] == name)
 }
 
+/// The service's condition of type `kind` (`Null` when absent).
+fn condition<'a>(status: &'a Value, kind: &str) -> &'a Value {
+    status["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == kind))
+        .unwrap_or(&Value::Null)
+}
+
+/// A guest's condition of type `kind`; it must be there.
+fn guest_condition<'a>(guest: &'a Value, kind: &str) -> &'a Value {
+    guest["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == kind))
+        .unwrap_or_else(|| panic!("no {kind} condition: {guest}"))
+}
+
 fn metric(serve: &Serve, line_start: &str) -> Option<f64> {
     let (_, text) = http(&serve.addr, "GET", "/metrics", &[], "");
     text.lines()
@@ -237,11 +253,27 @@ fn commits_are_applied_through_the_watch_and_invalid_ones_are_refused() {
         &[],
     );
 
-    let status = serve.wait_for("the first revision applied", applied(&first));
+    let status = serve.wait_for("the first revision applied", |s| {
+        applied(&first)(s) && condition(s, "Ready")["status"] == "True"
+    });
     assert_eq!(status["host"], "kvm01");
     assert_eq!(status["driver"], "sim");
     assert_eq!(status["ready"], true);
     assert_eq!(guest(&status, "web-1").expect("web-1")["phase"], "Running");
+    // Kubernetes-style: the service's and the guest's conditions, the revisions.
+    assert_eq!(status["lastAppliedRevision"], first.as_str());
+    assert_eq!(status["lastAttemptedRevision"], first.as_str());
+    assert_eq!(condition(&status, "Ready")["reason"], "Converged");
+    let web = guest(&status, "web-1").expect("web-1");
+    assert_eq!(web["observedRevision"], first.as_str());
+    let ready = guest_condition(web, "Ready");
+    assert_eq!(
+        (&ready["status"], &ready["reason"]),
+        (&"True".into(), &"InSync".into())
+    );
+    assert!(ready["lastTransitionTime"]
+        .as_str()
+        .is_some_and(|t| t.ends_with('Z')));
     assert!(
         guest(&status, "db-1").is_none(),
         "kvm02's guest is not acted on here"
@@ -250,11 +282,15 @@ fn commits_are_applied_through_the_watch_and_invalid_ones_are_refused() {
     // A live change, noticed through the filesystem watch (poll is 1 h, no webhook).
     let committed = Instant::now();
     let second = repo.commit(&[("guests.yaml", &guests(300))], "io weight 300");
-    serve.wait_for("the second revision applied", applied(&second));
+    let status = serve.wait_for("the second revision applied", |s| {
+        applied(&second)(s)
+            && guest(s, "web-1").is_some_and(|g| g["observedRevision"] == second.as_str())
+    });
     eprintln!(
         "commit to applied through the watch: {:?}",
         committed.elapsed()
     );
+    let web_ready = guest_condition(guest(&status, "web-1").expect("web-1"), "Ready").clone();
     assert_eq!(
         metric(&serve, "berth_actions_total{kind=\"retune\",result=\"ok\"}"),
         Some(1.0)
@@ -281,6 +317,18 @@ fn commits_are_applied_through_the_watch_and_invalid_ones_are_refused() {
     assert_eq!(status["enforcing"], second.as_str());
     assert_eq!(status["lastApplied"]["revision"], second.as_str());
     assert_eq!(status["source"]["revision"], third.as_str());
+    assert_eq!(status["lastAppliedRevision"], second.as_str());
+    assert_eq!(status["lastAttemptedRevision"], third.as_str());
+    let stalled = condition(&status, "Stalled");
+    assert_eq!(
+        (&stalled["status"], &stalled["reason"]),
+        (&"True".into(), &"RevisionInvalid".into())
+    );
+    assert_eq!(condition(&status, "Ready")["status"], "False");
+    // web-1 stayed ready all along: its Ready condition did not flip, nor its time.
+    let web = guest(&status, "web-1").expect("web-1");
+    assert_eq!(guest_condition(web, "Ready"), &web_ready);
+    assert_eq!(web["observedRevision"], second.as_str());
 
     // `berth status` prints the same as a table.
     let out = command("berth")
@@ -294,6 +342,27 @@ fn commits_are_applied_through_the_watch_and_invalid_ones_are_refused() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(table.contains("guests.yaml:8:"), "{table}");
+    assert!(
+        table.contains("Ready=False (RevisionInvalid), Stalled=True (RevisionInvalid)"),
+        "{table}"
+    );
+    assert!(
+        table.lines().any(|l| l.starts_with("web-1")
+            && l.contains("True (InSync)")
+            && l.contains(&second[..12])),
+        "{table}"
+    );
+    // And -o yaml (or the old --json) the same document as /status.
+    for args in [&["-o", "yaml"][..], &["--json"], &["-o", "json"]] {
+        let out = command("berth")
+            .args(["status", "--server", &format!("http://{}", serve.addr)])
+            .args(args)
+            .output()
+            .expect("berth status");
+        assert!(out.status.success(), "{args:?}");
+        let doc: Value = serde_yaml::from_slice(&out.stdout).expect("YAML (JSON is YAML)");
+        assert_eq!(doc["lastAttemptedRevision"], third.as_str(), "{args:?}");
+    }
     assert!(
         table
             .lines()
@@ -346,6 +415,57 @@ fn webhooks_need_a_valid_signature() {
     assert_eq!(code, 202, "{answer}");
     serve.wait_for("the second revision applied", applied(&second));
     eprintln!("webhook to applied: {:?}", sent.elapsed());
+
+    // A body over the limit (25 MiB, README) gets a JSON error and a log line.
+    let (code, answer) = oversized_webhook(&serve.addr, (25 << 20) + 1);
+    assert_eq!(code, 413, "{answer}");
+    let error: Value = serde_json::from_str(&answer).expect("a JSON error");
+    assert_eq!(
+        error["error"], "webhook refused: the body is larger than 26214400 bytes",
+        "{answer}"
+    );
+    assert!(
+        serve
+            .log()
+            .contains("webhook refused: its body could not be read"),
+        "{}",
+        serve.log()
+    );
+}
+
+/// POSTs a `len`-byte webhook body (spaces) and returns the answer; the service may
+/// answer before the body is sent whole, so a failed write is not an error.
+fn oversized_webhook(addr: &str, len: usize) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        stream,
+        "POST /hooks/git HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+         X-Hub-Signature-256: sha256=00\r\nContent-Length: {len}\r\n\r\n"
+    )
+    .expect("send the head");
+    let chunk = vec![b' '; 1 << 20];
+    let mut sent = 0;
+    while sent < len {
+        let n = chunk.len().min(len - sent);
+        if stream.write_all(&chunk[..n]).is_err() {
+            break;
+        }
+        sent += n;
+    }
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    let response = String::from_utf8_lossy(&response);
+    let (head, body) = response.split_once("\r\n\r\n").expect("an answer");
+    let code = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, body.to_owned())
 }
 
 #[test]
@@ -372,6 +492,11 @@ fn a_restart_adopts_running_guests_and_never_starts_them_twice() {
     assert!(
         serve.log().contains("guests keep running"),
         "{}",
+        serve.log()
+    );
+    assert!(
+        !serve.log().contains("cancelling"),
+        "no migration was in flight, none is said to be cancelled:\n{}",
         serve.log()
     );
     let fleet = fs::read_to_string(state.join("sim-fleet.json")).expect("fleet state");
@@ -468,4 +593,147 @@ fn a_guest_moving_here_is_not_started_while_its_old_host_runs_it() {
     assert_eq!(web["phase"], "Running", "{web}");
     assert_eq!(web["runsHere"], true);
     assert_eq!(metric(&kvm02, starts), Some(2.0));
+}
+
+/// What Prometheus 2.42 sends when it scrapes (scrape/scrape.go, `acceptHeader`).
+const PROMETHEUS_2_42_ACCEPT: &str = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+
+/// `GET /metrics` with `accept`: (Content-Type, body).
+fn scrape(addr: &str, accept: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nAccept: {accept}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    let (head, body) = response.split_once("\r\n\r\n").expect("a response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let content_type = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-type")
+                .then(|| value.trim().to_owned())
+        })
+        .expect("a Content-Type");
+    (content_type, body.to_owned())
+}
+
+/// promtool (Debian package `prometheus`, installed by .ci/run). Not there is a failure,
+/// never a skipped check.
+fn promtool() -> &'static str {
+    let found = std::process::Command::new("promtool")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        found,
+        "promtool is needed (apt-get install prometheus; .ci/run installs it)"
+    );
+    "promtool"
+}
+
+#[test]
+fn metrics_answer_in_the_format_the_scraper_asks_for_and_pass_promtool() {
+    use std::io::Write;
+    let promtool = promtool();
+    let tmp = tempdir();
+    let repo = GitRepo::new(tmp.path().join("repo"));
+    let first = repo.commit(
+        &[("hosts.yaml", HOSTS), ("guests.yaml", &guests(100))],
+        "first",
+    );
+    let serve = Serve::start(
+        &repo.dir,
+        &tmp.path().join("state"),
+        tmp.path().join("serve.log"),
+        &[],
+    );
+    serve.wait_for("the first revision applied", applied(&first));
+    let second = repo.commit(&[("guests.yaml", &guests(300))], "io weight 300");
+    serve.wait_for("the second revision applied", applied(&second));
+
+    // Prometheus 2.42 prefers OpenMetrics and gets it.
+    let (content_type, openmetrics) = scrape(&serve.addr, PROMETHEUS_2_42_ACCEPT);
+    assert_eq!(
+        content_type,
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    );
+    assert!(openmetrics.ends_with("# EOF\n"), "{openmetrics}");
+    assert!(openmetrics.contains("# TYPE berth_actions counter\n"));
+    // promtool's OpenMetrics parser (the one of its backfill, strict about `# EOF`)
+    // reads it; backfilling needs a timestamp per sample, so one is added.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let stamped: String = openmetrics
+        .lines()
+        .map(|l| {
+            if l.starts_with('#') {
+                format!("{l}\n")
+            } else {
+                format!("{l} {now}\n")
+            }
+        })
+        .collect();
+    let om_file = tmp.path().join("metrics.om");
+    fs::write(&om_file, stamped).expect("write");
+    let out = std::process::Command::new(promtool)
+        .args(["tsdb", "create-blocks-from", "openmetrics"])
+        .arg(&om_file)
+        .arg(tmp.path().join("blocks"))
+        .output()
+        .expect("run promtool");
+    assert!(
+        out.status.success(),
+        "promtool reads the OpenMetrics output: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Asked for the text format 0.0.4 (as `curl -H 'Accept: text/plain;version=0.0.4'`
+    // for `promtool check metrics`), it gets that, and promtool's linter finds nothing.
+    let (content_type, text) = scrape(&serve.addr, "text/plain;version=0.0.4");
+    assert_eq!(content_type, "text/plain; version=0.0.4; charset=utf-8");
+    assert!(!text.contains("# EOF"), "{text}");
+    assert!(
+        text.contains("# TYPE berth_actions_total counter\n"),
+        "{text}"
+    );
+    assert!(text.contains("berth_actions_total{kind=\"retune\",result=\"ok\"} 1\n"));
+    let mut child = std::process::Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run promtool");
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(text.as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("promtool");
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "promtool check metrics: {}{}\non:\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Every metric is listed in the README, by its full name.
+    let readme =
+        fs::read_to_string(berth_tests::workspace_root().join("README.md")).expect("README.md");
+    for family in text.lines().filter_map(|l| l.strip_prefix("# TYPE ")) {
+        let name = family.split(' ').next().expect("a name");
+        assert!(
+            readme.contains(&format!("`{name}`")) || readme.contains(&format!("`{name}{{")),
+            "README.md does not list {name}"
+        );
+    }
 }

@@ -884,15 +884,16 @@ fn stopping_the_destination_mid_migration_keeps_the_guest_on_the_source() {
         a.guest_status(&name).is_some_and(|g| {
             g["conditions"]
                 .as_array()
-                .is_some_and(|c| c.iter().any(|c| c["type"] == "Failed"))
+                .is_some_and(|c| c.iter().any(|c| c["type"] == "MigrationFailed"))
         })
     });
     let g = a.guest_status(&name).expect("listed");
     let failed = g["conditions"]
         .as_array()
-        .and_then(|c| c.iter().find(|c| c["type"] == "Failed"))
-        .expect("a Failed condition")
+        .and_then(|c| c.iter().find(|c| c["type"] == "MigrationFailed"))
+        .expect("a MigrationFailed condition")
         .to_string();
+    assert!(failed.contains("OutgoingMigrationFailed"), "{failed}");
     assert!(failed.contains("stays on kvm01"), "{failed}");
     assert_eq!(
         vmm_pid(a, &name),
@@ -939,13 +940,13 @@ fn sigterm_on_the_source_mid_migration_cancels_it_and_the_guest_stays() {
         },
     );
     assert_eq!(fleet.hosts[0].terminate(), Some(0), "a clean stop");
-    assert!(
-        fleet.hosts[0]
-            .log_text()
-            .contains("cancelling the migration"),
-        "{}",
-        fleet.hosts[0].log_text()
-    );
+    let log = fleet.hosts[0].log_text();
+    assert!(log.contains("cancelling the migration"), "{log}");
+    let stopping = log
+        .lines()
+        .find(|l| l.contains("stopping: cancelling the migrations in flight"))
+        .unwrap_or_else(|| panic!("the stop names the migration in flight:\n{log}"));
+    assert!(stopping.contains(&name), "{stopping}");
     assert_eq!(
         vmm_pid(&fleet.hosts[0], &name),
         Some(pid),

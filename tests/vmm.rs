@@ -390,7 +390,7 @@ fn hugepage_guest_takes_exactly_its_pages_and_gives_them_back() {
     let err = Vmm::start(&unique("hb-short"), &text)
         .err()
         .expect("refused");
-    assert_eq!(err.code, Some(2), "{}", err.stderr);
+    assert_eq!(err.code, Some(1), "{}", err.stderr);
     assert!(
         err.stderr.contains(&format!(
             "needs 512 pages of 2MiB, {} free",
@@ -632,7 +632,7 @@ fn bad_inputs_are_refused_with_clear_messages() {
                 "{name}: cgroup left behind"
             );
         }
-        assert_eq!(err.code, Some(2), "{expected}: {}", err.stderr);
+        assert_eq!(err.code, Some(1), "{expected}: {}", err.stderr);
         assert!(
             err.stderr.contains(expected),
             "expected {expected:?} in {}",

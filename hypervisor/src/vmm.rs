@@ -39,6 +39,9 @@ pub enum VmmEvent {
         /// Why (logged).
         reason: String,
     },
+    /// SIGTERM, SIGINT or SIGHUP (named): a shutdown, except while a migration's
+    /// switchover is unknown (see [`Vmm::run_until_shutdown`]).
+    Signal(&'static str),
 }
 
 /// Why the VMM could not be built or a request failed.
@@ -813,14 +816,34 @@ impl Vmm {
         });
     }
 
+    /// Whether a shutdown was asked for.
+    pub fn shutting_down(&self) -> bool {
+        lock(&self.lifecycle).shutting_down
+    }
+
     /// Serves the VMM's events until a shutdown is asked for (or the channel closes),
     /// then stops the vCPUs, waiting at most the shutdown's timeout. The caller then
     /// releases the guest's files and cgroup.
+    ///
+    /// A termination signal is refused while the migration is in `switchoverUnknown`:
+    /// this VMM holds the only copy of the guest that is sure not to have run elsewhere,
+    /// and exiting would lose it if the destination did not run it. `migrateResolve`
+    /// ends that state; `shutdown` with `force: true` (or SIGKILL) overrides it.
     pub fn run_until_shutdown(&self, inbox: &std::sync::mpsc::Receiver<VmmEvent>) {
         let (timeout, reason) = loop {
             match inbox.recv() {
                 Ok(VmmEvent::Vcpu(event)) => self.on_vcpu_event(&event),
                 Ok(VmmEvent::Shutdown { timeout, reason }) => break (timeout, reason),
+                Ok(VmmEvent::Signal(name)) if self.migration().switchover_unknown() => {
+                    eprintln!(
+                        "berth-vmm: {name} refused: the migration's switchover is unknown \
+                         (answer it with migrateResolve, or shut down with force: true)"
+                    );
+                }
+                Ok(VmmEvent::Signal(name)) => {
+                    lock(&self.lifecycle).shutting_down = true;
+                    break (Duration::from_secs(5), format!("{name} received"));
+                }
                 Err(_) => break (Duration::from_secs(5), "event channel closed".into()),
             }
         };

@@ -12,7 +12,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use berth_reconciler::driver::{Driver, SimDriver};
+use berth_reconciler::driver::{Driver, FleetCapabilities, SimDriver};
 use berth_reconciler::model::{Desired, Observed};
 use berth_reconciler::{git, plan};
 use berth_schema::{
@@ -170,11 +170,11 @@ fn bench_sim(guests: usize, hosts: usize) {
     let sim = SimDriver::from_manifests(&base);
     let (observed, observe_time, _) = measure(|| sim.observe().expect("observe"));
     // Warm up once, then take the best of three.
-    let _ = plan(&head, &observed);
+    let _ = plan(&head, &observed, &FleetCapabilities::default());
     let mut best: Option<(Duration, usize)> = None;
     let mut result = None;
     for _ in 0..3 {
-        let (p, t, peak) = measure(|| plan(&head, &observed));
+        let (p, t, peak) = measure(|| plan(&head, &observed, &FleetCapabilities::default()));
         if best.is_none_or(|(bt, _)| t < bt) {
             best = Some((t, peak));
         }
@@ -218,9 +218,34 @@ fn write_revision(dir: &Path, d: &Desired) {
     }
 }
 
-fn bench_ci(guests: usize, hosts: usize) {
+/// CPU time used by this process so far (user + system, every thread), from
+/// `/proc/self/stat`, in clock ticks of 10 ms.
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let ticks: u64 = after_name
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|f| f.parse::<u64>().ok())
+        .sum();
+    Duration::from_millis(ticks * 10)
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// CI mode, `runs` times; the repository is left in `keep` when given (to time the
+/// real `berth plan --base HEAD~1 --head HEAD` on it), else removed.
+fn bench_ci(guests: usize, hosts: usize, runs: usize, keep: Option<&Path>) {
     let (base, head) = fleet(guests, hosts);
-    let dir = std::env::temp_dir().join(format!("berth-bench-ci-{}", std::process::id()));
+    let dir = keep.map_or_else(
+        || std::env::temp_dir().join(format!("berth-bench-ci-{}", std::process::id())),
+        Path::to_path_buf,
+    );
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("mkdir");
     git_in(&dir, &["init", "-q"]);
@@ -253,37 +278,76 @@ fn bench_ci(guests: usize, hosts: usize) {
             let head = Desired::from_manifests(&head.manifests);
             let base = Desired::from_manifests(&base.1.manifests);
             let observed = Observed::baseline(&base, &head);
-            plan(&head, &observed)
+            plan(&head, &observed, &FleetCapabilities::default())
         });
         (files, p, [read_and_load - load, load, planning])
     };
-    let ((files, p, parts), t, peak) = measure(run);
+    let mut totals = Vec::new();
+    let mut cpus = Vec::new();
+    let mut parts_seen = Vec::new();
+    let mut outcome = None;
+    for _ in 0..runs {
+        let cpu_start = cpu_time();
+        let ((files, p, parts), t, peak) = measure(run);
+        cpus.push(cpu_time().saturating_sub(cpu_start));
+        totals.push(t);
+        parts_seen.push(parts);
+        outcome = Some((files, p.steps.len(), peak));
+    }
+    let (files, steps, peak) = outcome.expect("at least one run");
+    let median = |mut v: Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    println!(
-        "| CI mode: {files} files x 2 revisions, {guests} guests, {hosts} hosts | {} steps | \
-         total {:.0} ms (git read {:.0}, parse+validate {:.0}, plan {:.0}; both revisions in parallel) | peak {:.1} MiB |",
-        p.steps.len(),
-        ms(t),
-        ms(parts[0]),
-        ms(parts[1]),
-        ms(parts[2]),
-        mib(peak)
+    let part = |i: usize| ms(median(parts_seen.iter().map(|p| p[i]).collect()));
+    let (min, max) = (
+        totals.iter().min().copied().unwrap_or_default(),
+        totals.iter().max().copied().unwrap_or_default(),
     );
-    let _ = std::fs::remove_dir_all(&dir);
+    println!(
+        "| CI mode: {files} files x 2 revisions, {guests} guests, {hosts} hosts | {steps} steps | \
+         total median {:.0} ms (min {:.0}, max {:.0}, {runs} runs; git read {:.0}, parse+validate {:.0}, plan {:.0}; \
+         both revisions in parallel) | CPU median {:.0} ms | peak {:.1} MiB | load average {} |",
+        ms(median(totals.clone())),
+        ms(min),
+        ms(max),
+        part(0),
+        part(1),
+        part(2),
+        ms(median(cpus)),
+        mib(peak),
+        load_average()
+    );
+    if keep.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
 
 fn main() {
     // `cargo bench` passes `--bench`; `cargo test --benches` runs this with no flag:
-    // keep that run small.
-    let full = std::env::args().any(|a| a == "--bench");
-    println!("| guests  | hosts  | actions | waves | observe ms | plan ms   | plan peak MiB |");
-    println!("|--------:|-------:|--------:|------:|-----------:|----------:|--------------:|");
+    // keep that run small. `-- --ci` runs CI mode only; `-- --keep-repo DIR` leaves its
+    // repository in DIR.
+    let args: Vec<String> = std::env::args().collect();
+    let full = args.iter().any(|a| a == "--bench");
+    let ci_only = args.iter().any(|a| a == "--ci");
+    let keep = args
+        .iter()
+        .position(|a| a == "--keep-repo")
+        .and_then(|i| args.get(i + 1))
+        .map(Path::new);
+    if !ci_only {
+        println!("| guests  | hosts  | actions | waves | observe ms | plan ms   | plan peak MiB |");
+        println!("|--------:|-------:|--------:|------:|-----------:|----------:|--------------:|");
+    }
     if full {
-        for (guests, hosts) in [(1_000, 100), (10_000, 1_000), (100_000, 10_000)] {
-            bench_sim(guests, hosts);
+        if !ci_only {
+            for (guests, hosts) in [(1_000, 100), (10_000, 1_000), (100_000, 10_000)] {
+                bench_sim(guests, hosts);
+            }
+            println!();
         }
-        println!();
-        bench_ci(10_000, 1_000);
+        bench_ci(10_000, 1_000, 7, keep);
     } else {
         bench_sim(1_000, 100);
     }

@@ -114,7 +114,7 @@ pub fn execute_step(
 mod tests {
     use super::*;
     use crate::driver::sim::SimOp;
-    use crate::driver::SimDriver;
+    use crate::driver::{FleetCapabilities, SimDriver};
     use crate::model::Observed;
 
     fn desired(yaml: &str) -> Desired {
@@ -157,7 +157,11 @@ spec: {{host: h1, cpu: {{vcpus: 1}}, memory: {{size: 2GiB}}}}
 "
         ));
         let sim = SimDriver::from_manifests(&base);
-        let plan = crate::plan(&head, &Observed::as_written(&base));
+        let plan = crate::plan(
+            &head,
+            &Observed::as_written(&base),
+            &FleetCapabilities::default(),
+        );
         assert_eq!(plan.waves(), 2, "{plan:#?}");
         sim.inject_fault(SimOp::Stop, "a");
         let report = execute(&plan, &head, &sim);

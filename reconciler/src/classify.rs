@@ -2,8 +2,14 @@
 //!
 //! The table lives in exactly two functions: [`rule`] says what kind of change a field
 //! is (the left column), [`resolve`] turns that into how berth applies it given the
-//! guest's policies and the destination (the right column). Everything else in the
-//! reconciler asks these two.
+//! guest's policies, the destination and what the host's driver declares it can do
+//! ([`Capabilities`]) (the right column). Everything else in the reconciler asks these
+//! two.
+//!
+//! A change the table calls live but the driver does not make live is applied like a
+//! restart-class change: a local migration when the driver can make one, else a restart
+//! when the policy allows, else blocked, with the reason. So a change is never shown
+//! live unless the driver will make it live.
 //!
 //! Decisions beyond the table, so that an operator can predict them:
 //! - `migration.mode: cold` is the operator's consent to stop and start the guest
@@ -22,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use berth_schema::{MigrationMode, MigrationPolicy, NumaSpec, RestartPolicy};
 
 use crate::diff::Field;
+use crate::driver::{Capabilities, CrossHost};
 use crate::model::ObservedGuest;
 
 /// What kind of change a field change is (the left column of DESIGN.md's table).
@@ -124,35 +131,73 @@ pub struct Policy {
     pub restart: RestartPolicy,
 }
 
-/// How a change of kind `rule` is applied under `policy`; `destination` is the outcome
-/// of the migration pre-checks, needed for [`Rule::Placement`] only.
+/// How a change of kind `rule` is applied under `policy` by a driver that declares
+/// `capabilities` (the source host's, for a move); `destination` is the outcome of the
+/// migration pre-checks, needed for [`Rule::Placement`] only.
 pub fn resolve(
     field: Field,
     rule: Rule,
     policy: Policy,
     destination: Option<&Destination>,
+    capabilities: &Capabilities,
 ) -> ChangeClass {
     let cold = policy.migration.mode == MigrationMode::Cold;
-    let may_restart = policy.restart == RestartPolicy::IfRequired;
+    let may_restart = policy.restart == RestartPolicy::IfRequired && capabilities.restart;
+    let driver = capabilities.driver;
     match rule {
-        Rule::Live => ChangeClass::Live,
-        Rule::RestartClass if cold => ChangeClass::Cold,
-        Rule::RestartClass => ChangeClass::LocalMigration,
+        Rule::Live if capabilities.changes_live(field) => ChangeClass::Live,
+        Rule::Live | Rule::RestartClass => {
+            let why = if rule == Rule::Live {
+                format!("the {driver} driver cannot change {field} in a running guest")
+            } else {
+                format!("{field} needs a new VMM")
+            };
+            if cold && capabilities.restart {
+                ChangeClass::Cold
+            } else if capabilities.local_migration {
+                ChangeClass::LocalMigration
+            } else if may_restart {
+                ChangeClass::Restart
+            } else {
+                ChangeClass::Blocked(format!(
+                    "{why} and the {driver} driver cannot migrate it locally into one; \
+                     set restartPolicy: ifRequired to allow a restart"
+                ))
+            }
+        }
         Rule::NeedsRestart if may_restart => ChangeClass::Restart,
         Rule::NeedsRestart => ChangeClass::Blocked(format!(
             "{field} cannot decrease in a running guest (no hot-remove) and restartPolicy is never; \
              set restartPolicy: ifRequired to allow a restart"
         )),
-        Rule::Placement => match destination.unwrap_or(&Destination::Compatible) {
-            Destination::Unusable(reason) => ChangeClass::Blocked(reason.clone()),
-            Destination::Compatible if cold => ChangeClass::Cold,
-            Destination::Compatible => ChangeClass::Migration,
-            Destination::CpuDiffers(_) if cold || may_restart => ChangeClass::Cold,
-            Destination::CpuDiffers(reason) => ChangeClass::Blocked(format!(
-                "{reason}: no live migration; set restartPolicy: ifRequired or \
-                 migration.mode: cold to move it cold"
-            )),
-        },
+        Rule::Placement => {
+            let cpu_differs = match destination.unwrap_or(&Destination::Compatible) {
+                Destination::Unusable(reason) => return ChangeClass::Blocked(reason.clone()),
+                Destination::Compatible => None,
+                Destination::CpuDiffers(reason) => Some(reason.clone()),
+            };
+            let why_not_live = match (capabilities.cross_host, cpu_differs) {
+                (CrossHost::No, _) => {
+                    return ChangeClass::Blocked(format!(
+                        "the {driver} driver does not move guests to other hosts"
+                    ))
+                }
+                (CrossHost::Live, None) if cold => return ChangeClass::Cold,
+                (CrossHost::Live, None) => return ChangeClass::Migration,
+                (CrossHost::Live, Some(reason)) => reason,
+                (CrossHost::Cold, _) => {
+                    format!("the {driver} driver moves guests to other hosts only cold")
+                }
+            };
+            if cold || may_restart {
+                ChangeClass::Cold
+            } else {
+                ChangeClass::Blocked(format!(
+                    "{why_not_live}: no live migration; set restartPolicy: ifRequired or \
+                     migration.mode: cold to move it cold"
+                ))
+            }
+        }
     }
 }
 
@@ -216,6 +261,7 @@ mod tests {
     use berth_schema::{Bytes, CpuMode, CpuSet, MemTune, NumaMode, PageSize, Pinning};
 
     use super::*;
+    use crate::driver::DriverKind;
     use crate::model::{CpuInfo, ObservedCpu, ObservedMemory};
 
     fn guest() -> ObservedGuest {
@@ -283,7 +329,8 @@ mod tests {
         assert_eq!(diffs.len(), 1, "the edit changes one field: {diffs:?}");
         let field = diffs[0].field;
         let r = rule(field, &observed, &wanted);
-        (field, resolve(field, r, policy, Some(&dest)))
+        let caps = DriverKind::Local.capabilities();
+        (field, resolve(field, r, policy, Some(&dest), &caps))
     }
 
     fn pin(g: &mut ObservedGuest) {
@@ -479,11 +526,7 @@ mod tests {
     }
 
     #[test]
-    fn share_pages_and_metadata_are_live() {
-        assert_eq!(
-            classify(|g| g.memory.share_pages = true, live_policy()),
-            (Field::SharePages, ChangeClass::Live)
-        );
+    fn metadata_is_live_and_share_pages_follows_the_local_driver() {
         assert_eq!(
             classify(
                 |g| {
@@ -493,6 +536,76 @@ mod tests {
             ),
             (Field::Labels, ChangeClass::Live)
         );
+        // berth-vmm gives KSM advice when it maps guest memory: a new VMM.
+        assert_eq!(
+            classify(|g| g.memory.share_pages = true, live_policy()),
+            (Field::SharePages, ChangeClass::LocalMigration)
+        );
+    }
+
+    fn with_caps(
+        field: Field,
+        rule: Rule,
+        policy: Policy,
+        edit: impl FnOnce(&mut Capabilities),
+    ) -> ChangeClass {
+        let mut caps = DriverKind::Local.capabilities();
+        edit(&mut caps);
+        resolve(field, rule, policy, Some(&Destination::Compatible), &caps)
+    }
+
+    #[test]
+    fn a_change_the_driver_cannot_make_live_is_never_live() {
+        let no_share = |c: &mut Capabilities| {
+            c.live.remove(&Field::IoWeight);
+        };
+        assert_eq!(
+            with_caps(Field::IoWeight, Rule::Live, live_policy(), no_share),
+            ChangeClass::LocalMigration
+        );
+        let nothing_local = |c: &mut Capabilities| {
+            c.live.remove(&Field::IoWeight);
+            c.local_migration = false;
+        };
+        let class = with_caps(Field::IoWeight, Rule::Live, live_policy(), nothing_local);
+        let ChangeClass::Blocked(reason) = class else {
+            panic!("expected blocked, got {class:?}")
+        };
+        assert!(
+            reason.contains("the local driver cannot change spec.io.weight in a running guest"),
+            "{reason}"
+        );
+        assert_eq!(
+            with_caps(Field::IoWeight, Rule::Live, restart_policy(), nothing_local),
+            ChangeClass::Restart
+        );
+        assert_eq!(
+            with_caps(
+                Field::Hugepages,
+                Rule::RestartClass,
+                restart_policy(),
+                nothing_local
+            ),
+            ChangeClass::Restart
+        );
+    }
+
+    #[test]
+    fn placement_follows_how_the_driver_moves_guests() {
+        let cold_only = |c: &mut Capabilities| c.cross_host = CrossHost::Cold;
+        let class = with_caps(Field::Host, Rule::Placement, live_policy(), cold_only);
+        assert!(
+            matches!(class, ChangeClass::Blocked(ref r) if r.contains("only cold")),
+            "{class:?}"
+        );
+        assert_eq!(
+            with_caps(Field::Host, Rule::Placement, cold_policy(), cold_only),
+            ChangeClass::Cold
+        );
+        let class = with_caps(Field::Host, Rule::Placement, cold_policy(), |c| {
+            c.cross_host = CrossHost::No
+        });
+        assert!(matches!(class, ChangeClass::Blocked(_)), "{class:?}");
     }
 
     #[test]

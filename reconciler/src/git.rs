@@ -45,7 +45,7 @@ pub enum GitError {
 pub struct Revision {
     /// The full commit id the revision resolved to.
     pub commit: String,
-    /// Manifest files (`*.yaml`, `*.yml`, outside hidden directories), by path.
+    /// Manifest files (`*.yaml`, `*.yml`, `*.json`, outside hidden directories), by path.
     pub files: Vec<(String, Vec<u8>)>,
 }
 

@@ -1,24 +1,32 @@
 //! The berth reconciler: observe what runs, diff it against the manifests, classify each
 //! change, plan the actions in a safe order, and render the plan.
 //!
+//! The layers point one way:
 //! - [`model`]: the desired side (schema types) and the observed side ([`ObservedGuest`],
 //!   [`ObservedHost`]).
-//! - [`diff`] and [`classify`]: field changes and how each is applied (DESIGN.md's table).
-//! - [`plan`]: the pure, deterministic `plan(desired, observed) -> Plan`.
-//! - [`driver`]: the [`driver::Driver`] trait and `SimDriver`, a simulated fleet.
-//! - [`apply`]: runs a plan through a driver, wave by wave.
+//! - [`diff`] and [`classify`]: field changes and how each is applied (DESIGN.md's table),
+//!   from what the host's driver declares it can do.
+//! - [`mod@plan`]: the pure, deterministic `plan(desired, observed, capabilities) -> Plan`.
+//! - [`driver`]: the [`driver::Driver`] trait, what drivers declare
+//!   ([`driver::Capabilities`], [`driver::Scope`], [`driver::DriverKind`]), the local
+//!   driver (berth-vmm) and `SimDriver`, a simulated fleet.
+//! - [`fleet`]: coordination with the other hosts ([`fleet::Coordination`]: the start
+//!   guard, incoming migrations, switchover outcomes) and the cross-host migration built
+//!   on it.
+//! - [`apply`]: runs a plan through a driver, wave by wave; the only place with effects.
 //! - [`git`]: a revision's manifest files, read with the git CLI (no checkout).
 //! - [`machine`]: the Host manifest checked against this machine before acting.
 //! - [`output`]: the `-o/--output` flag every command that prints data shares.
 //! - [`render`]: the plan as text, JSON (with its JSON Schema) and markdown.
 //! - [`serve`]: `berth serve`, the host-resident service (git source, reconcile loop,
-//!   HTTP API), and `berth status`.
+//!   HTTP API, status, metrics), and `berth status`.
 #![warn(missing_docs)]
 
 pub mod apply;
 pub mod classify;
 pub mod diff;
 pub mod driver;
+pub mod fleet;
 pub mod git;
 pub mod machine;
 pub mod model;

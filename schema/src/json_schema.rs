@@ -42,6 +42,23 @@ pub fn json_schema() -> Value {
         }
     }
 
+    // A document may name its schema with `$schema`, as JSON editors expect; berth
+    // ignores it.
+    for kind in KINDS {
+        if let Some(Value::Object(properties)) = definitions
+            .get_mut(kind)
+            .and_then(|d| d.get_mut("properties"))
+        {
+            properties.insert(
+                crate::load::SCHEMA_KEY.into(),
+                json!({
+                    "type": "string",
+                    "description": "The JSON Schema of this document, for editors (such as this file's URL or path); berth ignores it."
+                }),
+            );
+        }
+    }
+
     let branches: Vec<Value> = KINDS
         .iter()
         .map(|kind| {

@@ -5,7 +5,7 @@
 //! checked against the schema, every clean document is checked against the others, and
 //! all problems come back together.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::fs;
 use std::io::Read;
@@ -15,7 +15,7 @@ use crate::diagnostic::{self, Diagnostic, Location};
 use crate::manifest::{Fleet, Guest, Host};
 use crate::node::{parse_documents, Node};
 use crate::semantic;
-use crate::source::{Manifest, Origin, SourceMap};
+use crate::source::{child_path, index_path, Manifest, Origin, SourceMap};
 use crate::structure::check_document;
 
 /// The largest manifest file read, in bytes. Manifests are small; anything larger is a
@@ -37,9 +37,20 @@ pub struct ManifestSet {
 }
 
 impl ManifestSet {
-    /// The guests placed on `host`, by name.
+    /// The guests placed on `host`, by name. This scans every guest: to visit the guests
+    /// of every host, index them once with [`ManifestSet::guests_by_host`].
     pub fn guests_on<'a>(&'a self, host: &'a str) -> impl Iterator<Item = &'a Manifest<Guest>> {
         self.guests.values().filter(move |g| g.spec.host == host)
+    }
+
+    /// Every guest, grouped by the host it is placed on (hosts without a Host document
+    /// included), each group by name: one pass over the guests.
+    pub fn guests_by_host(&self) -> HashMap<&str, Vec<&Manifest<Guest>>> {
+        let mut by_host: HashMap<&str, Vec<&Manifest<Guest>>> = HashMap::new();
+        for guest in self.guests.values() {
+            by_host.entry(&guest.spec.host).or_default().push(guest);
+        }
+        by_host
     }
 }
 
@@ -85,7 +96,7 @@ impl fmt::Display for Invalid {
 impl std::error::Error for Invalid {}
 
 /// Loads and validates the manifests at `path`: a directory (searched recursively for
-/// `*.yaml` and `*.yml`, in sorted order, skipping hidden entries such as `.git`) or a
+/// `*.yaml`, `*.yml` and `*.json`, in sorted order, skipping hidden entries such as `.git`) or a
 /// single file. File names in diagnostics start with `path` as given.
 ///
 /// # Errors
@@ -153,10 +164,41 @@ where
     load_sources("the repository", sources, diagnostics)
 }
 
-/// Whether `path` names a manifest file by its extension.
+/// Whether `path` names a manifest file by its extension: `.yaml`, `.yml` or `.json`.
 pub fn is_manifest_file(path: &Path) -> bool {
-    path.extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("yaml") || e.eq_ignore_ascii_case("yml"))
+    path.extension().is_some_and(|e| {
+        ["yaml", "yml", "json"]
+            .iter()
+            .any(|x| e.eq_ignore_ascii_case(x))
+    })
+}
+
+/// Whether a file is read as JSON (by its name, `*.json`).
+fn is_json_name(file: &str) -> bool {
+    Path::new(file)
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("json"))
+}
+
+/// Checks that a `.json` file is JSON, with JSON's own error and position, and makes it
+/// ready for the YAML parser, which builds the tree with positions (JSON is YAML 1.2):
+/// tabs become spaces, as YAML does not indent with tabs. Valid JSON has tabs only
+/// between tokens, and a tab and a space are one column each, so positions stay true.
+fn check_json(text: &str) -> Result<String, (Location, String)> {
+    match serde_json::from_str::<serde::de::IgnoredAny>(text) {
+        Ok(_) => Ok(text.replace('\t', " ")),
+        Err(e) => {
+            let at = Location {
+                line: e.line().max(1),
+                column: e.column().max(1),
+            };
+            let message = e.to_string();
+            let message = message
+                .rfind(" at line ")
+                .map_or(message.as_str(), |cut| &message[..cut]);
+            Err((at, format!("invalid JSON: {message}")))
+        }
+    }
 }
 
 fn is_hidden(path: &Path) -> bool {
@@ -268,6 +310,106 @@ fn finish_invalid(mut diagnostics: Vec<Diagnostic>) -> Invalid {
     Invalid { diagnostics }
 }
 
+/// What one file yields: its typed documents, its problems, how many documents it had,
+/// and whether every Host document in it made it through.
+#[derive(Default)]
+struct FileResult {
+    documents: Vec<(Origin, Typed)>,
+    diagnostics: Vec<Diagnostic>,
+    seen_documents: usize,
+    hosts_complete: bool,
+}
+
+/// Reads, parses, checks and types the documents of one file.
+fn load_file(file: &str, bytes: &[u8]) -> FileResult {
+    let mut result = FileResult {
+        hosts_complete: true,
+        ..FileResult::default()
+    };
+    let text = match std::str::from_utf8(bytes) {
+        Ok(text) => text,
+        Err(e) => {
+            let (at, message) = utf8_error(bytes, &e);
+            result
+                .diagnostics
+                .push(Diagnostic::error(file, Some(at), "", message));
+            result.hosts_complete = false;
+            return result;
+        }
+    };
+    let json_text;
+    let text = if is_json_name(file) {
+        match check_json(text) {
+            Ok(text) => {
+                json_text = text;
+                json_text.as_str()
+            }
+            Err((at, message)) => {
+                result
+                    .diagnostics
+                    .push(Diagnostic::error(file, Some(at), "", message));
+                result.hosts_complete = false;
+                return result;
+            }
+        }
+    } else {
+        text
+    };
+    let (docs, syntax_error) = parse_documents(text);
+    if let Some(e) = syntax_error {
+        result
+            .diagnostics
+            .push(Diagnostic::error(file, Some(e.at), "", e.message));
+        result.hosts_complete = false;
+    }
+    for doc in docs {
+        if is_json_schema(&doc) {
+            continue;
+        }
+        result.seen_documents += 1;
+        match check_and_type(file, &doc, &mut result.diagnostics) {
+            Some(typed) => {
+                let origin = Origin {
+                    file: file.to_owned(),
+                    at: doc.at,
+                    spans: SourceMap::of(doc),
+                };
+                result.documents.push((origin, typed));
+            }
+            None => {
+                if doc.get_str("kind").is_none_or(|k| k == "Host") {
+                    result.hosts_complete = false;
+                }
+            }
+        }
+    }
+    result
+}
+
+/// Below this many files, loading stays on the calling thread.
+const PARALLEL_FROM: usize = 64;
+
+/// [`load_file`] over every source, in order, on as many threads as there are CPUs:
+/// files are independent until their documents are checked against each other.
+fn load_all(sources: &[(String, Vec<u8>)]) -> Vec<FileResult> {
+    let load = |(file, bytes): &(String, Vec<u8>)| load_file(file, bytes);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+    if threads < 2 || sources.len() < PARALLEL_FROM {
+        return sources.iter().map(load).collect();
+    }
+    let chunk = sources.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = sources
+            .chunks(chunk)
+            .map(|files| scope.spawn(move || files.iter().map(load).collect::<Vec<_>>()))
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    })
+}
+
 fn load_sources(
     root: &str,
     sources: Vec<(String, Vec<u8>)>,
@@ -278,46 +420,18 @@ fn load_sources(
     // Whether every Host document made it through; when one did not, "unknown host"
     // errors would only repeat the real problem.
     let mut hosts_complete = true;
-    for (file, bytes) in &sources {
-        let text = match std::str::from_utf8(bytes) {
-            Ok(text) => text,
-            Err(e) => {
-                let (at, message) = utf8_error(bytes, &e);
-                diagnostics.push(Diagnostic::error(file.clone(), Some(at), "", message));
-                hosts_complete = false;
-                continue;
-            }
-        };
-        let (docs, syntax_error) = parse_documents(text);
-        if let Some(e) = syntax_error {
-            diagnostics.push(Diagnostic::error(file.clone(), Some(e.at), "", e.message));
-            hosts_complete = false;
-        }
-        seen_documents += docs.len();
-        for doc in docs {
-            match check_and_type(file, &doc, &mut diagnostics) {
-                Some(typed) => {
-                    let origin = Origin {
-                        file: file.clone(),
-                        at: doc.at,
-                        spans: SourceMap::of(&doc),
-                    };
-                    documents.push((origin, typed));
-                }
-                None => {
-                    if doc.get_str("kind").is_none_or(|k| k == "Host") {
-                        hosts_complete = false;
-                    }
-                }
-            }
-        }
+    for result in load_all(&sources) {
+        documents.extend(result.documents);
+        diagnostics.extend(result.diagnostics);
+        seen_documents += result.seen_documents;
+        hosts_complete &= result.hosts_complete;
     }
     if seen_documents == 0 && diagnostics.iter().all(|d| !d.is_error()) {
         diagnostics.push(Diagnostic::error(
             root,
             None,
             "",
-            "no manifests found (expected Guest and Host documents in .yaml or .yml files)",
+            "no manifests found (expected Guest and Host documents in .yaml, .yml or .json files)",
         ));
     }
     let (manifests, more) = semantic::assemble(documents, hosts_complete);
@@ -332,6 +446,17 @@ fn load_sources(
     })
 }
 
+/// The top-level key a document may carry to name its JSON Schema for an editor (the
+/// JSON counterpart of the yaml-language-server modeline); berth ignores its value.
+pub const SCHEMA_KEY: &str = "$schema";
+
+/// Whether a document is a JSON Schema rather than a manifest: it has `$schema` but
+/// neither `apiVersion` nor `kind` (a copy of `berth.schema.json` kept beside the
+/// manifests for editors). Such documents are skipped.
+fn is_json_schema(doc: &Node) -> bool {
+    doc.get(SCHEMA_KEY).is_some() && doc.get("apiVersion").is_none() && doc.get("kind").is_none()
+}
+
 /// Structural checks, then deserialization into the manifest types.
 fn check_and_type(file: &str, doc: &Node, out: &mut Vec<Diagnostic>) -> Option<Typed> {
     let before = out.len();
@@ -339,22 +464,41 @@ fn check_and_type(file: &str, doc: &Node, out: &mut Vec<Diagnostic>) -> Option<T
     if out.len() > before {
         return None;
     }
-    let value = doc.to_serde();
+    let mut value = doc.to_json();
+    if let serde_json::Value::Object(map) = &mut value {
+        map.remove(SCHEMA_KEY);
+    }
     let typed = match kind {
-        "Guest" => serde_yaml::from_value(value).map(|g| Typed::Guest(Box::new(g))),
-        "Host" => serde_yaml::from_value(value).map(Typed::Host),
-        _ => serde_yaml::from_value(value).map(Typed::Fleet),
+        "Guest" => serde_path_to_error::deserialize(value).map(|g| Typed::Guest(Box::new(g))),
+        "Host" => serde_path_to_error::deserialize(value).map(Typed::Host),
+        _ => serde_path_to_error::deserialize(value).map(Typed::Fleet),
     };
     match typed {
         Ok(typed) => Some(typed),
         Err(e) => {
             // The schema and the types come from the same source, so this means a value
-            // the schema cannot express (an integer key out of range, say).
+            // the schema cannot express; it is still reported where it is.
+            let mut path = String::new();
+            for segment in e.path().iter() {
+                match segment {
+                    serde_path_to_error::Segment::Map { key } => path = child_path(&path, key),
+                    serde_path_to_error::Segment::Seq { index } => {
+                        path = index_path(&path, *index);
+                    }
+                    _ => {}
+                }
+            }
+            let origin = Origin {
+                file: file.to_owned(),
+                at: doc.at,
+                spans: SourceMap::of(doc.clone()),
+            };
+            let at = origin.locate(&path);
             out.push(Diagnostic::error(
                 file,
-                Some(doc.at),
-                "",
-                format!("cannot read the {kind}: {e}"),
+                Some(at),
+                path,
+                format!("cannot read the {kind}: {}", e.inner()),
             ));
             None
         }
@@ -385,6 +529,7 @@ mod tests {
             }
         );
         assert_eq!(v.manifests.guests_on("kvm01").count(), 1);
+        assert_eq!(v.manifests.guests_by_host()["kvm01"].len(), 1);
         assert!(v.manifests.fleet.is_none());
     }
 
@@ -440,10 +585,128 @@ mod tests {
         fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// The host and guest of the YAML tests, as JSON, indented with tabs as `jq --tab`
+    /// writes it.
+    const HOST_JSON: &str = "{\n\t\"apiVersion\": \"berth.dev/v1\",\n\t\"kind\": \"Host\",\n\t\"metadata\": {\"name\": \"kvm01\"},\n\t\"spec\": {\"address\": \"127.0.0.1:7410\", \"cpus\": \"0-1\", \"memory\": \"4GiB\"}\n}\n";
+
+    fn messages(e: &Invalid) -> Vec<String> {
+        e.diagnostics.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn json_manifests_load_with_positions() {
+        let guest = r#"{"apiVersion":"berth.dev/v1","kind":"Guest","metadata":{"name":"web-1"},
+ "spec": {
+  "host": "kvm01",
+  "cpu": {"vcpus": 2, "pinning": {"vcpus": {"0": "1", "1": 0}, "emulator": "0-1"}},
+  "memory": {"size": "64MiB"}
+ }
+}"#;
+        let v = load_files([("h.json", HOST_JSON), ("g.json", guest)]).unwrap();
+        assert!(v.warnings.is_empty(), "{:?}", v.warnings);
+        let g = &v.manifests.guests["web-1"];
+        let pins = &g.spec.cpu.pinning.as_ref().unwrap().vcpus;
+        assert_eq!(pins[&0].to_string(), "1");
+        assert_eq!(pins[&1].to_string(), "0");
+        assert_eq!(
+            g.origin.locate("spec.memory.size"),
+            Location {
+                line: 5,
+                column: 22
+            }
+        );
+        assert_eq!(
+            v.manifests.hosts["kvm01"].origin.locate("spec.cpus"),
+            Location {
+                line: 5,
+                column: 48
+            }
+        );
+    }
+
+    #[test]
+    fn quoted_keys_in_flow_yaml_read_as_integers() {
+        let text = GUEST.replace(
+            "cpu: {vcpus: 1}",
+            "cpu: {vcpus: 1, pinning: {vcpus: {\"0\": \"1\"}}}",
+        );
+        let v = load_files([("h.yaml", HOST), ("g.yaml", text.as_str())]).unwrap();
+        let pins = &v.manifests.guests["web-1"]
+            .spec
+            .cpu
+            .pinning
+            .as_ref()
+            .unwrap()
+            .vcpus;
+        assert_eq!(pins[&0].to_string(), "1");
+    }
+
+    #[test]
+    fn json_errors_are_as_good_as_yaml_errors_and_all_reported() {
+        let guest = "{\n  \"apiVersion\": \"berth.dev/v1\",\n  \"kind\": \"Guest\",\n  \"metadata\": {\"name\": \"web-1\"},\n  \"spec\": {\n    \"host\": \"kvm01\",\n    \"cpu\": {\"vcpus\": \"two\", \"pinning\": {\"vcpus\": {\"0\": \"1\", \"99999999999\": \"0\"}}},\n    \"memroy\": {\"size\": \"64MiB\"}\n  }\n}\n";
+        let e = load_files([("h.json", HOST_JSON), ("g.json", guest)]).unwrap_err();
+        assert_eq!(
+            messages(&e),
+            [
+                "g.json:5:3: error: spec.memory: missing field memory",
+                "g.json:7:22: error: spec.cpu.vcpus: expected an integer, found the string \"two\"",
+                "g.json:7:61: error: spec.cpu.pinning.vcpus.99999999999: key 99999999999 is out of range (expected at most 4294967295)",
+                "g.json:8:5: error: spec.memroy: unknown field memroy, did you mean memory?",
+            ]
+        );
+    }
+
+    #[test]
+    fn json_syntax_errors_are_json_errors() {
+        let e = load_files([
+            ("g.json", "{\n  \"kind\": \"Guest\",\n}\n"),
+            ("h.json", HOST_JSON),
+        ])
+        .unwrap_err();
+        assert_eq!(
+            messages(&e),
+            ["g.json:3:1: error: invalid JSON: key must be a string"]
+        );
+    }
+
+    #[test]
+    fn a_schema_key_is_allowed_and_schema_files_are_skipped() {
+        let host = HOST_JSON.replace(
+            "{\n",
+            "{\n\t\"$schema\": \"../schema/berth.schema.json\",\n",
+        );
+        let schema = crate::json_schema_text();
+        let v = load_files([
+            ("h.json", host.as_str()),
+            ("berth.schema.json", schema.as_str()),
+        ])
+        .unwrap();
+        assert_eq!(v.manifests.hosts.len(), 1);
+        let yaml = format!("$schema: ./berth.schema.json\n{HOST}");
+        assert!(load_files([("h.yaml", yaml)]).is_ok());
+    }
+
+    #[test]
+    fn json_files_are_found_in_directories() {
+        let dir = std::env::temp_dir().join(format!("berth-load-json-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("hosts.json"), HOST_JSON).unwrap();
+        fs::write(dir.join("guest.yaml"), GUEST).unwrap();
+        let v = load_path(&dir).unwrap();
+        assert_eq!(
+            v.manifests.hosts["kvm01"].origin.file,
+            dir.join("hosts.json").display().to_string()
+        );
+        assert_eq!(v.manifests.guests.len(), 1);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
     proptest! {
         #[test]
         fn never_panics_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
-            let _ = load_files([("x.yaml", bytes)]);
+            let _ = load_files([("x.yaml", bytes.clone())]);
+            let _ = load_files([("x.json", bytes)]);
         }
 
         #[test]

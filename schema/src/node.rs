@@ -20,14 +20,14 @@ pub(crate) const MAX_DEPTH: usize = 64;
 pub(crate) const MAX_NODES: usize = 200_000;
 
 /// A node of a YAML document and where it starts.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Node {
     pub value: Value,
     pub at: Location,
 }
 
 /// The value of a node, with plain scalars resolved as YAML 1.2's core schema does.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Value {
     Null,
     Bool(bool),
@@ -40,7 +40,7 @@ pub(crate) enum Value {
 }
 
 /// A mapping entry; keys are scalars.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Entry {
     /// The key as written.
     pub key: String,
@@ -76,29 +76,26 @@ impl Node {
         }
     }
 
-    /// The tree as a serde_yaml value, for deserializing into the manifest types.
-    pub fn to_serde(&self) -> serde_yaml::Value {
-        use serde_yaml::Value as Y;
+    /// The tree as a JSON value, for deserializing into the manifest types. Mapping keys
+    /// become strings as written, so an integer key reads the same whether it was
+    /// written `0:` or `"0":` (serde_json parses a string key into an integer type).
+    pub fn to_json(&self) -> serde_json::Value {
+        use serde_json::Value as J;
         match &self.value {
-            Value::Null => Y::Null,
-            Value::Bool(b) => Y::Bool(*b),
-            Value::Int(i) => Y::Number((*i).into()),
+            Value::Null => J::Null,
+            Value::Bool(b) => J::Bool(*b),
+            Value::Int(i) => J::Number((*i).into()),
             Value::Float(s) => s
                 .parse::<f64>()
-                .map(|f| Y::Number(f.into()))
-                .unwrap_or_else(|_| Y::String(s.clone())),
-            Value::Str(s) => Y::String(s.clone()),
-            Value::Seq(items) => Y::Sequence(items.iter().map(Node::to_serde).collect()),
-            Value::Map(entries) => Y::Mapping(
+                .ok()
+                .and_then(serde_json::Number::from_f64)
+                .map_or_else(|| J::String(s.clone()), J::Number),
+            Value::Str(s) => J::String(s.clone()),
+            Value::Seq(items) => J::Array(items.iter().map(Node::to_json).collect()),
+            Value::Map(entries) => J::Object(
                 entries
                     .iter()
-                    .map(|e| {
-                        let key = Node {
-                            value: e.key_value.clone(),
-                            at: e.key_at,
-                        };
-                        (key.to_serde(), e.value.to_serde())
-                    })
+                    .map(|e| (e.key.clone(), e.value.to_json()))
                     .collect(),
             ),
         }

@@ -97,9 +97,17 @@ pub fn check(set: &ManifestSet, hosts_complete: bool) -> Vec<Diagnostic> {
         check_guest(guest, host.map(|h| &h.object), &mut out);
         check_annotations(&guest.origin, &guest.metadata.annotations, &mut out);
     }
+    let by_host = set.guests_by_host();
     for host in set.hosts.values() {
-        check_capacity(set, host, &mut out);
-        check_shared_cpus(set, host, &mut out);
+        let guests: Vec<&Manifest<Guest>> = by_host
+            .get(host.metadata.name.as_str())
+            .map_or(&[][..], Vec::as_slice)
+            .iter()
+            .copied()
+            .filter(|g| holds_resources(g))
+            .collect();
+        check_capacity(&guests, host, &mut out);
+        check_shared_cpus(&guests, host, &mut out);
     }
     check_passthrough_migration(set, &mut out);
     check_macs(set, &mut out);
@@ -590,13 +598,11 @@ fn holds_resources(guest: &Guest) -> bool {
     guest.spec.state != GuestState::Stopped
 }
 
-/// Hugepage pools and host memory against the guests placed on the host.
-fn check_capacity(set: &ManifestSet, host: &Manifest<Host>, out: &mut Vec<Diagnostic>) {
-    let name = &host.metadata.name;
-    let guests: Vec<&Manifest<Guest>> =
-        set.guests_on(name).filter(|g| holds_resources(g)).collect();
+/// Hugepage pools and host memory against the guests placed on the host that hold
+/// resources (`guests`, by name).
+fn check_capacity(guests: &[&Manifest<Guest>], host: &Manifest<Host>, out: &mut Vec<Diagnostic>) {
     let mut needs: BTreeMap<PageSize, Vec<(&str, u64)>> = BTreeMap::new();
-    for g in &guests {
+    for g in guests {
         if let Some(h) = &g.spec.memory.hugepages {
             let pages = g.spec.memory.size.get().div_ceil(h.page_size.bytes());
             needs
@@ -641,13 +647,14 @@ fn check_capacity(set: &ManifestSet, host: &Manifest<Host>, out: &mut Vec<Diagno
 }
 
 /// Two guests whose vCPUs share a host CPU: a warning, an error when either asked for
-/// dedicated CPUs.
-fn check_shared_cpus(set: &ManifestSet, host: &Manifest<Host>, out: &mut Vec<Diagnostic>) {
+/// dedicated CPUs. `guests` are the host's guests that hold resources, by name.
+fn check_shared_cpus(
+    guests: &[&Manifest<Guest>],
+    host: &Manifest<Host>,
+    out: &mut Vec<Diagnostic>,
+) {
     let mut owners: BTreeMap<u32, &Manifest<Guest>> = BTreeMap::new();
-    for guest in set
-        .guests_on(&host.metadata.name)
-        .filter(|g| holds_resources(g))
-    {
+    for &guest in guests {
         let Some(pinning) = &guest.spec.cpu.pinning else {
             continue;
         };

@@ -1,8 +1,9 @@
 //! Where each document and each of its fields came from, so that errors found later (by
 //! validation or by the reconciler) can name the file, line and column of a field.
 
-use std::collections::HashMap;
+use std::borrow::Cow;
 use std::ops::Deref;
+use std::sync::Arc;
 
 use crate::diagnostic::{Diagnostic, Location, Severity};
 use crate::node::{Node, Value};
@@ -35,61 +36,130 @@ pub struct FieldSpan {
     pub value: Location,
 }
 
-/// Field path to position, for one document.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Field path to position, for one document: the document's tree, walked when a
+/// position is asked for (most fields' positions are never asked for, so none is worked
+/// out in advance).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SourceMap {
-    fields: HashMap<String, FieldSpan>,
+    root: Arc<Node>,
+}
+
+impl Default for SourceMap {
+    fn default() -> Self {
+        SourceMap {
+            root: Arc::new(Node {
+                value: Value::Null,
+                at: Location::START,
+            }),
+        }
+    }
+}
+
+/// One step of a field path: a key, or a list index.
+enum Step<'a> {
+    Key(Cow<'a, str>),
+    Index(usize),
+}
+
+/// Splits the next step off a path as [`child_path`] and [`index_path`] write it; `None`
+/// when the path does not have that form.
+fn next_step(path: &str) -> Option<(Step<'_>, &str)> {
+    let path = path.strip_prefix('.').unwrap_or(path);
+    if let Some(rest) = path.strip_prefix("[\"") {
+        // A quoted key, escaped as Rust's Debug writes it.
+        let mut key = String::new();
+        let mut chars = rest.char_indices();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '"' => {
+                    let rest = rest[i + 1..].strip_prefix(']')?;
+                    return Some((Step::Key(Cow::Owned(key)), rest));
+                }
+                '\\' => match chars.next()?.1 {
+                    'n' => key.push('\n'),
+                    't' => key.push('\t'),
+                    'r' => key.push('\r'),
+                    '0' => key.push('\0'),
+                    'u' => {
+                        let (_, open) = chars.next()?;
+                        if open != '{' {
+                            return None;
+                        }
+                        let mut hex = String::new();
+                        for (_, h) in chars.by_ref() {
+                            if h == '}' {
+                                break;
+                            }
+                            hex.push(h);
+                        }
+                        key.push(char::from_u32(u32::from_str_radix(&hex, 16).ok()?)?);
+                    }
+                    other => key.push(other),
+                },
+                c => key.push(c),
+            }
+        }
+        return None;
+    }
+    if let Some(rest) = path.strip_prefix('[') {
+        let (index, rest) = rest.split_once(']')?;
+        return Some((Step::Index(index.parse().ok()?), rest));
+    }
+    let end = path.find(['.', '[']).unwrap_or(path.len());
+    if end == 0 {
+        return None;
+    }
+    Some((Step::Key(Cow::Borrowed(&path[..end])), &path[end..]))
 }
 
 impl SourceMap {
-    pub(crate) fn of(node: &Node) -> SourceMap {
-        let mut map = SourceMap::default();
-        map.record(String::new(), None, node);
-        map
+    pub(crate) fn of(node: Node) -> SourceMap {
+        SourceMap {
+            root: Arc::new(node),
+        }
     }
 
-    fn record(&mut self, path: String, key: Option<Location>, node: &Node) {
-        match &node.value {
-            Value::Map(entries) => {
-                for e in entries {
-                    self.record(child_path(&path, &e.key), Some(e.key_at), &e.value);
-                }
-            }
-            Value::Seq(items) => {
-                for (i, item) in items.iter().enumerate() {
-                    self.record(index_path(&path, i), None, item);
-                }
-            }
-            _ => {}
-        }
-        self.fields.insert(
-            path,
-            FieldSpan {
+    /// The deepest written field on the way to `path`: how much of the path it covers,
+    /// and its span.
+    fn walk<'p>(&self, path: &'p str) -> (&'p str, FieldSpan) {
+        let mut node: &Node = &self.root;
+        let mut span = FieldSpan {
+            key: None,
+            value: node.at,
+        };
+        let mut rest = path;
+        let mut covered = 0;
+        while let Some((step, after)) = next_step(rest) {
+            let next = match (&node.value, step) {
+                (Value::Map(entries), Step::Key(key)) => entries
+                    .iter()
+                    .find(|e| e.key == key)
+                    .map(|e| (&e.value, Some(e.key_at))),
+                (Value::Seq(items), Step::Index(i)) => items.get(i).map(|item| (item, None)),
+                _ => None,
+            };
+            let Some((child, key)) = next else { break };
+            node = child;
+            span = FieldSpan {
                 key,
-                value: node.at,
-            },
-        );
+                value: child.at,
+            };
+            covered = path.len() - after.len();
+            rest = after;
+        }
+        (&path[..covered], span)
     }
 
     /// The span of the field at `path` (`spec.memory.tune.hardLimit`), if it is written.
     pub fn get(&self, path: &str) -> Option<FieldSpan> {
-        self.fields.get(path).copied()
+        let (found, span) = self.walk(path);
+        (found.len() == path.len()).then_some(span)
     }
 
     /// The field at `path`, or the nearest enclosing field that is written (a field left
-    /// to its default is reported where its parent is).
-    pub fn nearest(&self, path: &str) -> Option<(&str, FieldSpan)> {
-        let mut p = path;
-        loop {
-            if let Some((k, span)) = self.fields.get_key_value(p) {
-                return Some((k.as_str(), *span));
-            }
-            if p.is_empty() {
-                return None;
-            }
-            let cut = p.rfind(['.', '[']).unwrap_or(0);
-            p = &p[..cut];
-        }
+    /// to its default is reported where its parent is), with its path.
+    pub fn nearest<'p>(&self, path: &'p str) -> Option<(&'p str, FieldSpan)> {
+        Some(self.walk(path))
     }
 }
 
@@ -186,12 +256,24 @@ mod tests {
 
     #[test]
     fn locates_fields_and_falls_back_to_parents() {
-        let (docs, _) = parse_documents("spec:\n  memory:\n    size: 1GiB\n");
+        let (docs, _) = parse_documents(
+            "spec:\n  memory:\n    size: 1GiB\n  labels: {\"berth.dev/x\\n\": [a, b]}\n",
+        );
+        let doc = docs.into_iter().next().unwrap();
         let origin = Origin {
             file: "g.yaml".into(),
-            at: docs[0].at,
-            spans: SourceMap::of(&docs[0]),
+            at: doc.at,
+            spans: SourceMap::of(doc),
         };
+        let labels = child_path("spec.labels", "berth.dev/x\n");
+        assert_eq!(
+            origin.locate(&index_path(&labels, 1)),
+            Location {
+                line: 4,
+                column: 33
+            }
+        );
+        assert_eq!(origin.spans.get("spec.labels[2]"), None);
         assert_eq!(
             origin.locate("spec.memory.size"),
             Location {

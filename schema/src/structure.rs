@@ -37,6 +37,9 @@ pub(crate) fn suggest<'a>(
         .map(|(c, _)| c)
 }
 
+/// The `patternProperties` key schemars writes for a map keyed by an unsigned integer.
+const INTEGER_KEY: &str = r"^\d+$";
+
 /// Parses a unit or cpuset string with its own parser; `None` for other types.
 fn parse_unit(name: &str, text: &str) -> Option<Result<(), String>> {
     fn run<T: std::str::FromStr>(text: &str) -> Result<(), String>
@@ -459,9 +462,21 @@ impl<'a> Checker<'a> {
             let by_pattern = patterns.and_then(|pp| {
                 pp.iter()
                     .find(|(p, _)| regexes().get(*p).is_some_and(|re| re.is_match(&entry.key)))
-                    .map(|(_, sub)| sub)
             });
-            if let Some(sub) = by_pattern {
+            if let Some((pattern, sub)) = by_pattern {
+                // Integer keys (vCPU numbers) are u32 in the types; the pattern alone
+                // would let a number too large for them through.
+                if pattern == INTEGER_KEY && entry.key.parse::<u32>().is_err() {
+                    self.error(
+                        entry.key_at,
+                        &child,
+                        format!(
+                            "key {} is out of range (expected at most {})",
+                            entry.key,
+                            u32::MAX
+                        ),
+                    );
+                }
                 self.check(&entry.value, sub, &child, entry.key_at);
                 continue;
             }

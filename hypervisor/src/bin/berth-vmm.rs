@@ -12,7 +12,7 @@ use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context;
 use berth_hypervisor::statedir::{StateDir, StateDirError};
@@ -320,10 +320,7 @@ fn spawn_signal_thread(
                     libc::SIGINT => "SIGINT",
                     _ => "SIGHUP",
                 };
-                let _ = events.send(VmmEvent::Shutdown {
-                    timeout: Duration::from_secs(5),
-                    reason: format!("{name} received"),
-                });
+                let _ = events.send(VmmEvent::Signal(name));
             }
         })
         .context("starting the signal thread")?;

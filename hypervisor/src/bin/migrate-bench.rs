@@ -31,6 +31,8 @@ mod dirty_guest;
 mod dirtying;
 #[path = "migrate-bench/incoming.rs"]
 mod incoming;
+#[path = "migrate-bench/plain.rs"]
+mod plain;
 #[path = "migrate-bench/qemu.rs"]
 mod qemu;
 
@@ -188,12 +190,23 @@ fn copy_cases(
             random_mib: 0,
         },
     ];
-    println!("| case | VMM | total ms | downtime ms | bytes sent | guest bytes |");
-    println!("|---|---|---:|---:|---:|---:|");
+    let mut plain_ms = Vec::new();
+    println!(
+        "| case | VMM | total ms | downtime ms | bytes sent | guest bytes | total / plain copy |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|");
+    let mut rows = Vec::new();
     for case in &cases {
         let mut berth = Vec::new();
         let mut qemu = Vec::new();
         for run in 0..runs {
+            if case.random_mib > 0 {
+                let t = plain::copy(
+                    &data[..(case.random_mib << 20) as usize],
+                    connections as usize,
+                )?;
+                plain_ms.push(t.as_secs_f64() * 1000.0);
+            }
             berth.push(
                 berth_run(vmm_bin, work, case, &data, connections, run)
                     .with_context(|| format!("berth, {}", case.name))?,
@@ -203,20 +216,32 @@ fn copy_cases(
                     .with_context(|| format!("QEMU, {}", case.name))?,
             );
         }
+        eprintln!("{}: berth {berth:?}\n  QEMU {qemu:?}", case.name);
+        rows.push((case, berth, qemu));
+    }
+    // The reference: 200 MiB of the same random bytes over as many plain loopback
+    // connections into a pre-faulted buffer, interleaved with the runs above.
+    plain_ms.sort_by(f64::total_cmp);
+    let plain = plain_ms[plain_ms.len() / 2];
+    eprintln!("plain copies, ms: {plain_ms:?}");
+    for (case, berth, qemu) in &rows {
         let guest = case.memory_mib << 20;
-        for (who, samples) in [("berth-vmm", &berth), ("QEMU 7.2", &qemu)] {
+        for (who, samples) in [("berth-vmm (encrypted)", berth), ("QEMU 7.2", qemu)] {
             let m = median(samples);
             println!(
-                "| {} | {who} | {:.1} | {:.2} | {} | {} |",
+                "| {} | {who} | {:.1} | {:.2} | {} | {} | {:.2}x |",
                 case.name,
                 m.total_ms,
                 m.downtime_ms,
                 mib(m.bytes),
-                mib(guest)
+                mib(guest),
+                m.total_ms / plain
             );
         }
-        eprintln!("{}: berth {berth:?}\n  QEMU {qemu:?}", case.name);
     }
+    println!(
+        "| 200 MiB random | plain copy, {connections} loopback TCP connections, pre-faulted buffer | {plain:.1} | - | 200.0 MiB | - | 1.00x |"
+    );
     Ok(())
 }
 

@@ -214,9 +214,24 @@ impl Client {
     ///
     /// # Errors
     /// See [`Client::call`]; [`ClientError::Timeout`] when the VMM is still there.
-    pub fn shutdown(mut self, wait: Duration) -> Result<(), ClientError> {
+    pub fn shutdown(self, wait: Duration) -> Result<(), ClientError> {
+        self.shutdown_with(wait, false)
+    }
+
+    /// [`Client::shutdown`] also while an outgoing migration's switchover is unknown
+    /// (`force: true`): the operator's override, for when the destination surely runs
+    /// the guest.
+    ///
+    /// # Errors
+    /// As [`Client::shutdown`].
+    pub fn shutdown_forced(self, wait: Duration) -> Result<(), ClientError> {
+        self.shutdown_with(wait, true)
+    }
+
+    fn shutdown_with(mut self, wait: Duration, force: bool) -> Result<(), ClientError> {
         self.call(Op::Shutdown(ShutdownArgs {
             timeout_ms: Some(wait.as_millis() as u64),
+            force,
         }))?;
         self.writer
             .set_read_timeout(Some(wait + Duration::from_secs(1)))?;

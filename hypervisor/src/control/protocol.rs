@@ -94,6 +94,11 @@ pub struct ShutdownArgs {
     /// How long vCPUs get to stop before the VMM exits anyway (default 5000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
+    /// Shut down also while an outgoing migration's switchover is unknown (refused
+    /// otherwise: the guest would be lost if the destination did not run it). Only for
+    /// an operator who knows the destination runs the guest.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force: bool,
 }
 
 /// Live changes. Absent fields are left as they are.

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use super::protocol::{parse_request, ErrorCode, Op, Request, Response, MAX_LINE};
-use crate::vmm::Vmm;
+use crate::vmm::{Vmm, VmmError};
 
 /// Connections served at once; more are answered with an error and closed.
 const MAX_CONNECTIONS: usize = 32;
@@ -121,14 +121,30 @@ fn handle(vmm: &Arc<Vmm>, request: Request) -> Response {
             .verify_memory()
             .map(|report| serde_json::to_value(report).unwrap_or_default()),
         Op::Migrate(args) => crate::migration::send::start(vmm, args),
-        Op::MigrateStatus => Ok(vmm.migration().status_json()),
+        Op::MigrateStatus => {
+            vmm.migration().status().dirty_logging = vmm.vm().dirty_logging();
+            Ok(vmm.migration().status_json())
+        }
         Op::MigrateCancel => crate::migration::send::cancel(vmm),
         Op::MigrateResolve(args) => crate::migration::send::resolve(vmm, args),
         Op::VcpuRegisters => vmm
             .vcpu_registers()
             .map(|regs| serde_json::to_value(regs).unwrap_or_default()),
+        Op::Shutdown(args) if vmm.migration().switchover_unknown() && !args.force => {
+            Err(VmmError::Refused(
+                "the migration's switchover is unknown: this VMM may hold the only copy of \
+                 the guest; answer it with migrateResolve, or shut down with force: true \
+                 (berth stop --force-unknown-switchover) if the destination surely runs it"
+                    .into(),
+            ))
+        }
         Op::Shutdown(args) => {
-            vmm.request_shutdown(args.timeout_ms, "shutdown requested on the control socket");
+            let reason = if args.force {
+                "forced shutdown requested on the control socket"
+            } else {
+                "shutdown requested on the control socket"
+            };
+            vmm.request_shutdown(args.timeout_ms, reason);
             Ok(serde_json::json!({"state": "stopping"}))
         }
     };

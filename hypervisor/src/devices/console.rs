@@ -72,6 +72,32 @@ impl ConsoleLog {
         Ok(())
     }
 
+    /// Moves the log to `path` and keeps what `path` already holds: this log's lines
+    /// are appended to it, and it is written (and rotated) there from now on. A local
+    /// migration hands the guest's `console.log` over this way, so the guest's history
+    /// stays in one file instead of being rotated out by the move. When `path` does not
+    /// exist this is [`ConsoleLog::relocate`].
+    ///
+    /// # Errors
+    /// `path` cannot be opened or written, or this log cannot be read; the log stays
+    /// where it was.
+    pub fn relocate_appending(&mut self, path: &Path) -> io::Result<()> {
+        let _ = self.flush_pending();
+        let mut target = match OpenOptions::new().append(true).open(path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return self.relocate(path),
+            Err(e) => return Err(e),
+        };
+        let mut own = File::open(&self.path)?;
+        io::copy(&mut own, &mut target)?;
+        let size = target.metadata()?.len();
+        std::fs::remove_file(&self.path)?;
+        self.file = target;
+        self.size = size;
+        self.path = path.to_owned();
+        Ok(())
+    }
+
     /// Writes out what one guest exit produced; lines are never split across files.
     pub fn end_of_exit(&mut self) {
         let _ = self.flush_pending();
@@ -127,6 +153,38 @@ impl Write for ConsoleLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn relocating_onto_an_older_log_keeps_its_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = dir.path().join("console.log");
+        std::fs::write(&old, "before 1\nbefore 2\n").unwrap();
+        std::fs::write(dir.path().join("console.log.1"), "older\n").unwrap();
+        let incoming = dir.path().join("incoming.log");
+        let mut log = ConsoleLog::create(&incoming, 1 << 20).unwrap();
+        log.write_all(b"after 1\n").unwrap();
+        log.end_of_exit();
+        log.relocate_appending(&old).unwrap();
+        log.write_all(b"after 2\n").unwrap();
+        log.end_of_exit();
+        assert_eq!(
+            std::fs::read_to_string(&old).unwrap(),
+            "before 1\nbefore 2\nafter 1\nafter 2\n"
+        );
+        assert!(!incoming.exists());
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("console.log.1")).unwrap(),
+            "older\n",
+            "nothing was rotated by the move"
+        );
+        // Onto no file, it is a rename.
+        let elsewhere = dir.path().join("elsewhere.log");
+        log.relocate_appending(&elsewhere).unwrap();
+        assert!(!old.exists());
+        assert!(std::fs::read_to_string(&elsewhere)
+            .unwrap()
+            .ends_with("after 2\n"));
+    }
 
     #[test]
     fn rotates_at_the_limit_and_keeps_one_old_file() {

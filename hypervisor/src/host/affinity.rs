@@ -209,9 +209,7 @@ pub fn parse_cpus_allowed_list(status: &str) -> Result<CpuSet, String> {
         .get("Cpus_allowed_list")
         .copied()
         .ok_or_else(|| "no Cpus_allowed_list field".to_owned())?;
-    value
-        .parse()
-        .map_err(|e| format!("Cpus_allowed_list {value:?}: {e}"))
+    CpuSet::parse_list(value).map_err(|e| format!("Cpus_allowed_list {value:?}: {e}"))
 }
 
 /// The threads of process `pid` with their names, sorted by thread id. Threads that exit
@@ -268,7 +266,7 @@ fn read_cpu_list(path: &Path) -> Result<CpuSet, AffinityError> {
         path: path.to_owned(),
         error,
     })?;
-    text.trim().parse().map_err(|e| AffinityError::Parse {
+    CpuSet::parse_list(&text).map_err(|e| AffinityError::Parse {
         path: path.to_owned(),
         reason: format!("{e}"),
     })

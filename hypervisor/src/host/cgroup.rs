@@ -1273,7 +1273,7 @@ fn read_cpuset_file(dir: &Path, file: &str) -> Result<CpuSet, CgroupError> {
             text = t;
         }
     }
-    text.trim().parse().map_err(|e| CgroupError::Parse {
+    CpuSet::parse_list(&text).map_err(|e| CgroupError::Parse {
         path,
         reason: format!("{e}"),
     })

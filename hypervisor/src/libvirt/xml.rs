@@ -163,10 +163,14 @@ pub fn parse_definition(domain: &str) -> Option<Definition> {
     }
 }
 
-/// The Guest spec's fingerprint: BLAKE3 of its canonical JSON (maps are ordered).
+/// The Guest spec's fingerprint: SHA-256 of its canonical JSON (maps are ordered), in hex.
 pub fn fingerprint(spec: &GuestSpec) -> String {
     let json = serde_json::to_vec(spec).expect("a GuestSpec always serializes");
-    blake3::hash(&json).to_hex().to_string()
+    ring::digest::digest(&ring::digest::SHA256, &json)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Where the guest's serial console is written (besides the pty `virsh console` reads).

@@ -115,6 +115,13 @@ pub struct MigrationStatus {
     /// source once the config is sent, destination once the state is restored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub xsave_bytes: Option<u32>,
+    /// Destination: `Commit` was read and the committed marker written: the guest
+    /// counts as run here, whatever happens next.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub committed: bool,
+    /// Whether KVM's dirty logging is on for guest memory (read from the VM).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dirty_logging: bool,
     /// Destination: where the lock and files went after commit, or why they could not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relocation: Option<String>,
@@ -166,6 +173,11 @@ impl Migration {
     pub fn reset_cancel(&self) {
         self.cancel.store(false, Ordering::SeqCst);
         *self.resolution.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// Whether the source is in `switchoverUnknown` (the guest must not be shut down).
+    pub fn switchover_unknown(&self) -> bool {
+        self.status().phase == MigrationPhase::SwitchoverUnknown
     }
 
     /// Records the answer to `switchoverUnknown`.

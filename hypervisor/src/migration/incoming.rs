@@ -96,7 +96,17 @@ pub fn run(
     let name = opts.config.name.clone();
     let dir = StateDir::acquire_incoming(&opts.state_root, &name)?;
     let incoming_dir = dir.dir().to_owned();
-    let result = prepare_and_receive(&opts, &dir, &events, &inbox);
+    let marker = committed_marker(&opts.state_root, &name);
+    if marker.exists() {
+        // A previous incoming VMM of this guest read Commit and then died: until its
+        // source's switchover is resolved (and the marker removed), its answer "ran"
+        // must stay readable.
+        return Err(IncomingError::Receive(ReceiveError::Protocol(format!(
+            "{} is there: an earlier migration of {name} committed here and its VMM              ended; resolve that migration's source (migrateResolve with              destinationRunning: true) and remove the marker first",
+            marker.display()
+        ))));
+    }
+    let result = prepare_and_receive(&opts, &dir, &marker, &events, &inbox);
     let vmm = match result {
         Ok(vmm) => vmm,
         Err((e, vmm)) => {
@@ -105,7 +115,15 @@ pub fn run(
             }
             dir.cleanup();
             drop(dir);
-            let _ = std::fs::remove_dir_all(&incoming_dir);
+            if marker.exists() {
+                // After the commit: the marker (and its directory) stay as the answer.
+                eprintln!(
+                    "berth-vmm: the guest counts as run here ({} kept)",
+                    marker.display()
+                );
+            } else {
+                let _ = std::fs::remove_dir_all(&incoming_dir);
+            }
             return Err(e);
         }
     };
@@ -117,14 +135,31 @@ pub fn run(
         let spawned = std::thread::Builder::new()
             .name("mig-handover".into())
             .spawn(move || {
-                let outcome = handover(&vmm, &opts, &current);
-                vmm.migration().status().relocation = Some(match outcome {
-                    Ok(path) => path.display().to_string(),
-                    Err(e) => {
-                        eprintln!("berth-vmm: the guest runs, but the handover failed: {e}");
-                        format!("handover failed: {e}")
+                // The guest runs here: it must end up where readers look for it. Until
+                // then it stays visible in `<name>.incoming/` (status `committed`,
+                // `relocation` saying why), and the handover is tried again.
+                let mut wait = Duration::from_secs(1);
+                loop {
+                    match handover(&vmm, &opts, &current) {
+                        Ok(path) => {
+                            vmm.migration().status().relocation = Some(path.display().to_string());
+                            return;
+                        }
+                        Err(e) => {
+                            eprintln!(
+                                "berth-vmm: the guest runs, but the handover failed ({e}); \
+                                 trying again in {wait:?}"
+                            );
+                            vmm.migration().status().relocation =
+                                Some(format!("handover failed: {e}"));
+                        }
                     }
-                });
+                    if vmm.shutting_down() {
+                        return;
+                    }
+                    std::thread::sleep(wait);
+                    wait = (wait * 2).min(Duration::from_secs(30));
+                }
             });
         if let Err(e) = spawned {
             eprintln!("berth-vmm: cannot start the handover thread: {e}");
@@ -153,6 +188,7 @@ type Failure = (IncomingError, Option<Arc<Vmm>>);
 fn prepare_and_receive(
     opts: &IncomingOptions,
     dir: &StateDir,
+    marker: &Path,
     events: &Sender<VmmEvent>,
     inbox: &Receiver<VmmEvent>,
 ) -> Result<Arc<Vmm>, Failure> {
@@ -225,9 +261,10 @@ fn prepare_and_receive(
     let receiver = {
         let vmm = Arc::clone(&vmm);
         let root = opts.state_root.clone();
+        let marker = marker.to_owned();
         std::thread::Builder::new()
             .name("mig-receive".into())
-            .spawn(move || incoming.receive(&vmm, &root))
+            .spawn(move || incoming.receive(&vmm, &root, &marker))
             .map_err(|e| fail(IncomingError::Control(e)))?
     };
     let mut shutdown: Option<String> = None;
@@ -237,6 +274,11 @@ fn prepare_and_receive(
                 vmm.migration().request_cancel();
                 receive::shutdown_all(&sockets);
                 shutdown = Some(reason);
+            }
+            Ok(VmmEvent::Signal(name)) => {
+                vmm.migration().request_cancel();
+                receive::shutdown_all(&sockets);
+                shutdown = Some(format!("{name} received"));
             }
             Ok(VmmEvent::Vcpu(event)) => vmm.on_vcpu_event(&event),
             Err(RecvTimeoutError::Timeout) => {}
@@ -274,6 +316,9 @@ fn handover(
     current: &Mutex<Option<StateDir>>,
 ) -> Result<PathBuf, String> {
     let name = &opts.config.name;
+    if super::fault::on("handover-fails") {
+        return Err("BERTH_FAULT handover-fails".into());
+    }
     let deadline = Instant::now() + HANDOVER_TIMEOUT;
     let target = loop {
         match StateDir::acquire(&opts.state_root, name) {
@@ -299,14 +344,12 @@ fn handover(
     };
     vmm.remove_cgroup().map_err(|e| e.to_string())?;
     vmm.set_cgroup(cgroup);
-    let old_log = target.console_path();
-    if old_log.exists() {
-        let _ = std::fs::rename(&old_log, old_log.with_extension("log.1"));
-    }
+    // The guest's console history (the source's console.log, for a local migration)
+    // stays: what the guest wrote since the commit is appended to it.
     vmm.devices()
         .serial()
         .log_mut()
-        .relocate(&target.console_path())
+        .relocate_appending(&target.console_path())
         .map_err(|e| format!("cannot move the console log: {e}"))?;
     let mut slot = current.lock().unwrap_or_else(|e| e.into_inner());
     let socket = slot
@@ -319,10 +362,19 @@ fn handover(
     let incoming_dir = incoming.dir().to_owned();
     incoming.cleanup();
     drop(incoming);
+    // The marker goes with the directory: the guest's own VMM answers from now on.
     let _ = std::fs::remove_dir_all(&incoming_dir);
     let path = target.dir().to_owned();
     *slot = Some(target);
     Ok(path)
+}
+
+/// The committed marker of an incoming migration of `name` under `root`:
+/// `<root>/guests/<name>.incoming/committed`, written (and fsync'd) when the
+/// destination reads `Commit`, before any vCPU starts. While it exists and no VMM holds
+/// the directory, the answer to "did the destination run the guest?" is yes.
+pub fn committed_marker(root: &Path, name: &str) -> PathBuf {
+    StateDir::incoming_path_of(root, name).join("committed")
 }
 
 /// The path of the incoming VMM's directory for guest `name` under `root`.

@@ -37,14 +37,15 @@
 //! labels, so these never clash with a guest. After `Commit` the guest runs there, and
 //! the destination then takes `<state>/guests/<name>/vmm.lock` (waiting until the
 //! source, which holds it, has exited; at once on another host), moves its control
-//! socket and console log into `<state>/guests/<name>/` (the source's console log is
-//! kept as `console.log.1`), moves itself into cgroup `berth/<name>` (once the source's
-//! is gone) and removes the `.incoming` directory and cgroup. The one-VMM-per-guest lock
+//! socket and console log into `<state>/guests/<name>/` (what the guest wrote since the
+//! commit is appended to the source's `console.log`, so its history stays), moves
+//! itself into cgroup `berth/<name>` (once the source's is gone) and removes the `.incoming` directory and cgroup. The one-VMM-per-guest lock
 //! thus passes at commit: before it, `guests/<name>/` belongs to the source; after the
 //! source exits, to the destination. A reader looking for a guest's VMM checks
 //! `guests/<name>/` and then `guests/<name>.incoming/`.
 
 pub mod control;
+pub mod fault;
 pub mod incoming;
 pub mod policy;
 pub mod precheck;

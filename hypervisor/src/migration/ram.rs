@@ -152,8 +152,12 @@ impl<'a> GuestRam<'a> {
         assert_eq!(data.len(), gpas.len() * PAGE_SIZE);
         for (gpa, page) in gpas.iter().zip(data.chunks_exact(PAGE_SIZE)) {
             let host = self.host(*gpa).expect("page checked against the bounds");
-            // SAFETY: `host` is a whole page of our mapping; no vCPU runs on the
-            // destination before the switchover, so nothing else touches it.
+            // SAFETY: `host` is a whole page of our mapping (the caller checked the
+            // address against the bounds). No vCPU runs on the destination before the
+            // switchover, and the receiving threads never write the same page: each
+            // thread serves one connection and the receiver refuses a page that is not
+            // on the connection `connection_of` assigns it (`receive::apply`), so the
+            // writes of two threads never overlap.
             unsafe { std::ptr::copy_nonoverlapping(page.as_ptr(), host, PAGE_SIZE) };
         }
     }
@@ -165,7 +169,7 @@ impl<'a> GuestRam<'a> {
     pub fn zero_pages(&self, gpas: &[u64]) {
         for gpa in gpas {
             let host = self.host(*gpa).expect("page checked against the bounds");
-            // SAFETY: as in `write_pages`.
+            // SAFETY: as in `write_pages` (bounds and connection checked by the caller).
             unsafe { std::ptr::write_bytes(host, 0, PAGE_SIZE) };
         }
     }

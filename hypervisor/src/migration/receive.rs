@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use super::control::MigrationPhase;
 use super::precheck::{self, DestinationFacts, SourceConfig};
-use super::ram::GuestRam;
+use super::ram::{connection_of, GuestRam};
 use super::state::{MachineState, Persist as _, StateError, Vcpu, XsaveAbi};
 use super::wire::{self, FrameKind, FrameReader, FrameWriter, Token, WireError};
 use super::LINK_TIMEOUT;
@@ -58,9 +58,18 @@ pub enum ReceiveError {
     /// The vCPUs this VMM has beyond the source's could not be prepared.
     #[error("Cannot prepare the vCPUs added by this VMM: {0}")]
     AddVcpus(VmmError),
-    /// Starting the vCPUs failed.
-    #[error("Cannot start the guest: {0}")]
-    Start(VmmError),
+    /// Starting the vCPUs failed after `Commit`: some may have run, so this counts as
+    /// run (the committed marker stays).
+    #[error("Cannot start the guest after the commit (it counts as run here): {0}")]
+    StartAfterCommit(VmmError),
+    /// The committed marker could not be written: the guest is not started.
+    #[error("Cannot write the committed marker {path}: {source}")]
+    Marker {
+        /// The marker's path.
+        path: std::path::PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
     /// The source gave up.
     #[error("The source aborted the migration: {0}")]
     Aborted(String),
@@ -152,12 +161,20 @@ impl Incoming {
         }))
     }
 
-    /// Receives the guest into `vmm` (built, not started) and, on `Commit`, starts it.
+    /// Receives the guest into `vmm` (built, not started) and, on `Commit`, writes the
+    /// durable marker `committed` (see [`write_committed_marker`]) and starts it.
     /// `state_root` is where this host's guests live (for the name pre-check).
     ///
     /// # Errors
-    /// Any failure before `Commit`; the guest never ran here.
-    pub fn receive(self, vmm: &Vmm, state_root: &Path) -> Result<(), ReceiveError> {
+    /// Any failure before `Commit` (the guest never ran here), and
+    /// [`ReceiveError::StartAfterCommit`] when the vCPUs could not all start after it
+    /// (some may have run: the marker stays).
+    pub fn receive(
+        self,
+        vmm: &Vmm,
+        state_root: &Path,
+        committed: &Path,
+    ) -> Result<(), ReceiveError> {
         let migration = vmm.migration();
         let cancelled = || migration.cancel_requested();
         let mut bad = 0;
@@ -226,6 +243,7 @@ impl Incoming {
         }
         // The token is spent: no further connections.
         drop(self.listener);
+        let sockets = self.sockets;
         let config = config.expect("the loop ends with a config");
         conns.sort_by_key(|c| c.stream);
         let count = conns.len();
@@ -259,14 +277,16 @@ impl Incoming {
                 .map(|mut c| {
                     let (ram, bounds, pages) = (&ram, &bounds, &pages);
                     let pass_applied = &pass_applied;
+                    let sockets = &sockets;
                     scope.spawn(move || -> Result<(), ReceiveError> {
-                        loop {
+                        let result = (|| loop {
                             let frame =
                                 c.reader.recv().map_err(|source| ReceiveError::Connection {
                                     conn: c.stream,
                                     source,
                                 })?;
-                            match apply(frame.kind, frame.payload, ram, bounds, pages)? {
+                            let conn = (c.stream, count as u32);
+                            match apply(frame.kind, frame.payload, ram, bounds, pages, conn)? {
                                 Applied::LastPass => return Ok(()),
                                 Applied::Pass(n) => pass_applied(c.stream as usize, n),
                                 Applied::Done => {}
@@ -277,20 +297,50 @@ impl Incoming {
                                     )))
                                 }
                             }
+                        })();
+                        if result.is_err() {
+                            // Unblock connection 0's reader: this error is the one to report.
+                            shutdown_all(sockets);
                         }
+                        result
                     })
                 })
                 .collect();
             let mut last_pass_seen = false;
             let state_received_at;
+            // A failing data connection shuts every socket down: connection 0's error is
+            // then only the echo of it, and the data connection's is reported.
+            let first_failed = |e: ReceiveError,
+                                others: Vec<
+                std::thread::ScopedJoinHandle<'_, Result<(), ReceiveError>>,
+            >| {
+                others
+                    .into_iter()
+                    .filter_map(|h| h.join().ok())
+                    .find_map(Result::err)
+                    .unwrap_or(e)
+            };
             let state = loop {
                 if cancelled() {
                     return Err(ReceiveError::Cancelled);
                 }
-                let frame = first_reader
-                    .recv()
-                    .map_err(|source| ReceiveError::Connection { conn: 0, source })?;
-                match apply(frame.kind, frame.payload, &ram, &bounds, &pages)? {
+                let frame = match first_reader.recv() {
+                    Ok(frame) => frame,
+                    Err(source) => {
+                        return Err(first_failed(
+                            ReceiveError::Connection { conn: 0, source },
+                            others,
+                        ))
+                    }
+                };
+                match apply(
+                    frame.kind,
+                    frame.payload,
+                    &ram,
+                    &bounds,
+                    &pages,
+                    (0, count as u32),
+                )? {
                     Applied::Done => {}
                     Applied::Pass(n) => pass_applied(0, n),
                     Applied::LastPass => last_pass_seen = true,
@@ -319,15 +369,24 @@ impl Incoming {
             }
             migration.status().phase = MigrationPhase::Switchover;
             load(vmm, &config, &state)?;
+            if let Some(ms) = super::fault::injected("delay-loaded-ms") {
+                std::thread::sleep(Duration::from_millis(ms.parse().unwrap_or(1500)));
+            }
             let mut replies = replies.lock().unwrap_or_else(|e| e.into_inner());
             replies
                 .send(FrameKind::Loaded, &[])
                 .map_err(|source| ReceiveError::Connection { conn: 0, source })?;
             migration.status().phase = MigrationPhase::Loaded;
-            // Loaded: only Commit makes this guest run.
-            let frame = first_reader
-                .recv()
-                .map_err(|source| ReceiveError::Connection { conn: 0, source })?;
+            // Loaded: only Commit makes this guest run. A keepalive the source sent
+            // while this side was loading may come first: it means nothing.
+            let frame = loop {
+                let frame = first_reader
+                    .recv()
+                    .map_err(|source| ReceiveError::Connection { conn: 0, source })?;
+                if frame.kind != FrameKind::Info {
+                    break frame;
+                }
+            };
             match frame.kind {
                 FrameKind::Commit => {}
                 FrameKind::Abort => {
@@ -341,7 +400,24 @@ impl Incoming {
                     )))
                 }
             }
-            vmm.start().map_err(ReceiveError::Start)?;
+            // The commit point here: durable before any vCPU may run, so that a
+            // destination that dies from now on is never taken for one that did not
+            // run the guest.
+            write_committed_marker(committed).map_err(|source| ReceiveError::Marker {
+                path: committed.to_owned(),
+                source,
+            })?;
+            migration.status().committed = true;
+            if super::fault::on("exit-after-commit") {
+                eprintln!("berth-vmm: BERTH_FAULT exit-after-commit: exiting after the commit");
+                std::process::exit(101);
+            }
+            let started = if super::fault::on("start-fails") {
+                Err(VmmError::Host("BERTH_FAULT start-fails".into()))
+            } else {
+                vmm.start()
+            };
+            started.map_err(ReceiveError::StartAfterCommit)?;
             let downtime = state_received_at.elapsed();
             // The guest runs here now, whether or not the source hears it.
             let _ = replies.send(FrameKind::Running, &[]);
@@ -376,23 +452,65 @@ enum Applied {
     Other(FrameKind),
 }
 
+/// Where a receiver writes pages: guest RAM, or a test's stand-in that checks every
+/// write.
+pub(crate) trait PageSink: Sync {
+    /// Writes whole pages `data` at `gpas` (checked against the bounds).
+    fn write_pages(&self, gpas: &[u64], data: &[u8]);
+    /// Zeroes the pages at `gpas` (checked against the bounds).
+    fn zero_pages(&self, gpas: &[u64]);
+}
+
+impl PageSink for GuestRam<'_> {
+    fn write_pages(&self, gpas: &[u64], data: &[u8]) {
+        GuestRam::write_pages(self, gpas, data);
+    }
+
+    fn zero_pages(&self, gpas: &[u64]) {
+        GuestRam::zero_pages(self, gpas);
+    }
+}
+
+/// Applies one frame of connection `conn.0` of `conn.1`. Pages are written only
+/// after every address of the frame was checked: inside guest memory, and carried by
+/// the connection the sender assigns its 2 MiB chunk to ([`connection_of`]), so two
+/// receiving threads never write the same page.
 fn apply(
     kind: FrameKind,
     payload: &[u8],
-    ram: &GuestRam<'_>,
+    ram: &impl PageSink,
     bounds: &wire::MemoryBounds,
     pages: &std::sync::atomic::AtomicU64,
+    conn: (u32, u32),
 ) -> Result<Applied, ReceiveError> {
-    let wire_err = |source| ReceiveError::Connection { conn: 0, source };
+    let wire_err = |source| ReceiveError::Connection {
+        conn: conn.0,
+        source,
+    };
+    let check_owner = |gpas: &[u64]| -> Result<(), ReceiveError> {
+        match gpas
+            .iter()
+            .find(|&&gpa| connection_of(gpa, conn.1) != conn.0 as usize)
+        {
+            Some(gpa) => Err(ReceiveError::Protocol(format!(
+                "page {gpa:#x} arrived on connection {} but belongs to connection {}",
+                conn.0,
+                connection_of(*gpa, conn.1)
+            ))),
+            None => Ok(()),
+        }
+    };
     match kind {
         FrameKind::Pages => {
             let (gpas, data) = wire::parse_pages(kind, payload, bounds).map_err(wire_err)?;
+            check_owner(&gpas)?;
             ram.write_pages(&gpas, data);
             pages.fetch_add(gpas.len() as u64, std::sync::atomic::Ordering::Relaxed);
             Ok(Applied::Done)
         }
         FrameKind::ZeroPages => {
             let (gpas, _) = wire::parse_pages(kind, payload, bounds).map_err(wire_err)?;
+            check_owner(&gpas)?;
             ram.zero_pages(&gpas);
             Ok(Applied::Done)
         }
@@ -482,9 +600,270 @@ fn load(vmm: &Vmm, config: &SourceConfig, state: &MachineState) -> Result<(), Re
     Ok(())
 }
 
+/// Writes the destination's committed marker at `path` (contents: this process's pid)
+/// and makes it durable (the file and its directory fsync'd) before returning. It says
+/// "this destination read `Commit`": from then on the guest counts as run here, even if
+/// this process dies or its vCPUs fail to start, so that the source is never told to
+/// resume a copy that may have run. It goes with the `.incoming` directory when the
+/// handover succeeds; a later incoming VMM of the guest refuses to start while it is
+/// there (see [`super::incoming`]).
+///
+/// # Errors
+/// The file cannot be written or synced.
+pub fn write_committed_marker(path: &Path) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut f = std::fs::File::create(path)?;
+    writeln!(f, "committed pid {}", std::process::id())?;
+    f.sync_all()?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
 /// Shuts every socket in `sockets` down (unblocks the readers of a cancelled receive).
 pub fn shutdown_all(sockets: &Mutex<Vec<TcpStream>>) {
     for s in sockets.lock().unwrap_or_else(|e| e.into_inner()).iter() {
         let _ = s.shutdown(Shutdown::Both);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The receiver meets hostile bytes: arbitrary streams, streams sealed by a peer
+    //! that holds the keys but sends nonsense, and good streams mutated on the way. No
+    //! panic, no page written outside guest memory, every bad frame a clear error.
+
+    use super::*;
+    use crate::migration::wire::{MemoryBounds, PAGE_SIZE};
+    use proptest::prelude::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    const PAGE: u64 = PAGE_SIZE as u64;
+
+    /// Guest memory as two ranges (64 pages at 0, 16 pages at 4 GiB), in a buffer;
+    /// every write is checked to fall inside them.
+    struct Recorder {
+        bounds: MemoryBounds,
+        mem: Mutex<Vec<u8>>,
+        written: AtomicU64,
+    }
+
+    impl Recorder {
+        fn new() -> Recorder {
+            Recorder {
+                bounds: MemoryBounds::new([(0, 64 * PAGE), (1 << 32, 16 * PAGE)]),
+                mem: Mutex::new(vec![0u8; 80 * PAGE_SIZE]),
+                written: AtomicU64::new(0),
+            }
+        }
+
+        fn offset(&self, gpa: u64) -> usize {
+            assert!(
+                self.bounds.contains_page(gpa),
+                "a write outside guest memory: {gpa:#x}"
+            );
+            if gpa >= 1 << 32 {
+                (64 * PAGE + (gpa - (1 << 32))) as usize
+            } else {
+                gpa as usize
+            }
+        }
+    }
+
+    impl PageSink for Recorder {
+        fn write_pages(&self, gpas: &[u64], data: &[u8]) {
+            assert_eq!(
+                data.len(),
+                gpas.len() * PAGE_SIZE,
+                "data and addresses disagree"
+            );
+            let mut mem = self.mem.lock().unwrap();
+            for (gpa, page) in gpas.iter().zip(data.chunks_exact(PAGE_SIZE)) {
+                let at = self.offset(*gpa);
+                mem[at..at + PAGE_SIZE].copy_from_slice(page);
+                self.written.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+
+        fn zero_pages(&self, gpas: &[u64]) {
+            let mut mem = self.mem.lock().unwrap();
+            for gpa in gpas {
+                let at = self.offset(*gpa);
+                mem[at..at + PAGE_SIZE].fill(0);
+                self.written.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Decodes `stream` as the receiver does (frames, then pages and state) until the
+    /// first error; returns the payloads of the frames that authenticated, and the
+    /// error. Panics (fails the property) on a write outside memory.
+    fn decode(
+        stream: &[u8],
+        key: &wire::SessionKey,
+        conn: (u32, u32),
+        sink: &Recorder,
+    ) -> (Vec<(FrameKind, Vec<u8>)>, Option<String>) {
+        let mut reader = FrameReader::new(stream, key.clone());
+        let pages = AtomicU64::new(0);
+        let mut good = Vec::new();
+        loop {
+            if reader.get_mut().is_empty() {
+                // The end, at a frame boundary.
+                return (good, None);
+            }
+            let frame = match reader.recv() {
+                Ok(frame) => frame,
+                Err(e) => return (good, Some(e.to_string())),
+            };
+            good.push((frame.kind, frame.payload.to_vec()));
+            let applied = apply(frame.kind, frame.payload, sink, &sink.bounds, &pages, conn);
+            match applied {
+                Err(e) => return (good, Some(e.to_string())),
+                Ok(Applied::Other(FrameKind::State)) => {
+                    if let Err(e) = MachineState::decode(frame.payload) {
+                        return (good, Some(e.to_string()));
+                    }
+                }
+                Ok(_) => {}
+            }
+        }
+    }
+
+    fn page_addr() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            (0u64..64).prop_map(|p| p * PAGE),
+            (0u64..16).prop_map(|p| (1 << 32) + p * PAGE),
+            any::<u64>(),
+            (0u64..64 * PAGE),
+            Just(64 * PAGE),
+            Just(!0xfffu64),
+        ]
+    }
+
+    /// A payload a hostile source might seal: page frames with any addresses and
+    /// counts (lying or not), or any bytes.
+    fn payload() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            (
+                proptest::collection::vec(page_addr(), 0..4),
+                any::<u8>(),
+                0usize..3
+            )
+                .prop_map(|(gpas, fill, extra)| {
+                    let data = vec![fill; gpas.len().saturating_sub(extra % 2) * PAGE_SIZE];
+                    let mut p = wire::pages_payload(&gpas, &data);
+                    if extra == 2 {
+                        p[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+                    }
+                    p
+                }),
+            proptest::collection::vec(page_addr(), 0..8)
+                .prop_map(|gpas| wire::pages_payload(&gpas, &[])),
+            proptest::collection::vec(any::<u8>(), 0..64),
+        ]
+    }
+
+    fn seal(frames: &[(u8, Vec<u8>)], key: &wire::SessionKey) -> Vec<u8> {
+        let mut w = FrameWriter::new(Vec::new(), key.clone());
+        for (kind, payload) in frames {
+            w.send_raw_kind(*kind, payload).unwrap();
+        }
+        std::mem::take(w.get_mut())
+    }
+
+    fn connection() -> impl Strategy<Value = (u32, u32)> {
+        prop_oneof![Just((0, 1)), Just((0, 2)), Just((1, 2)), Just((2, 3))]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn arbitrary_bytes_are_refused_cleanly(
+            stream in proptest::collection::vec(any::<u8>(), 0..2048),
+            conn in connection(),
+        ) {
+            let sink = Recorder::new();
+            let (good, error) = decode(&stream, &wire::SessionKey::for_tests(3), conn, &sink);
+            // Without the key nothing authenticates (2^-128 per frame).
+            prop_assert!(good.is_empty());
+            prop_assert_eq!(sink.written.load(Ordering::Relaxed), 0);
+            if !stream.is_empty() {
+                prop_assert!(error.is_some_and(|e| !e.is_empty()));
+            }
+        }
+
+        #[test]
+        fn sealed_nonsense_never_writes_outside_memory(
+            frames in proptest::collection::vec((0u8..13, payload()), 1..6),
+            conn in connection(),
+        ) {
+            let key = wire::SessionKey::for_tests(5);
+            let stream = seal(&frames, &key);
+            let sink = Recorder::new();
+            let (good, error) = decode(&stream, &key, conn, &sink);
+            // What authenticated is exactly what was sealed, in order.
+            for (i, (kind, payload)) in good.iter().enumerate() {
+                prop_assert_eq!(*kind as u8, frames[i].0);
+                prop_assert_eq!(payload, &frames[i].1);
+            }
+            if let Some(e) = error {
+                prop_assert!(!e.is_empty());
+            }
+        }
+
+        #[test]
+        fn mutated_streams_fail_at_the_mutation(
+            frames in proptest::collection::vec(
+                (proptest::collection::vec(0u64..64, 1..4), any::<u8>()),
+                1..5,
+            ),
+            mutation in 0usize..4,
+            at in any::<prop::sample::Index>(),
+            len in 1usize..64,
+            bit in 0u8..8,
+        ) {
+            // A good stream: page frames on connection 0 of 1, in bounds.
+            let key = wire::SessionKey::for_tests(7);
+            let sealed: Vec<(u8, Vec<u8>)> = frames
+                .iter()
+                .map(|(pages, fill)| {
+                    let gpas: Vec<u64> = pages.iter().map(|p| p * PAGE).collect();
+                    let data = vec![*fill; gpas.len() * PAGE_SIZE];
+                    (FrameKind::Pages as u8, wire::pages_payload(&gpas, &data))
+                })
+                .collect();
+            let stream = seal(&sealed, &key);
+            let i = at.index(stream.len());
+            let mut bad = stream.clone();
+            match mutation {
+                0 => bad[i] ^= 1 << bit,
+                1 => bad.truncate(i),
+                2 => {
+                    let end = (i + len).min(bad.len());
+                    bad.drain(i..end);
+                }
+                _ => {
+                    let end = (i + len).min(bad.len());
+                    let copy = bad[i..end].to_vec();
+                    bad.splice(i..i, copy);
+                }
+            }
+            let sink = Recorder::new();
+            let (good, error) = decode(&bad, &key, (0, 1), &sink);
+            // Every frame that got through is one that was sent, in its place.
+            for (n, (kind, payload)) in good.iter().enumerate() {
+                prop_assert_eq!(*kind as u8, sealed[n].0);
+                prop_assert_eq!(payload, &sealed[n].1);
+            }
+            // The mutation was noticed: an error, or (a truncation at a frame edge) a
+            // stream that simply holds fewer frames.
+            match error {
+                Some(e) => prop_assert!(!e.is_empty()),
+                None => prop_assert!(mutation == 1 && good.len() < sealed.len()),
+            }
+        }
     }
 }

@@ -274,16 +274,28 @@ fn outgoing(vmm: &Arc<Vmm>, addr: SocketAddr, token: &Token, connections: u32, p
                 migration.status().phase = MigrationPhase::Completed;
                 vmm.request_shutdown(Some(5000), "the destination runs the guest (resolved)");
             } else {
-                {
-                    let mut st = migration.status();
-                    st.phase = MigrationPhase::Failed;
-                    st.error = Some(format!(
-                        "{why}; resolved: the destination did not run the guest"
+                // The guest runs here again: dirty logging has no use any more.
+                let logging = vmm.vm().set_dirty_logging(false);
+                let resumed = if was_paused {
+                    Ok(())
+                } else if super::fault::on("resume-fails") {
+                    Err(VmmError::Host("BERTH_FAULT resume-fails".into()))
+                } else {
+                    vmm.resume()
+                };
+                let mut st = migration.status();
+                st.phase = MigrationPhase::Failed;
+                let mut error = format!("{why}; resolved: the destination did not run the guest");
+                if let Err(e) = &logging {
+                    error.push_str(&format!("; turning dirty logging off failed: {e}"));
+                }
+                if let Err(e) = &resumed {
+                    error.push_str(&format!(
+                        "; resuming the guest here FAILED: {e} (it stays paused; resume it)"
                     ));
+                    eprintln!("berth-vmm: resuming the guest after the resolution failed: {e}");
                 }
-                if !was_paused {
-                    let _ = vmm.resume();
-                }
+                st.error = Some(error);
             }
         }
         Err(e) => {
@@ -970,19 +982,29 @@ fn worker(
     limiter: &RateLimiter,
     batch: usize,
 ) -> Result<(), WireError> {
-    let mut data = vec![0u8; batch * PAGE_SIZE];
-    let mut gpas: Vec<u64> = Vec::with_capacity(batch);
+    let mut pages = wire::PageBatch::new(batch);
     let mut zeros: Vec<u64> = Vec::new();
+    let account = |len: usize| {
+        counters.bytes.fetch_add(
+            (len + wire::HEADER_LEN + wire::TAG_LEN) as u64,
+            Ordering::Relaxed,
+        );
+    };
     let send = |w: &mut FrameWriter<TcpStream>, kind, parts: &[&[u8]]| -> Result<(), WireError> {
         let len: usize = parts.iter().map(|p| p.len()).sum();
         limiter.take(len);
         w.send(kind, parts)?;
-        counters.bytes.fetch_add(
-            (len + wire::HEADER_LEN + wire::MAC_LEN) as u64,
-            Ordering::Relaxed,
-        );
+        account(len);
         Ok(())
     };
+    let send_pages =
+        |w: &mut FrameWriter<TcpStream>, pages: &mut wire::PageBatch| -> Result<(), WireError> {
+            let n = pages.len() as u64;
+            limiter.take(pages.len() * (PAGE_SIZE + 8) + 8);
+            account(w.send_pages(pages)?);
+            counters.pages.fetch_add(n, Ordering::Relaxed);
+            Ok(())
+        };
     loop {
         let job = match jobs.recv_timeout(KEEPALIVE) {
             Ok(job) => job,
@@ -1005,37 +1027,29 @@ fn worker(
                                     send(
                                         &mut w,
                                         FrameKind::ZeroPages,
-                                        &[&wire::pages_head(&zeros)],
+                                        &[&wire::pages_payload(&zeros, &[])],
                                     )?;
                                     zeros.clear();
                                 }
                             }
                             continue;
                         }
-                        let n = gpas.len();
-                        ram.copy_out(gpa, &mut data[n * PAGE_SIZE..(n + 1) * PAGE_SIZE]);
-                        gpas.push(gpa);
-                        if gpas.len() == batch {
-                            send(&mut w, FrameKind::Pages, &[&wire::pages_head(&gpas), &data])?;
-                            counters
-                                .pages
-                                .fetch_add(gpas.len() as u64, Ordering::Relaxed);
-                            gpas.clear();
+                        ram.copy_out(gpa, pages.next_slot());
+                        pages.push(gpa);
+                        if pages.is_full() {
+                            send_pages(&mut w, &mut pages)?;
                         }
                     }
                 }
-                if !gpas.is_empty() {
-                    let n = gpas.len();
-                    send(
-                        &mut w,
-                        FrameKind::Pages,
-                        &[&wire::pages_head(&gpas), &data[..n * PAGE_SIZE]],
-                    )?;
-                    counters.pages.fetch_add(n as u64, Ordering::Relaxed);
-                    gpas.clear();
+                if !pages.is_empty() {
+                    send_pages(&mut w, &mut pages)?;
                 }
                 if !zeros.is_empty() {
-                    send(&mut w, FrameKind::ZeroPages, &[&wire::pages_head(&zeros)])?;
+                    send(
+                        &mut w,
+                        FrameKind::ZeroPages,
+                        &[&wire::pages_payload(&zeros, &[])],
+                    )?;
                     zeros.clear();
                 }
             }

@@ -1,44 +1,62 @@
-//! The migration stream: a versioned handshake that proves the one-time token, then
-//! frames each carrying a sequence number and a keyed BLAKE3 MAC.
+//! The migration stream: a versioned handshake that proves the one-time token and
+//! derives per-connection, per-direction keys, then frames each sealed with AES-256-GCM.
 //!
 //! ```text
 //! destination -> source   hello   = MAGIC | version u32 | nonce_d [32]
 //! source -> destination   hello   = MAGIC | version u32 | nonce_s [32] | stream u32 | proof_s [32]
 //! destination -> source   proof_d [32]
-//! then, source -> destination, frames:
-//!   kind u8 | flags u8 | reserved u16 | len u32 | payload [len] | mac [16]
-//!   mac = BLAKE3-keyed(session key, seq u64 | kind | flags | reserved | len | payload)[..16]
+//! then frames, each way:
+//!   kind u8 | flags u8 | reserved u16 | len u32 | ciphertext [len] | tag [16]
+//!   ciphertext, tag = AES-256-GCM(direction key, nonce = 0u32 | seq u64 (big-endian),
+//!                                 associated data = the 8 header bytes, payload)
 //! ```
 //!
-//! Both proofs are keyed BLAKE3 over both nonces with a key derived from the token, so
-//! neither side learns anything it could replay, and a connection with a wrong token is
-//! dropped before its first frame is read. The session key is derived from the token and
-//! both nonces, so frames of one connection cannot be spliced into another; the
-//! sequence number in every MAC stops reordering, dropping or replaying frames within
-//! one. A frame is checked (length bound, then MAC) before any byte of it is used.
+//! Keys come from HKDF-SHA256 (RFC 5869): the token is the input key material, both
+//! nonces are the salt, and the info names the purpose and the stream number. The
+//! proofs are HMAC-SHA256 under keys expanded for them, over the whole hello
+//! transcript, so neither side learns anything it could replay, and a connection with
+//! a wrong token is dropped before its first frame is read. Each connection has two
+//! frame keys of its own (source to destination, destination to source), so frames of
+//! one connection cannot be spliced into another, nor reflected back to their sender.
+//!
+//! `seq` counts the frames of one direction of one connection from 0 and is never sent:
+//! both sides keep it, so a replayed, reordered or dropped frame fails its tag, as does
+//! any changed bit of header, payload or tag; a frame cut short is
+//! [`WireError::Truncated`]. A frame is checked (length bound, then tag) before any
+//! byte of it is used. Every byte of guest memory and state is in the ciphertext; the
+//! header (kind and length) travels in the clear, authenticated. GCM both encrypts and
+//! authenticates in one pass, so no byte is processed twice for integrity.
 
 use std::fmt;
 use std::io::{self, IoSlice, Read, Write};
 
+use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
+use ring::{hkdf, hmac};
+
 /// First bytes of both hellos.
 pub const MAGIC: [u8; 8] = *b"BERTHMIG";
 /// The stream format version this build speaks. A peer with another version is refused.
-pub const VERSION: u32 = 1;
+/// Version 2: AES-256-GCM frames with HKDF-derived keys (version 1 carried clear pages
+/// under a keyed BLAKE3 MAC).
+pub const VERSION: u32 = 2;
 /// Guest page size the stream moves memory in.
 pub const PAGE_SIZE: usize = 4096;
 /// The largest frame payload a receiver accepts; larger lengths are refused before any
 /// allocation, so a hostile stream cannot exhaust the receiver's memory.
 pub const MAX_PAYLOAD: usize = 16 << 20;
-/// Bytes of MAC at the end of each frame.
-pub const MAC_LEN: usize = 16;
+/// Bytes of authentication tag at the end of each frame.
+pub const TAG_LEN: usize = 16;
 /// Bytes of frame header.
 pub const HEADER_LEN: usize = 8;
+/// Bytes of the source's hello (the destination's is [`HELLO_D_LEN`]).
+pub const HELLO_S_LEN: usize = 8 + 4 + 32 + 4 + 32;
+/// Bytes of the destination's hello.
+pub const HELLO_D_LEN: usize = 8 + 4 + 32;
 
-const PROOF_CONTEXT_SOURCE: &[u8] = b"berth migration v1 source proof";
-const PROOF_CONTEXT_DEST: &[u8] = b"berth migration v1 destination proof";
-const TOKEN_KEY_CONTEXT: &str = "berth migration v1 token key";
-const SESSION_KEY_CONTEXT: &str = "berth migration v1 session key";
-const REPLY_KEY_CONTEXT: &str = "berth migration v1 reply key";
+const PROOF_SOURCE: &[u8] = b"berth migration v2 source proof";
+const PROOF_DEST: &[u8] = b"berth migration v2 destination proof";
+const KEY_TO_DEST: &[u8] = b"berth migration v2 source to destination";
+const KEY_TO_SOURCE: &[u8] = b"berth migration v2 destination to source";
 
 /// Errors of the migration stream.
 #[derive(Debug, thiserror::Error)]
@@ -61,12 +79,15 @@ pub enum WireError {
     /// A frame's length is beyond [`MAX_PAYLOAD`].
     #[error("A frame of {0} bytes is larger than the {MAX_PAYLOAD} bytes allowed")]
     FrameTooLarge(usize),
-    /// A frame's MAC did not match: corrupted, reordered, or forged.
-    #[error("Frame {seq} failed its integrity check (corrupted, reordered or forged)")]
-    BadMac {
+    /// A frame failed authentication: corrupted, reordered, replayed, or forged.
+    #[error("Frame {seq} failed authentication (corrupted, reordered, replayed or forged)")]
+    BadTag {
         /// The frame's sequence number.
         seq: u64,
     },
+    /// This direction of the connection sent 2^64 - 1 frames: its nonces are spent.
+    #[error("The connection's frame counter is exhausted")]
+    Exhausted,
     /// A frame kind this version does not know.
     #[error("Unknown frame kind {0}")]
     UnknownKind(u8),
@@ -128,10 +149,6 @@ impl Token {
         }
         Some(Token(bytes))
     }
-
-    fn key(&self) -> [u8; 32] {
-        blake3::derive_key(TOKEN_KEY_CONTEXT, &self.0)
-    }
 }
 
 impl fmt::Debug for Token {
@@ -141,21 +158,65 @@ impl fmt::Debug for Token {
     }
 }
 
-fn proof(token_key: &[u8; 32], context: &[u8], first: &[u8; 32], second: &[u8; 32]) -> [u8; 32] {
-    let mut h = blake3::Hasher::new_keyed(token_key);
-    h.update(context);
-    h.update(first);
-    h.update(second);
-    *h.finalize().as_bytes()
+/// What the handshake of one connection derives from the token and both nonces.
+struct Handshake {
+    prk: hkdf::Prk,
+    stream: u32,
+    transcript: Vec<u8>,
 }
 
-fn session_key(token: &Token, nonce_d: &[u8; 32], nonce_s: &[u8; 32], stream: u32) -> [u8; 32] {
-    let mut h = blake3::Hasher::new_derive_key(SESSION_KEY_CONTEXT);
-    h.update(&token.0);
-    h.update(nonce_d);
-    h.update(nonce_s);
-    h.update(&stream.to_le_bytes());
-    *h.finalize().as_bytes()
+impl Handshake {
+    /// `hello_d` and the first 48 bytes of `hello_s` (all but the proof) are the
+    /// transcript both proofs cover.
+    fn new(token: &Token, hello_d: &[u8], hello_s_head: &[u8], stream: u32) -> Handshake {
+        let nonce_d = &hello_d[12..44];
+        let nonce_s = &hello_s_head[12..44];
+        let salt = hkdf::Salt::new(hkdf::HKDF_SHA256, &[nonce_d, nonce_s].concat());
+        Handshake {
+            prk: salt.extract(&token.0),
+            stream,
+            transcript: [hello_d, hello_s_head].concat(),
+        }
+    }
+
+    fn proof_key(&self, label: &[u8]) -> hmac::Key {
+        let stream = self.stream.to_le_bytes();
+        let info = [label, &stream[..]];
+        let okm = self
+            .prk
+            .expand(&info, hmac::HMAC_SHA256)
+            .expect("32 bytes is within HKDF-SHA256's output limit");
+        hmac::Key::from(okm)
+    }
+
+    fn proof(&self, label: &[u8]) -> [u8; 32] {
+        let tag = hmac::sign(&self.proof_key(label), &self.transcript);
+        tag.as_ref().try_into().expect("HMAC-SHA256 is 32 bytes")
+    }
+
+    /// Constant-time check of a peer's proof.
+    fn check(&self, label: &[u8], proof: &[u8]) -> Result<()> {
+        hmac::verify(&self.proof_key(label), &self.transcript, proof)
+            .map_err(|_| WireError::BadToken)
+    }
+
+    fn frame_key(&self, label: &[u8]) -> [u8; 32] {
+        let stream = self.stream.to_le_bytes();
+        let info = [label, &stream[..]];
+        let mut key = [0u8; 32];
+        self.prk
+            .expand(&info, &AES_256_GCM)
+            .and_then(|okm| okm.fill(&mut key))
+            .expect("32 bytes is within HKDF-SHA256's output limit");
+        key
+    }
+
+    fn session_key(&self) -> SessionKey {
+        SessionKey {
+            frames: self.frame_key(KEY_TO_DEST),
+            replies: self.frame_key(KEY_TO_SOURCE),
+        }
+    }
 }
 
 fn nonce() -> io::Result<[u8; 32]> {
@@ -164,9 +225,15 @@ fn nonce() -> io::Result<[u8; 32]> {
     Ok(n)
 }
 
-/// Constant-time equality of two proofs.
-fn proofs_match(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    blake3::Hash::from_bytes(*a) == blake3::Hash::from_bytes(*b)
+fn check_hello_head(hello: &[u8]) -> Result<()> {
+    if hello[..8] != MAGIC {
+        return Err(WireError::BadMagic);
+    }
+    let version = u32::from_le_bytes(hello[8..12].try_into().expect("4 bytes"));
+    if version != VERSION {
+        return Err(WireError::Version(version));
+    }
+    Ok(())
 }
 
 /// The destination's side of the handshake. Returns the session key and the stream
@@ -176,39 +243,22 @@ fn proofs_match(a: &[u8; 32], b: &[u8; 32]) -> bool {
 /// [`WireError::BadToken`] when the source cannot prove the token, and the errors of
 /// the connection.
 pub fn accept<S: Read + Write>(conn: &mut S, token: &Token) -> Result<(SessionKey, u32)> {
-    let nonce_d = nonce()?;
-    let mut hello = Vec::with_capacity(44);
-    hello.extend_from_slice(&MAGIC);
-    hello.extend_from_slice(&VERSION.to_le_bytes());
-    hello.extend_from_slice(&nonce_d);
-    conn.write_all(&hello)?;
+    let mut hello_d = Vec::with_capacity(HELLO_D_LEN);
+    hello_d.extend_from_slice(&MAGIC);
+    hello_d.extend_from_slice(&VERSION.to_le_bytes());
+    hello_d.extend_from_slice(&nonce()?);
+    conn.write_all(&hello_d)?;
     conn.flush()?;
 
-    let mut reply = [0u8; 8 + 4 + 32 + 4 + 32];
-    read_exact_or_truncated(conn, &mut reply)?;
-    if reply[..8] != MAGIC {
-        return Err(WireError::BadMagic);
-    }
-    let version = u32::from_le_bytes(reply[8..12].try_into().expect("4 bytes"));
-    if version != VERSION {
-        return Err(WireError::Version(version));
-    }
-    let nonce_s: [u8; 32] = reply[12..44].try_into().expect("32 bytes");
-    let stream = u32::from_le_bytes(reply[44..48].try_into().expect("4 bytes"));
-    let proof_s: [u8; 32] = reply[48..80].try_into().expect("32 bytes");
-    let key = token.key();
-    if !proofs_match(
-        &proof_s,
-        &proof(&key, PROOF_CONTEXT_SOURCE, &nonce_d, &nonce_s),
-    ) {
-        return Err(WireError::BadToken);
-    }
-    conn.write_all(&proof(&key, PROOF_CONTEXT_DEST, &nonce_s, &nonce_d))?;
+    let mut hello_s = [0u8; HELLO_S_LEN];
+    read_exact_or_truncated(conn, &mut hello_s)?;
+    check_hello_head(&hello_s)?;
+    let stream = u32::from_le_bytes(hello_s[44..48].try_into().expect("4 bytes"));
+    let hs = Handshake::new(token, &hello_d, &hello_s[..48], stream);
+    hs.check(PROOF_SOURCE, &hello_s[48..])?;
+    conn.write_all(&hs.proof(PROOF_DEST))?;
     conn.flush()?;
-    Ok((
-        SessionKey(session_key(token, &nonce_d, &nonce_s, stream)),
-        stream,
-    ))
+    Ok((hs.session_key(), stream))
 }
 
 /// The source's side of the handshake for connection number `stream`.
@@ -217,40 +267,31 @@ pub fn accept<S: Read + Write>(conn: &mut S, token: &Token) -> Result<(SessionKe
 /// [`WireError::BadToken`] when the destination cannot prove the token (it is not the
 /// destination that handed it out), and the errors of the connection.
 pub fn connect<S: Read + Write>(conn: &mut S, token: &Token, stream: u32) -> Result<SessionKey> {
-    let mut hello = [0u8; 44];
-    read_exact_or_truncated(conn, &mut hello)?;
-    if hello[..8] != MAGIC {
-        return Err(WireError::BadMagic);
-    }
-    let version = u32::from_le_bytes(hello[8..12].try_into().expect("4 bytes"));
-    if version != VERSION {
-        return Err(WireError::Version(version));
-    }
-    let nonce_d: [u8; 32] = hello[12..44].try_into().expect("32 bytes");
-    let nonce_s = nonce()?;
-    let key = token.key();
-    let mut reply = Vec::with_capacity(80);
-    reply.extend_from_slice(&MAGIC);
-    reply.extend_from_slice(&VERSION.to_le_bytes());
-    reply.extend_from_slice(&nonce_s);
-    reply.extend_from_slice(&stream.to_le_bytes());
-    reply.extend_from_slice(&proof(&key, PROOF_CONTEXT_SOURCE, &nonce_d, &nonce_s));
-    conn.write_all(&reply)?;
+    let mut hello_d = [0u8; HELLO_D_LEN];
+    read_exact_or_truncated(conn, &mut hello_d)?;
+    check_hello_head(&hello_d)?;
+    let mut hello_s = Vec::with_capacity(HELLO_S_LEN);
+    hello_s.extend_from_slice(&MAGIC);
+    hello_s.extend_from_slice(&VERSION.to_le_bytes());
+    hello_s.extend_from_slice(&nonce()?);
+    hello_s.extend_from_slice(&stream.to_le_bytes());
+    let hs = Handshake::new(token, &hello_d, &hello_s, stream);
+    hello_s.extend_from_slice(&hs.proof(PROOF_SOURCE));
+    conn.write_all(&hello_s)?;
     conn.flush()?;
     let mut proof_d = [0u8; 32];
     read_exact_or_truncated(conn, &mut proof_d)?;
-    if !proofs_match(
-        &proof_d,
-        &proof(&key, PROOF_CONTEXT_DEST, &nonce_s, &nonce_d),
-    ) {
-        return Err(WireError::BadToken);
-    }
-    Ok(SessionKey(session_key(token, &nonce_d, &nonce_s, stream)))
+    hs.check(PROOF_DEST, &proof_d)?;
+    Ok(hs.session_key())
 }
 
-/// The key that authenticates the frames of one connection.
+/// The keys of one connection, as seen from one direction: `frames` seals what this
+/// direction carries, `replies` the other way.
 #[derive(Clone)]
-pub struct SessionKey([u8; 32]);
+pub struct SessionKey {
+    frames: [u8; 32],
+    replies: [u8; 32],
+}
 
 impl fmt::Debug for SessionKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -263,20 +304,31 @@ impl SessionKey {
     /// `Running`, `Abort`, `Info`). Each direction has its own key, so a frame cannot be
     /// reflected back to its sender.
     pub fn for_replies(&self) -> SessionKey {
-        SessionKey(blake3::derive_key(REPLY_KEY_CONTEXT, &self.0))
+        SessionKey {
+            frames: self.replies,
+            replies: self.frames,
+        }
     }
 
-    fn mac(&self, seq: u64, header: &[u8; HEADER_LEN], parts: &[&[u8]]) -> [u8; MAC_LEN] {
-        let mut h = blake3::Hasher::new_keyed(&self.0);
-        h.update(&seq.to_le_bytes());
-        h.update(header);
-        for part in parts {
-            h.update(part);
-        }
-        let mut mac = [0u8; MAC_LEN];
-        h.finalize_xof().fill(&mut mac);
-        mac
+    fn aead(&self) -> LessSafeKey {
+        LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &self.frames).expect("a 32-byte key"))
     }
+
+    /// A key pair from fixed bytes, for tests of frame handling.
+    #[doc(hidden)]
+    pub fn for_tests(seed: u8) -> SessionKey {
+        SessionKey {
+            frames: [seed; 32],
+            replies: [seed ^ 0xff; 32],
+        }
+    }
+}
+
+/// The nonce of frame `seq`: unique per key, since `seq` only counts up.
+fn frame_nonce(seq: u64) -> Nonce {
+    let mut n = [0u8; aead::NONCE_LEN];
+    n[4..].copy_from_slice(&seq.to_be_bytes());
+    Nonce::assume_unique_for_key(n)
 }
 
 /// What a frame carries.
@@ -285,7 +337,8 @@ impl SessionKey {
 pub enum FrameKind {
     /// The guest spec and memory layout the source runs (JSON).
     Config = 1,
-    /// Guest pages: `count u32 | 0u32 | gpa u64 * count | page data * count`.
+    /// Guest pages: `count u32 | 0u32 | page data * count | gpa u64 * count` (the data
+    /// first, so that the sender gathers pages where the frame is sealed).
     Pages = 2,
     /// Pages that are now all zeroes: `count u32 | 0u32 | gpa u64 * count`.
     ZeroPages = 3,
@@ -324,45 +377,101 @@ impl FrameKind {
     }
 }
 
-fn header(kind: FrameKind, len: usize) -> [u8; HEADER_LEN] {
+fn header(kind: u8, len: usize) -> [u8; HEADER_LEN] {
     let mut h = [0u8; HEADER_LEN];
-    h[0] = kind as u8;
+    h[0] = kind;
     h[4..8].copy_from_slice(&(len as u32).to_le_bytes());
     h
 }
 
-/// Writes authenticated frames to one connection.
+/// Writes sealed frames to one connection.
 pub struct FrameWriter<W: Write> {
     inner: W,
-    key: SessionKey,
+    key: LessSafeKey,
     seq: u64,
+    /// Where [`FrameWriter::send`] gathers and seals a payload.
+    scratch: Vec<u8>,
 }
 
 impl<W: Write> FrameWriter<W> {
     /// A writer for a connection whose handshake produced `key`.
     pub fn new(inner: W, key: SessionKey) -> Self {
-        FrameWriter { inner, key, seq: 0 }
+        FrameWriter {
+            inner,
+            key: key.aead(),
+            seq: 0,
+            scratch: Vec::new(),
+        }
     }
 
-    /// Sends one frame whose payload is the concatenation of `parts`, without copying
-    /// them.
+    /// Sends one frame whose payload is the concatenation of `parts` (copied into the
+    /// writer's buffer, where it is encrypted).
     ///
     /// # Errors
     /// [`WireError::FrameTooLarge`] for a payload over [`MAX_PAYLOAD`], and I/O errors.
     pub fn send(&mut self, kind: FrameKind, parts: &[&[u8]]) -> Result<()> {
-        let len: usize = parts.iter().map(|p| p.len()).sum();
+        let mut payload = std::mem::take(&mut self.scratch);
+        payload.clear();
+        for part in parts {
+            payload.extend_from_slice(part);
+        }
+        let sent = self.send_in_place(kind, &mut payload);
+        self.scratch = payload;
+        sent
+    }
+
+    /// Sends one frame with `payload`, encrypting it where it lies: afterwards
+    /// `payload` holds the ciphertext.
+    ///
+    /// # Errors
+    /// [`WireError::FrameTooLarge`] for a payload over [`MAX_PAYLOAD`],
+    /// [`WireError::Exhausted`], and I/O errors.
+    pub fn send_in_place(&mut self, kind: FrameKind, payload: &mut [u8]) -> Result<()> {
+        self.seal_and_write(kind as u8, payload)
+    }
+
+    /// Sends a frame of any kind byte, also one this version does not know (for tests
+    /// of a hostile peer that holds the keys).
+    #[doc(hidden)]
+    pub fn send_raw_kind(&mut self, kind: u8, payload: &[u8]) -> Result<()> {
+        let mut payload = payload.to_vec();
+        self.seal_and_write(kind, &mut payload)
+    }
+
+    fn seal_and_write(&mut self, kind: u8, payload: &mut [u8]) -> Result<()> {
+        let len = payload.len();
         if len > MAX_PAYLOAD {
             return Err(WireError::FrameTooLarge(len));
         }
+        if self.seq == u64::MAX {
+            return Err(WireError::Exhausted);
+        }
         let header = header(kind, len);
-        let mac = self.key.mac(self.seq, &header, parts);
+        let tag = self
+            .key
+            .seal_in_place_separate_tag(frame_nonce(self.seq), Aad::from(&header), payload)
+            .map_err(|_| WireError::FrameTooLarge(len))?;
         self.seq += 1;
-        let mut slices = Vec::with_capacity(parts.len() + 2);
-        slices.push(IoSlice::new(&header));
-        slices.extend(parts.iter().map(|p| IoSlice::new(p)));
-        slices.push(IoSlice::new(&mac));
+        let mut slices = [
+            IoSlice::new(&header),
+            IoSlice::new(payload),
+            IoSlice::new(tag.as_ref()),
+        ];
         write_all_vectored(&mut self.inner, &mut slices)?;
         Ok(())
+    }
+
+    /// Seals and sends the pages gathered in `batch` as one `Pages` frame and empties
+    /// the batch. Returns the payload's length.
+    ///
+    /// # Errors
+    /// As [`FrameWriter::send_in_place`].
+    pub fn send_pages(&mut self, batch: &mut PageBatch) -> Result<usize> {
+        let payload = batch.seal_ready();
+        let len = payload.len();
+        let sent = self.send_in_place(FrameKind::Pages, payload);
+        batch.gpas.clear();
+        sent.map(|()| len)
     }
 
     /// Flushes buffered frames.
@@ -393,19 +502,86 @@ fn write_all_vectored<W: Write>(w: &mut W, mut slices: &mut [IoSlice<'_>]) -> io
     Ok(())
 }
 
-/// One received, authenticated frame; the payload borrows the reader's buffer.
+/// The pages of one `Pages` frame, gathered in place: each page is copied once, into
+/// the buffer the frame is encrypted in.
+#[derive(Debug)]
+pub struct PageBatch {
+    /// `count | 0 | page slots | room for the addresses`.
+    buf: Vec<u8>,
+    gpas: Vec<u64>,
+    capacity: usize,
+}
+
+impl PageBatch {
+    /// A batch of at most `capacity` pages (at least 1, and within [`MAX_PAYLOAD`]).
+    pub fn new(capacity: usize) -> PageBatch {
+        let capacity = capacity.clamp(1, (MAX_PAYLOAD - 8) / (PAGE_SIZE + 8));
+        PageBatch {
+            buf: vec![0u8; 8 + capacity * (PAGE_SIZE + 8)],
+            gpas: Vec::with_capacity(capacity),
+            capacity,
+        }
+    }
+
+    /// The slot of the next page; fill it, then [`PageBatch::push`] its address.
+    ///
+    /// # Panics
+    /// When the batch is full.
+    pub fn next_slot(&mut self) -> &mut [u8] {
+        assert!(!self.is_full(), "a full page batch");
+        let at = 8 + self.gpas.len() * PAGE_SIZE;
+        &mut self.buf[at..at + PAGE_SIZE]
+    }
+
+    /// Records that the page at `gpa` is in the slot [`PageBatch::next_slot`] gave.
+    pub fn push(&mut self, gpa: u64) {
+        assert!(!self.is_full(), "a full page batch");
+        self.gpas.push(gpa);
+    }
+
+    /// Pages gathered.
+    pub fn len(&self) -> usize {
+        self.gpas.len()
+    }
+
+    /// Whether no page is gathered.
+    pub fn is_empty(&self) -> bool {
+        self.gpas.is_empty()
+    }
+
+    /// Whether the batch holds `capacity` pages.
+    pub fn is_full(&self) -> bool {
+        self.gpas.len() == self.capacity
+    }
+
+    /// Writes the count and the addresses after the pages; the payload to seal.
+    fn seal_ready(&mut self) -> &mut [u8] {
+        let n = self.gpas.len();
+        self.buf[..4].copy_from_slice(&(n as u32).to_le_bytes());
+        self.buf[4..8].fill(0);
+        let mut at = 8 + n * PAGE_SIZE;
+        for gpa in &self.gpas {
+            self.buf[at..at + 8].copy_from_slice(&gpa.to_le_bytes());
+            at += 8;
+        }
+        &mut self.buf[..at]
+    }
+}
+
+/// One received, authenticated and decrypted frame; the payload borrows the reader's
+/// buffer.
 #[derive(Debug)]
 pub struct Frame<'a> {
     /// What it carries.
     pub kind: FrameKind,
-    /// The payload, already authenticated.
+    /// The payload, authenticated and decrypted.
     pub payload: &'a [u8],
 }
 
-/// Reads and authenticates frames from one connection.
+/// Reads, authenticates and decrypts frames from one connection.
 pub struct FrameReader<R: Read> {
     inner: R,
-    key: SessionKey,
+    key: LessSafeKey,
     seq: u64,
     buf: Vec<u8>,
 }
@@ -415,17 +591,19 @@ impl<R: Read> FrameReader<R> {
     pub fn new(inner: R, key: SessionKey) -> Self {
         FrameReader {
             inner,
-            key,
+            key: key.aead(),
             seq: 0,
             buf: Vec::new(),
         }
     }
 
-    /// Reads the next frame and checks its length bound and MAC before returning it.
+    /// Reads the next frame, checks its length bound and its tag, and decrypts it in
+    /// the reader's buffer: nothing of a frame is returned before all of it is
+    /// authenticated.
     ///
     /// # Errors
     /// [`WireError::Truncated`] when the stream ends, [`WireError::FrameTooLarge`],
-    /// [`WireError::BadMac`], [`WireError::UnknownKind`], and I/O errors.
+    /// [`WireError::BadTag`], [`WireError::UnknownKind`], and I/O errors.
     pub fn recv(&mut self) -> Result<Frame<'_>> {
         let mut header = [0u8; HEADER_LEN];
         read_exact_or_truncated(&mut self.inner, &mut header)?;
@@ -433,18 +611,20 @@ impl<R: Read> FrameReader<R> {
         if len > MAX_PAYLOAD {
             return Err(WireError::FrameTooLarge(len));
         }
-        self.buf.resize(len + MAC_LEN, 0);
-        read_exact_or_truncated(&mut self.inner, &mut self.buf)?;
-        let (payload, mac) = self.buf.split_at(len);
-        let expected = self.key.mac(self.seq, &header, &[payload]);
-        // Constant-time comparison through blake3's Hash equality on padded values.
-        let mut got = [0u8; 32];
-        let mut want = [0u8; 32];
-        got[..MAC_LEN].copy_from_slice(mac);
-        want[..MAC_LEN].copy_from_slice(&expected);
-        if !proofs_match(&got, &want) {
-            return Err(WireError::BadMac { seq: self.seq });
+        if self.seq == u64::MAX {
+            return Err(WireError::Exhausted);
         }
+        // Grown once to the largest frame seen; never shrunk, never zeroed again.
+        if self.buf.len() < len + TAG_LEN {
+            self.buf.resize(len + TAG_LEN, 0);
+        }
+        let sealed = &mut self.buf[..len + TAG_LEN];
+        read_exact_or_truncated(&mut self.inner, sealed)?;
+        let seq = self.seq;
+        let payload = self
+            .key
+            .open_in_place(frame_nonce(seq), Aad::from(&header), sealed)
+            .map_err(|_| WireError::BadTag { seq })?;
         self.seq += 1;
         let kind = FrameKind::from_u8(header[0]).ok_or(WireError::UnknownKind(header[0]))?;
         Ok(Frame { kind, payload })
@@ -498,13 +678,13 @@ pub fn parse_pages<'a>(
         return Err(malformed(format!("{} bytes, no page count", payload.len())));
     }
     let count = u32::from_le_bytes(payload[..4].try_into().expect("4 bytes")) as usize;
-    let per_page = match kind {
-        FrameKind::Pages => 8 + PAGE_SIZE,
-        FrameKind::ZeroPages => 8,
+    let page_bytes = match kind {
+        FrameKind::Pages => PAGE_SIZE,
+        FrameKind::ZeroPages => 0,
         other => return Err(malformed(format!("{other:?} frames carry no pages"))),
     };
     let expected = count
-        .checked_mul(per_page)
+        .checked_mul(page_bytes + 8)
         .and_then(|n| n.checked_add(8))
         .ok_or_else(|| malformed(format!("page count {count} overflows")))?;
     if payload.len() != expected {
@@ -513,26 +693,28 @@ pub fn parse_pages<'a>(
             payload.len()
         )));
     }
-    let addrs_end = 8 + 8 * count;
-    let gpas: Vec<u64> = payload[8..addrs_end]
+    let data_end = 8 + count * page_bytes;
+    let gpas: Vec<u64> = payload[data_end..]
         .chunks_exact(8)
         .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
         .collect();
     if let Some(&gpa) = gpas.iter().find(|&&gpa| !bounds.contains_page(gpa)) {
         return Err(WireError::OutOfBounds { gpa });
     }
-    Ok((gpas, &payload[addrs_end..]))
+    Ok((gpas, &payload[8..data_end]))
 }
 
-/// The head of a `Pages`/`ZeroPages` payload for `gpas`: count, padding, addresses.
-pub fn pages_head(gpas: &[u64]) -> Vec<u8> {
-    let mut head = Vec::with_capacity(8 + 8 * gpas.len());
-    head.extend_from_slice(&(gpas.len() as u32).to_le_bytes());
-    head.extend_from_slice(&0u32.to_le_bytes());
+/// A `Pages` payload for `gpas` and their `data` (whole pages), or with empty `data` a
+/// `ZeroPages` payload: count, padding, page data, addresses.
+pub fn pages_payload(gpas: &[u64], data: &[u8]) -> Vec<u8> {
+    let mut payload = Vec::with_capacity(8 + data.len() + 8 * gpas.len());
+    payload.extend_from_slice(&(gpas.len() as u32).to_le_bytes());
+    payload.extend_from_slice(&0u32.to_le_bytes());
+    payload.extend_from_slice(data);
     for gpa in gpas {
-        head.extend_from_slice(&gpa.to_le_bytes());
+        payload.extend_from_slice(&gpa.to_le_bytes());
     }
-    head
+    payload
 }
 
 #[cfg(test)]
@@ -572,9 +754,13 @@ mod tests {
         let (dkey, stream, dconn) = dest.join().unwrap().unwrap();
         assert_eq!(stream, 3);
         let mut w = FrameWriter::new(sconn, skey);
-        let page = [7u8; PAGE_SIZE];
-        let head = pages_head(&[0x1000, 0x3000]);
-        w.send(FrameKind::Pages, &[&head, &page, &page]).unwrap();
+        let mut batch = PageBatch::new(4);
+        for gpa in [0x1000, 0x3000] {
+            batch.next_slot().fill(7);
+            batch.push(gpa);
+        }
+        w.send_pages(&mut batch).unwrap();
+        assert!(batch.is_empty());
         w.send(FrameKind::Commit, &[]).unwrap();
         let mut r = FrameReader::new(dconn, dkey);
         let f = r.recv().unwrap();
@@ -591,7 +777,7 @@ mod tests {
     fn replies_cannot_be_reflected() {
         let (bytes, key) = frames_bytes(&[(FrameKind::Loaded, Vec::new())]);
         let mut r = FrameReader::new(&bytes[..], key.for_replies());
-        assert!(matches!(r.recv(), Err(WireError::BadMac { seq: 0 })));
+        assert!(matches!(r.recv(), Err(WireError::BadTag { seq: 0 })));
         let mut w = FrameWriter::new(Vec::new(), key.for_replies());
         w.send(FrameKind::Loaded, &[]).unwrap();
         let mut r = FrameReader::new(&w.inner[..], key.for_replies());
@@ -610,12 +796,21 @@ mod tests {
     }
 
     fn frames_bytes(kinds: &[(FrameKind, Vec<u8>)]) -> (Vec<u8>, SessionKey) {
-        let key = SessionKey([9; 32]);
+        let key = SessionKey::for_tests(9);
         let mut w = FrameWriter::new(Vec::new(), key.clone());
         for (kind, payload) in kinds {
             w.send(*kind, &[payload]).unwrap();
         }
         (w.inner, key)
+    }
+
+    #[test]
+    fn the_payload_is_encrypted_on_the_wire() {
+        let marker = b"berth guest memory marker 0123456789";
+        let (bytes, key) = frames_bytes(&[(FrameKind::State, marker.repeat(100))]);
+        assert!(!bytes.windows(marker.len()).any(|w| w == marker));
+        let mut r = FrameReader::new(&bytes[..], key);
+        assert_eq!(r.recv().unwrap().payload, marker.repeat(100));
     }
 
     #[test]
@@ -635,7 +830,7 @@ mod tests {
             (FrameKind::Info, b"one".to_vec()),
             (FrameKind::Info, b"two".to_vec()),
         ]);
-        let one = HEADER_LEN + 3 + MAC_LEN;
+        let one = HEADER_LEN + 3 + TAG_LEN;
         for cut in [1, HEADER_LEN, one - 1] {
             let mut r = FrameReader::new(&bytes[..cut], key.clone());
             assert!(
@@ -643,10 +838,19 @@ mod tests {
                 "cut at {cut}"
             );
         }
-        // The second frame alone fails: its MAC binds sequence number 1.
+        // The second frame alone fails: its nonce is sequence number 1.
         let mut r = FrameReader::new(&bytes[one..], key.clone());
-        assert!(matches!(r.recv(), Err(WireError::BadMac { seq: 0 })));
-        let mut huge = header(FrameKind::Pages, 0).to_vec();
+        assert!(matches!(r.recv(), Err(WireError::BadTag { seq: 0 })));
+        // Replayed: the first frame twice.
+        let replayed = [&bytes[..one], &bytes[..one]].concat();
+        let mut r = FrameReader::new(&replayed[..], key.clone());
+        assert_eq!(r.recv().unwrap().payload, b"one");
+        assert!(matches!(r.recv(), Err(WireError::BadTag { seq: 1 })));
+        // Reordered: the second before the first.
+        let swapped = [&bytes[one..], &bytes[..one]].concat();
+        let mut r = FrameReader::new(&swapped[..], key.clone());
+        assert!(matches!(r.recv(), Err(WireError::BadTag { seq: 0 })));
+        let mut huge = header(FrameKind::Pages as u8, 0).to_vec();
         huge[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
         let mut r = FrameReader::new(&huge[..], key);
         assert!(matches!(r.recv(), Err(WireError::FrameTooLarge(_))));
@@ -657,23 +861,21 @@ mod tests {
         let bounds = MemoryBounds::new([(0, 16 * PAGE_SIZE as u64)]);
         let page = [0u8; PAGE_SIZE];
         for gpa in [16 * PAGE_SIZE as u64, !0xfffu64, 0x1001] {
-            let mut payload = pages_head(&[gpa]);
-            payload.extend_from_slice(&page);
+            let payload = pages_payload(&[gpa], &page);
             assert!(matches!(
                 parse_pages(FrameKind::Pages, &payload, &bounds),
                 Err(WireError::OutOfBounds { .. })
             ));
         }
-        let mut payload = pages_head(&[0, 0x1000]);
-        payload.extend_from_slice(&page);
+        let payload = pages_payload(&[0, 0x1000], &page);
         assert!(matches!(
             parse_pages(FrameKind::Pages, &payload, &bounds),
             Err(WireError::Malformed { .. })
         ));
-        let mut lying = pages_head(&[]);
+        let mut lying = pages_payload(&[], &[]);
         lying[..4].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(parse_pages(FrameKind::Pages, &lying, &bounds).is_err());
-        let zero = pages_head(&[0x2000]);
+        let zero = pages_payload(&[0x2000], &[]);
         let (gpas, data) = parse_pages(FrameKind::ZeroPages, &zero, &bounds).unwrap();
         assert_eq!((gpas, data.len()), (vec![0x2000], 0));
     }

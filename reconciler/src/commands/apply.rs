@@ -9,6 +9,11 @@
 //!   `--wait`.
 //! - The local driver acts on this host only: guests placed on other hosts are listed,
 //!   not touched (moving guests between hosts is `berth serve`'s).
+//! - Before it starts a guest it asks the other hosts whether they may still run it
+//!   (the start guard `berth serve` uses, [`berth_reconciler::fleet::Coordination`]):
+//!   it refuses, naming the host, when another host runs the guest, or cannot be asked
+//!   and is where the guest was last placed (by the manifests applied here or enforced
+//!   by `berth serve` here, `<state>/placements.json`).
 //! - After a successful apply, `<state>/applied.json` records the revision (the commit
 //!   id for `--rev`, else a hash of the documents) and the time.
 
@@ -16,13 +21,18 @@ use std::collections::BTreeSet;
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use anyhow::{bail, Context};
 use berth_reconciler::apply::{execute, Outcome};
 use berth_reconciler::driver::local::StateLock;
-use berth_reconciler::driver::{Driver, LibvirtDriver, SimDriver};
+use berth_reconciler::driver::{Driver, DriverKind, LibvirtDriver, Scope, SimDriver};
+use berth_reconciler::fleet::http::HttpPeers;
+use berth_reconciler::fleet::placement::Placements;
+use berth_reconciler::fleet::Coordination;
 use berth_reconciler::model::{Desired, Observed};
+use berth_reconciler::plan::Action;
 use berth_reconciler::render;
 
 use super::plan::Color;
@@ -32,7 +42,7 @@ use crate::cli::write_stdout;
 /// Arguments of `berth apply`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// A manifest directory (searched recursively for *.yaml and *.yml) or one file;
+    /// A manifest directory (searched recursively for *.yaml, *.yml and *.json) or one file;
     /// `-` reads one manifest file from standard input (then only --yes confirms).
     /// Not with --rev.
     #[arg(conflicts_with = "rev")]
@@ -54,8 +64,8 @@ pub struct Args {
     #[arg(long)]
     pub wait: bool,
     /// Which guests to act on: berth-vmm processes on this host, or a simulated fleet.
-    #[arg(long, value_enum, default_value_t = ApplyDriver::Local)]
-    pub driver: ApplyDriver,
+    #[arg(long, value_enum, default_value_t = DriverKind::Local)]
+    pub driver: DriverKind,
     /// With --driver sim: the simulated fleet runs these manifests as written.
     #[arg(long, value_name = "PATH")]
     pub sim_from: Option<PathBuf>,
@@ -65,15 +75,6 @@ pub struct Args {
     /// Local driver options.
     #[command(flatten)]
     pub local: LocalArgs,
-}
-
-/// Drivers `berth apply` can act through.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum ApplyDriver {
-    /// berth-vmm processes on this host
-    Local,
-    /// simulated fleet, no real guests
-    Sim,
 }
 
 /// Runs `berth apply`.
@@ -91,12 +92,12 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let host = args.local.this_host(&desired)?;
     let libvirt = super::target::libvirt_host(&desired, &host);
     // libvirtd checks its own host; the machine check is berth-vmm's.
-    if args.driver == ApplyDriver::Local && libvirt.is_none() {
+    if args.driver == DriverKind::Local && libvirt.is_none() {
         super::target::ensure_machine_fits(&source.validated, &host)?;
     }
 
     let (driver, _lock): (Box<dyn Driver>, Option<StateLock>) = match args.driver {
-        ApplyDriver::Local => {
+        DriverKind::Local => {
             let lock = StateLock::acquire(&args.local.state_dir, args.wait)?;
             let driver: Box<dyn Driver> = match libvirt {
                 Some(spec) => Box::new(LibvirtDriver::new(&host, spec, &source.revision)?),
@@ -104,13 +105,21 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             };
             (driver, Some(lock))
         }
-        ApplyDriver::Sim => (Box::new(simulated(args, &desired)?), None),
+        DriverKind::Sim => (Box::new(simulated(args, &desired)?), None),
+        DriverKind::Libvirt => anyhow::bail!("--driver libvirt is not a command-line choice"),
     };
     let observed = driver
         .observe()
         .with_context(|| format!("observing through the {} driver", driver.name()))?;
-    let scoped = Scoped::new(desired, observed, &host, args.driver == ApplyDriver::Local);
-    let plan = berth_reconciler::plan(&scoped.desired, &scoped.observed);
+    let capabilities = driver.plan_capabilities(&desired);
+    let scope = driver.scope();
+    let fleet = desired.clone();
+    let guard = start_guard(&args.local.state_dir);
+    if let Some(me) = scope.host() {
+        guard.record_placements(me, &fleet);
+    }
+    let scoped = Scoped::new(desired, observed, &scope);
+    let plan = berth_reconciler::plan(&scoped.desired, &scoped.observed, &capabilities);
     let colour = super::plan::colour(args.color);
 
     let mut out = String::new();
@@ -128,6 +137,9 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             "nothing can be applied: {} blocked (see the reasons above); nothing was changed",
             plan.summary.blocked
         );
+    }
+    if let Some(me) = scope.host() {
+        check_starts(&guard, me, &fleet, &plan)?;
     }
     if !confirmed(args, plan.steps.len(), &host)? {
         write_stdout("Apply cancelled; nothing was changed.\n")?;
@@ -162,13 +174,8 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let after = driver
         .observe()
         .with_context(|| format!("observing again through the {} driver", driver.name()))?;
-    let after = Scoped::new(
-        scoped.desired.clone(),
-        after,
-        &host,
-        args.driver == ApplyDriver::Local,
-    );
-    let left = berth_reconciler::plan(&after.desired, &after.observed);
+    let after = Scoped::new(scoped.desired.clone(), after, &scope);
+    let left = berth_reconciler::plan(&after.desired, &after.observed, &capabilities);
     if left.has_changes() {
         out.push_str(&format!(
             "The fleet does not match the manifests yet: {} action(s) left (berth plan shows them).\n",
@@ -185,8 +192,59 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The start guard `berth serve` uses, with this host's record of where guests were
+/// last placed (`<state>/placements.json`, shared with `berth serve`).
+fn start_guard(state_dir: &std::path::Path) -> HttpPeers {
+    HttpPeers::new(
+        Arc::new(Placements::open(Some(state_dir.join("placements.json")))),
+        None,
+    )
+}
+
+/// Before this host (`me`) starts a guest, asks the other hosts of `fleet` whether they
+/// may still run it.
+///
+/// # Errors
+/// Naming the host, when one runs a guest to be started here, or cannot be asked and
+/// is where the guest was last placed.
+fn check_starts(
+    guard: &HttpPeers,
+    me: &str,
+    fleet: &Desired,
+    plan: &berth_reconciler::Plan,
+) -> anyhow::Result<()> {
+    let starts: Vec<&str> = plan
+        .steps
+        .iter()
+        .filter_map(|s| match &s.action {
+            Action::Start { guest, host } if host == me => Some(guest.as_str()),
+            _ => None,
+        })
+        .collect();
+    if starts.is_empty() || fleet.hosts.iter().all(|h| h.metadata.name == me) {
+        return Ok(());
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let refused: Vec<String> = runtime.block_on(async {
+        let mut refused = Vec::new();
+        for guest in starts {
+            if let Err(why) = guard.may_start(me, guest, fleet).await {
+                refused.push(why.to_string());
+            }
+        }
+        refused
+    });
+    if !refused.is_empty() {
+        bail!("{}; nothing was changed", refused.join("; "));
+    }
+    Ok(())
+}
+
 fn record(args: &Args, source: &super::target::Source, host: &str) -> anyhow::Result<()> {
-    if args.driver != ApplyDriver::Local {
+    if args.driver != DriverKind::Local {
         return Ok(());
     }
     Applied {
@@ -246,12 +304,12 @@ pub struct Scoped {
 }
 
 impl Scoped {
-    /// Narrows to `host` when `local` (the local driver sees this host only); the
-    /// simulated fleet sees every host and is left whole.
-    pub fn new(mut desired: Desired, mut observed: Observed, host: &str, local: bool) -> Self {
+    /// Narrows to the driver's host when its `scope` is one host (the local driver sees
+    /// this host only); a driver that sees the fleet gets it whole.
+    pub fn new(mut desired: Desired, mut observed: Observed, scope: &Scope) -> Self {
         let mut elsewhere = Vec::new();
         let mut moving_away = BTreeSet::new();
-        if local {
+        if let Some(host) = scope.host() {
             desired.guests.retain(|g| {
                 let here = g.spec.host == host;
                 if !here {

@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
-use berth_reconciler::driver::{Driver, LibvirtDriver, SimDriver};
+use berth_reconciler::driver::{Driver, DriverKind, FleetCapabilities, LibvirtDriver, SimDriver};
 use berth_reconciler::model::{Desired, Observed};
 use berth_reconciler::output::{self, Output};
 use berth_reconciler::{git, plan, render};
@@ -28,7 +28,7 @@ use crate::cli::write_stdout;
 /// Arguments of `berth plan`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// A manifest directory (searched recursively for *.yaml and *.yml) or one file;
+    /// A manifest directory (searched recursively for *.yaml, *.yml and *.json) or one file;
     /// `-` reads one manifest file from standard input. Not with --base/--head.
     #[arg(conflicts_with_all = ["base", "head"])]
     pub path: Option<PathBuf>,
@@ -74,15 +74,6 @@ pub struct Args {
     pub json_schema: bool,
 }
 
-/// Drivers `berth plan` can observe through.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum DriverKind {
-    /// berth-vmm processes on this host
-    Local,
-    /// simulated fleet, no real guests
-    Sim,
-}
-
 /// When to colour the text format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Color {
@@ -118,11 +109,11 @@ fn plan_and_print(args: &Args) -> anyhow::Result<bool> {
         write_stdout(&render::json_schema())?;
         return Ok(false);
     }
-    let (desired, observed) = match (&args.base, &args.head) {
+    let (desired, observed, capabilities) = match (&args.base, &args.head) {
         (Some(base), Some(head)) => ci_inputs(args, base, head)?,
         _ => driver_inputs(args)?,
     };
-    let plan = plan(&desired, &observed);
+    let plan = plan(&desired, &observed, &capabilities);
     let out = match args.output {
         Output::Text => render::text(&plan, colour(args.color)),
         Output::Json => render::json(&plan),
@@ -151,9 +142,12 @@ fn print_warnings(validated: &Validated) {
     }
 }
 
-/// CI mode: head validated, base as observed. The two revisions are read and validated
-/// on two threads.
-fn ci_inputs(args: &Args, base: &str, head: &str) -> anyhow::Result<(Desired, Observed)> {
+/// The planner's inputs.
+type Inputs = (Desired, Observed, FleetCapabilities);
+
+/// CI mode: head validated, base as observed, each host's capabilities from its Host
+/// manifest's driver. The two revisions are read and validated on two threads.
+fn ci_inputs(args: &Args, base: &str, head: &str) -> anyhow::Result<Inputs> {
     let (head_set, base_set) = std::thread::scope(|s| {
         let base = s.spawn(|| load_revision(args, base));
         let head = load_revision(args, head);
@@ -180,7 +174,8 @@ fn ci_inputs(args: &Args, base: &str, head: &str) -> anyhow::Result<(Desired, Ob
     let head = Desired::from_manifests(&head_set.manifests);
     let base = Desired::from_manifests(&base_set.manifests);
     let observed = Observed::baseline(&base, &head);
-    Ok((head, observed))
+    let capabilities = FleetCapabilities::from_manifests(&head);
+    Ok((head, observed, capabilities))
 }
 
 /// A revision's commit id and its validated manifests.
@@ -198,7 +193,7 @@ fn short(commit: &str) -> &str {
 }
 
 /// `PATH --driver ...`: the manifests on disk against what the driver observes.
-fn driver_inputs(args: &Args) -> anyhow::Result<(Desired, Observed)> {
+fn driver_inputs(args: &Args) -> anyhow::Result<Inputs> {
     let path = args.path.clone().unwrap_or_else(|| PathBuf::from("."));
     let validated = super::input::load(&path)
         .with_context(|| format!("the manifests in {} are not valid", path.display()))?;
@@ -207,27 +202,28 @@ fn driver_inputs(args: &Args) -> anyhow::Result<(Desired, Observed)> {
     let host = match args.driver {
         DriverKind::Local => args.local.this_host(&desired)?,
         DriverKind::Sim => String::new(),
+        DriverKind::Libvirt => bail!("--driver libvirt is not a command-line choice"),
     };
     let driver: Box<dyn Driver> = match args.driver {
         DriverKind::Sim => Box::new(simulated_fleet(args, &desired)?),
+        // This host's Host manifest chooses between berth-vmm and libvirt.
         DriverKind::Local => match super::target::libvirt_host(&desired, &host) {
             Some(spec) => Box::new(LibvirtDriver::new(&host, spec, "")?),
             None => Box::new(args.local.observer(&host)),
         },
+        DriverKind::Libvirt => bail!("--driver libvirt is not a command-line choice"),
     };
     let observed = driver
         .observe()
         .with_context(|| format!("observing through the {} driver", driver.name()))?;
-    if args.driver != DriverKind::Local {
-        return Ok((desired, observed));
-    }
-    let scoped = super::apply::Scoped::new(desired, observed, &host, true);
+    let capabilities = driver.plan_capabilities(&desired);
+    let scoped = super::apply::Scoped::new(desired, observed, &driver.scope());
     let mut note = String::new();
     scoped.note(&mut note);
     if !note.is_empty() {
         eprint!("{note}");
     }
-    Ok((scoped.desired, scoped.observed))
+    Ok((scoped.desired, scoped.observed, capabilities))
 }
 
 fn simulated_fleet(args: &Args, desired: &Desired) -> anyhow::Result<SimDriver> {

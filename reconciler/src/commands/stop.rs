@@ -20,6 +20,12 @@ pub struct Args {
     /// Stop every guest that runs on this machine.
     #[arg(long)]
     pub all: bool,
+    /// Also stop a guest whose VMM is in an unknown migration switchover (it sent
+    /// `Commit` and never heard back). Refused without this flag, since that VMM may
+    /// hold the only copy of the guest: use it only when the destination surely runs
+    /// the guest.
+    #[arg(long)]
+    pub force_unknown_switchover: bool,
     /// Wait for an apply holding the state directory's lock instead of failing.
     #[arg(long)]
     pub wait: bool,
@@ -56,7 +62,12 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     }
     let mut failures = 0;
     for name in &names {
-        match driver.stop(name, driver.host()) {
+        let stopped = if args.force_unknown_switchover {
+            driver.stop_forced(name)
+        } else {
+            driver.stop(name, driver.host())
+        };
+        match stopped {
             Ok(()) => write_stdout(&format!("stopped {name}\n"))?,
             Err(e) => {
                 failures += 1;

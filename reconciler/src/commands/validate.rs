@@ -14,7 +14,7 @@ use crate::cli::{write_stdout, EXIT_INVALID};
 /// Arguments of `berth validate`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// A manifest directory (searched recursively for *.yaml and *.yml) or one file;
+    /// A manifest directory (searched recursively for *.yaml, *.yml and *.json) or one file;
     /// `-` reads one manifest file from standard input.
     #[arg(default_value = ".")]
     pub path: PathBuf,

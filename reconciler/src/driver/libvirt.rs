@@ -19,7 +19,7 @@ use berth_schema::{
     PageSize, Pinning, ThpMode,
 };
 
-use super::{Driver, DriverError};
+use super::{Driver, DriverError, DriverKind, Scope};
 use crate::diff::{Field, HostSetting};
 use crate::model::{
     CpuInfo, Observed, ObservedCpu, ObservedGuest, ObservedHost, ObservedMemory, ANNOTATION_MANAGED,
@@ -191,8 +191,12 @@ impl LibvirtDriver {
 }
 
 impl Driver for LibvirtDriver {
-    fn name(&self) -> &'static str {
-        "libvirt"
+    fn kind(&self) -> DriverKind {
+        DriverKind::Libvirt
+    }
+
+    fn scope(&self) -> Scope {
+        Scope::Host(self.host.clone())
     }
 
     fn observe(&self) -> Result<Observed, DriverError> {

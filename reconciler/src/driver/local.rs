@@ -49,7 +49,7 @@ use berth_hypervisor::migration::{
 use berth_schema::{Boot, Bytes, CpuMode, CpuSet, Guest, GuestState, MemTune, PageSize, Pinning};
 use serde::{Deserialize, Serialize};
 
-use super::{Driver, DriverError};
+use super::{Driver, DriverError, DriverKind, Scope};
 use crate::diff::{Field, HostSetting};
 use crate::model::{
     CpuInfo, HugepagePool, Observed, ObservedCpu, ObservedGuest, ObservedHost, ObservedMemory,
@@ -100,6 +100,8 @@ pub struct LocalDriver {
     cancel: AtomicBool,
     /// Guests whose migration away this process follows ([`LocalDriver::begin_outgoing`]).
     outgoing: Mutex<HashSet<String>>,
+    /// How many VMMs an observe asks at once.
+    observe_workers: usize,
 }
 
 impl LocalDriver {
@@ -113,7 +115,15 @@ impl LocalDriver {
             children: Mutex::new(Vec::new()),
             cancel: AtomicBool::new(false),
             outgoing: Mutex::new(HashSet::new()),
+            observe_workers: OBSERVE_WORKERS,
         }
+    }
+
+    /// Asks at most `workers` VMMs at once when observing (default
+    /// [`OBSERVE_WORKERS`]; 1 asks one after the other).
+    pub fn observe_workers(mut self, workers: usize) -> Self {
+        self.observe_workers = workers.max(1);
+        self
     }
 
     /// Cancels the migrations in flight (the VMM's `migrateCancel`: a migration
@@ -256,18 +266,61 @@ impl LocalDriver {
             .filter(|n| !n.contains('.'))
             .collect();
         names.sort();
-        let mut guests = Vec::new();
-        for name in names {
-            match self.live_status(&name) {
-                Some(status) => {
-                    let mut observed = self.observed_guest(&name, &status, &online);
-                    observed.migrating_to = self.outgoing_migration(&name);
-                    guests.push(LocalGuest { observed, status });
-                }
-                None => self.clean_if_dead(&name),
+        let observe = |name: &String| match self.live_status(name) {
+            Some(status) => {
+                let mut observed = self.observed_guest(name, &status, &online);
+                observed.migrating_to = self.outgoing_migration(name);
+                Some(LocalGuest { observed, status })
+            }
+            None => {
+                self.clean_if_dead(name);
+                None
+            }
+        };
+        let mut guests: Vec<LocalGuest> = in_parallel(&names, self.observe_workers, observe)
+            .into_iter()
+            .flatten()
+            .collect();
+        // A guest that arrived by migration and runs, but whose VMM could not take over
+        // `<name>/` yet (the handover failed; the VMM keeps trying): seen from
+        // `<name>.incoming/`, never left running unseen.
+        let mut arrived: Vec<String> = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter_map(|n| n.strip_suffix(".incoming").map(str::to_owned))
+            .filter(|n| !guests.iter().any(|g| &g.observed.name == n))
+            .collect();
+        arrived.sort();
+        for name in arrived {
+            if let Some(status) = self.committed_incoming_status(&name) {
+                let observed = self.observed_guest(&name, &status, &online);
+                guests.push(LocalGuest { observed, status });
             }
         }
         Ok(guests)
+    }
+
+    /// The status of the incoming VMM of `name` if it read `Commit` (so it runs the
+    /// guest, or did) and still answers in `<name>.incoming/`.
+    fn committed_incoming_status(&self, name: &str) -> Option<Status> {
+        let mut client = Client::connect(self.incoming_socket(name)).ok()?;
+        let migration: MigrationStatus =
+            serde_json::from_value(client.call(Op::MigrateStatus).ok()?).ok()?;
+        if !migration.committed {
+            return None;
+        }
+        client.status().ok()
+    }
+
+    /// Whether an incoming VMM of `name` read `Commit` here and then ended without
+    /// handing over (its durable marker is there and no VMM holds the directory): the
+    /// guest counts as run here.
+    pub fn incoming_committed(&self, name: &str) -> bool {
+        !self.incoming_under_way(name)
+            && berth_hypervisor::migration::incoming::committed_marker(&self.state_dir, name)
+                .exists()
     }
 
     /// The status of the VMM of `name`, if one answers. A VMM that holds its lock but
@@ -436,10 +489,47 @@ impl LocalDriver {
         })
     }
 
+    /// The VMM of `name`: in `<name>/`, else a committed incoming VMM still in
+    /// `<name>.incoming/` (its handover failed), which is adopted as the guest's VMM.
     fn connect(&self, name: &str) -> Result<Client, DriverError> {
-        Client::connect(self.socket(name)).map_err(|e| {
-            DriverError::NotFound(format!("guest {name} does not run on {} ({e})", self.host))
+        Client::connect(self.socket(name)).or_else(|e| {
+            if self.committed_incoming_status(name).is_some() {
+                if let Ok(client) = Client::connect(self.incoming_socket(name)) {
+                    return Ok(client);
+                }
+            }
+            Err(DriverError::NotFound(format!(
+                "guest {name} does not run on {} ({e})",
+                self.host
+            )))
         })
+    }
+
+    /// Stops guest `name` also while its VMM's outgoing migration is in
+    /// `switchoverUnknown` (`berth stop --force-unknown-switchover`): only for an
+    /// operator who knows the destination runs the guest; otherwise it is lost.
+    ///
+    /// # Errors
+    /// As [`Driver::stop`].
+    pub fn stop_forced(&self, name: &str) -> Result<(), DriverError> {
+        let mut probe = self.connect(name)?;
+        let pid = probe
+            .status()
+            .map_err(|e| failed(format!("reading the status of {name}"), e))?
+            .pid;
+        match self.connect(name)?.shutdown_forced(STOP_TIMEOUT) {
+            Ok(()) | Err(ClientError::Closed | ClientError::Io(_)) => {}
+            Err(e) => return Err(failed(format!("shutting down guest {name}"), e)),
+        }
+        if !self.wait_gone(pid, STOP_TIMEOUT) {
+            return Err(DriverError::Failed {
+                context: format!("stopping guest {name}"),
+                source: format!("the VMM (pid {pid}) is still running after a forced shutdown")
+                    .into(),
+            });
+        }
+        self.clean_if_dead(name);
+        Ok(())
     }
 
     /// Waits for the process `pid` to end.
@@ -571,6 +661,18 @@ impl LocalDriver {
                                 let _ = source.call(Op::MigrateResolve(MigrateResolveArgs {
                                     destination_running: running,
                                 }));
+                                if running && self.incoming_committed(name) {
+                                    // The new VMM read Commit and ended: the guest counts
+                                    // as run there (never twice); the marker has answered.
+                                    let _ = self.wait_gone(source_pid, STOP_TIMEOUT);
+                                    let _ = std::fs::remove_dir_all(
+                                        self.guests_dir().join(format!("{name}.incoming")),
+                                    );
+                                    break Err("the new VMM read Commit and then ended: the \
+                                        guest counts as run there, so its old VMM was shut \
+                                        down too; it is started afresh by the next apply"
+                                        .to_owned());
+                                }
                                 break if running {
                                     Ok(())
                                 } else {
@@ -752,8 +854,12 @@ impl LocalDriver {
 }
 
 impl Driver for LocalDriver {
-    fn name(&self) -> &'static str {
-        "local"
+    fn kind(&self) -> DriverKind {
+        DriverKind::Local
+    }
+
+    fn scope(&self) -> Scope {
+        Scope::Host(self.host.clone())
     }
 
     fn observe(&self) -> Result<Observed, DriverError> {
@@ -828,6 +934,12 @@ impl Driver for LocalDriver {
         let status = client
             .status()
             .map_err(|e| failed(format!("reading the status of {name}"), e))?;
+        let capabilities = self.capabilities();
+        if let Some(field) = fields.iter().find(|f| !capabilities.changes_live(**f)) {
+            return Err(DriverError::Refused(format!(
+                "{name}: the local driver cannot change {field} in a running guest"
+            )));
+        }
         let spec = &guest.spec;
         let wanted_pins = spec.cpu.pinning.clone().unwrap_or_default();
         let mut retune = Retune::default();
@@ -876,11 +988,6 @@ impl Driver for LocalDriver {
                 Field::Vcpus => retune.vcpus = Some(spec.cpu.vcpus),
                 Field::State => state_change = Some(spec.state),
                 Field::Labels | Field::Annotations => metadata = true,
-                Field::SharePages | Field::Numa => {
-                    return Err(DriverError::Refused(format!(
-                        "{name}: berth-vmm cannot change {field} live yet"
-                    )))
-                }
                 other => {
                     return Err(DriverError::Refused(format!(
                         "{name}: {other} cannot be changed live"
@@ -934,6 +1041,45 @@ impl Driver for LocalDriver {
         }
         self.local_migrate(guest)
     }
+}
+
+/// How many VMMs an observe asks at once by default: each VMM answers from its own
+/// process, and most of an answer is waiting for it, so more askers than CPUs pay off.
+pub const OBSERVE_WORKERS: usize = 32;
+
+/// `f` of every item, in order, on up to `workers` threads.
+fn in_parallel<T: Sync, R: Send>(
+    items: &[T],
+    workers: usize,
+    f: impl Fn(&T) -> R + Sync,
+) -> Vec<R> {
+    let workers = items.len().min(workers);
+    if workers <= 1 {
+        return items.iter().map(f).collect();
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut results: Vec<(usize, R)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut done = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(item) = items.get(i) else {
+                            return done;
+                        };
+                        done.push((i, f(item)));
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("an observing thread does not panic"))
+            .collect()
+    });
+    results.sort_by_key(|(i, _)| *i);
+    results.into_iter().map(|(_, r)| r).collect()
 }
 
 /// The berth-vmm binary: `explicit` (`--vmm-path`), else `$BERTH_VMM`, else `berth-vmm`
@@ -1262,6 +1408,18 @@ mod tests {
 
     fn cpus(s: &str) -> CpuSet {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn in_parallel_keeps_the_order_of_the_items() {
+        let items: Vec<u32> = (0..500).collect();
+        let doubled = in_parallel(&items, 8, |i| {
+            std::thread::sleep(Duration::from_micros(u64::from(i % 7)));
+            i * 2
+        });
+        assert_eq!(doubled, items.iter().map(|i| i * 2).collect::<Vec<_>>());
+        assert_eq!(in_parallel(&[] as &[u32], 8, |i| *i), Vec::<u32>::new());
+        assert_eq!(in_parallel(&items, 1, |i| *i), items);
     }
 
     fn status(vcpus: &[(u32, Option<&str>)], emulator: &[&str], asked: Pinning) -> Status {

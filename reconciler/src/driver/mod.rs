@@ -1,11 +1,17 @@
 //! The reconciler talks to guests only through a [`Driver`]: observe, start, retune,
-//! stop, migrate, and configure host settings.
+//! stop, migrate, and configure host settings. A driver also says which guests it sees
+//! ([`Scope`]) and declares what it can do ([`Capabilities`], in [`capabilities`]): the
+//! planner classifies every change from that declaration.
+//!
+//! - [`local`]: berth-vmm processes on this host ([`LocalDriver`], scope: this host).
+//! - [`sim`]: a simulated fleet, for tests and scale ([`SimDriver`], scope: the fleet).
 //!
 //! The trait is synchronous and object-safe (`Arc<dyn Driver>`): a driver talks to
 //! processes and files, and `berth serve` calls it from `tokio::task::spawn_blocking`.
 //! Implementations must be safe to call from several threads at once for different
 //! guests; the reconciler never runs two actions on one guest at the same time.
 
+pub mod capabilities;
 pub mod libvirt;
 pub mod local;
 pub mod sim;
@@ -13,8 +19,9 @@ pub mod sim;
 use berth_schema::Guest;
 
 use crate::diff::{Field, HostSetting};
-use crate::model::Observed;
+use crate::model::{Desired, Observed};
 
+pub use capabilities::{Capabilities, CrossHost, DriverKind, FleetCapabilities, Scope};
 pub use libvirt::LibvirtDriver;
 pub use local::LocalDriver;
 pub use sim::SimDriver;
@@ -67,8 +74,32 @@ impl DriverError {
 /// Runs guests and host settings somewhere: berth-vmm processes on this host, a
 /// simulated fleet, later libvirt or remote hosts.
 pub trait Driver: Send + Sync {
+    /// Which driver this is.
+    fn kind(&self) -> DriverKind;
+
     /// A short name for messages: `local`, `sim`.
-    fn name(&self) -> &'static str;
+    fn name(&self) -> &'static str {
+        self.kind().name()
+    }
+
+    /// Which guests it sees and acts on.
+    fn scope(&self) -> Scope;
+
+    /// What it can do; the planner classifies changes from this.
+    fn capabilities(&self) -> Capabilities {
+        self.kind().capabilities()
+    }
+
+    /// The planner's capabilities input for `desired`: this driver's declaration for
+    /// the hosts it acts on, the Host manifests' drivers for the others.
+    fn plan_capabilities(&self, desired: &Desired) -> FleetCapabilities {
+        match self.scope() {
+            Scope::Host(host) => {
+                FleetCapabilities::from_manifests(desired).with_host(&host, self.capabilities())
+            }
+            Scope::Fleet => FleetCapabilities::uniform(self.capabilities()),
+        }
+    }
 
     /// Every guest and host as they are now, read back from them.
     ///

@@ -11,7 +11,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use berth_schema::{Bytes, Guest, GuestState, PageSize};
 
-use super::{Driver, DriverError};
+use super::{Driver, DriverError, DriverKind, Scope};
 use crate::classify::{rule, Rule};
 use crate::diff::{Field, HostSetting};
 use crate::model::{pages_for, Desired, Observed, ObservedGuest, ObservedHost};
@@ -216,8 +216,12 @@ impl SimFleet {
 }
 
 impl Driver for SimDriver {
-    fn name(&self) -> &'static str {
-        "sim"
+    fn kind(&self) -> DriverKind {
+        DriverKind::Sim
+    }
+
+    fn scope(&self) -> Scope {
+        Scope::Fleet
     }
 
     fn observe(&self) -> Result<Observed, DriverError> {
@@ -279,8 +283,9 @@ impl Driver for SimDriver {
         let current = fleet.running(name, host)?.clone();
         let wanted = ObservedGuest::as_written(guest);
         let mut next = current.clone();
+        let capabilities = self.capabilities();
         for &field in fields {
-            if rule(field, &current, &wanted) != Rule::Live {
+            if rule(field, &current, &wanted) != Rule::Live || !capabilities.changes_live(field) {
                 return Err(DriverError::Refused(format!(
                     "{field} of {name} cannot change live ({} -> {})",
                     field.value(&current).unwrap_or_default(),

@@ -1,10 +1,12 @@
-//! `plan(desired, observed) -> Plan`: what to do, in which order, and why.
+//! `plan(desired, observed, capabilities) -> Plan`: what to do, in which order, and why.
 //!
 //! The plan is a pure, deterministic function of its inputs (no clock, no I/O, no hash
-//! order). It proceeds in two passes:
+//! order). The capabilities are what each host's driver declares it can do
+//! ([`FleetCapabilities`]): the plan never promises what a driver refuses. It proceeds
+//! in two passes:
 //!
 //! 1. **Intent**: for every guest and host, the field changes, each classified by
-//!    [`crate::classify`], folded into one operation per guest (start, retune,
+//!    [`crate::classify`] from the capabilities of the guest's host, folded into one operation per guest (start, retune,
 //!    local migration, migration, cold migration, restart, stop, or blocked).
 //!    A guest with any blocked change gets no action at all: berth does not apply half
 //!    of a manifest to a guest.
@@ -33,6 +35,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::classify::{self, ChangeClass, Destination, Policy};
 use crate::diff::{diff_guest, Field, FieldDiff, HostChange};
+use crate::driver::FleetCapabilities;
 use crate::model::{is_suspended, Desired, Observed, ObservedGuest};
 
 pub use capacity::Footprint;
@@ -325,10 +328,11 @@ pub enum StopReason {
     ColdMove,
 }
 
-/// Builds the plan that brings `observed` to `desired`. Pure and deterministic.
-pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
+/// Builds the plan that brings `observed` to `desired` with drivers that can do what
+/// `capabilities` says. Pure and deterministic.
+pub fn plan(desired: &Desired, observed: &Observed, capabilities: &FleetCapabilities) -> Plan {
     let mut sched = schedule::Scheduler::new(desired, observed);
-    let mut guests = intents(desired, observed, &mut sched);
+    let mut guests = intents(desired, observed, capabilities, &mut sched);
     let mut hosts = sched.host_intents(desired, observed);
     let steps = sched.run(&mut guests, &mut hosts, observed);
     // Desired guests come first in the list, orphans after; show them all by name.
@@ -381,6 +385,7 @@ fn policy(guest: &Guest) -> Policy {
 fn intents(
     desired: &Desired,
     observed: &Observed,
+    capabilities: &FleetCapabilities,
     sched: &mut schedule::Scheduler<'_>,
 ) -> Vec<GuestPlan> {
     let by_name: HashMap<&str, &ObservedGuest> = observed
@@ -395,7 +400,7 @@ fn intents(
     for guest in &desired_guests {
         let name = guest.metadata.name.as_str();
         let obs = by_name.get(name).copied().filter(|o| o.has_vmm());
-        if let Some(plan) = guest_intent(guest, obs, sched, plans.len()) {
+        if let Some(plan) = guest_intent(guest, obs, capabilities, sched, plans.len()) {
             plans.push(plan);
         }
     }
@@ -445,6 +450,7 @@ fn intents(
 fn guest_intent(
     guest: &Guest,
     obs: Option<&ObservedGuest>,
+    capabilities: &FleetCapabilities,
     sched: &mut schedule::Scheduler<'_>,
     index: usize,
 ) -> Option<GuestPlan> {
@@ -507,11 +513,13 @@ fn guest_intent(
     let policy = policy(guest);
     let host_change = obs.host != wanted.host;
     let destination = host_change.then(|| sched.destination(obs, &wanted));
+    // The host it runs on makes the change (the source drives a move).
+    let driver = capabilities.of(&obs.host);
     plan.changes = diffs
         .into_iter()
         .map(|diff| {
             let rule = classify::rule(diff.field, obs, &wanted);
-            let class = classify::resolve(diff.field, rule, policy, destination.as_ref());
+            let class = classify::resolve(diff.field, rule, policy, destination.as_ref(), driver);
             Change { diff, class }
         })
         .collect();

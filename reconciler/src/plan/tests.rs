@@ -6,14 +6,14 @@
 use std::collections::HashMap;
 
 use berth_schema::{
-    Boot, Bytes, CpuMode, CpuSpec, FleetSpec, Guest, GuestSpec, GuestState, Host, HostSpec,
-    HugepageSpec, KsmSpec, MemorySpec, Metadata, MigrationMode, MigrationPolicy, PageSize, Pinning,
-    RestartPolicy, ThpMode, API_VERSION,
+    Boot, Bytes, CpuMode, CpuSpec, FleetSpec, Guest, GuestSpec, GuestState, Host, HostDriver,
+    HostSpec, HugepageSpec, KsmSpec, MemorySpec, Metadata, MigrationMode, MigrationPolicy,
+    PageSize, Pinning, RestartPolicy, ThpMode, API_VERSION,
 };
 
 use super::*;
 use crate::apply::execute_step;
-use crate::driver::{Driver, SimDriver};
+use crate::driver::{Driver, FleetCapabilities, SimDriver};
 use crate::model::{Desired, Observed, ObservedHost};
 
 fn host(name: &str, cpus: &str, memory: Bytes) -> Host {
@@ -34,7 +34,7 @@ fn host(name: &str, cpus: &str, memory: Bytes) -> Host {
             transparent_hugepages: ThpMode::Madvise,
             schedulable: true,
             cpu_model: None,
-            driver: Default::default(),
+            driver: HostDriver::BerthVmm,
             libvirt: None,
         },
     }
@@ -129,7 +129,7 @@ impl Case {
     }
 
     fn plan(&self) -> Plan {
-        plan(&self.head, &self.observed())
+        plan(&self.head, &self.observed(), &FleetCapabilities::default())
     }
 
     /// Plans, runs the plan on the simulated fleet (releases last in each wave), and
@@ -138,7 +138,11 @@ impl Case {
         let p = self.plan();
         let sim = SimDriver::from_observed(self.observed());
         run_releases_last(&p, &self.head, &sim);
-        let again = plan(&self.head, &sim.observe().unwrap());
+        let again = plan(
+            &self.head,
+            &sim.observe().unwrap(),
+            &FleetCapabilities::default(),
+        );
         let left: Vec<_> = again
             .guests
             .iter()
@@ -450,7 +454,7 @@ fn suspended_and_migrating_guests_are_left_alone() {
     case.edit("b", |g| {
         g.spec.io = Some(berth_schema::IoSpec { weight: 300 })
     });
-    let p = plan(&case.head, &observed);
+    let p = plan(&case.head, &observed, &FleetCapabilities::default());
     assert_eq!(op(&p, "a"), Operation::Suspended);
     assert_eq!(op(&p, "b"), Operation::Migrating);
     assert!(p.steps.is_empty());
@@ -473,7 +477,7 @@ fn orphans_are_reported_and_pruned_only_when_asked() {
         .annotations
         .insert(berth_schema::ANNOTATION_PRUNE.into(), "true".into());
 
-    let p = plan(&case.head, &observed);
+    let p = plan(&case.head, &observed, &FleetCapabilities::default());
     assert_eq!(op(&p, "a"), Operation::Orphan);
     assert_eq!(op(&p, "b"), Operation::Stop);
     assert!(p.guests.iter().all(|g| g.name != "foreign"));
@@ -484,7 +488,7 @@ fn orphans_are_reported_and_pruned_only_when_asked() {
     ));
 
     case.head.fleet.prune = true;
-    let p = plan(&case.head, &observed);
+    let p = plan(&case.head, &observed, &FleetCapabilities::default());
     assert_eq!(
         (op(&p, "a"), op(&p, "b")),
         (Operation::Stop, Operation::Stop)
@@ -795,7 +799,7 @@ fn the_plan_does_not_depend_on_input_order() {
     let mut observed = case.observed();
     observed.guests.reverse();
     observed.hosts.reverse();
-    assert_eq!(plan(&shuffled, &observed), p);
+    assert_eq!(plan(&shuffled, &observed, &FleetCapabilities::default()), p);
     assert!(p.has_changes());
 }
 
@@ -816,7 +820,11 @@ fn drift_made_by_hand_is_planned_back() {
             .vcpus
             .insert(0, "3".parse().unwrap());
     });
-    let p = plan(&case.head, &sim.observe().unwrap());
+    let p = plan(
+        &case.head,
+        &sim.observe().unwrap(),
+        &FleetCapabilities::default(),
+    );
     assert_eq!(op(&p, "a"), Operation::Retune);
     let change = &guest_plan(&p, "a").changes[0];
     assert_eq!(
@@ -824,7 +832,12 @@ fn drift_made_by_hand_is_planned_back() {
         (Some("{0: 3}"), Some("{0: 1}"))
     );
     crate::apply::execute(&p, &case.head, &sim);
-    assert!(!plan(&case.head, &sim.observe().unwrap()).has_changes());
+    assert!(!plan(
+        &case.head,
+        &sim.observe().unwrap(),
+        &FleetCapabilities::default()
+    )
+    .has_changes());
 }
 
 #[test]
@@ -836,6 +849,6 @@ fn observed_hosts_the_manifests_name_keep_their_observed_pools() {
         crate::model::HugepagePool { total: 8, free: 8 },
     );
     // The Host manifest lists no 2MiB pool: berth leaves the pool alone.
-    assert!(!plan(&case.head, &observed).has_changes());
+    assert!(!plan(&case.head, &observed, &FleetCapabilities::default()).has_changes());
     let _: &ObservedHost = &observed.hosts[0];
 }

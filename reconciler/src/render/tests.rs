@@ -4,6 +4,7 @@
 //! the diff of `src/render/snapshots/`.
 
 use super::*;
+use crate::driver::FleetCapabilities;
 use crate::model::{desired_from_yaml, Observed};
 
 fn fixture_plan() -> Plan {
@@ -15,7 +16,11 @@ fn fixture_plan() -> Plan {
         include_str!("../../../tests/fixtures/plan/head/hosts.yaml"),
         include_str!("../../../tests/fixtures/plan/head/guests.yaml"),
     ]);
-    crate::plan(&head, &Observed::as_written(&base))
+    crate::plan(
+        &head,
+        &Observed::as_written(&base),
+        &FleetCapabilities::default(),
+    )
 }
 
 #[test]
@@ -80,7 +85,11 @@ fn json_schema_snapshot() {
 #[test]
 fn no_changes_says_so() {
     let base = desired_from_yaml([include_str!("../../../tests/fixtures/plan/base/hosts.yaml")]);
-    let p = crate::plan(&base, &Observed::as_written(&base));
+    let p = crate::plan(
+        &base,
+        &Observed::as_written(&base),
+        &FleetCapabilities::default(),
+    );
     assert_eq!(
         text(&p, false),
         "No changes. The fleet matches the manifests.\n\n\

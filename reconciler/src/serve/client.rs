@@ -12,8 +12,8 @@ use axum::http::{header, Request, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
 
 use super::auth::Secret;
-use super::peer::{IncomingMigration, IncomingOutcome, IncomingRequest, INCOMING_PATH};
 use super::status::Status;
+use crate::fleet::peer::{IncomingMigration, IncomingOutcome, IncomingRequest, INCOMING_PATH};
 
 /// The longest a request may take.
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -192,9 +192,9 @@ mod tests {
     use tokio::sync::mpsc;
 
     use super::*;
+    use crate::fleet::peer::NoIncoming;
     use crate::serve::http::{router, ApiState};
     use crate::serve::metrics::Metrics;
-    use crate::serve::peer::NoIncoming;
     use crate::serve::status::StatusStore;
 
     #[test]

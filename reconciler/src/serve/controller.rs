@@ -18,7 +18,7 @@
 //! - Guests annotated `berth.dev/suspend: "true"` are left alone (the plan reports them
 //!   as suspended).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,16 +29,17 @@ use tracing::{error, info, warn};
 
 use super::backoff::{BackoffPolicy, Backoffs};
 use super::git::CommitId;
-use super::incoming::IncomingNotes;
 use super::metrics::Metrics;
-use super::placement::{Placements, StartGuard};
 use super::source::{Revision, SourceEvent};
 use super::status::{
-    now_rfc3339, Applied, Condition, GuestStatus, LastError, Problem, StatusStore,
+    now_rfc3339, Applied, Condition, ConditionType, GuestStatus, LastError, Problem, Reason,
+    StatusStore,
 };
-use super::switchover::Switchovers;
 use crate::apply::execute_step;
 use crate::driver::Driver;
+use crate::fleet::incoming::IncomingNotes;
+use crate::fleet::switchover::Switchovers;
+use crate::fleet::Coordination;
 use crate::model::{Desired, Observed};
 use crate::plan::{plan, Action, GuestPlan, Operation, Plan, Step, StopReason};
 
@@ -94,10 +95,8 @@ pub struct Controller {
     status: StatusStore,
     metrics: Arc<Metrics>,
     on_revision: Option<RevisionHook>,
-    guard: Option<(Arc<dyn StartGuard>, Arc<Placements>)>,
-    /// Whether the driver sees this host only: then a cold move away stops the guest
-    /// here and the destination's service starts it.
-    this_host_only: bool,
+    /// Asked before every start whether another host may still run the guest.
+    coordination: Option<Arc<dyn Coordination>>,
     incoming_notes: Option<Arc<IncomingNotes>>,
     /// Switchovers of migrations away from this host that wait for the destination's
     /// answer, shown on their guests.
@@ -111,8 +110,11 @@ pub struct Controller {
     backoffs: Backoffs,
     /// Actions in flight, by key (guest name, or `host/<name>`).
     in_flight: HashMap<String, &'static str>,
-    /// The last error of each key whose last action failed.
-    failures: HashMap<String, String>,
+    /// The last error of each key whose last action failed, with the action's kind.
+    failures: HashMap<String, (&'static str, String)>,
+    /// The enforced revision each guest was last reconciled at (found in sync, or an
+    /// action done): its `observedRevision`.
+    observed_revisions: HashMap<String, CommitId>,
     /// Why each key's start waits for another host.
     waiting: HashMap<String, String>,
     completions: (
@@ -136,8 +138,7 @@ impl Controller {
             status,
             metrics,
             on_revision: None,
-            guard: None,
-            this_host_only: false,
+            coordination: None,
             incoming_notes: None,
             switchovers: None,
             pokes: Arc::new(tokio::sync::Notify::new()),
@@ -145,6 +146,7 @@ impl Controller {
             converged_on: None,
             in_flight: HashMap::new(),
             failures: HashMap::new(),
+            observed_revisions: HashMap::new(),
             waiting: HashMap::new(),
             completions: mpsc::unbounded_channel(),
         }
@@ -156,22 +158,15 @@ impl Controller {
         self
     }
 
-    /// Asks `guard` before every start whether another host still runs the guest;
-    /// `placements` records where the enforced revisions placed each guest.
-    pub fn with_start_guard(
-        mut self,
-        guard: Arc<dyn StartGuard>,
-        placements: Arc<Placements>,
-    ) -> Self {
-        self.guard = Some((guard, placements));
+    /// Asks `coordination` before every start whether another host may still run the
+    /// guest, and tells it where each enforced revision places the guests.
+    pub fn with_start_guard(mut self, coordination: Arc<dyn Coordination>) -> Self {
+        self.coordination = Some(coordination);
         self
     }
 
-    /// The driver acts on this host only (the local driver): a cold move away is
-    /// stopping the guest here; the destination's service starts it there once this
-    /// host no longer runs it. `notes` says why migrations to this host failed.
-    pub fn this_host_only(mut self, notes: Arc<IncomingNotes>) -> Self {
-        self.this_host_only = true;
+    /// Shows why migrations to this host failed (`notes`) on their guests' status.
+    pub fn with_incoming_notes(mut self, notes: Arc<IncomingNotes>) -> Self {
         self.incoming_notes = Some(notes);
         self
     }
@@ -272,6 +267,7 @@ impl Controller {
             trigger,
         } = revision;
         self.status.update(|s| {
+            s.last_attempted_revision = Some(commit.to_string());
             s.source.revision = Some(commit.to_string());
             s.source.seen_at = Some(now_rfc3339());
         });
@@ -285,8 +281,8 @@ impl Controller {
                 if let Some(hook) = &self.on_revision {
                     hook(&commit, &desired);
                 }
-                if let Some((_, placements)) = &self.guard {
-                    placements.record(&desired, &self.config.host);
+                if let Some(coordination) = &self.coordination {
+                    coordination.record_placements(&self.config.host, &desired);
                 }
                 // A new revision may fix what failed: try everything again at once.
                 self.backoffs = Backoffs::new(self.config.backoff);
@@ -342,6 +338,11 @@ impl Controller {
                 self.backoffs.succeeded(&done.key);
                 self.failures.remove(&done.key);
                 self.waiting.remove(&done.key);
+                // Acted on at the revision enforced now (a newer one that came in
+                // meanwhile is checked by the next pass, which records it if in sync).
+                if let Some((revision, _)) = &self.enforcing {
+                    self.observed_revisions.insert(done.key, revision.clone());
+                }
             }
             Outcome::Failed(e) => {
                 self.metrics.action(done.kind, false, done.took);
@@ -352,7 +353,7 @@ impl Controller {
                     failures = retry.failures, retry_in = ?wait, "action failed"
                 );
                 self.waiting.remove(&done.key);
-                self.failures.insert(done.key, e);
+                self.failures.insert(done.key, (done.kind, e));
             }
             Outcome::Waiting(why) => {
                 // Asked again with backoff: the peer answers cheaply, and a migration
@@ -409,11 +410,15 @@ impl Controller {
             }
         });
         let Some((revision, desired)) = self.enforcing.clone() else {
-            let guests = self.guest_statuses(&Desired::default(), &observed, None);
+            let guests = self.guest_statuses(&Desired::default(), &observed, None, false);
             self.status.update(|s| s.guests = guests);
             return;
         };
-        let plan = plan(&desired, &observed);
+        let plan = plan(
+            &desired,
+            &observed,
+            &self.driver.plan_capabilities(&desired),
+        );
         let local: Vec<&Step> = plan.steps.iter().filter(|s| self.acts_on(s)).collect();
         let first_wave = local.iter().map(|s| s.wave).min();
         let drift = self.converged_on.as_ref() == Some(&revision);
@@ -444,7 +449,16 @@ impl Controller {
                 });
             });
         }
-        let guests = self.guest_statuses(&desired, &observed, Some(&plan));
+        let planned: HashSet<&str> = plan.guests.iter().map(|g| g.name.as_str()).collect();
+        let here = self.config.host.as_str();
+        for g in desired.guests.iter().filter(|g| g.spec.host == here) {
+            let name = g.metadata.name.as_str();
+            if !planned.contains(name) && !self.in_flight.contains_key(name) {
+                self.observed_revisions
+                    .insert(name.to_owned(), revision.clone());
+            }
+        }
+        let guests = self.guest_statuses(&desired, &observed, Some(&plan), drift);
         self.status.update(|s| s.guests = guests);
         self.metrics
             .reconcile_duration
@@ -465,7 +479,7 @@ impl Controller {
         }
     }
 
-    fn dispatch(&mut self, key: String, step: &Step, desired: &Desired, drift: bool) {
+    fn dispatch(&mut self, key: String, step: &Step, desired: &Arc<Desired>, drift: bool) {
         let kind = action_kind(&step.action);
         info!(key = %key, action = kind, step = ?step.action, drift, "dispatching");
         self.in_flight.insert(key.clone(), kind);
@@ -474,17 +488,21 @@ impl Controller {
             .guest()
             .and_then(|name| desired.guests.iter().find(|g| g.metadata.name == name))
             .cloned();
-        let guard = match (&step.action, &self.guard) {
-            (Action::Start { guest, .. }, Some((guard, placements))) => Some((
-                Arc::clone(guard),
+        let guard = match (&step.action, &self.coordination) {
+            (Action::Start { guest, .. }, Some(coordination)) => Some((
+                Arc::clone(coordination),
                 guest.clone(),
-                placements.peers(desired, &self.config.host, guest),
+                Arc::clone(desired),
+                self.config.host.clone(),
             )),
             _ => None,
         };
+        // A driver that sees this host only stops the guest here in a cold move away;
+        // the destination's service starts it there once this host no longer runs it.
+        let this_host_only = self.driver.scope().host().is_some();
         let step = match &step.action {
             Action::ColdMigrate { guest, from, to }
-                if self.this_host_only && *to != self.config.host =>
+                if this_host_only && *to != self.config.host =>
             {
                 Step {
                     action: Action::Stop {
@@ -501,12 +519,12 @@ impl Controller {
         let done = self.completions.0.clone();
         tokio::spawn(async move {
             let started = Instant::now();
-            if let Some((guard, guest, peers)) = guard {
-                if let Err(why) = guard.check(&guest, peers).await {
+            if let Some((coordination, guest, desired, me)) = guard {
+                if let Err(why) = coordination.may_start(&me, &guest, &desired).await {
                     let _ = done.send(Completion {
                         key,
                         kind,
-                        outcome: Outcome::Waiting(why),
+                        outcome: Outcome::Waiting(why.to_string()),
                         took: started.elapsed(),
                         drift,
                     });
@@ -536,12 +554,15 @@ impl Controller {
         });
     }
 
-    /// Every guest placed on this host, running on it, or on its way to it.
+    /// Every guest placed on this host, running on it, or on its way to it, with its
+    /// conditions ([`super::conditions`]). `drift`: the host had converged to the
+    /// enforced revision, so a change planned now was made outside berth.
     fn guest_statuses(
         &self,
         desired: &Desired,
         observed: &Observed,
         plan: Option<&Plan>,
+        drift: bool,
     ) -> Vec<GuestStatus> {
         let me = self.config.host.as_str();
         let plans: HashMap<&str, &GuestPlan> = plan
@@ -577,77 +598,106 @@ impl Controller {
             }
         }
         for (name, status) in &mut out {
-            let conditions = &mut status.conditions;
-            match plans.get(name.as_str()) {
-                None => conditions.push(Condition::new("Synced", true, "InSync", "")),
-                Some(p) => {
-                    let message = p.reason.clone().unwrap_or_else(|| {
-                        let fields: Vec<String> =
-                            p.changes.iter().map(|c| c.diff.field.to_string()).collect();
-                        if fields.is_empty() {
-                            p.operation.describe().to_owned()
-                        } else {
-                            format!("{}: {}", p.operation.describe(), fields.join(", "))
-                        }
-                    });
-                    let incoming = p.to.as_deref() == Some(me) && p.host != me;
-                    let reason = match p.operation {
-                        Operation::Blocked => "Blocked",
-                        Operation::Suspended => "Suspended",
-                        Operation::Orphan => "Orphan",
-                        Operation::Migrating => "Migrating",
-                        _ if incoming => "WaitingForMigration",
-                        _ => "Changes",
-                    };
-                    match reason {
-                        "Changes" => {}
-                        "WaitingForMigration" => {
-                            status.phase = reason.into();
-                            status.host = p.host.clone();
-                        }
-                        _ => status.phase = reason.into(),
+            let mut c = GuestConditions::default();
+            if let Some(p) = plans.get(name.as_str()) {
+                let message = p.reason.clone().unwrap_or_else(|| {
+                    let fields: Vec<String> =
+                        p.changes.iter().map(|c| c.diff.field.to_string()).collect();
+                    if fields.is_empty() {
+                        p.operation.describe().to_owned()
+                    } else {
+                        format!("{}: {}", p.operation.describe(), fields.join(", "))
                     }
-                    conditions.push(Condition::new("Synced", false, reason, message));
-                    if p.operation == Operation::Suspended {
-                        conditions.push(Condition::new("Suspended", true, "Annotation", ""));
+                });
+                let incoming = p.to.as_deref() == Some(me) && p.host != me;
+                let reason = match p.operation {
+                    Operation::Blocked => Reason::Blocked,
+                    Operation::Suspended => Reason::Suspended,
+                    Operation::Orphan => Reason::Orphan,
+                    Operation::Migrating => Reason::Migrating,
+                    _ if incoming => Reason::WaitingForMigration,
+                    _ => Reason::ChangesPending,
+                };
+                match reason {
+                    Reason::ChangesPending => {}
+                    Reason::WaitingForMigration => {
+                        status.phase = "WaitingForMigration".into();
+                        status.host = p.host.clone();
                     }
+                    _ => status.phase = format!("{reason:?}"),
+                }
+                c.not_ready(reason, &message);
+                match reason {
+                    Reason::Blocked => c.stalled = Some((Reason::Blocked, message.clone())),
+                    Reason::Suspended => c.extra.push(Condition::new(
+                        ConditionType::Suspended,
+                        true,
+                        Reason::Annotation,
+                        "reconciling is suspended (berth.dev/suspend)",
+                    )),
+                    Reason::Orphan => {}
+                    _ => c.reconciling = Some((reason, message.clone())),
+                }
+                let acts = !matches!(
+                    p.operation,
+                    Operation::Blocked
+                        | Operation::Suspended
+                        | Operation::Orphan
+                        | Operation::Migrating
+                );
+                if drift && acts {
+                    c.extra.push(Condition::new(
+                        ConditionType::Drifted,
+                        true,
+                        Reason::ChangedOutsideBerth,
+                        &message,
+                    ));
+                }
+                let restart = match p.operation {
+                    Operation::LocalMigrate => Some(Reason::LocalMigration),
+                    Operation::Restart => Some(Reason::Restart),
+                    _ => None,
+                };
+                if let Some(how) = restart {
+                    c.extra.push(Condition::new(
+                        ConditionType::RestartRequired,
+                        true,
+                        how,
+                        &message,
+                    ));
                 }
             }
             if let Some(kind) = self.in_flight.get(name.as_str()) {
                 if matches!(*kind, "migrate" | "local_migrate") {
                     status.phase = "Migrating".into();
                 }
-                conditions.push(Condition::new("Progressing", true, "ActionInFlight", *kind));
+                c.reconciling = Some((Reason::ActionInFlight, (*kind).to_owned()));
             }
             if let Some(why) = self.waiting.get(name.as_str()) {
                 status.phase = "WaitingForMigration".into();
-                conditions.push(Condition::new(
-                    "Synced",
-                    false,
-                    "WaitingForMigration",
-                    why.clone(),
-                ));
-                conditions.retain(|c| c.kind != "Synced" || c.reason == "WaitingForMigration");
+                c.not_ready(Reason::WaitingForMigration, why);
+                c.reconciling = Some((Reason::WaitingForMigration, why.clone()));
             }
             if let Some(note) = self
                 .incoming_notes
                 .as_ref()
                 .and_then(|n| n.get(name.as_str()))
             {
-                conditions.push(Condition::new(
-                    "MigrationFailed",
+                c.extra.push(Condition::new(
+                    ConditionType::MigrationFailed,
                     true,
-                    "IncomingMigrationFailed",
+                    Reason::IncomingMigrationFailed,
                     note,
                 ));
             }
             if let Some(unresolved) = self.switchovers.as_ref().and_then(|s| s.get(name.as_str())) {
                 status.phase = "SwitchoverUnknown".into();
-                conditions.push(unresolved.condition());
+                let condition = unresolved.condition();
+                c.not_ready(Reason::SwitchoverUnknown, &condition.message);
+                c.reconciling = Some((Reason::SwitchoverUnknown, condition.message.clone()));
+                c.extra.push(condition);
                 // The migration's own failure says the same, less precisely.
-                continue;
-            }
-            if let Some(e) = self.failures.get(name.as_str()) {
+            } else if let Some((kind, e)) = self.failures.get(name.as_str()) {
                 status.phase = "Failed".into();
                 let retry = self.backoffs.get(name).map_or(String::new(), |r| {
                     let wait = r.not_before.saturating_duration_since(Instant::now());
@@ -657,30 +707,77 @@ impl Controller {
                         wait.as_secs_f64()
                     )
                 });
-                conditions.push(Condition::new(
-                    "Failed",
-                    true,
-                    "ActionFailed",
-                    format!("{e}{retry}"),
-                ));
+                let message = format!("{kind}: {e}{retry}");
+                c.not_ready(Reason::ActionFailed, &message);
+                c.reconciling = Some((Reason::RetryingAfterFailure, message.clone()));
+                if matches!(*kind, "migrate" | "local_migrate" | "cold_migrate") {
+                    c.extra.push(Condition::new(
+                        ConditionType::MigrationFailed,
+                        true,
+                        Reason::OutgoingMigrationFailed,
+                        message,
+                    ));
+                }
             }
+            status.observed_revision = self.observed_revisions.get(name).map(ToString::to_string);
+            status.conditions = c.into_conditions();
         }
         // Guests migrating to this host from elsewhere are shown as waiting for it.
         if let Some(plan) = plan {
             for p in &plan.guests {
                 if p.to.as_deref() == Some(me) && p.host != me && !out.contains_key(&p.name) {
                     let mut status = guest_status(&p.name, &p.host, "WaitingForMigration");
-                    status.conditions.push(Condition::new(
-                        "Synced",
-                        false,
-                        "WaitingForMigration",
-                        format!("{} from {}", p.operation.describe(), p.host),
-                    ));
+                    let message = format!("{} from {}", p.operation.describe(), p.host);
+                    let mut c = GuestConditions::default();
+                    c.not_ready(Reason::WaitingForMigration, &message);
+                    c.reconciling = Some((Reason::WaitingForMigration, message));
+                    status.conditions = c.into_conditions();
                     out.insert(p.name.clone(), status);
                 }
             }
         }
         out.into_values().collect()
+    }
+}
+
+/// A guest's conditions while they are worked out: `Ready` (in sync until something
+/// says otherwise), `Reconciling` and `Stalled` when set, and berth's own.
+struct GuestConditions {
+    ready: (bool, Reason, String),
+    reconciling: Option<(Reason, String)>,
+    stalled: Option<(Reason, String)>,
+    extra: Vec<Condition>,
+}
+
+impl Default for GuestConditions {
+    fn default() -> Self {
+        GuestConditions {
+            ready: (true, Reason::InSync, String::new()),
+            reconciling: None,
+            stalled: None,
+            extra: Vec::new(),
+        }
+    }
+}
+
+impl GuestConditions {
+    fn not_ready(&mut self, reason: Reason, message: &str) {
+        self.ready = (false, reason, message.to_owned());
+    }
+
+    fn into_conditions(self) -> Vec<Condition> {
+        let (ready, reason, message) = self.ready;
+        let mut out = vec![Condition::new(ConditionType::Ready, ready, reason, message)];
+        for (kind, state) in [
+            (ConditionType::Reconciling, self.reconciling),
+            (ConditionType::Stalled, self.stalled),
+        ] {
+            if let Some((reason, message)) = state {
+                out.push(Condition::new(kind, true, reason, message));
+            }
+        }
+        out.extend(self.extra);
+        out
     }
 }
 
@@ -690,6 +787,7 @@ fn guest_status(name: &str, host: &str, phase: &str) -> GuestStatus {
         host: host.to_owned(),
         phase: phase.to_owned(),
         runs_here: false,
+        observed_revision: None,
         conditions: Vec::new(),
     }
 }

@@ -5,8 +5,8 @@
 //! |---|---|---|
 //! | `GET /healthz` | none | 200 `ok` while the service runs |
 //! | `GET /status` | none | the [`Status`](super::status::Status) as JSON |
-//! | `GET /metrics` | none | Prometheus metrics (OpenMetrics text) |
-//! | `POST /hooks/git` | `X-Hub-Signature-256` | 202, and the branch head is looked at |
+//! | `GET /metrics` | none | Prometheus metrics: the text format 0.0.4 when `Accept` asks for it, else OpenMetrics |
+//! | `POST /hooks/git` | `X-Hub-Signature-256` | 202, and the branch head is looked at; 413 (JSON) over [`WEBHOOK_BODY_LIMIT`] |
 //! | `POST /v1/migrations/incoming` | fleet secret (bearer) | listen address and token |
 //! | `GET /v1/migrations/incoming/{guest}` | fleet secret (bearer) | whether the guest runs here |
 //!
@@ -17,7 +17,8 @@
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -28,9 +29,15 @@ use tracing::{info, warn};
 
 use super::auth::{verify_bearer, verify_signature, AuthError, Secret, SIGNATURE_HEADER};
 use super::metrics::Metrics;
-use super::peer::{IncomingMigrations, IncomingRequest, PeerError, INCOMING_PATH};
 use super::source::Trigger;
 use super::status::StatusStore;
+use crate::fleet::peer::{IncomingMigrations, IncomingRequest, PeerError, INCOMING_PATH};
+
+/// The largest webhook body read, 25 MiB: GitHub caps a webhook payload at 25 MB (and
+/// sends none larger), so every GitHub delivery fits. The body is read whole before its
+/// signature can be checked; a larger one is refused with 413 and a JSON error, and
+/// logged.
+pub const WEBHOOK_BODY_LIMIT: usize = 25 << 20;
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -55,7 +62,10 @@ pub fn router(state: ApiState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
-        .route("/hooks/git", post(webhook))
+        .route(
+            "/hooks/git",
+            post(webhook).layer(DefaultBodyLimit::max(WEBHOOK_BODY_LIMIT)),
+        )
         .route(INCOMING_PATH, post(incoming))
         .route(&format!("{INCOMING_PATH}/{{guest}}"), get(incoming_outcome))
         .with_state(state)
@@ -65,13 +75,12 @@ async fn status(State(state): State<ApiState>) -> Response {
     Json(state.status.snapshot()).into_response()
 }
 
-async fn metrics(State(state): State<ApiState>) -> Response {
+async fn metrics(State(state): State<ApiState>, headers: HeaderMap) -> Response {
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let format = super::exposition::negotiate(accept);
     (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        state.metrics.encode(),
+        [(header::CONTENT_TYPE, format.content_type())],
+        state.metrics.encode_as(format),
     )
         .into_response()
 }
@@ -85,7 +94,25 @@ fn unauthorized(what: &str, error: AuthError) -> Response {
         .into_response()
 }
 
-async fn webhook(State(state): State<ApiState>, headers: HeaderMap, body: Bytes) -> Response {
+async fn webhook(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) => {
+            let status = rejection.status();
+            let error = rejection.body_text();
+            warn!(%status, limit = WEBHOOK_BODY_LIMIT, %error, "webhook refused: its body could not be read");
+            let error = if status == StatusCode::PAYLOAD_TOO_LARGE {
+                format!("webhook refused: the body is larger than {WEBHOOK_BODY_LIMIT} bytes")
+            } else {
+                format!("webhook refused: {error}")
+            };
+            return (status, Json(json!({ "error": error }))).into_response();
+        }
+    };
     let signature = headers.get(SIGNATURE_HEADER).map(|v| v.as_bytes());
     if let Err(e) = verify_signature(state.webhook_secret.as_deref(), signature, &body) {
         return unauthorized("webhook", e);
@@ -168,7 +195,7 @@ async fn incoming_outcome(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::serve::peer::{IncomingMigration, NoIncoming};
+    use crate::fleet::peer::{IncomingMigration, NoIncoming};
     use axum::body::Body;
     use axum::http::Request;
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -292,6 +319,31 @@ mod tests {
         let (code, _) = call(&app, post(Some(good))).await;
         assert_eq!(code, StatusCode::ACCEPTED);
         assert_eq!(rx.try_recv(), Ok(Trigger::Webhook));
+    }
+
+    #[tokio::test]
+    async fn a_webhook_up_to_25_mib_is_read_and_a_larger_one_refused_in_json() {
+        let (state, mut rx) = state(Some("hook-secret"), None, Arc::new(NoIncoming));
+        let app = router(state);
+        let post = |body: Vec<u8>| {
+            let signature = format!("sha256={}", Secret::new("hook-secret").sign(&body));
+            Request::post("/hooks/git")
+                .header(SIGNATURE_HEADER, signature)
+                .body(Body::from(body))
+                .expect("request")
+        };
+        // Larger than axum's default limit (2 MB), as GitHub may send.
+        let (code, body) = call(&app, post(vec![b' '; 3 << 20])).await;
+        assert_eq!(code, StatusCode::ACCEPTED, "{body}");
+        assert_eq!(rx.try_recv(), Ok(Trigger::Webhook));
+        let (code, body) = call(&app, post(vec![b' '; WEBHOOK_BODY_LIMIT + 1])).await;
+        assert_eq!(code, StatusCode::PAYLOAD_TOO_LARGE);
+        let error: serde_json::Value = serde_json::from_str(&body).expect("a JSON error");
+        assert_eq!(
+            error["error"],
+            "webhook refused: the body is larger than 26214400 bytes"
+        );
+        assert!(rx.try_recv().is_err(), "a refused webhook triggers nothing");
     }
 
     #[tokio::test]

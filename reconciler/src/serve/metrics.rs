@@ -1,5 +1,6 @@
 //! Prometheus metrics of the service, served at `/metrics` in the OpenMetrics text
-//! format (which Prometheus scrapes natively).
+//! format (which Prometheus scrapes natively), or in the text format 0.0.4 when the
+//! scraper asks for it ([`super::exposition`]).
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -10,6 +11,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+
+use super::exposition::{openmetrics_to_text004, Format};
 
 /// Labels of `berth_actions`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -238,6 +241,14 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &registry)
             .expect("writing to a String cannot fail");
         out
+    }
+
+    /// The metrics in `format`.
+    pub fn encode_as(&self, format: Format) -> String {
+        match format {
+            Format::OpenMetrics => self.encode(),
+            Format::Text004 => openmetrics_to_text004(&self.encode()),
+        }
     }
 }
 

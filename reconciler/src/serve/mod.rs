@@ -5,22 +5,22 @@
 //! - [`git`]: reading revisions with the git CLI.
 //! - [`source`]: noticing new heads (watch, poll, webhook) and reading each one once.
 //! - [`controller`]: the reconcile loop (observe, plan, dispatch) with a per-guest work
-//!   queue, backoff and suspend.
+//!   queue, backoff and suspend; before a start it asks the fleet coordination
+//!   ([`crate::fleet::Coordination`]) whether another host may still run the guest.
 //! - [`http`]: `/healthz`, `/status`, `/metrics`, `/hooks/git` and the peer API
-//!   ([`peer`]), with [`auth`] for the webhook signature and the fleet secret.
-//! - [`placement`]: before a start, the other hosts are asked whether they still run
-//!   the guest, so that a guest moving here is never started twice.
-//! - [`client`]: the API's client side (`berth status`, and the peer request a
-//!   migration source makes).
-//! - [`remote`]: `--driver local`, the local driver plus live migration to another
-//!   host (the source side), and [`incoming`], the destination side.
-//! - [`switchover`]: resolving the unknown switchovers of migrations away from this
-//!   host, also those a SIGKILLed predecessor left.
+//!   ([`crate::fleet::peer`]), with [`auth`] for the webhook signature and the fleet
+//!   secret.
+//! - [`client`]: the API's client side (`berth status`, and the transport of
+//!   [`crate::fleet::http::HttpPeers`]).
+//! - [`status`] and [`metrics`]: what `/status` and `/metrics` report.
 //! - [`simfleet`]: `--driver sim`, a simulated fleet that survives restarts.
 //!
 //! With `--driver local`, each new head is also checked against this machine
 //! ([`crate::machine`]): a Host manifest naming CPUs, memory or hugepage sizes it lacks
 //! makes the revision invalid, so nothing of it is done.
+//! Cross-host work (the start guard, live migration to another host and its
+//! destination side, unknown switchovers) lives in [`crate::fleet`]; this module wires
+//! it up for `--driver local`.
 //!
 //! Restart safety: the service keeps no state that matters besides what it observes
 //! and, for each migration away from this host, where it went (recorded before it
@@ -34,18 +34,15 @@
 pub mod auth;
 pub mod backoff;
 pub mod client;
+pub mod conditions;
 pub mod controller;
+pub mod exposition;
 pub mod git;
 pub mod http;
-pub mod incoming;
 pub mod metrics;
-pub mod peer;
-pub mod placement;
-pub mod remote;
 pub mod simfleet;
 pub mod source;
 pub mod status;
-pub mod switchover;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -56,19 +53,23 @@ use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
 use crate::driver::local::locate_vmm;
-use crate::driver::{Driver, DriverError, LocalDriver};
+use crate::driver::{Driver, DriverError, DriverKind, LocalDriver};
+use crate::fleet::http::HttpPeers;
+use crate::fleet::incoming::{IncomingNotes, LocalIncoming};
+use crate::fleet::peer::{IncomingMigrations, NoIncoming};
+use crate::fleet::placement::Placements;
+use crate::fleet::remote::{Enforced, ServeDriver};
+use crate::fleet::switchover::{Resolver, Switchovers};
+use crate::fleet::Coordination;
 use crate::machine::Machine;
 use auth::{Secret, SecretError};
 use backoff::BackoffPolicy;
 use controller::{Controller, ControllerConfig};
 use git::{GitError, GitRepo};
-use incoming::{IncomingNotes, LocalIncoming};
 use metrics::Metrics;
-use remote::{Enforced, ServeDriver};
 use simfleet::{SimFleetError, SimulatedFleet};
 use source::{Follower, Trigger};
 use status::{SourceStatus, Status, StatusStore};
-use switchover::{Resolver, Switchovers};
 
 /// Arguments of `berth serve`.
 #[derive(Debug, clap::Args)]
@@ -81,7 +82,7 @@ pub struct ServeArgs {
     #[arg(long, default_value = "main")]
     pub branch: String,
     /// Read only the manifests under this directory of the repository (by default,
-    /// every `*.yaml` and `*.yml` outside hidden directories).
+    /// every `*.yaml`, `*.yml` and `*.json` outside hidden directories).
     #[arg(long)]
     pub path: Option<String>,
     /// This host's name, as its Host manifest names it: only guests placed on it (and
@@ -115,26 +116,18 @@ pub struct ServeArgs {
     /// How long to let filesystem events settle before reading the head.
     #[arg(long, default_value = "50ms")]
     pub debounce: berth_schema::Duration,
-    /// A file holding the webhook secret (as configured on the git host). Without it,
-    /// every webhook is refused.
+    /// A file holding the webhook secret (as configured on the git host); whitespace at
+    /// its ends (the final newline) is trimmed. Without it, every webhook is refused.
+    /// Webhook bodies are read up to 25 MiB (GitHub sends at most 25 MB).
     #[arg(long)]
     pub webhook_secret_file: Option<PathBuf>,
-    /// A file holding the fleet's shared secret for the peer API. Without it, every
-    /// peer request is refused.
+    /// A file holding the fleet's shared secret for the peer API; whitespace at its
+    /// ends is trimmed. Without it, every peer request is refused.
     #[arg(long)]
     pub fleet_secret_file: Option<PathBuf>,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
-}
-
-/// Drivers `berth serve` can use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum DriverKind {
-    /// berth-vmm processes on this host.
-    Local,
-    /// A simulated fleet: no real guests.
-    Sim,
 }
 
 /// Log formats.
@@ -179,6 +172,9 @@ pub enum ServeError {
     /// The simulated fleet cannot be loaded.
     #[error(transparent)]
     SimFleet(#[from] SimFleetError),
+    /// `berth serve` cannot run this driver's hosts yet.
+    #[error("berth serve does not run {0} hosts yet")]
+    DriverUnsupported(DriverKind),
     /// The async runtime cannot be built.
     #[error("cannot start the async runtime: {0}")]
     Runtime(#[source] std::io::Error),
@@ -245,6 +241,7 @@ pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
         DriverKind::Sim => Fleet::Sim(Arc::new(SimulatedFleet::open(Some(
             args.state_dir.join("sim-fleet.json"),
         ))?)),
+        DriverKind::Libvirt => return Err(ServeError::DriverUnsupported(DriverKind::Libvirt)),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -255,7 +252,7 @@ pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
     // checked against it (a simulated fleet has no machine to match).
     let machine = match args.driver {
         DriverKind::Local => Some(Machine::read().map_err(ServeError::Machine)?),
-        DriverKind::Sim => None,
+        DriverKind::Sim | DriverKind::Libvirt => None,
     };
     let result = runtime.block_on(serve(
         args,
@@ -313,28 +310,34 @@ async fn serve(
     let enforced = Arc::new(Enforced::default());
     let notes = Arc::new(IncomingNotes::default());
     let switchovers = Arc::new(Switchovers::default());
-    let (driver, incoming, local): (Arc<dyn Driver>, Arc<dyn peer::IncomingMigrations>, _) =
-        match &fleet {
-            Fleet::Local(local) => {
-                let driver = Arc::new(ServeDriver::new(
-                    Arc::clone(local),
-                    Arc::clone(&enforced),
-                    fleet_secret.clone(),
-                    Arc::clone(&metrics),
-                    Arc::clone(&switchovers),
-                    tokio::runtime::Handle::current(),
-                ));
-                let incoming = Arc::new(LocalIncoming::new(
-                    Arc::clone(local),
-                    Arc::clone(&enforced),
-                    repo.clone(),
-                    args.path.clone(),
-                    Arc::clone(&notes),
-                ));
-                (driver.clone(), incoming.clone(), Some((driver, incoming)))
-            }
-            Fleet::Sim(sim) => (sim.clone(), Arc::new(peer::NoIncoming), None),
-        };
+    let coordination: Arc<dyn Coordination> = Arc::new(HttpPeers::new(
+        Arc::new(Placements::open(Some(
+            args.state_dir.join("placements.json"),
+        ))),
+        fleet_secret.clone(),
+    ));
+    let (driver, incoming, local): (Arc<dyn Driver>, Arc<dyn IncomingMigrations>, _) = match &fleet
+    {
+        Fleet::Local(local) => {
+            let driver = Arc::new(ServeDriver::new(
+                Arc::clone(local),
+                Arc::clone(&enforced),
+                Arc::clone(&coordination),
+                Arc::clone(&metrics),
+                Arc::clone(&switchovers),
+                tokio::runtime::Handle::current(),
+            ));
+            let incoming = Arc::new(LocalIncoming::new(
+                Arc::clone(local),
+                Arc::clone(&enforced),
+                repo.clone(),
+                args.path.clone(),
+                Arc::clone(&notes),
+            ));
+            (driver.clone(), incoming.clone(), Some((driver, incoming)))
+        }
+        Fleet::Sim(sim) => (sim.clone(), Arc::new(NoIncoming), None),
+    };
     let status = StatusStore::new(Status {
         host: args.host.clone(),
         driver: driver.name().to_owned(),
@@ -410,20 +413,15 @@ async fn serve(
             sim.add_hosts(desired);
         }
     }))
-    .with_start_guard(
-        Arc::new(placement::HttpPeers),
-        Arc::new(placement::Placements::open(Some(
-            args.state_dir.join("placements.json"),
-        ))),
-    );
+    .with_start_guard(Arc::clone(&coordination));
     if let (Some((driver, _)), Fleet::Local(local_driver)) = (&local, &fleet) {
         controller = controller
-            .this_host_only(notes)
+            .with_incoming_notes(notes)
             .with_switchovers(Arc::clone(&switchovers));
         tokio::spawn(Arc::clone(driver).refresh_peers(controller.pokes(), shutdown_rx.clone()));
         let resolver = Resolver::new(
             Arc::clone(local_driver),
-            fleet_secret,
+            Arc::clone(&coordination),
             Arc::clone(&metrics),
             switchovers,
         );
@@ -436,10 +434,15 @@ async fn serve(
     let controller = tokio::spawn(controller.run(event_rx, shutdown_rx));
 
     wait_for_signal().await.map_err(ServeError::Signals)?;
-    info!("stopping: cancelling a migration in flight, finishing the other actions; guests keep running");
     let _ = shutdown.send(true);
-    if let Some((driver, _)) = &local {
-        driver.cancel();
+    let migrating = local
+        .as_ref()
+        .map(|(driver, _)| driver.cancel())
+        .unwrap_or_default();
+    if migrating.is_empty() {
+        info!("stopping: finishing the actions in flight; guests keep running");
+    } else {
+        info!(guests = %migrating.join(","), "stopping: cancelling the migrations in flight that have not reached their switchover, finishing the other actions; guests keep running");
     }
     if let Err(e) = controller.await {
         error!(error = %e, "the reconcile loop failed");
@@ -510,6 +513,9 @@ pub struct StatusArgs {
 /// Why `berth status` failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {
+    /// `berth serve` cannot run this driver's hosts yet.
+    #[error("berth serve does not run {0} hosts yet")]
+    DriverUnsupported(DriverKind),
     /// The async runtime cannot be built.
     #[error("cannot start the async runtime: {0}")]
     Runtime(#[source] std::io::Error),

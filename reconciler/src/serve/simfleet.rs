@@ -12,7 +12,7 @@ use std::sync::{Mutex, RwLock};
 use berth_schema::Guest;
 
 use crate::diff::{Field, HostSetting};
-use crate::driver::{Driver, DriverError, SimDriver};
+use crate::driver::{Driver, DriverError, DriverKind, Scope, SimDriver};
 use crate::model::{Desired, Observed, ObservedHost};
 
 /// Why the simulated fleet could not be loaded.
@@ -121,8 +121,12 @@ impl SimulatedFleet {
 }
 
 impl Driver for SimulatedFleet {
-    fn name(&self) -> &'static str {
-        "sim"
+    fn kind(&self) -> DriverKind {
+        DriverKind::Sim
+    }
+
+    fn scope(&self) -> Scope {
+        Scope::Fleet
     }
 
     fn observe(&self) -> Result<Observed, DriverError> {

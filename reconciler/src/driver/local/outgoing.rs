@@ -98,6 +98,14 @@ impl LocalDriver {
         self.outgoing.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The guests whose migration away this process follows now (local ones too), in
+    /// name order.
+    pub fn outgoing_in_flight(&self) -> Vec<String> {
+        let mut guests: Vec<String> = self.followed().iter().cloned().collect();
+        guests.sort();
+        guests
+    }
+
     /// Marks a migration of `guest` away from this VMM as followed by this process.
     ///
     /// # Errors
@@ -249,6 +257,10 @@ impl LocalDriver {
             .and_then(|mut c| c.call(Op::MigrateStatus))
             .ok()
             .and_then(|v| serde_json::from_value::<MigrationStatus>(v).ok());
+        if status.as_ref().is_some_and(|s| s.committed) {
+            // It read Commit: run, also if its vCPUs then failed to start.
+            return Ok(true);
+        }
         match status.map(|s| s.phase) {
             Some(MigrationPhase::Completed) => Ok(true),
             Some(MigrationPhase::Failed | MigrationPhase::Cancelled) => Ok(false),
@@ -256,6 +268,8 @@ impl LocalDriver {
             None if self.incoming_under_way(guest) => {
                 Err(format!("the incoming VMM of {guest} does not answer"))
             }
+            // Gone after reading Commit: its durable marker says it may have run.
+            None if self.incoming_committed(guest) => Ok(true),
             // Gone without having run the guest, or never started.
             None => Ok(false),
         }
@@ -340,6 +354,7 @@ mod tests {
         {
             let _guard = local.begin_outgoing("web-1").expect("not followed yet");
             assert!(local.begin_outgoing("web-1").is_err(), "followed once");
+            assert_eq!(local.outgoing_in_flight(), ["web-1"]);
             assert!(local.unknown_switchovers().is_empty());
             assert!(local.outgoing_record("web-1").is_some());
         }
@@ -364,6 +379,21 @@ mod tests {
         assert!(local.unknown_switchovers().is_empty());
         assert!(local.outgoing_record("web-1").is_some());
         // No incoming VMM there: a local destination that never ran the guest.
+        assert_eq!(local.local_incoming_runs("web-1"), Ok(false));
+    }
+
+    #[test]
+    fn a_dead_destination_that_read_commit_counts_as_run() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let local = driver(tmp.path());
+        let marker = berth_hypervisor::migration::incoming::committed_marker(tmp.path(), "web-1");
+        std::fs::create_dir_all(marker.parent().unwrap()).unwrap();
+        // What an incoming VMM that read Commit and then died leaves: its durable
+        // marker, and no VMM holding the directory.
+        berth_hypervisor::migration::receive::write_committed_marker(&marker).unwrap();
+        assert!(local.incoming_committed("web-1"));
+        assert_eq!(local.local_incoming_runs("web-1"), Ok(true));
+        std::fs::remove_file(&marker).unwrap();
         assert_eq!(local.local_incoming_runs("web-1"), Ok(false));
     }
 }

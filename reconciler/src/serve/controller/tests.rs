@@ -9,10 +9,10 @@ use tokio::task::JoinHandle;
 use super::*;
 use crate::diff::{Field, HostSetting};
 use crate::driver::sim::{SimDriver, SimOp};
-use crate::driver::DriverError;
+use crate::driver::{DriverError, DriverKind, Scope};
 use crate::model::ObservedHost;
 use crate::serve::source::Trigger;
-use crate::serve::status::Status;
+use crate::serve::status::{ConditionStatus, Status};
 
 const HOSTS: &str = "\
 apiVersion: berth.dev/v1
@@ -217,8 +217,16 @@ async fn failures_back_off_per_guest_and_others_go_on() {
     let failed = a
         .conditions
         .iter()
-        .find(|c| c.kind == "Failed")
-        .expect("Failed condition");
+        .find(|c| c.kind == ConditionType::Ready)
+        .expect("Ready condition");
+    assert_eq!(
+        (failed.status, failed.reason),
+        (ConditionStatus::False, Reason::ActionFailed)
+    );
+    assert!(a
+        .conditions
+        .iter()
+        .any(|c| c.kind == ConditionType::Reconciling && c.reason == Reason::RetryingAfterFailure));
     assert!(
         failed.message.contains("simulated failure"),
         "{}",
@@ -256,7 +264,7 @@ async fn suspended_guests_are_left_alone() {
     assert!(status.guests[0]
         .conditions
         .iter()
-        .any(|c| c.kind == "Suspended"));
+        .any(|c| c.kind == ConditionType::Suspended));
     // Several resyncs later, still untouched.
     tokio::time::sleep(Duration::from_millis(350)).await;
     assert_eq!(sim.log(), vec!["start a on kvm01"]);
@@ -318,8 +326,11 @@ impl SlowDriver {
 }
 
 impl Driver for SlowDriver {
-    fn name(&self) -> &'static str {
-        "sim"
+    fn kind(&self) -> DriverKind {
+        DriverKind::Sim
+    }
+    fn scope(&self) -> Scope {
+        Scope::Fleet
     }
     fn observe(&self) -> Result<Observed, DriverError> {
         self.sim.observe()
@@ -358,12 +369,96 @@ async fn one_action_per_guest_at_a_time_and_shutdown_waits_for_it() {
     // A new revision's retune is in flight when the service is told to stop.
     h.send(revision(2, &[guest("a", "kvm01", 300, "")])).await;
     h.wait_for("retune in flight", |s| {
-        s.guests
-            .iter()
-            .any(|g| g.conditions.iter().any(|c| c.kind == "Progressing"))
+        s.guests.iter().any(|g| {
+            g.conditions
+                .iter()
+                .any(|c| c.kind == ConditionType::Reconciling && c.reason == Reason::ActionInFlight)
+        })
     })
     .await;
     h.stop().await;
     assert_eq!(slow.most_at_once.load(Ordering::SeqCst), 1);
     assert_eq!(sim.log(), vec!["start a on kvm01", "retune a on kvm01"]);
+}
+
+fn condition<'a>(status: &'a Status, guest: &str, kind: ConditionType) -> Option<&'a Condition> {
+    status
+        .guests
+        .iter()
+        .find(|g| g.name == guest)
+        .and_then(|g| g.conditions.iter().find(|c| c.kind == kind))
+}
+
+#[tokio::test]
+async fn conditions_say_drifted_and_restart_required_while_it_lasts() {
+    let sim = empty_sim();
+    let h = Harness::start(sim.clone());
+    h.send(revision(1, &[guest("a", "kvm01", 100, "")])).await;
+    let status = h
+        .wait_for("a in sync at revision 1", |s| {
+            applied(1)(s) && condition(s, "a", ConditionType::Ready).is_some_and(|c| c.is_true())
+        })
+        .await;
+    let a = status.guests.iter().find(|g| g.name == "a").expect("a");
+    assert_eq!(a.observed_revision.as_deref(), Some(commit(1).as_str()));
+    assert_eq!(
+        condition(&status, "a", ConditionType::Ready).map(|c| c.reason),
+        Some(Reason::InSync)
+    );
+
+    // A change by hand on the converged revision: Drifted, until corrected (the
+    // retune fails a few times first, so that it lasts).
+    for _ in 0..3 {
+        sim.inject_fault(SimOp::Retune, "a");
+    }
+    sim.tamper("a", |g| g.io_weight = Some(999));
+    let status = h
+        .wait_for("drift shown", |s| {
+            condition(s, "a", ConditionType::Drifted).is_some()
+        })
+        .await;
+    let drifted = condition(&status, "a", ConditionType::Drifted).expect("Drifted");
+    assert_eq!(drifted.reason, Reason::ChangedOutsideBerth);
+    assert!(
+        drifted.message.contains("spec.io.weight"),
+        "{}",
+        drifted.message
+    );
+    assert!(!drifted.last_transition_time.is_empty());
+    assert!(condition(&status, "a", ConditionType::Ready).is_some_and(|c| !c.is_true()));
+    let status = h
+        .wait_for("drift corrected", |s| {
+            condition(s, "a", ConditionType::Ready).is_some_and(|c| c.is_true())
+        })
+        .await;
+    assert!(condition(&status, "a", ConditionType::Drifted).is_none());
+
+    // A restart-class change in a new revision: RestartRequired, and no drift (the
+    // host has not converged to revision 2).
+    for op in [SimOp::Migrate, SimOp::Stop] {
+        for _ in 0..3 {
+            sim.inject_fault(op, "a");
+        }
+    }
+    let bigger = guest("a", "kvm01", 100, "").replace("size: 64MiB", "size: 128MiB");
+    h.send(revision(2, &[bigger])).await;
+    let status = h
+        .wait_for("restart required", |s| {
+            condition(s, "a", ConditionType::RestartRequired).is_some()
+        })
+        .await;
+    let restart = condition(&status, "a", ConditionType::RestartRequired).expect("shown");
+    assert!(
+        matches!(restart.reason, Reason::LocalMigration | Reason::Restart),
+        "{restart:?}"
+    );
+    assert!(
+        restart.message.contains("spec.memory.size"),
+        "{}",
+        restart.message
+    );
+    assert!(condition(&status, "a", ConditionType::Drifted).is_none());
+    assert!(condition(&status, "a", ConditionType::Reconciling).is_some());
+    h.wait_for("revision 2 applied", applied(2)).await;
+    h.stop().await;
 }

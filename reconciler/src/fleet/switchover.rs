@@ -33,13 +33,12 @@ use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use super::auth::Secret;
-use super::backoff::{BackoffPolicy, Backoffs};
-use super::client;
-use super::metrics::Metrics;
-use super::status::{now_rfc3339, Condition};
+use super::{Coordination, Peer};
 use crate::driver::local::{Resolved, UnknownSwitchover};
 use crate::driver::LocalDriver;
+use crate::serve::backoff::{BackoffPolicy, Backoffs};
+use crate::serve::metrics::Metrics;
+use crate::serve::status::{now_rfc3339, Condition, ConditionType, Reason};
 
 /// How long the destination's service may take to answer.
 const PEER_ASK: Duration = Duration::from_secs(5);
@@ -77,7 +76,7 @@ impl Unresolved {
             .as_secs_f64();
         let (reason, message) = if self.recorded {
             (
-                "DestinationUnanswered",
+                Reason::DestinationUnanswered,
                 format!(
                     "the switchover to {peer} is unknown and {peer} has not said whether it \
                      runs the guest ({error}); the guest stays paused here, never resumed \
@@ -90,7 +89,7 @@ impl Unresolved {
             )
         } else {
             (
-                "DestinationNotRecorded",
+                Reason::DestinationNotRecorded,
                 format!(
                     "the switchover is unknown and no record says where the guest went \
                      ({error}); the guest stays paused here: once you know whether the \
@@ -99,7 +98,7 @@ impl Unresolved {
                 ),
             )
         };
-        Condition::new("SwitchoverUnknown", true, reason, message)
+        Condition::new(ConditionType::SwitchoverUnknown, true, reason, message)
     }
 }
 
@@ -130,8 +129,8 @@ impl Switchovers {
 /// Whom to ask about an unknown switchover.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Ask {
-    /// The service of host `name` at `server`.
-    Peer { name: String, server: String },
+    /// Host `peer`, through the fleet coordination.
+    Peer(Peer),
     /// The incoming VMM of a local migration.
     Local,
     /// Nobody: the migration was not recorded (or its record names another VMM).
@@ -141,10 +140,10 @@ enum Ask {
 fn whom_to_ask(switchover: &UnknownSwitchover) -> Ask {
     match &switchover.record {
         Some(record) => match &record.peer {
-            Some(server) => Ask::Peer {
+            Some(address) => Ask::Peer(Peer {
                 name: record.to.clone(),
-                server: server.clone(),
-            },
+                address: address.clone(),
+            }),
             None => Ask::Local,
         },
         None => Ask::Unrecorded,
@@ -154,24 +153,24 @@ fn whom_to_ask(switchover: &UnknownSwitchover) -> Ask {
 /// Resolves unknown switchovers. See the module documentation.
 pub struct Resolver {
     local: Arc<LocalDriver>,
-    fleet_secret: Option<Arc<Secret>>,
+    coordination: Arc<dyn Coordination>,
     metrics: Arc<Metrics>,
     store: Arc<Switchovers>,
     backoffs: Backoffs,
 }
 
 impl Resolver {
-    /// A resolver over the VMMs of `local`, asking peers with `fleet_secret`, reporting
-    /// into `store` and `metrics`.
+    /// A resolver over the VMMs of `local`, asking peers through `coordination`,
+    /// reporting into `store` and `metrics`.
     pub fn new(
         local: Arc<LocalDriver>,
-        fleet_secret: Option<Arc<Secret>>,
+        coordination: Arc<dyn Coordination>,
         metrics: Arc<Metrics>,
         store: Arc<Switchovers>,
     ) -> Self {
         Resolver {
             local,
-            fleet_secret,
+            coordination,
             metrics,
             store,
             backoffs: Backoffs::new(RESOLVE_BACKOFF),
@@ -231,7 +230,7 @@ impl Resolver {
                 Err(e) => Err(e),
             };
             let peer = match &ask {
-                Ask::Peer { name, .. } => name.clone(),
+                Ask::Peer(peer) => peer.name.clone(),
                 Ask::Local => self.local.host().to_owned(),
                 Ask::Unrecorded => "unknown".to_owned(),
             };
@@ -251,19 +250,19 @@ impl Resolver {
     async fn answer(&self, switchover: &UnknownSwitchover, ask: &Ask) -> Result<bool, String> {
         let guest = &switchover.guest;
         match ask {
-            Ask::Peer { name, server } => {
-                let secret = self.fleet_secret.as_deref().ok_or_else(|| {
-                    format!("no fleet secret (--fleet-secret-file) to ask {name}")
-                })?;
+            Ask::Peer(peer) => {
                 match tokio::time::timeout(
                     PEER_ASK,
-                    client::incoming_running(server, secret, guest),
+                    self.coordination.incoming_outcome(peer, guest),
                 )
                 .await
                 {
                     Ok(Ok(outcome)) => Ok(outcome.running),
-                    Ok(Err(e)) => Err(e.to_string()),
-                    Err(_) => Err(format!("{server} did not answer within {PEER_ASK:?}")),
+                    Ok(Err(e)) => Err(e.chain()),
+                    Err(_) => Err(format!(
+                        "{} ({}) did not answer within {PEER_ASK:?}",
+                        peer.name, peer.address
+                    )),
                 }
             }
             Ask::Local => {
@@ -401,10 +400,10 @@ mod tests {
     fn asks_whom_the_record_names() {
         assert_eq!(
             whom_to_ask(&switchover(Some(record(Some("http://10.0.0.2:7410"))))),
-            Ask::Peer {
+            Ask::Peer(Peer {
                 name: "kvm02".into(),
-                server: "http://10.0.0.2:7410".into()
-            }
+                address: "http://10.0.0.2:7410".into()
+            })
         );
         assert_eq!(whom_to_ask(&switchover(Some(record(None)))), Ask::Local);
         assert_eq!(whom_to_ask(&switchover(None)), Ask::Unrecorded);
@@ -422,8 +421,12 @@ mod tests {
         };
         let c = unresolved.condition();
         assert_eq!(
-            (c.kind.as_str(), c.status.as_str(), c.reason.as_str()),
-            ("SwitchoverUnknown", "True", "DestinationUnanswered")
+            (c.kind, c.status, c.reason),
+            (
+                ConditionType::SwitchoverUnknown,
+                crate::serve::status::ConditionStatus::True,
+                Reason::DestinationUnanswered
+            )
         );
         for part in [
             "to kvm02",
@@ -439,7 +442,7 @@ mod tests {
             ..unresolved
         }
         .condition();
-        assert_eq!(c.reason, "DestinationNotRecorded");
+        assert_eq!(c.reason, Reason::DestinationNotRecorded);
         assert!(c.message.contains("migrateResolve"), "{}", c.message);
     }
 
@@ -453,9 +456,13 @@ mod tests {
         ));
         let store = Arc::new(Switchovers::default());
         let metrics = Arc::new(Metrics::new());
+        let coordination = crate::fleet::http::HttpPeers::new(
+            Arc::new(crate::fleet::placement::Placements::open(None)),
+            Some(Arc::new(crate::serve::auth::Secret::new("fleet"))),
+        );
         let mut resolver = Resolver::new(
             local,
-            Some(Arc::new(Secret::new("fleet"))),
+            Arc::new(coordination),
             Arc::clone(&metrics),
             Arc::clone(&store),
         );

@@ -19,13 +19,13 @@ use berth_hypervisor::control::{Client, GuestRunState, Op};
 use berth_hypervisor::migration::{MigrationPhase, MigrationStatus};
 use tracing::{info, warn};
 
-use super::git::{CommitId, GitRepo};
 use super::peer::{
     IncomingMigration, IncomingMigrations, IncomingOutcome, IncomingRequest, PeerError,
 };
 use super::remote::Enforced;
-use super::source::{read_revision, Trigger};
 use crate::driver::{DriverError, LocalDriver};
+use crate::serve::git::{CommitId, GitRepo};
+use crate::serve::source::{read_revision, Trigger};
 
 /// How long a prepared incoming VMM waits for its source before it is discarded.
 pub const TOKEN_TTL: Duration = Duration::from_secs(60);

@@ -38,16 +38,16 @@ use berth_hypervisor::migration::{
 use berth_schema::Guest;
 use tracing::{debug, info, warn};
 
-use super::auth::Secret;
-use super::client;
-use super::git::CommitId;
-use super::metrics::Metrics;
 use super::peer::IncomingRequest;
 use super::switchover::Switchovers;
+use super::{Coordination, Peer};
 use crate::diff::{Field, HostSetting};
 use crate::driver::local::OutgoingRecord;
-use crate::driver::{Driver, DriverError, LocalDriver};
+use crate::driver::{Driver, DriverError, DriverKind, LocalDriver, Scope};
 use crate::model::{Desired, Observed, ObservedHost};
+use crate::serve::client;
+use crate::serve::git::CommitId;
+use crate::serve::metrics::Metrics;
 
 /// The longest a migration to another host may run before it is cancelled (the
 /// policy's completion timeout applies inside the VMM first).
@@ -109,7 +109,7 @@ impl Enforced {
 pub struct ServeDriver {
     local: Arc<LocalDriver>,
     enforced: Arc<Enforced>,
-    fleet_secret: Option<Arc<Secret>>,
+    coordination: Arc<dyn Coordination>,
     metrics: Arc<Metrics>,
     switchovers: Arc<Switchovers>,
     runtime: tokio::runtime::Handle,
@@ -128,13 +128,13 @@ enum FollowError {
 }
 
 impl ServeDriver {
-    /// A driver over `local`, asking peers with `fleet_secret`, reporting into
+    /// A driver over `local`, asking peers through `coordination`, reporting into
     /// `metrics`, handing unknown switchovers it cannot resolve to `switchovers`; peer
     /// requests run on `runtime`.
     pub fn new(
         local: Arc<LocalDriver>,
         enforced: Arc<Enforced>,
-        fleet_secret: Option<Arc<Secret>>,
+        coordination: Arc<dyn Coordination>,
         metrics: Arc<Metrics>,
         switchovers: Arc<Switchovers>,
         runtime: tokio::runtime::Handle,
@@ -142,7 +142,7 @@ impl ServeDriver {
         ServeDriver {
             local,
             enforced,
-            fleet_secret,
+            coordination,
             metrics,
             switchovers,
             runtime,
@@ -196,9 +196,11 @@ impl ServeDriver {
         }
     }
 
-    /// Cancels the migrations in flight (before their switchover) and refuses new ones.
-    pub fn cancel(&self) {
+    /// Cancels the migrations in flight (before their switchover) and refuses new ones;
+    /// returns the guests that were migrating.
+    pub fn cancel(&self) -> Vec<String> {
         self.local.cancel_migrations();
+        self.local.outgoing_in_flight()
     }
 
     fn me(&self) -> &str {
@@ -214,11 +216,6 @@ impl ServeDriver {
             )));
         }
         let following = self.local.begin_outgoing(name)?;
-        let secret = self.fleet_secret.as_deref().ok_or_else(|| {
-            DriverError::Refused(format!(
-                "{name}: cannot migrate to {to} without the fleet secret (--fleet-secret-file)"
-            ))
-        })?;
         let (revision, _) = self
             .enforced
             .get()
@@ -226,7 +223,10 @@ impl ServeDriver {
         let address = self.enforced.addresses().remove(to).ok_or_else(|| {
             DriverError::NotFound(format!("{name}: host {to} has no Host manifest"))
         })?;
-        let server = format!("http://{address}");
+        let peer = Peer {
+            name: to.to_owned(),
+            address,
+        };
         let request = IncomingRequest {
             guest: name.clone(),
             from: self.me().to_owned(),
@@ -234,9 +234,9 @@ impl ServeDriver {
         };
         let prepared = self
             .runtime
-            .block_on(client::request_incoming(&server, secret, &request))
+            .block_on(self.coordination.prepare_incoming(&peer, &request))
             .map_err(|e| DriverError::Failed {
-                context: format!("{to} did not prepare the migration of {name}"),
+                context: format!("preparing the migration of {name} to {to}"),
                 source: Box::new(e),
             })?;
         info!(guest = %name, to, listen = %prepared.listen, "migrating live");
@@ -251,7 +251,7 @@ impl ServeDriver {
         let record = OutgoingRecord {
             guest: name.clone(),
             to: to.to_owned(),
-            peer: Some(server.clone()),
+            peer: Some(peer.address.clone()),
             destination: prepared.listen.to_string(),
             source_pid,
         };
@@ -268,7 +268,7 @@ impl ServeDriver {
                 e,
             ));
         }
-        let outcome = self.follow(&mut source, source_pid, name, to, &server, secret);
+        let outcome = self.follow(&mut source, name, &peer);
         self.local.forget_outgoing_if_ended(&record);
         drop(following);
         match outcome {
@@ -277,7 +277,7 @@ impl ServeDriver {
                 // unread, the destination's measure of the pause stands in.
                 let downtime_ms = status.downtime_ms.or_else(|| {
                     self.runtime
-                        .block_on(client::incoming_running(&server, secret, name))
+                        .block_on(self.coordination.incoming_outcome(&peer, name))
                         .ok()
                         .and_then(|o| o.downtime_ms)
                 });
@@ -315,16 +315,19 @@ impl ServeDriver {
         }
     }
 
-    /// Whether the service at `server` runs `name` after its incoming migration.
-    fn ask_destination(&self, server: &str, secret: &Secret, name: &str) -> Result<bool, String> {
+    /// Whether `peer` runs `name` after its incoming migration.
+    fn ask_destination(&self, peer: &Peer, name: &str) -> Result<bool, String> {
         let asked = self.runtime.block_on(tokio::time::timeout(
             ASK_TIMEOUT,
-            client::incoming_running(server, secret, name),
+            self.coordination.incoming_outcome(peer, name),
         ));
         match asked {
             Ok(Ok(outcome)) => Ok(outcome.running),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!("{server} did not answer within {ASK_TIMEOUT:?}")),
+            Ok(Err(e)) => Err(e.chain()),
+            Err(_) => Err(format!(
+                "{} ({}) did not answer within {ASK_TIMEOUT:?}",
+                peer.name, peer.address
+            )),
         }
     }
 
@@ -332,12 +335,10 @@ impl ServeDriver {
     fn follow(
         &self,
         source: &mut Client,
-        source_pid: i32,
         name: &str,
-        to: &str,
-        server: &str,
-        secret: &Secret,
+        peer: &Peer,
     ) -> Result<MigrationStatus, FollowError> {
+        let to = peer.name.as_str();
         let deadline = Instant::now() + MIGRATION_DEADLINE;
         let mut cancel_sent = false;
         let mut last: Option<MigrationStatus> = None;
@@ -364,7 +365,7 @@ impl ServeDriver {
                                 warn!(guest = %name, to, error = ?status.error, "switchover unknown; asking the destination whether it runs the guest");
                                 Instant::now()
                             });
-                            match self.ask_destination(server, secret, name) {
+                            match self.ask_destination(peer, name) {
                                 Ok(running) => {
                                     let _ = source.call(Op::MigrateResolve(MigrateResolveArgs {
                                         destination_running: running,
@@ -395,16 +396,9 @@ impl ServeDriver {
                         "unreadable migration status: {e}"
                     )))
                 }
-                // The source exits right after a completed migration.
-                Err(_) if !process_exists(source_pid) => {
-                    return last
-                        .map(|mut s| {
-                            s.phase = MigrationPhase::Completed;
-                            s
-                        })
-                        .ok_or_else(|| FollowError::Failed("the source VMM exited".to_owned()))
-                }
-                Err(e) => return Err(FollowError::Failed(e.to_string())),
+                // The source VMM exits right after a completed migration, and it may
+                // also have died: only the destination can tell which.
+                Err(e) => return self.source_gone(peer, name, last, &e.to_string()),
             }
             if !cancel_sent && (self.local.cancelling() || Instant::now() > deadline) {
                 info!(guest = %name, "cancelling the migration");
@@ -412,6 +406,43 @@ impl ServeDriver {
                 cancel_sent = true;
             }
             std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The source VMM stopped answering: the migration completed only if `peer` runs
+    /// the guest now (asked for up to [`RESOLVE_INLINE`] while it cannot tell yet).
+    fn source_gone(
+        &self,
+        peer: &Peer,
+        name: &str,
+        last: Option<MigrationStatus>,
+        error: &str,
+    ) -> Result<MigrationStatus, FollowError> {
+        let since = Instant::now();
+        loop {
+            match self.ask_destination(peer, name) {
+                Ok(true) => {
+                    let mut status = last.unwrap_or_default();
+                    status.phase = MigrationPhase::Completed;
+                    return Ok(status);
+                }
+                Ok(false) => {
+                    return Err(FollowError::Failed(format!(
+                        "the source VMM stopped answering ({error}) and {} does not run the guest",
+                        peer.name
+                    )))
+                }
+                Err(e) if since.elapsed() > RESOLVE_INLINE => {
+                    return Err(FollowError::Failed(format!(
+                        "the source VMM stopped answering ({error}) and {} cannot tell whether it runs the guest ({e})",
+                        peer.name
+                    )))
+                }
+                Err(e) => {
+                    debug!(guest = %name, error = %e, "the destination cannot tell yet");
+                    std::thread::sleep(ASK_INTERVAL);
+                }
+            }
         }
     }
 
@@ -432,8 +463,12 @@ impl ServeDriver {
 }
 
 impl Driver for ServeDriver {
-    fn name(&self) -> &'static str {
-        "local"
+    fn kind(&self) -> DriverKind {
+        DriverKind::Local
+    }
+
+    fn scope(&self) -> Scope {
+        self.local.scope()
     }
 
     fn observe(&self) -> Result<Observed, DriverError> {

@@ -1,0 +1,269 @@
+//! [`HttpPeers`]: fleet coordination over the other hosts' `berth serve` APIs.
+//!
+//! - The start guard asks every other host named in the manifests (`GET /status` at its
+//!   `address`, concurrently, 2 s each) whether it runs the guest. With the local
+//!   driver a host sees only its own guests, so the plan alone cannot tell "new guest"
+//!   from "guest still running on its old host". A host that cannot be asked holds the
+//!   start back only if it is where the guest was last placed ([`Placements`]):
+//!   otherwise one dead host would keep every new guest of the fleet from starting.
+//! - An incoming migration is prepared with `POST /v1/migrations/incoming` and its
+//!   outcome read with `GET /v1/migrations/incoming/<guest>`, both with the fleet
+//!   secret.
+//!
+//! The transport is [`crate::serve::client`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::peer::{IncomingMigration, IncomingOutcome, IncomingRequest};
+use super::placement::Placements;
+use super::{BoxFuture, Coordination, CoordinationError, Peer, StartRefused};
+use crate::model::Desired;
+use crate::serve::auth::Secret;
+use crate::serve::client;
+
+/// How long a host may take to answer the start guard before it counts as silent.
+const PEER_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Fleet coordination over HTTP. See the module documentation.
+pub struct HttpPeers {
+    placements: Arc<Placements>,
+    fleet_secret: Option<Arc<Secret>>,
+}
+
+impl HttpPeers {
+    /// Asks peers with `fleet_secret` (the start guard needs none); `placements` is
+    /// where guests were last placed.
+    pub fn new(placements: Arc<Placements>, fleet_secret: Option<Arc<Secret>>) -> Self {
+        HttpPeers {
+            placements,
+            fleet_secret,
+        }
+    }
+
+    fn secret(&self, host: &str) -> Result<&Secret, CoordinationError> {
+        self.fleet_secret
+            .as_deref()
+            .ok_or_else(|| CoordinationError {
+                host: host.to_owned(),
+                source: "no fleet secret to ask it with (--fleet-secret-file)".into(),
+            })
+    }
+}
+
+/// The URL of a peer's service (records of earlier versions hold the URL already).
+fn server(peer: &Peer) -> String {
+    if peer.address.starts_with("http://") {
+        peer.address.clone()
+    } else {
+        format!("http://{}", peer.address)
+    }
+}
+
+impl Coordination for HttpPeers {
+    fn record_placements(&self, me: &str, desired: &Desired) {
+        self.placements.record(desired, me);
+    }
+
+    fn may_start<'a>(
+        &'a self,
+        me: &'a str,
+        guest: &'a str,
+        desired: &'a Desired,
+    ) -> BoxFuture<'a, Result<(), StartRefused>> {
+        Box::pin(async move {
+            let last = self.placements.last_elsewhere(guest);
+            let asks = desired
+                .hosts
+                .iter()
+                .filter(|h| h.metadata.name != me)
+                .map(|h| {
+                    let peer = Peer {
+                        name: h.metadata.name.clone(),
+                        address: h.spec.address.clone(),
+                    };
+                    async move {
+                        let answer =
+                            tokio::time::timeout(PEER_TIMEOUT, client::status(&server(&peer)))
+                                .await;
+                        (peer, answer)
+                    }
+                });
+            for (peer, answer) in join_all(asks).await {
+                let reason = match answer {
+                    Ok(Ok(status)) => {
+                        if status.guests.iter().any(|g| g.name == guest && g.runs_here) {
+                            return Err(StartRefused::RunsElsewhere {
+                                guest: guest.to_owned(),
+                                host: peer.name,
+                            });
+                        }
+                        continue;
+                    }
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => format!("no answer from {} within {PEER_TIMEOUT:?}", peer.address),
+                };
+                if last.as_deref() == Some(&peer.name) {
+                    return Err(StartRefused::CannotAsk {
+                        guest: guest.to_owned(),
+                        host: peer.name,
+                        reason,
+                    });
+                }
+                tracing::debug!(peer = %peer.name, %reason, "peer not asked");
+            }
+            Ok(())
+        })
+    }
+
+    fn prepare_incoming<'a>(
+        &'a self,
+        to: &'a Peer,
+        request: &'a IncomingRequest,
+    ) -> BoxFuture<'a, Result<IncomingMigration, CoordinationError>> {
+        Box::pin(async move {
+            let secret = self.secret(&to.name)?;
+            client::request_incoming(&server(to), secret, request)
+                .await
+                .map_err(|e| CoordinationError {
+                    host: to.name.clone(),
+                    source: Box::new(e),
+                })
+        })
+    }
+
+    fn incoming_outcome<'a>(
+        &'a self,
+        host: &'a Peer,
+        guest: &'a str,
+    ) -> BoxFuture<'a, Result<IncomingOutcome, CoordinationError>> {
+        Box::pin(async move {
+            let secret = self.secret(&host.name)?;
+            client::incoming_running(&server(host), secret, guest)
+                .await
+                .map_err(|e| CoordinationError {
+                    host: host.name.clone(),
+                    source: Box::new(e),
+                })
+        })
+    }
+}
+
+/// Runs the futures concurrently and collects their outputs in order.
+pub(crate) async fn join_all<F>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futures.map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        out.push(h.await.expect("a peer request does not panic"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::fleet::peer::NoIncoming;
+    use crate::serve::http::{router, ApiState};
+    use crate::serve::metrics::Metrics;
+    use crate::serve::status::{GuestStatus, StatusStore};
+
+    async fn peer_running(guests: &[&str]) -> String {
+        let (triggers, _rx) = mpsc::channel(1);
+        let status = StatusStore::default();
+        status.update(|s| {
+            s.guests = guests
+                .iter()
+                .map(|name| GuestStatus {
+                    name: (*name).to_owned(),
+                    host: "kvm01".into(),
+                    phase: "Running".into(),
+                    runs_here: true,
+                    observed_revision: None,
+                    conditions: Vec::new(),
+                })
+                .collect();
+        });
+        let app = router(ApiState {
+            status,
+            metrics: Arc::new(Metrics::new()),
+            triggers,
+            webhook_secret: None,
+            fleet_secret: None,
+            incoming: Arc::new(NoIncoming),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        addr
+    }
+
+    /// An address nothing listens on.
+    fn silent() -> String {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        probe.local_addr().expect("addr").to_string()
+    }
+
+    /// Host kvm02 (this one) and `other` at `address`.
+    fn fleet(other: &str, address: &str) -> Desired {
+        crate::model::desired_from_yaml([format!(
+            "apiVersion: berth.dev/v1\nkind: Host\nmetadata: {{name: kvm02}}\n\
+             spec: {{address: '127.0.0.1:1', cpus: '0-1', memory: 1GiB}}\n---\n\
+             apiVersion: berth.dev/v1\nkind: Host\nmetadata: {{name: {other}}}\n\
+             spec: {{address: '{address}', cpus: '0-1', memory: 1GiB}}\n"
+        )
+        .as_str()])
+    }
+
+    fn guard(last_placed_on: Option<&str>) -> HttpPeers {
+        let placements = Arc::new(Placements::open(None));
+        if let Some(host) = last_placed_on {
+            let placed = crate::model::desired_from_yaml([format!(
+                "apiVersion: berth.dev/v1\nkind: Guest\nmetadata: {{name: web-1}}\n\
+                 spec: {{host: {host}, cpu: {{vcpus: 1}}, memory: {{size: 64MiB}}}}\n"
+            )
+            .as_str()]);
+            placements.record(&placed, "kvm02");
+        }
+        HttpPeers::new(placements, None)
+    }
+
+    #[tokio::test]
+    async fn waits_while_a_peer_runs_the_guest() {
+        let kvm01 = fleet("kvm01", &peer_running(&["web-1"]).await);
+        let guard = guard(None);
+        let refused = guard.may_start("kvm02", "web-1", &kvm01).await;
+        assert_eq!(
+            refused.expect_err("must wait").to_string(),
+            "kvm01 still runs web-1; not starting a second copy"
+        );
+        assert_eq!(guard.may_start("kvm02", "db-1", &kvm01).await, Ok(()));
+    }
+
+    #[tokio::test]
+    async fn a_silent_peer_blocks_only_where_the_guest_was_last_placed() {
+        let kvm03 = fleet("kvm03", &silent());
+        assert_eq!(
+            guard(None).may_start("kvm02", "web-1", &kvm03).await,
+            Ok(())
+        );
+        let refused = guard(Some("kvm03"))
+            .may_start("kvm02", "web-1", &kvm03)
+            .await
+            .expect_err("must wait");
+        assert_eq!(refused.host(), "kvm03");
+        assert!(
+            refused
+                .to_string()
+                .starts_with("kvm03 may still run web-1 and cannot be asked ("),
+            "{refused}"
+        );
+    }
+}

@@ -1,0 +1,155 @@
+//! Fleet coordination: what one host needs from the other hosts of its fleet, behind
+//! one trait, [`Coordination`].
+//!
+//! A host asks the fleet four things:
+//! - before it starts a guest: may another host still run it? ([`Coordination::may_start`],
+//!   the start guard `berth apply` and `berth serve` share: a host that runs it, or
+//!   that cannot be asked and is where the guest was last placed, holds the start back,
+//!   naming that host);
+//! - to prepare an incoming guest on a destination ([`Coordination::prepare_incoming`]);
+//! - whether the destination runs the guest after a migration, to follow it to its end
+//!   and to resolve an unknown switchover ([`Coordination::incoming_outcome`]);
+//! - and it tells the fleet where each enforced revision places the guests
+//!   ([`Coordination::record_placements`]).
+//!
+//! Today's implementation is [`http::HttpPeers`]: the hosts' `berth serve` APIs over HTTP
+//! (transport: [`crate::serve::client`]), with the last placements kept in the state
+//! directory ([`placement::Placements`]). An etcd implementation answers the same
+//! questions from leases and ownership records.
+//!
+//! The rest of this module is the cross-host migration machinery built on it:
+//! - [`remote`]: the source side, `berth serve --driver local`'s driver (the local
+//!   driver plus live migration to another host);
+//! - [`incoming`]: the destination side, preparing incoming VMMs ([`peer::IncomingMigrations`]);
+//! - [`switchover`]: resolving unknown switchovers, also after a restart;
+//! - [`peer`]: the peer API's messages.
+
+pub mod http;
+pub mod incoming;
+pub mod peer;
+pub mod placement;
+pub mod remote;
+pub mod switchover;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use crate::model::Desired;
+use peer::{IncomingMigration, IncomingOutcome, IncomingRequest};
+
+/// A future a [`Coordination`] returns (object-safe `async`).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Another host of the fleet, as its Host manifest names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    /// Host name.
+    pub name: String,
+    /// `host:port` of its `berth serve` API (`spec.address`).
+    pub address: String,
+}
+
+impl Peer {
+    /// Host `name` of `desired`, if a Host manifest names it.
+    pub fn of(desired: &Desired, name: &str) -> Option<Peer> {
+        desired
+            .hosts
+            .iter()
+            .find(|h| h.metadata.name == name)
+            .map(|h| Peer {
+                name: name.to_owned(),
+                address: h.spec.address.clone(),
+            })
+    }
+}
+
+/// Why a guest is not started here.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StartRefused {
+    /// Another host runs it (a migration to this host is under way, or the manifests
+    /// moved it and its old host still runs it).
+    #[error("{host} still runs {guest}; not starting a second copy")]
+    RunsElsewhere {
+        /// The guest.
+        guest: String,
+        /// The host that runs it.
+        host: String,
+    },
+    /// A host that may run it cannot be asked.
+    #[error(
+        "{host} may still run {guest} and cannot be asked ({reason}); not starting a second copy"
+    )]
+    CannotAsk {
+        /// The guest.
+        guest: String,
+        /// The host.
+        host: String,
+        /// Why it cannot be asked.
+        reason: String,
+    },
+}
+
+impl StartRefused {
+    /// The host that runs the guest or cannot be asked.
+    pub fn host(&self) -> &str {
+        match self {
+            StartRefused::RunsElsewhere { host, .. } | StartRefused::CannotAsk { host, .. } => host,
+        }
+    }
+}
+
+/// Why another host could not be asked or refused.
+#[derive(Debug, thiserror::Error)]
+#[error("host {host}")]
+pub struct CoordinationError {
+    /// The host asked.
+    pub host: String,
+    /// What failed.
+    #[source]
+    pub source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl CoordinationError {
+    /// The error and its causes on one line, for a status message.
+    pub fn chain(&self) -> String {
+        let mut text = self.to_string();
+        let mut cause = std::error::Error::source(self);
+        while let Some(e) = cause {
+            text.push_str(": ");
+            text.push_str(&e.to_string());
+            cause = e.source();
+        }
+        text
+    }
+}
+
+/// How this host coordinates with the other hosts of its fleet. See the module
+/// documentation. Implementations are shared between threads and called from async
+/// code; the futures must not block a runtime thread.
+pub trait Coordination: Send + Sync {
+    /// Records where `desired`, a revision enforced by host `me`, places each guest.
+    fn record_placements(&self, me: &str, desired: &Desired);
+
+    /// Before host `me` starts `guest`: `Ok` when no other host of `desired` may still
+    /// run it; else why not, naming the host.
+    fn may_start<'a>(
+        &'a self,
+        me: &'a str,
+        guest: &'a str,
+        desired: &'a Desired,
+    ) -> BoxFuture<'a, Result<(), StartRefused>>;
+
+    /// Asks `to` to prepare an incoming VMM for a guest migrating there.
+    fn prepare_incoming<'a>(
+        &'a self,
+        to: &'a Peer,
+        request: &'a IncomingRequest,
+    ) -> BoxFuture<'a, Result<IncomingMigration, CoordinationError>>;
+
+    /// Whether `host` runs `guest` after an incoming migration.
+    fn incoming_outcome<'a>(
+        &'a self,
+        host: &'a Peer,
+        guest: &'a str,
+    ) -> BoxFuture<'a, Result<IncomingOutcome, CoordinationError>>;
+}
