@@ -691,9 +691,47 @@ fn berth_apply_boots_a_libvirt_guest_retunes_it_live_and_undoes_drift() {
     let (code, out) = berth(&plan);
     assert_eq!(code, 0, "{out}");
     assert_eq!(qemu_pid(&name), pid, "the same QEMU runs the guest");
-    let (n, _) = counters(&console).last().cloned().unwrap();
+    let (n, boot) = counters(&console).last().cloned().unwrap();
     wait_counter(&console, n + 2, Duration::from_secs(30));
     assert_no_reset(&console);
+
+    // A restart-class change (memory size): libvirt cannot migrate to the same host, so
+    // with restartPolicy never it is blocked and nothing changes...
+    let text = fs::read_to_string(manifests.join("guest.yaml"))
+        .unwrap()
+        .replace("size: 256MiB", "size: 320MiB");
+    fs::write(manifests.join("guest.yaml"), &text).unwrap();
+    let (code, out) = berth(&plan);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("blocked"), "{out}");
+    let (code, out) = berth(&apply);
+    assert_ne!(code, 0, "{out}");
+    assert_eq!(qemu_pid(&name), pid, "a blocked change touches nothing");
+    // ...and with restartPolicy ifRequired it is a restart, done as planned.
+    fs::write(
+        manifests.join("guest.yaml"),
+        format!("{text}  restartPolicy: ifRequired\n"),
+    )
+    .unwrap();
+    let (code, out) = berth(&plan);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("restart"), "{out}");
+    let (code, out) = berth(&apply);
+    assert_eq!(code, 0, "{out}");
+    let restarted = libvirt.observe(&name).unwrap().unwrap();
+    assert_eq!(restarted.memory, Bytes::mib(320));
+    assert_eq!(restarted.state, RunState::Running);
+    assert_ne!(qemu_pid(&name), pid, "a new QEMU");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !counters(&console).iter().any(|(_, b)| *b != boot) {
+        assert!(
+            Instant::now() < deadline,
+            "the restarted guest never counted"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (code, out) = berth(&plan);
+    assert_eq!(code, 0, "{out}");
 }
 
 #[test]
