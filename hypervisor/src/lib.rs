@@ -10,6 +10,7 @@
 //! - [`vmm`]: one guest's VMM tying them together; [`statedir`]: its state directory;
 //! - [`host`]: host-side Linux plumbing (cgroups, affinity, hugepage pools, sysinfo);
 //! - [`migration`]: live migration.
+//! - [`libvirt`]: guests that libvirtd and QEMU run (the libvirt driver's side).
 #![warn(missing_docs)]
 
 pub mod arch;
@@ -18,6 +19,7 @@ pub mod control;
 pub mod devices;
 pub mod host;
 mod hostlink;
+pub mod libvirt;
 pub mod migration;
 pub mod payload;
 pub mod statedir;

@@ -44,6 +44,9 @@ pub enum Command {
     Get(commands::get::Args),
     /// Stop guests on this machine (`berth stop NAME...` or `--all`).
     Stop(commands::stop::Args),
+    /// Write Guest and Host manifests for the domains of a libvirt connection and
+    /// mark the domains as berth's (adopt existing guests).
+    Import(commands::import::Args),
     /// Print the JSON Schema of a manifest document, or the manifest reference.
     Schema(SchemaArgs),
     /// Run the host-resident service: follow a git repository and keep this host
@@ -100,6 +103,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Get(args) => commands::get::run(&args),
         Command::Stop(args) => commands::stop::run(&args),
         Command::Certs(args) => commands::certs::run(&args),
+        Command::Import(args) => commands::import::run(&args),
         Command::Serve(args) => {
             berth_reconciler::serve::run(&args)?;
             Ok(ExitCode::SUCCESS)

@@ -11,6 +11,7 @@ mod commands {
     pub mod apply;
     pub mod certs;
     pub mod get;
+    pub mod import;
     pub mod input;
     pub mod plan;
     pub mod stop;

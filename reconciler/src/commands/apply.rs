@@ -27,7 +27,7 @@ use std::time::SystemTime;
 use anyhow::{bail, Context};
 use berth_reconciler::apply::{execute, Outcome};
 use berth_reconciler::driver::local::StateLock;
-use berth_reconciler::driver::{Driver, DriverKind, Scope, SimDriver};
+use berth_reconciler::driver::{Driver, DriverKind, LibvirtDriver, Scope, SimDriver};
 use berth_reconciler::fleet::http::HttpPeers;
 use berth_reconciler::fleet::placement::Placements;
 use berth_reconciler::fleet::Coordination;
@@ -97,14 +97,20 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     }
     let desired = Desired::from_manifests(&source.validated.manifests);
     let host = args.local.this_host(&desired)?;
-    if args.driver == DriverKind::Local {
+    let libvirt = super::target::libvirt_host(&desired, &host);
+    // libvirtd checks its own host; the machine check is berth-vmm's.
+    if args.driver == DriverKind::Local && libvirt.is_none() {
         super::target::ensure_machine_fits(&source.validated, &host)?;
     }
 
     let (driver, _lock): (Box<dyn Driver>, Option<StateLock>) = match args.driver {
         DriverKind::Local => {
             let lock = StateLock::acquire(&args.local.state_dir, args.wait)?;
-            (Box::new(args.local.driver(&host)?), Some(lock))
+            let driver: Box<dyn Driver> = match libvirt {
+                Some(spec) => Box::new(LibvirtDriver::new(&host, spec, &source.revision)?),
+                None => Box::new(args.local.driver(&host)?),
+            };
+            (driver, Some(lock))
         }
         DriverKind::Sim => (Box::new(simulated(args, &desired)?), None),
         DriverKind::Libvirt => anyhow::bail!("--driver libvirt is not a command-line choice"),

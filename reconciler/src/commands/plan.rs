@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
-use berth_reconciler::driver::{Driver, DriverKind, FleetCapabilities, SimDriver};
+use berth_reconciler::driver::{Driver, DriverKind, FleetCapabilities, LibvirtDriver, SimDriver};
 use berth_reconciler::model::{Desired, Observed};
 use berth_reconciler::output::{self, Output};
 use berth_reconciler::{git, plan, render};
@@ -210,7 +210,11 @@ fn driver_inputs(args: &Args) -> anyhow::Result<Inputs> {
     };
     let driver: Box<dyn Driver> = match args.driver {
         DriverKind::Sim => Box::new(simulated_fleet(args, &desired)?),
-        DriverKind::Local => Box::new(args.local.observer(&host)),
+        // This host's Host manifest chooses between berth-vmm and libvirt.
+        DriverKind::Local => match super::target::libvirt_host(&desired, &host) {
+            Some(spec) => Box::new(LibvirtDriver::new(&host, spec, "")?),
+            None => Box::new(args.local.observer(&host)),
+        },
         DriverKind::Libvirt => bail!("--driver libvirt is not a command-line choice"),
     };
     let observed = driver

@@ -11,7 +11,7 @@ use berth_reconciler::driver::LocalDriver;
 use berth_reconciler::git;
 use berth_reconciler::machine::Machine;
 use berth_reconciler::model::Desired;
-use berth_schema::{Host, Validated};
+use berth_schema::{Host, HostDriver, LibvirtSpec, Validated};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -82,6 +82,16 @@ impl LocalArgs {
             .map(|h| h.trim().to_owned())
             .unwrap_or_else(|_| "localhost".to_owned())
     }
+}
+
+/// The libvirt connection of host `host` when its Host manifest says `driver: libvirt`;
+/// `None` for berth-vmm (the local driver).
+pub fn libvirt_host(desired: &Desired, host: &str) -> Option<LibvirtSpec> {
+    desired
+        .hosts
+        .iter()
+        .find(|h| h.metadata.name == host && h.spec.driver == HostDriver::Libvirt)
+        .map(|h| h.spec.libvirt_or_default())
 }
 
 fn names<'a>(hosts: impl Iterator<Item = &'a Host>) -> String {

@@ -93,6 +93,7 @@ impl DriverKind {
             // (hot-add), suspend/resume. KSM advice and the NUMA policy are not changed
             // live. libvirt refuses to migrate a domain to the same host, so a
             // restart-class change is a restart (when the policy allows) or blocked.
+            // QEMU domains have no min_guarantee (libvirt sets it for ESX only).
             DriverKind::Libvirt => Capabilities {
                 driver: self,
                 live: [
@@ -103,7 +104,6 @@ impl DriverKind {
                     Field::HardLimit,
                     Field::SoftLimit,
                     Field::SwapHardLimit,
-                    Field::MinGuarantee,
                     Field::IoWeight,
                     Field::Labels,
                     Field::Annotations,

@@ -12,6 +12,7 @@
 //! guests; the reconciler never runs two actions on one guest at the same time.
 
 pub mod capabilities;
+pub mod libvirt;
 pub mod local;
 pub mod sim;
 
@@ -21,6 +22,7 @@ use crate::diff::{Field, HostSetting};
 use crate::model::{Desired, Observed};
 
 pub use capabilities::{Capabilities, CrossHost, DriverKind, FleetCapabilities, Scope};
+pub use libvirt::LibvirtDriver;
 pub use local::LocalDriver;
 pub use sim::SimDriver;
 

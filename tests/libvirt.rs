@@ -1,0 +1,1091 @@
+//! The libvirt side of berth-hypervisor against the real libvirtd (`qemu:///system`) and
+//! a real Linux guest: Debian's kernel from /boot with a busybox initrd made here, in a
+//! TCG domain (`type='qemu'`; KVM on these machines runs guest code about 1000 times
+//! slower than hardware). The guest's init writes a counter to the serial console and to
+//! its virtio disk five times a second; the counter carries the boot id, so a restart
+//! shows.
+//!
+//! Needs root, libvirtd and virtlogd running, qemu-system-x86, a kernel in /boot,
+//! busybox-static and cpio (`.ci/run` installs and starts them). A test that cannot run
+//! fails, naming what is missing.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use berth_hypervisor::host::cgroup::Knob;
+use berth_hypervisor::libvirt::migrate::{Destination, Outcome};
+use berth_hypervisor::libvirt::{ConsoleLog, Libvirt, LibvirtError, RunState, Shutdown};
+use berth_schema::{Bytes, CpuSet, DomainType, Guest, MemTune};
+
+const URI: &str = "qemu:///system";
+
+/// Debian builds virtio as modules: these go into the initrd, loaded in this order.
+const MODULES: [&str; 6] = [
+    "drivers/virtio/virtio_ring.ko",
+    "drivers/virtio/virtio.ko",
+    "drivers/virtio/virtio_pci_legacy_dev.ko",
+    "drivers/virtio/virtio_pci_modern_dev.ko",
+    "drivers/virtio/virtio_pci.ko",
+    "drivers/block/virtio_blk.ko",
+];
+
+/// The guest's init: counter lines on ttyS0 and in the first sector of /dev/vda, and
+/// what the disk held at boot.
+const INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk; do
+  insmod /lib/modules/$m.ko
+done
+while [ ! -b /dev/vda ]; do usleep 10000; done
+boot=$(cat /proc/sys/kernel/random/boot_id)
+prev=$(dd if=/dev/vda bs=512 count=1 2>/dev/null | tr -d '\000' | head -n1)
+echo "berth-init boot=$boot cpus=$(nproc) disk-before=[$prev]" > /dev/ttyS0
+n=0
+while true; do
+  n=$((n+1))
+  echo "berth-counter $n boot=$boot" > /dev/ttyS0
+  printf 'berth-counter %d boot=%s\n' $n $boot | dd of=/dev/vda bs=512 conv=sync,fsync 2>/dev/null
+  usleep 200000
+done
+"#;
+
+/// A kernel, an initrd and a disk in a directory QEMU (user libvirt-qemu) can read;
+/// removed on drop.
+struct Images {
+    dir: tempfile::TempDir,
+}
+
+impl Images {
+    fn new() -> Images {
+        let dir = tempfile::Builder::new()
+            .prefix("berth-libvirt-")
+            .tempdir()
+            .expect("temp dir");
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let kernel = fs::read_dir("/boot")
+            .expect("/boot: install linux-image-amd64")
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("vmlinuz-"))
+            })
+            .max()
+            .expect("no /boot/vmlinuz-*: install linux-image-amd64");
+        fs::copy(&kernel, dir.path().join("vmlinuz")).unwrap();
+        let root = dir.path().join("root");
+        for sub in ["bin", "dev", "proc", "sys", "lib/modules"] {
+            fs::create_dir_all(root.join(sub)).unwrap();
+        }
+        let version = kernel
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("vmlinuz-"))
+            .unwrap();
+        let mut entries = vec![
+            ".",
+            "bin",
+            "bin/busybox",
+            "dev",
+            "proc",
+            "sys",
+            "init",
+            "lib",
+            "lib/modules",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+        for module in MODULES {
+            let from = Path::new("/lib/modules")
+                .join(version)
+                .join("kernel")
+                .join(module);
+            let file = Path::new(module).file_name().unwrap().to_str().unwrap();
+            fs::copy(&from, root.join("lib/modules").join(file)).unwrap_or_else(|e| {
+                panic!(
+                    "{}: {e} (the kernel's modules are in linux-image-amd64)",
+                    from.display()
+                )
+            });
+            entries.push(format!("lib/modules/{file}"));
+        }
+        let busybox = Path::new("/bin/busybox");
+        assert!(
+            Command::new("dpkg")
+                .args(["-s", "busybox-static"])
+                .stdout(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success()),
+            "busybox-static is not installed (the initrd needs a static busybox)"
+        );
+        fs::copy(busybox, root.join("bin/busybox")).unwrap();
+        fs::write(root.join("init"), INIT).unwrap();
+        fs::set_permissions(root.join("init"), fs::Permissions::from_mode(0o755)).unwrap();
+        let initrd = fs::File::create(dir.path().join("initrd.cpio")).unwrap();
+        let mut cpio = Command::new("cpio")
+            .args(["-o", "-H", "newc", "--quiet"])
+            .current_dir(&root)
+            .stdin(Stdio::piped())
+            .stdout(initrd)
+            .spawn()
+            .expect("run cpio (apt-get install cpio)");
+        {
+            use std::io::Write;
+            let mut stdin = cpio.stdin.take().unwrap();
+            for entry in &entries {
+                writeln!(stdin, "{entry}").unwrap();
+            }
+        }
+        assert!(cpio.wait().unwrap().success(), "cpio failed");
+        for p in ["vmlinuz", "initrd.cpio"] {
+            fs::set_permissions(dir.path().join(p), fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        let disk = fs::File::create(dir.path().join("disk.raw")).unwrap();
+        disk.set_len(16 << 20).unwrap();
+        Images { dir }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+
+    fn console(&self) -> ConsoleLog {
+        ConsoleLog(self.path("console.log"))
+    }
+
+    /// The Guest manifest of the test guest on a TCG libvirt host.
+    fn guest(&self, name: &str, extra: &str) -> Guest {
+        let text = format!(
+            "apiVersion: berth.dev/v1
+kind: Guest
+metadata: {{name: {name}}}
+spec:
+  host: virt01
+  boot: {{kernel: {kernel}, initrd: {initrd}, cmdline: 'console=ttyS0 quiet panic=-1'}}
+  cpu: {{vcpus: 1, maxVcpus: 2}}
+  memory: {{size: 256MiB}}
+  disks:
+    - {{source: {disk}, shared: true}}
+{extra}",
+            kernel = self.path("vmlinuz"),
+            initrd = self.path("initrd.cpio"),
+            disk = self.path("disk.raw"),
+        );
+        serde_yaml::from_str(&text).expect("test manifest")
+    }
+}
+
+/// Connects, or fails naming what to start.
+fn connect() -> Libvirt {
+    Libvirt::open(URI).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {:?}; start virtlogd and libvirtd (.ci/run does)",
+            std::error::Error::source(&e)
+        )
+    })
+}
+
+/// Destroys and undefines the named domain on drop, whatever the test did.
+struct Domain<'a> {
+    libvirt: &'a Libvirt,
+    name: String,
+}
+
+impl Drop for Domain<'_> {
+    fn drop(&mut self) {
+        match self.libvirt.remove(&self.name) {
+            Ok(()) | Err(LibvirtError::NoDomain(_)) => {}
+            // Not berth's (a test defined it by hand): virsh removes it.
+            Err(LibvirtError::Unmanaged(_)) => {
+                for args in [["destroy", &self.name], ["undefine", &self.name]] {
+                    let _ = Command::new("virsh")
+                        .args(["-c", URI])
+                        .args(args)
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .status();
+                }
+            }
+            Err(e) => eprintln!("cleanup of {}: {e}", self.name),
+        }
+    }
+}
+
+/// A unique domain name per test process.
+fn name(test: &str) -> String {
+    format!("berth-t{}-{test}", std::process::id())
+}
+
+/// Counter lines seen so far: (counter, boot id).
+fn counters(console: &ConsoleLog) -> Vec<(u64, String)> {
+    let text = fs::read_to_string(&console.0).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let rest = l.trim().strip_prefix("berth-counter ")?;
+            let (n, boot) = rest.split_once(" boot=")?;
+            Some((n.parse().ok()?, boot.to_owned()))
+        })
+        .collect()
+}
+
+/// Waits until the console shows counter `n` or more; returns the latest.
+fn wait_counter(console: &ConsoleLog, at_least: u64, timeout: Duration) -> (u64, String) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(last) = counters(console).last() {
+            if last.0 >= at_least {
+                return last.clone();
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "counter {at_least} not seen within {timeout:?}; console:\n{}",
+            fs::read_to_string(&console.0).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The counter never went back and the boot id never changed: no restart.
+fn assert_no_reset(console: &ConsoleLog) {
+    let seen = counters(console);
+    assert!(!seen.is_empty());
+    let boots: std::collections::BTreeSet<&str> = seen.iter().map(|(_, b)| b.as_str()).collect();
+    assert_eq!(boots.len(), 1, "the guest rebooted: {boots:?}");
+    for pair in seen.windows(2) {
+        assert_eq!(pair[1].0, pair[0].0 + 1, "counter jumped: {pair:?}");
+    }
+}
+
+/// QEMU's pid for a running domain (libvirt's pid file).
+fn qemu_pid(name: &str) -> u32 {
+    fs::read_to_string(format!("/run/libvirt/qemu/{name}.pid"))
+        .expect("QEMU pid file")
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// The affinity the kernel holds for QEMU's thread of vCPU `vcpu` ("CPU n/TCG").
+fn kernel_vcpu_affinity(pid: u32, vcpu: u32) -> CpuSet {
+    let comm = format!("CPU {vcpu}/TCG");
+    for task in fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().path();
+        if fs::read_to_string(task.join("comm"))
+            .unwrap_or_default()
+            .trim()
+            == comm
+        {
+            let status = fs::read_to_string(task.join("status")).unwrap();
+            let list = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .unwrap();
+            return list.trim().parse().unwrap();
+        }
+    }
+    panic!("no thread {comm} in QEMU {pid}");
+}
+
+/// The memory cgroup's limit the kernel holds for QEMU (cgroup v1 or v2).
+fn kernel_memory_limit(pid: u32) -> Option<u64> {
+    let cgroups = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    for line in cgroups.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        if controllers.split(',').any(|c| c == "memory") {
+            let file = PathBuf::from(format!("/sys/fs/cgroup/memory{path}/memory.limit_in_bytes"));
+            return fs::read_to_string(file).ok()?.trim().parse().ok();
+        }
+        if controllers.is_empty() {
+            let file = PathBuf::from(format!("/sys/fs/cgroup{path}/memory.max"));
+            if let Ok(text) = fs::read_to_string(file) {
+                return text.trim().parse().ok();
+            }
+        }
+    }
+    None
+}
+
+#[test]
+fn a_tcg_linux_guest_boots_and_takes_live_changes_without_a_restart() {
+    let libvirt = connect();
+    let images = Images::new();
+    let name = name("live");
+    let mut guest = images.guest(&name, "");
+    guest.spec.memory.tune = Some(MemTune {
+        hard_limit: Some(Bytes::mib(512)),
+        ..MemTune::default()
+    });
+    let console = images.console();
+    let _domain = Domain {
+        libvirt: &libvirt,
+        name: name.clone(),
+    };
+
+    let started = Instant::now();
+    let observed = libvirt
+        .create(&guest, DomainType::Qemu, "rev-1", &console)
+        .expect("create");
+    wait_counter(&console, 1, Duration::from_secs(60));
+    eprintln!(
+        "boot: define+start to the first counter line in {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(observed.state, RunState::Running);
+    assert_eq!((observed.vcpus, observed.max_vcpus), (1, 2));
+    assert_eq!(observed.memory, Bytes::mib(256));
+    assert_eq!(observed.memtune.hard_limit, Some(Bytes::mib(512)));
+    let owner = observed.owner.expect("berth owns the domain it created");
+    assert_eq!(owner.revision, "rev-1");
+    let listed = libvirt.list().unwrap();
+    assert!(listed.iter().any(|d| d.name == name && d.owner.is_some()));
+
+    let pid = qemu_pid(&name);
+    let (before, _) = wait_counter(&console, 3, Duration::from_secs(30));
+
+    // vcpupin, live and config, read back from libvirt and from the kernel.
+    let one: CpuSet = "1".parse().unwrap();
+    assert_eq!(libvirt.pin_vcpu(&name, 0, &one).unwrap(), one);
+    assert_eq!(kernel_vcpu_affinity(pid, 0), one);
+    let zero: CpuSet = "0".parse().unwrap();
+    assert_eq!(libvirt.pin_emulator(&name, &zero).unwrap(), zero);
+
+    // memtune hard limit, live: the cgroup holds it.
+    let tune = MemTune {
+        hard_limit: Some(Bytes::mib(1024)),
+        ..MemTune::default()
+    };
+    let in_force = libvirt.set_memtune(&name, &tune).unwrap();
+    assert_eq!(in_force.hard_limit, Some(Bytes::mib(1024)));
+    assert_eq!(kernel_memory_limit(pid), Some(1024 << 20));
+
+    // vCPU hot-add: QEMU gets a second vCPU thread.
+    assert_eq!(libvirt.set_vcpus(&name, 2).unwrap(), 2);
+    kernel_vcpu_affinity(pid, 1);
+
+    // A block I/O weight the host cannot enforce is reported so, never as done.
+    match libvirt.set_io_weight(&name, 500).unwrap() {
+        Knob::Enforced(w) => {
+            assert_eq!(w, 500);
+            assert_eq!(
+                libvirt.observe(&name).unwrap().unwrap().io_weight,
+                Knob::Enforced(500)
+            );
+        }
+        Knob::NotEnforced(reason) => {
+            assert!(!reason.is_empty());
+            assert!(matches!(
+                libvirt.observe(&name).unwrap().unwrap().io_weight,
+                Knob::NotEnforced(_)
+            ));
+        }
+    }
+
+    // Drift by hand with virsh: observe reads it back from libvirt.
+    let status = Command::new("virsh")
+        .args(["-c", URI, "vcpupin", &name, "0", "0", "--live"])
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let drifted = libvirt.observe(&name).unwrap().unwrap();
+    assert_eq!(drifted.vcpu_pins[0], zero, "hand-made pinning is visible");
+    assert_eq!(libvirt.pin_vcpu(&name, 0, &one).unwrap(), one);
+    assert_eq!(kernel_vcpu_affinity(pid, 0), one);
+
+    // Pause: the counter stops; resume: it carries on.
+    libvirt.suspend(&name).unwrap();
+    assert_eq!(
+        libvirt.observe(&name).unwrap().unwrap().state,
+        RunState::Paused
+    );
+    let paused_at = counters(&console).last().unwrap().0;
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(counters(&console).last().unwrap().0 <= paused_at + 1);
+    libvirt.resume(&name).unwrap();
+    wait_counter(&console, paused_at + 3, Duration::from_secs(30));
+
+    let after = libvirt.observe(&name).unwrap().unwrap();
+    assert_eq!(after.vcpus, 2);
+    assert_eq!(after.vcpu_pins[0], one);
+    assert_eq!(after.emulator_pin, zero);
+    assert_eq!(after.memtune.hard_limit, Some(Bytes::mib(1024)));
+    assert!(counters(&console).last().unwrap().0 > before);
+    assert_no_reset(&console);
+
+    // The guest's init ignores ACPI power-off: destroyed at the timeout.
+    let stop = libvirt.shutdown(&name, Duration::from_secs(2)).unwrap();
+    assert_eq!(stop, Shutdown::Destroyed);
+    let stopped = libvirt.observe(&name).unwrap().unwrap();
+    assert_eq!(stopped.state, RunState::Stopped);
+    // The live changes went to the persistent config too.
+    assert_eq!(stopped.vcpu_pins[0], one);
+    assert_eq!(stopped.memtune.hard_limit, Some(Bytes::mib(1024)));
+}
+
+#[test]
+fn what_the_guest_wrote_to_its_disk_is_there_after_a_restart() {
+    let libvirt = connect();
+    let images = Images::new();
+    let name = name("disk");
+    let guest = images.guest(&name, "");
+    let console = images.console();
+    let _domain = Domain {
+        libvirt: &libvirt,
+        name: name.clone(),
+    };
+    libvirt
+        .create(&guest, DomainType::Qemu, "rev-1", &console)
+        .unwrap();
+    wait_counter(&console, 5, Duration::from_secs(60));
+    assert_eq!(
+        libvirt.shutdown(&name, Duration::from_secs(1)).unwrap(),
+        Shutdown::Destroyed
+    );
+    let (last, boot) = counters(&console).last().cloned().unwrap();
+    libvirt.start(&name).unwrap();
+    // The line is complete once its closing bracket is there.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let line = loop {
+        let text = fs::read_to_string(&console.0).unwrap_or_default();
+        if let Some(line) = text
+            .lines()
+            .filter(|l| l.starts_with("berth-init") && l.trim_end().ends_with(']'))
+            .nth(1)
+        {
+            break line.to_owned();
+        }
+        assert!(Instant::now() < deadline, "second boot not seen:\n{text}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // The destroy may land between the console line and the disk write of the last
+    // counter: the disk holds the last or the one before.
+    let on_disk = [last, last.saturating_sub(1)]
+        .iter()
+        .any(|n| line.contains(&format!("disk-before=[berth-counter {n} boot={boot}]")));
+    assert!(on_disk, "disk lost the counter {last}: {line}");
+}
+
+#[test]
+fn bad_input_names_the_guest_and_field_and_creates_nothing() {
+    let libvirt = connect();
+    let images = Images::new();
+    let console = images.console();
+
+    let name_disk = name("nodisk");
+    let mut guest = images.guest(&name_disk, "");
+    guest.spec.disks[0].source = images.path("missing.raw");
+    let err = libvirt
+        .create(&guest, DomainType::Qemu, "rev-1", &console)
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "guest {name_disk}: spec.disks[0].source: {} does not exist on this host (berth does not create disk images)",
+            images.path("missing.raw")
+        )
+    );
+    assert!(libvirt.observe(&name_disk).unwrap().is_none());
+
+    let name_bridge = name("nobridge");
+    let guest = images.guest(&name_bridge, "  nics:\n    - {bridge: berthnobr0}\n");
+    let err = libvirt
+        .create(&guest, DomainType::Qemu, "rev-1", &console)
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "guest {name_bridge}: spec.nics[0].bridge: berthnobr0 is not a bridge on this host"
+        )
+    );
+    assert!(libvirt.observe(&name_bridge).unwrap().is_none());
+
+    let err = Libvirt::open("qemu+unix:///system?socket=/nonexistent/libvirt-sock").unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("cannot connect to libvirt at qemu+unix:///system?socket=/nonexistent"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_domain_defined_by_hand_is_listed_as_unmanaged_and_left_alone() {
+    let libvirt = connect();
+    let images = Images::new();
+    let name = name("byhand");
+    let xml = format!(
+        "<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>\
+         <os><type arch='x86_64'>hvm</type><kernel>{}</kernel></os></domain>",
+        images.path("vmlinuz")
+    );
+    let file = images.dir.path().join("byhand.xml");
+    fs::write(&file, xml).unwrap();
+    let status = Command::new("virsh")
+        .args(["-c", URI, "define"])
+        .arg(&file)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    struct Undefine(String);
+    impl Drop for Undefine {
+        fn drop(&mut self) {
+            let _ = Command::new("virsh")
+                .args(["-c", URI, "undefine", &self.0])
+                .stdout(Stdio::null())
+                .status();
+        }
+    }
+    let _undefine = Undefine(name.clone());
+
+    let listed = libvirt.list().unwrap();
+    let found = listed.iter().find(|d| d.name == name).expect("listed");
+    assert!(found.owner.is_none());
+    assert_eq!(found.state, RunState::Stopped);
+
+    let guest = images.guest(&name, "");
+    let err = libvirt
+        .create(&guest, DomainType::Qemu, "rev-1", &images.console())
+        .unwrap_err();
+    assert!(matches!(err, LibvirtError::Unmanaged(_)), "{err}");
+    assert!(matches!(
+        libvirt.pin_vcpu(&name, 0, &"0".parse().unwrap()),
+        Err(LibvirtError::Unmanaged(_))
+    ));
+    assert!(libvirt.observe(&name).unwrap().unwrap().owner.is_none());
+}
+
+/// A manifest directory: Host virt01 (libvirt, TCG) and the test guest, with `extra`
+/// lines appended to the guest's spec.
+fn write_manifests(dir: &Path, images: &Images, name: &str, extra: &str) {
+    let host = "apiVersion: berth.dev/v1
+kind: Host
+metadata: {name: virt01}
+spec:
+  address: 127.0.0.1:7499
+  cpus: 0-1
+  memory: 8GiB
+  driver: libvirt
+  libvirt: {uri: 'qemu:///system', domainType: qemu}
+";
+    let guest = format!(
+        "apiVersion: berth.dev/v1
+kind: Guest
+metadata: {{name: {name}}}
+spec:
+  host: virt01
+  boot: {{kernel: {kernel}, initrd: {initrd}, cmdline: 'console=ttyS0 quiet panic=-1'}}
+  cpu: {{vcpus: 1, maxVcpus: 2}}
+  memory: {{size: 256MiB}}
+  disks:
+    - {{source: {disk}, shared: true}}
+{extra}",
+        kernel = images.path("vmlinuz"),
+        initrd = images.path("initrd.cpio"),
+        disk = images.path("disk.raw"),
+    );
+    fs::write(dir.join("hosts.yaml"), host).unwrap();
+    fs::write(dir.join("guest.yaml"), guest).unwrap();
+}
+
+/// Runs `berth` with `args`; returns (exit code, stdout + stderr).
+fn berth(args: &[&str]) -> (i32, String) {
+    let out = Command::new(berth_tests::bin("berth"))
+        .args(args)
+        .output()
+        .expect("run berth");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+#[test]
+fn berth_apply_boots_a_libvirt_guest_retunes_it_live_and_undoes_drift() {
+    let libvirt = connect();
+    let images = Images::new();
+    let name = name("apply");
+    let manifests = images.dir.path().join("manifests");
+    fs::create_dir_all(&manifests).unwrap();
+    let state = images.dir.path().join("state");
+    let console = ConsoleLog::default_for(&name);
+    struct Cleanup<'a>(#[allow(dead_code)] Domain<'a>, PathBuf);
+    impl Drop for Cleanup<'_> {
+        fn drop(&mut self) {
+            let _ = fs::remove_file(&self.1);
+        }
+    }
+    let _cleanup = Cleanup(
+        Domain {
+            libvirt: &libvirt,
+            name: name.clone(),
+        },
+        PathBuf::from(&console.0),
+    );
+    let _ = fs::remove_file(&console.0);
+    let dir = manifests.to_str().unwrap();
+    let state_dir = state.to_str().unwrap();
+    let apply = [
+        "apply",
+        dir,
+        "--yes",
+        "--host",
+        "virt01",
+        "--state-dir",
+        state_dir,
+    ];
+    let plan = ["plan", dir, "--host", "virt01", "--detailed-exitcode"];
+
+    write_manifests(&manifests, &images, &name, "");
+    let (code, out) = berth(&apply);
+    assert_eq!(code, 0, "{out}");
+    wait_counter(&console, 3, Duration::from_secs(60));
+    let (code, out) = berth(&plan);
+    assert_eq!(code, 0, "right after apply, plan shows no changes:\n{out}");
+    let pid = qemu_pid(&name);
+    let all: CpuSet = "0-1".parse().unwrap();
+    assert_eq!(kernel_vcpu_affinity(pid, 0), all);
+
+    // Drift by hand: plan shows it, apply undoes it.
+    let status = Command::new("virsh")
+        .args(["-c", URI, "vcpupin", &name, "0", "0", "--live"])
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (code, out) = berth(&plan);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("spec.cpu.pinning"), "{out}");
+    let (code, out) = berth(&apply);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(kernel_vcpu_affinity(pid, 0), all);
+
+    // A pinning and memtune commit, applied live.
+    let pinned = "  cpu: {vcpus: 1, maxVcpus: 2, pinning: {vcpus: {0: '1'}}}\n";
+    let text = fs::read_to_string(manifests.join("guest.yaml"))
+        .unwrap()
+        .replace("  cpu: {vcpus: 1, maxVcpus: 2}\n", pinned)
+        .replace(
+            "  memory: {size: 256MiB}\n",
+            "  memory: {size: 256MiB, tune: {hardLimit: 1GiB}}\n",
+        );
+    fs::write(manifests.join("guest.yaml"), text).unwrap();
+    let (code, out) = berth(&plan);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("live"), "{out}");
+    let (code, out) = berth(&apply);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(kernel_vcpu_affinity(pid, 0), "1".parse().unwrap());
+    assert_eq!(kernel_memory_limit(pid), Some(1 << 30));
+    let (code, out) = berth(&plan);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(qemu_pid(&name), pid, "the same QEMU runs the guest");
+    let (n, boot) = counters(&console).last().cloned().unwrap();
+    wait_counter(&console, n + 2, Duration::from_secs(30));
+    assert_no_reset(&console);
+
+    // A restart-class change (memory size): libvirt cannot migrate to the same host, so
+    // with restartPolicy never it is blocked and nothing changes...
+    let text = fs::read_to_string(manifests.join("guest.yaml"))
+        .unwrap()
+        .replace("size: 256MiB", "size: 320MiB");
+    fs::write(manifests.join("guest.yaml"), &text).unwrap();
+    let (code, out) = berth(&plan);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("blocked"), "{out}");
+    let (code, out) = berth(&apply);
+    assert_ne!(code, 0, "{out}");
+    assert_eq!(qemu_pid(&name), pid, "a blocked change touches nothing");
+    // ...and with restartPolicy ifRequired it is a restart, done as planned.
+    fs::write(
+        manifests.join("guest.yaml"),
+        format!("{text}  restartPolicy: ifRequired\n"),
+    )
+    .unwrap();
+    let (code, out) = berth(&plan);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("restart"), "{out}");
+    let (code, out) = berth(&apply);
+    assert_eq!(code, 0, "{out}");
+    let restarted = libvirt.observe(&name).unwrap().unwrap();
+    assert_eq!(restarted.memory, Bytes::mib(320));
+    assert_eq!(restarted.state, RunState::Running);
+    assert_ne!(qemu_pid(&name), pid, "a new QEMU");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !counters(&console).iter().any(|(_, b)| *b != boot) {
+        assert!(
+            Instant::now() < deadline,
+            "the restarted guest never counted"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (code, out) = berth(&plan);
+    assert_eq!(code, 0, "{out}");
+}
+
+#[test]
+fn a_domain_defined_by_hand_is_imported_and_then_planned_without_changes() {
+    let libvirt = connect();
+    let images = Images::new();
+    let name = name("import");
+    let xml = format!(
+        "<domain type='qemu'><name>{name}</name><memory unit='MiB'>256</memory>\
+         <vcpu placement='static' current='1'>2</vcpu>\
+         <cputune><vcpupin vcpu='0' cpuset='1'/></cputune>\
+         <os><type arch='x86_64'>hvm</type><kernel>{kernel}</kernel><initrd>{initrd}</initrd>\
+         <cmdline>console=ttyS0 quiet panic=-1</cmdline></os>\
+         <devices><disk type='file' device='disk'><driver name='qemu' type='raw' cache='none'/>\
+         <source file='{disk}'/><target dev='vda' bus='virtio'/></disk>\
+         <serial type='pty'><log file='{console}'/><target port='0'/></serial>\
+         <memballoon model='none'/></devices></domain>",
+        kernel = images.path("vmlinuz"),
+        initrd = images.path("initrd.cpio"),
+        disk = images.path("disk.raw"),
+        console = images.path("console.log"),
+    );
+    let file = images.dir.path().join("byhand.xml");
+    fs::write(&file, xml).unwrap();
+    let virsh = |args: &[&str]| {
+        let status = Command::new("virsh")
+            .args(["-c", URI])
+            .args(args)
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "virsh {args:?}");
+    };
+    virsh(&["define", file.to_str().unwrap()]);
+    let _domain = Domain {
+        libvirt: &libvirt,
+        name: name.clone(),
+    };
+    virsh(&["start", &name]);
+    // A hard limit in the XML at start makes libvirt raise QEMU's RLIMIT_MEMLOCK, which
+    // this sandbox forbids; set live, it works.
+    virsh(&[
+        "memtune",
+        &name,
+        "--hard-limit",
+        "1048576",
+        "--live",
+        "--config",
+    ]);
+    assert!(libvirt.observe(&name).unwrap().unwrap().owner.is_none());
+
+    let out_dir = images.dir.path().join("imported");
+    let out = out_dir.to_str().unwrap();
+    let (code, text) = berth(&["import", &name, "--host", "virt01", "--out", out]);
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains(&format!("imported {name} (adopted)")),
+        "{text}"
+    );
+    let guest = fs::read_to_string(out_dir.join("guests").join(format!("{name}.yaml"))).unwrap();
+    assert!(guest.contains("hardLimit: 1GiB"), "{guest}");
+    assert!(libvirt.observe(&name).unwrap().unwrap().owner.is_some());
+
+    let (code, text) = berth(&["plan", out, "--host", "virt01", "--detailed-exitcode"]);
+    assert_eq!(code, 0, "an imported domain plans without changes:\n{text}");
+
+    // A second import into the same directory overwrites nothing.
+    let (code, text) = berth(&["import", &name, "--host", "virt01", "--out", out]);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("never overwrites"), "{text}");
+}
+
+/// A second libvirt host on this machine: libvirtd and virtlogd in their own network
+/// namespace (a veth pair to this one) and mount namespace (private /run/libvirt,
+/// /var/lib/libvirt, /var/cache/libvirt, /var/log/libvirt and /etc/libvirt), with their
+/// own host UUID, libvirtd listening on TCP at the namespace's address. On drop, its
+/// domains are destroyed and undefined, the daemons stopped by pid, the namespace
+/// removed.
+struct PeerHost {
+    netns: String,
+    dir: tempfile::TempDir,
+    address: String,
+}
+
+const PEER_SCRIPT: &str = r#"set -euo pipefail
+NS=$1; DIR=$2; HOSTIP=$3; PEERIP=$4; UUID=$5
+ip netns add $NS
+ip link add ${NS}h type veth peer name ${NS}p
+ip link set ${NS}p netns $NS
+ip addr add $HOSTIP/30 dev ${NS}h
+ip link set ${NS}h up
+ip netns exec $NS ip addr add $PEERIP/30 dev ${NS}p
+ip netns exec $NS ip link set ${NS}p up
+ip netns exec $NS ip link set lo up
+mkdir -p $DIR/run $DIR/lib/qemu $DIR/cache/qemu $DIR/log/qemu $DIR/etc
+# The configuration, not this host's domain definitions.
+cp -a /etc/libvirt/. $DIR/etc/
+find $DIR/etc/qemu -maxdepth 1 -name '*.xml' -delete
+rm -rf $DIR/etc/qemu/autostart
+cat >> $DIR/etc/libvirtd.conf <<CONF
+listen_tls = 0
+listen_tcp = 1
+listen_addr = "$PEERIP"
+auth_tcp = "none"
+host_uuid = "$UUID"
+CONF
+# nsenter, not ip netns exec: that mounts a new /sys, without the cgroup hierarchies.
+nsenter --net=/run/netns/$NS unshare --mount --propagation private bash -c "
+  set -e
+  mount --bind $DIR/run /run/libvirt
+  mount --bind $DIR/lib /var/lib/libvirt
+  mount --bind $DIR/cache /var/cache/libvirt
+  mount --bind $DIR/log /var/log/libvirt
+  mount --bind $DIR/etc /etc/libvirt
+  virtlogd -d -p /run/libvirt/virtlogd.pid
+  libvirtd -d --listen -p /run/libvirt/libvirtd.pid
+"
+"#;
+
+impl PeerHost {
+    fn start() -> PeerHost {
+        let n = std::process::id() % 250 + 1;
+        let netns = format!("bth{}", std::process::id() % 100_000);
+        let dir = tempfile::Builder::new()
+            .prefix("berth-peer-")
+            .tempdir()
+            .unwrap();
+        let (host_ip, peer_ip) = (format!("10.211.{n}.1"), format!("10.211.{n}.2"));
+        let uuid = format!("5a0c2d1e-0000-4a4a-9b9b-{:012x}", std::process::id());
+        let peer = PeerHost {
+            netns: netns.clone(),
+            address: peer_ip.clone(),
+            dir,
+        };
+        let status = Command::new("bash")
+            .args(["-c", PEER_SCRIPT, "peer"])
+            .args([
+                &netns,
+                peer.dir.path().to_str().unwrap(),
+                &host_ip,
+                &peer_ip,
+                &uuid,
+            ])
+            .status()
+            .expect("run bash");
+        assert!(status.success(), "starting the peer libvirtd failed");
+        peer
+    }
+
+    fn uri(&self) -> String {
+        format!("qemu+tcp://{}/system", self.address)
+    }
+
+    fn connect(&self) -> Libvirt {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match Libvirt::open(&self.uri()) {
+                Ok(c) => return c,
+                Err(e) if Instant::now() > deadline => panic!("peer libvirtd: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    }
+
+    fn daemon_pid(&self, name: &str) -> Option<i32> {
+        fs::read_to_string(self.dir.path().join("run").join(format!("{name}.pid")))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+}
+
+impl Drop for PeerHost {
+    fn drop(&mut self) {
+        if let Ok(peer) = Libvirt::open(&self.uri()) {
+            // remove() touches berth's domains only: the peer has no others.
+            for name in peer.domain_names().unwrap_or_default() {
+                let _ = peer.remove(&name);
+            }
+        }
+        // QEMUs libvirtd did not end (it was killed, or failed): by their pid files.
+        for pid in peer_qemus(&self.dir.path().join("run/qemu")) {
+            // SAFETY: kill(2) of a live QEMU named by the peer's own pid file.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        for daemon in ["libvirtd", "virtlogd"] {
+            if let Some(pid) = self.daemon_pid(daemon) {
+                // SAFETY: kill(2) with a pid read from the daemon's own pid file.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .status();
+    }
+}
+
+/// Live QEMU processes named by pid files in `dir` (a peer's /run/libvirt/qemu).
+fn peer_qemus(dir: &Path) -> Vec<i32> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "pid"))
+        .filter_map(|e| fs::read_to_string(e.path()).ok()?.trim().parse().ok())
+        .filter(|pid: &i32| {
+            fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.starts_with("qemu-system"))
+        })
+        .collect()
+}
+
+#[test]
+fn a_live_migration_to_a_second_libvirt_host_keeps_the_counter_and_the_disk() {
+    let libvirt = connect();
+    let peer = PeerHost::start();
+    let dest = peer.connect();
+    let images = Images::new();
+    let name = name("migrate");
+    let guest = images.guest(&name, "");
+    let console = images.console();
+    let _domain = Domain {
+        libvirt: &libvirt,
+        name: name.clone(),
+    };
+    libvirt
+        .create(&guest, DomainType::Qemu, "rev-1", &console)
+        .unwrap();
+    let (before, boot) = wait_counter(&console, 3, Duration::from_secs(90));
+
+    // A disk that is not shared is refused before anything moves.
+    let mut local = guest.clone();
+    local.spec.disks[0].shared = false;
+    let to = Destination {
+        uri: peer.uri(),
+        migrate_uri: format!("tcp://{}", peer.address),
+    };
+    let err = libvirt.migrate(&local, &dest, &to, |_| {}).unwrap_err();
+    assert!(err.to_string().contains("spec.disks[0].shared"), "{err}");
+
+    let started = Instant::now();
+    let mut samples = Vec::new();
+    let outcome = libvirt
+        .migrate(&guest, &dest, &to, |p| samples.push(p))
+        .expect("migrate");
+    eprintln!(
+        "migration: {:.2} s, {} progress samples, last {:?}",
+        started.elapsed().as_secs_f64(),
+        samples.len(),
+        samples.last()
+    );
+    assert_eq!(outcome, Outcome::Completed);
+    assert!(
+        libvirt.observe(&name).unwrap().is_none(),
+        "undefined on the source"
+    );
+    let there = dest
+        .observe(&name)
+        .unwrap()
+        .expect("defined on the destination");
+    assert_eq!(there.state, RunState::Running);
+    assert_eq!(there.owner.unwrap().revision, "rev-1");
+
+    // The counter carries on, same boot, written now by the destination's QEMU.
+    wait_counter(&console, before + 10, Duration::from_secs(60));
+    assert_no_reset(&console);
+    // What the guest writes to its disk (shared by both hosts) is its latest counter.
+    let sector = fs::read(images.path("disk.raw")).unwrap();
+    let line = String::from_utf8_lossy(&sector[..512])
+        .trim_end_matches('\0')
+        .to_owned();
+    let n: u64 = line
+        .strip_prefix("berth-counter ")
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("disk holds {line:?}"));
+    assert!(n > before && line.contains(&boot), "{line}");
+    dest.remove(&name).unwrap();
+}
+
+#[test]
+fn a_migration_past_its_timeout_or_to_a_dying_destination_leaves_the_guest_on_the_source() {
+    let libvirt = connect();
+    let peer = PeerHost::start();
+    let dest = peer.connect();
+    let images = Images::new();
+    let name = name("abort");
+    // 1 MiB/s for 256 MiB: the copy cannot finish within 1 s per GiB.
+    let guest = images.guest(
+        &name,
+        "  migration: {bandwidth: 1MiB/s, completionTimeoutPerGiB: 1s, onTimeout: abort}\n",
+    );
+    let console = images.console();
+    let _domain = Domain {
+        libvirt: &libvirt,
+        name: name.clone(),
+    };
+    libvirt
+        .create(&guest, DomainType::Qemu, "rev-1", &console)
+        .unwrap();
+    wait_counter(&console, 3, Duration::from_secs(90));
+    let to = Destination {
+        uri: peer.uri(),
+        migrate_uri: format!("tcp://{}", peer.address),
+    };
+
+    let err = libvirt.migrate(&guest, &dest, &to, |_| {}).unwrap_err();
+    assert!(err.to_string().contains("migrating failed"), "{err}");
+    let here = libvirt.observe(&name).unwrap().expect("still defined here");
+    assert_eq!(here.state, RunState::Running);
+    assert!(dest.observe(&name).unwrap().is_none());
+    let (n, _) = counters(&console).last().cloned().unwrap();
+    wait_counter(&console, n + 3, Duration::from_secs(30));
+
+    // The destination dies midway (its libvirtd and the incoming QEMU are killed).
+    let mut slow = guest.clone();
+    slow.spec.migration.completion_timeout_per_gib = berth_schema::Duration::from_secs(600);
+    let run = peer.dir.path().join("run");
+    let killer = std::thread::spawn(move || {
+        let qemu = run.join("qemu");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            // The incoming QEMU: a live process whose command line has -incoming.
+            let pid = peer_qemus(&qemu).into_iter().find(|pid| {
+                fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == b"-incoming"))
+            });
+            if let Some(pid) = pid {
+                std::thread::sleep(Duration::from_millis(1500));
+                let libvirtd: i32 = fs::read_to_string(run.join("libvirtd.pid"))
+                    .unwrap()
+                    .trim()
+                    .parse()
+                    .unwrap();
+                for victim in [pid, libvirtd] {
+                    // SAFETY: kill(2) of the peer's QEMU and libvirtd, read from their
+                    // pid files.
+                    unsafe { libc::kill(victim, libc::SIGKILL) };
+                }
+                return;
+            }
+            assert!(Instant::now() < deadline, "the incoming QEMU never started");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    let err = libvirt.migrate(&slow, &dest, &to, |_| {}).unwrap_err();
+    killer.join().unwrap();
+    assert!(err.to_string().contains("migrating failed"), "{err}");
+    let here = libvirt.observe(&name).unwrap().expect("still defined here");
+    assert_eq!(here.state, RunState::Running);
+    let (n, _) = counters(&console).last().cloned().unwrap();
+    wait_counter(&console, n + 3, Duration::from_secs(30));
+    assert_no_reset(&console);
+}
