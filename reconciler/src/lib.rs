@@ -6,6 +6,8 @@
 //! - [`diff`] and [`classify`]: field changes and how each is applied (DESIGN.md's table).
 //! - [`plan`]: the pure, deterministic `plan(desired, observed) -> Plan`.
 //! - [`driver`]: the [`driver::Driver`] trait and `SimDriver`, a simulated fleet.
+//! - [`etcd`]: fleet coordination on etcd (host leases, guest ownership with fencing
+//!   tokens, leader election).
 //! - [`apply`]: runs a plan through a driver, wave by wave.
 //! - [`git`]: a revision's manifest files, read with the git CLI (no checkout).
 //! - [`render`]: the plan as text, JSON (with its JSON Schema) and markdown.
@@ -17,6 +19,7 @@ pub mod apply;
 pub mod classify;
 pub mod diff;
 pub mod driver;
+pub mod etcd;
 pub mod git;
 pub mod model;
 pub mod plan;

@@ -1,0 +1,545 @@
+//! berth's etcd layer against a real etcd (Debian's `etcd-server` 3.4), one etcd per
+//! test: host leases and what hosts publish, one-read fleet views, guest ownership with
+//! fencing tokens, and leader election with failover.
+//!
+//! Leases here are short (2 s, etcd's minimum with the harness's raft timers, renewed
+//! every 250 ms, self-fence after 1 s) so that expiry can be waited for.
+
+use std::time::{Duration, Instant};
+
+use berth_reconciler::etcd::{
+    read_fleet, read_owner, resolve_switchover, Acquire, EtcdConfig, EtcdStore, HostSession,
+    Leadership, LeaseState, LeaseTimeouts, Switchover,
+};
+use berth_reconciler::{Desired, Observed};
+use berth_tests::etcd::Etcd;
+
+fn short_leases(etcd: &Etcd) -> EtcdConfig {
+    let mut config = EtcdConfig::new(&etcd.endpoint());
+    config.request_timeout = Duration::from_millis(500);
+    config.lease = LeaseTimeouts {
+        ttl: Duration::from_secs(2),
+        renew_every: Duration::from_millis(250),
+        self_fence_after: Duration::from_secs(1),
+    };
+    config
+}
+
+async fn connect(etcd: &Etcd) -> EtcdStore {
+    short_leases(etcd).connect().await.expect("connect to etcd")
+}
+
+/// The example repository as it would run: its hosts and guests as observed.
+fn example_fleet() -> Observed {
+    let validated = berth_schema::load_path(&berth_tests::workspace_root().join("manifests"))
+        .expect("the example manifests are valid");
+    Observed::as_written(&Desired::from_manifests(&validated.manifests))
+}
+
+/// Polls `cond` every 20 ms for up to `timeout`; returns how long it took.
+async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut cond: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !cond().await {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    start.elapsed()
+}
+
+#[tokio::test]
+async fn a_host_publishes_itself_and_its_guests_and_one_read_returns_the_fleet() {
+    let etcd = Etcd::start();
+    let store = connect(&etcd).await;
+    let fleet = example_fleet();
+    let host = &fleet.hosts[0];
+    let session = HostSession::open(&store, &host.name, None).await.unwrap();
+    session
+        .publish_host(host, Some("127.0.0.1:7410"))
+        .await
+        .unwrap();
+    let guests: Vec<_> = fleet.guests.clone();
+    assert!(guests.len() >= 2, "the example runs two guests");
+    assert_eq!(
+        session.publish_observed(&guests).await.unwrap(),
+        guests.len()
+    );
+    // Unchanged guests are not written again.
+    assert_eq!(session.publish_observed(&guests).await.unwrap(), 0);
+    let won = session.acquire(&guests[0].name).await.unwrap();
+    let Acquire::Owned(owned) = won else {
+        panic!("{won:?}")
+    };
+
+    let view = read_fleet(&store).await.unwrap();
+    let published = &view.hosts[&host.name];
+    assert_eq!(published.lease, session.lease());
+    assert_eq!(&published.record.observed, host);
+    assert_eq!(published.record.address.as_deref(), Some("127.0.0.1:7410"));
+    assert_eq!(published.record.lease_ttl_seconds, 2);
+    assert_eq!(published.record.self_fence_after_ms, 1000);
+    assert_eq!(view.observed, guests);
+    assert_eq!(view.owners[&guests[0].name], owned);
+    assert!(view.revision >= owned.token.0);
+
+    // One guest stops and another is retuned: one delete and one write.
+    let mut changed = vec![guests[1].clone()];
+    changed[0].io_weight = Some(123);
+    assert_eq!(session.publish_observed(&changed).await.unwrap(), 2);
+    let view = read_fleet(&store).await.unwrap();
+    assert_eq!(view.observed, changed);
+
+    // A clean shutdown revokes the lease: everything the host published goes at once.
+    session.close().await.unwrap();
+    let view = read_fleet(&store).await.unwrap();
+    assert!(view.hosts.is_empty(), "{:?}", view.hosts);
+    assert!(view.observed.is_empty());
+    assert!(view.owners.is_empty());
+}
+
+#[tokio::test]
+async fn a_dead_hosts_records_and_ownership_expire_with_its_lease() {
+    let etcd = Etcd::start();
+    let store = connect(&etcd).await;
+    let fleet = example_fleet();
+    let a = HostSession::open(&store, "kvm01", None).await.unwrap();
+    let b = HostSession::open(&store, "kvm02", None).await.unwrap();
+    a.publish_host(&fleet.hosts[0], None).await.unwrap();
+    a.publish_observed(&fleet.guests).await.unwrap();
+    assert!(matches!(
+        a.acquire("web-1").await.unwrap(),
+        Acquire::Owned(_)
+    ));
+
+    // The host keeps its lease for well past the TTL while it renews.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(a.health().state, LeaseState::Held);
+    match b.acquire("web-1").await.unwrap() {
+        Acquire::HeldElsewhere(o) => assert_eq!(o.record.host, "kvm01"),
+        other => panic!("{other:?}"),
+    }
+
+    // A crash: renewals stop, nothing is revoked.
+    let died = Instant::now();
+    drop(a);
+    wait_for(
+        "kvm01's records to expire",
+        Duration::from_secs(5),
+        || async {
+            let view = read_fleet(&store).await.unwrap();
+            view.hosts.is_empty() && view.observed.is_empty() && view.owners.is_empty()
+        },
+    )
+    .await;
+    let gone_after = died.elapsed();
+    // Not before the TTL counted from the last renewal (at most 250 ms before the
+    // crash), and not much after it.
+    assert!(
+        gone_after >= Duration::from_millis(1700) && gone_after < Duration::from_millis(3500),
+        "{gone_after:?}"
+    );
+    match b.acquire("web-1").await.unwrap() {
+        Acquire::Owned(o) => {
+            assert_eq!(o.record.host, "kvm02");
+            assert_eq!(o.lease, b.lease());
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+async fn acquire_all(session: &HostSession, guests: &[String]) -> Vec<Acquire> {
+    let mut results = Vec::new();
+    for g in guests {
+        results.push(session.acquire(g).await.unwrap());
+    }
+    results
+}
+
+#[tokio::test]
+async fn two_hosts_racing_to_acquire_the_same_guests_exactly_one_wins_each() {
+    let etcd = Etcd::start();
+    let store = connect(&etcd).await;
+    let a = HostSession::open(&store, "kvm01", None).await.unwrap();
+    let b = HostSession::open(&store, "kvm02", None).await.unwrap();
+    let guests: Vec<String> = (0..50).map(|i| format!("g{i}")).collect();
+    let (ra, rb) = tokio::join!(acquire_all(&a, &guests), acquire_all(&b, &guests));
+    let mut wins = [0, 0];
+    for ((g, x), y) in guests.iter().zip(ra).zip(rb) {
+        match (x, y) {
+            (Acquire::Owned(won), Acquire::HeldElsewhere(seen)) => {
+                assert_eq!(won, seen, "{g}");
+                assert_eq!(won.record.host, "kvm01");
+                wins[0] += 1;
+            }
+            (Acquire::HeldElsewhere(seen), Acquire::Owned(won)) => {
+                assert_eq!(won, seen, "{g}");
+                assert_eq!(won.record.host, "kvm02");
+                wins[1] += 1;
+            }
+            other => panic!("{g}: not exactly one owner: {other:?}"),
+        }
+        let record = read_owner(&store, g).await.unwrap().expect("an owner");
+        let expected_lease = if record.record.host == "kvm01" {
+            a.lease()
+        } else {
+            b.lease()
+        };
+        assert_eq!(record.lease, expected_lease, "{g}");
+    }
+    assert_eq!(wins[0] + wins[1], guests.len());
+    // Acquiring again is idempotent for the owner and still refused to the other.
+    for g in &guests {
+        let owner = read_owner(&store, g).await.unwrap().unwrap();
+        let (mine, theirs) = if owner.record.host == "kvm01" {
+            (&a, &b)
+        } else {
+            (&b, &a)
+        };
+        assert_eq!(
+            mine.acquire(g).await.unwrap(),
+            Acquire::Owned(owner.clone())
+        );
+        assert_eq!(
+            theirs.acquire(g).await.unwrap(),
+            Acquire::HeldElsewhere(owner)
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_migration_hands_ownership_over_by_compare_and_swap() {
+    let etcd = Etcd::start();
+    let store = connect(&etcd).await;
+    let a = HostSession::open(&store, "kvm01", None).await.unwrap();
+    let b = HostSession::open(&store, "kvm02", None).await.unwrap();
+    let c = HostSession::open(&store, "kvm03", None).await.unwrap();
+    let Acquire::Owned(start) = a.acquire("web-1").await.unwrap() else {
+        panic!("kvm01 acquires a free guest")
+    };
+
+    // Only the owner can begin, and only with the current token.
+    let refused = b
+        .begin_handover("web-1", start.token, "kvm02")
+        .await
+        .unwrap();
+    assert!(refused.is_err(), "{refused:?}");
+    let moving = a
+        .begin_handover("web-1", start.token, "kvm02")
+        .await
+        .unwrap()
+        .expect("the owner begins the handover");
+    assert_eq!(moving.record.host, "kvm01");
+    assert_eq!(moving.record.moving_to.as_deref(), Some("kvm02"));
+    assert!(moving.token > start.token);
+    assert_eq!(
+        moving.lease,
+        a.lease(),
+        "still bound to the source until the swap"
+    );
+
+    // The old token is stale everywhere.
+    let stale = a
+        .begin_handover("web-1", start.token, "kvm03")
+        .await
+        .unwrap();
+    let fenced = stale.expect_err("a stale token cannot swap");
+    assert_eq!(fenced.current.as_ref(), Some(&moving));
+    assert!(fenced.to_string().contains("moving to kvm02"), "{fenced}");
+    assert!(a.verify("web-1", start.token).await.unwrap().is_err());
+    assert!(b
+        .complete_handover("web-1", start.token)
+        .await
+        .unwrap()
+        .is_err());
+    // A third host cannot take it, even with the current token.
+    assert!(c
+        .complete_handover("web-1", moving.token)
+        .await
+        .unwrap()
+        .is_err());
+    assert_eq!(
+        resolve_switchover(&store, "web-1", "kvm01", "kvm02")
+            .await
+            .unwrap(),
+        Switchover::Source(moving.clone())
+    );
+
+    // The destination's swap is the commit point.
+    let done = b
+        .complete_handover("web-1", moving.token)
+        .await
+        .unwrap()
+        .expect("the destination completes the handover");
+    assert_eq!(done.record.host, "kvm02");
+    assert_eq!(done.record.moving_to, None);
+    assert_eq!(done.lease, b.lease());
+    assert_eq!(
+        resolve_switchover(&store, "web-1", "kvm01", "kvm02")
+            .await
+            .unwrap(),
+        Switchover::Destination(done.clone())
+    );
+    assert!(a.verify("web-1", moving.token).await.unwrap().is_err());
+    assert!(a
+        .abort_handover("web-1", moving.token)
+        .await
+        .unwrap()
+        .is_err());
+    assert_eq!(
+        b.verify("web-1", done.token).await.unwrap(),
+        Ok(done.clone())
+    );
+
+    // A migration abandoned before its switchover: the source takes the record back.
+    let moving = b
+        .begin_handover("web-1", done.token, "kvm03")
+        .await
+        .unwrap()
+        .unwrap();
+    let back = b
+        .abort_handover("web-1", moving.token)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(back.record.moving_to, None);
+    assert!(c
+        .complete_handover("web-1", moving.token)
+        .await
+        .unwrap()
+        .is_err());
+
+    // The source dies mid-handover: the record goes with its lease; neither side may
+    // resume the guest on its own word.
+    let moving = b
+        .begin_handover("web-1", back.token, "kvm03")
+        .await
+        .unwrap()
+        .unwrap();
+    drop(b);
+    wait_for(
+        "kvm02's lease to expire",
+        Duration::from_secs(5),
+        || async { read_owner(&store, "web-1").await.unwrap().is_none() },
+    )
+    .await;
+    assert_eq!(
+        resolve_switchover(&store, "web-1", "kvm02", "kvm03")
+            .await
+            .unwrap(),
+        Switchover::Neither(None)
+    );
+    assert!(c
+        .complete_handover("web-1", moving.token)
+        .await
+        .unwrap()
+        .is_err());
+
+    // Release: only with the current token.
+    let Acquire::Owned(owned) = c.acquire("web-1").await.unwrap() else {
+        panic!("kvm03 acquires the free guest")
+    };
+    assert!(c.release("web-1", moving.token).await.unwrap().is_err());
+    c.release("web-1", owned.token).await.unwrap().unwrap();
+    assert_eq!(read_owner(&store, "web-1").await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn a_restarted_host_keeps_its_lease_and_ownership() {
+    let etcd = Etcd::start();
+    let store = connect(&etcd).await;
+    let first = HostSession::open(&store, "kvm01", None).await.unwrap();
+    let Acquire::Owned(owned) = first.acquire("web-1").await.unwrap() else {
+        panic!("acquire")
+    };
+    let lease = first.lease();
+    drop(first);
+    // `berth serve` restarts within the TTL and resumes its lease: nothing changed.
+    let second = HostSession::open(&store, "kvm01", Some(lease))
+        .await
+        .unwrap();
+    assert_eq!(second.lease(), lease);
+    assert_eq!(
+        second.acquire("web-1").await.unwrap(),
+        Acquire::Owned(owned.clone())
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        second.verify("web-1", owned.token).await.unwrap(),
+        Ok(owned.clone())
+    );
+
+    // Without the old lease (the state was lost), the host rebinds its own record to
+    // its new lease; the token changes.
+    let third = HostSession::open(&store, "kvm01", None).await.unwrap();
+    assert_ne!(third.lease(), lease);
+    let Acquire::Owned(rebound) = third.acquire("web-1").await.unwrap() else {
+        panic!("the host's own record is rebound")
+    };
+    assert_eq!(rebound.lease, third.lease());
+    assert!(rebound.token > owned.token);
+    assert!(second.verify("web-1", owned.token).await.unwrap().is_err());
+    drop(second);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        read_owner(&store, "web-1").await.unwrap(),
+        Some(rebound),
+        "the record outlives the old lease"
+    );
+}
+
+#[tokio::test]
+async fn a_host_cut_off_from_etcd_must_fence_before_its_lease_can_expire() {
+    let mut etcd = Etcd::start();
+    let store = connect(&etcd).await;
+    let fleet = example_fleet();
+    let session = HostSession::open(&store, "kvm01", None).await.unwrap();
+    session.publish_host(&fleet.hosts[0], None).await.unwrap();
+    let Acquire::Owned(_) = session.acquire("web-1").await.unwrap() else {
+        panic!("acquire")
+    };
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let before = session.health();
+    assert_eq!(before.state, LeaseState::Held);
+    assert!(
+        before.since_renewal < Duration::from_millis(600),
+        "{before:?}"
+    );
+
+    // Partition: etcd stops answering (its requests hang).
+    etcd.freeze();
+    let frozen = Instant::now();
+    let must_fence = wait_for(
+        "the host to know it must fence",
+        Duration::from_secs(3),
+        || async { session.health().state != LeaseState::Held },
+    )
+    .await;
+    let health = session.health();
+    assert_eq!(health.state, LeaseState::MustFence, "{health:?}");
+    // The deadline is the self-fence timeout after the last answered renewal, which
+    // was sent at most one renewal period (plus its round trip) before the freeze.
+    assert!(must_fence <= Duration::from_secs(1), "{must_fence:?}");
+    assert!(health.fence_deadline <= Instant::now());
+    wait_for(
+        "the host to count its lease as expired",
+        Duration::from_secs(3),
+        || async { session.health().state == LeaseState::Expired },
+    )
+    .await;
+    assert!(frozen.elapsed() <= Duration::from_secs(2));
+
+    // etcd comes back after the TTL: the lease is gone there too; the host gets a new
+    // one and publishes its record again, but its ownership is not restored for it.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    etcd.thaw();
+    wait_for("a new lease", Duration::from_secs(10), || async {
+        let h = session.health();
+        h.generation == 1 && h.state == LeaseState::Held
+    })
+    .await;
+    wait_for(
+        "the host record under the new lease",
+        Duration::from_secs(5),
+        || async {
+            read_fleet(&store).await.is_ok_and(|v| {
+                v.hosts
+                    .get("kvm01")
+                    .is_some_and(|h| h.lease == session.lease())
+            })
+        },
+    )
+    .await;
+    let view = read_fleet(&store).await.unwrap();
+    assert!(view.owners.is_empty(), "{:?}", view.owners);
+    // etcd killed outright: the host notices just the same.
+    etcd.stop();
+    wait_for(
+        "the host to know it must fence",
+        Duration::from_secs(3),
+        || async { session.health().state != LeaseState::Held },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_new_leader_is_elected_within_one_ttl_of_the_leaders_death() {
+    let etcd = Etcd::start();
+    let store = connect(&etcd).await;
+    let a = HostSession::open(&store, "kvm01", None).await.unwrap();
+    let b = HostSession::open(&store, "kvm02", None).await.unwrap();
+    let c = HostSession::open(&store, "kvm03", None).await.unwrap();
+    let leader = Leadership::campaign(&a)
+        .await
+        .expect("the first candidate leads");
+    assert_eq!(leader.host(), "kvm01");
+    assert_eq!(
+        berth_reconciler::etcd::current_leader(&store)
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("kvm01")
+    );
+
+    let (elected_tx, mut elected) = tokio::sync::mpsc::unbounded_channel();
+    let b_store = store.clone();
+    let candidates = [b, c];
+    let mut tasks = Vec::new();
+    for session in candidates {
+        let tx = elected_tx.clone();
+        tasks.push(tokio::spawn(async move {
+            let won = Leadership::campaign(&session).await.expect("campaign");
+            tx.send((won.host().to_owned(), won.term(), Instant::now()))
+                .expect("report");
+            // Lead until the test ends.
+            std::future::pending::<()>().await;
+            drop(session);
+        }));
+    }
+    // Nobody else is elected while the leader lives.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(elected.try_recv().is_err());
+    assert!(leader.is_leader(&store).await.unwrap());
+
+    // The leader's guard fences its writes to its term.
+    let mut client = store.client();
+    let guarded =
+        etcd_client::Txn::new()
+            .when([leader.guard()])
+            .and_then([etcd_client::TxnOp::put(
+                "/berth/test-leader-write",
+                "1",
+                None,
+            )]);
+    assert!(client.txn(guarded.clone()).await.unwrap().succeeded());
+
+    // The leader crashes.
+    let died = Instant::now();
+    drop(a);
+    let (host, term, at) = tokio::time::timeout(Duration::from_secs(5), elected.recv())
+        .await
+        .expect("a new leader within 5 s")
+        .expect("a candidate reported");
+    let failover = at - died;
+    assert!(host == "kvm02" || host == "kvm03", "{host}");
+    assert!(term > leader.term());
+    assert!(failover <= Duration::from_millis(2500), "{failover:?}");
+    assert_eq!(
+        berth_reconciler::etcd::current_leader(&b_store)
+            .await
+            .unwrap()
+            .as_deref(),
+        Some(host.as_str())
+    );
+    assert!(!leader.is_leader(&store).await.unwrap());
+    assert!(!client.txn(guarded).await.unwrap().succeeded());
+    // Exactly one new leader.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(elected.try_recv().is_err());
+    eprintln!("leader failover took {failover:?} (lease TTL 2 s)");
+    for task in tasks {
+        task.abort();
+    }
+}
