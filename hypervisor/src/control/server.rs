@@ -127,6 +127,9 @@ fn handle(vmm: &Arc<Vmm>, request: Request) -> Response {
         Op::VcpuRegisters => vmm
             .vcpu_registers()
             .map(|regs| serde_json::to_value(regs).unwrap_or_default()),
+        Op::FenceDeadline(args) => {
+            Ok(serde_json::to_value(vmm.fence().set(vmm, args)).unwrap_or_default())
+        }
         Op::Shutdown(args) => {
             vmm.request_shutdown(args.timeout_ms, "shutdown requested on the control socket");
             Ok(serde_json::json!({"state": "stopping"}))
