@@ -543,3 +543,130 @@ async fn a_new_leader_is_elected_within_one_ttl_of_the_leaders_death() {
         task.abort();
     }
 }
+
+/// Runs the `berth` binary; its exit code, stdout and stderr.
+fn berth(args: &[&str]) -> (i32, String, String) {
+    let out = berth_tests::command("berth")
+        .args(args)
+        .env_remove("BERTH_ETCD")
+        .output()
+        .expect("run berth");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8(out.stdout).expect("utf-8"),
+        String::from_utf8(out.stderr).expect("utf-8"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn berth_get_guests_and_status_read_the_fleet_from_etcd_alone() {
+    let etcd = Etcd::start();
+    let store = connect(&etcd).await;
+    let fleet = example_fleet();
+    let kvm01 = HostSession::open(&store, "kvm01", None).await.unwrap();
+    let kvm02 = HostSession::open(&store, "kvm02", None).await.unwrap();
+    let mut host02 = fleet.hosts[0].clone();
+    host02.name = "kvm02".into();
+    kvm01
+        .publish_host(&fleet.hosts[0], Some("127.0.0.1:7410"))
+        .await
+        .unwrap();
+    kvm02.publish_host(&host02, None).await.unwrap();
+    kvm01.publish_observed(&fleet.guests).await.unwrap();
+    let Acquire::Owned(web) = kvm01.acquire("web-1").await.unwrap() else {
+        panic!("acquire web-1")
+    };
+    kvm01
+        .begin_handover("web-1", web.token, "kvm02")
+        .await
+        .unwrap()
+        .unwrap();
+    // A guest being started on kvm02: owned, not yet observed.
+    let Acquire::Owned(db) = kvm02.acquire("db-1").await.unwrap() else {
+        panic!("acquire db-1")
+    };
+    let _leader = Leadership::campaign(&kvm01).await.unwrap();
+    let url = etcd.endpoint();
+
+    let (code, out, err) = berth(&["get", "guests", "--fleet", "--etcd", &url, "-o", "json"]);
+    assert_eq!(code, 0, "{err}");
+    let rows: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    let rows = rows.as_array().expect("an array");
+    let names: Vec<&str> = rows.iter().map(|r| r["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["batch-1", "db-1", "web-1"]);
+    assert_eq!(rows[0]["host"], "kvm01");
+    assert_eq!(rows[0]["state"], "running");
+    assert_eq!(rows[0]["owner"], serde_json::Value::Null);
+    assert_eq!(rows[1]["host"], serde_json::Value::Null);
+    assert_eq!(rows[1]["owner"], "kvm02");
+    assert_eq!(rows[1]["token"], db.token.0);
+    assert_eq!(rows[2]["owner"], "kvm01");
+    assert_eq!(rows[2]["movingTo"], "kvm02");
+
+    let (code, out, err) = berth(&["get", "guests", "--fleet", "--etcd", &url]);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines[0].starts_with("NAME"), "{out}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("web-1") && l.contains("kvm01 -> kvm02")),
+        "{out}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("batch-1") && l.contains("none")),
+        "{out}"
+    );
+
+    let (code, out, err) = berth(&["status", "--fleet", "--etcd", &url]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("2 host(s) alive, leader kvm01."), "{out}");
+    let kvm01_line = out
+        .lines()
+        .find(|l| l.starts_with("kvm01"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        kvm01_line.contains(&format!("{:x}", kvm01.lease())),
+        "{out}"
+    );
+    assert!(kvm01_line.ends_with("127.0.0.1:7410"), "{out}");
+
+    let (code, out, err) = berth(&["status", "--fleet", "--etcd", &url, "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let status: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(status["leader"], "kvm01");
+    assert_eq!(status["hosts"].as_array().unwrap().len(), 2);
+    assert_eq!(status["hosts"][0]["lease"], kvm01.lease());
+    assert_eq!(status["owners"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        status["guests"].as_array().unwrap().len(),
+        fleet.guests.len()
+    );
+
+    // No etcd at that address: a clear error, exit code 3, nothing printed to stdout.
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let (code, out, err) = berth(&[
+        "status",
+        "--fleet",
+        "--etcd",
+        &dead,
+        "--etcd-timeout-ms",
+        "500",
+    ]);
+    assert_eq!(code, 3, "{out}{err}");
+    assert!(out.is_empty());
+    assert!(err.starts_with("error: etcd: reading the fleet"), "{err}");
+    let (code, _, err) = berth(&["get", "guests", "--fleet"]);
+    assert_eq!(code, 3);
+    assert!(err.contains("no etcd given: pass --etcd"), "{err}");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

@@ -46,8 +46,9 @@ pub enum Command {
     /// Run the host-resident service: follow a git repository and keep this host
     /// converged to it.
     Serve(berth_reconciler::serve::ServeArgs),
-    /// Show the status of a running `berth serve`.
-    Status(berth_reconciler::serve::StatusArgs),
+    /// Show the status of a running `berth serve`, or of the whole fleet from etcd
+    /// (`--fleet --etcd URL`).
+    Status(commands::fleet::FleetStatusArgs),
 }
 
 /// Arguments of `berth schema`.
@@ -70,10 +71,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             berth_reconciler::serve::run(&args)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status(args) => {
-            write_stdout(&berth_reconciler::serve::status_text(&args)?)?;
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Status(args) => commands::fleet::status(&args),
         Command::Schema(args) => {
             let text = if args.reference {
                 berth_schema::reference::markdown()

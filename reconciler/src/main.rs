@@ -11,6 +11,7 @@ mod cli;
 /// an arm in `cli::run`.
 mod commands {
     pub mod apply;
+    pub mod fleet;
     pub mod get;
     pub mod plan;
     pub mod stop;

@@ -38,6 +38,7 @@
 //! only to start or move one. A host whose lease is in doubt ([`LeaseHealth`]) starts and
 //! moves nothing and stops only its HA guests.
 
+mod args;
 mod election;
 mod ownership;
 mod session;
@@ -46,6 +47,7 @@ mod view;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use args::{EtcdArgs, LeaseArgs, NoEtcd};
 pub use election::{current_leader, Leadership};
 pub use ownership::{
     read_owner, resolve_switchover, Acquire, Fenced, FencingToken, OwnerRecord, Ownership,
@@ -67,7 +69,7 @@ pub enum EtcdError {
         source: etcd_client::Error,
     },
     /// A request failed.
-    #[error("etcd {what} failed")]
+    #[error("etcd: {what} failed")]
     Request {
         /// What berth asked, e.g. `granting a lease`.
         what: String,
@@ -76,7 +78,7 @@ pub enum EtcdError {
         source: etcd_client::Error,
     },
     /// A request got no answer in time (etcd unreachable, or partitioned away).
-    #[error("etcd {what} got no answer within {timeout:?}")]
+    #[error("etcd: {what} got no answer within {timeout:?}")]
     Timeout {
         /// What berth asked.
         what: String,

@@ -31,11 +31,13 @@ impl std::fmt::Display for FencingToken {
 }
 
 /// An ownership record as read from etcd.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Ownership {
     /// The guest.
     pub guest: String,
     /// Who owns it, and where it is moving.
+    #[serde(flatten)]
     pub record: OwnerRecord,
     /// The record's `ModRevision`.
     pub token: FencingToken,
