@@ -670,3 +670,244 @@ fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// A throwaway PKI made with openssl: a CA, etcd's server certificate for 127.0.0.1,
+/// and a client certificate for host kvm01, all signed by the CA (P-256 keys).
+struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = tempfile::tempdir().expect("PKI directory");
+        let pki = Pki { dir };
+        pki.openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=berth-test-ca",
+        ]);
+        std::fs::write(pki.path("server.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+        std::fs::write(pki.path("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+        for (name, subject) in [("server", "/CN=etcd"), ("client", "/CN=kvm01")] {
+            pki.openssl(&[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.csr"),
+                "-subj",
+                subject,
+            ]);
+            pki.openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "1",
+                "-extfile",
+                &format!("{name}.ext"),
+                "-out",
+                &format!("{name}.pem"),
+            ]);
+        }
+        pki
+    }
+
+    fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn openssl(&self, args: &[&str]) {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(self.dir.path())
+            .output()
+            .expect("run openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn server(&self) -> berth_tests::etcd::ServerTls {
+        berth_tests::etcd::ServerTls {
+            cert: self.path("server.pem"),
+            key: self.path("server.key"),
+            client_ca: self.path("ca.pem"),
+        }
+    }
+
+    fn client(&self, with_certificate: bool) -> berth_reconciler::etcd::EtcdTls {
+        berth_reconciler::etcd::EtcdTls {
+            ca: Some(self.path("ca.pem")),
+            cert: with_certificate.then(|| self.path("client.pem")),
+            key: with_certificate.then(|| self.path("client.key")),
+            domain: None,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_over_tls_with_a_client_certificate() {
+    let pki = Pki::new();
+    let etcd = Etcd::start_tls(pki.server());
+    assert!(etcd.endpoint().starts_with("https://"));
+    let mut config = short_leases(&etcd);
+    config.tls = Some(pki.client(true));
+    let store = config.connect().await.expect("connect over TLS");
+    let session = HostSession::open(&store, "kvm01", None).await.unwrap();
+    assert!(matches!(
+        session.acquire("web-1").await.unwrap(),
+        Acquire::Owned(_)
+    ));
+    assert_eq!(read_fleet(&store).await.unwrap().owners.len(), 1);
+
+    // Without a client certificate etcd refuses the handshake.
+    let mut anonymous = short_leases(&etcd);
+    anonymous.tls = Some(pki.client(false));
+    let refused = match anonymous.connect().await {
+        Ok(store) => read_fleet(&store).await.map(|_| ()),
+        Err(e) => Err(e),
+    };
+    assert!(
+        refused.is_err(),
+        "etcd served a client without a certificate"
+    );
+    // Plain HTTP to the TLS port gets nothing either.
+    let plain = EtcdConfig {
+        endpoints: vec![etcd.endpoint().replace("https://", "http://")],
+        ..short_leases(&etcd)
+    };
+    let refused = match plain.connect().await {
+        Ok(store) => read_fleet(&store).await.map(|_| ()),
+        Err(e) => Err(e),
+    };
+    assert!(refused.is_err(), "etcd served plain HTTP on its TLS port");
+
+    let url = etcd.endpoint();
+    let (ca, cert, key) = (
+        pki.path("ca.pem"),
+        pki.path("client.pem"),
+        pki.path("client.key"),
+    );
+    let (code, out, err) = berth(&[
+        "get",
+        "guests",
+        "--fleet",
+        "--etcd",
+        &url,
+        "--etcd-cacert",
+        ca.to_str().unwrap(),
+        "--etcd-cert",
+        cert.to_str().unwrap(),
+        "--etcd-key",
+        key.to_str().unwrap(),
+        "-o",
+        "json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("\"owner\": \"kvm01\""), "{out}");
+    let missing = pki.path("missing.pem");
+    let (code, _, err) = berth(&[
+        "status",
+        "--fleet",
+        "--etcd",
+        &url,
+        "--etcd-cacert",
+        missing.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 3);
+    assert!(
+        err.contains(&format!(
+            "cannot read the etcd TLS file {}",
+            missing.display()
+        )),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_authentication_with_a_user_and_password() {
+    let etcd = Etcd::start();
+    let mut admin = etcd_client::Client::connect([etcd.endpoint()], None)
+        .await
+        .unwrap();
+    admin.user_add("root", "root-secret", None).await.unwrap();
+    admin.user_grant_role("root", "root").await.unwrap();
+    admin.auth_enable().await.unwrap();
+
+    let mut config = short_leases(&etcd);
+    config.auth = Some(berth_reconciler::etcd::EtcdAuth {
+        user: "root".into(),
+        password: "root-secret".into(),
+    });
+    let store = config.connect().await.expect("connect with a password");
+    let session = HostSession::open(&store, "kvm01", None).await.unwrap();
+    session
+        .publish_host(&example_fleet().hosts[0], None)
+        .await
+        .unwrap();
+    assert!(matches!(
+        session.acquire("web-1").await.unwrap(),
+        Acquire::Owned(_)
+    ));
+    assert_eq!(read_fleet(&store).await.unwrap().owners.len(), 1);
+
+    let mut wrong = short_leases(&etcd);
+    wrong.auth = Some(berth_reconciler::etcd::EtcdAuth {
+        user: "root".into(),
+        password: "guess".into(),
+    });
+    let error = wrong
+        .connect()
+        .await
+        .err()
+        .expect("a wrong password is refused");
+    assert!(
+        error.to_string().starts_with("cannot connect to etcd at"),
+        "{error}"
+    );
+    let anonymous = connect(&etcd).await;
+    assert!(
+        read_fleet(&anonymous).await.is_err(),
+        "etcd served a client without a user"
+    );
+
+    let url = etcd.endpoint();
+    let out = berth_tests::command("berth")
+        .args(["status", "--fleet", "--etcd", &url, "--etcd-user", "root"])
+        .env("BERTH_ETCD_PASSWORD", "root-secret")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("1 host(s) alive"), "{stdout}");
+}

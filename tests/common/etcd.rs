@@ -19,6 +19,19 @@ pub struct Etcd {
     client_port: u16,
     peer_port: u16,
     child: Option<Child>,
+    tls: Option<ServerTls>,
+}
+
+/// TLS for etcd's client port: its certificate and key, and the CA whose client
+/// certificates it requires.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    /// The server certificate (PEM), valid for IP 127.0.0.1.
+    pub cert: PathBuf,
+    /// Its key (PEM).
+    pub key: PathBuf,
+    /// The CA that signs client certificates (PEM).
+    pub client_ca: PathBuf,
 }
 
 /// A port on 127.0.0.1 that nothing listened on a moment ago.
@@ -45,6 +58,16 @@ fn etcd_binary() -> PathBuf {
 impl Etcd {
     /// Starts an etcd and waits until it reports itself healthy.
     pub fn start() -> Etcd {
+        Etcd::start_with(None)
+    }
+
+    /// Starts an etcd that serves clients over TLS only and requires a client
+    /// certificate signed by `tls.client_ca`.
+    pub fn start_tls(tls: ServerTls) -> Etcd {
+        Etcd::start_with(Some(tls))
+    }
+
+    fn start_with(tls: Option<ServerTls>) -> Etcd {
         let dir = tempfile::Builder::new()
             .prefix("berth-etcd-")
             .tempdir()
@@ -54,6 +77,7 @@ impl Etcd {
             client_port: 0,
             peer_port: 0,
             child: None,
+            tls,
         };
         // A port found free can be taken before etcd binds it: try again with new ports.
         for _ in 0..5 {
@@ -66,9 +90,10 @@ impl Etcd {
         panic!("etcd did not start in 5 attempts (its log is above)");
     }
 
-    /// The client URL, `http://127.0.0.1:<port>`.
+    /// The client URL, `http://127.0.0.1:<port>` (`https://` with TLS).
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     /// The etcd process id, while it runs.
@@ -122,7 +147,7 @@ impl Etcd {
     /// Spawns etcd and waits up to 20 s for `/health`; false (with the log printed) when
     /// it exits or does not become healthy.
     fn spawn_and_wait(&mut self) -> bool {
-        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let client = self.endpoint();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -141,6 +166,17 @@ impl Etcd {
             // Short raft timers: a lone member elects itself at once, and leases of 2 s
             // (etcd's minimum with these timers is 1.5 s) are honoured.
             .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+            .args(self.tls.iter().flat_map(|tls| {
+                [
+                    "--cert-file".into(),
+                    tls.cert.clone().into_os_string(),
+                    "--key-file".into(),
+                    tls.key.clone().into_os_string(),
+                    "--trusted-ca-file".into(),
+                    tls.client_ca.clone().into_os_string(),
+                    "--client-cert-auth".into(),
+                ]
+            }))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log);
@@ -155,6 +191,7 @@ impl Etcd {
                 Ok(())
             });
         }
+        let log_start = std::fs::metadata(self.log_path()).map_or(0, |m| m.len() as usize);
         let child = cmd.spawn().expect("spawn etcd");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -167,7 +204,17 @@ impl Etcd {
                 );
                 return false;
             }
-            if healthy(self.client_port) {
+            let ready = if self.tls.is_some() {
+                // Plain HTTP cannot ask a TLS port: etcd's log says when it serves.
+                std::fs::read(self.log_path()).is_ok_and(|log| {
+                    String::from_utf8_lossy(log.get(log_start..).unwrap_or_default()).contains(
+                        &format!("serving client requests on 127.0.0.1:{}", self.client_port),
+                    )
+                })
+            } else {
+                healthy(self.client_port)
+            };
+            if ready {
                 return true;
             }
             std::thread::sleep(Duration::from_millis(50));
