@@ -8,8 +8,8 @@
 use std::time::{Duration, Instant};
 
 use berth_reconciler::etcd::{
-    read_fleet, read_owner, resolve_switchover, Acquire, EtcdConfig, EtcdStore, HostSession,
-    Leadership, LeaseState, LeaseTimeouts, Switchover,
+    read_fleet, read_owner, resolve_switchover, Acquire, EtcdConfig, EtcdStore, HostEvent,
+    HostSession, HostWatch, Leadership, LeaseState, LeaseTimeouts, Switchover,
 };
 use berth_reconciler::{Desired, Observed};
 use berth_tests::etcd::Etcd;
@@ -910,4 +910,84 @@ async fn etcd_authentication_with_a_user_and_password() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("1 host(s) alive"), "{stdout}");
+}
+
+async fn next_host_event(watch: &mut HostWatch) -> HostEvent {
+    tokio::time::timeout(Duration::from_secs(5), watch.next())
+        .await
+        .expect("a host event within 5 s")
+        .expect("the watch works")
+        .expect("the watch goes on")
+}
+
+#[tokio::test]
+async fn a_watch_from_a_fleet_read_sees_hosts_come_and_die_with_their_last_record() {
+    let etcd = Etcd::start();
+    let store = connect(&etcd).await;
+    let fleet = example_fleet();
+    // The leader watches over its own connection, as it would from its own host.
+    let leader = connect(&etcd).await;
+    let start = read_fleet(&leader).await.unwrap();
+    let mut watch = HostWatch::open(&leader, start.revision).await.unwrap();
+
+    let a = HostSession::open(&store, "kvm01", None).await.unwrap();
+    a.publish_host(&fleet.hosts[0], None).await.unwrap();
+    match next_host_event(&mut watch).await {
+        HostEvent::Published(h) => {
+            assert_eq!(h.name, "kvm01");
+            assert_eq!(h.lease, a.lease());
+        }
+        other => panic!("{other:?}"),
+    }
+    let b = HostSession::open(&store, "kvm02", None).await.unwrap();
+    let mut host02 = fleet.hosts[0].clone();
+    host02.name = "kvm02".into();
+    b.publish_host(&host02, Some("127.0.0.1:7411"))
+        .await
+        .unwrap();
+    assert!(
+        matches!(next_host_event(&mut watch).await, HostEvent::Published(h) if h.name == "kvm02")
+    );
+
+    // A clean shutdown: gone at once.
+    b.close().await.unwrap();
+    match next_host_event(&mut watch).await {
+        HostEvent::Gone { name, last, .. } => {
+            assert_eq!(name, "kvm02");
+            assert_eq!(last.unwrap().address.as_deref(), Some("127.0.0.1:7411"));
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // A crash: gone one TTL after the last renewal, with the record it had (its
+    // timeouts tell the leader how long it had to fence itself).
+    let died = Instant::now();
+    drop(a);
+    match next_host_event(&mut watch).await {
+        HostEvent::Gone { name, last, .. } => {
+            assert_eq!(name, "kvm01");
+            let last = last.unwrap();
+            assert_eq!(last.observed, fleet.hosts[0]);
+            assert_eq!(last.lease_ttl_seconds, 2);
+            assert_eq!(last.self_fence_after_ms, 1000);
+        }
+        other => panic!("{other:?}"),
+    }
+    let noticed = died.elapsed();
+    assert!(
+        noticed >= Duration::from_millis(1700) && noticed < Duration::from_millis(3500),
+        "{noticed:?}"
+    );
+
+    // Watching again from the same read replays every change: nothing is missed.
+    let mut replay = HostWatch::open(&leader, start.revision).await.unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        seen.push(match next_host_event(&mut replay).await {
+            HostEvent::Published(h) => format!("+{}", h.name),
+            HostEvent::Gone { name, .. } => format!("-{name}"),
+        });
+    }
+    assert_eq!(seen, ["+kvm01", "+kvm02", "-kvm02", "-kvm01"]);
+    eprintln!("a crashed host was seen gone {noticed:?} after it stopped renewing (TTL 2 s)");
 }

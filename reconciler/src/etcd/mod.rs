@@ -54,7 +54,7 @@ pub use ownership::{
     Switchover,
 };
 pub use session::{HostRecord, HostSession, LeaseHealth, LeaseState};
-pub use view::{read_fleet, FleetView, PublishedHost};
+pub use view::{read_fleet, FleetView, HostEvent, HostWatch, PublishedHost};
 
 /// A failure talking to etcd, or a value in etcd berth cannot read.
 #[derive(Debug, thiserror::Error)]
@@ -236,12 +236,15 @@ impl EtcdConfig {
             endpoints: endpoints.clone(),
             source,
         };
-        // HTTP/2 pings notice a dead or partitioned etcd within about two request
-        // timeouts even on an idle connection, so the lease keeper reconnects in time.
+        // HTTP/2 pings notice a dead or partitioned etcd on a connection with a stream
+        // open (a host's always has its lease's keep-alive stream), so that the client
+        // reconnects. Not more often than every 10 s: etcd closes connections that ping
+        // more often than its --grpc-keepalive-min-time (5 s by default), or that ping
+        // with no stream open.
         let mut options = etcd_client::ConnectOptions::new()
             .with_connect_timeout(self.request_timeout)
-            .with_keep_alive(self.request_timeout, self.request_timeout)
-            .with_keep_alive_while_idle(true);
+            .with_keep_alive(Duration::from_secs(10), self.request_timeout)
+            .with_keep_alive_while_idle(false);
         if let Some(auth) = &self.auth {
             options = options.with_user(auth.user.clone(), auth.password.clone());
         }

@@ -82,3 +82,99 @@ pub async fn read_fleet(store: &EtcdStore) -> Result<FleetView, EtcdError> {
     view.leader = leader_among(candidates.into_iter());
     Ok(view)
 }
+
+/// A change to the set of live hosts, as the leader follows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostEvent {
+    /// A host published its record: it joined, came back, or updated it.
+    Published(PublishedHost),
+    /// A host's record is gone: its lease expired (it died or was cut off, and has
+    /// fenced itself by now) or was revoked (a clean shutdown).
+    Gone {
+        /// The host.
+        name: String,
+        /// The record it had.
+        last: Option<HostRecord>,
+        /// The revision of the deletion.
+        revision: i64,
+    },
+}
+
+/// The host records' changes after a [`FleetView`]'s revision, with none missed.
+pub struct HostWatch {
+    stream: etcd_client::WatchStream,
+    hosts_prefix: String,
+    pending: std::collections::VecDeque<HostEvent>,
+}
+
+impl HostWatch {
+    /// Follows the host records from just after `revision` (a [`FleetView::revision`]:
+    /// reading the fleet, then watching from there, misses nothing).
+    pub async fn open(store: &EtcdStore, revision: i64) -> Result<HostWatch, EtcdError> {
+        let hosts_prefix = store.keys.hosts();
+        let options = etcd_client::WatchOptions::new()
+            .with_prefix()
+            .with_prev_key()
+            .with_start_revision(revision + 1);
+        let mut client = store.client.watch_client();
+        let stream = store
+            .call(
+                || "watching the hosts".to_owned(),
+                client.watch(hosts_prefix.clone(), Some(options)),
+            )
+            .await?;
+        Ok(HostWatch {
+            stream,
+            hosts_prefix,
+            pending: Default::default(),
+        })
+    }
+
+    /// The next change; waits for one. `None` when etcd ended the watch: read the fleet
+    /// again and open a new watch.
+    pub async fn next(&mut self) -> Result<Option<HostEvent>, EtcdError> {
+        loop {
+            if let Some(event) = self.pending.pop_front() {
+                return Ok(Some(event));
+            }
+            let answer = self
+                .stream
+                .message()
+                .await
+                .map_err(|source| EtcdError::Request {
+                    what: "watching the hosts".to_owned(),
+                    source,
+                })?;
+            let Some(answer) = answer else {
+                return Ok(None);
+            };
+            if answer.canceled() {
+                return Ok(None);
+            }
+            for event in answer.events() {
+                let Some(kv) = event.kv() else { continue };
+                let Some(name) = std::str::from_utf8(kv.key())
+                    .ok()
+                    .and_then(|k| k.strip_prefix(&self.hosts_prefix))
+                else {
+                    continue;
+                };
+                self.pending.push_back(match event.event_type() {
+                    etcd_client::EventType::Put => HostEvent::Published(PublishedHost {
+                        name: name.to_owned(),
+                        lease: kv.lease(),
+                        record: decode(kv.key(), kv.value())?,
+                    }),
+                    etcd_client::EventType::Delete => HostEvent::Gone {
+                        name: name.to_owned(),
+                        last: event
+                            .prev_kv()
+                            .map(|prev| decode(prev.key(), prev.value()))
+                            .transpose()?,
+                        revision: kv.mod_revision(),
+                    },
+                });
+            }
+        }
+    }
+}
