@@ -1,6 +1,7 @@
 //! berth's etcd layer against a real etcd (Debian's `etcd-server` 3.4), one etcd per
 //! test: host leases and what hosts publish, one-read fleet views, guest ownership with
-//! fencing tokens, and leader election with failover.
+//! fencing tokens, leader election with failover, and the self-fence of an HA guest
+//! (berth-vmm, real KVM: root and /dev/kvm) when its host is cut off from etcd.
 //!
 //! Leases here are short (2 s, etcd's minimum with the harness's raft timers, renewed
 //! every 250 ms, self-fence after 1 s) so that expiry can be waited for.
@@ -9,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use berth_reconciler::etcd::{
     read_fleet, read_owner, resolve_switchover, Acquire, EtcdConfig, EtcdStore, HostEvent,
-    HostSession, HostWatch, Leadership, LeaseState, LeaseTimeouts, Switchover,
+    HostSession, HostWatch, Leadership, LeaseHealth, LeaseState, LeaseTimeouts, Switchover,
 };
 use berth_reconciler::{Desired, Observed};
 use berth_tests::etcd::Etcd;
@@ -990,4 +991,157 @@ async fn a_watch_from_a_fleet_read_sees_hosts_come_and_die_with_their_last_recor
     }
     assert_eq!(seen, ["+kvm01", "+kvm02", "-kvm02", "-kvm01"]);
     eprintln!("a crashed host was seen gone {noticed:?} after it stopped renewing (TTL 2 s)");
+}
+
+/// A berth-vmm heartbeat guest on this machine, killed by pid (and its cgroup removed)
+/// on drop, also when the test fails.
+struct Guest {
+    child: Option<std::process::Child>,
+    _root: tempfile::TempDir,
+    socket: std::path::PathBuf,
+    name: String,
+}
+
+impl Guest {
+    fn start(name: &str) -> Guest {
+        let root = tempfile::tempdir().expect("state root");
+        let spec = root.path().join(format!("{name}.yaml"));
+        std::fs::write(
+            &spec,
+            format!(
+                "apiVersion: berth.dev/v1\nkind: Guest\nmetadata: {{name: {name}}}\nspec:\n  host: kvm01\n  cpu: {{vcpus: 1}}\n  memory: {{size: 16MiB}}\n  boot: {{kernel: builtin:heartbeat, heartbeat: {{tickHz: 50, ticksPerLine: 10, dirtyPagesPerTick: 0}}}}\n"
+            ),
+        )
+        .unwrap();
+        let mut child = berth_tests::command("berth-vmm")
+            .arg("run")
+            .arg("--spec")
+            .arg(&spec)
+            .arg("--state-dir")
+            .arg(root.path())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(root.path().join("stderr")).unwrap())
+            .spawn()
+            .expect("spawn berth-vmm");
+        let line = berth_tests::first_stdout_line(&mut child, Duration::from_secs(20));
+        let mut guest = Guest {
+            child: Some(child),
+            _root: root,
+            socket: Default::default(),
+            name: name.to_owned(),
+        };
+        guest.socket = line
+            .trim()
+            .strip_prefix("ready ")
+            .unwrap_or_else(|| panic!("berth-vmm did not start: {line:?}"))
+            .into();
+        guest
+    }
+
+    fn client(&self) -> berth_hypervisor::control::Client {
+        berth_hypervisor::control::Client::connect(&self.socket).expect("control socket")
+    }
+
+    /// Whether the VMM process still runs (reaps it once it exited).
+    fn runs(&mut self) -> bool {
+        match self.child.as_mut().map(|c| c.try_wait().expect("try_wait")) {
+            Some(None) => true,
+            Some(Some(_)) => {
+                self.child = None;
+                false
+            }
+            None => false,
+        }
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Ok(cgroups) = berth_hypervisor::host::cgroup::Cgroups::detect() {
+            let _ = cgroups.remove_stale(&self.name);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_cut_off_from_etcd_stops_its_ha_guest_before_its_lease_expires_and_keeps_the_others()
+{
+    berth_tests::require_root_and_kvm();
+    let etcd = Etcd::start();
+    let store = connect(&etcd).await;
+    let session = HostSession::open(&store, "kvm01", None).await.unwrap();
+    let ha_name = berth_tests::unique("ha-fence");
+    let plain_name = berth_tests::unique("plain-fence");
+    let Acquire::Owned(_) = session.acquire(&ha_name).await.unwrap() else {
+        panic!("acquire")
+    };
+    let mut ha = Guest::start(&ha_name);
+    let mut plain = Guest::start(&plain_name);
+    let mut ha_client = ha.client();
+
+    // What berth serve does for its HA guests: renew each VMM's deadline to the host's
+    // own self-fence deadline, every 100 ms, while the lease is held.
+    let renew = |client: &mut berth_hypervisor::control::Client| -> Option<LeaseHealth> {
+        let health = session.health();
+        let left = health.vmm_fence_in(Instant::now())?;
+        client.fence_deadline(Some(left)).ok()?;
+        Some(health)
+    };
+    let running = Instant::now();
+    while running.elapsed() < Duration::from_millis(1500) {
+        assert!(renew(&mut ha_client).is_some(), "the lease is held");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ha.runs());
+
+    // Partition from etcd: renewals stop being answered.
+    etcd.freeze();
+    let mut last = session.health();
+    while ha.runs() {
+        if let Some(health) = renew(&mut ha_client) {
+            last = health;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(
+            last.fence_deadline.elapsed() < Duration::from_secs(3),
+            "the HA guest still runs long after its fence deadline"
+        );
+    }
+    let stopped = Instant::now();
+    // The VMM stopped at the deadline it was last given, strictly before etcd can
+    // expire the lease (one TTL after the last answered renewal was sent).
+    let lease_expiry_earliest =
+        last.fence_deadline - store.lease_timeouts().self_fence_after + store.lease_timeouts().ttl;
+    assert!(stopped < lease_expiry_earliest, "fenced too late");
+    assert!(
+        stopped + Duration::from_millis(700) >= last.fence_deadline,
+        "fenced before the deadline"
+    );
+    let margin = lease_expiry_earliest - stopped;
+    // The guest without the policy runs on.
+    assert!(plain.runs());
+    assert_eq!(
+        plain.client().status().unwrap().state,
+        berth_hypervisor::control::GuestRunState::Running
+    );
+
+    // The partition lasts past the lease's TTL (a frozen etcd expires the lease when it
+    // runs again); then another host may take the guest, and the copy here is gone.
+    tokio::time::sleep_until((lease_expiry_earliest + Duration::from_secs(1)).into()).await;
+    etcd.thaw();
+    let other = HostSession::open(&store, "kvm02", None).await.unwrap();
+    wait_for(
+        "kvm02 to own the guest",
+        Duration::from_secs(10),
+        || async { matches!(other.acquire(&ha_name).await, Ok(Acquire::Owned(_))) },
+    )
+    .await;
+    assert!(!ha.runs());
+    assert!(plain.runs());
+    eprintln!("the HA guest stopped {margin:?} before the host's lease could expire");
 }

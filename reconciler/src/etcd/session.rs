@@ -59,6 +59,22 @@ pub struct LeaseHealth {
     pub fence_deadline: Instant,
 }
 
+impl LeaseHealth {
+    /// What to renew an HA guest VMM's self-fence deadline to (berth-vmm's
+    /// `fenceDeadline`), from `now`: the time left until `fence_deadline` while the lease
+    /// is held; `None` once it is not, when the service must stop renewing so that the
+    /// VMMs stop their guests at the deadline they were last given.
+    pub fn vmm_fence_in(&self, now: Instant) -> Option<Duration> {
+        match self.state {
+            LeaseState::Held => self
+                .fence_deadline
+                .checked_duration_since(now)
+                .filter(|left| !left.is_zero()),
+            LeaseState::MustFence | LeaseState::Expired => None,
+        }
+    }
+}
+
 struct Shared {
     lease: i64,
     generation: u64,
@@ -378,5 +394,29 @@ async fn keep_alive(store: EtcdStore, host: String, shared: Arc<Mutex<Shared>>) 
                 stream = None;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vmm_fence_deadlines_are_renewed_only_while_the_lease_is_held() {
+        let now = Instant::now();
+        let health = |state, left_ms| LeaseHealth {
+            lease: 1,
+            generation: 0,
+            state,
+            since_renewal: Duration::ZERO,
+            fence_deadline: now + Duration::from_millis(left_ms),
+        };
+        assert_eq!(
+            health(LeaseState::Held, 900).vmm_fence_in(now),
+            Some(Duration::from_millis(900))
+        );
+        assert_eq!(health(LeaseState::Held, 0).vmm_fence_in(now), None);
+        assert_eq!(health(LeaseState::MustFence, 900).vmm_fence_in(now), None);
+        assert_eq!(health(LeaseState::Expired, 900).vmm_fence_in(now), None);
     }
 }
