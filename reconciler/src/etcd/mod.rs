@@ -34,6 +34,19 @@
 //!   elected, within one TTL of the leader's last renewal. The leader's writes can be
 //!   fenced by the creation revision of its election key ([`Leadership::guard`]).
 //!
+//! How the fleet-coordination trait's questions map onto this module (the integration
+//! step; nothing here depends on the trait):
+//! - *may this host start the guest* (does another host still run it): [`HostSession::acquire`];
+//!   `HeldElsewhere` names the host, and the record outlives that host only by one TTL;
+//! - *prepare an incoming guest / follow a migration*: [`HostSession::begin_handover`] by
+//!   the source, [`HostSession::complete_handover`] by the destination at the
+//!   switchover's commit, [`HostSession::abort_handover`] when the move is abandoned;
+//! - *resolve an unknown switchover*: [`resolve_switchover`];
+//! - *before acting on a guest*: [`HostSession::verify`] with the token in its state;
+//! - the leader follows hosts with [`read_fleet`] then [`HostWatch`] from its revision,
+//!   and berth serve renews each HA guest VMM's `fenceDeadline` to
+//!   [`LeaseHealth::vmm_fence_in`].
+//!
 //! An etcd outage stops nothing that runs: no record is needed to keep a guest running,
 //! only to start or move one. A host whose lease is in doubt ([`LeaseHealth`]) starts and
 //! moves nothing and stops only its HA guests.
