@@ -38,10 +38,17 @@ pub struct FleetView {
     pub leader: Option<String>,
 }
 
+/// The largest fleet read accepted, in bytes (some 600,000 guests of 400 bytes).
+const MAX_FLEET_READ: usize = 256 << 20;
+
 /// Reads everything under the prefix at once.
 pub async fn read_fleet(store: &EtcdStore) -> Result<FleetView, EtcdError> {
     let keys = &store.keys;
-    let mut kv = store.client.kv_client();
+    // 1,000 hosts with 10 guests each are about 5 MB, over gRPC's default 4 MiB.
+    let mut kv = store
+        .client
+        .kv_client()
+        .max_decoding_message_size(MAX_FLEET_READ);
     let answer = store
         .call(
             || "reading the fleet".to_owned(),
