@@ -526,7 +526,8 @@ async fn a_new_leader_is_elected_within_one_ttl_of_the_leaders_death() {
     let failover = at - died;
     assert!(host == "kvm02" || host == "kvm03", "{host}");
     assert!(term > leader.term());
-    assert!(failover <= Duration::from_millis(2500), "{failover:?}");
+    // One TTL after its last renewal, plus etcd's expiry check (every 500 ms).
+    assert!(failover <= Duration::from_millis(3500), "{failover:?}");
     assert_eq!(
         berth_reconciler::etcd::current_leader(&b_store)
             .await

@@ -31,7 +31,8 @@
 //!   ([`resolve_switchover`]) and never from what a peer says.
 //! - **Leadership** ([`Leadership`]): etcd's election API over the candidates' leases.
 //!   When the leader's lease expires its key goes with it and the next candidate is
-//!   elected, within one TTL of the leader's last renewal. The leader's writes can be
+//!   elected, one TTL after the leader's last renewal (etcd checks for expired leases
+//!   every 500 ms). The leader's writes can be
 //!   fenced by the creation revision of its election key ([`Leadership::guard`]).
 //!
 //! How the fleet-coordination trait's questions map onto this module (the integration
