@@ -517,6 +517,55 @@ fn sigterm_is_a_graceful_shutdown() {
 }
 
 #[test]
+fn the_fence_deadline_stops_the_guest_unless_renewed() {
+    berth_tests::require_root_and_kvm();
+    let name = unique("hb-fence");
+    let text = spec(&name, "{vcpus: 1}", "{size: 16MiB}", &heartbeat(50, 10, 0));
+    let mut vmm = Vmm::start(&name, &text).unwrap();
+    let mut client = vmm.client();
+    let armed = client
+        .fence_deadline(Some(Duration::from_millis(400)))
+        .unwrap();
+    assert!(armed.armed);
+    assert!(armed.remaining_ms.is_some_and(|ms| ms <= 400), "{armed:?}");
+    // Renewed in time, for three times the deadline: the guest keeps running.
+    let renewing = Instant::now();
+    while renewing.elapsed() < Duration::from_millis(1200) {
+        std::thread::sleep(Duration::from_millis(100));
+        client
+            .fence_deadline(Some(Duration::from_millis(400)))
+            .unwrap();
+    }
+    assert_eq!(client.status().unwrap().state, GuestRunState::Running);
+    // Disarmed: no deadline at all.
+    let disarmed = client.fence_deadline(None).unwrap();
+    assert!(!disarmed.armed);
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(client.status().unwrap().state, GuestRunState::Running);
+
+    // Armed again and never renewed (the service died): the VMM stops the guest at the
+    // deadline and exits, cleaning up.
+    client
+        .fence_deadline(Some(Duration::from_millis(300)))
+        .unwrap();
+    let armed_at = Instant::now();
+    drop(client);
+    assert_eq!(vmm.wait_exit(Duration::from_secs(5)), Some(0));
+    let stopped_after = armed_at.elapsed();
+    assert!(
+        stopped_after >= Duration::from_millis(300) && stopped_after < Duration::from_millis(1300),
+        "{stopped_after:?}"
+    );
+    let stderr = std::fs::read_to_string(vmm.root.path().join(format!("{name}.stderr"))).unwrap();
+    assert!(
+        stderr.contains("fence deadline passed without a renewal from berth serve"),
+        "{stderr}"
+    );
+    assert!(!vmm.socket.exists());
+    eprintln!("fenced {stopped_after:?} after a 300 ms deadline was armed");
+}
+
+#[test]
 fn triple_fault_is_reported_as_crashed_without_spinning() {
     berth_tests::require_root_and_kvm();
     let name = unique("crash");

@@ -17,6 +17,7 @@ pub mod arch;
 pub mod config;
 pub mod control;
 pub mod devices;
+pub mod fence;
 pub mod host;
 mod hostlink;
 pub mod libvirt;

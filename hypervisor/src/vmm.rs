@@ -334,6 +334,7 @@ pub struct Vmm {
     cgroup: Mutex<CgroupState>,
     started_at: Instant,
     migration: crate::migration::Migration,
+    fence: crate::fence::Fence,
     _serial_irq: Arc<EventFd>,
 }
 
@@ -403,6 +404,7 @@ impl Vmm {
             cgroup: Mutex::new(CgroupState::default()),
             started_at,
             migration: crate::migration::Migration::default(),
+            fence: crate::fence::Fence::default(),
             _serial_irq: irq,
         })
     }
@@ -805,6 +807,11 @@ impl Vmm {
             }
         }
         Ok(report?)
+    }
+
+    /// The self-fence deadline ([`crate::fence`]).
+    pub fn fence(&self) -> &crate::fence::Fence {
+        &self.fence
     }
 
     /// Asks the main thread to shut down.

@@ -52,8 +52,9 @@ pub enum Command {
     /// Run the host-resident service: follow a git repository and keep this host
     /// converged to it.
     Serve(berth_reconciler::serve::ServeArgs),
-    /// Show the status of a running `berth serve`.
-    Status(berth_reconciler::serve::StatusArgs),
+    /// Show the status of a running `berth serve`, or of the whole fleet from etcd
+    /// (`--fleet --etcd URL`).
+    Status(commands::fleet::FleetStatusArgs),
     /// Print a shell completion script: `berth completion bash > /etc/bash_completion.d/berth`.
     Completion(CompletionArgs),
     /// Make a fleet CA and host certificates for the hosts' mutual TLS.
@@ -108,10 +109,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             berth_reconciler::serve::run(&args)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status(args) => {
-            write_stdout(&berth_reconciler::serve::status_text(&args)?)?;
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Status(args) => commands::fleet::status(&args),
         Command::Schema(args) => {
             let format = if args.reference {
                 Output::Markdown

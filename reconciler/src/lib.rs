@@ -13,6 +13,8 @@
 //! - [`fleet`]: coordination with the other hosts ([`fleet::Coordination`]: the start
 //!   guard, incoming migrations, switchover outcomes) and the cross-host migration built
 //!   on it.
+//! - [`etcd`]: fleet coordination on etcd (host leases, guest ownership with fencing
+//!   tokens, leader election); not yet behind [`fleet::Coordination`].
 //! - [`apply`]: runs a plan through a driver, wave by wave; the only place with effects.
 //! - [`git`]: a revision's manifest files, read with the git CLI (no checkout).
 //! - [`machine`]: the Host manifest checked against this machine before acting.
@@ -26,6 +28,7 @@ pub mod apply;
 pub mod classify;
 pub mod diff;
 pub mod driver;
+pub mod etcd;
 pub mod fleet;
 pub mod git;
 pub mod machine;

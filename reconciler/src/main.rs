@@ -10,6 +10,7 @@ mod cli;
 mod commands {
     pub mod apply;
     pub mod certs;
+    pub mod fleet;
     pub mod get;
     pub mod import;
     pub mod input;

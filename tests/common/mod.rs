@@ -1,6 +1,8 @@
 //! Helpers shared by the end-to-end tests in this directory: they run the real `berth`
 //! and `berth-vmm` binaries of this workspace.
 
+pub mod etcd;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;

@@ -209,6 +209,20 @@ impl Client {
         self.typed(Op::VcpuRegisters)
     }
 
+    /// Arms or renews the self-fence: unless called again before, the VMM stops the
+    /// guest and exits `within` from now. `None` disarms it.
+    ///
+    /// # Errors
+    /// See [`Client::call`].
+    pub fn fence_deadline(
+        &mut self,
+        within: Option<Duration>,
+    ) -> Result<crate::fence::FenceState, ClientError> {
+        self.typed(Op::FenceDeadline(crate::fence::FenceArgs {
+            in_ms: within.map(|d| d.as_millis() as u64),
+        }))
+    }
+
     /// Asks the VMM to shut down and waits until it has closed the connection (it
     /// exits right after), at most `wait` (the VMM's own vCPU timeout is `wait` too).
     ///

@@ -66,6 +66,9 @@ pub enum Op {
     /// Report the [`VcpuRegisters`] of every started vCPU; refused while the guest
     /// runs (pause it first).
     VcpuRegisters,
+    /// Arm, renew or disarm the self-fence deadline ([`crate::fence::FenceArgs`]):
+    /// unless renewed, the VMM stops the guest and exits at the deadline.
+    FenceDeadline(crate::fence::FenceArgs),
 }
 
 impl Op {
@@ -83,6 +86,7 @@ impl Op {
             Op::MigrateCancel => "migrateCancel",
             Op::MigrateResolve(_) => "migrateResolve",
             Op::VcpuRegisters => "vcpuRegisters",
+            Op::FenceDeadline(_) => "fenceDeadline",
         }
     }
 }
@@ -256,7 +260,7 @@ pub fn parse_request(line: &[u8]) -> Result<Request, Response> {
 }
 
 /// The operations [`parse_op`] knows.
-pub const KNOWN_OPS: [&str; 11] = [
+pub const KNOWN_OPS: [&str; 12] = [
     "status",
     "retune",
     "pause",
@@ -268,6 +272,7 @@ pub const KNOWN_OPS: [&str; 11] = [
     "migrateCancel",
     "migrateResolve",
     "vcpuRegisters",
+    "fenceDeadline",
 ];
 
 /// Builds an [`Op`] from its name and `args`. (Arguments are decoded from a
@@ -299,6 +304,7 @@ pub fn parse_op(op: &str, args: Option<serde_json::Value>) -> Result<Op, (ErrorC
         "migrateCancel" => Op::MigrateCancel,
         "migrateResolve" => Op::MigrateResolve(decode(op, args)?),
         "vcpuRegisters" => Op::VcpuRegisters,
+        "fenceDeadline" => Op::FenceDeadline(decode(op, args)?),
         other => {
             return Err((
                 ErrorCode::UnknownOp,

@@ -138,6 +138,9 @@ fn handle(vmm: &Arc<Vmm>, request: Request) -> Response {
                     .into(),
             ))
         }
+        Op::FenceDeadline(args) => {
+            Ok(serde_json::to_value(vmm.fence().set(vmm, args)).unwrap_or_default())
+        }
         Op::Shutdown(args) => {
             let reason = if args.force {
                 "forced shutdown requested on the control socket"

@@ -39,6 +39,12 @@ pub struct GuestsArgs {
     /// Local driver options.
     #[command(flatten)]
     pub local: LocalArgs,
+    /// List the whole fleet's guests from etcd (with --etcd) instead of this machine's.
+    #[arg(long)]
+    pub fleet: bool,
+    /// The fleet's etcd, for --fleet.
+    #[command(flatten)]
+    pub etcd: berth_reconciler::etcd::EtcdArgs,
 }
 
 /// One guest, as `berth get guests` shows it.
@@ -93,6 +99,9 @@ impl Row {
 /// Runs `berth get`.
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let What::Guests(args) = &args.what;
+    if args.fleet {
+        return super::fleet::get_guests(&args.etcd, args.output);
+    }
     let driver = args.local.observer(&args.local.recorded_host());
     let guests = driver.guests()?;
     let rows: Vec<Row> = guests.iter().map(Row::of).collect();
