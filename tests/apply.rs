@@ -75,15 +75,7 @@ impl Fleet {
     /// The example Host, with the pool grown by what the web guest needs, and KSM and
     /// THP as this host has them (other tests must not see them change).
     fn write_hosts(&self) {
-        let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
-            .unwrap()
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix('[')?.strip_suffix(']').map(str::to_owned))
-            .unwrap();
-        let ksm = std::fs::read_to_string("/sys/kernel/mm/ksm/run")
-            .unwrap()
-            .trim()
-            == "1";
+        let (ksm, thp) = ksm_and_thp();
         let text = format!(
             "apiVersion: berth.dev/v1\nkind: Host\nmetadata: {{name: kvm01}}\nspec:\n  \
              address: 127.0.0.1:7410\n  cpus: \"0-1\"\n  memory: 16GiB\n  hugepages: {{2MiB: {}}}\n  \
@@ -195,6 +187,21 @@ impl Drop for Fleet {
             }
         }
     }
+}
+
+/// Whether KSM runs, and the THP mode, as this host has them: the tests' Host manifests
+/// ask for them, so that other tests do not see them change.
+fn ksm_and_thp() -> (bool, String) {
+    let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+        .unwrap()
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix('[')?.strip_suffix(']').map(str::to_owned))
+        .unwrap();
+    let ksm = std::fs::read_to_string("/sys/kernel/mm/ksm/run")
+        .unwrap()
+        .trim()
+        == "1";
+    (ksm, thp)
 }
 
 /// Text replacements in the example guests.
@@ -887,15 +894,7 @@ fn apply_on_a_second_host_refuses_a_guest_the_first_may_still_run() {
         let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         probe.local_addr().unwrap().to_string()
     };
-    let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
-        .unwrap()
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix('[')?.strip_suffix(']').map(str::to_owned))
-        .unwrap();
-    let ksm = std::fs::read_to_string("/sys/kernel/mm/ksm/run")
-        .unwrap()
-        .trim()
-        == "1";
+    let (ksm, thp) = ksm_and_thp();
     let hosts: String = [("kvm01", silent()), ("kvm02", silent())]
         .iter()
         .map(|(name, address)| {

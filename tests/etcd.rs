@@ -647,7 +647,7 @@ async fn berth_get_guests_and_status_read_the_fleet_from_etcd_alone() {
         fleet.guests.len()
     );
 
-    // No etcd at that address: a clear error, exit code 3, nothing printed to stdout.
+    // No etcd at that address: a clear error, exit code 1, nothing printed to stdout.
     let dead = format!("http://127.0.0.1:{}", free_port());
     let (code, out, err) = berth(&[
         "status",
@@ -657,11 +657,11 @@ async fn berth_get_guests_and_status_read_the_fleet_from_etcd_alone() {
         "--etcd-timeout-ms",
         "500",
     ]);
-    assert_eq!(code, 3, "{out}{err}");
+    assert_eq!(code, 1, "{out}{err}");
     assert!(out.is_empty());
     assert!(err.starts_with("error: etcd: reading the fleet"), "{err}");
     let (code, _, err) = berth(&["get", "guests", "--fleet"]);
-    assert_eq!(code, 3);
+    assert_eq!(code, 1);
     assert!(err.contains("no etcd given: pass --etcd"), "{err}");
 }
 
@@ -842,7 +842,7 @@ async fn etcd_over_tls_with_a_client_certificate() {
         "--etcd-cacert",
         missing.to_str().unwrap(),
     ]);
-    assert_eq!(code, 3);
+    assert_eq!(code, 1);
     assert!(
         err.contains(&format!(
             "cannot read the etcd TLS file {}",

@@ -853,14 +853,18 @@ nsenter --net=/run/netns/$NS unshare --mount --propagation private bash -c "
 
 impl PeerHost {
     fn start() -> PeerHost {
-        let n = std::process::id() % 250 + 1;
-        let netns = format!("bth{}", std::process::id() % 100_000);
+        // Tests of one binary run on threads of one process: each peer gets its own
+        // namespace, addresses and host UUID.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let n = (std::process::id() + 97 * k) % 250 + 1;
+        let netns = format!("bth{}x{k}", std::process::id() % 100_000);
         let dir = tempfile::Builder::new()
             .prefix("berth-peer-")
             .tempdir()
             .unwrap();
         let (host_ip, peer_ip) = (format!("10.211.{n}.1"), format!("10.211.{n}.2"));
-        let uuid = format!("5a0c2d1e-0000-4a4a-9b9b-{:012x}", std::process::id());
+        let uuid = format!("5a0c2d1e-0000-4a4a-{k:04x}-{:012x}", std::process::id());
         let peer = PeerHost {
             netns: netns.clone(),
             address: peer_ip.clone(),

@@ -84,7 +84,7 @@ impl Coordination for HttpPeers {
                         (peer, answer)
                     }
                 });
-            for (peer, answer) in join_all(asks).await {
+            for (peer, answer) in super::join_all(asks).await {
                 let reason = match answer {
                     Ok(Ok(status)) => {
                         if status.guests.iter().any(|g| g.name == guest && g.runs_here) {
@@ -155,20 +155,6 @@ impl Coordination for HttpPeers {
                 })
         })
     }
-}
-
-/// Runs the futures concurrently and collects their outputs in order.
-pub(crate) async fn join_all<F>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
-where
-    F: std::future::Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    let handles: Vec<_> = futures.map(tokio::spawn).collect();
-    let mut out = Vec::with_capacity(handles.len());
-    for h in handles {
-        out.push(h.await.expect("a peer request does not panic"));
-    }
-    out
 }
 
 #[cfg(test)]

@@ -162,3 +162,17 @@ pub trait Coordination: Send + Sync {
         guest: &'a str,
     ) -> BoxFuture<'a, Result<IncomingOutcome, CoordinationError>>;
 }
+
+/// Runs the futures concurrently (one task each) and collects their outputs in order.
+pub(crate) async fn join_all<F>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futures.map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        out.push(h.await.expect("a request to another host does not panic"));
+    }
+    out
+}

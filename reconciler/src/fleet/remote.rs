@@ -175,7 +175,7 @@ impl ServeDriver {
                         (peer.name, answer)
                     }
                 });
-            for (name, answer) in futures_join(asks).await {
+            for (name, answer) in super::join_all(asks).await {
                 match answer {
                     Ok(Ok(observed)) => {
                         if let Some(host) = observed {
@@ -525,22 +525,6 @@ impl Driver for ServeDriver {
         }
         self.migrate_away(guest, to)
     }
-}
-
-/// Runs the futures concurrently; their outputs in order.
-async fn futures_join<F>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
-where
-    F: std::future::Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    let handles: Vec<_> = futures.map(tokio::spawn).collect();
-    let mut out = Vec::with_capacity(handles.len());
-    for h in handles {
-        if let Ok(v) = h.await {
-            out.push(v);
-        }
-    }
-    out
 }
 
 fn wait_gone(pid: i32, timeout: Duration) -> bool {
