@@ -813,7 +813,8 @@ fn start_on_kvm01(fleet: &mut Fleet, name: &str, migration: &str, dirty: u32) ->
 /// services and waits for its VMM and five heartbeats; returns the VMM's pid.
 fn guest_beating_on_kvm01(fleet: &mut Fleet, name: &str) -> i32 {
     let pid = start_on_kvm01(fleet, name, FAST, 2);
-    wait_until("heartbeats", Duration::from_secs(10), || {
+    // Generous: the suite runs the other tests' guests and services beside this one.
+    wait_until("heartbeats", Duration::from_secs(30), || {
         heartbeats(&console_logs(&fleet.hosts[0], name)).len() >= 5
     });
     pid
