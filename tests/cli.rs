@@ -223,3 +223,43 @@ fn a_dash_reads_the_manifest_from_standard_input() {
     assert!(stdout(&out).contains(" done, 0 failed"), "{}", stdout(&out));
     assert!(stdout(&out).contains("The fleet matches the manifests."));
 }
+
+/// `apply -o json|yaml` prints one document at the end (the plan, each action's outcome,
+/// whether the fleet matches), and needs --yes to act; `stop -o json` lists what it
+/// stopped. Over the simulated fleet and an empty state directory: no guest runs.
+#[test]
+fn apply_and_stop_print_one_document_with_o() {
+    let m = examples();
+    let m = m.to_str().unwrap();
+    let out = run(command("berth").args(["apply", m, "--driver", "sim", "-o", "json"]));
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(stderr(&out).contains("need --yes"), "{}", stderr(&out));
+    assert!(stdout(&out).is_empty(), "{}", stdout(&out));
+
+    let out = run(command("berth").args(["apply", m, "--driver", "sim", "-o", "json", "--yes"]));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let doc = json_value(&stdout(&out));
+    assert_eq!(doc["succeeded"], true, "{doc:#}");
+    assert_eq!(doc["matchesManifests"], true, "{doc:#}");
+    assert_eq!(doc["plan"]["summary"]["start"], 2, "{doc:#}");
+    let results = doc["results"].as_array().expect("results");
+    assert_eq!(results.len(), 3, "a host setting and two starts: {doc:#}");
+    assert!(results.iter().all(|r| r["outcome"] == "done"), "{doc:#}");
+
+    let out = run(command("berth").args(["apply", m, "--driver", "sim", "-o", "yaml", "--yes"]));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let yaml = yaml_value(&stdout(&out));
+    assert_eq!(
+        yaml["results"].as_array().map(Vec::len),
+        Some(3),
+        "{yaml:#}"
+    );
+
+    let state = tempfile::tempdir().unwrap();
+    let out = run(command("berth")
+        .args(["stop", "--all", "-o", "json", "--state-dir"])
+        .arg(state.path()));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let doc = json_value(&stdout(&out));
+    assert_eq!(doc, serde_json::json!({"stopped": [], "failed": []}));
+}

@@ -32,7 +32,8 @@ use berth_reconciler::fleet::http::HttpPeers;
 use berth_reconciler::fleet::placement::Placements;
 use berth_reconciler::fleet::Coordination;
 use berth_reconciler::model::{Desired, Observed};
-use berth_reconciler::plan::Action;
+use berth_reconciler::output::{self, Output};
+use berth_reconciler::plan::{Action, Plan};
 use berth_reconciler::render;
 use berth_reconciler::serve::client::Transport;
 
@@ -79,6 +80,13 @@ pub struct Args {
     /// Colour in the plan.
     #[arg(long, value_enum, default_value_t = Color::Auto)]
     pub color: Color,
+    /// Output format: `text` (the plan, then a line per action as it is done), or one
+    /// document at the end as `json` or `yaml`: the plan (as `berth plan -o json`), each
+    /// action's outcome, and whether the fleet matches the manifests afterwards. With
+    /// `json` or `yaml`, `--yes` is needed when there is anything to do.
+    #[arg(short = 'o', long = "output", value_name = "FORMAT",
+          value_parser = output::without_markdown(), default_value = "text")]
+    pub output: Output,
     /// Local driver options.
     #[command(flatten)]
     pub local: LocalArgs,
@@ -129,17 +137,31 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let plan = berth_reconciler::plan(&scoped.desired, &scoped.observed, &capabilities);
     let colour = super::plan::colour(args.color);
 
+    let text = args.output == Output::Text;
     let mut out = String::new();
     scoped.note(&mut out);
     if !plan.has_changes() {
         out.push_str("No changes. The fleet matches the manifests.\n");
-        write_stdout(&out)?;
+        emit(
+            args.output,
+            &out,
+            &Report::of(&plan, Vec::new(), true, true),
+        )?;
         record(args, &source, &host)?;
         return Ok(ExitCode::SUCCESS);
     }
     out.push_str(&render::text(&plan, colour));
-    write_stdout(&out)?;
+    if text {
+        write_stdout(&out)?;
+    }
     if plan.steps.is_empty() {
+        if !text {
+            emit(
+                args.output,
+                "",
+                &Report::of(&plan, Vec::new(), false, false),
+            )?;
+        }
         bail!(
             "nothing can be applied: {} blocked (see the reasons above); nothing was changed",
             plan.summary.blocked
@@ -147,6 +169,11 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     }
     if let Some(me) = scope.host() {
         check_starts(&guard, me, &fleet, &plan)?;
+    }
+    if !text && !args.yes {
+        bail!(
+            "-o json and -o yaml need --yes (the confirmation prompt is text); nothing was changed"
+        );
     }
     if !confirmed(args, plan.steps.len(), &host)? {
         write_stdout("Apply cancelled; nothing was changed.\n")?;
@@ -156,22 +183,31 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let report = execute(&plan, &scoped.desired, driver.as_ref());
     let mut out = String::from("\nApplying:\n");
     let (mut done, mut failed, mut skipped) = (0, 0, 0);
+    let mut results = Vec::new();
     for (step, outcome) in &report.steps {
         let what = render::describe_action(&step.action);
-        match outcome {
+        let (kind, reason) = match outcome {
             Outcome::Done => {
                 done += 1;
                 out.push_str(&format!("  done      {what}\n"));
+                (ActionOutcome::Done, None)
             }
             Outcome::Failed(reason) => {
                 failed += 1;
                 out.push_str(&format!("  FAILED    {what}: {reason}\n"));
+                (ActionOutcome::Failed, Some(reason.to_string()))
             }
             Outcome::Skipped => {
                 skipped += 1;
                 out.push_str(&format!("  not done  {what} (an earlier action failed)\n"));
+                (ActionOutcome::NotDone, None)
             }
-        }
+        };
+        results.push(ActionResult {
+            action: what,
+            outcome: kind,
+            reason,
+        });
     }
     out.push_str(&format!(
         "\n{done} done, {failed} failed, {skipped} not done.\n"
@@ -191,12 +227,71 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     } else {
         out.push_str("The fleet matches the manifests.\n");
     }
-    write_stdout(&out)?;
+    emit(
+        args.output,
+        &out,
+        &Report::of(&plan, results, report.succeeded(), !left.has_changes()),
+    )?;
     if !report.succeeded() {
         bail!("apply failed: {failed} action(s) failed, {skipped} not done (see the report above)");
     }
     record(args, &source, &host)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// What `berth apply -o json|yaml` prints, once, at the end.
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Report {
+    /// The plan, as `berth plan -o json` prints it.
+    plan: serde_json::Value,
+    /// Each action run, in order.
+    results: Vec<ActionResult>,
+    /// Whether every action was done.
+    succeeded: bool,
+    /// Whether the fleet, observed again afterwards, matches the manifests.
+    matches_manifests: bool,
+}
+
+impl Report {
+    fn of(plan: &Plan, results: Vec<ActionResult>, succeeded: bool, matches: bool) -> Report {
+        Report {
+            plan: serde_json::from_str(&render::json(plan)).expect("the plan's JSON parses"),
+            results,
+            succeeded,
+            matches_manifests: matches,
+        }
+    }
+}
+
+/// One action of [`Report`].
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ActionResult {
+    action: String,
+    outcome: ActionOutcome,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+}
+
+/// How an action ended.
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+enum ActionOutcome {
+    Done,
+    Failed,
+    /// Not run because an earlier action failed.
+    NotDone,
+}
+
+/// Prints `text` in the text format, else `report` as one JSON or YAML document.
+fn emit(format: Output, text: &str, report: &Report) -> anyhow::Result<()> {
+    match format {
+        Output::Text | Output::Markdown => write_stdout(text)?,
+        Output::Json => write_stdout(&output::json(report)?)?,
+        Output::Yaml => write_stdout(&output::yaml(report)?)?,
+    }
+    Ok(())
 }
 
 /// The start guard `berth serve` uses, with this host's record of where guests were

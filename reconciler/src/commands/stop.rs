@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::bail;
 use berth_reconciler::driver::local::StateLock;
 use berth_reconciler::driver::Driver;
+use berth_reconciler::output::{self, Output};
 
 use super::target::LocalArgs;
 use crate::cli::write_stdout;
@@ -29,9 +30,38 @@ pub struct Args {
     /// Wait for an apply holding the state directory's lock instead of failing.
     #[arg(long)]
     pub wait: bool,
+    /// Output format: `text` (a line per guest stopped), or one document at the end as
+    /// `json` or `yaml`: `{stopped: [NAME...], failed: [{name, error}...]}`.
+    #[arg(short = 'o', long = "output", value_name = "FORMAT",
+          value_parser = output::without_markdown(), default_value = "text")]
+    pub output: Output,
     /// Local driver options.
     #[command(flatten)]
     pub local: LocalArgs,
+}
+
+/// What `berth stop -o json|yaml` prints.
+#[derive(Debug, Default, serde::Serialize)]
+struct Stopped {
+    stopped: Vec<String>,
+    failed: Vec<StopFailure>,
+}
+
+/// A guest that could not be stopped, and why.
+#[derive(Debug, serde::Serialize)]
+struct StopFailure {
+    name: String,
+    error: String,
+}
+
+/// Prints `text` in the text format, else `doc` as one JSON or YAML document.
+fn emit(format: Output, text: &str, doc: &Stopped) -> anyhow::Result<()> {
+    match format {
+        Output::Text | Output::Markdown => write_stdout(text)?,
+        Output::Json => write_stdout(&output::json(doc)?)?,
+        Output::Yaml => write_stdout(&output::yaml(doc)?)?,
+    }
+    Ok(())
 }
 
 /// Runs `berth stop`.
@@ -56,11 +86,12 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         }
         args.names.clone()
     };
+    let mut doc = Stopped::default();
     if names.is_empty() {
-        write_stdout("No guests run on this machine.\n")?;
+        emit(args.output, "No guests run on this machine.\n", &doc)?;
         return Ok(ExitCode::SUCCESS);
     }
-    let mut failures = 0;
+    let text = args.output == Output::Text;
     for name in &names {
         let stopped = if args.force_unknown_switchover {
             driver.stop_forced(name)
@@ -68,13 +99,25 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             driver.stop(name, driver.host())
         };
         match stopped {
-            Ok(()) => write_stdout(&format!("stopped {name}\n"))?,
+            Ok(()) => {
+                if text {
+                    write_stdout(&format!("stopped {name}\n"))?;
+                }
+                doc.stopped.push(name.clone());
+            }
             Err(e) => {
-                failures += 1;
                 eprintln!("error: stopping {name}: {e}");
+                doc.failed.push(StopFailure {
+                    name: name.clone(),
+                    error: e.to_string(),
+                });
             }
         }
     }
+    if !text {
+        emit(args.output, "", &doc)?;
+    }
+    let failures = doc.failed.len();
     if failures > 0 {
         bail!(
             "{failures} of {} guest(s) could not be stopped",
