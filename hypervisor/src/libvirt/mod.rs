@@ -311,9 +311,16 @@ impl Libvirt {
             .map_err(|source| self.host_err("listing domains", source))?;
         let mut out = Vec::with_capacity(domains.len());
         for dom in &domains {
-            match self.observe_domain(dom) {
+            // A domain that stopped while it was read (its live vCPUs are gone) is read
+            // again, as it is now; one undefined meanwhile is simply gone.
+            let mut observed = self.observe_domain(dom);
+            if matches!(&observed, Err(LibvirtError::Call { source, .. })
+                if source.code().is(virt::error::ErrorNumber::OperationInvalid))
+            {
+                observed = self.observe_domain(dom);
+            }
+            match observed {
                 Ok(observed) => out.push(observed),
-                // A domain undefined between the listing and the read is simply gone.
                 Err(LibvirtError::Call { source, .. })
                     if source.code().is(virt::error::ErrorNumber::NoDomain) => {}
                 Err(e) => return Err(e),
