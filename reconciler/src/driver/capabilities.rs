@@ -94,6 +94,10 @@ impl DriverKind {
             // live. libvirt refuses to migrate a domain to the same host, so a
             // restart-class change is a restart (when the policy allows) or blocked.
             // QEMU domains have no min_guarantee (libvirt sets it for ESX only).
+            // `Libvirt::migrate` moves a domain live between two libvirtd, but a Host
+            // manifest does not say yet how other hosts reach its libvirtd, so the
+            // driver refuses a placement change: declared as no cross-host move, so
+            // that the plan says blocked instead of promising a migration.
             DriverKind::Libvirt => Capabilities {
                 driver: self,
                 live: [
@@ -110,7 +114,7 @@ impl DriverKind {
                 ]
                 .into(),
                 local_migration: false,
-                cross_host: CrossHost::Live,
+                cross_host: CrossHost::No,
                 restart: true,
             },
         }
@@ -259,6 +263,8 @@ mod tests {
         assert!(caps.of("kvm01").changes_live(Field::VcpuPinning));
         assert_eq!(caps.of("kvm02"), &DriverKind::Libvirt.capabilities());
         assert!(!caps.of("kvm02").local_migration);
+        // Until a Host says how other hosts reach its libvirtd, plan says blocked.
+        assert_eq!(caps.of("kvm02").cross_host, CrossHost::No);
         let mut limited = DriverKind::Local.capabilities();
         limited.local_migration = false;
         let caps = caps.with_host("kvm01", limited.clone());
