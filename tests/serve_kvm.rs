@@ -388,13 +388,23 @@ struct Fleet {
     secrets: PathBuf,
     hosts: [Host; 2],
     guests: Vec<String>,
+    /// Held for the fleet's life, dropped last: the fleets of this file run one at a
+    /// time. Run side by side, `a_source_killed_in_an_unknown_switchover_resumes_the_
+    /// guest_the_destination_never_ran` failed every time (kvm01's service did not see
+    /// its paused source VMM and tried to start the guest; the cgroup check refused the
+    /// second copy) and passed alone: the interference is not understood yet.
+    _serial: std::sync::MutexGuard<'static, ()>,
 }
 
 static FLEETS: AtomicU32 = AtomicU32::new(0);
+static ONE_FLEET_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl Fleet {
     fn new() -> Fleet {
         berth_tests::require_root_and_kvm();
+        let serial = ONE_FLEET_AT_A_TIME
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let k = FLEETS.fetch_add(1, Ordering::SeqCst);
         let net = NetPair::new(k);
         let dir = tempfile::tempdir().expect("temp dir");
@@ -424,6 +434,7 @@ impl Fleet {
             hosts,
             _dir: dir,
             guests: Vec::new(),
+            _serial: serial,
         }
     }
 

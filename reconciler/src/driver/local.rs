@@ -332,7 +332,11 @@ impl LocalDriver {
     /// [`LocalDriver::live_status`], with the connection for further questions.
     fn live_client(&self, name: &str) -> Option<(Client, Status)> {
         let socket = self.socket(name);
-        let deadline = Instant::now() + Duration::from_secs(2);
+        // A VMM that holds its lock is alive: give it time to answer (a busy machine
+        // was seen to take over 2 s), since a guest not seen is a guest planned to
+        // start. Only the start's cgroup check then stands between it and a second
+        // copy.
+        let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Ok(mut client) = Client::connect(&socket) {
                 if let Ok(status) = client.status() {
