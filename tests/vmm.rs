@@ -885,6 +885,8 @@ fn linux_vmlinux_prints_its_boot_log() {
 }
 
 #[test]
+#[ignore = "opt-in: needs one contiguous free GiB, which a machine up for hours often lacks \
+            even with 23 GiB free (README, berth-vmm); run with -- --ignored one_gib"]
 fn one_gib_hugepage_backs_a_guest_and_comes_back() {
     berth_tests::require_root_and_kvm();
     // A 1 GiB page needs 1 GiB of contiguous free memory; dropping clean page cache (a
