@@ -20,7 +20,7 @@
 # Usage (root, /dev/kvm): reconciler/systemd/check-sandbox.sh [TARGET_DIR]
 set -eu
 root=$(cd "$(dirname "$0")/../.." && pwd)
-bin=${1:-$root/target/debug}
+bin=$(cd "${1:-$root/target/debug}" && pwd)
 unit=$root/reconciler/systemd/berth.service
 mkdir -p "$root/target"
 work=$(mktemp -d "$root/target/sandbox-check.XXXXXX")
