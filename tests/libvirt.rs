@@ -161,9 +161,10 @@ impl Images {
         ConsoleLog(self.path("console.log"))
     }
 
-    /// The Guest manifest of the test guest on a TCG libvirt host.
-    fn guest(&self, name: &str, extra: &str) -> Guest {
-        let text = format!(
+    /// The Guest manifest of the test guest on a TCG libvirt host, as text, with `extra`
+    /// lines appended to its spec.
+    fn guest_text(&self, name: &str, extra: &str) -> String {
+        format!(
             "apiVersion: berth.dev/v1
 kind: Guest
 metadata: {{name: {name}}}
@@ -178,7 +179,12 @@ spec:
             kernel = self.path("vmlinuz"),
             initrd = self.path("initrd.cpio"),
             disk = self.path("disk.raw"),
-        );
+        )
+    }
+
+    /// [`Images::guest_text`], parsed.
+    fn guest(&self, name: &str, extra: &str) -> Guest {
+        let text = self.guest_text(name, extra);
         serde_yaml::from_str(&text).expect("test manifest")
     }
 }
@@ -577,22 +583,7 @@ spec:
   driver: libvirt
   libvirt: {uri: 'qemu:///system', domainType: qemu}
 ";
-    let guest = format!(
-        "apiVersion: berth.dev/v1
-kind: Guest
-metadata: {{name: {name}}}
-spec:
-  host: virt01
-  boot: {{kernel: {kernel}, initrd: {initrd}, cmdline: 'console=ttyS0 quiet panic=-1'}}
-  cpu: {{vcpus: 1, maxVcpus: 2}}
-  memory: {{size: 256MiB}}
-  disks:
-    - {{source: {disk}, shared: true}}
-{extra}",
-        kernel = images.path("vmlinuz"),
-        initrd = images.path("initrd.cpio"),
-        disk = images.path("disk.raw"),
-    );
+    let guest = images.guest_text(name, extra);
     fs::write(dir.join("hosts.yaml"), host).unwrap();
     fs::write(dir.join("guest.yaml"), guest).unwrap();
 }
