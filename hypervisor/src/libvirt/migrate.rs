@@ -144,6 +144,21 @@ impl Libvirt {
             let mut downtime_set = false;
             while !job.is_finished() {
                 std::thread::sleep(Duration::from_millis(200));
+                // The timeout is kept by the clock alone: job statistics can be late or
+                // refused while the source's libvirtd holds the domain's job lock (seen on
+                // a loaded machine), and an abort must not wait for them.
+                if started.elapsed() > timeout && !switched {
+                    match policy.on_timeout {
+                        OnTimeout::Abort => {
+                            // Asked again on every tick until the job ends: libvirt refuses
+                            // an abort before the job has reached QEMU.
+                            let _ = ffi::abort_job(&dom);
+                        }
+                        OnTimeout::Switchover => {
+                            switched = dom.suspend().is_ok();
+                        }
+                    }
+                }
                 let Ok(Some([processed, remaining, total, iteration])) = ffi::job_progress(&dom)
                 else {
                     continue;
@@ -159,16 +174,6 @@ impl Libvirt {
                     data_total: total,
                     iteration,
                 });
-                if started.elapsed() > timeout && !switched {
-                    match policy.on_timeout {
-                        OnTimeout::Abort => {
-                            let _ = ffi::abort_job(&dom);
-                        }
-                        OnTimeout::Switchover => {
-                            switched = dom.suspend().is_ok();
-                        }
-                    }
-                }
             }
             job.join().expect("the migration thread does not panic")
         });
