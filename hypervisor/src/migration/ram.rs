@@ -174,7 +174,7 @@ impl<'a> GuestRam<'a> {
         write(run)
     }
 
-    /// Zeroes the pages at `gpas` (checked as for [`GuestRam::write_pages`]).
+    /// Zeroes the pages at `gpas` (checked as for [`GuestRam::with_run`]).
     ///
     /// # Panics
     /// When a page is outside RAM.
