@@ -470,14 +470,7 @@ impl LocalDriver {
     fn outgoing_migration(&self, client: &mut Client) -> Option<String> {
         let value = client.call(Op::MigrateStatus).ok()?;
         let status: MigrationStatus = serde_json::from_value(value).ok()?;
-        let running = !matches!(
-            status.phase,
-            MigrationPhase::Idle
-                | MigrationPhase::Completed
-                | MigrationPhase::Failed
-                | MigrationPhase::Cancelled
-        );
-        if !running || status.role.as_deref() != Some("outgoing") {
+        if !status.phase.is_active() || status.role.as_deref() != Some("outgoing") {
             return None;
         }
         let destination = status.destination?;
