@@ -300,10 +300,12 @@ impl EtcdCoordination {
                             .filter(|g| g.host == self.me() && g.migrating_to.is_none())
                             .map(|g| g.name.clone())
                             .collect();
-                        unsure.clear();
+                        let was_unsure = std::mem::take(&mut unsure);
                         for guest in running {
+                            // Checked once: under a new lease, without a token, or
+                            // after a failed check; never again while nothing changes.
                             let kept = self.tokens.get(&guest);
-                            if !renewed && !dirty && kept.is_some() {
+                            if !renewed && kept.is_some() && !was_unsure.contains(&guest) {
                                 continue;
                             }
                             if let Err(why) = self.take_over(&guest, None).await {
