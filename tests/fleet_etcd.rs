@@ -11,6 +11,8 @@
 //! - either side's `berth serve` SIGKILLed in the middle of a handover (the destination
 //!   held at `Loaded` by `BERTH_FAULT=delay-loaded-ms`): started again, exactly one host
 //!   owns the guest and exactly one VMM runs it;
+//! - the destination's incoming VMM killed before `Loaded` (so before `Commit`): the record
+//!   goes back to the source, where the guest kept running, and the retry moves it;
 //! - etcd stopped: every guest keeps running, a commit that moves one guest and adds
 //!   another starts and moves nothing, and every host's status says why
 //!   (`CoordinationLost`, `EtcdUnreachable`); etcd back: the fleet converges.
@@ -24,8 +26,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use berth_hypervisor::control::{Client, GuestRunState};
+use berth_hypervisor::control::{Client, GuestRunState, Op};
 use berth_hypervisor::host::cgroup::Cgroups;
+use berth_hypervisor::migration::{MigrationPhase, MigrationStatus};
 use berth_tests::etcd::Etcd;
 use berth_tests::{wait_until, GitRepo};
 use serde_json::Value;
@@ -615,4 +618,56 @@ fn killing_either_side_in_a_handover_leaves_one_owner_and_one_guest() {
             .is_none_or(|t| t != fleet.owner(&b).expect("owned").token),
         "kvm01 holds no valid token for b"
     );
+
+    // The destination's incoming VMM dies before `Loaded`, so before `Commit`: the guest keeps
+    // running on its source, the record goes back to it (never to nobody, never to the
+    // destination), and the retried migration hands it over.
+    fleet.commit(&[(&a, "kvm03"), (&b, "kvm03")], "move a to kvm03");
+    fleet.wait_streaming(&a, 1, "kvm03");
+    let incoming = fleet.hosts[2]
+        .state
+        .join("guests")
+        .join(format!("{a}.incoming"))
+        .join("control.sock");
+    wait_until(
+        "a's incoming VMM to hold its Loaded answer",
+        Duration::from_secs(30),
+        || {
+            Client::connect(&incoming)
+                .and_then(|mut c| c.call(Op::MigrateStatus))
+                .ok()
+                .and_then(|v| serde_json::from_value::<MigrationStatus>(v).ok())
+                .is_some_and(|s| s.phase == MigrationPhase::Switchover)
+        },
+    );
+    let needle = fleet.hosts[2].guest_dir(&a).display().to_string() + "/";
+    let pids = vmm_pids(|c| c.contains(&needle));
+    assert_eq!(pids.len(), 1, "one incoming VMM: {pids:?}");
+    // SAFETY: kill by pid of the berth-vmm this test's kvm03 started for guest a.
+    unsafe { libc::kill(pids[0], libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let running = fleet.running_on(&a);
+        assert!(running.len() <= 1, "{a} runs on {running:?}");
+        let o = fleet.owner(&a).expect("the record never disappears");
+        assert!(o.host == "kvm02" || o.host == "kvm03", "{o:?}");
+        if o.host == "kvm03" && running == ["kvm03"] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a did not move: {o:?} {running:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The record went back to kvm02 between the attempts (too short a moment to
+    // sample reliably): by kvm02 on its failure, or by kvm03 when its VMM was gone.
+    let by_source = format!("migration abandoned: the ownership stays here guest=\"{a}\"");
+    let by_destination = format!("the ownership goes back to its source guest=\"{a}\"");
+    assert!(
+        fleet.hosts[1].log_text().contains(&by_source)
+            || fleet.hosts[2].log_text().contains(&by_destination),
+        "the record went back to kvm02 after the failed attempt"
+    );
+    fleet.wait_owned_and_running(&a, 2, Duration::from_secs(10));
 }
