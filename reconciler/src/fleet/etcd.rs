@@ -697,3 +697,41 @@ pub fn kept_tokens(state_dir: &Path) -> BTreeMap<String, TokenFile> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::etcd::OwnerRecord;
+
+    #[test]
+    fn tokens_are_kept_next_to_the_guests_and_read_back() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let tokens = Tokens {
+            dir: tmp.path().join("owners"),
+        };
+        assert_eq!(tokens.get("web-1"), None);
+        let owned = |token, moving_to: Option<&str>| Ownership {
+            guest: "web-1".into(),
+            record: OwnerRecord {
+                host: "kvm01".into(),
+                moving_to: moving_to.map(str::to_owned),
+            },
+            token: FencingToken(token),
+            lease: 7,
+        };
+        tokens.set(&owned(12, None));
+        tokens.set(&owned(13, Some("kvm02")));
+        assert_eq!(
+            tokens.get("web-1"),
+            Some(TokenFile {
+                token: FencingToken(13),
+                lease: 7,
+                moving_to: Some("kvm02".into()),
+            })
+        );
+        assert_eq!(kept_tokens(tmp.path()).len(), 1);
+        tokens.remove("web-1");
+        assert_eq!(tokens.get("web-1"), None);
+        assert!(kept_tokens(tmp.path()).is_empty());
+    }
+}
