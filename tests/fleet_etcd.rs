@@ -538,6 +538,10 @@ fn a_live_migration_hands_ownership_over_and_an_etcd_outage_starts_and_moves_not
             },
         );
     }
+    eprintln!(
+        "etcd stopped: every host said CoordinationLost within {:.1} s",
+        stopped_at.elapsed().as_secs_f64()
+    );
     let status = fleet.hosts[1].status(&fleet.secrets).expect("status");
     let lost = condition(&status, "CoordinationLost").expect("condition");
     let message = lost["message"].as_str().expect("message");
@@ -565,9 +569,14 @@ fn a_live_migration_hands_ownership_over_and_an_etcd_outage_starts_and_moves_not
 
     // etcd is back: the fleet converges, and nobody says it lost etcd any more.
     fleet.etcd.restart();
+    let back_at = Instant::now();
     fleet.wait_owned_and_running(&db, 0, Duration::from_secs(60));
     fleet.wait_owned_and_running(&new, 1, Duration::from_secs(60));
     fleet.wait_owned_and_running(&web, 2, Duration::from_secs(10));
+    eprintln!(
+        "etcd back: the held-back move and start done in {:.1} s",
+        back_at.elapsed().as_secs_f64()
+    );
     for host in &fleet.hosts {
         wait_until(
             &format!("{} to coordinate again", host.name),
