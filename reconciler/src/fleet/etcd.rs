@@ -276,7 +276,7 @@ impl EtcdCoordination {
     }
 
     /// Publishes what changed and takes the records of running guests again where
-    /// they are gone, every [`TICK`] or when woken, until `stop` turns true.
+    /// they are gone, every second or when woken, until `stop` turns true.
     pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let mut generation = None;
         let mut unsure: BTreeSet<String> = BTreeSet::new();
