@@ -97,6 +97,9 @@ fn guest(i: usize, hosts: usize) -> Guest {
         },
         spec: GuestSpec {
             host: format!("kvm{:05}", i % hosts),
+            host_selector: None,
+            anti_affinity: Default::default(),
+            availability: Default::default(),
             state: GuestState::Running,
             boot: Boot::default(),
             cpu: CpuSpec {
