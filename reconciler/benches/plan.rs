@@ -142,6 +142,7 @@ fn fleet(guests: usize, hosts: usize) -> (Desired, Desired) {
         guests: (0..guests).map(|i| guest(i, hosts)).collect(),
         hosts: (0..hosts).map(|i| host(i, per_host)).collect(),
         fleet: FleetSpec::default(),
+        placements: Default::default(),
     };
     let mut head = base.clone();
     for (i, g) in head.guests.iter_mut().enumerate() {

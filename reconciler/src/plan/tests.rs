@@ -98,6 +98,7 @@ impl Case {
             guests,
             hosts,
             fleet: FleetSpec::default(),
+            placements: Default::default(),
         };
         Case {
             head: base.clone(),
