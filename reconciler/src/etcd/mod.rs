@@ -55,6 +55,7 @@
 
 mod args;
 mod election;
+mod fence;
 mod ownership;
 pub mod placements;
 mod session;
@@ -65,13 +66,14 @@ use std::time::Duration;
 
 pub use args::{EtcdArgs, LeaseArgs, NoEtcd};
 pub use election::{current_leader, Leadership};
+pub use fence::keep_fences;
 pub use ownership::{
     read_owner, resolve_switchover, Acquire, Fenced, FencingToken, OwnerRecord, Ownership,
     Switchover,
 };
 pub use placements::{
-    decide, lead, lead_round, placements_of, read_placements, LeaderSettings, PlacementRecord,
-    Round,
+    decide, follow_placements, lead, lead_round, placements_of, read_placements, LeaderSettings,
+    PlacementRecord, Round, SharedPlacements,
 };
 pub use session::{HostRecord, HostSession, LeaseHealth, LeaseState};
 pub use view::{read_fleet, read_host, FleetView, HostEvent, HostWatch, PublishedHost};

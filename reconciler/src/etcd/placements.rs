@@ -288,3 +288,95 @@ pub async fn lead(
         tracing::warn!(host = session.host(), "no longer leading the fleet");
     }
 }
+
+/// The placement records as a host follows them: read once, then watched.
+pub type SharedPlacements = std::sync::Arc<std::sync::Mutex<BTreeMap<String, PlacementRecord>>>;
+
+/// Keeps `shared` equal to the placement records (one read, then a watch from its
+/// revision; read again after any error), calling `changed` after each change, until
+/// `stop` turns true.
+pub async fn follow_placements(
+    store: EtcdStore,
+    shared: SharedPlacements,
+    changed: impl Fn(),
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let prefix = store.keys.placements();
+    loop {
+        let followed = async {
+            let mut kv = store.client.kv_client();
+            let answer = store
+                .call(
+                    || "reading the placements".to_owned(),
+                    kv.get(prefix.clone(), Some(GetOptions::new().with_prefix())),
+                )
+                .await?;
+            let mut records = BTreeMap::new();
+            for kv in answer.kvs() {
+                if let Some(guest) = std::str::from_utf8(kv.key())
+                    .ok()
+                    .and_then(|k| k.strip_prefix(&prefix))
+                {
+                    records.insert(guest.to_owned(), decode(kv.key(), kv.value())?);
+                }
+            }
+            *shared.lock().expect("placements") = records;
+            changed();
+            let options = etcd_client::WatchOptions::new()
+                .with_prefix()
+                .with_start_revision(super::revision(answer.header()) + 1);
+            let mut client = store.client.watch_client();
+            let mut stream = store
+                .call(
+                    || "watching the placements".to_owned(),
+                    client.watch(prefix.clone(), Some(options)),
+                )
+                .await?;
+            loop {
+                let message = stream
+                    .message()
+                    .await
+                    .map_err(|source| EtcdError::Request {
+                        what: "watching the placements".to_owned(),
+                        source,
+                    })?;
+                let Some(message) = message.filter(|m| !m.canceled()) else {
+                    return Ok::<(), EtcdError>(());
+                };
+                {
+                    let mut records = shared.lock().expect("placements");
+                    for event in message.events() {
+                        let Some(kv) = event.kv() else { continue };
+                        let Some(guest) = std::str::from_utf8(kv.key())
+                            .ok()
+                            .and_then(|k| k.strip_prefix(&prefix))
+                        else {
+                            continue;
+                        };
+                        match event.event_type() {
+                            etcd_client::EventType::Put => {
+                                records.insert(guest.to_owned(), decode(kv.key(), kv.value())?);
+                            }
+                            etcd_client::EventType::Delete => {
+                                records.remove(guest);
+                            }
+                        }
+                    }
+                }
+                changed();
+            }
+        };
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            result = followed => {
+                if let Err(e) = result {
+                    tracing::warn!(error = %e, "following the placements failed; reading them again");
+                }
+            }
+        }
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            () = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+        }
+    }
+}
