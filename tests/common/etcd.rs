@@ -20,6 +20,8 @@ pub struct Etcd {
     peer_port: u16,
     child: Option<Child>,
     tls: Option<ServerTls>,
+    /// A network namespace etcd runs in, and the address it serves clients on there.
+    netns: Option<(String, String)>,
 }
 
 /// TLS for etcd's client port: its certificate and key, and the CA whose client
@@ -67,18 +69,37 @@ impl Etcd {
         Etcd::start_with(Some(tls))
     }
 
-    fn start_with(tls: Option<ServerTls>) -> Etcd {
+    /// Starts an etcd inside network namespace `ns` (a test's own), serving clients on
+    /// `ip:2379` there (the namespace is fresh, so the ports are free).
+    pub fn start_in_netns(ns: &str, ip: &str) -> Etcd {
+        let mut etcd = Etcd::empty(None);
+        etcd.netns = Some((ns.to_owned(), ip.to_owned()));
+        etcd.client_port = 2379;
+        etcd.peer_port = 2380;
+        assert!(
+            etcd.spawn_and_wait(),
+            "etcd did not start in namespace {ns}"
+        );
+        etcd
+    }
+
+    fn empty(tls: Option<ServerTls>) -> Etcd {
         let dir = tempfile::Builder::new()
             .prefix("berth-etcd-")
             .tempdir()
             .expect("temporary directory for etcd");
-        let mut etcd = Etcd {
+        Etcd {
             dir,
             client_port: 0,
             peer_port: 0,
             child: None,
             tls,
-        };
+            netns: None,
+        }
+    }
+
+    fn start_with(tls: Option<ServerTls>) -> Etcd {
+        let mut etcd = Etcd::empty(tls);
         // A port found free can be taken before etcd binds it: try again with new ports.
         for _ in 0..5 {
             etcd.client_port = free_port();
@@ -93,7 +114,7 @@ impl Etcd {
     /// The client URL, `http://127.0.0.1:<port>` (`https://` with TLS).
     pub fn endpoint(&self) -> String {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
-        format!("{scheme}://127.0.0.1:{}", self.client_port)
+        format!("{scheme}://{}:{}", self.client_ip(), self.client_port)
     }
 
     /// The etcd process id, while it runs.
@@ -136,6 +157,12 @@ impl Etcd {
         assert_eq!(rc, 0, "signal {sig} to etcd {pid}");
     }
 
+    fn client_ip(&self) -> &str {
+        self.netns
+            .as_ref()
+            .map_or("127.0.0.1", |(_, ip)| ip.as_str())
+    }
+
     fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
     }
@@ -154,7 +181,15 @@ impl Etcd {
             .append(true)
             .open(self.log_path())
             .expect("etcd log file");
-        let mut cmd = Command::new(etcd_binary());
+        let mut cmd = match &self.netns {
+            Some((ns, _)) => {
+                let mut cmd = Command::new("nsenter");
+                cmd.arg(format!("--net=/var/run/netns/{ns}"))
+                    .arg(etcd_binary());
+                cmd
+            }
+            None => Command::new(etcd_binary()),
+        };
         cmd.args(["--name", "berth-test"])
             .arg("--data-dir")
             .arg(self.data_dir())
@@ -204,11 +239,16 @@ impl Etcd {
                 );
                 return false;
             }
-            let ready = if self.tls.is_some() {
-                // Plain HTTP cannot ask a TLS port: etcd's log says when it serves.
+            let ready = if self.tls.is_some() || self.netns.is_some() {
+                // Plain HTTP cannot ask a TLS port, nor this namespace reach another's:
+                // etcd's log says when it serves.
                 std::fs::read(self.log_path()).is_ok_and(|log| {
                     String::from_utf8_lossy(log.get(log_start..).unwrap_or_default()).contains(
-                        &format!("serving client requests on 127.0.0.1:{}", self.client_port),
+                        &format!(
+                            "client requests on {}:{}",
+                            self.client_ip(),
+                            self.client_port
+                        ),
                     )
                 })
             } else {
