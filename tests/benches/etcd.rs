@@ -180,12 +180,8 @@ fn scheduling(runtime: &tokio::runtime::Runtime) {
     let (hosts, guests) = (1000usize, 10_000usize);
     let desired = selector_fleet(hosts, guests);
     let t = Instant::now();
-    let placements = berth_reconciler::scheduler::schedule(
-        &desired,
-        &[],
-        &|_| true,
-        &Default::default(),
-    );
+    let placements =
+        berth_reconciler::scheduler::schedule(&desired, &[], &|_| true, &Default::default());
     let pure = t.elapsed();
     let placed = placements.values().filter(|p| p.host().is_some()).count();
     let etcd = Etcd::start();

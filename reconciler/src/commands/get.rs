@@ -54,7 +54,8 @@ struct Row {
     name: String,
     state: String,
     host: String,
-    pid: i32,
+    /// The VMM's pid, when known.
+    pid: Option<i32>,
     vcpus: u32,
     max_vcpus: u32,
     /// Pinning in force, read back from /proc.
@@ -65,13 +66,34 @@ struct Row {
     hard_limit: Option<Bytes>,
     /// Heartbeat lines the guest wrote, over all vCPUs.
     heartbeats: Option<u64>,
-    uptime_ms: u64,
+    /// `None` when the VMM did not answer.
+    uptime_ms: Option<u64>,
+    /// Why the VMM's state is unknown: it holds its lock but did not answer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unresponsive: Option<String>,
 }
 
 impl Row {
     fn of(g: &LocalGuest) -> Row {
-        let s = &g.status;
         let o = &g.observed;
+        let Some(s) = &g.status else {
+            // Its VMM runs but did not answer: what it was built with, marked so.
+            return Row {
+                name: o.name.clone(),
+                state: "unresponsive".into(),
+                host: o.host.clone(),
+                pid: g.pid,
+                vcpus: o.cpu.vcpus,
+                max_vcpus: o.cpu.max_vcpus,
+                pinning: None,
+                memory: o.memory.size,
+                hugepages: None,
+                hard_limit: None,
+                heartbeats: None,
+                uptime_ms: None,
+                unresponsive: o.unresponsive.clone(),
+            };
+        };
         let lines: Vec<u64> = s.vcpu.iter().filter_map(|v| v.lines).collect();
         Row {
             name: o.name.clone(),
@@ -80,7 +102,7 @@ impl Row {
                 .and_then(|v| v.as_str().map(str::to_owned))
                 .unwrap_or_default(),
             host: o.host.clone(),
-            pid: s.pid,
+            pid: Some(s.pid),
             vcpus: s.vcpus,
             max_vcpus: s.max_vcpus,
             pinning: o.cpu.pinning.clone(),
@@ -91,7 +113,8 @@ impl Row {
                 .map(|size| format!("{}x{size}", s.memory.hugepages)),
             hard_limit: o.memory.tune.as_ref().and_then(|t| t.hard_limit),
             heartbeats: (!lines.is_empty()).then(|| lines.iter().sum()),
-            uptime_ms: s.uptime_ms,
+            uptime_ms: Some(s.uptime_ms),
+            unresponsive: None,
         }
     }
 }
@@ -164,7 +187,7 @@ fn table(rows: &[Row]) -> String {
                 r.hugepages.clone().unwrap_or_else(|| "-".into()),
                 r.hard_limit.map_or_else(|| "-".into(), |b| b.to_string()),
                 r.heartbeats.map_or_else(|| "-".into(), |n| n.to_string()),
-                uptime_text(r.uptime_ms),
+                r.uptime_ms.map_or_else(|| "-".into(), uptime_text),
             ]
         })
         .collect();

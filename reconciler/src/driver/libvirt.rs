@@ -186,6 +186,7 @@ impl LibvirtDriver {
             labels: map("labels"),
             annotations,
             migrating_to: None,
+            unresponsive: None,
         })
     }
 }

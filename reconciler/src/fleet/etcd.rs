@@ -255,7 +255,8 @@ impl EtcdCoordination {
                     Err(e) => Err(error_chain(&e)),
                 }
             }
-            Some(o) if o.record.host == self.me() && o.record.moving_to.is_none() => {
+            // Ours (with a handover this host began, if moving).
+            Some(o) if o.record.host == self.me() => {
                 self.tokens.set(&o);
                 Ok(())
             }

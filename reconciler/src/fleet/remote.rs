@@ -14,10 +14,15 @@
 //!    cancelled (`migrateCancel`): the guest stays here.
 //!
 //! The local driver sees this host only, so the plan of a move is made against what
-//! the destination last reported of itself (its `/status` carries its observed host;
-//! [`ServeDriver::refresh_peers`] asks every 2 s and wakes the loop when a peer becomes
-//! observed). A destination silent for 15 s is unobserved: moves to it are blocked, with
-//! that reason, until it answers again.
+//! the destination last said of itself, asked through the fleet coordination (etcd's
+//! host record with `--etcd`, else the destination's `/status`): only the destinations
+//! of pending moves are asked, every 2 s while the move is pending
+//! ([`ServeDriver::follow_destinations`], which wakes the loop when one becomes
+//! observed); no host polls the fleet. A destination silent for 15 s is unobserved:
+//! moves to it are blocked, with that reason, until it answers again.
+//!
+//! With `--etcd` the guest's ownership record is handed over on the way
+//! ([`super::etcd`]): every action here first checks this host still holds it.
 //!
 //! A `switchoverUnknown` outcome (the source sent the commit but lost the link before
 //! the destination's answer) is resolved by asking B whether its VMM runs the guest;

@@ -422,6 +422,21 @@ fn intents(
         .collect();
     orphans.sort_by(|a, b| a.name.cmp(&b.name));
     for o in orphans {
+        if let Some(why) = &o.unresponsive {
+            plans.push(GuestPlan {
+                name: o.name.clone(),
+                operation: Operation::Blocked,
+                host: o.host.clone(),
+                to: None,
+                via: None,
+                changes: Vec::new(),
+                reason: Some(unresponsive_reason(&o.host, why)),
+                placement: None,
+                observed: Some(o.clone()),
+                desired: None,
+            });
+            continue;
+        }
         let prune = desired.fleet.prune || o.prune_requested();
         if prune {
             sched.stop(plans.len(), o, StopReason::Prune);
@@ -451,6 +466,11 @@ fn intents(
         });
     }
     plans
+}
+
+/// Why nothing is done to a guest whose VMM did not answer.
+fn unresponsive_reason(host: &str, why: &str) -> String {
+    format!("its VMM on {host} runs but did not answer ({why}); left alone until it does")
 }
 
 fn guest_intent(
@@ -520,6 +540,13 @@ fn guest_intent(
         plan.desired = Some(wanted);
         return Some(plan);
     };
+
+    if let Some(why) = &obs.unresponsive {
+        plan.operation = Operation::Blocked;
+        plan.reason = Some(unresponsive_reason(&obs.host, why));
+        plan.desired = Some(wanted);
+        return Some(plan);
+    }
 
     if let Some(to) = &obs.migrating_to {
         plan.operation = Operation::Migrating;

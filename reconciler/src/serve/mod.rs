@@ -37,7 +37,8 @@ pub mod client;
 pub mod conditions;
 pub mod controller;
 pub mod exposition;
-pub mod git;
+/// The git module, where `serve` has always found it.
+pub use crate::git;
 pub mod http;
 pub mod metrics;
 pub mod simfleet;
