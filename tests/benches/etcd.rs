@@ -204,13 +204,14 @@ fn scheduling(runtime: &tokio::runtime::Runtime) {
         let first_round = t.elapsed();
         assert_eq!(round.written, guests);
 
-        // A commit changes 1% of the guests: 100 grow to 3 GiB (their hosts keep them
-        // where they still fit, others move).
+        // A commit changes 1% of the guests: 100 grow to 45 GiB, more than any host
+        // has left: each gets a new record (placed elsewhere or, here, nowhere, with
+        // the reason).
         let mut changed = desired.clone();
         for g in changed.guests.iter_mut().filter(|g| {
             g.metadata.name[1..].parse::<usize>().unwrap() % 100 == 1
         }) {
-            g.spec.memory.size = berth_schema::Bytes::gib(3);
+            g.spec.memory.size = berth_schema::Bytes::gib(45);
         }
         let t = Instant::now();
         let fleet = read_fleet(&store).await.unwrap();
@@ -241,11 +242,11 @@ fn scheduling(runtime: &tokio::runtime::Runtime) {
             - writes_before)
             / 10.0;
 
-        // Failover: host h0001 dies (its session is dropped: no more renewals, as a
+        // Failover: host h0010 (rack r0, where the HA guests are) dies (its session is dropped: no more renewals, as a
         // crash). The leader follows the host records; when h0001's record is gone, one
         // round places its HA guests elsewhere.
         let fleet = read_fleet(&store).await.unwrap();
-        let victim = "h0001";
+        let victim = "h0010";
         let ha_there = fleet
             .placements
             .iter()
@@ -259,7 +260,7 @@ fn scheduling(runtime: &tokio::runtime::Runtime) {
             .count();
         let mut watch = HostWatch::open(&store, fleet.revision).await.unwrap();
         let died = Instant::now();
-        drop(sessions.remove(1));
+        drop(sessions.remove(10));
         loop {
             if let HostEvent::Gone { name, .. } = watch.next().await.unwrap().unwrap() {
                 if name == victim {
@@ -273,6 +274,7 @@ fn scheduling(runtime: &tokio::runtime::Runtime) {
         let failover = died.elapsed();
         let moved = round.moved.iter().filter(|(_, from, _)| from.as_deref() == Some(victim)).count();
         assert_eq!(moved, ha_there);
+        assert!(ha_there > 0);
 
         println!();
         println!("| hosts | selector guests | schedule (pure) | placed | leader's first round (schedule + 10,000 records) | round after 1% changed | records rewritten | renewals/s at rest | ranges/s at rest | writes/s at rest | host dead -> record gone | -> HA guests placed elsewhere |");
