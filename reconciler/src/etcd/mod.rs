@@ -11,6 +11,7 @@
 //! | `<prefix>observed/<host>/<guest>` | the guest as that host observes it ([`crate::ObservedGuest`]) | the host |
 //! | `<prefix>owners/<guest>` | [`OwnerRecord`]: the host that may run the guest, and where it is moving | the owning host |
 //! | `<prefix>leader/<lease id, hex>` | the candidate host's name (etcd's election API) | the candidate |
+//! | `<prefix>placements/<guest>` | [`PlacementRecord`]: the host the leader chose for a selector-placed guest, or why none fits | nothing (outlives leaders) |
 //!
 //! What each guarantees:
 //! - **Liveness** ([`HostSession`]): a host holds one lease, renewed every
@@ -56,7 +57,9 @@
 
 mod args;
 mod election;
+mod fence;
 mod ownership;
+pub mod placements;
 mod session;
 mod view;
 
@@ -65,9 +68,14 @@ use std::time::Duration;
 
 pub use args::{EtcdArgs, LeaseArgs, NoEtcd};
 pub use election::{current_leader, Leadership};
+pub use fence::keep_fences;
 pub use ownership::{
     read_owner, resolve_switchover, Acquire, Fenced, FencingToken, OwnerRecord, Ownership,
     Switchover,
+};
+pub use placements::{
+    decide, follow_placements, lead, lead_round, placements_of, read_placements, LeaderSettings,
+    PlacementRecord, Round, SharedPlacements,
 };
 pub use session::{HostRecord, HostSession, LeaseHealth, LeaseState};
 pub use view::{read_fleet, read_host, FleetView, HostEvent, HostWatch, PublishedHost};
@@ -353,6 +361,16 @@ impl Keys {
     /// `<prefix>owners/<guest>`.
     pub fn owner(&self, guest: &str) -> String {
         format!("{}owners/{guest}", self.prefix)
+    }
+
+    /// `<prefix>placements/`: every placement record.
+    pub fn placements(&self) -> String {
+        format!("{}placements/", self.prefix)
+    }
+
+    /// `<prefix>placements/<guest>`.
+    pub fn placement(&self, guest: &str) -> String {
+        format!("{}placements/{guest}", self.prefix)
     }
 
     /// `<prefix>leader`: the election's name (candidates' keys are `<name>/<lease>`).
