@@ -115,9 +115,13 @@ fn main() -> ExitCode {
     match run(args) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e}");
-            for cause in e.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
+            let lines = berth_hypervisor::report::causes_once(e.chain().map(|c| c.to_string()));
+            for (i, line) in lines.iter().enumerate() {
+                if i == 0 {
+                    eprintln!("error: {line}");
+                } else {
+                    eprintln!("  caused by: {line}");
+                }
             }
             ExitCode::FAILURE
         }
