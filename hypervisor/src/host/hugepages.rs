@@ -561,10 +561,11 @@ mod tests {
     #[test]
     fn real_pool_grows_and_is_restored() {
         // SAFETY: geteuid takes no arguments and cannot fail.
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("skipped: needs root");
-            return;
-        }
+        let euid = unsafe { libc::geteuid() };
+        assert_eq!(
+            euid, 0,
+            "this test needs root (it resizes the hugepage pool)"
+        );
         let pool = HugePagePool::new(PageSize::Huge2M);
         let before_total;
         {
