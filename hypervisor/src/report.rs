@@ -20,6 +20,18 @@ pub fn causes_once(chain: impl IntoIterator<Item = String>) -> Vec<String> {
     kept
 }
 
+/// Prints an error chain to stderr through [`causes_once`]: `error: <message>`, then
+/// one `<cause_prefix><cause>` line per cause kept.
+pub fn eprint_chain(chain: impl IntoIterator<Item = String>, cause_prefix: &str) {
+    for (i, line) in causes_once(chain).iter().enumerate() {
+        if i == 0 {
+            eprintln!("error: {line}");
+        } else {
+            eprintln!("{cause_prefix}{line}");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

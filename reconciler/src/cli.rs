@@ -145,13 +145,6 @@ pub fn write_stdout(text: &str) -> anyhow::Result<()> {
 /// Prints an error and each of its causes once (a cause its message already names is
 /// not printed again); every error exits 1.
 pub fn report(error: &anyhow::Error) -> ExitCode {
-    let lines = berth_hypervisor::report::causes_once(error.chain().map(|c| c.to_string()));
-    for (i, line) in lines.iter().enumerate() {
-        if i == 0 {
-            eprintln!("error: {line}");
-        } else {
-            eprintln!("caused by: {line}");
-        }
-    }
+    berth_hypervisor::report::eprint_chain(error.chain().map(|c| c.to_string()), "caused by: ");
     ExitCode::from(EXIT_ERROR)
 }

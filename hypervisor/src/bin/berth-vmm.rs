@@ -115,14 +115,10 @@ fn main() -> ExitCode {
     match run(args) {
         Ok(code) => code,
         Err(e) => {
-            let lines = berth_hypervisor::report::causes_once(e.chain().map(|c| c.to_string()));
-            for (i, line) in lines.iter().enumerate() {
-                if i == 0 {
-                    eprintln!("error: {line}");
-                } else {
-                    eprintln!("  caused by: {line}");
-                }
-            }
+            berth_hypervisor::report::eprint_chain(
+                e.chain().map(|c| c.to_string()),
+                "  caused by: ",
+            );
             ExitCode::FAILURE
         }
     }
