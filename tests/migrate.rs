@@ -1195,7 +1195,7 @@ fn a_page_beyond_guest_memory_is_refused() {
     )
     .unwrap();
     assert_eq!(r.recv().unwrap().kind, FrameKind::Info);
-    let payload = wire::pages_payload(&[64 << 20], &[0xAA; wire::PAGE_SIZE]);
+    let payload = wire::run_payload(64 << 20, 1);
     w.send(FrameKind::Pages, &[&payload]).unwrap();
     let code = dst.wait_exit(Duration::from_secs(10));
     assert!(matches!(code, Some(c) if c != 0), "{code:?}");
@@ -1570,7 +1570,7 @@ fn a_page_on_the_wrong_connection_is_refused() {
     let mut w1 = FrameWriter::new(conn1, key1);
     // The page at 0 lies in chunk 0, which the sender assigns to connection 0: on
     // connection 1 it could race connection 0's writes of the same page.
-    let payload = wire::pages_payload(&[0], &[0xAA; wire::PAGE_SIZE]);
+    let payload = wire::run_payload(0, 1);
     w1.send(FrameKind::Pages, &[&payload]).unwrap();
     let code = dst.wait_exit(Duration::from_secs(10));
     assert!(matches!(code, Some(c) if c != 0), "{code:?}");

@@ -26,9 +26,11 @@
 //!   [`FencingToken`]: the host writes it into the guest's state and checks it
 //!   ([`HostSession::verify`]) before it acts on the guest; any change by anyone else
 //!   makes the token stale. A migration hands the record over in two swaps, `A` ->
-//!   `A, moving to B` -> `B`; the second swap, made by the destination, is the
-//!   switchover's commit point, so an unknown switchover is resolved from the record
-//!   ([`resolve_switchover`]) and never from what a peer says.
+//!   `A, moving to B` -> `B`, the second made by the destination once its VMM read
+//!   `Commit`; a migration that ends before `Commit` puts `A` back (by A, or by B with
+//!   [`HostSession::refuse_handover`]). So an unknown switchover is resolved from the
+//!   record ([`resolve_switchover`]) and never from what a peer says; while it still
+//!   says `A, moving to B` the destination has not decided and the source waits.
 //! - **Leadership** ([`Leadership`]): etcd's election API over the candidates' leases.
 //!   When the leader's lease expires its key goes with it and the next candidate is
 //!   elected, one TTL after the leader's last renewal (etcd checks for expired leases

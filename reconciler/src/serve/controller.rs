@@ -86,6 +86,7 @@ enum Wake {
     Source(Option<SourceEvent>),
     Completed(Completion),
     Tick,
+    RetryNow,
 }
 
 /// The reconcile loop. See the module documentation.
@@ -104,6 +105,7 @@ pub struct Controller {
     /// Wakes the loop for a pass when something it cannot see changed (a peer became
     /// observed).
     pokes: Arc<tokio::sync::Notify>,
+    retries: Arc<tokio::sync::Notify>,
     enforcing: Option<(CommitId, Arc<Desired>)>,
     /// The revision the host last converged to.
     converged_on: Option<CommitId>,
@@ -142,6 +144,7 @@ impl Controller {
             incoming_notes: None,
             switchovers: None,
             pokes: Arc::new(tokio::sync::Notify::new()),
+            retries: Arc::new(tokio::sync::Notify::new()),
             enforcing: None,
             converged_on: None,
             in_flight: HashMap::new(),
@@ -182,6 +185,12 @@ impl Controller {
         Arc::clone(&self.pokes)
     }
 
+    /// Notified when what held actions back is gone (the fleet's etcd answers again):
+    /// every backoff is forgotten and a pass runs at once.
+    pub fn retries(&self) -> Arc<tokio::sync::Notify> {
+        Arc::clone(&self.retries)
+    }
+
     /// Runs until `shutdown` turns true, then waits for the actions in flight.
     pub async fn run(
         mut self,
@@ -192,6 +201,7 @@ impl Controller {
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut source_open = true;
         let pokes = Arc::clone(&self.pokes);
+        let retries = Arc::clone(&self.retries);
         loop {
             let retry_at = self.backoffs.next_deadline(Instant::now());
             let wake = tokio::select! {
@@ -201,6 +211,7 @@ impl Controller {
                 event = events.recv(), if source_open => Wake::Source(event),
                 _ = resync.tick() => Wake::Tick,
                 () = pokes.notified() => Wake::Tick,
+                () = retries.notified() => Wake::RetryNow,
                 () = sleep_until(retry_at), if retry_at.is_some() => Wake::Tick,
             };
             match wake {
@@ -216,6 +227,7 @@ impl Controller {
                     continue;
                 }
                 Wake::Tick => {}
+                Wake::RetryNow => self.backoffs = Backoffs::new(self.config.backoff),
             }
             self.pass().await;
         }

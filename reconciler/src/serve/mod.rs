@@ -529,6 +529,7 @@ async fn serve(
     tokio::spawn(show_coordination(
         Arc::clone(&coordination),
         status_store,
+        controller.retries(),
         shutdown_rx.clone(),
     ));
     let controller = tokio::spawn(controller.run(event_rx, shutdown_rx));
@@ -592,10 +593,12 @@ async fn join_etcd(
     ))
 }
 
-/// Shows in `/status` whether this host can coordinate with its fleet, until `stop`.
+/// Shows in `/status` whether this host can coordinate with its fleet, until `stop`;
+/// when it can again, `retry` makes the loop try what it held back at once.
 async fn show_coordination(
     coordination: Arc<dyn Coordination>,
     status: StatusStore,
+    retry: Arc<tokio::sync::Notify>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut shown = None;
@@ -604,7 +607,10 @@ async fn show_coordination(
         if now != shown {
             match &now {
                 Some(lost) => warn!(reason = lost.reason, "{}", lost.message),
-                None if shown.is_some() => info!("fleet coordination is back"),
+                None if shown.is_some() => {
+                    info!("fleet coordination is back: retrying what was held back");
+                    retry.notify_one();
+                }
                 None => {}
             }
             status.update(|s| {
