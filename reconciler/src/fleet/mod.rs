@@ -28,6 +28,7 @@
 
 pub mod http;
 pub mod incoming;
+pub mod libvirt;
 pub mod peer;
 pub mod placement;
 pub mod remote;
