@@ -345,7 +345,15 @@ impl Libvirt {
     /// One domain, read back from libvirt; `None` when there is none of that name.
     pub fn observe(&self, name: &str) -> Result<Option<ObservedDomain>, LibvirtError> {
         match self.lookup(name)? {
-            Some(dom) => self.observe_domain(&dom).map(Some),
+            // Undefined while it was read (a migration away ended): gone.
+            Some(dom) => match self.observe_domain(&dom) {
+                Err(LibvirtError::Call { source, .. })
+                    if source.code().is(virt::error::ErrorNumber::NoDomain) =>
+                {
+                    Ok(None)
+                }
+                other => other.map(Some),
+            },
             None => Ok(None),
         }
     }
