@@ -975,3 +975,106 @@ fn apply_on_a_second_host_refuses_a_guest_the_first_may_still_run() {
         "kvm01 still runs it"
     );
 }
+
+/// A VMM that holds its lock but does not answer (the real VMM, frozen with SIGSTOP, as
+/// a loaded machine or a source paused in an unknown switchover can leave it) runs its
+/// guest: `get guests` lists it as unresponsive, `plan` and `apply` leave it alone and
+/// never start a second copy; once it answers again, nothing is left to do.
+#[test]
+fn a_vmm_that_does_not_answer_is_left_alone_and_never_started_twice() {
+    berth_tests::require_root_and_kvm();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let root = tempfile::tempdir().unwrap();
+    let guest = format!("ap-frozen-{}", std::process::id());
+    let (state, manifests) = (root.path().join("state"), root.path().join("manifests"));
+    std::fs::create_dir_all(&manifests).unwrap();
+    let (ksm, thp) = ksm_and_thp();
+    std::fs::write(
+        manifests.join("fleet.yaml"),
+        format!(
+            "apiVersion: berth.dev/v1\nkind: Host\nmetadata: {{name: kvm01}}\nspec:\n  \
+             address: 127.0.0.1:7410\n  cpus: \"0-1\"\n  memory: 4GiB\n  \
+             ksm: {{enabled: {ksm}}}\n  transparentHugepages: {thp}\n---\n\
+             apiVersion: berth.dev/v1\nkind: Guest\nmetadata: {{name: {guest}}}\n\
+             spec: {{host: kvm01, cpu: {{vcpus: 1}}, memory: {{size: 32MiB}}}}\n"
+        ),
+    )
+    .unwrap();
+    let berth = |args: &[&str]| {
+        let out = berth_tests::command("berth")
+            .args(args)
+            .args(["--host", "kvm01", "--state-dir"])
+            .arg(&state)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        eprintln!(
+            "$ berth {}\n{stdout}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code().unwrap_or(-1), stdout)
+    };
+    /// Thaws and kills the VMM, whatever the test's outcome.
+    struct Frozen(i32, String);
+    impl Drop for Frozen {
+        fn drop(&mut self) {
+            // SAFETY: kill takes no memory; the pid is the VMM this test started.
+            unsafe {
+                libc::kill(self.0, libc::SIGCONT);
+                libc::kill(self.0, libc::SIGKILL);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            if let Ok(cgroups) = Cgroups::detect() {
+                let _ = cgroups.remove_stale(&self.1);
+            }
+        }
+    }
+    let m = manifests.to_str().unwrap();
+    let (code, out) = berth(&["apply", "--yes", m]);
+    assert_eq!(code, 0, "{out}");
+    let socket = state.join("guests").join(&guest).join("control.sock");
+    let pid = Client::connect(&socket)
+        .and_then(|mut c| c.status())
+        .expect("the guest runs")
+        .pid;
+    let frozen = Frozen(pid, guest.clone());
+    // SAFETY: kill takes no memory; the pid is the VMM this test started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+
+    let (code, out) = berth(&["get", "guests", "-o", "json"]);
+    assert_eq!(code, 0, "{out}");
+    let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(rows.as_array().map(Vec::len), Some(1), "{out}");
+    assert_eq!(rows[0]["name"], guest.as_str(), "{out}");
+    assert_eq!(rows[0]["state"], "unresponsive", "{out}");
+    assert_eq!(rows[0]["pid"], pid, "{out}");
+
+    let (code, out) = berth(&["plan", "--detailed-exitcode", "--color", "never", m]);
+    assert_eq!(code, 2, "reported, not hidden: {out}");
+    assert!(out.contains("did not answer"), "{out}");
+    assert!(!out.contains("+ guest"), "no start: {out}");
+
+    let (code, out) = berth(&["apply", "--yes", m]);
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("did not answer"), "{out}");
+    assert!(
+        Path::new(&format!("/proc/{pid}")).exists(),
+        "the frozen VMM still runs"
+    );
+    assert_eq!(
+        std::fs::read_to_string(state.join("guests").join(&guest).join("pid"))
+            .unwrap()
+            .trim(),
+        pid.to_string(),
+        "no second VMM took the guest's directory"
+    );
+
+    // SAFETY: kill takes no memory; the pid is the VMM this test started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+    let (code, out) = berth(&["plan", "--detailed-exitcode", "--color", "never", m]);
+    assert_eq!(code, 0, "answering again, it needs nothing: {out}");
+    let (code, out) = berth(&["stop", guest.as_str()]);
+    assert_eq!(code, 0, "{out}");
+    drop(frozen);
+}

@@ -388,23 +388,16 @@ struct Fleet {
     secrets: PathBuf,
     hosts: [Host; 2],
     guests: Vec<String>,
-    /// Held for the fleet's life, dropped last: the fleets of this file run one at a
-    /// time. Run side by side, `a_source_killed_in_an_unknown_switchover_resumes_the_
-    /// guest_the_destination_never_ran` failed every time (kvm01's service did not see
-    /// its paused source VMM and tried to start the guest; the cgroup check refused the
-    /// second copy) and passed alone: the interference is not understood yet.
-    _serial: std::sync::MutexGuard<'static, ()>,
+    /// This fleet's number in the test process: guest names carry it, since the
+    /// fleets of this file run side by side and share one cgroup tree.
+    k: u32,
 }
 
 static FLEETS: AtomicU32 = AtomicU32::new(0);
-static ONE_FLEET_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl Fleet {
     fn new() -> Fleet {
         berth_tests::require_root_and_kvm();
-        let serial = ONE_FLEET_AT_A_TIME
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let k = FLEETS.fetch_add(1, Ordering::SeqCst);
         let net = NetPair::new(k);
         let dir = tempfile::tempdir().expect("temp dir");
@@ -434,13 +427,16 @@ impl Fleet {
             hosts,
             _dir: dir,
             guests: Vec::new(),
-            _serial: serial,
+            k,
         }
     }
 
-    /// A guest name unique to this test process and test.
+    /// A guest name unique to this test process, test and fleet.
     fn guest_name(&mut self, tag: &str) -> String {
-        let name = format!("{tag}-{}", std::process::id());
+        // Two tests that share a tag (the forged-peer test runs the unknown switchover
+        // of another) ran side by side with one guest name, so one cgroup: kvm01's
+        // start was refused by the other fleet's VMM in it.
+        let name = format!("{tag}-{}-{}", std::process::id(), self.k);
         self.guests.push(name.clone());
         name
     }

@@ -289,6 +289,7 @@ mod tests {
             labels: Default::default(),
             annotations: Default::default(),
             migrating_to: None,
+            unresponsive: None,
         }
     }
 

@@ -51,7 +51,7 @@ pub enum Command {
     Schema(SchemaArgs),
     /// Run the host-resident service: follow a git repository and keep this host
     /// converged to it.
-    Serve(berth_reconciler::serve::ServeArgs),
+    Serve(Box<berth_reconciler::serve::ServeArgs>),
     /// Show the status of a running `berth serve`, or of the whole fleet from etcd
     /// (`--fleet --etcd URL`).
     Status(commands::fleet::FleetStatusArgs),

@@ -81,6 +81,12 @@ pub struct ObservedGuest {
     /// A migration of this guest that is under way, to the named host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migrating_to: Option<String>,
+    /// Set when the guest's VMM holds its lock (so it runs) but did not answer: why.
+    /// The other fields are then those of the spec the VMM was built from, not read
+    /// back; the plan leaves such a guest alone (it is never started a second time,
+    /// retuned or stopped on guesses).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unresponsive: Option<String>,
 }
 
 /// vCPU facts of a running guest.
@@ -165,6 +171,7 @@ impl ObservedGuest {
             labels: guest.metadata.labels.clone(),
             annotations,
             migrating_to: None,
+            unresponsive: None,
         }
     }
 

@@ -20,6 +20,9 @@ pub struct Etcd {
     peer_port: u16,
     child: Option<Child>,
     tls: Option<ServerTls>,
+    /// The network namespace it runs in and the address it serves clients on, when
+    /// not loopback of the test's own namespace.
+    netns: Option<(String, String)>,
 }
 
 /// TLS for etcd's client port: its certificate and key, and the CA whose client
@@ -78,6 +81,7 @@ impl Etcd {
             peer_port: 0,
             child: None,
             tls,
+            netns: None,
         };
         // A port found free can be taken before etcd binds it: try again with new ports.
         for _ in 0..5 {
@@ -90,10 +94,38 @@ impl Etcd {
         panic!("etcd did not start in 5 attempts (its log is above)");
     }
 
-    /// The client URL, `http://127.0.0.1:<port>` (`https://` with TLS).
+    /// Starts an etcd inside network namespace `ns` (`/var/run/netns/<ns>`), serving
+    /// clients on `ip:2379` (and its peers on that namespace's loopback), so that
+    /// hosts in other namespaces reach it over their links.
+    pub fn start_in_netns(ns: &str, ip: &str) -> Etcd {
+        let dir = tempfile::Builder::new()
+            .prefix("berth-etcd-")
+            .tempdir()
+            .expect("temporary directory for etcd");
+        let mut etcd = Etcd {
+            dir,
+            client_port: 2379,
+            peer_port: 2380,
+            child: None,
+            tls: None,
+            netns: Some((ns.to_owned(), ip.to_owned())),
+        };
+        assert!(
+            etcd.spawn_and_wait(),
+            "etcd did not start in namespace {ns}"
+        );
+        etcd
+    }
+
+    /// The client URL, `http://127.0.0.1:<port>` (`https://` with TLS; the
+    /// namespace's address for [`Etcd::start_in_netns`]).
     pub fn endpoint(&self) -> String {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
-        format!("{scheme}://127.0.0.1:{}", self.client_port)
+        let ip = self
+            .netns
+            .as_ref()
+            .map_or("127.0.0.1", |(_, ip)| ip.as_str());
+        format!("{scheme}://{ip}:{}", self.client_port)
     }
 
     /// The etcd process id, while it runs.
@@ -154,7 +186,16 @@ impl Etcd {
             .append(true)
             .open(self.log_path())
             .expect("etcd log file");
-        let mut cmd = Command::new(etcd_binary());
+        let mut cmd = match &self.netns {
+            // nsenter execs etcd in the namespace (no fork): the pid is etcd's.
+            Some((ns, _)) => {
+                let mut cmd = Command::new("nsenter");
+                cmd.arg(format!("--net=/var/run/netns/{ns}"))
+                    .arg(etcd_binary());
+                cmd
+            }
+            None => Command::new(etcd_binary()),
+        };
         cmd.args(["--name", "berth-test"])
             .arg("--data-dir")
             .arg(self.data_dir())
@@ -204,7 +245,17 @@ impl Etcd {
                 );
                 return false;
             }
-            let ready = if self.tls.is_some() {
+            let ready = if let Some((_, ip)) = &self.netns {
+                // The test's own namespace cannot reach it: etcd's log says when it serves.
+                std::fs::read(self.log_path()).is_ok_and(|log| {
+                    String::from_utf8_lossy(log.get(log_start..).unwrap_or_default()).contains(
+                        &format!(
+                            "serving insecure client requests on {ip}:{}",
+                            self.client_port
+                        ),
+                    )
+                })
+            } else if self.tls.is_some() {
                 // Plain HTTP cannot ask a TLS port: etcd's log says when it serves.
                 std::fs::read(self.log_path()).is_ok_and(|log| {
                     String::from_utf8_lossy(log.get(log_start..).unwrap_or_default()).contains(

@@ -4,6 +4,8 @@
 //! libvirt's job statistics; past the completion timeout the job is aborted (the guest
 //! stays on the source) or switched over (the guest is paused so the rest is copied).
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use berth_schema::{Guest, GuestState, MigrationMode, OnTimeout};
@@ -139,14 +141,47 @@ impl Libvirt {
         let downtime_ms = policy.max_downtime.get().as_millis().max(1) as u64;
         let started = Instant::now();
         let mut switched = false;
+        // Job statistics come from a thread of their own: libvirt holds such a query
+        // while the domain's job lock is busy (for up to 30 s on a loaded machine), and
+        // the completion timeout below must not wait for it. The thread owns a reference
+        // to the domain and ends at its next sample after the migration.
+        let finished = Arc::new(AtomicBool::new(false));
+        let (samples, received) = mpsc::channel();
+        {
+            let dom = dom.clone();
+            let finished = Arc::clone(&finished);
+            std::thread::spawn(move || {
+                let mut downtime_set = false;
+                while !finished.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(200));
+                    let Ok(Some(sample)) = ffi::job_progress(&dom) else {
+                        continue;
+                    };
+                    if !downtime_set {
+                        // Accepted once the job exists.
+                        downtime_set = dom.migrate_set_max_downtime(downtime_ms, 0).is_ok();
+                    }
+                    if samples.send(sample).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
         let result = std::thread::scope(|scope| {
             let job = scope.spawn(|| dom.migrate_to_uri3(Some(&to.uri), params, flags));
-            let mut downtime_set = false;
             while !job.is_finished() {
-                std::thread::sleep(Duration::from_millis(200));
-                // The timeout is kept by the clock alone: job statistics can be late or
-                // refused while the source's libvirtd holds the domain's job lock (seen on
-                // a loaded machine), and an abort must not wait for them.
+                if let Ok([processed, remaining, total, iteration]) =
+                    received.recv_timeout(Duration::from_millis(200))
+                {
+                    progress(Progress {
+                        elapsed_ms: started.elapsed().as_millis() as u64,
+                        data_processed: processed,
+                        data_remaining: remaining,
+                        data_total: total,
+                        iteration,
+                    });
+                }
+                // The timeout is kept by the clock alone, never by the statistics.
                 if started.elapsed() > timeout && !switched {
                     match policy.on_timeout {
                         OnTimeout::Abort => {
@@ -159,24 +194,10 @@ impl Libvirt {
                         }
                     }
                 }
-                let Ok(Some([processed, remaining, total, iteration])) = ffi::job_progress(&dom)
-                else {
-                    continue;
-                };
-                if !downtime_set {
-                    // Accepted once the job exists.
-                    downtime_set = dom.migrate_set_max_downtime(downtime_ms, 0).is_ok();
-                }
-                progress(Progress {
-                    elapsed_ms: started.elapsed().as_millis() as u64,
-                    data_processed: processed,
-                    data_remaining: remaining,
-                    data_total: total,
-                    iteration,
-                });
             }
             job.join().expect("the migration thread does not panic")
         });
+        finished.store(true, Ordering::Relaxed);
         if let Err(source) = result {
             if switched {
                 // The guest stayed here, paused by the switchover: it runs again.

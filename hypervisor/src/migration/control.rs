@@ -62,6 +62,22 @@ pub enum MigrationPhase {
     SwitchoverUnknown,
 }
 
+impl MigrationPhase {
+    /// Whether the migration ended: completed, failed or cancelled. `SwitchoverUnknown`
+    /// has not: it waits for `migrateResolve`.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            MigrationPhase::Completed | MigrationPhase::Failed | MigrationPhase::Cancelled
+        )
+    }
+
+    /// Whether a migration is under way: started and not ended.
+    pub fn is_active(self) -> bool {
+        self != MigrationPhase::Idle && !self.is_terminal()
+    }
+}
+
 /// Progress and outcome, as `migrateStatus` reports it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -150,13 +166,7 @@ impl Migration {
 
     /// Whether a migration runs (not idle and not finished).
     pub fn active(&self) -> bool {
-        !matches!(
-            self.status().phase,
-            MigrationPhase::Idle
-                | MigrationPhase::Failed
-                | MigrationPhase::Cancelled
-                | MigrationPhase::Completed
-        )
+        self.status().phase.is_active()
     }
 
     /// Asks the running migration to stop before `Commit`.

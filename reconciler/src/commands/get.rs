@@ -76,12 +76,32 @@ struct Row {
     /// Since the VMM started (berth-vmm hosts).
     #[serde(skip_serializing_if = "Option::is_none")]
     uptime_ms: Option<u64>,
+    /// Why the VMM's state is unknown: it holds its lock but did not answer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unresponsive: Option<String>,
 }
 
 impl Row {
     fn of(g: &LocalGuest) -> Row {
-        let s = &g.status;
         let o = &g.observed;
+        let Some(s) = &g.status else {
+            // Its VMM runs but did not answer: what it was built with, marked so.
+            return Row {
+                name: o.name.clone(),
+                state: "unresponsive".into(),
+                host: o.host.clone(),
+                pid: g.pid,
+                vcpus: o.cpu.vcpus,
+                max_vcpus: o.cpu.max_vcpus,
+                pinning: None,
+                memory: o.memory.size,
+                hugepages: None,
+                hard_limit: None,
+                heartbeats: None,
+                uptime_ms: None,
+                unresponsive: o.unresponsive.clone(),
+            };
+        };
         let lines: Vec<u64> = s.vcpu.iter().filter_map(|v| v.lines).collect();
         Row {
             name: o.name.clone(),
@@ -102,6 +122,7 @@ impl Row {
             hard_limit: o.memory.tune.as_ref().and_then(|t| t.hard_limit),
             heartbeats: (!lines.is_empty()).then(|| lines.iter().sum()),
             uptime_ms: Some(s.uptime_ms),
+            unresponsive: None,
         }
     }
 
@@ -123,6 +144,7 @@ impl Row {
             hard_limit: o.memory.tune.as_ref().and_then(|t| t.hard_limit),
             heartbeats: None,
             uptime_ms: None,
+            unresponsive: None,
         }
     }
 }

@@ -335,6 +335,7 @@ impl LibvirtDriver {
                 .unwrap_or_else(|e| e.into_inner())
                 .get(&d.name)
                 .cloned(),
+            unresponsive: None,
             name: d.name,
         })
     }

@@ -82,8 +82,29 @@ struct Metadata {
 pub struct LocalGuest {
     /// The guest in the reconciler's terms.
     pub observed: ObservedGuest,
-    /// The VMM's status, as it reported it.
-    pub status: Status,
+    /// The VMM's status, as it reported it; `None` when it did not answer
+    /// (`observed.unresponsive` says why).
+    pub status: Option<Status>,
+    /// The VMM's pid, when known.
+    pub pid: Option<i32>,
+}
+
+/// How long a VMM that holds its lock gets to answer a status request.
+pub const PROBE_PATIENCE: Duration = Duration::from_secs(3);
+
+/// What asking a guest's VMM for its status found.
+enum Probe {
+    /// It answered.
+    Answered(Client, Box<Status>),
+    /// It holds its lock, so it runs, but did not answer in time.
+    Unresponsive {
+        /// Its pid, from its pid file.
+        pid: Option<i32>,
+        /// What went wrong.
+        why: String,
+    },
+    /// No VMM holds the guest's lock.
+    Gone,
 }
 
 /// Runs guests as berth-vmm processes on this host. See the module documentation.
@@ -162,7 +183,7 @@ impl LocalDriver {
         listen: &str,
     ) -> Result<(i32, String, String), DriverError> {
         let name = &guest.metadata.name;
-        if let Some(status) = self.live_status(name) {
+        if let Some((_, status)) = self.refuse_if_running(name)? {
             return Err(DriverError::Refused(format!(
                 "guest {name} already runs on {} (pid {})",
                 self.host, status.pid
@@ -266,13 +287,23 @@ impl LocalDriver {
             .filter(|n| !n.contains('.'))
             .collect();
         names.sort();
-        let observe = |name: &String| match self.live_client(name) {
-            Some((mut client, status)) => {
+        let observe = |name: &String| match self.probe(name) {
+            Probe::Answered(mut client, status) => {
                 let mut observed = self.observed_guest(name, &status, &online);
                 observed.migrating_to = self.outgoing_migration(&mut client);
-                Some(LocalGuest { observed, status })
+                Some(LocalGuest {
+                    observed,
+                    pid: Some(status.pid),
+                    status: Some(*status),
+                })
             }
-            None => {
+            // Never dropped: it runs, it is only not telling how.
+            Probe::Unresponsive { pid, why } => Some(LocalGuest {
+                observed: self.unresponsive_guest(name, why),
+                status: None,
+                pid,
+            }),
+            Probe::Gone => {
                 self.clean_if_dead(name);
                 None
             }
@@ -296,7 +327,11 @@ impl LocalDriver {
         for name in arrived {
             if let Some(status) = self.committed_incoming_status(&name) {
                 let observed = self.observed_guest(&name, &status, &online);
-                guests.push(LocalGuest { observed, status });
+                guests.push(LocalGuest {
+                    observed,
+                    pid: Some(status.pid),
+                    status: Some(status),
+                });
             }
         }
         Ok(guests)
@@ -323,31 +358,111 @@ impl LocalDriver {
                 .exists()
     }
 
-    /// The status of the VMM of `name`, if one answers. A VMM that holds its lock but
-    /// has not bound its socket yet (starting) gets a moment.
-    fn live_status(&self, name: &str) -> Option<Status> {
-        self.live_client(name).map(|(_, status)| status)
-    }
-
-    /// [`LocalDriver::live_status`], with the connection for further questions.
-    fn live_client(&self, name: &str) -> Option<(Client, Status)> {
+    /// Asks the VMM of `name` for its status. A VMM that holds its lock runs (it may be
+    /// starting, paused in a switchover or just slow on a loaded machine): it gets
+    /// [`PROBE_PATIENCE`] to answer, and is reported [`Probe::Unresponsive`] rather
+    /// than gone when it does not, since a guest not seen is a guest planned to start.
+    fn probe(&self, name: &str) -> Probe {
         let socket = self.socket(name);
-        // A VMM that holds its lock is alive: give it time to answer (a busy machine
-        // was seen to take over 2 s), since a guest not seen is a guest planned to
-        // start. Only the start's cgroup check then stands between it and a second
-        // copy.
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + PROBE_PATIENCE;
         loop {
-            if let Ok(mut client) = Client::connect(&socket) {
-                if let Ok(status) = client.status() {
-                    return Some((client, status));
+            let error = match Client::connect(&socket) {
+                Ok(mut client) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    let asked = client
+                        .set_timeout(left.max(Duration::from_millis(100)))
+                        .and_then(|()| client.status());
+                    match asked {
+                        Ok(status) => return Probe::Answered(client, Box::new(status)),
+                        Err(e) => e,
+                    }
                 }
+                Err(e) => e,
+            };
+            if !vmm_lock_held(&self.guest_dir(name)) {
+                return Probe::Gone;
             }
-            if !vmm_lock_held(&self.guest_dir(name)) || Instant::now() > deadline {
-                return None;
+            if Instant::now() > deadline {
+                let pid = std::fs::read_to_string(self.guest_dir(name).join("pid"))
+                    .ok()
+                    .and_then(|p| p.trim().parse::<i32>().ok());
+                let why = match error {
+                    ClientError::Io(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) =>
+                    {
+                        format!("no status within {PROBE_PATIENCE:?}")
+                    }
+                    e => format!("no status within {PROBE_PATIENCE:?}; last: {e}"),
+                };
+                return Probe::Unresponsive { pid, why };
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Refuses to start or receive `name` while a VMM of it runs here, answering or not.
+    fn refuse_if_running(&self, name: &str) -> Result<Option<(Client, Status)>, DriverError> {
+        match self.probe(name) {
+            Probe::Gone => Ok(None),
+            Probe::Unresponsive { pid, why } => Err(DriverError::Refused(format!(
+                "guest {name} already runs on {} (pid {}) but its VMM does not answer ({why})",
+                self.host,
+                pid.map_or_else(|| "unknown".into(), |p| p.to_string()),
+            ))),
+            Probe::Answered(client, status) => Ok(Some((client, *status))),
+        }
+    }
+
+    /// The guest of an unresponsive VMM, as the spec it was built from describes it.
+    fn unresponsive_guest(&self, name: &str, why: String) -> ObservedGuest {
+        let dir = self.guest_dir(name);
+        let spec: Option<Guest> = ["start.yaml", "spec.yaml"].iter().find_map(|file| {
+            let text = std::fs::read_to_string(dir.join(file)).ok()?;
+            serde_yaml::from_str(&text).ok()
+        });
+        let mut guest = match &spec {
+            Some(spec) => ObservedGuest::as_written(spec),
+            None => ObservedGuest {
+                name: name.to_owned(),
+                host: self.host.clone(),
+                state: GuestState::Running,
+                boot: Boot::default(),
+                cpu: ObservedCpu {
+                    vcpus: 0,
+                    max_vcpus: 0,
+                    mode: CpuMode::default(),
+                    model: None,
+                    pinning: None,
+                },
+                memory: ObservedMemory {
+                    size: Bytes(0),
+                    hugepages: None,
+                    locked: false,
+                    share_pages: false,
+                    tune: None,
+                    numa: None,
+                },
+                io_weight: None,
+                labels: BTreeMap::new(),
+                annotations: BTreeMap::new(),
+                migrating_to: None,
+                unresponsive: None,
+            },
+        };
+        guest.name = name.to_owned();
+        guest.host.clone_from(&self.host);
+        if guest.state == GuestState::Stopped {
+            guest.state = GuestState::Running;
+        }
+        if let Some(metadata) = read_metadata(&dir) {
+            guest.labels = metadata.labels;
+            guest.annotations = metadata.annotations;
+        }
+        guest.unresponsive = Some(why);
+        guest
     }
 
     /// Where the guest is being migrated to, while a migration runs: this host for a
@@ -355,14 +470,7 @@ impl LocalDriver {
     fn outgoing_migration(&self, client: &mut Client) -> Option<String> {
         let value = client.call(Op::MigrateStatus).ok()?;
         let status: MigrationStatus = serde_json::from_value(value).ok()?;
-        let running = !matches!(
-            status.phase,
-            MigrationPhase::Idle
-                | MigrationPhase::Completed
-                | MigrationPhase::Failed
-                | MigrationPhase::Cancelled
-        );
-        if !running || status.role.as_deref() != Some("outgoing") {
+        if !status.phase.is_active() || status.role.as_deref() != Some("outgoing") {
             return None;
         }
         let destination = status.destination?;
@@ -457,6 +565,7 @@ impl LocalDriver {
             labels: metadata.labels,
             annotations: metadata.annotations,
             migrating_to: None,
+            unresponsive: None,
         }
     }
 
@@ -908,10 +1017,9 @@ impl Driver for LocalDriver {
     fn start(&self, guest: &Guest, host: &str) -> Result<(), DriverError> {
         self.check_host(host)?;
         let name = &guest.metadata.name;
-        if let Some(status) = self.live_status(name) {
+        if let Some((client, status)) = self.refuse_if_running(name)? {
             match status.state {
                 GuestRunState::Halted | GuestRunState::Crashed => {
-                    let client = self.connect(name)?;
                     self.shutdown(name, client, status.pid)?;
                 }
                 GuestRunState::Running | GuestRunState::Paused => {

@@ -16,16 +16,31 @@ pub struct EtcdArgs {
     #[arg(long = "etcd-prefix", value_name = "PREFIX", default_value = "/berth/")]
     pub prefix: String,
     /// The CA certificate (PEM) that signed etcd's server certificate.
-    #[arg(long = "etcd-cacert", value_name = "FILE")]
+    #[arg(long = "etcd-cacert", value_name = "FILE", env = "BERTH_ETCD_CACERT")]
     pub ca: Option<PathBuf>,
     /// This host's client certificate (PEM), for etcd's client-certificate auth.
-    #[arg(long = "etcd-cert", value_name = "FILE", requires = "key")]
+    #[arg(
+        long = "etcd-cert",
+        value_name = "FILE",
+        env = "BERTH_ETCD_CERT",
+        requires = "key"
+    )]
     pub cert: Option<PathBuf>,
     /// The client certificate's private key (PEM).
-    #[arg(long = "etcd-key", value_name = "FILE", requires = "cert")]
+    #[arg(
+        long = "etcd-key",
+        value_name = "FILE",
+        env = "BERTH_ETCD_KEY",
+        requires = "cert"
+    )]
     pub key: Option<PathBuf>,
     /// The etcd user, when etcd has authentication enabled.
-    #[arg(long = "etcd-user", value_name = "NAME", requires = "password")]
+    #[arg(
+        long = "etcd-user",
+        value_name = "NAME",
+        env = "BERTH_ETCD_USER",
+        requires = "password"
+    )]
     pub user: Option<String>,
     /// The etcd user's password (better from the environment than the command line).
     #[arg(

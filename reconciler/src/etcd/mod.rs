@@ -68,7 +68,7 @@ pub use ownership::{
     Switchover,
 };
 pub use session::{HostRecord, HostSession, LeaseHealth, LeaseState};
-pub use view::{read_fleet, FleetView, HostEvent, HostWatch, PublishedHost};
+pub use view::{read_fleet, read_host, FleetView, HostEvent, HostWatch, PublishedHost};
 
 /// A failure talking to etcd, or a value in etcd berth cannot read.
 #[derive(Debug, thiserror::Error)]

@@ -252,6 +252,62 @@ impl HostSession {
         .await
     }
 
+    /// Refuses a handover begun towards this host (`A, moving to B` -> `A`, still bound
+    /// to `A`'s lease), when the incoming migration ended before `Commit`: the guest
+    /// never ran here and runs on `A`. Fails with [`Fenced`] unless the record is at
+    /// `token` and moving to this host.
+    pub async fn refuse_handover(
+        &self,
+        guest: &str,
+        token: FencingToken,
+    ) -> Result<Result<Ownership, Fenced>, EtcdError> {
+        let current = read_owner(&self.store, guest).await?;
+        let Some(o) = current
+            .filter(|o| o.token == token && o.record.moving_to.as_deref() == Some(self.host()))
+        else {
+            return Ok(Err(Fenced {
+                guest: guest.to_owned(),
+                stale: token,
+                current: read_owner(&self.store, guest).await?,
+            }));
+        };
+        let key = self.store.keys.owner(guest);
+        let record = OwnerRecord {
+            host: o.record.host.clone(),
+            moving_to: None,
+        };
+        let txn = Txn::new()
+            .when([Compare::mod_revision(
+                key.clone(),
+                CompareOp::Equal,
+                token.0,
+            )])
+            .and_then([TxnOp::put(
+                key.clone(),
+                encode(&record),
+                Some(PutOptions::new().with_lease(o.lease)),
+            )])
+            .or_else([TxnOp::get(key, None)]);
+        let mut kv = self.store.client.kv_client();
+        let answer = self
+            .store
+            .call(|| format!("giving back guest {guest}"), kv.txn(txn))
+            .await?;
+        if answer.succeeded() {
+            return Ok(Ok(Ownership {
+                guest: guest.to_owned(),
+                record,
+                token: FencingToken(revision(answer.header())),
+                lease: o.lease,
+            }));
+        }
+        Ok(Err(Fenced {
+            guest: guest.to_owned(),
+            stale: token,
+            current: first_kv(guest, &answer.op_responses())?,
+        }))
+    }
+
     /// Gives up ownership (the guest was stopped or removed): deletes the record if it
     /// is still at `token`.
     pub async fn release(

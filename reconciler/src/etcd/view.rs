@@ -38,6 +38,22 @@ pub struct FleetView {
     pub leader: Option<String>,
 }
 
+/// The record host `host` publishes, while its lease lives.
+pub async fn read_host(store: &EtcdStore, host: &str) -> Result<Option<HostRecord>, EtcdError> {
+    let mut kv = store.client.kv_client();
+    let answer = store
+        .call(
+            || format!("reading host {host}"),
+            kv.get(store.keys.host(host), None),
+        )
+        .await?;
+    answer
+        .kvs()
+        .first()
+        .map(|kv| decode(kv.key(), kv.value()))
+        .transpose()
+}
+
 /// The largest fleet read accepted, in bytes (some 600,000 guests of 400 bytes).
 const MAX_FLEET_READ: usize = 256 << 20;
 

@@ -23,6 +23,7 @@ use super::peer::{
     IncomingMigration, IncomingMigrations, IncomingOutcome, IncomingRequest, PeerError,
 };
 use super::remote::Enforced;
+use super::Coordination;
 use crate::driver::{DriverError, LocalDriver};
 use crate::serve::git::{CommitId, GitRepo};
 use crate::serve::source::{read_revision, Trigger};
@@ -62,6 +63,15 @@ pub struct LocalIncoming {
     repo: GitRepo,
     path: Option<String>,
     notes: Arc<IncomingNotes>,
+    fleet: Option<FleetHooks>,
+}
+
+/// The fleet coordination the destination tells about arrivals, and the runtime its
+/// futures run on (the watchers are plain threads).
+#[derive(Clone)]
+struct FleetHooks {
+    coordination: Arc<dyn Coordination>,
+    runtime: tokio::runtime::Handle,
 }
 
 impl LocalIncoming {
@@ -80,7 +90,23 @@ impl LocalIncoming {
             repo,
             path,
             notes,
+            fleet: None,
         }
+    }
+
+    /// Checks each request against `coordination` (the guest must be moving here from
+    /// its sender) and tells it when a guest arrived or its migration ended before
+    /// `Commit`; its futures run on `runtime`.
+    pub fn with_coordination(
+        mut self,
+        coordination: Arc<dyn Coordination>,
+        runtime: tokio::runtime::Handle,
+    ) -> Self {
+        self.fleet = Some(FleetHooks {
+            coordination,
+            runtime,
+        });
+        self
     }
 
     fn desired_at(&self, revision: &str) -> Result<Arc<crate::model::Desired>, PeerError> {
@@ -149,6 +175,12 @@ impl IncomingMigrations for LocalIncoming {
                 guest.spec.host
             )));
         }
+        if let Some(fleet) = &self.fleet {
+            fleet
+                .runtime
+                .block_on(fleet.coordination.expects_incoming(name, &request.from))
+                .map_err(PeerError::Refused)?;
+        }
         let address = desired
             .hosts
             .iter()
@@ -172,15 +204,28 @@ impl IncomingMigrations for LocalIncoming {
             .map_err(|e| PeerError::Failed(format!("the incoming VMM's address {listen}: {e}")))?;
         info!(guest = %name, from = %request.from, %listen, pid, "incoming VMM ready");
         self.notes.clear(name);
-        let (local, notes, guest, from) = (
+        let (local, notes, guest, from, fleet) = (
             Arc::clone(&self.local),
             Arc::clone(&self.notes),
             name.clone(),
             request.from.clone(),
+            self.fleet.clone(),
         );
         let watcher = std::thread::Builder::new()
             .name("incoming-watch".into())
-            .spawn(move || watch(&local, &notes, &guest, &from, pid));
+            .spawn(move || {
+                let arrived = watch(&local, &notes, &guest, &from, pid);
+                if let Some(fleet) = fleet {
+                    let c = &fleet.coordination;
+                    match arrived {
+                        Arrival::Arrived => fleet.runtime.block_on(c.arrived(&guest, &from)),
+                        Arrival::NeverRan => {
+                            fleet.runtime.block_on(c.incoming_failed(&guest, &from))
+                        }
+                        Arrival::Unknown => {}
+                    }
+                }
+            });
         if let Err(e) = watcher {
             warn!(error = %e, "cannot watch the incoming VMM; an unused token will not expire");
         }
@@ -233,8 +278,19 @@ fn incoming_status(local: &LocalDriver, guest: &str) -> Option<MigrationStatus> 
         .and_then(|v| serde_json::from_value(v).ok())
 }
 
+/// How an incoming migration ended.
+enum Arrival {
+    /// The guest runs here.
+    Arrived,
+    /// The incoming VMM ended before `Commit`: the guest never ran here.
+    NeverRan,
+    /// The VMM read `Commit` and ended without handing over (its committed marker
+    /// stays): the guest counts as run here; a person decides.
+    Unknown,
+}
+
 /// Follows the incoming VMM `pid` of `guest` until it hands over or exits.
-fn watch(local: &LocalDriver, notes: &IncomingNotes, guest: &str, from: &str, pid: i32) {
+fn watch(local: &LocalDriver, notes: &IncomingNotes, guest: &str, from: &str, pid: i32) -> Arrival {
     let started = Instant::now();
     let mut last: Option<MigrationStatus> = None;
     loop {
@@ -259,14 +315,14 @@ fn watch(local: &LocalDriver, notes: &IncomingNotes, guest: &str, from: &str, pi
                             .join("control.sock"),
                     )
                     .and_then(|c| c.shutdown(Duration::from_secs(5)));
-                    return;
+                    return Arrival::NeverRan;
                 }
                 last = Some(status);
             }
             None if alive && !local.incoming_under_way(guest) => {
                 info!(guest, from, pid, "the guest arrived and runs here");
                 notes.clear(guest);
-                return;
+                return Arrival::Arrived;
             }
             None if alive => {}
             None => {
@@ -286,7 +342,15 @@ fn watch(local: &LocalDriver, notes: &IncomingNotes, guest: &str, from: &str, pi
                         ),
                     );
                 }
-                return;
+                let marker = berth_hypervisor::migration::incoming::committed_marker(
+                    local.state_dir(),
+                    guest,
+                );
+                return if marker.exists() || ended.0 == MigrationPhase::Completed {
+                    Arrival::Unknown
+                } else {
+                    Arrival::NeverRan
+                };
             }
         }
     }

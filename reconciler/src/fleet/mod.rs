@@ -26,6 +26,7 @@
 //! - [`switchover`]: resolving unknown switchovers, also after a restart;
 //! - [`peer`]: the peer API's messages.
 
+pub mod etcd;
 pub mod http;
 pub mod incoming;
 pub mod libvirt;
@@ -37,7 +38,7 @@ pub mod switchover;
 use std::future::Future;
 use std::pin::Pin;
 
-use crate::model::{Desired, ObservedHost};
+use crate::model::{Desired, Observed, ObservedHost};
 use peer::{IncomingMigration, IncomingOutcome, IncomingRequest};
 
 /// A future a [`Coordination`] returns (object-safe `async`).
@@ -78,6 +79,15 @@ pub enum StartRefused {
         /// The host that runs it.
         host: String,
     },
+    /// This host does not hold the guest's ownership record (another host holds it,
+    /// or etcd cannot be reached to take or check it).
+    #[error("{guest}: {reason}; not acting on it")]
+    NotOwner {
+        /// The guest.
+        guest: String,
+        /// Who holds it, or why the record cannot be read.
+        reason: String,
+    },
     /// A host that may run it cannot be asked.
     #[error(
         "{host} may still run {guest} and cannot be asked ({reason}); not starting a second copy"
@@ -97,6 +107,7 @@ impl StartRefused {
     pub fn host(&self) -> &str {
         match self {
             StartRefused::RunsElsewhere { host, .. } | StartRefused::CannotAsk { host, .. } => host,
+            StartRefused::NotOwner { .. } => "etcd",
         }
     }
 }
@@ -162,6 +173,75 @@ pub trait Coordination: Send + Sync {
         host: &'a Peer,
         guest: &'a str,
     ) -> BoxFuture<'a, Result<IncomingOutcome, CoordinationError>>;
+
+    /// What this host observes now (its capacity and guests), after each full observe:
+    /// published to the fleet, for other hosts to plan with. Must not block.
+    fn publish(&self, observed: &Observed) {
+        let _ = observed;
+    }
+
+    /// Before this host acts on `guest` it runs (retune, stop, migrate): `Ok` while
+    /// this host holds its ownership record (the fencing token kept with the guest
+    /// still matches); else why not.
+    fn may_act<'a>(&'a self, guest: &'a str) -> BoxFuture<'a, Result<(), StartRefused>> {
+        let _ = guest;
+        Box::pin(async { Ok(()) })
+    }
+
+    /// `guest` was stopped here for good (stopped, or stopped for a cold move): its
+    /// ownership, if any, is given up.
+    fn released<'a>(&'a self, guest: &'a str) -> BoxFuture<'a, ()> {
+        let _ = guest;
+        Box::pin(async {})
+    }
+
+    /// Source side: the migration of `guest` failed before its switchover (the guest
+    /// runs here): the handover begun by [`Coordination::prepare_incoming`] is taken back.
+    fn migration_failed<'a>(&'a self, guest: &'a str) -> BoxFuture<'a, ()> {
+        let _ = guest;
+        Box::pin(async {})
+    }
+
+    /// Destination side, before an incoming VMM is prepared: `Ok` when the fleet says
+    /// `guest` is moving from `from` to this host; else why not.
+    fn expects_incoming<'a>(
+        &'a self,
+        guest: &'a str,
+        from: &'a str,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        let _ = (guest, from);
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Destination side: `guest`, migrating from `from`, committed here (its incoming
+    /// VMM read `Commit`): this host takes the ownership over.
+    fn arrived<'a>(&'a self, guest: &'a str, from: &'a str) -> BoxFuture<'a, ()> {
+        let _ = (guest, from);
+        Box::pin(async {})
+    }
+
+    /// Destination side: the incoming migration of `guest` from `from` ended before
+    /// `Commit` (the guest never ran here): the ownership goes back to `from`.
+    fn incoming_failed<'a>(&'a self, guest: &'a str, from: &'a str) -> BoxFuture<'a, ()> {
+        let _ = (guest, from);
+        Box::pin(async {})
+    }
+
+    /// Whether this host can coordinate with its fleet now: `None` when it needs no
+    /// store or the store answers; else why not (shown in status).
+    fn health(&self) -> Option<CoordinationLost> {
+        None
+    }
+}
+
+/// Why a host cannot coordinate with its fleet now: while this lasts it keeps running
+/// what it runs and starts, moves, stops and retunes nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CoordinationLost {
+    /// A CamelCase word: `EtcdUnreachable`, `LeaseExpired`.
+    pub reason: &'static str,
+    /// For people.
+    pub message: String,
 }
 
 /// Runs the futures concurrently (one task each) and collects their outputs in order.

@@ -14,10 +14,15 @@
 //!    cancelled (`migrateCancel`): the guest stays here.
 //!
 //! The local driver sees this host only, so the plan of a move is made against what
-//! the destination last reported of itself (its `/status` carries its observed host;
-//! [`ServeDriver::refresh_peers`] asks every 2 s and wakes the loop when a peer becomes
-//! observed). A destination silent for 15 s is unobserved: moves to it are blocked, with
-//! that reason, until it answers again.
+//! the destination last said of itself, asked through the fleet coordination (etcd's
+//! host record with `--etcd`, else the destination's `/status`): only the destinations
+//! of pending moves are asked, every 2 s while the move is pending
+//! ([`ServeDriver::follow_destinations`], which wakes the loop when one becomes
+//! observed); no host polls the fleet. A destination silent for 15 s is unobserved:
+//! moves to it are blocked, with that reason, until it answers again.
+//!
+//! With `--etcd` the guest's ownership record is handed over on the way
+//! ([`super::etcd`]): every action here first checks this host still holds it.
 //!
 //! A `switchoverUnknown` outcome (the source sent the commit but lost the link before
 //! the destination's answer) is resolved by asking B whether its VMM runs the guest;
@@ -64,7 +69,8 @@ pub const RESOLVE_INLINE: Duration = Duration::from_secs(10);
 const ASK_INTERVAL: Duration = Duration::from_millis(200);
 const ASK_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// How often the other hosts are asked how they are (for planning migrations to them).
+/// How often the destinations of pending moves are asked how they are (for planning
+/// migrations to them).
 const PEER_REFRESH: Duration = Duration::from_secs(2);
 
 /// How long a peer's last answer is planned with; after that it counts as unobserved
@@ -112,8 +118,10 @@ pub struct ServeDriver {
     metrics: Arc<Metrics>,
     switchovers: Arc<Switchovers>,
     runtime: tokio::runtime::Handle,
-    /// The other hosts as they last reported themselves, and when.
+    /// The destinations of pending moves as they last reported themselves, and when.
     peers: RwLock<BTreeMap<String, (Instant, ObservedHost)>>,
+    /// The guests this host ran at the last observe.
+    running: RwLock<std::collections::BTreeSet<String>>,
 }
 
 /// How following a migration ended badly.
@@ -146,35 +154,32 @@ impl ServeDriver {
             switchovers,
             runtime,
             peers: RwLock::new(BTreeMap::new()),
+            running: RwLock::new(std::collections::BTreeSet::new()),
         }
     }
 
-    /// Asks the other hosts of the enforced revision for their observed state every
-    /// 2 s, until `stop` turns true. The local driver sees this host only;
-    /// a migration is planned against what the destination last reported.
-    /// `poke` is notified when a peer becomes observed (first answer, or again after
-    /// going stale), so that migrations blocked for want of it are planned at once.
-    pub async fn refresh_peers(
+    /// Keeps what the destinations of pending moves say of themselves, until `stop`
+    /// turns true: every 2 s, for each guest that ran here at the last observe and that
+    /// the enforced revision places on another host, that host is asked (through the
+    /// fleet coordination: etcd, or that host's API) how it observes itself. The local
+    /// driver sees this host only; a migration is planned against what the destination
+    /// last said. Nobody is asked while no move is pending: no host polls the fleet.
+    /// `poke` is notified when a destination becomes observed (first answer, or again
+    /// after going stale), so that migrations blocked for want of it are planned at once.
+    pub async fn follow_destinations(
         self: Arc<Self>,
         poke: Arc<tokio::sync::Notify>,
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) {
         loop {
-            let asks = self
-                .enforced
-                .addresses()
-                .into_iter()
-                .filter(|(name, _)| name != self.me())
-                .map(|(name, address)| {
-                    let coordination = Arc::clone(&self.coordination);
-                    async move {
-                        let peer = Peer { name, address };
-                        let answer =
-                            tokio::time::timeout(PEER_REFRESH, coordination.observe_host(&peer))
-                                .await;
-                        (peer.name, answer)
-                    }
-                });
+            let asks = self.destinations().into_iter().map(|peer| {
+                let coordination = Arc::clone(&self.coordination);
+                async move {
+                    let answer =
+                        tokio::time::timeout(PEER_REFRESH, coordination.observe_host(&peer)).await;
+                    (peer.name, answer)
+                }
+            });
             for (name, answer) in super::join_all(asks).await {
                 match answer {
                     Ok(Ok(observed)) => {
@@ -190,15 +195,57 @@ impl ServeDriver {
                         }
                     }
                     Ok(Err(e)) => {
-                        tracing::debug!(peer = %name, error = %e.chain(), "peer not asked")
+                        tracing::debug!(peer = %name, error = %e.chain(), "destination not observed")
                     }
-                    Err(_) => tracing::debug!(peer = %name, "peer did not answer"),
+                    Err(_) => tracing::debug!(peer = %name, "destination did not answer"),
                 }
             }
             tokio::select! {
                 _ = stop.wait_for(|s| *s) => return,
                 () = tokio::time::sleep(PEER_REFRESH) => {}
             }
+        }
+    }
+
+    /// The hosts the enforced revision moves guests that run here to.
+    fn destinations(&self) -> Vec<Peer> {
+        let Some((_, desired)) = self.enforced.get() else {
+            return Vec::new();
+        };
+        let here = self.running.read().unwrap_or_else(|e| e.into_inner());
+        let wanted: std::collections::BTreeSet<&str> = desired
+            .guests
+            .iter()
+            .filter(|g| here.contains(&g.metadata.name) && g.spec.host != self.me())
+            .map(|g| g.spec.host.as_str())
+            .collect();
+        wanted
+            .into_iter()
+            .filter_map(|name| Peer::of(&desired, name))
+            .collect()
+    }
+
+    /// Runs `act` on the runtime: whether this host may act on `guest` now.
+    fn may_act(&self, guest: &str) -> Result<(), DriverError> {
+        self.runtime
+            .block_on(self.coordination.may_act(guest))
+            .map_err(|e| DriverError::Refused(e.to_string()))
+    }
+
+    /// Takes back the handover of `guest` when it still runs here.
+    fn take_back_if_here(&self, guest: &str) {
+        let runs = Client::connect(self.local.control_socket(guest))
+            .and_then(|mut c| c.status())
+            .is_ok_and(|s| {
+                matches!(
+                    s.state,
+                    berth_hypervisor::control::GuestRunState::Running
+                        | berth_hypervisor::control::GuestRunState::Paused
+                )
+            });
+        if runs {
+            self.runtime
+                .block_on(self.coordination.migration_failed(guest));
         }
     }
 
@@ -269,6 +316,7 @@ impl ServeDriver {
             connections: None,
         })) {
             self.local.forget_outgoing(name);
+            self.take_back_if_here(name);
             return Err(DriverError::failed(
                 format!("starting the migration of {name} to {to}"),
                 e,
@@ -303,10 +351,15 @@ impl ServeDriver {
                 }
                 Ok(())
             }
-            Err(FollowError::Failed(reason)) => Err(DriverError::Failed {
-                context: format!("migrating {name} to {to}; the guest stays on {}", self.me()),
-                source: reason.into(),
-            }),
+            Err(FollowError::Failed(reason)) => {
+                // Ended before its switchover, or resolved against the destination: the
+                // ownership stays here if the guest does.
+                self.take_back_if_here(name);
+                Err(DriverError::Failed {
+                    context: format!("migrating {name} to {to}; the guest stays on {}", self.me()),
+                    source: reason.into(),
+                })
+            }
             Err(FollowError::Unknown(reason)) => {
                 // No longer followed here: the resolver may take it now.
                 self.switchovers.kick();
@@ -479,6 +532,13 @@ impl Driver for ServeDriver {
 
     fn observe(&self) -> Result<Observed, DriverError> {
         let mut observed = self.local.observe()?;
+        self.coordination.publish(&observed);
+        *self.running.write().unwrap_or_else(|e| e.into_inner()) = observed
+            .guests
+            .iter()
+            .filter(|g| g.host == self.me())
+            .map(|g| g.name.clone())
+            .collect();
         let peers = self.peers.read().unwrap_or_else(|e| e.into_inner());
         observed.hosts.extend(
             peers
@@ -500,21 +560,27 @@ impl Driver for ServeDriver {
     }
 
     fn start(&self, guest: &Guest, host: &str) -> Result<(), DriverError> {
+        self.may_act(&guest.metadata.name)?;
         self.local.start(guest, host)
     }
 
     fn retune(&self, guest: &Guest, host: &str, fields: &[Field]) -> Result<(), DriverError> {
+        self.may_act(&guest.metadata.name)?;
         self.local.retune(guest, host, fields)
     }
 
     /// Stops the guest here; the source half of a cold move stops here too, and the
     /// destination's service starts it once this host no longer runs it.
     fn stop(&self, name: &str, host: &str) -> Result<(), DriverError> {
-        self.local.stop(name, host)
+        self.may_act(name)?;
+        self.local.stop(name, host)?;
+        self.runtime.block_on(self.coordination.released(name));
+        Ok(())
     }
 
     fn migrate(&self, guest: &Guest, from: &str, to: &str) -> Result<(), DriverError> {
         if from == to {
+            self.may_act(&guest.metadata.name)?;
             return self.local.migrate(guest, from, to);
         }
         if from != self.me() {

@@ -417,6 +417,20 @@ fn intents(
         .collect();
     orphans.sort_by(|a, b| a.name.cmp(&b.name));
     for o in orphans {
+        if let Some(why) = &o.unresponsive {
+            plans.push(GuestPlan {
+                name: o.name.clone(),
+                operation: Operation::Blocked,
+                host: o.host.clone(),
+                to: None,
+                via: None,
+                changes: Vec::new(),
+                reason: Some(unresponsive_reason(&o.host, why)),
+                observed: Some(o.clone()),
+                desired: None,
+            });
+            continue;
+        }
         let prune = desired.fleet.prune || o.prune_requested();
         if prune {
             sched.stop(plans.len(), o, StopReason::Prune);
@@ -445,6 +459,11 @@ fn intents(
         });
     }
     plans
+}
+
+/// Why nothing is done to a guest whose VMM did not answer.
+fn unresponsive_reason(host: &str, why: &str) -> String {
+    format!("its VMM on {host} runs but did not answer ({why}); left alone until it does")
 }
 
 fn guest_intent(
@@ -483,6 +502,13 @@ fn guest_intent(
         plan.desired = Some(wanted);
         return Some(plan);
     };
+
+    if let Some(why) = &obs.unresponsive {
+        plan.operation = Operation::Blocked;
+        plan.reason = Some(unresponsive_reason(&obs.host, why));
+        plan.desired = Some(wanted);
+        return Some(plan);
+    }
 
     if let Some(to) = &obs.migrating_to {
         plan.operation = Operation::Migrating;

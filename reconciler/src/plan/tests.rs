@@ -460,6 +460,33 @@ fn suspended_and_migrating_guests_are_left_alone() {
     assert!(p.steps.is_empty());
 }
 
+#[test]
+fn a_guest_whose_vmm_does_not_answer_is_left_alone() {
+    // a does not answer while its manifest changes and moves it; b is an unanswering
+    // orphan in a fleet that prunes: neither is started, moved, retuned or stopped.
+    let mut case = Case::new(two_hosts(), vec![guest("a", "h1", G), guest("b", "h1", G)]);
+    let mut observed = case.observed();
+    for g in &mut observed.guests {
+        g.unresponsive = Some("no status within 3s".into());
+    }
+    case.head.guests.retain(|g| g.metadata.name == "a");
+    case.head.fleet.prune = true;
+    case.edit("a", |g| {
+        g.spec.io = Some(berth_schema::IoSpec { weight: 300 });
+        g.spec.host = "h2".into();
+    });
+    let p = plan(&case.head, &observed, &FleetCapabilities::default());
+    for name in ["a", "b"] {
+        assert_eq!(op(&p, name), Operation::Blocked, "{name}");
+        let reason = guest_plan(&p, name).reason.clone().unwrap();
+        assert!(
+            reason.contains("did not answer (no status within 3s)"),
+            "{reason}"
+        );
+    }
+    assert!(p.steps.is_empty(), "{:?}", p.steps);
+}
+
 // ---- orphans and pruning -------------------------------------------------------
 
 #[test]

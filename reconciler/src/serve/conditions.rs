@@ -8,7 +8,7 @@
 //! - berth's own, there only while `True`: `Drifted` (a change made outside berth on a
 //!   revision already converged to), `RestartRequired` (a restart-class change, done by
 //!   a local live migration or a restart), `MigrationFailed`, `SwitchoverUnknown`,
-//!   `Suspended`.
+//!   `Suspended`, and the service's `CoordinationLost` (etcd unreachable).
 //!
 //! Each has `lastTransitionTime`, which changes only when its status flips (or it
 //! appears): [`Transitions`] carries it over from the previous status.
@@ -36,6 +36,9 @@ pub enum ConditionType {
     SwitchoverUnknown,
     /// Reconciling is suspended by the `berth.dev/suspend` annotation.
     Suspended,
+    /// This host cannot coordinate with its fleet (etcd): it keeps running its guests
+    /// and starts, moves, stops and retunes nothing.
+    CoordinationLost,
     /// A type this version does not know: a peer running another version of berth
     /// (`Synced`, `Progressing` and `Failed` before these conditions) still parses.
     #[serde(other)]
@@ -111,6 +114,10 @@ pub enum Reason {
     NotObservedYet,
     /// No revision has passed validation yet.
     NoValidRevision,
+    /// The fleet's etcd does not answer.
+    EtcdUnreachable,
+    /// This host's etcd lease expired.
+    LeaseExpired,
     /// A reason this version does not know (from a peer running another version).
     #[serde(other)]
     Other,

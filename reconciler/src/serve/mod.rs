@@ -40,7 +40,8 @@ pub mod client;
 pub mod conditions;
 pub mod controller;
 pub mod exposition;
-pub mod git;
+/// The git module, where `serve` has always found it.
+pub use crate::git;
 pub mod http;
 pub mod metrics;
 pub mod simfleet;
@@ -142,6 +143,14 @@ pub struct ServeArgs {
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// The fleet's etcd (`--etcd URL[,URL...]`, TLS and user): with it, this host
+    /// coordinates with the others through etcd (lease, ownership records with
+    /// fencing tokens); without it, it runs alone (see the README).
+    #[command(flatten)]
+    pub etcd: crate::etcd::EtcdArgs,
+    /// The host lease's timeouts (with --etcd).
+    #[command(flatten)]
+    pub lease: crate::etcd::LeaseArgs,
 }
 
 /// Log formats.
@@ -225,6 +234,9 @@ pub enum ServeError {
     /// The HTTP server failed.
     #[error("the HTTP server failed: {0}")]
     Http(#[source] std::io::Error),
+    /// The fleet's etcd cannot be used.
+    #[error("cannot join the fleet through etcd")]
+    Etcd(#[from] crate::etcd::EtcdError),
 }
 
 /// Sets up `tracing` on stderr; `RUST_LOG` overrides the default level (`info`).
@@ -400,12 +412,24 @@ async fn serve(
     let enforced = Arc::new(Enforced::default());
     let notes = Arc::new(IncomingNotes::default());
     let switchovers = Arc::new(Switchovers::default());
-    let coordination: Arc<dyn Coordination> = Arc::new(HttpPeers::new(
+    let direct = HttpPeers::new(
         Arc::new(Placements::open(Some(
             args.state_dir.join("placements.json"),
         ))),
         transport.clone(),
-    ));
+    );
+    let coordination: Arc<dyn Coordination>;
+    let etcd = match args.etcd.config() {
+        Ok(config) => {
+            let etcd = Arc::new(join_etcd(args, config, direct).await?);
+            coordination = etcd.clone();
+            Some(etcd)
+        }
+        Err(crate::etcd::NoEtcd) => {
+            coordination = Arc::new(direct);
+            None
+        }
+    };
     let (driver, incoming, local): (Arc<dyn Driver>, Arc<dyn IncomingMigrations>, _) = match &fleet
     {
         Fleet::Local(local) => {
@@ -417,13 +441,16 @@ async fn serve(
                 Arc::clone(&switchovers),
                 tokio::runtime::Handle::current(),
             ));
-            let incoming = Arc::new(LocalIncoming::new(
-                Arc::clone(local),
-                Arc::clone(&enforced),
-                repo.clone(),
-                args.path.clone(),
-                Arc::clone(&notes),
-            ));
+            let incoming = Arc::new(
+                LocalIncoming::new(
+                    Arc::clone(local),
+                    Arc::clone(&enforced),
+                    repo.clone(),
+                    args.path.clone(),
+                    Arc::clone(&notes),
+                )
+                .with_coordination(Arc::clone(&coordination), tokio::runtime::Handle::current()),
+            );
             (driver.clone(), incoming.clone(), Some((driver, incoming)))
         }
         Fleet::Sim(sim) => (sim.clone(), Arc::new(NoIncoming), None),
@@ -449,6 +476,7 @@ async fn serve(
         },
         ..Status::default()
     });
+    let status_store = status.clone();
     let (triggers, trigger_rx) = mpsc::channel(16);
     let (events, event_rx) = mpsc::channel(4);
     let (shutdown, shutdown_rx) = watch::channel(false);
@@ -540,7 +568,9 @@ async fn serve(
         controller = controller
             .with_incoming_notes(notes)
             .with_switchovers(Arc::clone(&switchovers));
-        tokio::spawn(Arc::clone(driver).refresh_peers(controller.pokes(), shutdown_rx.clone()));
+        tokio::spawn(
+            Arc::clone(driver).follow_destinations(controller.pokes(), shutdown_rx.clone()),
+        );
         let resolver = Resolver::new(
             Arc::clone(local_driver),
             Arc::clone(&coordination),
@@ -553,6 +583,14 @@ async fn serve(
             shutdown_rx.clone(),
         ));
     }
+    if let Some(etcd) = &etcd {
+        tokio::spawn(Arc::clone(etcd).run(shutdown_rx.clone()));
+    }
+    tokio::spawn(show_coordination(
+        Arc::clone(&coordination),
+        status_store,
+        shutdown_rx.clone(),
+    ));
     let controller = tokio::spawn(controller.run(event_rx, shutdown_rx));
 
     wait_for_signal().await.map_err(ServeError::Signals)?;
@@ -584,6 +622,64 @@ async fn serve(
     }
     info!("stopped");
     served
+}
+
+/// Connects to the fleet's etcd and opens this host's session: the lease of the
+/// previous run (kept in `<state-dir>/etcd-lease`) is resumed while it lives, so a
+/// restarted service keeps its guests' ownership records.
+async fn join_etcd(
+    args: &ServeArgs,
+    mut config: crate::etcd::EtcdConfig,
+    direct: HttpPeers,
+) -> Result<crate::fleet::etcd::EtcdCoordination, ServeError> {
+    config.lease = args.lease.timeouts();
+    let endpoints = config.endpoints.join(",");
+    let store = config.connect().await?;
+    let lease_file = args.state_dir.join("etcd-lease");
+    let resume = std::fs::read_to_string(&lease_file)
+        .ok()
+        .and_then(|t| i64::from_str_radix(t.trim(), 16).ok());
+    let session = crate::etcd::HostSession::open(&store, &args.host, resume).await?;
+    if let Err(e) = std::fs::write(&lease_file, format!("{:x}\n", session.lease())) {
+        warn!(path = %lease_file.display(), error = %e, "cannot keep the etcd lease id; a restart will take a new lease");
+    }
+    info!(etcd = %endpoints, lease = format!("{:x}", session.lease()), "joined the fleet through etcd");
+    Ok(crate::fleet::etcd::EtcdCoordination::new(
+        Arc::new(session),
+        &args.state_dir,
+        direct,
+        endpoints,
+    ))
+}
+
+/// Shows in `/status` whether this host can coordinate with its fleet, until `stop`.
+async fn show_coordination(
+    coordination: Arc<dyn Coordination>,
+    status: StatusStore,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut shown = None;
+    loop {
+        let now = coordination.health();
+        if now != shown {
+            match &now {
+                Some(lost) => warn!(reason = lost.reason, "{}", lost.message),
+                None if shown.is_some() => info!("fleet coordination is back"),
+                None => {}
+            }
+            status.update(|s| {
+                s.coordination_lost = now.as_ref().map(|l| status::CoordinationLost {
+                    reason: l.reason.to_owned(),
+                    message: l.message.clone(),
+                })
+            });
+            shown = now;
+        }
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            () = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+    }
 }
 
 /// Binds the API's listener. After a SIGKILL the address can stay taken for a moment

@@ -51,6 +51,21 @@ pub struct Status {
     /// source plans against when its driver sees only its own host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_host: Option<crate::model::ObservedHost>,
+    /// Set while this host cannot coordinate with its fleet (etcd unreachable, lease
+    /// expired): it keeps running its guests and starts, moves, stops and retunes
+    /// nothing. Shown as the `CoordinationLost` condition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coordination_lost: Option<CoordinationLost>,
+}
+
+/// Why this host cannot coordinate with its fleet now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CoordinationLost {
+    /// `EtcdUnreachable` or `LeaseExpired`.
+    pub reason: String,
+    /// For people.
+    pub message: String,
 }
 
 /// The repository followed.
@@ -206,6 +221,7 @@ impl StatusStore {
 /// | state | `Ready` | also |
 /// |---|---|---|
 /// | first observe pending | `False` `NotObservedYet` | `Reconciling` |
+/// | etcd unreachable, lease expired | `False` `EtcdUnreachable`, `LeaseExpired` | `CoordinationLost` |
 /// | newest revision invalid | `False` `RevisionInvalid` | `Stalled` (until a new commit) |
 /// | repository unreadable | `False` `SourceUnreadable` | `Reconciling` (read again on the next trigger) |
 /// | observe failed | `False` `ObserveFailed` | `Reconciling` (retried) |
@@ -238,6 +254,17 @@ pub fn service_conditions(status: &Status) -> Vec<Condition> {
             "the first full observe is pending".to_owned(),
             Some(Reconciling),
         )
+    } else if let Some(lost) = &status.coordination_lost {
+        let reason = if lost.reason == "LeaseExpired" {
+            Reason::LeaseExpired
+        } else {
+            Reason::EtcdUnreachable
+        };
+        let message = lost.message.clone();
+        return vec![
+            Condition::new(Ready, false, reason, message.clone()),
+            Condition::new(ConditionType::CoordinationLost, true, reason, message),
+        ];
     } else if error_kind == Some("invalid") {
         (Reason::RevisionInvalid, error_message(), Some(Stalled))
     } else if error_kind == Some("source") {

@@ -234,15 +234,7 @@ impl LocalDriver {
             .call(Op::MigrateStatus)
             .ok()
             .and_then(|v| serde_json::from_value::<MigrationStatus>(v).ok());
-        status.is_some_and(|s| {
-            matches!(
-                s.phase,
-                MigrationPhase::Idle
-                    | MigrationPhase::Completed
-                    | MigrationPhase::Failed
-                    | MigrationPhase::Cancelled
-            )
-        })
+        status.is_some_and(|s| !s.phase.is_active())
     }
 
     /// Whether the incoming VMM of a local migration of `guest` runs the guest: it ran
