@@ -1362,3 +1362,150 @@ fn berth_serve_runs_a_libvirt_guest_retunes_it_and_moves_it_live_to_another_libv
     drop(a);
     drop(b);
 }
+
+/// Benchmark, not a test (run by hand, `--ignored`): live migration of the TCG test guest
+/// through `berth serve` beside `virsh migrate --live` with the same parameters, in the
+/// same run, interleaved. Each round boots a guest through virt01's service and moves it
+/// to virt02 by a placement commit (the time of the libvirt migration berth drives, from
+/// its log, and the time from the commit to the guest running on virt02), then boots a
+/// guest of the same XML with berth's library and moves it with `virsh migrate --live
+/// --p2p --persistent --undefinesource --unsafe --auto-converge` (a process, timed).
+/// Both with libvirt's default maximum downtime, 300 ms (virsh cannot set another in the
+/// command). Prints a table; `BENCH_ROUNDS` overrides 5.
+#[test]
+#[ignore = "a benchmark: cargo test --release -p berth-tests --test libvirt -- --ignored --nocapture migration_bench"]
+fn migration_bench() {
+    let rounds: usize = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let load = || fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load_before = load();
+    let libvirt = connect();
+    let peer = PeerHost::start();
+    let dest = peer.connect();
+    let images = Images::new();
+    let dir = images.dir.path();
+    let secret = dir.join("fleet-secret");
+    fs::write(&secret, "berth-libvirt-bench-secret\n").unwrap();
+    fs::set_permissions(&secret, fs::Permissions::from_mode(0o600)).unwrap();
+    let repo = berth_tests::GitRepo::new(dir.join("repo"));
+    let addrs: Vec<String> = (0..2)
+        .map(|_| {
+            let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            probe.local_addr().unwrap().to_string()
+        })
+        .collect();
+    let hosts = format!(
+        "{}---\n{}",
+        host_text("virt01", &addrs[0], URI, ""),
+        host_text(
+            "virt02",
+            &addrs[1],
+            &peer.uri(),
+            &format!(", remoteUri: '{}'", peer.uri())
+        )
+    );
+    repo.commit(&[("hosts.yaml", &hosts)], "hosts");
+    let a = Serve::start_at("virt01", &repo.dir, dir, &secret, &addrs[0]);
+    let _b = Serve::start_at("virt02", &repo.dir, dir, &secret, &addrs[1]);
+    let policy = "  migration: {maxDowntime: 300ms, autoConverge: true}\n";
+    let mut guards = Vec::new();
+    let (mut berth_call, mut berth_e2e, mut virsh) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..rounds {
+        // berth: boot through virt01's service, then a placement commit.
+        let name = self::name(&format!("bench-b{round}"));
+        let console = ConsoleLog::default_for(&name);
+        guards.push(PathBuf::from(&console.0));
+        let text = images.guest_text(&name, policy);
+        let file = format!("{name}.yaml");
+        repo.commit(&[(&file, &text)], "boot");
+        wait_counter(&console, 3, Duration::from_secs(120));
+        let started = Instant::now();
+        repo.commit(
+            &[(&file, &text.replace("host: virt01", "host: virt02"))],
+            "move",
+        );
+        berth_tests::wait_until("the guest runs on virt02", Duration::from_secs(120), || {
+            dest.observe(&name)
+                .ok()
+                .flatten()
+                .is_some_and(|d| d.state == RunState::Running && !d.incoming)
+                && libvirt.observe(&name).is_ok_and(|d| d.is_none())
+        });
+        berth_e2e.push(started.elapsed().as_secs_f64() * 1000.0);
+        let log = fs::read_to_string(dir.join("serve-virt01.log")).unwrap();
+        let ms: f64 = log
+            .lines()
+            .filter(|l| l.contains("migration completed") && l.contains(&name))
+            .filter_map(|l| {
+                l.split("elapsed_ms=")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .next_back()
+            .unwrap_or_else(|| panic!("no 'migration completed' for {name} in virt01's log"));
+        berth_call.push(ms);
+
+        // virsh: the same guest XML, moved by hand.
+        let name = self::name(&format!("bench-v{round}"));
+        let console = ConsoleLog(images.path(&format!("{name}.log")));
+        let guest = images.guest(&name, policy);
+        libvirt
+            .create(&guest, DomainType::Qemu, "bench", &console)
+            .unwrap();
+        let _domain = Domain {
+            libvirt: &libvirt,
+            name: name.clone(),
+        };
+        wait_counter(&console, 3, Duration::from_secs(120));
+        let started = Instant::now();
+        let status = Command::new("virsh")
+            .args(["-c", URI, "migrate", "--live", "--p2p", "--persistent"])
+            .args(["--undefinesource", "--unsafe", "--auto-converge", &name])
+            .arg(peer.uri())
+            .args(["--migrateuri", &format!("tcp://{}", peer.address)])
+            .status()
+            .unwrap();
+        assert!(status.success(), "virsh migrate failed");
+        virsh.push(started.elapsed().as_secs_f64() * 1000.0);
+        eprintln!(
+            "round {round}: berth {:.0} ms (commit to moved {:.0} ms), virsh {:.0} ms",
+            berth_call[round], berth_e2e[round], virsh[round]
+        );
+    }
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    println!("\n| 256 MiB TCG guest, {rounds} rounds | median | min | max |");
+    println!("|---|---|---|---|");
+    for (what, v) in [
+        ("berth serve: the libvirt migration it drives", &berth_call),
+        ("berth serve: commit to running on virt02", &berth_e2e),
+        ("virsh migrate --live (a process)", &virsh),
+    ] {
+        let (min, max) = v
+            .iter()
+            .fold((f64::MAX, 0f64), |(a, b), x| (a.min(*x), b.max(*x)));
+        println!(
+            "| {what} | {:.0} ms | {min:.0} ms | {max:.0} ms |",
+            median(v)
+        );
+    }
+    println!(
+        "\nratio berth / virsh (medians): {:.2}; commit-to-moved / virsh: {:.2}",
+        median(&berth_call) / median(&virsh),
+        median(&berth_e2e) / median(&virsh)
+    );
+    println!("load average before: {}", load_before.trim());
+    println!("load average after:  {}", load().trim());
+    drop(a);
+    for path in guards {
+        let _ = fs::remove_file(path);
+    }
+}

@@ -109,8 +109,9 @@ pub struct ServeArgs {
     /// Where the driver keeps its state (`sim-fleet.json` for the simulated fleet).
     #[arg(long, default_value = "/var/lib/berth")]
     pub state_dir: PathBuf,
-    /// What runs guests: `local` (berth-vmm processes) or `sim` (a simulated fleet, no
-    /// real guests).
+    /// What runs guests: `local` (this host's guests: berth-vmm processes, or libvirt
+    /// domains when its Host manifest in the branch head says `driver: libvirt`) or
+    /// `sim` (a simulated fleet, no real guests).
     #[arg(long, value_enum, default_value_t = DriverKind::Local)]
     pub driver: DriverKind,
     /// The berth-vmm binary (`--driver local`; default: `$BERTH_VMM`, else berth-vmm
