@@ -253,9 +253,9 @@ fn latency(commits: usize, webhook: bool) -> Vec<f64> {
     let name = format!("bench-lv-{}-{}", std::process::id(), u8::from(webhook));
     let bench = Bench::new(&name, webhook);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !bench
+    while bench
         .qemu_pid()
-        .is_some_and(|p| vcpu0_affinity(p).as_deref() == Some("0"))
+        .is_none_or(|p| vcpu0_affinity(p).as_deref() != Some("0"))
     {
         assert!(Instant::now() < deadline, "the guest did not start");
         std::thread::sleep(Duration::from_millis(5));
