@@ -1434,21 +1434,25 @@ fn migration_bench() {
                 && libvirt.observe(&name).is_ok_and(|d| d.is_none())
         });
         berth_e2e.push(started.elapsed().as_secs_f64() * 1000.0);
-        let log = fs::read_to_string(dir.join("serve-virt01.log")).unwrap();
-        let ms: f64 = log
-            .lines()
-            .filter(|l| l.contains("migration completed") && l.contains(&name))
-            .filter_map(|l| {
-                l.split("elapsed_ms=")
-                    .nth(1)?
-                    .split_whitespace()
-                    .next()?
-                    .parse()
-                    .ok()
-            })
-            .next_back()
-            .unwrap_or_else(|| panic!("no 'migration completed' for {name} in virt01's log"));
-        berth_call.push(ms);
+        // Logged once the destination has confirmed it.
+        let completed = || {
+            let log = fs::read_to_string(dir.join("serve-virt01.log")).unwrap_or_default();
+            log.lines()
+                .filter(|l| l.contains("migration completed") && l.contains(&name))
+                .filter_map(|l| {
+                    l.split("elapsed_ms=")
+                        .nth(1)?
+                        .split_whitespace()
+                        .next()?
+                        .parse::<f64>()
+                        .ok()
+                })
+                .next_back()
+        };
+        berth_tests::wait_until("virt01 logs the migration", Duration::from_secs(30), || {
+            completed().is_some()
+        });
+        berth_call.push(completed().unwrap());
 
         // virsh: the same guest XML, moved by hand.
         let name = self::name(&format!("bench-v{round}"));
