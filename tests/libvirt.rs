@@ -1363,6 +1363,13 @@ fn berth_serve_runs_a_libvirt_guest_retunes_it_and_moves_it_live_to_another_libv
     drop(b);
 }
 
+/// A disk of its own for guest `name`, beside the shared one.
+fn own_disk(images: &Images, name: &str) -> String {
+    let path = images.path(&format!("{name}.raw"));
+    fs::File::create(&path).unwrap().set_len(16 << 20).unwrap();
+    path
+}
+
 /// Benchmark, not a test (run by hand, `--ignored`): live migration of the TCG test guest
 /// through `berth serve` beside `virsh migrate --live` with the same parameters, in the
 /// same run, interleaved. Each round boots a guest through virt01's service and moves it
@@ -1417,7 +1424,10 @@ fn migration_bench() {
         let name = self::name(&format!("bench-b{round}"));
         let console = ConsoleLog::default_for(&name);
         guards.push(PathBuf::from(&console.0));
-        let text = images.guest_text(&name, policy);
+        let text = images.guest_text(&name, policy).replace(
+            &images.path("disk.raw"),
+            &own_disk(&images, &name),
+        );
         let file = format!("{name}.yaml");
         repo.commit(&[(&file, &text)], "boot");
         wait_counter(&console, 3, Duration::from_secs(120));
@@ -1457,7 +1467,8 @@ fn migration_bench() {
         // virsh: the same guest XML, moved by hand.
         let name = self::name(&format!("bench-v{round}"));
         let console = ConsoleLog(images.path(&format!("{name}.log")));
-        let guest = images.guest(&name, policy);
+        let mut guest = images.guest(&name, policy);
+        guest.spec.disks[0].source = own_disk(&images, &name).into();
         libvirt
             .create(&guest, DomainType::Qemu, "bench", &console)
             .unwrap();

@@ -121,7 +121,7 @@ impl Bench {
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .stderr(fs::File::create(bench.dir.path().join("serve.log")).expect("log"));
         if webhook {
             serve.arg("--no-watch");
         }
@@ -257,7 +257,11 @@ fn latency(commits: usize, webhook: bool) -> Vec<f64> {
         .qemu_pid()
         .is_none_or(|p| vcpu0_affinity(p).as_deref() != Some("0"))
     {
-        assert!(Instant::now() < deadline, "the guest did not start");
+        assert!(
+            Instant::now() < deadline,
+            "the guest did not start; berth serve said:\n{}",
+            fs::read_to_string(bench.dir.path().join("serve.log")).unwrap_or_default()
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     let pid = bench.qemu_pid().expect("running");
