@@ -1424,10 +1424,9 @@ fn migration_bench() {
         let name = self::name(&format!("bench-b{round}"));
         let console = ConsoleLog::default_for(&name);
         guards.push(PathBuf::from(&console.0));
-        let text = images.guest_text(&name, policy).replace(
-            &images.path("disk.raw"),
-            &own_disk(&images, &name),
-        );
+        let text = images
+            .guest_text(&name, policy)
+            .replace(&images.path("disk.raw"), &own_disk(&images, &name));
         let file = format!("{name}.yaml");
         repo.commit(&[(&file, &text)], "boot");
         wait_counter(&console, 3, Duration::from_secs(120));
