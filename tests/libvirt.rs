@@ -1467,7 +1467,7 @@ fn migration_bench() {
         let name = self::name(&format!("bench-v{round}"));
         let console = ConsoleLog(images.path(&format!("{name}.log")));
         let mut guest = images.guest(&name, policy);
-        guest.spec.disks[0].source = own_disk(&images, &name).into();
+        guest.spec.disks[0].source = own_disk(&images, &name);
         libvirt
             .create(&guest, DomainType::Qemu, "bench", &console)
             .unwrap();
