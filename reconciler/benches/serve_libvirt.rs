@@ -141,7 +141,7 @@ impl Bench {
             == "1";
         let text = format!(
             "apiVersion: berth.dev/v1\nkind: Host\nmetadata: {{name: virt01}}\n\
-             spec: {{address: '{addr}', cpus: 0-1, memory: 8GiB, transparentHugepages: {thp},\n\
+             spec: {{address: '{addr}', cpus: 0-1, memory: 8GiB, transparentHugepages: {thp}, \
              ksm: {{enabled: {ksm}}}, driver: libvirt, libvirt: {{uri: 'qemu:///system', domainType: qemu}}}}\n\
              ---\napiVersion: berth.dev/v1\nkind: Guest\nmetadata: {{name: {name}}}\nspec:\n  host: virt01\n  \
              boot: {{from: disk}}\n  cpu: {{vcpus: 1, pinning: {{vcpus: {{0: '{pins}'}}}}}}\n  \
