@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use berth_hypervisor::control::{Client, Status};
 use berth_hypervisor::host::cgroup::Cgroups;
-use berth_hypervisor::host::hugepages::{HugePagePool, RESERVATION_LOCK_NAME};
+use berth_hypervisor::host::hugepages::HugePagePool;
 use berth_schema::PageSize;
 
 /// The tests of this file share two CPUs and the hugepage pool: one at a time.
@@ -219,15 +219,7 @@ impl Guests {
 
 /// The lock `PoolReservation` holds while it resizes the pool.
 fn pool_lock() -> File {
-    let file = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(std::env::temp_dir().join(RESERVATION_LOCK_NAME))
-        .unwrap();
-    // SAFETY: flock on a descriptor `file` owns; no memory is passed.
-    assert_eq!(unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) }, 0);
-    file
+    berth_hypervisor::host::hugepages::lock_pools().expect("the hugepage pool lock")
 }
 
 fn vcpu_tids(status: &Status) -> Vec<i32> {

@@ -263,3 +263,64 @@ fn apply_and_stop_print_one_document_with_o() {
     let doc = json_value(&stdout(&out));
     assert_eq!(doc, serde_json::json!({"stopped": [], "failed": []}));
 }
+
+/// A few representative failures print their message and each cause once: a cause the
+/// message already names is not repeated on a `caused by:` line.
+#[test]
+fn each_cause_of_an_error_is_printed_once() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let repo = berth_tests::GitRepo::new(dir.path().join("repo"));
+    repo.commit(&[("g.yaml", "apiVersion: berth.dev/v1\n")], "one");
+    let not_a_dir = dir.path().join("file");
+    std::fs::write(&not_a_dir, "").expect("write");
+    let examples = examples();
+    let failures: Vec<Vec<String>> = vec![
+        // The state directory cannot be made (a file is in the way): an I/O error under
+        // the lock's.
+        vec![
+            "stop".into(),
+            "--all".into(),
+            "--state-dir".into(),
+            not_a_dir.join("state").display().to_string(),
+        ],
+        // A revision git does not know.
+        vec![
+            "plan".into(),
+            "--repo".into(),
+            repo.dir.display().to_string(),
+            "--base".into(),
+            "HEAD".into(),
+            "--head".into(),
+            "no-such-revision".into(),
+        ],
+        // An apply whose state directory cannot be made.
+        vec![
+            "apply".into(),
+            "--yes".into(),
+            "--host".into(),
+            "kvm01".into(),
+            "--state-dir".into(),
+            not_a_dir.join("state").display().to_string(),
+            examples.display().to_string(),
+        ],
+    ];
+    for args in failures {
+        let out = run(command("berth").args(&args));
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert!(
+            lines.first().is_some_and(|l| l.starts_with("error: ")),
+            "{args:?}: {err}"
+        );
+        for (i, line) in lines.iter().enumerate().skip(1) {
+            let Some(cause) = line.strip_prefix("caused by: ") else {
+                continue;
+            };
+            assert!(
+                !lines[..i].iter().any(|earlier| earlier.contains(cause)),
+                "{args:?}: {cause:?} is printed twice:\n{err}"
+            );
+        }
+    }
+}

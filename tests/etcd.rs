@@ -1146,3 +1146,153 @@ async fn a_host_cut_off_from_etcd_stops_its_ha_guest_before_its_lease_expires_an
     assert!(plain.runs());
     eprintln!("the HA guest stopped {margin:?} before the host's lease could expire");
 }
+
+/// Three hosts labelled `rack: a` with 4 GiB each, and selector-placed guests.
+fn selector_fleet() -> Desired {
+    let mut text = String::new();
+    for host in ["kvm01", "kvm02", "kvm03"] {
+        text.push_str(&format!(
+            "apiVersion: berth.dev/v1\nkind: Host\nmetadata: {{name: {host}, labels: {{rack: a}}}}\n\
+             spec: {{address: '127.0.0.1:7410', cpus: '0-1', memory: 4GiB}}\n---\n"
+        ));
+    }
+    for (guest, extra) in [
+        ("a-plain", ""),
+        ("b-ha", ", availability: {onHostFailure: restart}"),
+        ("c-plain", ""),
+    ] {
+        text.push_str(&format!(
+            "apiVersion: berth.dev/v1\nkind: Guest\nmetadata: {{name: {guest}}}\n\
+             spec: {{hostSelector: {{rack: a}}, cpu: {{vcpus: 1}}, memory: {{size: 1GiB}}{extra}}}\n---\n"
+        ));
+    }
+    text.push_str(
+        "apiVersion: berth.dev/v1\nkind: Guest\nmetadata: {name: d-huge}\n\
+         spec: {hostSelector: {rack: a}, cpu: {vcpus: 1}, memory: {size: 64GiB}}\n",
+    );
+    let set = berth_schema::load_files([("fleet.yaml", text)]).expect("valid manifests");
+    Desired::from_manifests(&set.manifests)
+}
+
+async fn placed_on(store: &EtcdStore, guest: &str) -> Option<String> {
+    berth_reconciler::etcd::read_placements(store)
+        .await
+        .unwrap()
+        .get(guest)
+        .and_then(|r| r.host.clone())
+}
+
+#[tokio::test]
+async fn the_leader_places_selector_guests_restarts_ha_guests_of_dead_hosts_only_and_is_replaced_within_a_ttl(
+) {
+    use std::sync::Arc;
+    let etcd = Etcd::start();
+    let store = connect(&etcd).await;
+    let desired = Arc::new(selector_fleet());
+    let (_tx, rx) = tokio::sync::watch::channel(Some(desired.clone()));
+    let (rounds_tx, mut rounds) = tokio::sync::mpsc::unbounded_channel();
+    // Every host is up before anyone leads.
+    let mut sessions = Vec::new();
+    for host in &desired.hosts {
+        let session = HostSession::open(&store, &host.metadata.name, None)
+            .await
+            .unwrap();
+        session
+            .publish_host(
+                &berth_reconciler::model::ObservedHost::as_written(host, []),
+                None,
+            )
+            .await
+            .unwrap();
+        sessions.push(session);
+    }
+    let mut tasks = Vec::new();
+    for session in sessions {
+        let rx = rx.clone();
+        let tx = rounds_tx.clone();
+        tasks.push(tokio::spawn(async move {
+            let settings = berth_reconciler::etcd::LeaderSettings {
+                resync_every: Duration::from_secs(5),
+            };
+            berth_reconciler::etcd::lead(&session, rx, settings, |leader, round| {
+                let _ = tx.send((leader.host().to_owned(), Instant::now(), round.clone()));
+            })
+            .await
+        }));
+        if tasks.len() == 1 {
+            // kvm01 leads: it campaigns first.
+            let (leader, _, _) = rounds.recv().await.expect("a first round");
+            assert_eq!(leader, "kvm01");
+        }
+    }
+    // Most free memory first, then by name: a-plain on kvm01, b-ha on kvm02, c-plain on
+    // kvm03; d-huge fits nowhere, with the reason recorded.
+    for (guest, host) in [
+        ("a-plain", "kvm01"),
+        ("b-ha", "kvm02"),
+        ("c-plain", "kvm03"),
+    ] {
+        assert_eq!(
+            placed_on(&store, guest).await.as_deref(),
+            Some(host),
+            "{guest}"
+        );
+    }
+    let records = berth_reconciler::etcd::read_placements(&store)
+        .await
+        .unwrap();
+    let huge = &records["d-huge"];
+    assert_eq!(huge.host, None);
+    assert!(
+        huge.reason
+            .as_deref()
+            .unwrap_or_default()
+            .contains("64GiB does not fit in host kvm01's 4GiB for guests on normal pages"),
+        "{huge:?}"
+    );
+    assert_eq!(read_fleet(&store).await.unwrap().placements, records);
+
+    // kvm01 (the leader, running a-plain) and kvm02 (running the HA guest b-ha) die.
+    while rounds.try_recv().is_ok() {}
+    let died = Instant::now();
+    tasks[0].abort();
+    tasks[1].abort();
+    let (leader, at, round) = loop {
+        let (leader, at, round) = tokio::time::timeout(Duration::from_secs(6), rounds.recv())
+            .await
+            .expect("a round after the deaths")
+            .expect("rounds");
+        if round.moved.iter().any(|(g, _, _)| g == "b-ha") {
+            break (leader, at, round);
+        }
+    };
+    let took = at - died;
+    assert_eq!(leader, "kvm03");
+    assert_eq!(
+        round.moved,
+        vec![(
+            "b-ha".to_owned(),
+            Some("kvm02".to_owned()),
+            "kvm03".to_owned()
+        )]
+    );
+    // Not before kvm02 must have fenced itself: its last renewal was at most `died`, its
+    // self-fence due `self_fence_after` later; and within a TTL plus etcd's expiry check
+    // and a round.
+    let timeouts = store.lease_timeouts();
+    assert!(took >= timeouts.self_fence_after, "{took:?}");
+    assert!(
+        took <= timeouts.ttl + Duration::from_millis(1500),
+        "{took:?}"
+    );
+    // The non-HA guest of the dead leader waits for its host.
+    assert_eq!(placed_on(&store, "a-plain").await.as_deref(), Some("kvm01"));
+    assert_eq!(placed_on(&store, "c-plain").await.as_deref(), Some("kvm03"));
+    eprintln!(
+        "HA guest re-placed {took:?} after its host died (lease TTL {:?})",
+        timeouts.ttl
+    );
+    for task in tasks {
+        task.abort();
+    }
+}

@@ -278,42 +278,13 @@ impl Drop for Vmm {
     }
 }
 
-/// The heartbeat lines of each vCPU, in order, from the console logs given.
-fn heartbeats(logs: &[PathBuf]) -> BTreeMap<u32, Vec<u64>> {
-    let mut out: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
-    for log in logs {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        for line in text.lines() {
-            let mut it = line.split_whitespace();
-            if it.next() != Some("hb") {
-                continue;
-            }
-            let field = |s: Option<&str>, key: &str| {
-                s.and_then(|s| s.strip_prefix(key))
-                    .and_then(|v| v.parse::<u64>().ok())
-            };
-            if let (Some(v), Some(n)) = (field(it.next(), "vcpu="), field(it.next(), "n=")) {
-                out.entry(v as u32).or_default().push(n);
-            }
-        }
-    }
-    out
-}
+use berth_tests::heartbeats;
 
 /// Every vCPU's counters go up by exactly `per_line` per line: no gap, no repeat.
 fn assert_continuous(lines: &BTreeMap<u32, Vec<u64>>, per_line: u64, at_least: usize) {
     assert!(!lines.is_empty(), "no heartbeat lines");
     for (vcpu, ns) in lines {
-        assert!(ns.len() >= at_least, "vCPU {vcpu}: only {} lines", ns.len());
-        for w in ns.windows(2) {
-            assert_eq!(
-                w[1],
-                w[0] + per_line,
-                "vCPU {vcpu}: heartbeat {} followed by {} (gap or repeat)",
-                w[0],
-                w[1]
-            );
-        }
+        berth_tests::assert_continuous(*vcpu, ns, per_line, at_least);
     }
 }
 
@@ -1224,7 +1195,7 @@ fn a_page_beyond_guest_memory_is_refused() {
     )
     .unwrap();
     assert_eq!(r.recv().unwrap().kind, FrameKind::Info);
-    let payload = wire::pages_payload(&[64 << 20], &[0xAA; wire::PAGE_SIZE]);
+    let payload = wire::run_payload(64 << 20, 1);
     w.send(FrameKind::Pages, &[&payload]).unwrap();
     let code = dst.wait_exit(Duration::from_secs(10));
     assert!(matches!(code, Some(c) if c != 0), "{code:?}");
@@ -1599,7 +1570,7 @@ fn a_page_on_the_wrong_connection_is_refused() {
     let mut w1 = FrameWriter::new(conn1, key1);
     // The page at 0 lies in chunk 0, which the sender assigns to connection 0: on
     // connection 1 it could race connection 0's writes of the same page.
-    let payload = wire::pages_payload(&[0], &[0xAA; wire::PAGE_SIZE]);
+    let payload = wire::run_payload(0, 1);
     w1.send(FrameKind::Pages, &[&payload]).unwrap();
     let code = dst.wait_exit(Duration::from_secs(10));
     assert!(matches!(code, Some(c) if c != 0), "{code:?}");

@@ -286,3 +286,102 @@ fn ci_mode_classifies_by_each_hosts_driver() {
         assert!(text.contains(line), "missing {line:?} in:\n{text}");
     }
 }
+
+#[test]
+fn selector_placed_guests_are_placed_where_they_fit_or_blocked_with_the_reason() {
+    let repo = Repo::new("selector");
+    let host = |name: &str, rack: &str, memory: &str| {
+        format!(
+            "apiVersion: berth.dev/v1\nkind: Host\nmetadata: {{name: {name}, labels: {{rack: {rack}}}}}\n\
+             spec: {{address: '127.0.0.1:7410', cpus: '0-1', memory: {memory}}}\n---\n"
+        )
+    };
+    let guest = |name: &str, memory: &str| {
+        format!(
+            "apiVersion: berth.dev/v1\nkind: Guest\nmetadata: {{name: {name}, labels: {{app: db}}}}\n\
+             spec:\n  hostSelector: {{rack: a}}\n  antiAffinity: {{app: db}}\n  \
+             availability: {{onHostFailure: restart}}\n  cpu: {{vcpus: 1}}\n  memory: {{size: {memory}}}\n---\n"
+        )
+    };
+    let hosts = format!(
+        "{}{}{}",
+        host("kvm01", "a", "1GiB"),
+        host("kvm02", "a", "2GiB"),
+        host("kvm03", "b", "8GiB")
+    );
+    repo.write("hosts.yaml", &hosts);
+    repo.write("guests.yaml", &guest("db-1", "512MiB"));
+    repo.commit("base: db-1");
+    // db-2 joins: anti-affinity keeps it off db-1's host, rack b is not selected.
+    repo.write(
+        "guests.yaml",
+        &format!("{}{}", guest("db-1", "512MiB"), guest("db-2", "512MiB")),
+    );
+    repo.commit("db-2");
+    let out = repo.plan(&CI);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(2), "{text}\n{}", stderr(&out));
+    // db-1 was placed on kvm02 in the base (the most free memory) and stays there.
+    for line in [
+        "+ guest db-2: start on kvm01",
+        "placed by selector {rack: a} on kvm01",
+    ] {
+        assert!(text.contains(line), "missing {line:?} in:\n{text}");
+    }
+    assert!(!text.contains("guest db-1"), "db-1 keeps its host:\n{text}");
+
+    // db-3 fits nowhere: both rack-a hosts run an app: db guest.
+    repo.write(
+        "guests.yaml",
+        &format!(
+            "{}{}{}",
+            guest("db-1", "512MiB"),
+            guest("db-2", "512MiB"),
+            guest("db-3", "256MiB")
+        ),
+    );
+    repo.commit("db-3");
+    let out = repo.plan(&CI);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(2), "{text}\n{}", stderr(&out));
+    for line in [
+        "! guest db-3: blocked",
+        "placed by selector {rack: a}: nowhere",
+        "no host fits: 2 match hostSelector {rack: a}, none has room: \
+         kvm01 runs a guest that anti-affinity keeps apart from it ({app: db}); \
+         kvm02 runs a guest that anti-affinity keeps apart from it ({app: db})",
+    ] {
+        assert!(text.contains(line), "missing {line:?} in:\n{text}");
+    }
+    let json = repo.plan(&["--base", "HEAD~1", "--head", "HEAD", "-o", "json"]);
+    let plan: serde_json::Value = serde_json::from_slice(&json.stdout).expect("JSON plan");
+    let db3 = plan["guests"]
+        .as_array()
+        .expect("guests")
+        .iter()
+        .find(|g| g["name"] == "db-3")
+        .expect("db-3 planned");
+    assert_eq!(db3["operation"], "blocked", "{db3}");
+    assert!(plan["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .all(|s| !s.to_string().contains("db-3")));
+
+    // A commit that grows db-1 beyond kvm02's memory: it fits nowhere, so it is blocked
+    // and keeps running where it is (no stop, no move).
+    repo.write(
+        "guests.yaml",
+        &format!("{}{}", guest("db-1", "4GiB"), guest("db-2", "512MiB")),
+    );
+    repo.commit("db-1 grows");
+    let out = repo.plan(&CI);
+    let text = stdout(&out);
+    for line in [
+        "! guest db-1: blocked on kvm02",
+        "4GiB does not fit in host kvm02's 2GiB for guests on normal pages",
+        "4GiB does not fit in host kvm01's 1GiB for guests on normal pages",
+    ] {
+        assert!(text.contains(line), "missing {line:?} in:\n{text}");
+    }
+}

@@ -27,12 +27,14 @@ pub fn set_thread_affinity(tid: Pid, cpus: &CpuSet) -> Result<(), affinity::Affi
     affinity::set_thread_affinity(tid, cpus)
 }
 
-/// Thread `tid`'s affinity as `/proc/<pid>/task/<tid>/status` shows it.
+/// Thread `tid`'s affinity in force, from the kernel (`sched_getaffinity`, what
+/// `taskset -p` shows; one system call instead of formatting
+/// `/proc/<pid>/task/<tid>/status`, which made up a tenth of a status request).
 ///
 /// # Errors
-/// The thread is gone or the file is unreadable.
-pub fn read_thread_affinity(pid: Pid, tid: Pid) -> Result<CpuSet, affinity::AffinityError> {
-    affinity::read_thread_affinity(pid, tid)
+/// The thread is gone.
+pub fn read_thread_affinity(_pid: Pid, tid: Pid) -> Result<CpuSet, affinity::AffinityError> {
+    affinity::get_thread_affinity(tid)
 }
 
 /// The threads of this process: (tid, name).

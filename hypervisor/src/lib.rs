@@ -23,6 +23,7 @@ mod hostlink;
 pub mod libvirt;
 pub mod migration;
 pub mod payload;
+pub mod report;
 pub mod statedir;
 pub mod vmm;
 pub mod vstate;

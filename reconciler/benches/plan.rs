@@ -97,6 +97,9 @@ fn guest(i: usize, hosts: usize) -> Guest {
         },
         spec: GuestSpec {
             host: format!("kvm{:05}", i % hosts),
+            host_selector: None,
+            anti_affinity: Default::default(),
+            availability: Default::default(),
             state: GuestState::Running,
             boot: Boot::default(),
             cpu: CpuSpec {
@@ -139,6 +142,7 @@ fn fleet(guests: usize, hosts: usize) -> (Desired, Desired) {
         guests: (0..guests).map(|i| guest(i, hosts)).collect(),
         hosts: (0..hosts).map(|i| host(i, per_host)).collect(),
         fleet: FleetSpec::default(),
+        placements: Default::default(),
     };
     let mut head = base.clone();
     for (i, g) in head.guests.iter_mut().enumerate() {

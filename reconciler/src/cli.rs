@@ -142,11 +142,9 @@ pub fn write_stdout(text: &str) -> anyhow::Result<()> {
     }
 }
 
-/// Prints an error and its causes once; every error exits 1.
+/// Prints an error and each of its causes once (a cause its message already names is
+/// not printed again); every error exits 1.
 pub fn report(error: &anyhow::Error) -> ExitCode {
-    eprintln!("error: {error}");
-    for cause in error.chain().skip(1) {
-        eprintln!("caused by: {cause}");
-    }
+    berth_hypervisor::report::eprint_chain(error.chain().map(|c| c.to_string()), "caused by: ");
     ExitCode::from(EXIT_ERROR)
 }

@@ -36,6 +36,7 @@ pub mod model;
 pub mod output;
 pub mod plan;
 pub mod render;
+pub mod scheduler;
 pub mod serve;
 pub mod tls;
 

@@ -27,6 +27,9 @@ pub struct Desired {
     pub hosts: Vec<Host>,
     /// Repository-wide settings (the defaults when the repository has no `Fleet`).
     pub fleet: FleetSpec,
+    /// Where the scheduler placed each guest placed by `hostSelector` (their
+    /// `spec.host` is filled in when placed): see [`crate::scheduler`].
+    pub placements: BTreeMap<String, crate::scheduler::Placement>,
 }
 
 impl Desired {
@@ -36,6 +39,7 @@ impl Desired {
             guests: set.guests.values().map(|g| g.object.clone()).collect(),
             hosts: set.hosts.values().map(|h| h.object.clone()).collect(),
             fleet: set.fleet.as_ref().map(|f| f.spec).unwrap_or_default(),
+            placements: BTreeMap::new(),
         }
     }
 }
@@ -356,7 +360,7 @@ impl Observed {
         let guests: Vec<ObservedGuest> = desired
             .guests
             .iter()
-            .filter(|g| g.spec.state != GuestState::Stopped)
+            .filter(|g| g.spec.state != GuestState::Stopped && !g.spec.host.is_empty())
             .map(ObservedGuest::as_written)
             .collect();
         let mut by_host: BTreeMap<&str, Vec<&ObservedGuest>> = BTreeMap::new();

@@ -43,11 +43,12 @@ impl ManifestSet {
         self.guests.values().filter(move |g| g.spec.host == host)
     }
 
-    /// Every guest, grouped by the host it is placed on (hosts without a Host document
-    /// included), each group by name: one pass over the guests.
+    /// Every guest named to a host, grouped by that host (hosts without a Host document
+    /// included), each group by name: one pass over the guests. Guests placed by
+    /// `hostSelector` are in no group.
     pub fn guests_by_host(&self) -> HashMap<&str, Vec<&Manifest<Guest>>> {
         let mut by_host: HashMap<&str, Vec<&Manifest<Guest>>> = HashMap::new();
-        for guest in self.guests.values() {
+        for guest in self.guests.values().filter(|g| !g.spec.host.is_empty()) {
             by_host.entry(&guest.spec.host).or_default().push(guest);
         }
         by_host

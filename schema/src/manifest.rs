@@ -62,8 +62,24 @@ pub struct Guest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct GuestSpec {
-    /// The name of the `Host` the guest runs on.
+    /// The name of the `Host` the guest runs on. Exactly one of `host` and
+    /// `hostSelector`; for a guest placed by selector, berth fills this in with the host
+    /// the scheduler chose (never in git).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub host: String,
+    /// Place the guest on any schedulable Host whose labels include all of these; the
+    /// fleet's elected leader chooses one with room (free pinned CPUs, hugepages,
+    /// memory). `{}` matches every host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_selector: Option<BTreeMap<String, String>>,
+    /// With `hostSelector`: never place this guest on a host that runs another guest
+    /// whose labels include all of these (for example `{app: db}` spreads the `app: db`
+    /// replicas over hosts).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub anti_affinity: BTreeMap<String, String>,
+    /// What happens to the guest when its host fails (with `hostSelector` only).
+    #[serde(default, skip_serializing_if = "Availability::is_default")]
+    pub availability: Availability,
     /// Whether the guest runs, is paused, or is stopped.
     #[serde(default)]
     pub state: GuestState,
@@ -89,6 +105,60 @@ pub struct GuestSpec {
     /// Whether berth may restart the guest when a change cannot be made live.
     #[serde(default)]
     pub restart_policy: RestartPolicy,
+}
+
+impl GuestSpec {
+    /// Whether the scheduler chooses the guest's host (`hostSelector`).
+    pub fn placed_by_selector(&self) -> bool {
+        self.host_selector.is_some()
+    }
+
+    /// Whether the guest is restarted elsewhere when its host fails.
+    pub fn restarts_on_host_failure(&self) -> bool {
+        self.availability.on_host_failure == OnHostFailure::Restart
+    }
+}
+
+/// What happens to a guest when its host fails.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Availability {
+    /// `none` (the default): the guest waits for its host to come back. `restart`: once
+    /// the host's etcd lease has expired and the host must have fenced itself, the
+    /// fleet's leader restarts the guest on another host that matches `hostSelector`.
+    #[serde(default)]
+    pub on_host_failure: OnHostFailure,
+}
+
+impl Availability {
+    /// Whether this is the default (nothing happens on host failure).
+    pub fn is_default(&self) -> bool {
+        *self == Availability::default()
+    }
+}
+
+/// What happens to a guest when its host fails.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum OnHostFailure {
+    /// Nothing: the guest runs again when its host does.
+    #[default]
+    None,
+    /// Restart the guest on another host (HA), after its host fenced itself.
+    Restart,
 }
 
 /// Run state of a guest.

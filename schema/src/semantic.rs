@@ -81,8 +81,9 @@ pub fn check(set: &ManifestSet, hosts_complete: bool) -> Vec<Diagnostic> {
         check_annotations(&host.origin, &host.metadata.annotations, &mut out);
     }
     for guest in set.guests.values() {
+        check_placement(guest, set, hosts_complete, &mut out);
         let host = set.hosts.get(&guest.spec.host);
-        if host.is_none() && hosts_complete {
+        if host.is_none() && hosts_complete && !guest.spec.host.is_empty() {
             let known: Vec<&str> = set.hosts.keys().map(String::as_str).collect();
             let hint = match suggest(&guest.spec.host, known.iter().copied()) {
                 Some(near) => format!("; did you mean {near}?"),
@@ -126,6 +127,78 @@ pub fn check(set: &ManifestSet, hosts_complete: bool) -> Vec<Diagnostic> {
         }
     }
     out
+}
+
+/// `host` or `hostSelector` (one of them), and what only a selector-placed guest may say.
+fn check_placement(
+    guest: &Manifest<Guest>,
+    set: &ManifestSet,
+    hosts_complete: bool,
+    out: &mut Vec<Diagnostic>,
+) {
+    let o = &guest.origin;
+    let spec = &guest.spec;
+    match (&spec.host_selector, spec.host.is_empty()) {
+        (None, true) => out.push(o.error(
+            "spec.host",
+            "a guest needs host (a Host's name) or hostSelector (labels of Hosts)",
+        )),
+        (Some(_), false) => out.push(o.error(
+            "spec.hostSelector",
+            format!(
+                "names hostSelector and host {}; a guest is placed by one of them",
+                spec.host
+            ),
+        )),
+        (Some(selector), true) if hosts_complete => {
+            let matching = set
+                .hosts
+                .values()
+                .filter(|h| {
+                    selector
+                        .iter()
+                        .all(|(k, v)| h.metadata.labels.get(k) == Some(v))
+                })
+                .count();
+            if matching == 0 && !set.hosts.is_empty() {
+                let mut labels: BTreeSet<String> = BTreeSet::new();
+                for h in set.hosts.values() {
+                    labels.extend(h.metadata.labels.iter().map(|(k, v)| format!("{k}: {v}")));
+                }
+                let known = if labels.is_empty() {
+                    "no Host has labels".to_owned()
+                } else {
+                    format!(
+                        "Host labels: {}",
+                        labels.into_iter().collect::<Vec<_>>().join(", ")
+                    )
+                };
+                out.push(o.warning(
+                    "spec.hostSelector",
+                    format!("matches no Host ({known}); the guest cannot be placed"),
+                ));
+            }
+        }
+        _ => {}
+    }
+    if spec.host_selector.is_none() {
+        if !spec.anti_affinity.is_empty() {
+            out.push(o.error(
+                "spec.antiAffinity",
+                "applies only to guests placed by hostSelector",
+            ));
+        }
+        if spec.restarts_on_host_failure() {
+            out.push(o.error(
+                "spec.availability.onHostFailure",
+                format!(
+                    "restart applies only to guests placed by hostSelector; a guest pinned to \
+                     host {} cannot be restarted elsewhere",
+                    spec.host
+                ),
+            ));
+        }
+    }
 }
 
 fn check_annotations(

@@ -332,3 +332,46 @@ impl TlsClient {
         http_exchange(tls, name, method, path, headers, body)
     }
 }
+
+/// The heartbeat lines (`hb vcpu=N n=M ...`, what the built-in payload writes to its
+/// console) of each vCPU, in order, from the console logs given; a missing log counts
+/// as empty (a rotated `console.log.1` may not exist yet).
+pub fn heartbeats(logs: &[PathBuf]) -> std::collections::BTreeMap<u32, Vec<u64>> {
+    let mut out: std::collections::BTreeMap<u32, Vec<u64>> = Default::default();
+    for log in logs {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        for line in text.lines() {
+            let mut it = line.split_whitespace();
+            if it.next() != Some("hb") {
+                continue;
+            }
+            let field = |s: Option<&str>, key: &str| {
+                s.and_then(|s| s.strip_prefix(key))
+                    .and_then(|v| v.parse::<u64>().ok())
+            };
+            if let (Some(v), Some(n)) = (field(it.next(), "vcpu="), field(it.next(), "n=")) {
+                out.entry(v as u32).or_default().push(n);
+            }
+        }
+    }
+    out
+}
+
+/// vCPU `vcpu`'s counters go up by exactly `per_line` per line (no gap, no repeat), over
+/// at least `at_least` lines.
+pub fn assert_continuous(vcpu: u32, ns: &[u64], per_line: u64, at_least: usize) {
+    assert!(
+        ns.len() >= at_least,
+        "vCPU {vcpu}: only {} heartbeat lines",
+        ns.len()
+    );
+    for w in ns.windows(2) {
+        assert_eq!(
+            w[1],
+            w[0] + per_line,
+            "vCPU {vcpu}: heartbeat {} followed by {} (gap or repeat)",
+            w[0],
+            w[1]
+        );
+    }
+}

@@ -115,10 +115,10 @@ fn main() -> ExitCode {
     match run(args) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e}");
-            for cause in e.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
-            }
+            berth_hypervisor::report::eprint_chain(
+                e.chain().map(|c| c.to_string()),
+                "  caused by: ",
+            );
             ExitCode::FAILURE
         }
     }

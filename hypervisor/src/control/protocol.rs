@@ -371,6 +371,10 @@ pub struct Status {
     pub ignored_accesses: IgnoredAccesses,
     /// Milliseconds since the VMM started.
     pub uptime_ms: u64,
+    /// The phase of this VMM's migration (`idle` when none), so that an observer asks
+    /// `migrateStatus` only while one is under way. Absent from older VMMs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<crate::migration::MigrationPhase>,
 }
 
 /// One vCPU.

@@ -1573,19 +1573,19 @@ mod tests {
     }
 
     impl RealCgroups {
-        /// `berth-test-<pid>-<tag>` on the detected hierarchy, when running as root on
-        /// cgroup v1 (CI); `None` elsewhere.
+        /// `berth-test-<pid>-<tag>` on the detected hierarchy. These tests need root and
+        /// cgroup v1 (CI has both): elsewhere they fail, saying why, rather than pass
+        /// without running.
         fn v1(tag: &str) -> Option<Self> {
             // SAFETY: geteuid takes no arguments and cannot fail.
-            if unsafe { libc::geteuid() } != 0 {
-                eprintln!("skipped: needs root");
-                return None;
-            }
+            let euid = unsafe { libc::geteuid() };
+            assert_eq!(euid, 0, "this test needs root (it writes cgroups)");
             let cgroups = Cgroups::detect().unwrap();
-            if cgroups.version() != CgroupVersion::V1 {
-                eprintln!("skipped: this host does not use cgroup v1");
-                return None;
-            }
+            assert_eq!(
+                cgroups.version(),
+                CgroupVersion::V1,
+                "this test needs cgroup v1 controllers (CI's and this machine's)"
+            );
             let parent = format!("berth-test-{}-{tag}", std::process::id());
             Some(RealCgroups {
                 cgroups: cgroups.with_parent(&parent).unwrap(),
@@ -1719,10 +1719,10 @@ mod tests {
         let Some(mut real) = RealCgroups::v1("busy") else {
             return;
         };
-        if !Path::new("/usr/bin/perl").exists() {
-            eprintln!("skipped: needs /usr/bin/perl to allocate memory in a child");
-            return;
-        }
+        assert!(
+            Path::new("/usr/bin/perl").exists(),
+            "this test needs /usr/bin/perl to allocate memory in a child (.ci/run installs it)"
+        );
         let cg = real.cgroups.clone();
         let guest = cg.create("big-1").unwrap();
         // The child allocates 32 MiB once it is in the cgroup, so the memory is charged

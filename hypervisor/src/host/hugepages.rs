@@ -27,8 +27,19 @@ pub const HUGEPAGES_DIR: &str = "/sys/kernel/mm/hugepages";
 /// Where the kernel summarises memory, including the default-size hugepage pool.
 pub const MEMINFO_PATH: &str = "/proc/meminfo";
 
-/// The lock file that serialises [`PoolReservation`]s across processes.
+/// The lock file that serialises hugepage pool changes ([`PoolReservation`]s, berth's
+/// pool resizes) across processes, in [`POOL_LOCK_DIR`].
 pub const RESERVATION_LOCK_NAME: &str = "berth-hugepages.lock";
+
+/// Where the pool lock lives: a directory every berth process on the host sees (apply,
+/// serve and every VMM). Not `$TMPDIR`: the systemd unit gives the service a private
+/// `/tmp` (its `RuntimeDirectory=berth` makes this one writable).
+pub const POOL_LOCK_DIR: &str = "/run/berth";
+
+/// The pool lock's path.
+pub fn pool_lock_path() -> PathBuf {
+    Path::new(POOL_LOCK_DIR).join(RESERVATION_LOCK_NAME)
+}
 
 /// Why a hugepage pool could not be read or resized.
 #[derive(Debug, thiserror::Error)]
@@ -370,7 +381,7 @@ impl PoolReservation {
     /// [`HugePageError::Lock`] on the lock file, or the errors of
     /// [`HugePagePool::set_total`].
     pub fn grow(pool: HugePagePool, pages: u64) -> Result<Self, HugePageError> {
-        let lock = lock_reservations()?;
+        let lock = lock_pools()?;
         let before = pool.stats()?;
         let after = pool.set_total(before.total.saturating_add(pages))?;
         let added = after.total.saturating_sub(before.total);
@@ -410,8 +421,17 @@ impl Drop for PoolReservation {
     }
 }
 
-fn lock_reservations() -> Result<File, HugePageError> {
-    let path = std::env::temp_dir().join(RESERVATION_LOCK_NAME);
+/// Takes the pool lock ([`pool_lock_path`]), waiting for its holder; held until the
+/// file is dropped.
+///
+/// # Errors
+/// [`HugePageError::Lock`] when the lock file cannot be created or locked.
+pub fn lock_pools() -> Result<File, HugePageError> {
+    let path = pool_lock_path();
+    std::fs::create_dir_all(POOL_LOCK_DIR).map_err(|error| HugePageError::Lock {
+        path: path.clone(),
+        error,
+    })?;
     let file = File::options()
         .create(true)
         .truncate(false)
@@ -541,10 +561,11 @@ mod tests {
     #[test]
     fn real_pool_grows_and_is_restored() {
         // SAFETY: geteuid takes no arguments and cannot fail.
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("skipped: needs root");
-            return;
-        }
+        let euid = unsafe { libc::geteuid() };
+        assert_eq!(
+            euid, 0,
+            "this test needs root (it resizes the hugepage pool)"
+        );
         let pool = HugePagePool::new(PageSize::Huge2M);
         let before_total;
         {

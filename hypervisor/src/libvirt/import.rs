@@ -295,6 +295,9 @@ pub fn guest_from_domain(
         },
         spec: GuestSpec {
             host: host.to_owned(),
+            host_selector: None,
+            anti_affinity: BTreeMap::new(),
+            availability: Default::default(),
             state,
             boot,
             cpu: CpuSpec {

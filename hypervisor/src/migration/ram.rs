@@ -94,10 +94,16 @@ impl<'a> GuestRam<'a> {
 
     /// The host address of the page at `gpa`, if the page lies wholly in RAM.
     fn host(&self, gpa: u64) -> Option<*mut u8> {
+        self.host_run(gpa, PAGE)
+    }
+
+    /// The host address of the `bytes` from `gpa`, if they lie wholly in one range (so
+    /// they are contiguous in this process too).
+    fn host_run(&self, gpa: u64, bytes: u64) -> Option<*mut u8> {
         let r = self
             .ranges
             .iter()
-            .find(|r| gpa >= r.gpa && gpa.checked_add(PAGE).is_some_and(|e| e <= r.gpa + r.len))?;
+            .find(|r| gpa >= r.gpa && gpa.checked_add(bytes).is_some_and(|e| e <= r.gpa + r.len))?;
         // The offset is below the range length, so the result stays in the mapping.
         Some(r.host.wrapping_add((gpa - r.gpa) as usize))
     }
@@ -143,33 +149,39 @@ impl<'a> GuestRam<'a> {
         unsafe { std::ptr::copy_nonoverlapping(host, out.as_mut_ptr(), PAGE_SIZE) };
     }
 
-    /// Writes `data` (whole pages) at `gpas`, which the caller checked against
-    /// [`GuestRam::bounds`]. Only for a guest that does not run.
+    /// Lends the `pages` pages from `gpa` to `write` as one slice, to be written in
+    /// place (the receiver reads and decrypts a `PageData` frame into it). The caller
+    /// checked the run against [`GuestRam::bounds`] and its connection. Only for a
+    /// guest that does not run.
     ///
     /// # Panics
-    /// When a page is outside RAM (the caller skipped the bounds check).
-    pub fn write_pages(&self, gpas: &[u64], data: &[u8]) {
-        assert_eq!(data.len(), gpas.len() * PAGE_SIZE);
-        for (gpa, page) in gpas.iter().zip(data.chunks_exact(PAGE_SIZE)) {
-            let host = self.host(*gpa).expect("page checked against the bounds");
-            // SAFETY: `host` is a whole page of our mapping (the caller checked the
-            // address against the bounds). No vCPU runs on the destination before the
-            // switchover, and the receiving threads never write the same page: each
-            // thread serves one connection and the receiver refuses a page that is not
-            // on the connection `connection_of` assigns it (`receive::apply`), so the
-            // writes of two threads never overlap.
-            unsafe { std::ptr::copy_nonoverlapping(page.as_ptr(), host, PAGE_SIZE) };
-        }
+    /// When the run is not wholly in one range of RAM (the caller skipped the bounds
+    /// check).
+    pub fn with_run<T>(&self, gpa: u64, pages: u32, write: impl FnOnce(&mut [u8]) -> T) -> T {
+        let bytes = u64::from(pages) * PAGE;
+        let host = self
+            .host_run(gpa, bytes)
+            .expect("run checked against the bounds");
+        // SAFETY: `host..host + bytes` lies in one live mapping of guest RAM (checked by
+        // `host_run`; the `&'a Vm` keeps it mapped). Nothing else reads or writes these
+        // pages while the slice lives: no vCPU runs on the destination before the
+        // switchover, the VMM touches guest memory only after the stream ends, and the
+        // receiving threads never hold the same page: each serves one connection, a run
+        // lies in one 2 MiB chunk (`wire::parse_run`), and the receiver refuses a run
+        // that is not on the connection `connection_of` assigns its chunk
+        // (`receive::apply`), so the slices of two threads never overlap.
+        let run = unsafe { std::slice::from_raw_parts_mut(host, bytes as usize) };
+        write(run)
     }
 
-    /// Zeroes the pages at `gpas` (checked as for [`GuestRam::write_pages`]).
+    /// Zeroes the pages at `gpas` (checked as for [`GuestRam::with_run`]).
     ///
     /// # Panics
     /// When a page is outside RAM.
     pub fn zero_pages(&self, gpas: &[u64]) {
         for gpa in gpas {
             let host = self.host(*gpa).expect("page checked against the bounds");
-            // SAFETY: as in `write_pages` (bounds and connection checked by the caller).
+            // SAFETY: as in `with_run` (bounds and connection checked by the caller).
             unsafe { std::ptr::write_bytes(host, 0, PAGE_SIZE) };
         }
     }

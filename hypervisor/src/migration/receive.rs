@@ -2,10 +2,12 @@
 //! the token), check its `Config`, write pages into the not-yet-running guest, restore
 //! the state, answer `Loaded`, and on `Commit` start the vCPUs and answer `Running`.
 //!
-//! Nothing from the stream is used before its frame's tag checked out (each frame is
-//! decrypted in place in its connection's buffer, then copied where it goes), and
-//! every page address is checked against this machine's RAM ([`wire::parse_pages`])
-//! and against the connection the sender assigns its 2 MiB chunk to; frames are at
+//! Nothing from the stream is used before its frame's tag checked out: each frame is
+//! decrypted in place in its connection's buffer, except page data, which is read and
+//! decrypted in place in the guest pages it belongs to, once the run naming them
+//! authenticated and was checked against this machine's RAM ([`wire::parse_run`]) and
+//! against the connection the sender assigns its 2 MiB chunk to (a bad tag there ends
+//! the migration before the guest ever runs on those bytes). Frames are at
 //! most [`wire::MAX_PAYLOAD`] bytes, one buffer per connection, at most
 //! [`super::MAX_CONNECTIONS`] connections, and the listener closes once they are all
 //! in (the token is good for one migration). Any failure before `Commit` returns an
@@ -127,7 +129,10 @@ impl Incoming {
         let (mut stream, peer) = match self.listener.accept() {
             Ok(s) => s,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(5));
+                // Wakes as soon as a connection comes (a sleep here cost up to its
+                // length per connection, inside the migration's time), and at least
+                // every 20 ms to check for a cancel and the connection deadline.
+                wait_readable(&self.listener, Duration::from_millis(20));
                 return Ok(None);
             }
             Err(e) => return Err(ReceiveError::Accept(e)),
@@ -289,7 +294,10 @@ impl Incoming {
                                     source,
                                 })?;
                             let conn = (c.stream, count as u32);
-                            match apply(frame.kind, frame.payload, ram, bounds, pages, conn)? {
+                            match apply(frame.kind, frame.payload, ram, bounds, conn)? {
+                                Applied::Run(gpa, n) => {
+                                    receive_run(&mut c.reader, ram, (gpa, n), pages, c.stream)?
+                                }
                                 Applied::LastPass => return Ok(()),
                                 Applied::Pass(n) => pass_applied(c.stream as usize, n),
                                 Applied::Done => {}
@@ -336,14 +344,10 @@ impl Incoming {
                         ))
                     }
                 };
-                match apply(
-                    frame.kind,
-                    frame.payload,
-                    &ram,
-                    &bounds,
-                    &pages,
-                    (0, count as u32),
-                )? {
+                match apply(frame.kind, frame.payload, &ram, &bounds, (0, count as u32))? {
+                    Applied::Run(gpa, n) => {
+                        receive_run(&mut first_reader, &ram, (gpa, n), &pages, 0)?;
+                    }
                     Applied::Done => {}
                     Applied::Pass(n) => pass_applied(0, n),
                     Applied::LastPass => last_pass_seen = true,
@@ -450,6 +454,8 @@ fn read_config(c: &mut Conn) -> Result<SourceConfig, ReceiveError> {
 
 enum Applied {
     Done,
+    /// A `Pages` frame named this run (checked): its `PageData` comes next.
+    Run(u64, u32),
     Pass(u32),
     LastPass,
     Other(FrameKind),
@@ -458,15 +464,26 @@ enum Applied {
 /// Where a receiver writes pages: guest RAM, or a test's stand-in that checks every
 /// write.
 pub(crate) trait PageSink: Sync {
-    /// Writes whole pages `data` at `gpas` (checked against the bounds).
-    fn write_pages(&self, gpas: &[u64], data: &[u8]);
+    /// Lends the `pages` pages from `gpa` (checked against the bounds and the
+    /// connection) to `write`, to be written in place.
+    fn with_run(
+        &self,
+        gpa: u64,
+        pages: u32,
+        write: &mut dyn FnMut(&mut [u8]) -> wire::Result<()>,
+    ) -> wire::Result<()>;
     /// Zeroes the pages at `gpas` (checked against the bounds).
     fn zero_pages(&self, gpas: &[u64]);
 }
 
 impl PageSink for GuestRam<'_> {
-    fn write_pages(&self, gpas: &[u64], data: &[u8]) {
-        GuestRam::write_pages(self, gpas, data);
+    fn with_run(
+        &self,
+        gpa: u64,
+        pages: u32,
+        write: &mut dyn FnMut(&mut [u8]) -> wire::Result<()>,
+    ) -> wire::Result<()> {
+        GuestRam::with_run(self, gpa, pages, write)
     }
 
     fn zero_pages(&self, gpas: &[u64]) {
@@ -474,16 +491,31 @@ impl PageSink for GuestRam<'_> {
     }
 }
 
+/// Reads the `PageData` of the run `(gpa, pages)` (checked by [`apply`]) of connection
+/// `conn` straight into guest memory, where it is decrypted.
+fn receive_run<R: std::io::Read>(
+    reader: &mut FrameReader<R>,
+    ram: &impl PageSink,
+    (gpa, n): (u64, u32),
+    pages: &std::sync::atomic::AtomicU64,
+    conn: u32,
+) -> Result<(), ReceiveError> {
+    ram.with_run(gpa, n, &mut |run| reader.recv_pages_into(run))
+        .map_err(|source| ReceiveError::Connection { conn, source })?;
+    pages.fetch_add(u64::from(n), std::sync::atomic::Ordering::Relaxed);
+    Ok(())
+}
+
 /// Applies one frame of connection `conn.0` of `conn.1`. Pages are written only
 /// after every address of the frame was checked: inside guest memory, and carried by
 /// the connection the sender assigns its 2 MiB chunk to ([`connection_of`]), so two
-/// receiving threads never write the same page.
+/// receiving threads never write the same page. A run of pages is only checked here:
+/// the caller reads its data into place ([`receive_run`]).
 fn apply(
     kind: FrameKind,
     payload: &[u8],
     ram: &impl PageSink,
     bounds: &wire::MemoryBounds,
-    pages: &std::sync::atomic::AtomicU64,
     conn: (u32, u32),
 ) -> Result<Applied, ReceiveError> {
     let wire_err = |source| ReceiveError::Connection {
@@ -505,14 +537,13 @@ fn apply(
     };
     match kind {
         FrameKind::Pages => {
-            let (gpas, data) = wire::parse_pages(kind, payload, bounds).map_err(wire_err)?;
-            check_owner(&gpas)?;
-            ram.write_pages(&gpas, data);
-            pages.fetch_add(gpas.len() as u64, std::sync::atomic::Ordering::Relaxed);
-            Ok(Applied::Done)
+            // The run lies in one 2 MiB chunk: its first page names the connection.
+            let (gpa, n) = wire::parse_run(payload, bounds).map_err(wire_err)?;
+            check_owner(&[gpa])?;
+            Ok(Applied::Run(gpa, n))
         }
         FrameKind::ZeroPages => {
-            let (gpas, _) = wire::parse_pages(kind, payload, bounds).map_err(wire_err)?;
+            let gpas = wire::parse_zero_pages(payload, bounds).map_err(wire_err)?;
             check_owner(&gpas)?;
             ram.zero_pages(&gpas);
             Ok(Applied::Done)
@@ -624,6 +655,19 @@ pub fn write_committed_marker(path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Waits until `listener` has a connection to accept, or `timeout` passes.
+fn wait_readable(listener: &TcpListener, timeout: Duration) {
+    use std::os::fd::AsRawFd as _;
+    let mut fd = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `fd` is one valid pollfd for the listener's open descriptor, which
+    // outlives the call; poll only writes its `revents`.
+    let _ = unsafe { libc::poll(&mut fd, 1, timeout.as_millis() as libc::c_int) };
+}
+
 /// Shuts every socket in `sockets` down (unblocks the readers of a cancelled receive).
 pub fn shutdown_all(sockets: &Mutex<Vec<TcpStream>>) {
     for s in sockets.lock().unwrap_or_else(|e| e.into_inner()).iter() {
@@ -675,18 +719,23 @@ mod tests {
     }
 
     impl PageSink for Recorder {
-        fn write_pages(&self, gpas: &[u64], data: &[u8]) {
+        fn with_run(
+            &self,
+            gpa: u64,
+            pages: u32,
+            write: &mut dyn FnMut(&mut [u8]) -> wire::Result<()>,
+        ) -> wire::Result<()> {
+            assert!(pages > 0, "an empty run");
+            let at = self.offset(gpa);
+            let last = self.offset(gpa + u64::from(pages - 1) * PAGE);
             assert_eq!(
-                data.len(),
-                gpas.len() * PAGE_SIZE,
-                "data and addresses disagree"
+                last,
+                at + (pages as usize - 1) * PAGE_SIZE,
+                "a run across ranges"
             );
             let mut mem = self.mem.lock().unwrap();
-            for (gpa, page) in gpas.iter().zip(data.chunks_exact(PAGE_SIZE)) {
-                let at = self.offset(*gpa);
-                mem[at..at + PAGE_SIZE].copy_from_slice(page);
-                self.written.fetch_add(1, Ordering::Relaxed);
-            }
+            self.written.fetch_add(u64::from(pages), Ordering::Relaxed);
+            write(&mut mem[at..at + pages as usize * PAGE_SIZE])
         }
 
         fn zero_pages(&self, gpas: &[u64]) {
@@ -712,7 +761,7 @@ mod tests {
         let pages = AtomicU64::new(0);
         let mut good = Vec::new();
         loop {
-            if reader.get_mut().is_empty() {
+            if reader.get_mut().is_empty() && reader.read_ahead().is_empty() {
                 // The end, at a frame boundary.
                 return (good, None);
             }
@@ -721,9 +770,17 @@ mod tests {
                 Err(e) => return (good, Some(e.to_string())),
             };
             good.push((frame.kind, frame.payload.to_vec()));
-            let applied = apply(frame.kind, frame.payload, sink, &sink.bounds, &pages, conn);
+            let applied = apply(frame.kind, frame.payload, sink, &sink.bounds, conn);
             match applied {
                 Err(e) => return (good, Some(e.to_string())),
+                Ok(Applied::Run(gpa, n)) => {
+                    if let Err(e) = receive_run(&mut reader, sink, (gpa, n), &pages, conn.0) {
+                        return (good, Some(e.to_string()));
+                    }
+                    let at = sink.offset(gpa);
+                    let data = sink.mem.lock().unwrap()[at..at + n as usize * PAGE_SIZE].to_vec();
+                    good.push((FrameKind::PageData, data));
+                }
                 Ok(Applied::Other(FrameKind::State)) => {
                     if let Err(e) = MachineState::decode(frame.payload) {
                         return (good, Some(e.to_string()));
@@ -745,25 +802,20 @@ mod tests {
         ]
     }
 
-    /// A payload a hostile source might seal: page frames with any addresses and
-    /// counts (lying or not), or any bytes.
+    /// A payload a hostile source might seal: runs with any addresses and counts,
+    /// zero-page lists, page data of a few pages (or a byte off), or any bytes.
     fn payload() -> impl Strategy<Value = Vec<u8>> {
         prop_oneof![
             (
-                proptest::collection::vec(page_addr(), 0..4),
-                any::<u8>(),
-                0usize..3
+                page_addr(),
+                prop_oneof![0u32..4, Just(512), Just(513), any::<u32>()]
             )
-                .prop_map(|(gpas, fill, extra)| {
-                    let data = vec![fill; gpas.len().saturating_sub(extra % 2) * PAGE_SIZE];
-                    let mut p = wire::pages_payload(&gpas, &data);
-                    if extra == 2 {
-                        p[..4].copy_from_slice(&u32::MAX.to_le_bytes());
-                    }
-                    p
-                }),
+                .prop_map(|(gpa, pages)| wire::run_payload(gpa, pages).to_vec()),
             proptest::collection::vec(page_addr(), 0..8)
-                .prop_map(|gpas| wire::pages_payload(&gpas, &[])),
+                .prop_map(|gpas| wire::zero_pages_payload(&gpas)),
+            (1usize..3, any::<u8>(), 0usize..3).prop_map(|(pages, fill, off)| {
+                vec![fill; (pages * PAGE_SIZE + off).saturating_sub(1)]
+            }),
             proptest::collection::vec(any::<u8>(), 0..64),
         ]
     }
@@ -820,7 +872,8 @@ mod tests {
         #[test]
         fn mutated_streams_fail_at_the_mutation(
             frames in proptest::collection::vec(
-                (proptest::collection::vec(0u64..64, 1..4), any::<u8>()),
+                (0u64..60, 1u64..4, any::<u8>())
+                    .prop_map(|(first, n, fill)| ((first..first + n).collect::<Vec<u64>>(), fill)),
                 1..5,
             ),
             mutation in 0usize..4,
@@ -828,17 +881,24 @@ mod tests {
             len in 1usize..64,
             bit in 0u8..8,
         ) {
-            // A good stream: page frames on connection 0 of 1, in bounds.
+            // A good stream: runs on connection 0 of 1, in bounds, each a `Pages`
+            // frame and its `PageData`.
             let key = wire::SessionKey::for_tests(7);
-            let sealed: Vec<(u8, Vec<u8>)> = frames
-                .iter()
-                .map(|(pages, fill)| {
-                    let gpas: Vec<u64> = pages.iter().map(|p| p * PAGE).collect();
-                    let data = vec![*fill; gpas.len() * PAGE_SIZE];
-                    (FrameKind::Pages as u8, wire::pages_payload(&gpas, &data))
-                })
-                .collect();
-            let stream = seal(&sealed, &key);
+            let mut w = FrameWriter::new(Vec::new(), key.clone());
+            let mut sealed: Vec<(u8, Vec<u8>)> = Vec::new();
+            for (run, fill) in &frames {
+                let first = run[0];
+                let pages = run.len() as u32;
+                let mut batch = wire::PageBatch::new(run.len());
+                for i in 0..u64::from(pages) {
+                    batch.next_slot().fill(*fill);
+                    batch.push((first + i) * PAGE);
+                }
+                w.send_pages(&mut batch).unwrap();
+                sealed.push((FrameKind::Pages as u8, wire::run_payload(first * PAGE, pages).to_vec()));
+                sealed.push((FrameKind::PageData as u8, vec![*fill; pages as usize * PAGE_SIZE]));
+            }
+            let stream = std::mem::take(w.get_mut());
             let i = at.index(stream.len());
             let mut bad = stream.clone();
             match mutation {

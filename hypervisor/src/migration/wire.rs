@@ -11,6 +11,16 @@
 //!                                 associated data = the 8 header bytes, payload)
 //! ```
 //!
+//! Guest pages travel as a pair of frames: `Pages` names a run of pages (its first
+//! address and count, encrypted like any payload), and the next frame, `PageData`,
+//! holds exactly their bytes. A receiver checks the run (inside guest memory, on the
+//! right connection) once `Pages` authenticated, then reads `PageData`'s ciphertext
+//! straight into the guest pages and decrypts it there ([`FrameReader::recv_pages_into`]),
+//! so page bytes are copied by the kernel once and by nobody else. Those bytes are
+//! used by no one before their tag checked out: the guest does not run before the
+//! switchover, a bad tag ends the migration (the destination is discarded), and ring
+//! zeroes what it decrypted when the tag does not match.
+//!
 //! Keys come from HKDF-SHA256 (RFC 5869): the token is the input key material, both
 //! nonces are the salt, and the info names the purpose and the stream number. The
 //! proofs are HMAC-SHA256 under keys expanded for them, over the whole hello
@@ -28,7 +38,7 @@
 //! authenticates in one pass, so no byte is processed twice for integrity.
 
 use std::fmt;
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, BufReader, IoSlice, Read, Write};
 
 use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM};
 use ring::{hkdf, hmac};
@@ -36,9 +46,10 @@ use ring::{hkdf, hmac};
 /// First bytes of both hellos.
 pub const MAGIC: [u8; 8] = *b"BERTHMIG";
 /// The stream format version this build speaks. A peer with another version is refused.
-/// Version 2: AES-128-GCM frames with HKDF-derived keys (version 1 carried clear pages
-/// under a keyed BLAKE3 MAC).
-pub const VERSION: u32 = 2;
+/// Version 3: pages as `Pages` + `PageData` pairs, decrypted in place in guest memory.
+/// Version 2 had AES-128-GCM frames with the pages and their addresses in one frame;
+/// version 1 carried clear pages under a keyed BLAKE3 MAC.
+pub const VERSION: u32 = 3;
 /// Guest page size the stream moves memory in.
 pub const PAGE_SIZE: usize = 4096;
 /// The largest frame payload a receiver accepts; larger lengths are refused before any
@@ -52,6 +63,15 @@ const KEY_LEN: usize = 16;
 pub const TAG_LEN: usize = 16;
 /// Bytes of frame header.
 pub const HEADER_LEN: usize = 8;
+/// A `Pages` run lies within one aligned span of this many bytes (2 MiB, the unit
+/// the sender assigns to connections).
+pub const RUN_SPAN: u64 = 2 << 20;
+/// Bytes of a `Pages` payload.
+pub const RUN_LEN: usize = 16;
+/// Bytes a receiver reads ahead of the frame it is in (the tag, the next header and a
+/// `Pages` frame); larger reads go straight where they belong, page data into guest
+/// memory.
+const READ_AHEAD: usize = 512;
 /// Bytes of the source's hello (the destination's is [`HELLO_D_LEN`]).
 pub const HELLO_S_LEN: usize = 8 + 4 + 32 + 4 + 32;
 /// Bytes of the destination's hello.
@@ -341,8 +361,8 @@ fn frame_nonce(seq: u64) -> Nonce {
 pub enum FrameKind {
     /// The guest spec and memory layout the source runs (JSON).
     Config = 1,
-    /// Guest pages: `count u32 | 0u32 | page data * count | gpa u64 * count` (the data
-    /// first, so that the sender gathers pages where the frame is sealed).
+    /// A run of guest pages, all in one 2 MiB chunk: `gpa u64 | count u32 | 0u32`. The
+    /// next frame of the connection is their `PageData`.
     Pages = 2,
     /// Pages that are now all zeroes: `count u32 | 0u32 | gpa u64 * count`.
     ZeroPages = 3,
@@ -360,6 +380,8 @@ pub enum FrameKind {
     Running = 9,
     /// Progress or throttle information, informational only.
     Info = 10,
+    /// The bytes of the run the `Pages` frame before it names (`count * 4096`).
+    PageData = 11,
 }
 
 impl FrameKind {
@@ -376,6 +398,7 @@ impl FrameKind {
             8 => Abort,
             9 => Running,
             10 => Info,
+            11 => PageData,
             _ => return None,
         })
     }
@@ -465,17 +488,43 @@ impl<W: Write> FrameWriter<W> {
         Ok(())
     }
 
-    /// Seals and sends the pages gathered in `batch` as one `Pages` frame and empties
-    /// the batch. Returns the payload's length.
+    /// Seals and sends the run gathered in `batch` as a `Pages` frame and its
+    /// `PageData` (encrypted where the pages were gathered, both in one system call),
+    /// and empties the batch. Returns the bytes put on the wire.
     ///
     /// # Errors
-    /// As [`FrameWriter::send_in_place`].
+    /// [`WireError::Exhausted`], and I/O errors.
     pub fn send_pages(&mut self, batch: &mut PageBatch) -> Result<usize> {
-        let payload = batch.seal_ready();
-        let len = payload.len();
-        let sent = self.send_in_place(FrameKind::Pages, payload);
-        batch.gpas.clear();
-        sent.map(|()| len)
+        let pages = std::mem::take(&mut batch.len);
+        if pages == 0 {
+            return Ok(0);
+        }
+        if self.seq >= u64::MAX - 1 {
+            return Err(WireError::Exhausted);
+        }
+        let mut run = run_payload(batch.start, pages as u32);
+        let run_header = header(FrameKind::Pages as u8, run.len());
+        let run_tag = self
+            .key
+            .seal_in_place_separate_tag(frame_nonce(self.seq), Aad::from(&run_header), &mut run)
+            .map_err(|_| WireError::FrameTooLarge(RUN_LEN))?;
+        let data = &mut batch.buf[..pages * PAGE_SIZE];
+        let data_header = header(FrameKind::PageData as u8, data.len());
+        let data_tag = self
+            .key
+            .seal_in_place_separate_tag(frame_nonce(self.seq + 1), Aad::from(&data_header), data)
+            .map_err(|_| WireError::FrameTooLarge(data.len()))?;
+        self.seq += 2;
+        let mut slices = [
+            IoSlice::new(&run_header),
+            IoSlice::new(&run),
+            IoSlice::new(run_tag.as_ref()),
+            IoSlice::new(&data_header),
+            IoSlice::new(data),
+            IoSlice::new(data_tag.as_ref()),
+        ];
+        write_all_vectored(&mut self.inner, &mut slices)?;
+        Ok(2 * (HEADER_LEN + TAG_LEN) + RUN_LEN + pages * PAGE_SIZE)
     }
 
     /// Flushes buffered frames.
@@ -506,25 +555,33 @@ fn write_all_vectored<W: Write>(w: &mut W, mut slices: &mut [IoSlice<'_>]) -> io
     Ok(())
 }
 
-/// The pages of one `Pages` frame, gathered in place: each page is copied once, into
-/// the buffer the frame is encrypted in.
+/// The run of one `Pages` + `PageData` pair, gathered in place: each page is copied
+/// once, into the buffer the data is encrypted in.
 #[derive(Debug)]
 pub struct PageBatch {
-    /// `count | 0 | page slots | room for the addresses`.
     buf: Vec<u8>,
-    gpas: Vec<u64>,
+    start: u64,
+    len: usize,
     capacity: usize,
 }
 
 impl PageBatch {
-    /// A batch of at most `capacity` pages (at least 1, and within [`MAX_PAYLOAD`]).
+    /// A batch of at most `capacity` pages (at least 1, at most a [`RUN_SPAN`]).
     pub fn new(capacity: usize) -> PageBatch {
-        let capacity = capacity.clamp(1, (MAX_PAYLOAD - 8) / (PAGE_SIZE + 8));
+        let capacity = capacity.clamp(1, RUN_SPAN as usize / PAGE_SIZE);
         PageBatch {
-            buf: vec![0u8; 8 + capacity * (PAGE_SIZE + 8)],
-            gpas: Vec::with_capacity(capacity),
+            buf: vec![0u8; capacity * PAGE_SIZE],
+            start: 0,
+            len: 0,
             capacity,
         }
+    }
+
+    /// Whether the page at `gpa` extends the run: the batch is empty, or the page
+    /// follows its last one in the same [`RUN_SPAN`] and the batch is not full.
+    pub fn takes(&self, gpa: u64) -> bool {
+        let end = self.start + (self.len * PAGE_SIZE) as u64;
+        self.len == 0 || (!self.is_full() && gpa == end && gpa / RUN_SPAN == self.start / RUN_SPAN)
     }
 
     /// The slot of the next page; fill it, then [`PageBatch::push`] its address.
@@ -533,42 +590,35 @@ impl PageBatch {
     /// When the batch is full.
     pub fn next_slot(&mut self) -> &mut [u8] {
         assert!(!self.is_full(), "a full page batch");
-        let at = 8 + self.gpas.len() * PAGE_SIZE;
+        let at = self.len * PAGE_SIZE;
         &mut self.buf[at..at + PAGE_SIZE]
     }
 
     /// Records that the page at `gpa` is in the slot [`PageBatch::next_slot`] gave.
+    ///
+    /// # Panics
+    /// When the page does not extend the run ([`PageBatch::takes`]).
     pub fn push(&mut self, gpa: u64) {
-        assert!(!self.is_full(), "a full page batch");
-        self.gpas.push(gpa);
+        assert!(self.takes(gpa), "page {gpa:#x} does not extend the run");
+        if self.len == 0 {
+            self.start = gpa;
+        }
+        self.len += 1;
     }
 
     /// Pages gathered.
     pub fn len(&self) -> usize {
-        self.gpas.len()
+        self.len
     }
 
     /// Whether no page is gathered.
     pub fn is_empty(&self) -> bool {
-        self.gpas.is_empty()
+        self.len == 0
     }
 
     /// Whether the batch holds `capacity` pages.
     pub fn is_full(&self) -> bool {
-        self.gpas.len() == self.capacity
-    }
-
-    /// Writes the count and the addresses after the pages; the payload to seal.
-    fn seal_ready(&mut self) -> &mut [u8] {
-        let n = self.gpas.len();
-        self.buf[..4].copy_from_slice(&(n as u32).to_le_bytes());
-        self.buf[4..8].fill(0);
-        let mut at = 8 + n * PAGE_SIZE;
-        for gpa in &self.gpas {
-            self.buf[at..at + 8].copy_from_slice(&gpa.to_le_bytes());
-            at += 8;
-        }
-        &mut self.buf[..at]
+        self.len == self.capacity
     }
 }
 
@@ -584,7 +634,7 @@ pub struct Frame<'a> {
 
 /// Reads, authenticates and decrypts frames from one connection.
 pub struct FrameReader<R: Read> {
-    inner: R,
+    inner: BufReader<R>,
     key: LessSafeKey,
     seq: u64,
     buf: Vec<u8>,
@@ -594,11 +644,60 @@ impl<R: Read> FrameReader<R> {
     /// A reader for a connection whose handshake produced `key`.
     pub fn new(inner: R, key: SessionKey) -> Self {
         FrameReader {
-            inner,
+            inner: BufReader::with_capacity(READ_AHEAD, inner),
             key: key.aead(),
             seq: 0,
             buf: Vec::new(),
         }
+    }
+
+    /// Reads the `PageData` frame that follows a `Pages` frame naming `dst.len() /
+    /// 4096` pages: its ciphertext straight into `dst` (the pages, in guest memory),
+    /// where it is authenticated and decrypted. On any error `dst` holds garbage (ring
+    /// zeroes it on a bad tag) and the stream is unusable: the caller discards the
+    /// guest, which never ran on it.
+    ///
+    /// # Errors
+    /// [`WireError::Malformed`] for another frame or another length (before anything is
+    /// read into `dst`), [`WireError::Truncated`], [`WireError::BadTag`],
+    /// [`WireError::UnknownKind`], and I/O errors.
+    pub fn recv_pages_into(&mut self, dst: &mut [u8]) -> Result<()> {
+        let mut header = [0u8; HEADER_LEN];
+        read_exact_or_truncated(&mut self.inner, &mut header)?;
+        let len = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes")) as usize;
+        let kind = FrameKind::from_u8(header[0]).ok_or(WireError::UnknownKind(header[0]))?;
+        if kind != FrameKind::PageData || len != dst.len() {
+            return Err(WireError::Malformed {
+                kind: FrameKind::Pages,
+                reason: format!(
+                    "a run of {} bytes is followed by {kind:?} of {len} bytes, not its PageData",
+                    dst.len()
+                ),
+            });
+        }
+        if self.seq == u64::MAX {
+            return Err(WireError::Exhausted);
+        }
+        read_exact_or_truncated(&mut self.inner, dst)?;
+        let mut tag = [0u8; TAG_LEN];
+        read_exact_or_truncated(&mut self.inner, &mut tag)?;
+        let seq = self.seq;
+        self.key
+            .open_in_place_separate_tag(
+                frame_nonce(seq),
+                Aad::from(&header),
+                aead::Tag::from(tag),
+                dst,
+                0..,
+            )
+            .map_err(|_| WireError::BadTag { seq })?;
+        self.seq += 1;
+        Ok(())
+    }
+
+    /// Bytes read from the connection but not yet taken by a frame.
+    pub fn read_ahead(&self) -> &[u8] {
+        self.inner.buffer()
     }
 
     /// Reads the next frame, checks its length bound and its tag, and decrypts it in
@@ -634,9 +733,10 @@ impl<R: Read> FrameReader<R> {
         Ok(Frame { kind, payload })
     }
 
-    /// The connection.
+    /// The connection (bytes already read ahead from it are in
+    /// [`FrameReader::read_ahead`]).
     pub fn get_mut(&mut self) -> &mut R {
-        &mut self.inner
+        self.inner.get_mut()
     }
 }
 
@@ -656,39 +756,79 @@ impl MemoryBounds {
 
     /// Whether the page at `gpa` is page-aligned and lies wholly inside one range.
     pub fn contains_page(&self, gpa: u64) -> bool {
+        self.contains_run(gpa, 1)
+    }
+
+    /// Whether the `pages` pages from `gpa` are page-aligned and lie wholly inside one
+    /// range.
+    pub fn contains_run(&self, gpa: u64, pages: u32) -> bool {
+        let bytes = u64::from(pages) * PAGE_SIZE as u64;
         gpa % PAGE_SIZE as u64 == 0
             && self.ranges.iter().any(|&(start, len)| {
-                match (gpa.checked_add(PAGE_SIZE as u64), start.checked_add(len)) {
-                    (Some(page_end), Some(range_end)) => gpa >= start && page_end <= range_end,
+                match (gpa.checked_add(bytes), start.checked_add(len)) {
+                    (Some(run_end), Some(range_end)) => gpa >= start && run_end <= range_end,
                     _ => false,
                 }
             })
     }
 }
 
-/// Splits a `Pages` or `ZeroPages` payload into its addresses and (for `Pages`) the
-/// page data, checking every address against `bounds` first.
+/// The run a `Pages` payload names: its first address and page count, checked to be
+/// inside guest memory and within one [`RUN_SPAN`].
+///
+/// # Errors
+/// [`WireError::Malformed`] for a payload of another length, no page or a run across
+/// spans, [`WireError::OutOfBounds`] for a run outside guest memory or not
+/// page-aligned.
+pub fn parse_run(payload: &[u8], bounds: &MemoryBounds) -> Result<(u64, u32)> {
+    let malformed = |reason: String| WireError::Malformed {
+        kind: FrameKind::Pages,
+        reason,
+    };
+    if payload.len() != RUN_LEN {
+        return Err(malformed(format!("{} bytes, not {RUN_LEN}", payload.len())));
+    }
+    let gpa = u64::from_le_bytes(payload[..8].try_into().expect("8 bytes"));
+    let pages = u32::from_le_bytes(payload[8..12].try_into().expect("4 bytes"));
+    if pages == 0 || u64::from(pages) > RUN_SPAN / PAGE_SIZE as u64 {
+        return Err(malformed(format!("a run of {pages} pages")));
+    }
+    if !bounds.contains_run(gpa, pages) {
+        return Err(WireError::OutOfBounds { gpa });
+    }
+    let last = gpa + (u64::from(pages) - 1) * PAGE_SIZE as u64;
+    if gpa / RUN_SPAN != last / RUN_SPAN {
+        return Err(malformed(format!(
+            "the run of {pages} pages at {gpa:#x} crosses a 2 MiB boundary"
+        )));
+    }
+    Ok((gpa, pages))
+}
+
+/// A `Pages` payload: the run of `pages` pages from `gpa`.
+pub fn run_payload(gpa: u64, pages: u32) -> [u8; RUN_LEN] {
+    let mut p = [0u8; RUN_LEN];
+    p[..8].copy_from_slice(&gpa.to_le_bytes());
+    p[8..12].copy_from_slice(&pages.to_le_bytes());
+    p
+}
+
+/// The addresses a `ZeroPages` payload lists, every one checked against `bounds`.
 ///
 /// # Errors
 /// [`WireError::Malformed`] when the lengths do not add up, [`WireError::OutOfBounds`]
 /// for an address outside guest memory or not page-aligned.
-pub fn parse_pages<'a>(
-    kind: FrameKind,
-    payload: &'a [u8],
-    bounds: &MemoryBounds,
-) -> Result<(Vec<u64>, &'a [u8])> {
-    let malformed = |reason: String| WireError::Malformed { kind, reason };
+pub fn parse_zero_pages(payload: &[u8], bounds: &MemoryBounds) -> Result<Vec<u64>> {
+    let malformed = |reason: String| WireError::Malformed {
+        kind: FrameKind::ZeroPages,
+        reason,
+    };
     if payload.len() < 8 {
         return Err(malformed(format!("{} bytes, no page count", payload.len())));
     }
     let count = u32::from_le_bytes(payload[..4].try_into().expect("4 bytes")) as usize;
-    let page_bytes = match kind {
-        FrameKind::Pages => PAGE_SIZE,
-        FrameKind::ZeroPages => 0,
-        other => return Err(malformed(format!("{other:?} frames carry no pages"))),
-    };
     let expected = count
-        .checked_mul(page_bytes + 8)
+        .checked_mul(8)
         .and_then(|n| n.checked_add(8))
         .ok_or_else(|| malformed(format!("page count {count} overflows")))?;
     if payload.len() != expected {
@@ -697,24 +837,21 @@ pub fn parse_pages<'a>(
             payload.len()
         )));
     }
-    let data_end = 8 + count * page_bytes;
-    let gpas: Vec<u64> = payload[data_end..]
+    let gpas: Vec<u64> = payload[8..]
         .chunks_exact(8)
         .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
         .collect();
     if let Some(&gpa) = gpas.iter().find(|&&gpa| !bounds.contains_page(gpa)) {
         return Err(WireError::OutOfBounds { gpa });
     }
-    Ok((gpas, &payload[8..data_end]))
+    Ok(gpas)
 }
 
-/// A `Pages` payload for `gpas` and their `data` (whole pages), or with empty `data` a
-/// `ZeroPages` payload: count, padding, page data, addresses.
-pub fn pages_payload(gpas: &[u64], data: &[u8]) -> Vec<u8> {
-    let mut payload = Vec::with_capacity(8 + data.len() + 8 * gpas.len());
+/// A `ZeroPages` payload for `gpas`: count, padding, addresses.
+pub fn zero_pages_payload(gpas: &[u64]) -> Vec<u8> {
+    let mut payload = Vec::with_capacity(8 + 8 * gpas.len());
     payload.extend_from_slice(&(gpas.len() as u32).to_le_bytes());
     payload.extend_from_slice(&0u32.to_le_bytes());
-    payload.extend_from_slice(data);
     for gpa in gpas {
         payload.extend_from_slice(&gpa.to_le_bytes());
     }
@@ -759,21 +896,36 @@ mod tests {
         assert_eq!(stream, 3);
         let mut w = FrameWriter::new(sconn, skey);
         let mut batch = PageBatch::new(4);
-        for gpa in [0x1000, 0x3000] {
-            batch.next_slot().fill(7);
+        for (gpa, fill) in [(0x1000, 7), (0x2000, 8)] {
+            assert!(batch.takes(gpa));
+            batch.next_slot().fill(fill);
             batch.push(gpa);
         }
-        w.send_pages(&mut batch).unwrap();
+        // Not the next page, nor across 2 MiB: another run.
+        assert!(!batch.takes(0x4000));
+        let sent = w.send_pages(&mut batch).unwrap();
+        assert_eq!(sent, 2 * (HEADER_LEN + TAG_LEN) + RUN_LEN + 2 * PAGE_SIZE);
         assert!(batch.is_empty());
+        batch.next_slot().fill(9);
+        batch.push(RUN_SPAN - 0x1000);
+        assert!(!batch.takes(RUN_SPAN));
+        w.send_pages(&mut batch).unwrap();
         w.send(FrameKind::Commit, &[]).unwrap();
         let mut r = FrameReader::new(dconn, dkey);
-        let f = r.recv().unwrap();
-        assert_eq!(f.kind, FrameKind::Pages);
-        let bounds = MemoryBounds::new([(0, 1 << 20)]);
-        let (gpas, data) = parse_pages(f.kind, f.payload, &bounds).unwrap();
-        assert_eq!(gpas, vec![0x1000, 0x3000]);
-        assert_eq!(data.len(), 2 * PAGE_SIZE);
-        assert!(data.iter().all(|&b| b == 7));
+        let bounds = MemoryBounds::new([(0, 4 << 20)]);
+        for (want_gpa, want_pages, fills) in
+            [(0x1000, 2, &[7u8, 8][..]), (RUN_SPAN - 0x1000, 1, &[9])]
+        {
+            let f = r.recv().unwrap();
+            assert_eq!(f.kind, FrameKind::Pages);
+            let (gpa, pages) = parse_run(f.payload, &bounds).unwrap();
+            assert_eq!((gpa, pages), (want_gpa, want_pages));
+            let mut data = vec![0u8; pages as usize * PAGE_SIZE];
+            r.recv_pages_into(&mut data).unwrap();
+            for (page, fill) in data.chunks(PAGE_SIZE).zip(fills) {
+                assert!(page.iter().all(|b| b == fill));
+            }
+        }
         assert_eq!(r.recv().unwrap().kind, FrameKind::Commit);
     }
 
@@ -863,24 +1015,85 @@ mod tests {
     #[test]
     fn pages_outside_guest_memory_are_refused() {
         let bounds = MemoryBounds::new([(0, 16 * PAGE_SIZE as u64)]);
-        let page = [0u8; PAGE_SIZE];
-        for gpa in [16 * PAGE_SIZE as u64, !0xfffu64, 0x1001] {
-            let payload = pages_payload(&[gpa], &page);
+        for (gpa, pages) in [
+            (16 * PAGE_SIZE as u64, 1),
+            (!0xfffu64, 1),
+            (0x1001, 1),
+            (0xf000, 2),
+        ] {
             assert!(matches!(
-                parse_pages(FrameKind::Pages, &payload, &bounds),
+                parse_run(&run_payload(gpa, pages), &bounds),
                 Err(WireError::OutOfBounds { .. })
             ));
+            assert!(
+                matches!(
+                    parse_zero_pages(&zero_pages_payload(&[gpa]), &bounds),
+                    Err(WireError::OutOfBounds { .. })
+                ) || pages > 1
+            );
         }
-        let payload = pages_payload(&[0, 0x1000], &page);
+        assert_eq!(
+            parse_run(&run_payload(0xf000, 1), &bounds).unwrap(),
+            (0xf000, 1)
+        );
+        // No pages, more than a span, across a span, a wrong length.
+        let big = MemoryBounds::new([(0, 8 * RUN_SPAN)]);
+        for payload in [
+            run_payload(0, 0),
+            run_payload(0, 513),
+            run_payload(RUN_SPAN - 0x1000, 2),
+        ] {
+            assert!(matches!(
+                parse_run(&payload, &big),
+                Err(WireError::Malformed { .. })
+            ));
+        }
+        assert!(parse_run(&[0u8; 12], &big).is_err());
+        let mut lying = zero_pages_payload(&[]);
+        lying[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(parse_zero_pages(&lying, &bounds).is_err());
+        let zero = zero_pages_payload(&[0x2000]);
+        assert_eq!(parse_zero_pages(&zero, &bounds).unwrap(), vec![0x2000]);
+    }
+
+    #[test]
+    fn page_data_must_follow_its_run_and_fail_cleanly() {
+        let key = SessionKey::for_tests(4);
+        let mut w = FrameWriter::new(Vec::new(), key.clone());
+        let mut batch = PageBatch::new(2);
+        batch.next_slot().fill(0x5a);
+        batch.push(0);
+        w.send_pages(&mut batch).unwrap();
+        let good = std::mem::take(w.get_mut());
+        // A flipped bit of the data: the tag fails, and what was decrypted is zeroed.
+        let mut bad = good.clone();
+        let at = HEADER_LEN + RUN_LEN + TAG_LEN + HEADER_LEN + 100;
+        bad[at] ^= 1;
+        let mut r = FrameReader::new(&bad[..], key.clone());
+        r.recv().unwrap();
+        let mut dst = vec![0xffu8; PAGE_SIZE];
         assert!(matches!(
-            parse_pages(FrameKind::Pages, &payload, &bounds),
+            r.recv_pages_into(&mut dst),
+            Err(WireError::BadTag { seq: 1 })
+        ));
+        assert!(dst.iter().all(|&b| b == 0));
+        // Another length than the run's: refused before reading into it.
+        let mut r = FrameReader::new(&good[..], key.clone());
+        r.recv().unwrap();
+        let mut dst = vec![0xffu8; 2 * PAGE_SIZE];
+        assert!(matches!(
+            r.recv_pages_into(&mut dst),
             Err(WireError::Malformed { .. })
         ));
-        let mut lying = pages_payload(&[], &[]);
-        lying[..4].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(parse_pages(FrameKind::Pages, &lying, &bounds).is_err());
-        let zero = pages_payload(&[0x2000], &[]);
-        let (gpas, data) = parse_pages(FrameKind::ZeroPages, &zero, &bounds).unwrap();
-        assert_eq!((gpas, data.len()), (vec![0x2000], 0));
+        assert!(dst.iter().all(|&b| b == 0xff));
+        // Another frame than PageData.
+        w.send(FrameKind::Info, &[b"x"]).unwrap();
+        let other = std::mem::take(w.get_mut());
+        let mut r = FrameReader::new(&other[..], key);
+        let mut dst = vec![0u8; 1];
+        assert!(matches!(
+            r.recv_pages_into(&mut dst),
+            Err(WireError::Malformed { .. })
+        ));
     }
 }

@@ -430,11 +430,14 @@ impl Scoped {
     /// Narrows to the driver's host when its `scope` is one host (the local driver sees
     /// this host only); a driver that sees the fleet gets it whole.
     pub fn new(mut desired: Desired, mut observed: Observed, scope: &Scope) -> Self {
+        berth_reconciler::scheduler::place(&mut desired, &observed);
         let mut elsewhere = Vec::new();
         let mut moving_away = BTreeSet::new();
         if let Some(host) = scope.host() {
             desired.guests.retain(|g| {
-                let here = g.spec.host == host;
+                // A guest the scheduler could place nowhere is planned (blocked, with
+                // the reason) on every host.
+                let here = g.spec.host == host || g.spec.host.is_empty();
                 if !here {
                     elsewhere.push((g.metadata.name.clone(), g.spec.host.clone()));
                 }

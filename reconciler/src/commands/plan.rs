@@ -20,7 +20,7 @@ use anyhow::{bail, Context};
 use berth_reconciler::driver::{Driver, DriverKind, FleetCapabilities, LibvirtDriver, SimDriver};
 use berth_reconciler::model::{Desired, Observed};
 use berth_reconciler::output::{self, Output};
-use berth_reconciler::{git, plan, render};
+use berth_reconciler::{git, plan, render, scheduler};
 use berth_schema::Validated;
 
 use crate::cli::write_stdout;
@@ -171,9 +171,13 @@ fn ci_inputs(args: &Args, base: &str, head: &str) -> anyhow::Result<Inputs> {
             short(&base_rev)
         )
     })?;
-    let head = Desired::from_manifests(&head_set.manifests);
-    let base = Desired::from_manifests(&base_set.manifests);
+    let mut head = Desired::from_manifests(&head_set.manifests);
+    let mut base = Desired::from_manifests(&base_set.manifests);
+    // Selector-placed guests: the base as the scheduler places it, the head keeping
+    // the base's placements where they still fit.
+    scheduler::place(&mut base, &Observed::default());
     let observed = Observed::baseline(&base, &head);
+    scheduler::place(&mut head, &observed);
     let capabilities = FleetCapabilities::from_manifests(&head);
     Ok((head, observed, capabilities))
 }

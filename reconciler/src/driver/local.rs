@@ -24,14 +24,17 @@
 //! VMM is recorded in `<state>/migrations/` first ([`outgoing`]), so that a switchover
 //! left unknown by a process that died can be resolved by its successor.
 
+mod lock;
 mod outgoing;
+
+use lock::{try_lock, vmm_lock_held};
+pub use lock::{LockError, StateLock};
 
 pub use outgoing::{OutgoingGuard, OutgoingRecord, Resolved, UnknownSwitchover};
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom};
-use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -41,7 +44,7 @@ use std::time::{Duration, Instant};
 
 use berth_hypervisor::control::{Client, ClientError, GuestRunState, Op, Retune, Status};
 use berth_hypervisor::host::cgroup::{CgroupReadback, Cgroups, Knob};
-use berth_hypervisor::host::hugepages::{self, HugePagePool, RESERVATION_LOCK_NAME};
+use berth_hypervisor::host::hugepages::{self, HugePagePool};
 use berth_hypervisor::host::{affinity, sysinfo};
 use berth_hypervisor::migration::{
     MigrateArgs, MigrateResolveArgs, MigrationPhase, MigrationStatus,
@@ -290,7 +293,11 @@ impl LocalDriver {
         let observe = |name: &String| match self.probe(name) {
             Probe::Answered(mut client, status) => {
                 let mut observed = self.observed_guest(name, &status, &online);
-                observed.migrating_to = self.outgoing_migration(&mut client);
+                // A second request only while a migration is under way (or the VMM
+                // is too old to say).
+                if status.migration.is_none_or(MigrationPhase::is_active) {
+                    observed.migrating_to = self.outgoing_migration(&mut client);
+                }
                 Some(LocalGuest {
                     observed,
                     pid: Some(status.pid),
@@ -1378,44 +1385,7 @@ fn resize_pool(host: &str, size: PageSize, pages: u64) -> Result<(), DriverError
 /// Holds the lock that serialises hugepage pool changes (the one
 /// `berth_hypervisor::host::hugepages::PoolReservation` takes).
 fn lock_hugepage_pools() -> Result<File, DriverError> {
-    let path = std::env::temp_dir().join(RESERVATION_LOCK_NAME);
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| failed(format!("opening {}", path.display()), e))?;
-    flock(&file, libc::LOCK_EX).map_err(|e| failed(format!("locking {}", path.display()), e))?;
-    Ok(file)
-}
-
-fn flock(file: &File, operation: libc::c_int) -> std::io::Result<()> {
-    loop {
-        // SAFETY: flock on a descriptor `file` owns for the whole call; no memory is
-        // passed.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), operation) };
-        if rc == 0 {
-            return Ok(());
-        }
-        let error = std::io::Error::last_os_error();
-        if error.kind() != std::io::ErrorKind::Interrupted {
-            return Err(error);
-        }
-    }
-}
-
-/// The lock at `path`, taken without waiting; `None` when someone holds it (or it
-/// cannot be opened).
-fn try_lock(path: &Path) -> Option<File> {
-    let file = OpenOptions::new().read(true).write(true).open(path).ok()?;
-    flock(&file, libc::LOCK_EX | libc::LOCK_NB).ok()?;
-    Some(file)
-}
-
-/// Whether a VMM holds the lock of the guest directory `dir`.
-fn vmm_lock_held(dir: &Path) -> bool {
-    let path = dir.join("vmm.lock");
-    path.exists() && try_lock(&path).is_none()
+    hugepages::lock_pools().map_err(|e| failed("locking the hugepage pools", e))
 }
 
 /// SIGKILL to a process this driver started (by its pid, never by name).
@@ -1478,82 +1448,6 @@ fn failed(
     source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
 ) -> DriverError {
     DriverError::failed(context, source)
-}
-
-/// Why the state directory's apply lock could not be taken.
-#[derive(Debug, thiserror::Error)]
-pub enum LockError {
-    /// Another process holds it.
-    #[error("another berth apply or serve{} holds {}; wait for it to finish, or pass --wait", .pid.map(|p| format!(" (pid {p})")).unwrap_or_default(), .path.display())]
-    Held {
-        /// The lock file.
-        path: PathBuf,
-        /// The holder, as it wrote itself into the file.
-        pid: Option<u32>,
-    },
-    /// The lock file could not be opened or locked.
-    #[error("cannot lock {}: {source}", .path.display())]
-    Io {
-        /// The lock file.
-        path: PathBuf,
-        /// The error.
-        source: std::io::Error,
-    },
-}
-
-/// The exclusive lock on `<state>/apply.lock`, held while an apply (or `berth serve`'s
-/// reconcile) changes the guests of a state directory; released on drop.
-#[derive(Debug)]
-pub struct StateLock {
-    _file: File,
-}
-
-impl StateLock {
-    /// The lock file of `state_dir`.
-    pub fn path(state_dir: &Path) -> PathBuf {
-        state_dir.join("apply.lock")
-    }
-
-    /// Takes the lock: at once or fails with the holder's pid ([`LockError::Held`]), or
-    /// waits for it with `wait`. The holder writes its pid into the file.
-    ///
-    /// # Errors
-    /// [`LockError`].
-    pub fn acquire(state_dir: &Path, wait: bool) -> Result<StateLock, LockError> {
-        let path = Self::path(state_dir);
-        let io = |source| LockError::Io {
-            path: path.clone(),
-            source,
-        };
-        std::fs::create_dir_all(state_dir).map_err(io)?;
-        let mut file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(io)?;
-        let operation = if wait {
-            libc::LOCK_EX
-        } else {
-            libc::LOCK_EX | libc::LOCK_NB
-        };
-        if let Err(e) = flock(&file, operation) {
-            if e.kind() == std::io::ErrorKind::WouldBlock {
-                let mut text = String::new();
-                let _ = file.read_to_string(&mut text);
-                return Err(LockError::Held {
-                    path: path.clone(),
-                    pid: text.trim().parse().ok(),
-                });
-            }
-            return Err(io(e));
-        }
-        file.set_len(0).map_err(io)?;
-        std::io::Write::write_all(&mut file, format!("{}\n", std::process::id()).as_bytes())
-            .map_err(io)?;
-        Ok(StateLock { _file: file })
-    }
 }
 
 #[cfg(test)]

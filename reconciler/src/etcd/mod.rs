@@ -11,6 +11,7 @@
 //! | `<prefix>observed/<host>/<guest>` | the guest as that host observes it ([`crate::ObservedGuest`]) | the host |
 //! | `<prefix>owners/<guest>` | [`OwnerRecord`]: the host that may run the guest, and where it is moving | the owning host |
 //! | `<prefix>leader/<lease id, hex>` | the candidate host's name (etcd's election API) | the candidate |
+//! | `<prefix>placements/<guest>` | [`PlacementRecord`]: the host the leader chose for a selector-placed guest, or why none fits | nothing (outlives leaders) |
 //!
 //! What each guarantees:
 //! - **Liveness** ([`HostSession`]): a host holds one lease, renewed every
@@ -26,9 +27,11 @@
 //!   [`FencingToken`]: the host writes it into the guest's state and checks it
 //!   ([`HostSession::verify`]) before it acts on the guest; any change by anyone else
 //!   makes the token stale. A migration hands the record over in two swaps, `A` ->
-//!   `A, moving to B` -> `B`; the second swap, made by the destination, is the
-//!   switchover's commit point, so an unknown switchover is resolved from the record
-//!   ([`resolve_switchover`]) and never from what a peer says.
+//!   `A, moving to B` -> `B`, the second made by the destination once its VMM read
+//!   `Commit`; a migration that ends before `Commit` puts `A` back (by A, or by B with
+//!   [`HostSession::refuse_handover`]). So an unknown switchover is resolved from the
+//!   record ([`resolve_switchover`]) and never from what a peer says; while it still
+//!   says `A, moving to B` the destination has not decided and the source waits.
 //! - **Leadership** ([`Leadership`]): etcd's election API over the candidates' leases.
 //!   When the leader's lease expires its key goes with it and the next candidate is
 //!   elected, one TTL after the leader's last renewal (etcd checks for expired leases
@@ -54,7 +57,9 @@
 
 mod args;
 mod election;
+mod fence;
 mod ownership;
+pub mod placements;
 mod session;
 mod view;
 
@@ -63,9 +68,14 @@ use std::time::Duration;
 
 pub use args::{EtcdArgs, LeaseArgs, NoEtcd};
 pub use election::{current_leader, Leadership};
+pub use fence::keep_fences;
 pub use ownership::{
     read_owner, resolve_switchover, Acquire, Fenced, FencingToken, OwnerRecord, Ownership,
     Switchover,
+};
+pub use placements::{
+    decide, follow_placements, lead, lead_round, placements_of, read_placements, LeaderSettings,
+    PlacementRecord, Round, SharedPlacements,
 };
 pub use session::{HostRecord, HostSession, LeaseHealth, LeaseState};
 pub use view::{read_fleet, read_host, FleetView, HostEvent, HostWatch, PublishedHost};
@@ -351,6 +361,16 @@ impl Keys {
     /// `<prefix>owners/<guest>`.
     pub fn owner(&self, guest: &str) -> String {
         format!("{}owners/{guest}", self.prefix)
+    }
+
+    /// `<prefix>placements/`: every placement record.
+    pub fn placements(&self) -> String {
+        format!("{}placements/", self.prefix)
+    }
+
+    /// `<prefix>placements/<guest>`.
+    pub fn placement(&self, guest: &str) -> String {
+        format!("{}placements/{guest}", self.prefix)
     }
 
     /// `<prefix>leader`: the election's name (candidates' keys are `<name>/<lease>`).

@@ -218,8 +218,9 @@ impl HostSession {
     }
 
     /// Last step of a migration's handover, by the destination: `A, moving to B` -> `B`,
-    /// bound to the destination's lease. This swap is the switchover's commit point:
-    /// the destination resumes the guest only after it succeeded.
+    /// bound to the destination's lease, made once the destination's VMM read `Commit`
+    /// (its durable committed marker is the switchover's commit point; the record
+    /// follows it, also after a restart of the destination's service).
     pub async fn complete_handover(
         &self,
         guest: &str,

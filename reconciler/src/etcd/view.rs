@@ -36,6 +36,8 @@ pub struct FleetView {
     pub owners: BTreeMap<String, Ownership>,
     /// The elected leader.
     pub leader: Option<String>,
+    /// Placement records of selector-placed guests, by guest.
+    pub placements: BTreeMap<String, super::PlacementRecord>,
 }
 
 /// The record host `host` publishes, while its lease lives.
@@ -75,6 +77,7 @@ pub async fn read_fleet(store: &EtcdStore) -> Result<FleetView, EtcdError> {
     let observed_prefix = keys.observed_all();
     let owners_prefix = keys.owners();
     let election_prefix = format!("{}/", keys.election());
+    let placements_prefix = keys.placements();
     let mut view = FleetView {
         revision: revision(answer.header()),
         ..FleetView::default()
@@ -98,6 +101,9 @@ pub async fn read_fleet(store: &EtcdStore) -> Result<FleetView, EtcdError> {
         } else if let Some(guest) = key.strip_prefix(&owners_prefix) {
             view.owners
                 .insert(guest.to_owned(), Ownership::from_kv(guest, kv)?);
+        } else if let Some(guest) = key.strip_prefix(&placements_prefix) {
+            view.placements
+                .insert(guest.to_owned(), decode(kv.key(), kv.value())?);
         } else if key.starts_with(&election_prefix) {
             candidates.push(kv);
         }

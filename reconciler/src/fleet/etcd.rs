@@ -276,7 +276,7 @@ impl EtcdCoordination {
     }
 
     /// Publishes what changed and takes the records of running guests again where
-    /// they are gone, every [`TICK`] or when woken, until `stop` turns true.
+    /// they are gone, every second or when woken, until `stop` turns true.
     pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let mut generation = None;
         let mut unsure: BTreeSet<String> = BTreeSet::new();
@@ -300,10 +300,12 @@ impl EtcdCoordination {
                             .filter(|g| g.host == self.me() && g.migrating_to.is_none())
                             .map(|g| g.name.clone())
                             .collect();
-                        unsure.clear();
+                        let was_unsure = std::mem::take(&mut unsure);
                         for guest in running {
+                            // Checked once: under a new lease, without a token, or
+                            // after a failed check; never again while nothing changes.
                             let kept = self.tokens.get(&guest);
-                            if !renewed && !dirty && kept.is_some() {
+                            if !renewed && kept.is_some() && !was_unsure.contains(&guest) {
                                 continue;
                             }
                             if let Err(why) = self.take_over(&guest, None).await {
@@ -694,4 +696,42 @@ pub fn kept_tokens(state_dir: &Path) -> BTreeMap<String, TokenFile> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::etcd::OwnerRecord;
+
+    #[test]
+    fn tokens_are_kept_next_to_the_guests_and_read_back() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let tokens = Tokens {
+            dir: tmp.path().join("owners"),
+        };
+        assert_eq!(tokens.get("web-1"), None);
+        let owned = |token, moving_to: Option<&str>| Ownership {
+            guest: "web-1".into(),
+            record: OwnerRecord {
+                host: "kvm01".into(),
+                moving_to: moving_to.map(str::to_owned),
+            },
+            token: FencingToken(token),
+            lease: 7,
+        };
+        tokens.set(&owned(12, None));
+        tokens.set(&owned(13, Some("kvm02")));
+        assert_eq!(
+            tokens.get("web-1"),
+            Some(TokenFile {
+                token: FencingToken(13),
+                lease: 7,
+                moving_to: Some("kvm02".into()),
+            })
+        );
+        assert_eq!(kept_tokens(tmp.path()).len(), 1);
+        tokens.remove("web-1");
+        assert_eq!(tokens.get("web-1"), None);
+        assert!(kept_tokens(tmp.path()).is_empty());
+    }
 }

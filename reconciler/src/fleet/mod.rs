@@ -14,10 +14,22 @@
 //! - and it tells the fleet where each enforced revision places the guests
 //!   ([`Coordination::record_placements`]).
 //!
-//! Today's implementation is [`http::HttpPeers`]: the hosts' `berth serve` APIs over HTTP
-//! (transport: [`crate::serve::client`]), with the last placements kept in the state
-//! directory ([`placement::Placements`]). An etcd implementation answers the same
-//! questions from leases and ownership records.
+//! Two implementations:
+//! - [`etcd::EtcdCoordination`] (`berth serve --etcd`): a fleet's. Leases, ownership
+//!   records with fencing tokens, the host records other hosts plan with; besides the
+//!   five questions it checks the fencing token before every action
+//!   ([`Coordination::may_act`]) and follows a migration's handover
+//!   ([`Coordination::arrived`], [`Coordination::incoming_failed`],
+//!   [`Coordination::migration_failed`]); it says in status when etcd is away
+//!   ([`Coordination::health`]).
+//! - [`http::HttpPeers`] (no etcd): the hosts' `berth serve` APIs over mutual TLS
+//!   (transport: [`crate::serve::client`]), with the last placements kept in the state
+//!   directory ([`placement::Placements`]); for one host, or a few on a trusted link (a
+//!   partition can start a guest twice). It also carries the etcd implementation's
+//!   destination preparation.
+//!
+//! Neither polls the fleet: another host is asked only about a start, or about the
+//! destination of a pending move.
 //!
 //! The rest of this module is the cross-host migration machinery built on it:
 //! - [`remote`]: the source side, `berth serve --driver local`'s driver (the local

@@ -127,6 +127,11 @@ impl<'a> HostState<'a> {
         ])
     }
 
+    /// Memory free for guests on normal pages.
+    pub fn free_normal(&self) -> u64 {
+        self.capacity().0[NORMAL].saturating_sub(self.used.0[NORMAL])
+    }
+
     /// Count a VMM that exists before the plan starts.
     pub fn hold(&mut self, f: Footprint) {
         self.used.add(f);

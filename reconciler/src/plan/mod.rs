@@ -24,7 +24,7 @@
 //! together and started on their destinations in the next wave; failing that, the
 //! stuck actions are blocked, each with the numbers that block it.
 
-mod capacity;
+pub(crate) mod capacity;
 mod schedule;
 
 use std::collections::{HashMap, HashSet};
@@ -37,6 +37,7 @@ use crate::classify::{self, ChangeClass, Destination, Policy};
 use crate::diff::{diff_guest, Field, FieldDiff, HostChange};
 use crate::driver::FleetCapabilities;
 use crate::model::{is_suspended, Desired, Observed, ObservedGuest};
+use crate::scheduler::Placement;
 
 pub use capacity::Footprint;
 
@@ -130,6 +131,9 @@ pub struct GuestPlan {
     /// Why the guest is blocked, or how the planner chose a harder way.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// For a guest placed by `hostSelector`: `placed by selector {rack: a} on kvm02`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<String>,
     /// The guest as observed; `null` when it does not run.
     pub observed: Option<ObservedGuest>,
     /// The guest as the manifest asks for it; `null` when no manifest names it.
@@ -400,7 +404,8 @@ fn intents(
     for guest in &desired_guests {
         let name = guest.metadata.name.as_str();
         let obs = by_name.get(name).copied().filter(|o| o.has_vmm());
-        if let Some(plan) = guest_intent(guest, obs, capabilities, sched, plans.len()) {
+        let placement = desired.placements.get(name);
+        if let Some(plan) = guest_intent(guest, obs, placement, capabilities, sched, plans.len()) {
             plans.push(plan);
         }
     }
@@ -426,6 +431,7 @@ fn intents(
                 via: None,
                 changes: Vec::new(),
                 reason: Some(unresponsive_reason(&o.host, why)),
+                placement: None,
                 observed: Some(o.clone()),
                 desired: None,
             });
@@ -446,6 +452,7 @@ fn intents(
             to: None,
             via: None,
             changes: Vec::new(),
+            placement: None,
             reason: Some(
                 if prune {
                     "no manifest names it; pruned"
@@ -469,11 +476,17 @@ fn unresponsive_reason(host: &str, why: &str) -> String {
 fn guest_intent(
     guest: &Guest,
     obs: Option<&ObservedGuest>,
+    placement: Option<&Placement>,
     capabilities: &FleetCapabilities,
     sched: &mut schedule::Scheduler<'_>,
     index: usize,
 ) -> Option<GuestPlan> {
     let wanted = ObservedGuest::as_written(guest);
+    let selector = guest
+        .spec
+        .host_selector
+        .as_ref()
+        .map(crate::scheduler::show_labels);
     let mut plan = GuestPlan {
         name: wanted.name.clone(),
         operation: Operation::Retune,
@@ -482,9 +495,34 @@ fn guest_intent(
         via: None,
         changes: Vec::new(),
         reason: None,
+        placement: selector
+            .as_ref()
+            .map(|s| format!("placed by selector {s} on {}", wanted.host)),
         observed: obs.cloned(),
         desired: None,
     };
+    if let Some(selector) = &selector {
+        // Placed by selector but nowhere: blocked, whatever else differs; a guest that
+        // runs keeps running where it is.
+        let unplaced = match placement {
+            Some(Placement::Unplaced(why)) => Some(why.clone()),
+            None => Some("not placed yet (the fleet's leader places it)".to_owned()),
+            Some(Placement::Placed(_)) => None,
+        };
+        if let Some(why) = unplaced {
+            if obs.is_none() && wanted.state == GuestState::Stopped {
+                return None;
+            }
+            plan.placement = Some(format!("placed by selector {selector}: nowhere"));
+            block(&mut plan, why);
+            let mut wanted = wanted;
+            if let Some(obs) = obs {
+                wanted.host = obs.host.clone();
+            }
+            plan.desired = Some(wanted);
+            return Some(plan);
+        }
+    }
 
     let Some(obs) = obs else {
         if wanted.state == GuestState::Stopped {

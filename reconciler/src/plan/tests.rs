@@ -50,6 +50,9 @@ fn guest(name: &str, host: &str, memory: Bytes) -> Guest {
         },
         spec: GuestSpec {
             host: host.into(),
+            host_selector: None,
+            anti_affinity: Default::default(),
+            availability: Default::default(),
             state: GuestState::Running,
             boot: Boot::default(),
             cpu: CpuSpec {
@@ -95,6 +98,7 @@ impl Case {
             guests,
             hosts,
             fleet: FleetSpec::default(),
+            placements: Default::default(),
         };
         Case {
             head: base.clone(),

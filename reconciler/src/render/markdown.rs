@@ -49,6 +49,9 @@ pub fn markdown(plan: &Plan) -> String {
         out.push_str("| | guest | what | changes |\n|---|---|---|---|\n");
         for g in &plan.guests {
             let mut what = headline(g);
+            if let Some(placement) = &g.placement {
+                let _ = write!(what, " ({placement})");
+            }
             if let Some(reason) = &g.reason {
                 let _ = write!(what, ": {reason}");
             }

@@ -90,6 +90,9 @@ pub fn text(plan: &Plan, color: bool) -> String {
             g.name,
             headline(g)
         );
+        if let Some(placement) = &g.placement {
+            let _ = writeln!(out, "      {placement}");
+        }
         if let Some(reason) = &g.reason {
             let text = if g.operation == Operation::Blocked {
                 style.paint("31", &format!("blocked: {reason}"))

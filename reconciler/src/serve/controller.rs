@@ -42,6 +42,7 @@ use crate::fleet::switchover::Switchovers;
 use crate::fleet::Coordination;
 use crate::model::{Desired, Observed};
 use crate::plan::{plan, Action, GuestPlan, Operation, Plan, Step, StopReason};
+use crate::scheduler::{self, Placement};
 
 /// The backoff key of the observe step; `/` never appears in a guest name.
 const OBSERVE_KEY: &str = "observe/";
@@ -60,6 +61,12 @@ pub struct ControllerConfig {
 /// Called with each new valid revision before it is enforced (the simulated fleet adds
 /// the hosts it names; the local driver learns the peers' addresses).
 pub type RevisionHook = Box<dyn Fn(&CommitId, &Desired) + Send + Sync>;
+
+/// Where the selector-placed guests of a revision go (guest -> placement): the
+/// placements the fleet's leader recorded in etcd. Without one, the scheduler runs on
+/// the revision alone (every host up, no previous placement), which gives every host
+/// the same answer.
+pub type Placer = Arc<dyn Fn(&Desired) -> BTreeMap<String, Placement> + Send + Sync>;
 
 /// How an action ended.
 #[derive(Debug)]
@@ -86,6 +93,7 @@ enum Wake {
     Source(Option<SourceEvent>),
     Completed(Completion),
     Tick,
+    RetryNow,
 }
 
 /// The reconcile loop. See the module documentation.
@@ -95,6 +103,7 @@ pub struct Controller {
     status: StatusStore,
     metrics: Arc<Metrics>,
     on_revision: Option<RevisionHook>,
+    placer: Option<Placer>,
     /// Asked before every start whether another host may still run the guest.
     coordination: Option<Arc<dyn Coordination>>,
     incoming_notes: Option<Arc<IncomingNotes>>,
@@ -104,6 +113,7 @@ pub struct Controller {
     /// Wakes the loop for a pass when something it cannot see changed (a peer became
     /// observed).
     pokes: Arc<tokio::sync::Notify>,
+    retries: Arc<tokio::sync::Notify>,
     enforcing: Option<(CommitId, Arc<Desired>)>,
     /// The revision the host last converged to.
     converged_on: Option<CommitId>,
@@ -138,10 +148,12 @@ impl Controller {
             status,
             metrics,
             on_revision: None,
+            placer: None,
             coordination: None,
             incoming_notes: None,
             switchovers: None,
             pokes: Arc::new(tokio::sync::Notify::new()),
+            retries: Arc::new(tokio::sync::Notify::new()),
             enforcing: None,
             converged_on: None,
             in_flight: HashMap::new(),
@@ -156,6 +168,26 @@ impl Controller {
     pub fn on_revision(mut self, hook: RevisionHook) -> Self {
         self.on_revision = Some(hook);
         self
+    }
+
+    /// Takes the placements of selector-placed guests from `placer`.
+    pub fn with_placer(mut self, placer: Placer) -> Self {
+        self.placer = Some(placer);
+        self
+    }
+
+    /// The revision with its selector-placed guests placed.
+    fn placed(&self, desired: Arc<Desired>) -> Arc<Desired> {
+        if !desired.guests.iter().any(|g| g.spec.placed_by_selector()) {
+            return desired;
+        }
+        let placements = match &self.placer {
+            Some(placer) => placer(&desired),
+            None => scheduler::schedule(&desired, &[], &|_| true, &BTreeMap::new()),
+        };
+        let mut placed = (*desired).clone();
+        scheduler::assign(&mut placed, placements);
+        Arc::new(placed)
     }
 
     /// Asks `coordination` before every start whether another host may still run the
@@ -182,6 +214,12 @@ impl Controller {
         Arc::clone(&self.pokes)
     }
 
+    /// Notified when what held actions back is gone (the fleet's etcd answers again):
+    /// every backoff is forgotten and a pass runs at once.
+    pub fn retries(&self) -> Arc<tokio::sync::Notify> {
+        Arc::clone(&self.retries)
+    }
+
     /// Runs until `shutdown` turns true, then waits for the actions in flight.
     pub async fn run(
         mut self,
@@ -192,6 +230,7 @@ impl Controller {
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut source_open = true;
         let pokes = Arc::clone(&self.pokes);
+        let retries = Arc::clone(&self.retries);
         loop {
             let retry_at = self.backoffs.next_deadline(Instant::now());
             let wake = tokio::select! {
@@ -201,6 +240,7 @@ impl Controller {
                 event = events.recv(), if source_open => Wake::Source(event),
                 _ = resync.tick() => Wake::Tick,
                 () = pokes.notified() => Wake::Tick,
+                () = retries.notified() => Wake::RetryNow,
                 () = sleep_until(retry_at), if retry_at.is_some() => Wake::Tick,
             };
             match wake {
@@ -216,6 +256,7 @@ impl Controller {
                     continue;
                 }
                 Wake::Tick => {}
+                Wake::RetryNow => self.backoffs = Backoffs::new(self.config.backoff),
             }
             self.pass().await;
         }
@@ -414,6 +455,7 @@ impl Controller {
             self.status.update(|s| s.guests = guests);
             return;
         };
+        let desired = self.placed(desired);
         let plan = plan(
             &desired,
             &observed,
@@ -588,7 +630,12 @@ impl Controller {
                 out.insert(g.name.clone(), status);
             }
         }
-        for g in desired.guests.iter().filter(|g| g.spec.host == me) {
+        // A selector-placed guest that fits nowhere is shown (blocked) on every host.
+        for g in desired
+            .guests
+            .iter()
+            .filter(|g| g.spec.host == me || g.spec.host.is_empty())
+        {
             let name = &g.metadata.name;
             if !out.contains_key(name)
                 && !observed

@@ -544,6 +544,9 @@ async fn serve(
         Fleet::Libvirt(libvirt) => Some(Arc::clone(libvirt)),
         Fleet::Local(_) | Fleet::Sim(_) => None,
     };
+    // With etcd: the leader's placements (followed by every host, the leader among
+    // them) and the revision the leader schedules.
+    let (leader_revision, leader_rx) = watch::channel(None::<Arc<crate::model::Desired>>);
     let mut controller = Controller::new(
         ControllerConfig {
             host: args.host.clone(),
@@ -563,8 +566,18 @@ async fn serve(
         if let Some(libvirt) = &libvirt {
             libvirt.set_desired(commit.as_str(), desired);
         }
+        leader_revision.send_replace(Some(Arc::new(desired.clone())));
     }))
     .with_start_guard(Arc::clone(&coordination));
+    if let Some(etcd) = &etcd {
+        controller = fleet_scheduling(
+            controller,
+            etcd.session(),
+            leader_rx,
+            local.as_ref().map(|_| &fleet),
+            shutdown_rx.clone(),
+        );
+    }
     if let (Some((driver, _)), Fleet::Local(local_driver)) = (&local, &fleet) {
         controller = controller
             .with_incoming_notes(notes)
@@ -590,6 +603,7 @@ async fn serve(
     tokio::spawn(show_coordination(
         Arc::clone(&coordination),
         status_store,
+        controller.retries(),
         shutdown_rx.clone(),
     ));
     let controller = tokio::spawn(controller.run(event_rx, shutdown_rx));
@@ -653,10 +667,95 @@ async fn join_etcd(
     ))
 }
 
-/// Shows in `/status` whether this host can coordinate with its fleet, until `stop`.
+/// Scheduling and HA on etcd: this host follows the placement records (its controller
+/// places selector guests from them and runs a pass when they change), campaigns to
+/// lead and, while it leads, keeps the placements of the revision it enforces; with the
+/// local driver it renews the self-fence deadline of its HA guests' VMMs while its lease
+/// is held.
+fn fleet_scheduling(
+    controller: Controller,
+    session: &Arc<crate::etcd::HostSession>,
+    revisions: watch::Receiver<Option<Arc<crate::model::Desired>>>,
+    local: Option<&Fleet>,
+    stop: watch::Receiver<bool>,
+) -> Controller {
+    let store = session.store().clone();
+    let shared = crate::etcd::SharedPlacements::default();
+    let pokes = controller.pokes();
+    tokio::spawn(crate::etcd::follow_placements(
+        store.clone(),
+        Arc::clone(&shared),
+        move || pokes.notify_one(),
+        stop.clone(),
+    ));
+    let leader = Arc::clone(session);
+    let leader_revisions = revisions.clone();
+    tokio::spawn(async move {
+        loop {
+            let led = crate::etcd::lead(
+                &leader,
+                leader_revisions.clone(),
+                crate::etcd::LeaderSettings::default(),
+                |leadership, round| {
+                    for (guest, from, to) in &round.moved {
+                        info!(
+                            leader = leadership.host(),
+                            guest,
+                            from = from.as_deref().unwrap_or("-"),
+                            to,
+                            "placed by selector"
+                        );
+                    }
+                },
+            )
+            .await;
+            match led {
+                Ok(()) => return,
+                Err(e) => warn!(error = %e, "leading the fleet failed; campaigning again"),
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+    if let Some(Fleet::Local(driver)) = local {
+        let driver = Arc::clone(driver);
+        let me = session.host().to_owned();
+        let fenced = Arc::clone(&shared);
+        let every = store.lease_timeouts().renew_every;
+        tokio::spawn(crate::etcd::keep_fences(
+            Arc::clone(session),
+            move || {
+                let Some(desired) = revisions.borrow().clone() else {
+                    return Vec::new();
+                };
+                let placed = fenced.lock().expect("placements");
+                desired
+                    .guests
+                    .iter()
+                    .filter(|g| g.spec.restarts_on_host_failure())
+                    .filter(|g| {
+                        placed
+                            .get(&g.metadata.name)
+                            .is_some_and(|r| r.host.as_deref() == Some(me.as_str()))
+                    })
+                    .map(|g| driver.control_socket(&g.metadata.name))
+                    .collect()
+            },
+            every,
+            stop,
+        ));
+    }
+    let placer: crate::serve::controller::Placer = Arc::new(move |desired| {
+        crate::etcd::placements_of(desired, &shared.lock().expect("placements"))
+    });
+    controller.with_placer(placer)
+}
+
+/// Shows in `/status` whether this host can coordinate with its fleet, until `stop`;
+/// when it can again, `retry` makes the loop try what it held back at once.
 async fn show_coordination(
     coordination: Arc<dyn Coordination>,
     status: StatusStore,
+    retry: Arc<tokio::sync::Notify>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut shown = None;
@@ -665,7 +764,10 @@ async fn show_coordination(
         if now != shown {
             match &now {
                 Some(lost) => warn!(reason = lost.reason, "{}", lost.message),
-                None if shown.is_some() => info!("fleet coordination is back"),
+                None if shown.is_some() => {
+                    info!("fleet coordination is back: retrying what was held back");
+                    retry.notify_one();
+                }
                 None => {}
             }
             status.update(|s| {

@@ -9,10 +9,30 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 
+/// What one plain copy took.
+pub struct Copied {
+    /// From the start signal to the last byte in.
+    pub elapsed: Duration,
+    /// CPU time of the sending and receiving threads (user and system), without the
+    /// buffer's setup and check.
+    pub cpu: Duration,
+}
+
+/// CPU time of the calling thread so far.
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write; the clock id is a constant.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
 /// Copies `data` over `connections` loopback connections (each its contiguous share)
 /// into a pre-faulted buffer of the same size; returns the time from the start signal
-/// to the last byte in, after checking every byte arrived.
-pub fn copy(data: &[u8], connections: usize) -> anyhow::Result<Duration> {
+/// to the last byte in and the threads' CPU time, after checking every byte arrived.
+pub fn copy(data: &[u8], connections: usize) -> anyhow::Result<Copied> {
     let connections = connections.max(1);
     let mut target = vec![0u8; data.len()];
     // Fault every page in for writing (the berth destination does MADV_POPULATE_WRITE).
@@ -30,45 +50,61 @@ pub fn copy(data: &[u8], connections: usize) -> anyhow::Result<Duration> {
         pairs.push((out, inc));
     }
     let start = Barrier::new(2 * connections + 1);
-    let elapsed = std::thread::scope(|scope| -> anyhow::Result<Duration> {
+    let copied = std::thread::scope(|scope| -> anyhow::Result<Copied> {
+        let mut senders = Vec::new();
         let mut receivers = Vec::new();
         for ((mut out, mut inc), (src, dst)) in pairs
             .into_iter()
             .zip(data.chunks(share).zip(target.chunks_mut(share)))
         {
             let start = &start;
-            scope.spawn(move || -> std::io::Result<()> {
+            senders.push(scope.spawn(move || -> std::io::Result<Duration> {
                 start.wait();
+                let cpu = thread_cpu();
                 for chunk in src.chunks(1 << 20) {
                     out.write_all(chunk)?;
                 }
-                Ok(())
-            });
-            receivers.push(scope.spawn(move || -> std::io::Result<Instant> {
-                start.wait();
-                let mut at = 0;
-                while at < dst.len() {
-                    let end = (at + (1 << 20)).min(dst.len());
-                    match inc.read(&mut dst[at..end])? {
-                        0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-                        n => at += n,
-                    }
-                }
-                Ok(Instant::now())
+                Ok(thread_cpu() - cpu)
             }));
+            receivers.push(
+                scope.spawn(move || -> std::io::Result<(Instant, Duration)> {
+                    start.wait();
+                    let cpu = thread_cpu();
+                    let mut at = 0;
+                    while at < dst.len() {
+                        let end = (at + (1 << 20)).min(dst.len());
+                        match inc.read(&mut dst[at..end])? {
+                            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                            n => at += n,
+                        }
+                    }
+                    Ok((Instant::now(), thread_cpu() - cpu))
+                }),
+            );
         }
         start.wait();
         let t = Instant::now();
         let mut last = t;
+        let mut cpu = Duration::ZERO;
         for r in receivers {
-            let done = r
+            let (done, used) = r
                 .join()
                 .map_err(|_| anyhow::anyhow!("a receiver panicked"))?
                 .context("plain copy")?;
             last = last.max(done);
+            cpu += used;
         }
-        Ok(last - t)
+        for s in senders {
+            cpu += s
+                .join()
+                .map_err(|_| anyhow::anyhow!("a sender panicked"))?
+                .context("plain copy")?;
+        }
+        Ok(Copied {
+            elapsed: last - t,
+            cpu,
+        })
     })?;
     anyhow::ensure!(target == data, "the plain copy lost bytes");
-    Ok(elapsed)
+    Ok(copied)
 }

@@ -1,0 +1,642 @@
+//! The fleet on etcd end to end: three "hosts" as network namespaces on one bridge (in
+//! a hub namespace that also runs a real etcd), each running the real
+//! `berth serve --driver local --etcd` with short leases (TTL 3 s, self-fence after
+//! 1.5 s). Guests are small heartbeat guests placed by `hostSelector`.
+//!
+//! Covered: the leader places selector guests on hosts with room, and a guest that fits
+//! nowhere is blocked with the reason in every host's status; the `berth serve` of the
+//! host running an HA guest is killed (SIGKILL) and its link cut: its VMM fences the
+//! guest (no one renews its deadline), and only after that, once the lease expired,
+//! the guest runs on another host, while a sampler that reads every VMM of every host
+//! every 50 ms for the whole test never finds it running on two hosts; the non-HA
+//! guest of the dead host is not restarted elsewhere.
+//!
+//! Every process is killed by pid, and every namespace, state directory and cgroup is
+//! removed when the test ends, even when it fails.
+
+use std::fs;
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use berth_hypervisor::host::cgroup::Cgroups;
+use berth_tests::etcd::Etcd;
+use berth_tests::{wait_until, GitRepo};
+use serde_json::Value;
+
+const HOSTS: usize = 3;
+
+fn run(program: &str, args: &[&str]) {
+    let status = Command::new(program)
+        .args(args)
+        .status()
+        .unwrap_or_else(|e| panic!("run {program}: {e}"));
+    assert!(status.success(), "{program} {args:?} failed");
+}
+
+/// A hub namespace with a bridge and a host namespace per host, each with a veth on the
+/// bridge; deleted on drop.
+struct Net {
+    hub: String,
+    hosts: Vec<String>,
+    hub_ip: String,
+    ips: Vec<String>,
+    /// Each host's end of its veth (in the host's namespace).
+    devs: Vec<String>,
+}
+
+impl Net {
+    fn new() -> Net {
+        let pid = std::process::id();
+        let hub = format!("bha-{pid}-hub");
+        let net = format!("10.253.{}", pid % 250);
+        let mut n = Net {
+            hub: hub.clone(),
+            hosts: Vec::new(),
+            hub_ip: format!("{net}.1"),
+            ips: Vec::new(),
+            devs: Vec::new(),
+        };
+        run("ip", &["netns", "add", &hub]);
+        run("ip", &["-n", &hub, "link", "set", "lo", "up"]);
+        run("ip", &["-n", &hub, "link", "add", "br0", "type", "bridge"]);
+        run("ip", &["-n", &hub, "link", "set", "br0", "up"]);
+        run(
+            "ip",
+            &[
+                "-n",
+                &hub,
+                "addr",
+                "add",
+                &format!("{}/24", n.hub_ip),
+                "dev",
+                "br0",
+            ],
+        );
+        for i in 0..HOSTS {
+            let ns = format!("bha-{pid}-{i}");
+            let (outer, inner) = (
+                format!("bhh{}x{i}", pid % 100_000),
+                format!("bhg{}x{i}", pid % 100_000),
+            );
+            run("ip", &["netns", "add", &ns]);
+            n.hosts.push(ns.clone());
+            run(
+                "ip",
+                &[
+                    "link", "add", &outer, "netns", &hub, "type", "veth", "peer", "name", &inner,
+                    "netns", &ns,
+                ],
+            );
+            run("ip", &["-n", &hub, "link", "set", &outer, "master", "br0"]);
+            run("ip", &["-n", &hub, "link", "set", &outer, "up"]);
+            let ip = format!("{net}.{}", 11 + i);
+            run(
+                "ip",
+                &["-n", &ns, "addr", "add", &format!("{ip}/24"), "dev", &inner],
+            );
+            run("ip", &["-n", &ns, "link", "set", &inner, "up"]);
+            run("ip", &["-n", &ns, "link", "set", "lo", "up"]);
+            n.ips.push(ip);
+            n.devs.push(inner);
+        }
+        n
+    }
+
+    /// Cuts host `i`'s link: it reaches neither etcd nor the other hosts.
+    fn cut(&self, i: usize) {
+        run(
+            "ip",
+            &["-n", &self.hosts[i], "link", "set", &self.devs[i], "down"],
+        );
+    }
+}
+
+impl Net {
+    /// Cuts host `i` off from etcd only: packets to the hub's address are dropped (a
+    /// blackhole route); the other hosts stay reachable.
+    fn partition_from_etcd(&self, i: usize) {
+        run(
+            "ip",
+            &[
+                "-n",
+                &self.hosts[i],
+                "route",
+                "add",
+                "blackhole",
+                &format!("{}/32", self.hub_ip),
+            ],
+        );
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for ns in self.hosts.iter().chain([&self.hub]) {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// One host: a namespace, a state directory, and its `berth serve` when running.
+struct Host {
+    name: String,
+    ns: String,
+    addr: String,
+    state: PathBuf,
+    log: PathBuf,
+    serve: Option<Child>,
+    tls: PathBuf,
+}
+
+impl Host {
+    fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn start(&mut self, repo: &Path, etcd: &str) {
+        let stderr = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/var/run/netns/{}", self.ns))
+            .arg(berth_tests::bin("berth"))
+            .args(["serve", "--driver", "local", "--host", &self.name])
+            .arg("--repo")
+            .arg(repo)
+            .arg("--state-dir")
+            .arg(&self.state)
+            .args(berth_tests::tls_args(&self.tls, &self.name))
+            .args(["--listen", &self.addr, "--poll-interval", "1s"])
+            .args([
+                "--etcd",
+                etcd,
+                "--lease-ttl",
+                "3",
+                "--self-fence-ms",
+                "1500",
+            ])
+            .args(["--etcd-timeout-ms", "500"])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("start berth serve");
+        self.serve = Some(child);
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut child) = self.serve.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn status(&self) -> Option<Value> {
+        let ns_path = format!("/var/run/netns/{}", self.ns);
+        let addr = self.addr.clone();
+        let client = berth_tests::TlsClient::host(&self.tls, "kvm01");
+        let name = self.name.clone();
+        let (code, body) = std::thread::spawn(move || {
+            let file = fs::File::open(&ns_path)?;
+            // SAFETY: setns on a valid namespace fd; it changes only this thread, which
+            // ends after the request.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let sock = addr.parse().map_err(std::io::Error::other)?;
+            let stream = TcpStream::connect_timeout(&sock, Duration::from_secs(2))?;
+            client.exchange(stream, &name, "GET", "/status", &[], "")
+        })
+        .join()
+        .expect("the request thread does not panic")
+        .ok()?;
+        (code == 200).then(|| serde_json::from_str(&body).expect("status JSON"))
+    }
+
+    fn guest_dir(&self, name: &str) -> PathBuf {
+        self.state.join("guests").join(name)
+    }
+}
+
+/// Every live berth-vmm process: (pid, command line); one pass over /proc.
+fn vmms() -> Vec<(i32, String)> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir("/proc").expect("/proc").filter_map(Result::ok) {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(raw) = fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        if !raw.windows(9).any(|w| w == b"berth-vmm") {
+            continue;
+        }
+        let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
+        let state = fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        let zombie = state
+            .rsplit(')')
+            .next()
+            .is_some_and(|r| r.trim_start().starts_with('Z'));
+        if !zombie {
+            out.push((pid, cmdline));
+        }
+    }
+    out
+}
+
+/// Pids of berth-vmm processes whose command line contains `needle`.
+fn vmm_pids(needle: &str) -> Vec<i32> {
+    vmms()
+        .into_iter()
+        .filter(|(_, c)| c.contains(needle))
+        .map(|(p, _)| p)
+        .collect()
+}
+
+/// Whether a VMM of guest `name` runs under host `host`'s state directory and says
+/// its guest runs (a fenced VMM stops its guest, then exits).
+fn runs_on(host: &Host, name: &str) -> bool {
+    runs_among(&vmms(), host, name)
+}
+
+/// [`runs_on`] with the VMMs already listed.
+fn runs_among(vmms: &[(i32, String)], host: &Host, name: &str) -> bool {
+    let dir = host.guest_dir(name).display().to_string() + "/";
+    if !vmms.iter().any(|(_, c)| c.contains(&dir)) {
+        return false;
+    }
+    berth_hypervisor::control::Client::connect(host.guest_dir(name).join("control.sock"))
+        .and_then(|mut c| c.status())
+        .map(|s| s.state == berth_hypervisor::control::GuestRunState::Running)
+        // A VMM that cannot answer may still run its vCPUs: count it as running.
+        .unwrap_or(true)
+}
+
+struct Fleet {
+    net: Net,
+    etcd: Option<Etcd>,
+    dir: tempfile::TempDir,
+    repo: GitRepo,
+    hosts: Vec<Host>,
+    guests: Vec<String>,
+}
+
+impl Fleet {
+    fn new() -> Fleet {
+        berth_tests::require_root_and_kvm();
+        let net = Net::new();
+        let etcd = Etcd::start_in_netns(&net.hub, &net.hub_ip);
+        let dir = tempfile::tempdir().expect("temp dir");
+        let secrets = dir.path().join("secrets");
+        fs::create_dir_all(&secrets).expect("mkdir");
+        let names: Vec<String> = (1..=HOSTS).map(|i| format!("kvm0{i}")).collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let ips: Vec<&str> = net.ips.iter().map(String::as_str).collect();
+        berth_tests::berth_certs(&secrets, &refs, &ips);
+        let hosts = (0..HOSTS)
+            .map(|i| Host {
+                name: names[i].clone(),
+                ns: net.hosts[i].clone(),
+                addr: format!("{}:7410", net.ips[i]),
+                state: dir.path().join(format!("state-{i}")),
+                log: dir.path().join(format!("serve-{i}.log")),
+                serve: None,
+                tls: secrets.clone(),
+            })
+            .collect();
+        Fleet {
+            repo: GitRepo::new(dir.path().join("repo")),
+            net,
+            etcd: Some(etcd),
+            dir,
+            hosts,
+            guests: Vec::new(),
+        }
+    }
+
+    fn hosts_yaml(&self) -> String {
+        self.hosts
+            .iter()
+            .map(|h| {
+                format!(
+                    "apiVersion: berth.dev/v1\nkind: Host\nmetadata: {{name: {}, labels: {{rack: a}}}}\n\
+                     spec: {{address: '{}', cpus: 0-1, memory: 1GiB}}\n---\n",
+                    h.name, h.addr
+                )
+            })
+            .collect()
+    }
+
+    fn commit(&self, guests: &str, message: &str) {
+        let text = format!("{}{guests}", self.hosts_yaml());
+        self.repo.commit(&[("fleet.yaml", &text)], message);
+    }
+
+    fn running_hosts(&self, name: &str) -> Vec<usize> {
+        (0..HOSTS)
+            .filter(|&i| runs_on(&self.hosts[i], name))
+            .collect()
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for host in &self.hosts {
+                eprintln!(
+                    "--- {} log ---\n{}",
+                    host.name,
+                    fs::read_to_string(&host.log).unwrap_or_default()
+                );
+            }
+        }
+        for host in &mut self.hosts {
+            host.kill9();
+        }
+        let root = self.dir.path().display().to_string() + "/";
+        let pids = vmm_pids(&root);
+        for &pid in &pids {
+            // SAFETY: kill by pid of a berth-vmm this test started (its state dir is
+            // this test's temporary directory).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pids
+            .iter()
+            .any(|p| Path::new(&format!("/proc/{p}")).exists())
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if let Ok(cgroups) = Cgroups::detect() {
+            for name in &self.guests {
+                let _ = cgroups.remove_stale(name);
+            }
+        }
+        self.etcd.take();
+        let _ = &self.net;
+    }
+}
+
+fn guest_yaml(name: &str, memory: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: berth.dev/v1\nkind: Guest\nmetadata: {{name: {name}}}\nspec:\n  \
+         hostSelector: {{rack: a}}\n  cpu: {{vcpus: 1}}\n  memory: {{size: {memory}}}\n  \
+         boot: {{kernel: builtin:heartbeat, heartbeat: {{tickHz: 100, ticksPerLine: 10}}}}\n{extra}---\n"
+    )
+}
+
+/// A guest named to one host (`host:`), without the HA policy.
+fn pinned_yaml(name: &str, host: &str) -> String {
+    format!(
+        "apiVersion: berth.dev/v1\nkind: Guest\nmetadata: {{name: {name}}}\nspec:\n  \
+         host: {host}\n  cpu: {{vcpus: 1}}\n  memory: {{size: 32MiB}}\n  \
+         boot: {{kernel: builtin:heartbeat, heartbeat: {{tickHz: 100, ticksPerLine: 10}}}}\n---\n"
+    )
+}
+
+/// The pid of the VMM running `name` under `host`, when one runs.
+fn vmm_of(host: &Host, name: &str) -> Option<i32> {
+    let dir = host.guest_dir(name).display().to_string() + "/";
+    vmm_pids(&dir).first().copied()
+}
+
+#[test]
+fn selector_placement_leader_death_ha_restart_and_partition_never_run_a_guest_twice() {
+    let mut fleet = Fleet::new();
+    let pid = std::process::id();
+    let (ha, plain, huge) = (
+        format!("ha-{pid}"),
+        format!("plain-{pid}"),
+        format!("huge-{pid}"),
+    );
+    let pinned: Vec<String> = (1..=HOSTS).map(|i| format!("pinned{i}-{pid}")).collect();
+    fleet
+        .guests
+        .extend([ha.clone(), plain.clone(), huge.clone()]);
+    fleet.guests.extend(pinned.iter().cloned());
+    let pinned_yaml: String = pinned
+        .iter()
+        .enumerate()
+        .map(|(i, g)| pinned_yaml(g, &fleet.hosts[i].name))
+        .collect();
+    fleet.commit(&pinned_yaml, "one guest named to each host");
+    let began = Instant::now();
+    let endpoint = fleet.etcd.as_ref().expect("etcd").endpoint();
+    let repo = fleet.repo.dir.clone();
+    // kvm01 starts first and leads; then the others join.
+    fleet.hosts[0].start(&repo, &endpoint);
+    wait_until("kvm01 to lead", Duration::from_secs(30), || {
+        fleet.hosts[0].log_text().contains("leading the fleet")
+    });
+    for host in &mut fleet.hosts[1..] {
+        host.start(&repo, &endpoint);
+    }
+    wait_until(
+        "the guests named to hosts to run",
+        Duration::from_secs(60),
+        || (0..HOSTS).all(|i| runs_on(&fleet.hosts[i], &pinned[i])),
+    );
+    let pinned_pids: Vec<i32> = (0..HOSTS)
+        .map(|i| vmm_of(&fleet.hosts[i], &pinned[i]).expect("pinned VMM"))
+        .collect();
+
+    // Sample every VMM of every host every 50 ms, for the rest of the test.
+    let stop = Arc::new(AtomicBool::new(false));
+    let twice = Arc::new(Mutex::new(Vec::<(Duration, String, Vec<usize>)>::new()));
+    let samples = Arc::new(Mutex::new(0u64));
+    let sampler = {
+        let hosts: Vec<Host> = fleet
+            .hosts
+            .iter()
+            .map(|h| Host {
+                name: h.name.clone(),
+                ns: String::new(),
+                addr: String::new(),
+                state: h.state.clone(),
+                log: PathBuf::new(),
+                serve: None,
+                tls: PathBuf::new(),
+            })
+            .collect();
+        let watched: Vec<String> = [ha.clone(), plain.clone()]
+            .into_iter()
+            .chain(pinned.iter().cloned())
+            .collect();
+        let (stop, twice, samples) = (stop.clone(), twice.clone(), samples.clone());
+        std::thread::spawn(move || {
+            let mut next = Instant::now();
+            while !stop.load(Ordering::SeqCst) {
+                let listed = vmms();
+                for guest in &watched {
+                    let on: Vec<usize> = (0..HOSTS)
+                        .filter(|&i| runs_among(&listed, &hosts[i], guest))
+                        .collect();
+                    if on.len() > 1 {
+                        twice
+                            .lock()
+                            .expect("samples")
+                            .push((began.elapsed(), guest.clone(), on));
+                    }
+                }
+                *samples.lock().expect("samples") += 1;
+                // Every 50 ms on the clock (a late sample is not made up for).
+                next += Duration::from_millis(50);
+                let now = Instant::now();
+                if next > now {
+                    std::thread::sleep(next - now);
+                } else {
+                    next = now;
+                }
+            }
+        })
+    };
+
+    // The selector guests: equal hosts, so by name and free memory: ha on kvm01, plain
+    // on kvm02; huge fits nowhere.
+    let guests = format!(
+        "{pinned_yaml}{}{}{}",
+        guest_yaml(&ha, "32MiB", "  availability: {onHostFailure: restart}\n"),
+        guest_yaml(&plain, "32MiB", ""),
+        guest_yaml(&huge, "4GiB", "")
+    );
+    fleet.commit(&guests, "selector guests");
+    wait_until(
+        "the selector guests to run",
+        Duration::from_secs(60),
+        || fleet.running_hosts(&ha) == vec![0] && fleet.running_hosts(&plain) == vec![1],
+    );
+    eprintln!("selector guests running after {:?}", began.elapsed());
+    // The huge guest fits nowhere: blocked, with the reason, on every host's status.
+    wait_until(
+        "the huge guest blocked in status",
+        Duration::from_secs(20),
+        || {
+            fleet.hosts.iter().all(|h| {
+                h.status().is_some_and(|s| {
+                    s["guests"].as_array().is_some_and(|gs| {
+                        gs.iter().any(|g| {
+                            g["name"] == huge.as_str()
+                                && g["phase"] == "Blocked"
+                                && g.to_string().contains("no host fits")
+                        })
+                    })
+                })
+            })
+        },
+    );
+    assert!(fleet.running_hosts(&huge).is_empty());
+    // The service renews the HA guest's fence deadline every 375 ms: let it arm it.
+    std::thread::sleep(Duration::from_secs(1));
+
+    // kill -9 the service of kvm01 (the leader, running the HA guest) and cut its link.
+    let died = Instant::now();
+    fleet.hosts[0].kill9();
+    fleet.net.cut(0);
+    wait_until(
+        "kvm01's VMM to fence the HA guest",
+        Duration::from_secs(5),
+        || !runs_on(&fleet.hosts[0], &ha),
+    );
+    let fenced = died.elapsed();
+    wait_until("another host to lead", Duration::from_secs(10), || {
+        fleet.hosts[1..]
+            .iter()
+            .any(|h| h.log_text().contains("leading the fleet"))
+    });
+    let led = died.elapsed();
+    wait_until(
+        "the HA guest to run on another host",
+        Duration::from_secs(30),
+        || fleet.running_hosts(&ha).iter().any(|&i| i != 0),
+    );
+    let restarted = died.elapsed();
+    let moved_to = fleet.running_hosts(&ha);
+    assert_eq!(
+        moved_to,
+        vec![2],
+        "the HA guest goes to kvm03, which has the most room"
+    );
+    // Fenced by its VMM within the self-fence timeout (1.5 s) and a renewal period of
+    // its last renewal; a new leader within one lease TTL (3 s) plus etcd's expiry
+    // check; restarted only once the lease expired.
+    assert!(
+        fenced <= Duration::from_millis(2500),
+        "fenced after {fenced:?}"
+    );
+    assert!(led <= Duration::from_millis(4000), "led after {led:?}");
+    assert!(
+        restarted >= Duration::from_millis(2000),
+        "restarted after {restarted:?}"
+    );
+    eprintln!(
+        "kvm01 died: HA guest fenced after {fenced:?}, new leader after {led:?}, \
+         HA guest running on kvm03 after {restarted:?}"
+    );
+    // The guests without the HA policy of the dead host keep running there (its VMMs
+    // outlive the service) and are not started elsewhere.
+    assert_eq!(vmm_of(&fleet.hosts[0], &pinned[0]), Some(pinned_pids[0]));
+    assert_eq!(fleet.running_hosts(&plain), vec![1]);
+
+    // kvm03 now runs the HA guest: cut it off from etcd only.
+    let cut = Instant::now();
+    fleet.net.partition_from_etcd(2);
+    wait_until(
+        "kvm03 to fence the HA guest",
+        Duration::from_secs(5),
+        || !runs_on(&fleet.hosts[2], &ha),
+    );
+    let fenced = cut.elapsed();
+    wait_until(
+        "the HA guest to run on kvm02",
+        Duration::from_secs(30),
+        || fleet.running_hosts(&ha) == vec![1],
+    );
+    let restarted = cut.elapsed();
+    assert!(
+        fenced <= Duration::from_millis(2500),
+        "fenced after {fenced:?}"
+    );
+    assert!(
+        restarted > fenced,
+        "restarted after {restarted:?}, fenced after {fenced:?}"
+    );
+    eprintln!("kvm03 cut from etcd: HA guest fenced after {fenced:?}, running on kvm02 after {restarted:?}");
+    // kvm03's guest without the policy keeps running, untouched; its status says why
+    // it starts and moves nothing.
+    assert_eq!(vmm_of(&fleet.hosts[2], &pinned[2]), Some(pinned_pids[2]));
+    assert!(runs_on(&fleet.hosts[2], &pinned[2]));
+    wait_until(
+        "kvm03's status to say it lost etcd",
+        Duration::from_secs(10),
+        || {
+            fleet.hosts[2]
+                .status()
+                .is_some_and(|s| !s["coordinationLost"].is_null())
+        },
+    );
+
+    stop.store(true, Ordering::SeqCst);
+    sampler.join().expect("sampler");
+    let samples = *samples.lock().expect("samples");
+    // One sample every 50 ms, a few late ones allowed on a loaded machine.
+    let expected = began.elapsed().as_millis() as u64 / 50;
+    assert!(
+        samples * 10 >= expected * 8,
+        "only {samples} samples of {expected}"
+    );
+    let twice = twice.lock().expect("samples");
+    assert!(twice.is_empty(), "a guest ran on two hosts: {twice:?}");
+    eprintln!(
+        "{samples} samples in {:?}, never a guest on two hosts",
+        began.elapsed()
+    );
+}
