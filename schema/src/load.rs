@@ -358,7 +358,7 @@ fn utf8_error(bytes: &[u8], error: &std::str::Utf8Error) -> (Location, String) {
 /// A document that passed the structural checks, typed.
 pub(crate) enum Typed {
     Guest(Box<Guest>),
-    Host(Host),
+    Host(Box<Host>),
     Fleet(Fleet),
 }
 
@@ -527,7 +527,7 @@ fn check_and_type(file: &str, doc: &Node, out: &mut Vec<Diagnostic>) -> Option<T
     }
     let typed = match kind {
         "Guest" => serde_path_to_error::deserialize(value).map(|g| Typed::Guest(Box::new(g))),
-        "Host" => serde_path_to_error::deserialize(value).map(Typed::Host),
+        "Host" => serde_path_to_error::deserialize(value).map(|h| Typed::Host(Box::new(h))),
         _ => serde_path_to_error::deserialize(value).map(Typed::Fleet),
     };
     match typed {

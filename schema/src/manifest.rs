@@ -849,6 +849,15 @@ pub struct LibvirtSpec {
     /// `kvm`, or `qemu` (TCG emulation) where KVM is missing or unusable.
     #[serde(default)]
     pub domain_type: DomainType,
+    /// How the other hosts' libvirtd reach this host's libvirtd, for live migrations
+    /// to this host (`qemu+tcp://10.0.0.2/system`, `qemu+tls://kvm02/system`). Without
+    /// it, guests cannot be live-migrated to this host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_uri: Option<String>,
+    /// Where QEMU on this host receives a migration stream (`tcp://10.0.0.2`, a port
+    /// is optional); default: `tcp://` and the host part of `remoteUri`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration_uri: Option<String>,
 }
 
 impl LibvirtSpec {
@@ -858,6 +867,37 @@ impl LibvirtSpec {
     fn default_uri() -> String {
         Self::DEFAULT_URI.to_owned()
     }
+
+    /// Where the other hosts migrate guests to this host: (the URI their libvirtd
+    /// opens, the URI QEMU streams to); `None` without `remoteUri`, or when its host
+    /// part is missing and no `migrationUri` is given.
+    pub fn migration_target(&self) -> Option<(String, String)> {
+        let remote = self.remote_uri.clone()?;
+        let stream = match &self.migration_uri {
+            Some(uri) => uri.clone(),
+            None => format!("tcp://{}", uri_host(&remote)?),
+        };
+        Some((remote, stream))
+    }
+
+    /// Whether the URI names no host (`qemu:///system`): libvirtd runs on the machine
+    /// berth runs on.
+    pub fn is_local(&self) -> bool {
+        uri_host(&self.uri).is_none()
+    }
+}
+
+/// The host part of a libvirt URI (`qemu+tcp://user@10.0.0.2:16509/system` ->
+/// `10.0.0.2`), if it has one.
+pub fn uri_host(uri: &str) -> Option<&str> {
+    let rest = uri.split_once("://")?.1;
+    let authority = rest.split(['/', '?']).next()?;
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = match host_port.strip_prefix('[') {
+        Some(v6) => v6.split_once(']')?.0,
+        None => host_port.split(':').next()?,
+    };
+    (!host.is_empty()).then_some(host)
 }
 
 impl Default for LibvirtSpec {
@@ -865,6 +905,8 @@ impl Default for LibvirtSpec {
         LibvirtSpec {
             uri: Self::default_uri(),
             domain_type: DomainType::default(),
+            remote_uri: None,
+            migration_uri: None,
         }
     }
 }

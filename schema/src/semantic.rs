@@ -37,7 +37,7 @@ pub(crate) fn assemble(
                 let object = *object;
                 insert(&mut set.guests, "Guest", object.metadata.name.clone(), Manifest { object, origin }, &mut out)
             }
-            Typed::Host(object) => insert(&mut set.hosts, "Host", object.metadata.name.clone(), Manifest { object, origin }, &mut out),
+            Typed::Host(object) => insert(&mut set.hosts, "Host", object.metadata.name.clone(), Manifest { object: *object, origin }, &mut out),
             Typed::Fleet(object) => match &set.fleet {
                 Some(first) => out.push(origin.error(
                     "kind",
@@ -251,8 +251,37 @@ fn check_host(host: &Manifest<Host>, out: &mut Vec<Diagnostic>) {
             "spec.libvirt",
             "applies only to driver libvirt, and this host runs driver berth-vmm (set driver: libvirt)",
         )),
-        (Some(libvirt), HostDriver::Libvirt) if libvirt.uri.trim().is_empty() => {
-            out.push(o.error("spec.libvirt.uri", "must not be empty (for example qemu:///system)"))
+        (Some(libvirt), HostDriver::Libvirt) => {
+            if libvirt.uri.trim().is_empty() {
+                out.push(o.error("spec.libvirt.uri", "must not be empty (for example qemu:///system)"))
+            }
+            if let Some(remote) = &libvirt.remote_uri {
+                if libvirt.migration_uri.is_none() && crate::manifest::uri_host(remote).is_none() {
+                    out.push(o.error(
+                        "spec.libvirt.remoteUri",
+                        format!("{remote:?} names no host (for example qemu+tcp://10.0.0.2/system); the other hosts' libvirtd must reach this one by it"),
+                    ))
+                }
+            }
+            if libvirt.migration_uri.is_some() && libvirt.remote_uri.is_none() {
+                out.push(o.error(
+                    "spec.libvirt.migrationUri",
+                    "needs remoteUri too: the other hosts' libvirtd open remoteUri to migrate a guest here",
+                ))
+            }
+            if !libvirt.is_local() {
+                let set = [
+                    (!spec.hugepages.is_empty(), "spec.hugepages"),
+                    (spec.ksm != crate::KsmSpec::default(), "spec.ksm"),
+                    (spec.transparent_hugepages != crate::ThpMode::default(), "spec.transparentHugepages"),
+                ];
+                for (_, field) in set.iter().filter(|(set, _)| *set) {
+                    out.push(o.error(
+                        *field,
+                        format!("berth sets host settings only on the machine it runs on, and this libvirt host is reached remotely ({}); set it on that machine and leave it out, or use a local URI such as qemu:///system", libvirt.uri),
+                    ))
+                }
+            }
         }
         _ => {}
     }

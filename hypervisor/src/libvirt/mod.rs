@@ -156,6 +156,9 @@ pub struct ObservedDomain {
     pub uuid: String,
     /// Run state.
     pub state: RunState,
+    /// A transient domain paused for an incoming migration: libvirt is receiving it
+    /// from another host; it is not this host's guest until the migration finishes.
+    pub incoming: bool,
     /// berth's `<metadata>`; `None` for a domain berth does not manage.
     pub owner: Option<Ownership>,
     /// vCPUs online.
@@ -342,7 +345,15 @@ impl Libvirt {
     /// One domain, read back from libvirt; `None` when there is none of that name.
     pub fn observe(&self, name: &str) -> Result<Option<ObservedDomain>, LibvirtError> {
         match self.lookup(name)? {
-            Some(dom) => self.observe_domain(&dom).map(Some),
+            // Undefined while it was read (a migration away ended): gone.
+            Some(dom) => match self.observe_domain(&dom) {
+                Err(LibvirtError::Call { source, .. })
+                    if source.code().is(virt::error::ErrorNumber::NoDomain) =>
+                {
+                    Ok(None)
+                }
+                other => other.map(Some),
+            },
             None => Ok(None),
         }
     }
@@ -355,12 +366,22 @@ impl Libvirt {
             let name = name.clone();
             move |source| call(&name, op, source)
         };
-        let (state, _) = dom.state().map_err(e("reading the state"))?;
+        let (state, reason) = dom.state().map_err(e("reading the state"))?;
         let state = match state {
             virt::enumutil::Enum::Known(s) => RunState::of(s),
             virt::enumutil::Enum::Unknown(_) => RunState::Transient,
         };
         let active = dom.is_active().map_err(e("reading whether it runs"))?;
+        // libvirt starts the destination's QEMU paused, reason "migration", and makes
+        // the domain persistent only when the migration finishes.
+        let incoming = matches!(
+            reason,
+            virt::enumutil::Enum::Known(virt::domain::DomainStateReason::Paused(
+                virt::enumutil::Enum::Known(virt::domain::DomainPausedReason::Migration)
+            ))
+        ) && !dom
+            .is_persistent()
+            .map_err(e("reading whether it is persistent"))?;
         let scope = if active {
             sys::VIR_DOMAIN_AFFECT_LIVE
         } else {
@@ -390,6 +411,7 @@ impl Libvirt {
             uuid: dom.uuid_string().map_err(e("reading the UUID"))?,
             owner: owner_of(dom),
             state,
+            incoming,
             vcpus,
             max_vcpus,
             vcpu_pins,

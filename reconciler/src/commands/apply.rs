@@ -106,6 +106,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let desired = Desired::from_manifests(&source.validated.manifests);
     let host = args.local.this_host(&desired)?;
     let libvirt = super::target::libvirt_host(&desired, &host);
+    let recorded_libvirt = libvirt.clone();
     // libvirtd checks its own host; the machine check is berth-vmm's.
     if args.driver == DriverKind::Local && libvirt.is_none() {
         super::target::ensure_machine_fits(&source.validated, &host)?;
@@ -115,7 +116,11 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         DriverKind::Local => {
             let lock = StateLock::acquire(&args.local.state_dir, args.wait)?;
             let driver: Box<dyn Driver> = match libvirt {
-                Some(spec) => Box::new(LibvirtDriver::new(&host, spec, &source.revision)?),
+                Some(spec) => {
+                    let driver = LibvirtDriver::new(&host, spec, &source.revision)?;
+                    driver.set_desired(&source.revision, &desired);
+                    Box::new(driver)
+                }
                 None => Box::new(args.local.driver(&host)?),
             };
             (driver, Some(lock))
@@ -147,7 +152,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             &out,
             &Report::of(&plan, Vec::new(), true, true),
         )?;
-        record(args, &source, &host)?;
+        record(args, &source, &host, recorded_libvirt.clone())?;
         return Ok(ExitCode::SUCCESS);
     }
     out.push_str(&render::text(&plan, colour));
@@ -235,7 +240,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     if !report.succeeded() {
         bail!("apply failed: {failed} action(s) failed, {skipped} not done (see the report above)");
     }
-    record(args, &source, &host)?;
+    record(args, &source, &host, recorded_libvirt)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -355,7 +360,12 @@ fn check_starts(
     Ok(())
 }
 
-fn record(args: &Args, source: &super::target::Source, host: &str) -> anyhow::Result<()> {
+fn record(
+    args: &Args,
+    source: &super::target::Source,
+    host: &str,
+    libvirt: Option<berth_schema::LibvirtSpec>,
+) -> anyhow::Result<()> {
     if args.driver != DriverKind::Local {
         return Ok(());
     }
@@ -365,6 +375,7 @@ fn record(args: &Args, source: &super::target::Source, host: &str) -> anyhow::Re
         location: source.location.clone(),
         host: host.to_owned(),
         applied_at: berth_reconciler::serve::status::rfc3339(SystemTime::now()),
+        libvirt,
     }
     .write(&args.local.state_dir)
 }

@@ -9,7 +9,10 @@ use berth_reconciler::output::{self, Output};
 use berth_schema::{Bytes, Pinning};
 use serde::Serialize;
 
-use super::target::LocalArgs;
+use berth_reconciler::driver::{Driver, LibvirtDriver};
+use berth_reconciler::model::ObservedGuest;
+
+use super::target::{LibvirtArgs, LocalArgs};
 use crate::cli::write_stdout;
 
 /// Arguments of `berth get`.
@@ -39,6 +42,9 @@ pub struct GuestsArgs {
     /// Local driver options.
     #[command(flatten)]
     pub local: LocalArgs,
+    /// On a libvirt host.
+    #[command(flatten)]
+    pub libvirt: LibvirtArgs,
     /// List the whole fleet's guests from etcd (with --etcd) instead of this machine's.
     #[arg(long)]
     pub fleet: bool,
@@ -54,7 +60,8 @@ struct Row {
     name: String,
     state: String,
     host: String,
-    /// The VMM's pid, when known.
+    /// The VMM's pid (berth-vmm hosts).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pid: Option<i32>,
     vcpus: u32,
     max_vcpus: u32,
@@ -66,7 +73,8 @@ struct Row {
     hard_limit: Option<Bytes>,
     /// Heartbeat lines the guest wrote, over all vCPUs.
     heartbeats: Option<u64>,
-    /// `None` when the VMM did not answer.
+    /// Since the VMM started (berth-vmm hosts).
+    #[serde(skip_serializing_if = "Option::is_none")]
     uptime_ms: Option<u64>,
     /// Why the VMM's state is unknown: it holds its lock but did not answer.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -117,6 +125,28 @@ impl Row {
             unresponsive: None,
         }
     }
+
+    /// A guest of a libvirt host, read back from libvirt.
+    fn of_domain(o: &ObservedGuest) -> Row {
+        Row {
+            name: o.name.clone(),
+            state: serde_json::to_value(o.state)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default(),
+            host: o.host.clone(),
+            pid: None,
+            vcpus: o.cpu.vcpus,
+            max_vcpus: o.cpu.max_vcpus,
+            pinning: o.cpu.pinning.clone(),
+            memory: o.memory.size,
+            hugepages: o.memory.hugepages.map(|size| size.to_string()),
+            hard_limit: o.memory.tune.as_ref().and_then(|t| t.hard_limit),
+            heartbeats: None,
+            uptime_ms: None,
+            unresponsive: None,
+        }
+    }
 }
 
 /// Runs `berth get`.
@@ -125,9 +155,22 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     if args.fleet {
         return super::fleet::get_guests(&args.etcd, args.output);
     }
-    let driver = args.local.observer(&args.local.recorded_host());
-    let guests = driver.guests()?;
-    let rows: Vec<Row> = guests.iter().map(Row::of).collect();
+    let host = args.local.recorded_host();
+    let rows: Vec<Row> = match args.libvirt.spec(&args.local) {
+        Some(spec) => LibvirtDriver::new(&host, spec, "")?
+            .observe()?
+            .guests
+            .iter()
+            .map(Row::of_domain)
+            .collect(),
+        None => args
+            .local
+            .observer(&host)
+            .guests()?
+            .iter()
+            .map(Row::of)
+            .collect(),
+    };
     let text = match args.output {
         Output::Json => output::json(&rows)?,
         Output::Yaml => output::yaml(&rows)?,

@@ -141,6 +141,8 @@ fn host_manifest(
             libvirt: Some(LibvirtSpec {
                 uri: args.uri.clone(),
                 domain_type,
+                remote_uri: None,
+                migration_uri: None,
             }),
         },
     }

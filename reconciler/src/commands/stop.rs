@@ -6,10 +6,10 @@ use std::process::ExitCode;
 
 use anyhow::bail;
 use berth_reconciler::driver::local::StateLock;
-use berth_reconciler::driver::Driver;
+use berth_reconciler::driver::{Driver, LibvirtDriver};
 use berth_reconciler::output::{self, Output};
 
-use super::target::LocalArgs;
+use super::target::{LibvirtArgs, LocalArgs};
 use crate::cli::write_stdout;
 
 /// Arguments of `berth stop`.
@@ -38,6 +38,9 @@ pub struct Args {
     /// Local driver options.
     #[command(flatten)]
     pub local: LocalArgs,
+    /// On a libvirt host.
+    #[command(flatten)]
+    pub libvirt: LibvirtArgs,
 }
 
 /// What `berth stop -o json|yaml` prints.
@@ -67,12 +70,31 @@ fn emit(format: Output, text: &str, doc: &Stopped) -> anyhow::Result<()> {
 /// Runs `berth stop`.
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let _lock = StateLock::acquire(&args.local.state_dir, args.wait)?;
-    let driver = args.local.observer(&args.local.recorded_host());
-    let running: Vec<String> = driver
-        .guests()?
-        .into_iter()
-        .map(|g| g.observed.name)
-        .collect();
+    let host = args.local.recorded_host();
+    let local = args.local.observer(&host);
+    let libvirt = match args.libvirt.spec(&args.local) {
+        Some(spec) => {
+            if args.force_unknown_switchover {
+                bail!("--force-unknown-switchover is for berth-vmm guests; libvirt resolves its own migrations");
+            }
+            Some(LibvirtDriver::new(&host, spec, "")?)
+        }
+        None => None,
+    };
+    let running: Vec<String> = match &libvirt {
+        Some(libvirt) => libvirt
+            .observe()?
+            .guests
+            .into_iter()
+            .filter(|g| g.state != berth_schema::GuestState::Stopped)
+            .map(|g| g.name)
+            .collect(),
+        None => local
+            .guests()?
+            .into_iter()
+            .map(|g| g.observed.name)
+            .collect(),
+    };
     let names = if args.all {
         running
     } else {
@@ -93,10 +115,10 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     }
     let text = args.output == Output::Text;
     for name in &names {
-        let stopped = if args.force_unknown_switchover {
-            driver.stop_forced(name)
-        } else {
-            driver.stop(name, driver.host())
+        let stopped = match &libvirt {
+            Some(libvirt) => libvirt.stop(name, &host),
+            None if args.force_unknown_switchover => local.stop_forced(name),
+            None => local.stop(name, local.host()),
         };
         match stopped {
             Ok(()) => {

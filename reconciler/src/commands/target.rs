@@ -84,6 +84,28 @@ impl LocalArgs {
     }
 }
 
+/// Which libvirt connection a command without manifests (`get guests`, `stop`) uses.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LibvirtArgs {
+    /// The host's libvirt connection, on a libvirt host [default: the one the last
+    /// `berth apply` in the state directory used, if its host was a libvirt host].
+    #[arg(long, value_name = "URI")]
+    pub libvirt_uri: Option<String>,
+}
+
+impl LibvirtArgs {
+    /// The libvirt connection to use, `None` on a berth-vmm host.
+    pub fn spec(&self, local: &LocalArgs) -> Option<LibvirtSpec> {
+        match &self.libvirt_uri {
+            Some(uri) => Some(LibvirtSpec {
+                uri: uri.clone(),
+                ..LibvirtSpec::default()
+            }),
+            None => Applied::read(&local.state_dir)?.libvirt,
+        }
+    }
+}
+
 /// The libvirt connection of host `host` when its Host manifest says `driver: libvirt`;
 /// `None` for berth-vmm (the local driver).
 pub fn libvirt_host(desired: &Desired, host: &str) -> Option<LibvirtSpec> {
@@ -202,6 +224,9 @@ pub struct Applied {
     pub host: String,
     /// When (RFC 3339, UTC).
     pub applied_at: String,
+    /// The host's libvirt connection, when it is a libvirt host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub libvirt: Option<LibvirtSpec>,
 }
 
 impl Applied {

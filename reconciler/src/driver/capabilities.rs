@@ -94,10 +94,9 @@ impl DriverKind {
             // live. libvirt refuses to migrate a domain to the same host, so a
             // restart-class change is a restart (when the policy allows) or blocked.
             // QEMU domains have no min_guarantee (libvirt sets it for ESX only).
-            // `Libvirt::migrate` moves a domain live between two libvirtd, but a Host
-            // manifest does not say yet how other hosts reach its libvirtd, so the
-            // driver refuses a placement change: declared as no cross-host move, so
-            // that the plan says blocked instead of promising a migration.
+            // A guest moves live to another libvirt host whose Host manifest says how
+            // its libvirtd is reached (`libvirt.remoteUri`): peer-to-peer, libvirtd to
+            // libvirtd ([`FleetCapabilities::why_not_live`] says when not).
             DriverKind::Libvirt => Capabilities {
                 driver: self,
                 live: [
@@ -114,7 +113,7 @@ impl DriverKind {
                 ]
                 .into(),
                 local_migration: false,
-                cross_host: CrossHost::No,
+                cross_host: CrossHost::Live,
                 restart: true,
             },
         }
@@ -177,6 +176,9 @@ impl Capabilities {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FleetCapabilities {
     hosts: BTreeMap<String, Capabilities>,
+    /// Each Host manifest's driver, and for libvirt hosts whether the manifest says
+    /// how other hosts reach its libvirtd (`libvirt.remoteUri`).
+    drivers: BTreeMap<String, (DriverKind, bool)>,
     /// For hosts not named (a guest placed on a host without a Host manifest).
     default: Capabilities,
 }
@@ -192,6 +194,7 @@ impl FleetCapabilities {
     pub fn uniform(capabilities: Capabilities) -> Self {
         FleetCapabilities {
             hosts: BTreeMap::new(),
+            drivers: BTreeMap::new(),
             default: capabilities,
         }
     }
@@ -208,8 +211,43 @@ impl FleetCapabilities {
                     (h.metadata.name.clone(), kind.capabilities())
                 })
                 .collect(),
+            drivers: desired
+                .hosts
+                .iter()
+                .map(|h| {
+                    let reachable = h
+                        .spec
+                        .libvirt
+                        .as_ref()
+                        .is_some_and(|l| l.migration_target().is_some());
+                    let kind = DriverKind::from(h.spec.driver);
+                    (h.metadata.name.clone(), (kind, reachable))
+                })
+                .collect(),
             default: DriverKind::Local.capabilities(),
         }
+    }
+
+    /// Why a guest cannot move live from `from` to `to` although `from`'s driver
+    /// migrates live: the hosts run different drivers, or `to` is a libvirt host whose
+    /// manifest does not say how to reach its libvirtd. `None` when it can.
+    pub fn why_not_live(&self, from: &str, to: &str) -> Option<String> {
+        let (Some(&(source, _)), Some(&(dest, reachable))) =
+            (self.drivers.get(from), self.drivers.get(to))
+        else {
+            return None;
+        };
+        if source != dest {
+            return Some(format!(
+                "{from} runs driver {source} and {to} driver {dest}: no live migration between drivers"
+            ));
+        }
+        (dest == DriverKind::Libvirt && !reachable).then(|| {
+            format!(
+                "the Host manifest of {to} does not say how other hosts reach its libvirtd \
+                 (spec.libvirt.remoteUri)"
+            )
+        })
     }
 
     /// The capabilities the Host manifests declare, with `host`'s replaced by what its
@@ -256,6 +294,9 @@ mod tests {
              spec: {address: '127.0.0.1:1', cpus: '0-1', memory: 1GiB, driver: berth-vmm}\n",
             "apiVersion: berth.dev/v1\nkind: Host\nmetadata: {name: kvm02}\n\
              spec: {address: '127.0.0.1:2', cpus: '0-1', memory: 1GiB, driver: libvirt}\n",
+            "apiVersion: berth.dev/v1\nkind: Host\nmetadata: {name: kvm03}\n\
+             spec: {address: '127.0.0.1:3', cpus: '0-1', memory: 1GiB, driver: libvirt,\n\
+             libvirt: {remoteUri: 'qemu+tcp://10.0.0.3/system'}}\n",
         ]);
         let caps = FleetCapabilities::from_manifests(&desired);
         assert_eq!(caps.of("kvm01"), &DriverKind::Local.capabilities());
@@ -263,8 +304,15 @@ mod tests {
         assert!(caps.of("kvm01").changes_live(Field::VcpuPinning));
         assert_eq!(caps.of("kvm02"), &DriverKind::Libvirt.capabilities());
         assert!(!caps.of("kvm02").local_migration);
-        // Until a Host says how other hosts reach its libvirtd, plan says blocked.
-        assert_eq!(caps.of("kvm02").cross_host, CrossHost::No);
+        assert_eq!(caps.of("kvm02").cross_host, CrossHost::Live);
+        // No live move between drivers, nor to a libvirt host others cannot reach.
+        assert!(caps
+            .why_not_live("kvm01", "kvm02")
+            .is_some_and(|r| r.contains("between drivers")));
+        assert!(caps
+            .why_not_live("kvm03", "kvm02")
+            .is_some_and(|r| r.contains("spec.libvirt.remoteUri")));
+        assert_eq!(caps.why_not_live("kvm02", "kvm03"), None);
         let mut limited = DriverKind::Local.capabilities();
         limited.local_migration = false;
         let caps = caps.with_host("kvm01", limited.clone());

@@ -5,24 +5,35 @@
 //! berth's: they are left out of the observed guests and never touched.
 //!
 //! libvirt cannot migrate a guest to the same host, so a restart-class change is not a
-//! local live migration here: this driver refuses it, naming the reason.
+//! local live migration here: this driver refuses it, naming the reason. A guest moves
+//! live to another libvirt host whose Host manifest has `libvirt.remoteUri`
+//! ([`LibvirtDriver::migrate_away`]): peer-to-peer, this host's libvirtd to the
+//! other's, after the pre-checks of [`Libvirt::migrate`]. A domain arriving from another
+//! host is not this host's guest until its migration has finished.
+//!
+//! Host settings (hugepage pools, KSM, transparent hugepages) are the kernel's of the
+//! machine libvirtd runs on: with a local URI (`qemu:///system`) that is this machine,
+//! and they are observed and set as the local driver does; a remote URI's host
+//! settings are not berth's (validation refuses them in the manifest).
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::{Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use berth_hypervisor::host::cgroup::Knob;
 use berth_hypervisor::libvirt::import::QEMU_DEFAULT_CPU_MODEL;
+use berth_hypervisor::libvirt::migrate::{Destination, Outcome, Progress};
 use berth_hypervisor::libvirt::{ConsoleLog, Libvirt, LibvirtError, ObservedDomain, RunState};
 use berth_schema::{
     Boot, BootFrom, CpuMode, CpuSet, Guest, GuestState, KsmSpec, LibvirtSpec, MemTune, NumaSpec,
     PageSize, Pinning, ThpMode,
 };
 
-use super::{Driver, DriverError, DriverKind, Scope};
+use super::{Driver, DriverError, DriverKind, LocalDriver, Scope};
 use crate::diff::{Field, HostSetting};
 use crate::model::{
-    CpuInfo, Observed, ObservedCpu, ObservedGuest, ObservedHost, ObservedMemory, ANNOTATION_MANAGED,
+    CpuInfo, Desired, Observed, ObservedCpu, ObservedGuest, ObservedHost, ObservedMemory,
+    ANNOTATION_MANAGED,
 };
 
 /// How long a guest has to power off when asked before it is destroyed.
@@ -32,8 +43,26 @@ pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct LibvirtDriver {
     host: String,
     spec: LibvirtSpec,
-    revision: String,
+    revision: RwLock<String>,
     conn: Mutex<Libvirt>,
+    /// The other libvirt hosts that say how to reach them, from the Host manifests.
+    peers: RwLock<BTreeMap<String, LibvirtSpec>>,
+    /// Guests migrating away from here, and where to.
+    outgoing: Mutex<BTreeMap<String, String>>,
+    /// With a local URI: this machine's host settings, as the local driver reads and
+    /// sets them.
+    machine: Option<LocalDriver>,
+}
+
+/// What a completed migration to another host measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MigrationReport {
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Wall time, start to end.
+    pub elapsed: Duration,
+    /// libvirt's last job-statistics sample (bytes sent so far, passes).
+    pub last: Option<Progress>,
 }
 
 impl std::fmt::Debug for LibvirtDriver {
@@ -70,11 +99,123 @@ impl LibvirtDriver {
     pub fn new(host: &str, spec: LibvirtSpec, revision: &str) -> Result<Self, DriverError> {
         let conn =
             Libvirt::open(&spec.uri).map_err(|e| DriverError::failed(format!("host {host}"), e))?;
+        let machine = spec
+            .is_local()
+            .then(|| LocalDriver::new(host, "/nonexistent", "berth-vmm".into()));
         Ok(LibvirtDriver {
             host: host.to_owned(),
             spec,
-            revision: revision.to_owned(),
+            revision: RwLock::new(revision.to_owned()),
             conn: Mutex::new(conn),
+            peers: RwLock::new(BTreeMap::new()),
+            outgoing: Mutex::new(BTreeMap::new()),
+            machine,
+        })
+    }
+
+    /// The host this driver acts on.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// The connection settings.
+    pub fn spec(&self) -> &LibvirtSpec {
+        &self.spec
+    }
+
+    /// Takes a new revision: recorded in the domains defined or changed from now on,
+    /// and the other libvirt hosts of its Host manifests become migration destinations.
+    pub fn set_desired(&self, revision: &str, desired: &Desired) {
+        *self.revision.write().unwrap_or_else(|e| e.into_inner()) = revision.to_owned();
+        *self.peers.write().unwrap_or_else(|e| e.into_inner()) = desired
+            .hosts
+            .iter()
+            .filter(|h| {
+                h.metadata.name != self.host && h.spec.driver == berth_schema::HostDriver::Libvirt
+            })
+            .map(|h| (h.metadata.name.clone(), h.spec.libvirt_or_default()))
+            .collect();
+    }
+
+    fn revision(&self) -> String {
+        self.revision
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Whether guest `name` runs here (a domain of berth's, running or paused, not one
+    /// still arriving): what a migration source asks to follow its move to the end.
+    ///
+    /// # Errors
+    /// When libvirtd cannot be asked.
+    pub fn runs(&self, name: &str) -> Result<bool, DriverError> {
+        let domain = self.libvirt().observe(name).map_err(failed)?;
+        Ok(domain.is_some_and(|d| {
+            d.owner.is_some()
+                && !d.incoming
+                && matches!(d.state, RunState::Running | RunState::Paused)
+        }))
+    }
+
+    /// Live-migrates `guest` from here to host `to` (a libvirt host whose manifest has
+    /// `libvirt.remoteUri`), calling `progress` with each sample of libvirt's job
+    /// statistics. On failure the guest keeps running here.
+    ///
+    /// # Errors
+    /// When `to` cannot be reached or refuses (pre-checks), or libvirt fails.
+    pub fn migrate_away(
+        &self,
+        guest: &Guest,
+        to: &str,
+        mut progress: impl FnMut(Progress),
+    ) -> Result<MigrationReport, DriverError> {
+        let name = &guest.metadata.name;
+        let spec = self
+            .peers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(to)
+            .cloned()
+            .ok_or_else(|| {
+                DriverError::Refused(format!(
+                    "{name}: host {to} is not a libvirt host of the enforced revision"
+                ))
+            })?;
+        let (uri, migrate_uri) = spec.migration_target().ok_or_else(|| {
+            DriverError::Refused(format!(
+                "{name}: the Host manifest of {to} does not say how to reach its libvirtd (spec.libvirt.remoteUri)"
+            ))
+        })?;
+        let dest = Libvirt::open(&uri).map_err(|e| {
+            DriverError::failed(format!("{name}: reaching host {to}'s libvirtd"), e)
+        })?;
+        // A connection of its own: the migration takes seconds, and observe goes on.
+        let source = Libvirt::open(&self.spec.uri).map_err(failed)?;
+        self.outgoing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.clone(), to.to_owned());
+        let started = Instant::now();
+        let mut last = None;
+        let result = source.migrate(guest, &dest, &Destination { uri, migrate_uri }, |p| {
+            last = Some(p);
+            progress(p);
+        });
+        self.outgoing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+        let outcome = result.map_err(|e| {
+            DriverError::failed(
+                format!("migrating {name} to {to}; the guest stays on {}", self.host),
+                e,
+            )
+        })?;
+        Ok(MigrationReport {
+            outcome,
+            elapsed: started.elapsed(),
+            last,
         })
     }
 
@@ -95,6 +236,10 @@ impl LibvirtDriver {
     }
 
     fn observed_guest(&self, d: ObservedDomain) -> Option<ObservedGuest> {
+        if d.incoming {
+            // Arriving from another host: that host's guest until the move finishes.
+            return None;
+        }
         let owner = d.owner?;
         let meta: serde_json::Value = serde_json::from_str(&owner.object_meta).unwrap_or_default();
         let map = |key: &str| -> BTreeMap<String, String> {
@@ -151,7 +296,6 @@ impl LibvirtDriver {
             _ => None,
         };
         Some(ObservedGuest {
-            name: d.name,
             host: self.host.clone(),
             state: match d.state {
                 RunState::Paused => GuestState::Paused,
@@ -185,8 +329,14 @@ impl LibvirtDriver {
             io_weight,
             labels: map("labels"),
             annotations,
-            migrating_to: None,
+            migrating_to: self
+                .outgoing
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&d.name)
+                .cloned(),
             unresponsive: None,
+            name: d.name,
         })
     }
 }
@@ -204,21 +354,29 @@ impl Driver for LibvirtDriver {
         let libvirt = self.libvirt();
         let domains = libvirt.list().map_err(failed)?;
         let node = libvirt.node().map_err(failed)?;
+        drop(libvirt);
+        let mut host = ObservedHost {
+            name: self.host.clone(),
+            cpus: node.cpus,
+            memory_total: node.memory_total,
+            memory_free: node.memory_free,
+            hugepages: BTreeMap::new(),
+            ksm: KsmSpec::default(),
+            transparent_hugepages: ThpMode::default(),
+            cpu: CpuInfo::default(),
+        };
+        if let Some(machine) = &self.machine {
+            let settings = machine.observe_host()?;
+            host.hugepages = settings.hugepages;
+            host.ksm = settings.ksm;
+            host.transparent_hugepages = settings.transparent_hugepages;
+        }
         Ok(Observed {
             guests: domains
                 .into_iter()
                 .filter_map(|d| self.observed_guest(d))
                 .collect(),
-            hosts: vec![ObservedHost {
-                name: self.host.clone(),
-                cpus: node.cpus,
-                memory_total: node.memory_total,
-                memory_free: node.memory_free,
-                hugepages: BTreeMap::new(),
-                ksm: KsmSpec::default(),
-                transparent_hugepages: ThpMode::default(),
-                cpu: CpuInfo::default(),
-            }],
+            hosts: vec![host],
         })
     }
 
@@ -227,10 +385,15 @@ impl Driver for LibvirtDriver {
         if settings.is_empty() {
             return Ok(());
         }
-        Err(DriverError::Refused(format!(
-            "host {host}: the libvirt driver does not change host settings (hugepage pools, \
-             KSM, transparent hugepages); set them on the host, or leave them out of its manifest"
-        )))
+        match &self.machine {
+            Some(machine) => machine.configure_host(host, settings),
+            None => Err(DriverError::Refused(format!(
+                "host {host}: libvirtd is reached remotely ({}), so berth does not change its \
+                 host settings (hugepage pools, KSM, transparent hugepages); set them on that \
+                 machine, or leave them out of its manifest",
+                self.spec.uri
+            ))),
+        }
     }
 
     fn start(&self, guest: &Guest, host: &str) -> Result<(), DriverError> {
@@ -253,7 +416,7 @@ impl Driver for LibvirtDriver {
             .create(
                 guest,
                 self.spec.domain_type,
-                &self.revision,
+                &self.revision(),
                 &ConsoleLog::default_for(name),
             )
             .map(drop)
@@ -350,7 +513,7 @@ impl Driver for LibvirtDriver {
                 }
             }
         }
-        libvirt.record(guest, &self.revision).map_err(failed)
+        libvirt.record(guest, &self.revision()).map_err(failed)
     }
 
     fn stop(&self, name: &str, host: &str) -> Result<(), DriverError> {
@@ -370,8 +533,6 @@ impl Driver for LibvirtDriver {
                  restart (restartPolicy: ifRequired)"
             )));
         }
-        Err(DriverError::Refused(format!(
-            "{name}: live migration from {from} to {to} through libvirt is not implemented yet"
-        )))
+        self.migrate_away(guest, to, |_| {}).map(drop)
     }
 }

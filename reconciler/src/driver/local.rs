@@ -576,7 +576,7 @@ impl LocalDriver {
         }
     }
 
-    fn observe_host(&self) -> Result<ObservedHost, DriverError> {
+    pub(crate) fn observe_host(&self) -> Result<ObservedHost, DriverError> {
         let cpus = affinity::online_cpus().map_err(|e| failed("reading the online CPUs", e))?;
         let meminfo = sysinfo::read_meminfo().map_err(|e| failed("reading the host memory", e))?;
         let mut pools = BTreeMap::new();

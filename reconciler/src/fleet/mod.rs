@@ -41,6 +41,7 @@
 pub mod etcd;
 pub mod http;
 pub mod incoming;
+pub mod libvirt;
 pub mod peer;
 pub mod placement;
 pub mod remote;

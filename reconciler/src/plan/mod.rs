@@ -576,7 +576,13 @@ fn guest_intent(
 
     let policy = policy(guest);
     let host_change = obs.host != wanted.host;
-    let destination = host_change.then(|| sched.destination(obs, &wanted));
+    let destination = host_change.then(|| {
+        let check = sched.destination(obs, &wanted);
+        match capabilities.why_not_live(&obs.host, &wanted.host) {
+            Some(reason) if check == Destination::Compatible => Destination::CpuDiffers(reason),
+            _ => check,
+        }
+    });
     // The host it runs on makes the change (the source drives a move).
     let driver = capabilities.of(&obs.host);
     plan.changes = diffs

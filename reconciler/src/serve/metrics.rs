@@ -34,8 +34,18 @@ pub struct RevisionLabels {
 /// Labels of the migration metrics.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct MigrationLabels {
-    /// `local` (into a new VMM on this host) or `remote`.
+    /// `local` (into a new VMM on this host), `remote` (berth-vmm to another host) or
+    /// `libvirt` (libvirtd to another host's).
     pub kind: String,
+}
+
+/// Labels of `berth_migration_progress_bytes`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ProgressLabels {
+    /// The guest migrating away.
+    pub guest: String,
+    /// `processed` (sent so far) or `remaining` (left in this pass).
+    pub data: String,
 }
 
 /// Labels of `berth_switchover_unknown`.
@@ -78,6 +88,8 @@ pub struct Metrics {
     /// 1 per guest held paused here because its switchover is unknown and the
     /// destination has not said yet whether it runs the guest.
     pub switchover_unknown: Family<SwitchoverLabels, Gauge>,
+    /// A migration in flight from this host, from the hypervisor's job statistics.
+    pub migration_progress: Family<ProgressLabels, Gauge>,
     /// Unknown switchovers resolved, by where the guest runs afterwards.
     pub switchover_resolutions: Family<ResolutionLabels, Counter>,
 }
@@ -144,6 +156,12 @@ impl Metrics {
             "Guests held paused here: their switchover is unknown and the destination has not said whether it runs them",
             switchover_unknown.clone(),
         );
+        let migration_progress = Family::<ProgressLabels, Gauge>::default();
+        registry.register(
+            "migration_progress_bytes",
+            "Migrations in flight from this host: bytes sent so far and left in this pass",
+            migration_progress.clone(),
+        );
         let switchover_resolutions = Family::<ResolutionLabels, Counter>::default();
         registry.register(
             "switchover_resolutions",
@@ -161,6 +179,7 @@ impl Metrics {
             migration_downtime,
             migration_bytes,
             switchover_unknown,
+            migration_progress,
             switchover_resolutions,
         }
     }
@@ -200,6 +219,28 @@ impl Metrics {
                 .observe(downtime);
         }
         self.migration_bytes.get_or_create(&labels).inc_by(bytes);
+    }
+
+    /// Shows the progress of `guest`'s migration in flight.
+    pub fn migration_progress(&self, guest: &str, processed: u64, remaining: u64) {
+        for (data, bytes) in [("processed", processed), ("remaining", remaining)] {
+            self.migration_progress
+                .get_or_create(&ProgressLabels {
+                    guest: guest.to_owned(),
+                    data: data.to_owned(),
+                })
+                .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// `guest`'s migration is no longer in flight.
+    pub fn migration_progress_done(&self, guest: &str) {
+        for data in ["processed", "remaining"] {
+            self.migration_progress.remove(&ProgressLabels {
+                guest: guest.to_owned(),
+                data: data.to_owned(),
+            });
+        }
     }
 
     /// Shows `guest` held paused for an answer from `peer` (`stuck`), or no more.

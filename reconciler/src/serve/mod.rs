@@ -15,7 +15,10 @@
 //! - [`status`] and [`metrics`]: what `/status` and `/metrics` report.
 //! - [`simfleet`]: `--driver sim`, a simulated fleet that survives restarts.
 //!
-//! With `--driver local`, each new head is also checked against this machine
+//! With `--driver local`, the driver is the one this host's Host manifest names in
+//! the branch head when the service starts: berth-vmm, or libvirt
+//! ([`crate::fleet::libvirt`]; restart the service after changing `spec.driver` or
+//! `spec.libvirt`). On berth-vmm hosts each new head is also checked against this machine
 //! ([`crate::machine`]): a Host manifest naming CPUs, memory or hugepage sizes it lacks
 //! makes the revision invalid, so nothing of it is done.
 //! Cross-host work (the start guard, live migration to another host and its
@@ -54,9 +57,10 @@ use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
 use crate::driver::local::locate_vmm;
-use crate::driver::{Driver, DriverError, DriverKind, LocalDriver};
+use crate::driver::{Driver, DriverError, DriverKind, LibvirtDriver, LocalDriver};
 use crate::fleet::http::HttpPeers;
 use crate::fleet::incoming::{IncomingNotes, LocalIncoming};
+use crate::fleet::libvirt::{LibvirtIncoming, LibvirtServe};
 use crate::fleet::peer::{IncomingMigrations, NoIncoming};
 use crate::fleet::placement::Placements;
 use crate::fleet::remote::{Enforced, ServeDriver};
@@ -105,8 +109,9 @@ pub struct ServeArgs {
     /// Where the driver keeps its state (`sim-fleet.json` for the simulated fleet).
     #[arg(long, default_value = "/var/lib/berth")]
     pub state_dir: PathBuf,
-    /// What runs guests: `local` (berth-vmm processes) or `sim` (a simulated fleet, no
-    /// real guests).
+    /// What runs guests: `local` (this host's guests: berth-vmm processes, or libvirt
+    /// domains when its Host manifest in the branch head says `driver: libvirt`) or
+    /// `sim` (a simulated fleet, no real guests).
     #[arg(long, value_enum, default_value_t = DriverKind::Local)]
     pub driver: DriverKind,
     /// The berth-vmm binary (`--driver local`; default: `$BERTH_VMM`, else berth-vmm
@@ -197,9 +202,18 @@ pub enum ServeError {
     /// The simulated fleet cannot be loaded.
     #[error(transparent)]
     SimFleet(#[from] SimFleetError),
-    /// `berth serve` cannot run this driver's hosts yet.
-    #[error("berth serve does not run {0} hosts yet")]
+    /// `--driver libvirt` was given (a Host manifest chooses libvirt).
+    #[error("--driver {0} is not a command-line choice: this host's Host manifest chooses it (spec.driver)")]
     DriverUnsupported(DriverKind),
+    /// This host's libvirtd does not answer.
+    #[error("cannot use the libvirt driver of host {host}: {source}")]
+    Libvirt {
+        /// This host.
+        host: String,
+        /// The error.
+        #[source]
+        source: DriverError,
+    },
     /// The async runtime cannot be built.
     #[error("cannot start the async runtime: {0}")]
     Runtime(#[source] std::io::Error),
@@ -272,14 +286,25 @@ pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
         source,
     })?;
     let fleet = match args.driver {
-        DriverKind::Local => {
-            let vmm = locate_vmm(args.vmm_path.as_deref()).map_err(ServeError::Vmm)?;
-            Fleet::Local(Arc::new(LocalDriver::new(
-                args.host.clone(),
-                &args.state_dir,
-                vmm,
-            )))
-        }
+        DriverKind::Local => match libvirt_host(&repo, args) {
+            Some(spec) => {
+                let driver = LibvirtDriver::new(&args.host, spec, "").map_err(|source| {
+                    ServeError::Libvirt {
+                        host: args.host.clone(),
+                        source,
+                    }
+                })?;
+                Fleet::Libvirt(Arc::new(driver))
+            }
+            None => {
+                let vmm = locate_vmm(args.vmm_path.as_deref()).map_err(ServeError::Vmm)?;
+                Fleet::Local(Arc::new(LocalDriver::new(
+                    args.host.clone(),
+                    &args.state_dir,
+                    vmm,
+                )))
+            }
+        },
         DriverKind::Sim => Fleet::Sim(Arc::new(SimulatedFleet::open(Some(
             args.state_dir.join("sim-fleet.json"),
         ))?)),
@@ -292,9 +317,9 @@ pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
         .map_err(ServeError::Runtime)?;
     // Guests run on this machine only with the local driver: its Host manifest is
     // checked against it (a simulated fleet has no machine to match).
-    let machine = match args.driver {
-        DriverKind::Local => Some(Machine::read().map_err(ServeError::Machine)?),
-        DriverKind::Sim | DriverKind::Libvirt => None,
+    let machine = match fleet {
+        Fleet::Local(_) => Some(Machine::read().map_err(ServeError::Machine)?),
+        Fleet::Sim(_) | Fleet::Libvirt(_) => None,
     };
     let result = runtime.block_on(serve(args, repo, webhook_secret, security, fleet, machine));
     // Actions in flight were waited for already; nothing should be left.
@@ -341,6 +366,24 @@ enum Security {
 enum Fleet {
     Local(Arc<LocalDriver>),
     Sim(Arc<SimulatedFleet>),
+    Libvirt(Arc<LibvirtDriver>),
+}
+
+/// This host's libvirt connection when its Host manifest in the branch head says
+/// `driver: libvirt`; `None` for berth-vmm, and when the head cannot be read or is
+/// invalid (then no revision is enforced until a valid one comes, and the local
+/// driver's service starts).
+fn libvirt_host(repo: &GitRepo, args: &ServeArgs) -> Option<berth_schema::LibvirtSpec> {
+    let head = repo.resolve(&args.branch).ok()?;
+    let revision =
+        source::read_revision(repo, args.path.as_deref(), &head, Trigger::Startup).ok()?;
+    let desired = revision.manifests.ok()?;
+    desired
+        .hosts
+        .iter()
+        .find(|h| h.metadata.name == args.host)
+        .filter(|h| h.spec.driver == berth_schema::HostDriver::Libvirt)
+        .map(|h| h.spec.libvirt_or_default())
 }
 
 async fn serve(
@@ -412,6 +455,17 @@ async fn serve(
             (driver.clone(), incoming.clone(), Some((driver, incoming)))
         }
         Fleet::Sim(sim) => (sim.clone(), Arc::new(NoIncoming), None),
+        Fleet::Libvirt(libvirt) => (
+            Arc::new(LibvirtServe::new(
+                Arc::clone(libvirt),
+                Arc::clone(&enforced),
+                Arc::clone(&coordination),
+                Arc::clone(&metrics),
+                tokio::runtime::Handle::current(),
+            )),
+            Arc::new(LibvirtIncoming::new(Arc::clone(libvirt))),
+            None,
+        ),
     };
     let status = StatusStore::new(Status {
         host: args.host.clone(),
@@ -484,7 +538,11 @@ async fn serve(
 
     let sim = match &fleet {
         Fleet::Sim(sim) => Some(Arc::clone(sim)),
-        Fleet::Local(_) => None,
+        Fleet::Local(_) | Fleet::Libvirt(_) => None,
+    };
+    let libvirt = match &fleet {
+        Fleet::Libvirt(libvirt) => Some(Arc::clone(libvirt)),
+        Fleet::Local(_) | Fleet::Sim(_) => None,
     };
     // With etcd: the leader's placements (followed by every host, the leader among
     // them) and the revision the leader schedules.
@@ -504,6 +562,9 @@ async fn serve(
         enforced.set(commit, desired);
         if let Some(sim) = &sim {
             sim.add_hosts(desired);
+        }
+        if let Some(libvirt) = &libvirt {
+            libvirt.set_desired(commit.as_str(), desired);
         }
         leader_revision.send_replace(Some(Arc::new(desired.clone())));
     }))
