@@ -229,6 +229,11 @@ impl Libvirt {
     /// # Errors
     /// [`LibvirtError::Connect`] when libvirtd does not answer there.
     pub fn open(uri: &str) -> Result<Libvirt, LibvirtError> {
+        // libvirt's default error handler prints every error to stderr (a blkio weight
+        // the host's I/O scheduler lacks, on every observe); berth gets each error as a
+        // value from the call that failed and reports it once, where it matters.
+        static QUIET: std::sync::Once = std::sync::Once::new();
+        QUIET.call_once(virt::error::clear_error_callback);
         let conn = Connect::open(Some(uri)).map_err(|source| LibvirtError::Connect {
             uri: uri.to_owned(),
             source,
