@@ -367,7 +367,7 @@ impl Fleet {
             .iter()
             .filter(|h| {
                 let needle = h.guest_dir(guest).display().to_string() + "/";
-                !vmm_pids(|c| c.contains(&needle)).is_empty()
+                !berth_tests::vmm_pids(|c| c.contains(&needle)).is_empty()
             })
             .map(|h| h.name.clone())
             .collect()
@@ -408,20 +408,8 @@ impl Drop for Fleet {
             .iter()
             .map(|h| h.state.display().to_string() + "/")
             .collect();
-        let pids = vmm_pids(|c| roots.iter().any(|r| c.contains(r.as_str())));
-        for &pid in &pids {
-            // SAFETY: kill by pid of a berth-vmm this test started (its state directory
-            // is this test's temporary directory).
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while pids
-            .iter()
-            .any(|p| Path::new(&format!("/proc/{p}")).exists())
-            && Instant::now() < deadline
-        {
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let pids = berth_tests::vmm_pids(|c| roots.iter().any(|r| c.contains(r.as_str())));
+        berth_tests::kill_vmms(&pids);
         if let Ok(cgroups) = Cgroups::detect() {
             for name in &self.guests {
                 let _ = cgroups.remove_stale(name);
@@ -439,29 +427,6 @@ fn guest_yaml(name: &str, host: &str) -> String {
          boot: {{kernel: builtin:heartbeat, heartbeat: {{tickHz: 100, ticksPerLine: 10}}}}\n  \
          migration: {{mode: live, maxDowntime: 30ms}}\n---\n"
     )
-}
-
-/// Pids of berth-vmm processes whose command line matches.
-fn vmm_pids(matches: impl Fn(&str) -> bool) -> Vec<i32> {
-    let mut out = Vec::new();
-    for entry in fs::read_dir("/proc").expect("/proc").filter_map(Result::ok) {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(raw) = fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
-        let state = fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
-        let zombie = state
-            .rsplit(')')
-            .next()
-            .is_some_and(|r| r.trim_start().starts_with('Z'));
-        if !zombie && cmdline.contains("berth-vmm") && matches(&cmdline) {
-            out.push(pid);
-        }
-    }
-    out
 }
 
 /// The service condition of type `kind` in a status document.
@@ -650,7 +615,7 @@ fn killing_either_side_in_a_handover_leaves_one_owner_and_one_guest() {
         },
     );
     let needle = fleet.hosts[2].guest_dir(&a).display().to_string() + "/";
-    let pids = vmm_pids(|c| c.contains(&needle));
+    let pids = berth_tests::vmm_pids(|c| c.contains(&needle));
     assert_eq!(pids.len(), 1, "one incoming VMM: {pids:?}");
     // SAFETY: kill by pid of the berth-vmm this test's kvm03 started for guest a.
     unsafe { libc::kill(pids[0], libc::SIGKILL) };

@@ -226,45 +226,10 @@ impl Host {
     }
 }
 
-/// Every live berth-vmm process: (pid, command line); one pass over /proc.
-fn vmms() -> Vec<(i32, String)> {
-    let mut out = Vec::new();
-    for entry in fs::read_dir("/proc").expect("/proc").filter_map(Result::ok) {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(raw) = fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        if !raw.windows(9).any(|w| w == b"berth-vmm") {
-            continue;
-        }
-        let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
-        let state = fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
-        let zombie = state
-            .rsplit(')')
-            .next()
-            .is_some_and(|r| r.trim_start().starts_with('Z'));
-        if !zombie {
-            out.push((pid, cmdline));
-        }
-    }
-    out
-}
-
-/// Pids of berth-vmm processes whose command line contains `needle`.
-fn vmm_pids(needle: &str) -> Vec<i32> {
-    vmms()
-        .into_iter()
-        .filter(|(_, c)| c.contains(needle))
-        .map(|(p, _)| p)
-        .collect()
-}
-
 /// Whether a VMM of guest `name` runs under host `host`'s state directory and says
 /// its guest runs (a fenced VMM stops its guest, then exits).
 fn runs_on(host: &Host, name: &str) -> bool {
-    runs_among(&vmms(), host, name)
+    runs_among(&berth_tests::vmms(), host, name)
 }
 
 /// [`runs_on`] with the VMMs already listed.
@@ -362,20 +327,8 @@ impl Drop for Fleet {
             host.kill9();
         }
         let root = self.dir.path().display().to_string() + "/";
-        let pids = vmm_pids(&root);
-        for &pid in &pids {
-            // SAFETY: kill by pid of a berth-vmm this test started (its state dir is
-            // this test's temporary directory).
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while pids
-            .iter()
-            .any(|p| Path::new(&format!("/proc/{p}")).exists())
-            && Instant::now() < deadline
-        {
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let pids = berth_tests::vmm_pids(|c| c.contains(&root));
+        berth_tests::kill_vmms(&pids);
         if let Ok(cgroups) = Cgroups::detect() {
             for name in &self.guests {
                 let _ = cgroups.remove_stale(name);
@@ -406,7 +359,7 @@ fn pinned_yaml(name: &str, host: &str) -> String {
 /// The pid of the VMM running `name` under `host`, when one runs.
 fn vmm_of(host: &Host, name: &str) -> Option<i32> {
     let dir = host.guest_dir(name).display().to_string() + "/";
-    vmm_pids(&dir).first().copied()
+    berth_tests::vmm_pids(|c| c.contains(&dir)).first().copied()
 }
 
 #[test]
@@ -475,7 +428,7 @@ fn selector_placement_leader_death_ha_restart_and_partition_never_run_a_guest_tw
         std::thread::spawn(move || {
             let mut next = Instant::now();
             while !stop.load(Ordering::SeqCst) {
-                let listed = vmms();
+                let listed = berth_tests::vmms();
                 for guest in &watched {
                     let on: Vec<usize> = (0..HOSTS)
                         .filter(|&i| runs_among(&listed, &hosts[i], guest))

@@ -471,7 +471,7 @@ impl Fleet {
             .iter()
             .map(|h| h.guest_dir(name).display().to_string() + "/")
             .collect();
-        vmm_pids(|cmdline| needles.iter().any(|n| cmdline.contains(n.as_str())))
+        berth_tests::vmm_pids(|cmdline| needles.iter().any(|n| cmdline.contains(n.as_str())))
     }
 }
 
@@ -490,20 +490,9 @@ impl Drop for Fleet {
             .iter()
             .map(|h| h.state.display().to_string() + "/")
             .collect();
-        let pids = vmm_pids(|cmdline| roots.iter().any(|r| cmdline.contains(r.as_str())));
-        for &pid in &pids {
-            // SAFETY: kill by pid of a berth-vmm this test started (its state dir is
-            // this test's temporary directory).
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while pids
-            .iter()
-            .any(|p| Path::new(&format!("/proc/{p}")).exists())
-            && Instant::now() < deadline
-        {
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let pids =
+            berth_tests::vmm_pids(|cmdline| roots.iter().any(|r| cmdline.contains(r.as_str())));
+        berth_tests::kill_vmms(&pids);
         if let Ok(cgroups) = Cgroups::detect() {
             for name in &self.guests {
                 let _ = cgroups.remove_stale(name);
@@ -511,29 +500,6 @@ impl Drop for Fleet {
             }
         }
     }
-}
-
-/// Pids of berth-vmm processes whose command line matches.
-fn vmm_pids(matches: impl Fn(&str) -> bool) -> Vec<i32> {
-    let mut out = Vec::new();
-    for entry in fs::read_dir("/proc").expect("/proc").filter_map(Result::ok) {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(raw) = fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
-        let state = fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
-        let zombie = state
-            .rsplit(')')
-            .next()
-            .is_some_and(|r| r.trim_start().starts_with('Z'));
-        if !zombie && cmdline.contains("berth-vmm") && matches(&cmdline) {
-            out.push(pid);
-        }
-    }
-    out
 }
 
 /// A heartbeat guest: 100 ticks a second, a line every 10 ticks.

@@ -16,12 +16,15 @@
 
 use std::fs;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use berth_reconciler::serve::auth::Secret;
+
+mod support;
+use support::{free_port, git, percentile, thread_affinity};
 
 const WEBHOOK_SECRET: &str = "bench-webhook-secret";
 
@@ -222,44 +225,6 @@ fn manifests(addr: &str, guests: &[String], pins: &str) -> String {
     text
 }
 
-fn git(repo: &Path, args: &[&str]) {
-    let status = Command::new("git")
-        .arg("-C")
-        .arg(repo)
-        .args(args)
-        .stdout(Stdio::null())
-        .status()
-        .expect("run git");
-    assert!(status.success(), "git {args:?}");
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port()
-}
-
-fn vcpu0_affinity(pid: i32) -> Option<String> {
-    for task in fs::read_dir(format!("/proc/{pid}/task"))
-        .ok()?
-        .filter_map(Result::ok)
-    {
-        if fs::read_to_string(task.path().join("comm"))
-            .unwrap_or_default()
-            .trim()
-            == "vcpu0"
-        {
-            return fs::read_to_string(task.path().join("status"))
-                .ok()?
-                .lines()
-                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-                .map(|s| s.trim().to_owned());
-        }
-    }
-    None
-}
-
 fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !cond() {
@@ -279,7 +244,7 @@ fn latency(commits: usize, mode: Mode) -> Vec<f64> {
     wait_for("the guest", Duration::from_secs(30), || {
         bench
             .vmm_pid(&name)
-            .is_some_and(|p| vcpu0_affinity(p).as_deref() == Some("0"))
+            .is_some_and(|p| thread_affinity(p, "vcpu0").as_deref() == Some("0"))
     });
     let pid = bench.vmm_pid(&name).expect("running");
     let mut out = Vec::with_capacity(commits);
@@ -292,7 +257,7 @@ fn latency(commits: usize, mode: Mode) -> Vec<f64> {
         }
         // Polled at 0.2 ms: the poll adds at most that much.
         let deadline = start + Duration::from_secs(10);
-        while vcpu0_affinity(pid).as_deref() != Some(pins) {
+        while thread_affinity(pid, "vcpu0").as_deref() != Some(pins) {
             assert!(
                 Instant::now() < deadline,
                 "commit {i} not applied within 10 s"
@@ -347,12 +312,4 @@ fn idle(guests: usize, over: Duration) -> (f64, u64) {
         "every guest still runs"
     );
     (cpu, rss)
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
 }

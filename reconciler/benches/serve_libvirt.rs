@@ -14,13 +14,16 @@
 
 use std::fs;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use berth_reconciler::serve::auth::Secret;
+
+mod support;
+use support::{free_port, git, percentile, thread_affinity};
 
 const WEBHOOK_SECRET: &str = "bench-webhook-secret";
 
@@ -209,45 +212,6 @@ impl Drop for Bench {
     }
 }
 
-fn git(repo: &Path, args: &[&str]) {
-    let status = Command::new("git")
-        .arg("-C")
-        .arg(repo)
-        .args(args)
-        .stdout(Stdio::null())
-        .status()
-        .expect("run git");
-    assert!(status.success(), "git {args:?}");
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port()
-}
-
-/// The CPUs the kernel lets QEMU's vCPU 0 thread run on.
-fn vcpu0_affinity(pid: i32) -> Option<String> {
-    for task in fs::read_dir(format!("/proc/{pid}/task"))
-        .ok()?
-        .filter_map(Result::ok)
-    {
-        if fs::read_to_string(task.path().join("comm"))
-            .unwrap_or_default()
-            .trim()
-            == "CPU 0/TCG"
-        {
-            return fs::read_to_string(task.path().join("status"))
-                .ok()?
-                .lines()
-                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-                .map(|s| s.trim().to_owned());
-        }
-    }
-    None
-}
-
 /// Commit-to-in-force latencies in ms.
 fn latency(commits: usize, webhook: bool) -> Vec<f64> {
     let name = format!("bench-lv-{}-{}", std::process::id(), u8::from(webhook));
@@ -255,7 +219,7 @@ fn latency(commits: usize, webhook: bool) -> Vec<f64> {
     let deadline = Instant::now() + Duration::from_secs(60);
     while bench
         .qemu_pid()
-        .is_none_or(|p| vcpu0_affinity(p).as_deref() != Some("0"))
+        .is_none_or(|p| thread_affinity(p, "CPU 0/TCG").as_deref() != Some("0"))
     {
         assert!(
             Instant::now() < deadline,
@@ -274,7 +238,7 @@ fn latency(commits: usize, webhook: bool) -> Vec<f64> {
             bench.webhook();
         }
         let deadline = start + Duration::from_secs(10);
-        while vcpu0_affinity(pid).as_deref() != Some(pins) {
+        while thread_affinity(pid, "CPU 0/TCG").as_deref() != Some(pins) {
             assert!(
                 Instant::now() < deadline,
                 "commit {i} not in force within 10 s"
@@ -289,12 +253,4 @@ fn latency(commits: usize, webhook: bool) -> Vec<f64> {
     assert_eq!(bench.qemu_pid(), Some(pid), "retuned in place");
     out.sort_by(f64::total_cmp);
     out
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
 }

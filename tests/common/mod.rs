@@ -375,3 +375,60 @@ pub fn assert_continuous(vcpu: u32, ns: &[u64], per_line: u64, at_least: usize) 
         );
     }
 }
+
+/// Every live (not zombie) berth-vmm process, as (pid, command line with its NULs as
+/// spaces), in one pass over /proc.
+pub fn vmms() -> Vec<(i32, String)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(Result::ok)
+    {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        if !raw.windows(9).any(|w| w == b"berth-vmm") {
+            continue;
+        }
+        let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
+        let state = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        let zombie = state
+            .rsplit(')')
+            .next()
+            .is_some_and(|r| r.trim_start().starts_with('Z'));
+        if !zombie {
+            out.push((pid, cmdline));
+        }
+    }
+    out
+}
+
+/// Pids of the live berth-vmm processes whose command line matches.
+pub fn vmm_pids(matches: impl Fn(&str) -> bool) -> Vec<i32> {
+    vmms()
+        .into_iter()
+        .filter(|(_, cmdline)| matches(cmdline))
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
+/// Kills the VMMs `pids` (ones this test started) with SIGKILL and waits up to 10 s for
+/// them to be gone, so their cgroups can be removed after.
+pub fn kill_vmms(pids: &[i32]) {
+    for &pid in pids {
+        // SAFETY: kill(2) by pid of a berth-vmm this test started (the callers select
+        // them by this test's own state directories).
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while pids
+        .iter()
+        .any(|p| Path::new(&format!("/proc/{p}")).exists())
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
