@@ -1188,6 +1188,44 @@ impl Drop for Serve {
     }
 }
 
+/// virt01 (this machine's libvirtd) and virt02 (`peer`'s, which virt01 reaches at its
+/// remoteUri), each with its own `berth serve` over one git repository in `images`'
+/// directory. The first commit holds the Host manifests and `files`.
+fn two_serves(
+    images: &Images,
+    peer: &PeerHost,
+    files: &[(&str, &str)],
+    message: &str,
+) -> (berth_tests::GitRepo, Serve, Serve) {
+    let dir = images.dir.path();
+    let secret = dir.join("fleet-secret");
+    fs::write(&secret, "berth-libvirt-test-secret\n").unwrap();
+    fs::set_permissions(&secret, fs::Permissions::from_mode(0o600)).unwrap();
+    let repo = berth_tests::GitRepo::new(dir.join("repo"));
+    let addrs: Vec<String> = (0..2)
+        .map(|_| {
+            let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            probe.local_addr().unwrap().to_string()
+        })
+        .collect();
+    let hosts = format!(
+        "{}---\n{}",
+        host_text("virt01", &addrs[0], URI, ""),
+        host_text(
+            "virt02",
+            &addrs[1],
+            &peer.uri(),
+            &format!(", remoteUri: '{}'", peer.uri())
+        )
+    );
+    let mut all = vec![("hosts.yaml", hosts.as_str())];
+    all.extend_from_slice(files);
+    repo.commit(&all, message);
+    let a = Serve::start_at("virt01", &repo.dir, dir, &secret, &addrs[0]);
+    let b = Serve::start_at("virt02", &repo.dir, dir, &secret, &addrs[1]);
+    (repo, a, b)
+}
+
 #[test]
 fn berth_serve_runs_a_libvirt_guest_retunes_it_and_moves_it_live_to_another_libvirt_host() {
     let libvirt = connect();
@@ -1210,31 +1248,8 @@ fn berth_serve_runs_a_libvirt_guest_retunes_it_and_moves_it_live_to_another_libv
         },
         PathBuf::from(&console.0),
     );
-    let dir = images.dir.path();
-    let secret = dir.join("fleet-secret");
-    fs::write(&secret, "berth-libvirt-test-secret\n").unwrap();
-    fs::set_permissions(&secret, fs::Permissions::from_mode(0o600)).unwrap();
-    let repo = berth_tests::GitRepo::new(dir.join("repo"));
-    let addrs: Vec<String> = (0..2)
-        .map(|_| {
-            let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            probe.local_addr().unwrap().to_string()
-        })
-        .collect();
-    let hosts = format!(
-        "{}---\n{}",
-        host_text("virt01", &addrs[0], URI, ""),
-        host_text(
-            "virt02",
-            &addrs[1],
-            &peer.uri(),
-            &format!(", remoteUri: '{}'", peer.uri())
-        )
-    );
     let guest = images.guest_text(&name, "");
-    repo.commit(&[("hosts.yaml", &hosts), ("guest.yaml", &guest)], "boot");
-    let a = Serve::start_at("virt01", &repo.dir, dir, &secret, &addrs[0]);
-    let b = Serve::start_at("virt02", &repo.dir, dir, &secret, &addrs[1]);
+    let (repo, a, b) = two_serves(&images, &peer, &[("guest.yaml", &guest)], "boot");
     assert_eq!(a.status()["driver"], "libvirt");
 
     // The loop boots the guest; /status and `berth get guests` read it back from libvirt.
@@ -1393,29 +1408,7 @@ fn migration_bench() {
     let dest = peer.connect();
     let images = Images::new();
     let dir = images.dir.path();
-    let secret = dir.join("fleet-secret");
-    fs::write(&secret, "berth-libvirt-bench-secret\n").unwrap();
-    fs::set_permissions(&secret, fs::Permissions::from_mode(0o600)).unwrap();
-    let repo = berth_tests::GitRepo::new(dir.join("repo"));
-    let addrs: Vec<String> = (0..2)
-        .map(|_| {
-            let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            probe.local_addr().unwrap().to_string()
-        })
-        .collect();
-    let hosts = format!(
-        "{}---\n{}",
-        host_text("virt01", &addrs[0], URI, ""),
-        host_text(
-            "virt02",
-            &addrs[1],
-            &peer.uri(),
-            &format!(", remoteUri: '{}'", peer.uri())
-        )
-    );
-    repo.commit(&[("hosts.yaml", &hosts)], "hosts");
-    let a = Serve::start_at("virt01", &repo.dir, dir, &secret, &addrs[0]);
-    let _b = Serve::start_at("virt02", &repo.dir, dir, &secret, &addrs[1]);
+    let (repo, a, _b) = two_serves(&images, &peer, &[], "hosts");
     let policy = "  migration: {maxDowntime: 300ms, autoConverge: true}\n";
     let mut guards = Vec::new();
     let (mut berth_call, mut berth_e2e, mut virsh) = (Vec::new(), Vec::new(), Vec::new());
