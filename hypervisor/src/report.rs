@@ -20,6 +20,13 @@ pub fn causes_once(chain: impl IntoIterator<Item = String>) -> Vec<String> {
     kept
 }
 
+/// An error and its causes on one line (`a: b: c`), each cause once, for a log field or
+/// a status message.
+pub fn one_line(error: &(dyn std::error::Error + 'static)) -> String {
+    let chain = std::iter::successors(Some(error), |e| e.source()).map(|e| e.to_string());
+    causes_once(chain).join(": ")
+}
+
 /// Prints an error chain to stderr through [`causes_once`]: `error: <message>`, then
 /// one `<cause_prefix><cause>` line per cause kept.
 pub fn eprint_chain(chain: impl IntoIterator<Item = String>, cause_prefix: &str) {
@@ -35,6 +42,26 @@ pub fn eprint_chain(chain: impl IntoIterator<Item = String>, cause_prefix: &str)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_line_joins_the_causes_each_once() {
+        let inner = std::io::Error::other("disk full");
+        let outer = std::io::Error::other(OuterError(inner));
+        assert_eq!(one_line(&outer), "writing x: disk full");
+    }
+
+    #[derive(Debug)]
+    struct OuterError(std::io::Error);
+    impl std::fmt::Display for OuterError {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "writing x: {}", self.0)
+        }
+    }
+    impl std::error::Error for OuterError {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
 
     #[test]
     fn a_cause_named_in_a_message_is_not_repeated() {

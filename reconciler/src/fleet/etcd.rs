@@ -37,6 +37,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use berth_hypervisor::report::one_line;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Notify};
 use tracing::{debug, info, warn};
@@ -167,7 +168,7 @@ impl EtcdCoordination {
 
     fn note_failure(&self, e: &EtcdError) {
         *self.failed.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some((Instant::now(), error_chain(e)));
+            Some((Instant::now(), one_line(e)));
     }
 
     fn note_success(&self) {
@@ -180,7 +181,7 @@ impl EtcdCoordination {
             guest: guest.to_owned(),
             reason: format!(
                 "its ownership record cannot be read or written ({}); nothing is started, moved or changed until etcd answers",
-                error_chain(e)
+                one_line(e)
             ),
         }
     }
@@ -239,7 +240,7 @@ impl EtcdCoordination {
     async fn take_over(&self, guest: &str, from: Option<&str>) -> Result<(), String> {
         let current = read_owner(self.session.store(), guest)
             .await
-            .map_err(|e| error_chain(&e))?;
+            .map_err(|e| one_line(&e))?;
         match current {
             Some(o)
                 if o.record.moving_to.as_deref() == Some(self.me())
@@ -252,7 +253,7 @@ impl EtcdCoordination {
                         Ok(())
                     }
                     Ok(Err(fenced)) => Err(fenced.to_string()),
-                    Err(e) => Err(error_chain(&e)),
+                    Err(e) => Err(one_line(&e)),
                 }
             }
             // Ours (with a handover this host began, if moving).
@@ -317,7 +318,7 @@ impl EtcdCoordination {
                     Err(e) => {
                         self.note_failure(&e);
                         self.pending.lock().unwrap_or_else(|e| e.into_inner()).dirty = true;
-                        debug!(error = %error_chain(&e), "cannot publish to etcd");
+                        debug!(error = %one_line(&e), "cannot publish to etcd");
                     }
                 }
             }
@@ -348,17 +349,6 @@ impl EtcdCoordination {
         self.note_success();
         Ok(())
     }
-}
-
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        text.push_str(": ");
-        text.push_str(&c.to_string());
-        cause = c.source();
-    }
-    text
 }
 
 impl Coordination for EtcdCoordination {
@@ -473,7 +463,7 @@ impl Coordination for EtcdCoordination {
                 },
                 Err(e) => {
                     self.note_failure(&e);
-                    warn!(guest, error = %error_chain(&e), "cannot take the handover back now; the destination gives it back when its incoming VMM ends");
+                    warn!(guest, error = %one_line(&e), "cannot take the handover back now; the destination gives it back when its incoming VMM ends");
                 }
             }
         })
@@ -504,7 +494,7 @@ impl Coordination for EtcdCoordination {
                 Ok(None) => Err(format!("{guest} has no ownership record")),
                 Err(e) => {
                     self.note_failure(&e);
-                    Err(error_chain(&e))
+                    Err(one_line(&e))
                 }
             }
         })
@@ -558,7 +548,7 @@ impl Coordination for EtcdCoordination {
                 if let Err(e) = outcome {
                     self.note_failure(&e);
                     if Instant::now() > deadline {
-                        warn!(guest, from, error = %error_chain(&e), "cannot give the ownership back to the source");
+                        warn!(guest, from, error = %one_line(&e), "cannot give the ownership back to the source");
                         return;
                     }
                     tokio::time::sleep(Duration::from_millis(200)).await;

@@ -138,14 +138,7 @@ pub struct CoordinationError {
 impl CoordinationError {
     /// The error and its causes on one line, for a status message.
     pub fn chain(&self) -> String {
-        let mut text = self.to_string();
-        let mut cause = std::error::Error::source(self);
-        while let Some(e) = cause {
-            text.push_str(": ");
-            text.push_str(&e.to_string());
-            cause = e.source();
-        }
-        text
+        berth_hypervisor::report::one_line(self)
     }
 }
 
