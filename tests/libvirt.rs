@@ -16,9 +16,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use berth_hypervisor::host::cgroup::Knob;
+use berth_hypervisor::host::hugepages::{HugePagePool, PoolReservation};
 use berth_hypervisor::libvirt::migrate::{Destination, Outcome};
 use berth_hypervisor::libvirt::{ConsoleLog, Libvirt, LibvirtError, RunState, Shutdown};
-use berth_schema::{Bytes, CpuSet, DomainType, Guest, MemTune};
+use berth_schema::{Bytes, CpuSet, DomainType, Guest, MemTune, PageSize};
 
 const URI: &str = "qemu:///system";
 
@@ -837,11 +838,16 @@ ip link set ${NS}h up
 ip netns exec $NS ip addr add $PEERIP/30 dev ${NS}p
 ip netns exec $NS ip link set ${NS}p up
 ip netns exec $NS ip link set lo up
-mkdir -p $DIR/run $DIR/lib/qemu $DIR/cache/qemu $DIR/log/qemu $DIR/etc
+mkdir -p $DIR/run $DIR/lib/qemu $DIR/cache/qemu $DIR/log/qemu $DIR/etc $DIR/hugepages
 # The configuration, not this host's domain definitions.
 cp -a /etc/libvirt/. $DIR/etc/
 find $DIR/etc/qemu -maxdepth 1 -name '*.xml' -delete
 rm -rf $DIR/etc/qemu/autostart
+# What this host's libvirtd learnt of the QEMU binaries (the same ones): without it
+# the new libvirtd probes every emulator at its first domain, seconds each.
+cp -a /var/cache/libvirt/qemu/capabilities $DIR/cache/qemu/ 2>/dev/null || true
+# Guest memory on 2 MiB hugepages: a hugetlbfs of its own (mounted below).
+echo "hugetlbfs_mount = \"$DIR/hugepages\"" >> $DIR/etc/qemu.conf
 cat >> $DIR/etc/libvirtd.conf <<CONF
 listen_tls = 0
 listen_tcp = 1
@@ -857,6 +863,7 @@ nsenter --net=/run/netns/$NS unshare --mount --propagation private bash -c "
   mount --bind $DIR/cache /var/cache/libvirt
   mount --bind $DIR/log /var/log/libvirt
   mount --bind $DIR/etc /etc/libvirt
+  mount -t hugetlbfs -o pagesize=2M berth-hugepages $DIR/hugepages
   virtlogd -d -p /run/libvirt/virtlogd.pid
   libvirtd -d --listen -p /run/libvirt/libvirtd.pid
 "
@@ -1525,4 +1532,212 @@ fn migration_bench() {
     for path in guards {
         let _ = fs::remove_file(path);
     }
+}
+
+/// `berth apply` on two libvirt hosts: virt01 (this machine's libvirtd) and virt02 (a
+/// [`PeerHost`], which virt01's libvirtd reaches at its remoteUri, and berth on this
+/// machine at its socket, a local URI, so that berth keeps its hugepage pool).
+/// - apply on virt01 boots the guest; `get guests` shows QEMU's pid and uptime;
+/// - a placement commit: plan and apply on virt01 move the guest live to virt02; the
+///   counter carries on, same boot; apply on virt02 then has nothing to do;
+/// - a hugepage change on virt02: without restartPolicy it is blocked, with the
+///   reason, and apply changes nothing; with `restartPolicy: ifRequired` it is a
+///   restart, and the guest comes back on 2 MiB pages (libvirt's XML and the pool say
+///   so).
+///
+/// The test grows the 2 MiB pool by the guest's 128 pages and gives them back on drop.
+#[test]
+fn berth_apply_moves_a_libvirt_guest_live_and_restarts_it_on_hugepages_as_planned() {
+    // Dropped last: the domains are gone by then.
+    let pool = HugePagePool::new(PageSize::Huge2M);
+    let reservation = PoolReservation::grow(pool.clone(), 128).expect("grow the 2 MiB pool");
+    assert_eq!(
+        reservation.added(),
+        128,
+        "the kernel could not grow the pool"
+    );
+    let libvirt = connect();
+    let peer = PeerHost::start();
+    let dest = peer.connect();
+    let images = Images::new();
+    let name = name("applymove");
+    let console = ConsoleLog::default_for(&name);
+    let _ = fs::remove_file(&console.0);
+    struct Cleanup<'a>(#[allow(dead_code)] Domain<'a>, PathBuf);
+    impl Drop for Cleanup<'_> {
+        fn drop(&mut self) {
+            let _ = fs::remove_file(&self.1);
+        }
+    }
+    let _cleanup = Cleanup(
+        Domain {
+            libvirt: &libvirt,
+            name: name.clone(),
+        },
+        PathBuf::from(&console.0),
+    );
+    let dir = images.dir.path();
+    let manifests = dir.join("manifests");
+    fs::create_dir_all(&manifests).unwrap();
+    let socket = format!(
+        "qemu+unix:///system?socket={}",
+        peer.dir.path().join("run/libvirt-sock").display()
+    );
+    let pages = pool.stats().unwrap().total;
+    let hosts = format!(
+        "{}---\n{}",
+        host_text("virt01", "127.0.0.1:7498", URI, ""),
+        host_text(
+            "virt02",
+            "127.0.0.1:7497",
+            &socket,
+            &format!(", remoteUri: '{}'", peer.uri())
+        )
+        .replace(
+            "  driver: libvirt\n",
+            &format!("  hugepages: {{2MiB: {pages}}}\n  driver: libvirt\n")
+        )
+    );
+    fs::write(manifests.join("hosts.yaml"), hosts).unwrap();
+    let guest = images.guest_text(&name, "");
+    fs::write(manifests.join("guest.yaml"), &guest).unwrap();
+    let m = manifests.to_str().unwrap().to_owned();
+    let state = |host: &str| dir.join(format!("state-{host}")).display().to_string();
+    let apply = |host: &str| {
+        let state = state(host);
+        berth(&["apply", &m, "--yes", "--host", host, "--state-dir", &state])
+    };
+    let plan = |host: &str| berth(&["plan", &m, "--host", host, "--detailed-exitcode"]);
+
+    let (code, out) = apply("virt01");
+    assert_eq!(code, 0, "{out}");
+    wait_counter(&console, 3, Duration::from_secs(90));
+    let pid = qemu_pid(&name);
+    let (code, out) = berth(&[
+        "get",
+        "guests",
+        "--libvirt-uri",
+        URI,
+        "--host",
+        "virt01",
+        "-o",
+        "json",
+    ]);
+    assert_eq!(code, 0, "{out}");
+    let json = &out[out.find('[').unwrap_or(0)..=out.rfind(']').unwrap_or(0)];
+    let rows: serde_json::Value =
+        serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let row = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == name.as_str())
+        .unwrap_or_else(|| panic!("{out}"));
+    assert_eq!(row["pid"], pid, "{out}");
+    let uptime = row["uptimeMs"].as_u64().unwrap_or_else(|| panic!("{out}"));
+    assert!((500..600_000).contains(&uptime), "{out}");
+
+    // A placement change: virt01 moves the guest live to virt02.
+    let (before, boot) = counters(&console).last().cloned().unwrap();
+    fs::write(
+        manifests.join("guest.yaml"),
+        guest.replace("host: virt01", "host: virt02"),
+    )
+    .unwrap();
+    let (code, out) = plan("virt01");
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("migrate live virt01 -> virt02"), "{out}");
+    let started = Instant::now();
+    let (code, out) = apply("virt01");
+    assert_eq!(code, 0, "{out}");
+    eprintln!(
+        "apply: the move took {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(out.contains("The fleet matches the manifests."), "{out}");
+    assert!(libvirt.observe(&name).unwrap().is_none(), "left virt01");
+    let there = dest.observe(&name).unwrap().expect("runs on virt02");
+    assert_eq!(there.state, RunState::Running);
+    let peer_console = ConsoleLog(
+        peer.dir
+            .path()
+            .join(format!("log/qemu/{name}-console.log"))
+            .display()
+            .to_string(),
+    );
+    wait_counter(&peer_console, before + 3, Duration::from_secs(60));
+    assert!(
+        counters(&peer_console).iter().all(|(_, b)| *b == boot),
+        "the guest rebooted in the move"
+    );
+    assert_no_reset(&console);
+    let (code, out) = plan("virt02");
+    assert_eq!(code, 0, "virt02 has nothing to do after the move:\n{out}");
+
+    // A hugepage change, with no restart allowed: blocked, and nothing changes.
+    let peer_pid = || -> i32 {
+        fs::read_to_string(peer.dir.path().join(format!("run/qemu/{name}.pid")))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let running = peer_pid();
+    let huge = guest.replace("host: virt01", "host: virt02").replace(
+        "  memory: {size: 256MiB}\n",
+        "  memory: {size: 256MiB, hugepages: {pageSize: 2MiB}}\n",
+    );
+    fs::write(manifests.join("guest.yaml"), &huge).unwrap();
+    let (code, out) = plan("virt02");
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("blocked") && out.contains("restartPolicy"),
+        "{out}"
+    );
+    let (code, out) = apply("virt02");
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("nothing was changed"), "{out}");
+    assert_eq!(peer_pid(), running, "a blocked change touches nothing");
+    assert_eq!(
+        dest.observe(&name)
+            .unwrap()
+            .unwrap()
+            .definition
+            .hugepage_kib,
+        None
+    );
+
+    // Restart allowed: the guest comes back on hugepages.
+    let free = |s: berth_hypervisor::host::hugepages::PoolStats| s.free - s.reserved;
+    let available = free(pool.stats().unwrap());
+    fs::write(
+        manifests.join("guest.yaml"),
+        format!("{huge}  restartPolicy: ifRequired\n"),
+    )
+    .unwrap();
+    let (code, out) = plan("virt02");
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("restart"), "{out}");
+    let (code, out) = apply("virt02");
+    assert_eq!(code, 0, "{out}");
+    let restarted = dest.observe(&name).unwrap().unwrap();
+    assert_eq!(restarted.state, RunState::Running);
+    assert_eq!(restarted.definition.hugepage_kib, Some(2048));
+    assert_ne!(peer_pid(), running, "a new QEMU");
+    assert!(
+        available - free(pool.stats().unwrap()) >= 128,
+        "the guest's 128 pages are taken from the pool"
+    );
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !counters(&peer_console).iter().any(|(_, b)| *b != boot) {
+        assert!(
+            Instant::now() < deadline,
+            "the restarted guest never counted"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (code, out) = plan("virt02");
+    assert_eq!(code, 0, "{out}");
+    drop(peer);
+    drop(reservation);
 }
