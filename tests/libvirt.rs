@@ -1525,6 +1525,7 @@ fn migration_bench() {
 /// [`PeerHost`], which virt01's libvirtd reaches at its remoteUri, and berth on this
 /// machine at its socket, a local URI, so that berth keeps its hugepage pool).
 /// - apply on virt01 boots the guest; `get guests` shows QEMU's pid and uptime;
+/// - a move that needs a restart is refused by apply on virt01, nothing changed;
 /// - a placement commit: plan and apply on virt01 move the guest live to virt02; the
 ///   counter carries on, same boot; apply on virt02 then has nothing to do;
 /// - a hugepage (and memory size) change on virt02: without restartPolicy it is
@@ -1623,6 +1624,26 @@ fn berth_apply_moves_a_libvirt_guest_live_and_restarts_it_on_hugepages_as_planne
     assert_eq!(row["pid"], pid, "{out}");
     let uptime = row["uptimeMs"].as_u64().unwrap_or_else(|| panic!("{out}"));
     assert!((500..600_000).contains(&uptime), "{out}");
+
+    // A move that needs a restart (with a memory size change): apply cannot start the
+    // guest on virt02, so it refuses before anything changes.
+    fs::write(
+        manifests.join("guest.yaml"),
+        format!(
+            "{}  restartPolicy: ifRequired\n",
+            guest
+                .replace("host: virt01", "host: virt02")
+                .replace("size: 256MiB", "size: 288MiB")
+        ),
+    )
+    .unwrap();
+    let (code, out) = apply("virt01");
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        out.contains("only live") && out.contains("nothing was changed"),
+        "{out}"
+    );
+    assert_eq!(qemu_pid(&name), pid, "a refused move touches nothing");
 
     // A placement change: virt01 moves the guest live to virt02.
     let (before, boot) = counters(&console).last().cloned().unwrap();
