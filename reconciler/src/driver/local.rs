@@ -31,7 +31,7 @@ mod lock;
 mod outgoing;
 
 use lock::{try_lock, vmm_lock_held};
-pub use lock::{LockError, StateLock};
+pub use lock::{LockError, SharedStateHold, SharedStateLock, StateLock};
 
 use follow::FollowError;
 pub use outgoing::{OutgoingGuard, OutgoingRecord, Resolved, UnknownSwitchover};
@@ -1540,16 +1540,16 @@ mod tests {
     #[test]
     fn apply_lock_names_its_holder() {
         let dir = tempfile::tempdir().unwrap();
-        let held = StateLock::acquire(dir.path(), false).unwrap();
-        let e = StateLock::acquire(dir.path(), false).unwrap_err();
+        let held = StateLock::acquire(dir.path(), false, "berth apply").unwrap();
+        let e = StateLock::acquire(dir.path(), false, "berth stop").unwrap_err();
         let msg = e.to_string();
         assert!(
-            msg.contains(&format!("(pid {})", std::process::id())),
+            msg.starts_with(&format!("berth apply (pid {}) holds ", std::process::id())),
             "{msg}"
         );
         assert!(msg.contains("apply.lock"), "{msg}");
         drop(held);
-        StateLock::acquire(dir.path(), false).unwrap();
+        StateLock::acquire(dir.path(), false, "berth apply").unwrap();
     }
 
     #[test]

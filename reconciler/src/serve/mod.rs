@@ -16,6 +16,8 @@
 //! - [`status`]: what `/status` reports (with [`crate::conditions`]); `/metrics` is
 //!   [`crate::metrics`].
 //! - [`simfleet`]: `--driver sim`, a simulated fleet that survives restarts.
+//! - [`locked`]: each action holds the state directory's lock, as `berth apply` and
+//!   `berth stop` do, for the action only.
 //!
 //! With `--driver local`, the driver is the one this host's Host manifest names in
 //! the branch head when the service starts: berth-vmm, or libvirt
@@ -38,6 +40,7 @@
 
 pub mod controller;
 pub mod http;
+pub mod locked;
 pub mod simfleet;
 pub mod source;
 pub mod status;
@@ -69,6 +72,7 @@ use auth::{Secret, SecretError};
 use backoff::BackoffPolicy;
 use controller::{Controller, ControllerConfig};
 use git::{GitError, GitRepo};
+use locked::Locked;
 use metrics::Metrics;
 use simfleet::{SimFleetError, SimulatedFleet};
 use source::{Follower, Trigger};
@@ -450,16 +454,20 @@ async fn serve(
                 )
                 .with_coordination(Arc::clone(&coordination), tokio::runtime::Handle::current()),
             );
-            (driver.clone(), incoming.clone(), Some((driver, incoming)))
+            let locked = Arc::new(Locked::new(Arc::clone(&driver), &args.state_dir));
+            (locked, incoming.clone(), Some((driver, incoming)))
         }
         Fleet::Sim(sim) => (sim.clone(), Arc::new(NoIncoming), None),
         Fleet::Libvirt(libvirt) => (
-            Arc::new(LibvirtServe::new(
-                Arc::clone(libvirt),
-                Arc::clone(&enforced),
-                Arc::clone(&coordination),
-                Arc::clone(&metrics),
-                tokio::runtime::Handle::current(),
+            Arc::new(Locked::new(
+                Arc::new(LibvirtServe::new(
+                    Arc::clone(libvirt),
+                    Arc::clone(&enforced),
+                    Arc::clone(&coordination),
+                    Arc::clone(&metrics),
+                    tokio::runtime::Handle::current(),
+                )),
+                &args.state_dir,
             )),
             Arc::new(LibvirtIncoming::new(Arc::clone(libvirt))),
             None,
