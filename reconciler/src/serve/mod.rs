@@ -187,7 +187,7 @@ pub enum ServeError {
     #[error("--insecure-plain-http serves only a loopback address, not {0}: use TLS (--tls-ca, --tls-cert, --tls-key; see `berth certs`)")]
     PlainNotLoopback(SocketAddr),
     /// The state directory cannot be created.
-    #[error("cannot create the state directory {path}: {source}")]
+    #[error("cannot create the state directory {path}")]
     StateDir {
         /// The directory.
         path: String,
@@ -196,7 +196,7 @@ pub enum ServeError {
         source: std::io::Error,
     },
     /// The berth-vmm binary cannot be found.
-    #[error("cannot use the local driver: {0}")]
+    #[error("cannot use the local driver")]
     Vmm(#[source] DriverError),
     /// This machine's facts (CPUs, memory, hugepage sizes) cannot be read.
     #[error(transparent)]
@@ -208,7 +208,7 @@ pub enum ServeError {
     #[error("--driver {0} is not a command-line choice: this host's Host manifest chooses it (spec.driver)")]
     DriverUnsupported(DriverKind),
     /// This host's libvirtd does not answer.
-    #[error("cannot use the libvirt driver of host {host}: {source}")]
+    #[error("cannot use the libvirt driver of host {host}")]
     Libvirt {
         /// This host.
         host: String,
@@ -217,10 +217,10 @@ pub enum ServeError {
         source: DriverError,
     },
     /// The async runtime cannot be built.
-    #[error("cannot start the async runtime: {0}")]
+    #[error("cannot start the async runtime")]
     Runtime(#[source] std::io::Error),
     /// The HTTP listener cannot be bound.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Listen {
         /// The address.
         addr: SocketAddr,
@@ -229,13 +229,13 @@ pub enum ServeError {
         source: std::io::Error,
     },
     /// The filesystem watch cannot be set up.
-    #[error("cannot watch the repository: {0}")]
+    #[error("cannot watch the repository")]
     Watch(#[source] notify::Error),
     /// Signal handlers cannot be installed.
-    #[error("cannot install signal handlers: {0}")]
+    #[error("cannot install signal handlers")]
     Signals(#[source] std::io::Error),
     /// The HTTP server failed.
-    #[error("the HTTP server failed: {0}")]
+    #[error("the HTTP server failed")]
     Http(#[source] std::io::Error),
     /// The fleet's etcd cannot be used.
     #[error("cannot join the fleet through etcd")]
@@ -855,13 +855,13 @@ pub enum StatusError {
     #[error("berth serve does not run {0} hosts yet")]
     DriverUnsupported(DriverKind),
     /// The async runtime cannot be built.
-    #[error("cannot start the async runtime: {0}")]
+    #[error("cannot start the async runtime")]
     Runtime(#[source] std::io::Error),
     /// The service could not be asked.
     #[error(transparent)]
     Client(#[from] client::ClientError),
     /// The status cannot be written as YAML.
-    #[error("cannot write the status as YAML: {0}")]
+    #[error("cannot write the status as YAML")]
     Yaml(#[source] serde_yaml::Error),
     /// The TLS files cannot be used.
     #[error("cannot speak TLS")]
