@@ -114,7 +114,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
 
     let (driver, _lock): (Box<dyn Driver>, Option<StateLock>) = match args.driver {
         DriverKind::Local => {
-            let lock = StateLock::acquire(&args.local.state_dir, args.wait)?;
+            let lock = StateLock::acquire(&args.local.state_dir, args.wait, "berth apply")?;
             let driver: Box<dyn Driver> = match libvirt {
                 Some(spec) => {
                     let driver = LibvirtDriver::new(&host, spec, &source.revision)?;

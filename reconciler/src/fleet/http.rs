@@ -116,7 +116,7 @@ impl Coordination for HttpPeers {
                         }
                         continue;
                     }
-                    Ok(Err(e)) => e.to_string(),
+                    Ok(Err(e)) => berth_hypervisor::report::one_line(&e),
                     Err(_) => format!("no answer from {} within {PEER_TIMEOUT:?}", peer.address),
                 };
                 if last.as_deref() == Some(&peer.name) {
