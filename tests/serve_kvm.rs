@@ -770,6 +770,37 @@ fn sigterm_on_the_source_mid_migration_cancels_it_and_the_guest_stays() {
                 .is_some_and(|g| g["phase"] == "Migrating")
         },
     );
+    // kvm01's serve holds the state lock while its migration runs: a `berth stop` by
+    // hand refuses, naming it (a guest that does not exist, so that a stop that got
+    // the lock would change nothing).
+    let lock = fleet.hosts[0].state.join("apply.lock");
+    wait_until(
+        "serve to hold the state lock",
+        Duration::from_secs(10),
+        || {
+            // Read from /proc/locks: trying the lock here could take it from serve.
+            let inode = std::os::unix::fs::MetadataExt::ino(&fs::metadata(&lock).expect("lock"));
+            fs::read_to_string("/proc/locks")
+                .expect("/proc/locks")
+                .lines()
+                .any(|l| l.contains("FLOCK") && l.contains(&format!(":{inode} ")))
+        },
+    );
+    let stop = berth_tests::command("berth")
+        .args(["stop", "no-such-guest", "--state-dir"])
+        .arg(&fleet.hosts[0].state)
+        .output()
+        .expect("run berth stop");
+    let stderr = String::from_utf8_lossy(&stop.stderr);
+    let serve_pid = fleet.hosts[0].serve.as_ref().expect("serving").id();
+    assert!(
+        !stop.status.success()
+            && stderr.contains(&format!(
+                "berth serve (pid {serve_pid}) holds {}",
+                lock.display()
+            )),
+        "{stderr}"
+    );
     assert_eq!(fleet.hosts[0].terminate(), Some(0), "a clean stop");
     let log = fleet.hosts[0].log_text();
     assert!(log.contains("cancelling the migration"), "{log}");
