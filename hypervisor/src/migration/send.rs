@@ -1056,10 +1056,12 @@ fn worker(
                         .as_ref()
                         .and_then(|pm| ram.untouched(pm, run))
                         .unwrap_or_default();
+                    let nonzero = ram.nonzero_heads(run, &untouched);
                     for i in 0..u64::from(run.pages) {
                         let gpa = run.gpa + i * PAGE_SIZE as u64;
-                        let never_faulted = untouched[(i / 64) as usize] & (1 << (i % 64)) != 0;
-                        if never_faulted || ram.is_zero(gpa) {
+                        let (word, bit) = ((i / 64) as usize, 1 << (i % 64));
+                        let never_faulted = untouched[word] & bit != 0;
+                        if never_faulted || (nonzero[word] & bit == 0 && ram.is_zero(gpa)) {
                             counters.zero.fetch_add(1, Ordering::Relaxed);
                             if !skip_zero {
                                 zeros.push(gpa);
