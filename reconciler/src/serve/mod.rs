@@ -2,18 +2,22 @@
 //! its host converged; and `berth status`, which reads the service's status.
 //!
 //! The pieces, each usable and tested on its own:
-//! - [`git`]: reading revisions with the git CLI.
-//! - [`source`]: noticing new heads (watch, poll, webhook) and reading each one once.
+//! - [`source`]: noticing new heads (watch, poll, webhook) and reading each one once
+//!   ([`crate::revision`]).
 //! - [`controller`]: the reconcile loop (observe, plan, dispatch) with a per-guest work
-//!   queue, backoff and suspend; before a start it asks the fleet coordination
-//!   ([`crate::fleet::Coordination`]) whether another host may still run the guest.
+//!   queue, backoff ([`crate::backoff`]) and suspend; before a start it asks the fleet
+//!   coordination ([`crate::fleet::Coordination`]) whether another host may still run
+//!   the guest.
 //! - [`http`]: `/healthz`, `/status`, `/metrics`, `/hooks/git` and the peer API
-//!   ([`crate::fleet::peer`]), over TLS ([`crate::tls`]), with [`auth`] for the webhook
-//!   signature (and the fleet secret of `--insecure-plain-http`).
-//! - [`client`]: the API's client side (`berth status`, and the transport of
+//!   ([`crate::fleet::peer`]), over TLS ([`crate::tls`]), with [`crate::auth`] for the
+//!   webhook signature (and the fleet secret of `--insecure-plain-http`). Its client is
+//!   [`crate::client`] (`berth status`, and the transport of
 //!   [`crate::fleet::http::HttpPeers`]).
-//! - [`status`] and [`metrics`]: what `/status` and `/metrics` report.
+//! - [`status`]: what `/status` reports (with [`crate::conditions`]); `/metrics` is
+//!   [`crate::metrics`].
 //! - [`simfleet`]: `--driver sim`, a simulated fleet that survives restarts.
+//! - [`locked`]: each action holds the state directory's lock, as `berth apply` and
+//!   `berth stop` do, for the action only.
 //!
 //! With `--driver local`, the driver is the one this host's Host manifest names in
 //! the branch head when the service starts: berth-vmm, or libvirt
@@ -34,19 +38,16 @@
 //! on its source), lets the other actions in flight finish (a driver leaves each guest
 //! running exactly once), and exits with the guests running.
 
-pub mod auth;
-pub mod backoff;
-pub mod client;
-pub mod conditions;
 pub mod controller;
-pub mod exposition;
-/// The git module, where `serve` has always found it.
-pub use crate::git;
 pub mod http;
-pub mod metrics;
+pub mod locked;
 pub mod simfleet;
 pub mod source;
 pub mod status;
+
+/// Modules that moved out of `serve/` (fleet/ uses them too), where code written
+/// against their old paths still finds them.
+pub use crate::{auth, backoff, client, conditions, git, metrics};
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -71,6 +72,7 @@ use auth::{Secret, SecretError};
 use backoff::BackoffPolicy;
 use controller::{Controller, ControllerConfig};
 use git::{GitError, GitRepo};
+use locked::Locked;
 use metrics::Metrics;
 use simfleet::{SimFleetError, SimulatedFleet};
 use source::{Follower, Trigger};
@@ -185,7 +187,7 @@ pub enum ServeError {
     #[error("--insecure-plain-http serves only a loopback address, not {0}: use TLS (--tls-ca, --tls-cert, --tls-key; see `berth certs`)")]
     PlainNotLoopback(SocketAddr),
     /// The state directory cannot be created.
-    #[error("cannot create the state directory {path}: {source}")]
+    #[error("cannot create the state directory {path}")]
     StateDir {
         /// The directory.
         path: String,
@@ -194,7 +196,7 @@ pub enum ServeError {
         source: std::io::Error,
     },
     /// The berth-vmm binary cannot be found.
-    #[error("cannot use the local driver: {0}")]
+    #[error("cannot use the local driver")]
     Vmm(#[source] DriverError),
     /// This machine's facts (CPUs, memory, hugepage sizes) cannot be read.
     #[error(transparent)]
@@ -206,7 +208,7 @@ pub enum ServeError {
     #[error("--driver {0} is not a command-line choice: this host's Host manifest chooses it (spec.driver)")]
     DriverUnsupported(DriverKind),
     /// This host's libvirtd does not answer.
-    #[error("cannot use the libvirt driver of host {host}: {source}")]
+    #[error("cannot use the libvirt driver of host {host}")]
     Libvirt {
         /// This host.
         host: String,
@@ -215,10 +217,10 @@ pub enum ServeError {
         source: DriverError,
     },
     /// The async runtime cannot be built.
-    #[error("cannot start the async runtime: {0}")]
+    #[error("cannot start the async runtime")]
     Runtime(#[source] std::io::Error),
     /// The HTTP listener cannot be bound.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Listen {
         /// The address.
         addr: SocketAddr,
@@ -227,13 +229,13 @@ pub enum ServeError {
         source: std::io::Error,
     },
     /// The filesystem watch cannot be set up.
-    #[error("cannot watch the repository: {0}")]
+    #[error("cannot watch the repository")]
     Watch(#[source] notify::Error),
     /// Signal handlers cannot be installed.
-    #[error("cannot install signal handlers: {0}")]
+    #[error("cannot install signal handlers")]
     Signals(#[source] std::io::Error),
     /// The HTTP server failed.
-    #[error("the HTTP server failed: {0}")]
+    #[error("the HTTP server failed")]
     Http(#[source] std::io::Error),
     /// The fleet's etcd cannot be used.
     #[error("cannot join the fleet through etcd")]
@@ -452,16 +454,20 @@ async fn serve(
                 )
                 .with_coordination(Arc::clone(&coordination), tokio::runtime::Handle::current()),
             );
-            (driver.clone(), incoming.clone(), Some((driver, incoming)))
+            let locked = Arc::new(Locked::new(Arc::clone(&driver), &args.state_dir));
+            (locked, incoming.clone(), Some((driver, incoming)))
         }
         Fleet::Sim(sim) => (sim.clone(), Arc::new(NoIncoming), None),
         Fleet::Libvirt(libvirt) => (
-            Arc::new(LibvirtServe::new(
-                Arc::clone(libvirt),
-                Arc::clone(&enforced),
-                Arc::clone(&coordination),
-                Arc::clone(&metrics),
-                tokio::runtime::Handle::current(),
+            Arc::new(Locked::new(
+                Arc::new(LibvirtServe::new(
+                    Arc::clone(libvirt),
+                    Arc::clone(&enforced),
+                    Arc::clone(&coordination),
+                    Arc::clone(&metrics),
+                    tokio::runtime::Handle::current(),
+                )),
+                &args.state_dir,
             )),
             Arc::new(LibvirtIncoming::new(Arc::clone(libvirt))),
             None,
@@ -849,13 +855,13 @@ pub enum StatusError {
     #[error("berth serve does not run {0} hosts yet")]
     DriverUnsupported(DriverKind),
     /// The async runtime cannot be built.
-    #[error("cannot start the async runtime: {0}")]
+    #[error("cannot start the async runtime")]
     Runtime(#[source] std::io::Error),
     /// The service could not be asked.
     #[error(transparent)]
     Client(#[from] client::ClientError),
     /// The status cannot be written as YAML.
-    #[error("cannot write the status as YAML: {0}")]
+    #[error("cannot write the status as YAML")]
     Yaml(#[source] serde_yaml::Error),
     /// The TLS files cannot be used.
     #[error("cannot speak TLS")]
@@ -880,7 +886,7 @@ pub fn status_text(args: &StatusArgs) -> Result<String, StatusError> {
         Some(name) => name.clone(),
         None => client::host_of(&args.server)?,
     };
-    let status = runtime.block_on(client::status(&transport, &args.server, &name))?;
+    let status: Status = runtime.block_on(client::status(&transport, &args.server, &name))?;
     use crate::output::{self, Output};
     let format = if args.json { Output::Json } else { args.output };
     Ok(match format {
