@@ -3,7 +3,8 @@
 //!
 //! Layout: `<state>/guests/<name>/` is the VMM's own directory (`vmm.lock`, `pid`,
 //! `control.sock`, `console.log`, `spec.yaml`, see `berth_hypervisor::statedir`); the
-//! driver adds `start.yaml` (the spec it started the VMM with), `metadata.json` (labels
+//! driver adds `start.yaml` (the spec it started the VMM with, and the same as
+//! `start.json`, which observe reads: JSON parses much faster), `metadata.json` (labels
 //! and annotations, with the `berth.dev/managed` marker) and `vmm.log` (the VMM's
 //! stdout and stderr). `<state>/apply.lock` serialises applies ([`StateLock`]).
 //!
