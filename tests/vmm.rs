@@ -713,6 +713,32 @@ fn bad_control_requests_get_errors_and_the_vmm_keeps_running() {
     assert_eq!(code(reply), ErrorCode::TooLarge);
     // Same connection, still served; and the guest still runs.
     assert_eq!(c.status().unwrap().state, GuestRunState::Running);
+    // A connection held open and idle (`c`) holds up no other; and a connection's
+    // thread is kept for the next one, not spawned per connection.
+    let conn_threads = |s: &Status| -> std::collections::BTreeSet<i32> {
+        s.emulator_threads
+            .iter()
+            .filter(|t| t.name == "control-conn")
+            .map(|t| t.tid)
+            .collect()
+    };
+    let first = conn_threads(&vmm.status());
+    let mut seen = first.clone();
+    let mut last = first.clone();
+    for _ in 0..20 {
+        let status = vmm.status();
+        assert_eq!(status.state, GuestRunState::Running);
+        last = conn_threads(&status);
+        seen.extend(last.iter().copied());
+    }
+    // Every thread that served a connection is still there (kept, not exited), and
+    // 21 connections took fewer threads (a connection that comes before the last one's
+    // thread is back waiting gets a new one).
+    assert!(
+        first.is_subset(&last) && seen.len() < 21,
+        "connection threads: {first:?} at first, {last:?} at last, {seen:?} in all"
+    );
+    assert_eq!(c.status().unwrap().state, GuestRunState::Running);
     let mode = std::fs::metadata(&vmm.socket).unwrap();
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(mode.permissions().mode() & 0o777, 0o600);

@@ -2,6 +2,8 @@
 //! affinity, `/proc` and sysfs readers, hugepage pools. Errors are flattened into
 //! `io::Error`-like messages the VMM's own errors wrap.
 
+use std::path::Path;
+
 use berth_schema::{CpuSet, PageSize};
 
 use crate::host::{affinity, hugepages, sysinfo};
@@ -48,6 +50,19 @@ pub fn threads() -> Result<Vec<(Pid, String)>, affinity::AffinityError> {
         .collect())
 }
 
+/// The thread ids of this process, sorted.
+///
+/// # Errors
+/// `/proc/<pid>/task` is unreadable.
+pub fn thread_ids() -> Result<Vec<Pid>, affinity::AffinityError> {
+    affinity::thread_ids(current_pid())
+}
+
+/// The name of thread `tid` of this process; `None` when it is gone or unreadable.
+pub fn thread_name(tid: Pid) -> Option<String> {
+    affinity::thread_name(current_pid(), tid).ok().flatten()
+}
+
 /// The CPUs online on this host.
 ///
 /// # Errors
@@ -74,12 +89,21 @@ pub fn thp_mode() -> Option<berth_schema::ThpMode> {
     sysinfo::read_thp_mode().ok()
 }
 
-/// The memory of process `pid` as the kernel counts it.
+/// The host's transparent hugepage mode, read through `files`.
+pub fn thp_mode_in(files: &mut crate::host::KeptFiles) -> Option<berth_schema::ThpMode> {
+    let text = files.read(Path::new(sysinfo::THP_ENABLED_PATH)).ok()?;
+    sysinfo::parse_thp_mode(&text).ok()
+}
+
+/// The memory of this process as the kernel counts it, read through `files`.
 ///
 /// # Errors
-/// `/proc/<pid>/status` is unreadable.
-pub fn process_memory(pid: Pid) -> Result<ProcessMemory, sysinfo::SysInfoError> {
-    sysinfo::read_process_memory(pid)
+/// `/proc/self/status` is unreadable or malformed.
+pub fn process_memory_in(files: &mut crate::host::KeptFiles) -> Result<ProcessMemory, String> {
+    let text = files
+        .read(Path::new("/proc/self/status"))
+        .map_err(|e| e.to_string())?;
+    sysinfo::parse_process_memory(&text)
 }
 
 /// The host's total RAM (`MemTotal`), when readable.

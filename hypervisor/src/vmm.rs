@@ -335,7 +335,23 @@ pub struct Vmm {
     started_at: Instant,
     migration: crate::migration::Migration,
     fence: crate::fence::Fence,
+    /// What every status reads again: see [`StatusCache`].
+    status_cache: Mutex<StatusCache>,
     _serial_irq: Arc<EventFd>,
+}
+
+/// What a status would otherwise open and read afresh on every request: the kernel
+/// files it reads (this process's `/proc` status, the THP mode, the cgroup's files),
+/// kept open and read again from offset 0, and the names of the VMM's threads. Every
+/// value is still read from the kernel on every status; only the path walks and
+/// `open`/`close` calls are saved. A thread's name is read on its first two statuses
+/// (a thread just spawned may not have set its name yet) and kept while its id is in
+/// the thread list.
+#[derive(Debug, Default)]
+struct StatusCache {
+    files: crate::host::KeptFiles,
+    /// Thread id to (name, seen in an earlier status too).
+    names: std::collections::HashMap<hostlink::Pid, (String, bool)>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -405,6 +421,10 @@ impl Vmm {
             started_at,
             migration: crate::migration::Migration::default(),
             fence: crate::fence::Fence::default(),
+            status_cache: Mutex::new(StatusCache {
+                files: crate::host::KeptFiles::new(),
+                ..StatusCache::default()
+            }),
             _serial_irq: irq,
         })
     }
@@ -926,17 +946,21 @@ impl Vmm {
             })
             .collect::<Vec<_>>();
         let vcpu_tids: Vec<_> = vcpu.iter().filter_map(|v| v.tid).collect();
-        let emulator_threads = hostlink::threads()
-            .unwrap_or_default()
+        let mut cache = lock(&self.status_cache);
+        let emulator_threads = cache
+            .emulator_threads(&vcpu_tids)
             .into_iter()
-            .filter(|(tid, name)| !vcpu_tids.contains(tid) && !is_kvm_worker(name))
+            .filter(|(_, name)| !is_kvm_worker(name))
             .map(|(tid, name)| ThreadStatus {
                 tid,
                 name,
                 affinity: hostlink::read_thread_affinity(pid, tid).ok(),
             })
             .collect();
-        let mem = hostlink::process_memory(pid).unwrap_or_default();
+        let mem = hostlink::process_memory_in(&mut cache.files).unwrap_or_default();
+        let thp = hostlink::thp_mode_in(&mut cache.files);
+        let cgroup = self.cgroup_json(&mut cache.files);
+        drop(cache);
         let backing = match config.memory.backing {
             Backing::Anonymous => "anonymous".to_owned(),
             Backing::Hugetlb(size) => format!("hugetlb-{size}"),
@@ -969,9 +993,9 @@ impl Vmm {
                 rss: mem.rss.get(),
                 locked: mem.locked.get(),
                 share_pages: config.memory.share_pages,
-                thp: hostlink::thp_mode(),
+                thp,
             },
-            cgroup: Some(self.cgroup_json()),
+            cgroup: Some(cgroup),
             console: ConsoleStatus {
                 path: self.devices.serial().log().path().display().to_string(),
                 lines: self.console.lines.load(Ordering::Relaxed),
@@ -994,13 +1018,14 @@ impl Vmm {
     /// # Errors
     /// [`VmmError::Cgroup`].
     pub fn remove_cgroup(&self) -> Result<(), VmmError> {
+        lock(&self.status_cache).files.close_all();
         if let Some(cgroup) = lock(&self.cgroup).cgroup.take() {
             cgroup.remove()?;
         }
         Ok(())
     }
 
-    fn cgroup_json(&self) -> serde_json::Value {
+    fn cgroup_json(&self, files: &mut crate::host::KeptFiles) -> serde_json::Value {
         let cg = lock(&self.cgroup);
         match &cg.cgroup {
             Some(cgroup) => {
@@ -1009,7 +1034,7 @@ impl Vmm {
                     .iter()
                     .map(|p| p.display().to_string())
                     .collect();
-                let values = match cgroup.read() {
+                let values = match cgroup.read_with(files) {
                     Ok(readback) => serde_json::to_value(readback).unwrap_or_default(),
                     Err(e) => serde_json::json!({"error": e.to_string()}),
                 };
@@ -1031,6 +1056,30 @@ impl Vmm {
     /// Whether the vCPU is running guest code (for tests and migration).
     pub fn vcpu_state(&self, index: u32) -> Option<VcpuRunState> {
         self.vcpus.get(index as usize).map(|v| v.state())
+    }
+}
+
+impl StatusCache {
+    /// The VMM's threads but `vcpu_tids`, with their names: (tid, name), by tid.
+    fn emulator_threads(&mut self, vcpu_tids: &[hostlink::Pid]) -> Vec<(hostlink::Pid, String)> {
+        let tids = hostlink::thread_ids().unwrap_or_default();
+        self.names.retain(|tid, _| tids.binary_search(tid).is_ok());
+        let mut threads = Vec::with_capacity(tids.len());
+        for tid in tids.into_iter().filter(|t| !vcpu_tids.contains(t)) {
+            let name = match self.names.get_mut(&tid) {
+                Some((name, true)) => name.clone(),
+                seen => {
+                    let Some(name) = hostlink::thread_name(tid) else {
+                        continue;
+                    };
+                    let earlier = seen.is_some();
+                    self.names.insert(tid, (name.clone(), earlier));
+                    name
+                }
+            };
+            threads.push((tid, name));
+        }
+        threads
     }
 }
 

@@ -7,7 +7,10 @@
 //! `BENCH_ROUNDS` times (after 3 rounds of warm-up) asking the VMMs one after the other
 //! (1 worker: how berth observed before) and concurrently (the default workers), in
 //! alternating rounds; the median, p90 and the cost per guest are printed, with the
-//! load average. Every VMM is stopped at the end.
+//! load average. Then `BENCH_ROUNDS` concurrent observes in a row are counted in CPU
+//! time, berth's (`getrusage`) and the VMMs' (`/proc/<pid>/stat`), which a shared
+//! machine's load does not inflate the way it does wall time. Every VMM is stopped at
+//! the end.
 //!
 //! Run (as root): `cargo build --release -p berth-hypervisor --bin berth-vmm &&
 //! cargo bench -p berth-reconciler --bench observe` (`BENCH_GUESTS`, `BENCH_ROUNDS`
@@ -93,6 +96,56 @@ fn main() {
         "ratio {:.1}x; load average (1/5/15 min) after: {load}",
         before / after
     );
+
+    // CPU time of `rounds` concurrent observes in a row, per observe.
+    let pids: Vec<i32> = names
+        .iter()
+        .filter_map(|n| std::fs::read_to_string(state.join("guests").join(n).join("pid")).ok())
+        .filter_map(|p| p.trim().parse().ok())
+        .collect();
+    assert_eq!(pids.len(), guests, "every VMM's pid");
+    let vmms_before = vmm_cpu_ms(&pids);
+    let self_before = self_cpu_ms();
+    for _ in 0..rounds {
+        time(&concurrent);
+    }
+    let berth = (self_cpu_ms() - self_before) / rounds as f64;
+    let vmms = (vmm_cpu_ms(&pids) - vmms_before) / rounds as f64;
+    println!(
+        "CPU per observe ({OBSERVE_WORKERS} at once, {rounds} in a row): berth {berth:.1} ms + \
+         VMMs {vmms:.1} ms = {:.1} ms ({:.0} us per guest)",
+        berth + vmms,
+        (berth + vmms) * 1000.0 / guests as f64
+    );
+}
+
+/// User + system CPU time of this process, all its threads, in ms.
+fn self_cpu_ms() -> f64 {
+    // SAFETY: getrusage writes into the zeroed struct it is given.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let ms = |t: libc::timeval| t.tv_sec as f64 * 1000.0 + t.tv_usec as f64 / 1000.0;
+    ms(usage.ru_utime) + ms(usage.ru_stime)
+}
+
+/// User + system CPU time of the processes `pids` (all their threads, exited ones
+/// too), in ms, from `/proc/<pid>/stat` (clock ticks: summed over many rounds, the
+/// truncation of each process's count averages out).
+fn vmm_cpu_ms(pids: &[i32]) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let mut ticks = 0u64;
+    for pid in pids {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("a VMM's stat");
+        // Fields after the `(comm)`: state is field 3, utime 14 and stime 15.
+        let rest = &stat[stat.rfind(')').expect("stat has (comm)") + 2..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        ticks += fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    }
+    ticks as f64 * 1000.0 / tick
 }
 
 fn guest(name: &str) -> Guest {

@@ -57,11 +57,26 @@ pub enum ClientError {
     Timeout(Duration),
 }
 
+/// A reply whose result is read as a `T` (the `v` field is not needed).
+#[derive(serde::Deserialize)]
+struct TypedResponse<T> {
+    id: u64,
+    ok: bool,
+    #[serde(default = "none")]
+    result: Option<T>,
+    #[serde(default)]
+    error: Option<ErrorBody>,
+}
+
+fn none<T>() -> Option<T> {
+    None
+}
+
 /// A connection to one VMM.
 #[derive(Debug)]
 pub struct Client {
+    /// The connection; requests are written through `get_ref()`.
     reader: BufReader<UnixStream>,
-    writer: UnixStream,
     next_id: u64,
 }
 
@@ -79,8 +94,7 @@ impl Client {
         stream.set_read_timeout(Some(DEFAULT_TIMEOUT))?;
         stream.set_write_timeout(Some(DEFAULT_TIMEOUT))?;
         Ok(Client {
-            reader: BufReader::new(stream.try_clone()?),
-            writer: stream,
+            reader: BufReader::new(stream),
             next_id: 1,
         })
     }
@@ -105,7 +119,7 @@ impl Client {
     /// # Errors
     /// [`ClientError::Io`].
     pub fn set_timeout(&mut self, timeout: Duration) -> Result<(), ClientError> {
-        self.writer.set_read_timeout(Some(timeout))?;
+        self.reader.get_ref().set_read_timeout(Some(timeout))?;
         Ok(())
     }
 
@@ -114,6 +128,11 @@ impl Client {
     /// # Errors
     /// [`ClientError::Refused`] with the VMM's error, or a transport error.
     pub fn call(&mut self, op: Op) -> Result<serde_json::Value, ClientError> {
+        self.typed(op)
+    }
+
+    /// Sends `op` and reads the reply's result as a `T`, straight from the reply's text.
+    fn typed<T: serde::de::DeserializeOwned>(&mut self, op: Op) -> Result<T, ClientError> {
         let name = op.name();
         let id = self.next_id;
         self.next_id += 1;
@@ -124,8 +143,13 @@ impl Client {
         })
         .map_err(|e| ClientError::BadReply(e.to_string()))?;
         line.push(b'\n');
-        self.writer.write_all(&line)?;
-        let response = self.read_response()?;
+        self.reader.get_ref().write_all(&line)?;
+        let mut buf = String::new();
+        if self.reader.read_line(&mut buf)? == 0 {
+            return Err(ClientError::Closed);
+        }
+        let response: TypedResponse<T> =
+            serde_json::from_str(&buf).map_err(|e| ClientError::BadReply(format!("{e}: {buf}")))?;
         if response.id != id {
             return Err(ClientError::BadReply(format!(
                 "reply id {} for request {id}",
@@ -144,7 +168,7 @@ impl Client {
     /// # Errors
     /// Transport errors.
     pub fn raw(&mut self, line: &[u8]) -> Result<Response, ClientError> {
-        self.writer.write_all(line)?;
+        self.reader.get_ref().write_all(line)?;
         self.read_response()
     }
 
@@ -154,11 +178,6 @@ impl Client {
             return Err(ClientError::Closed);
         }
         serde_json::from_str(&buf).map_err(|e| ClientError::BadReply(format!("{e}: {buf}")))
-    }
-
-    fn typed<T: serde::de::DeserializeOwned>(&mut self, op: Op) -> Result<T, ClientError> {
-        let value = self.call(op)?;
-        serde_json::from_value(value).map_err(|e| ClientError::BadReply(e.to_string()))
     }
 
     /// The guest's status.
@@ -252,7 +271,8 @@ impl Client {
             Err(ClientError::Closed) => return Ok(()),
             Err(e) => return Err(e),
         }
-        self.writer
+        self.reader
+            .get_ref()
             .set_read_timeout(Some(wait + Duration::from_secs(1)))?;
         let mut rest = String::new();
         match self.reader.read_line(&mut rest) {

@@ -1,10 +1,17 @@
-//! The VMM side of the control socket: an accept thread and one thread per connection,
-//! each reading request lines and answering through the [`Vmm`].
+//! The VMM side of the control socket: an accept thread hands each connection to a
+//! connection thread, which reads request lines and answers through the [`Vmm`].
+//!
+//! Connection threads are kept: one whose connection ends waits for the next, so a VMM
+//! observed every few seconds spawns no thread per request (spawning one, with its
+//! stack mapped and unmapped and a fresh malloc arena, cost more than the status it
+//! served). A connection never waits behind another: when no kept thread is free, a new
+//! one is started, up to [`MAX_CONNECTIONS`].
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::{Arc, Mutex};
 
 use super::protocol::{parse_request, ErrorCode, Op, Request, Response, MAX_LINE};
 use crate::vmm::{Vmm, VmmError};
@@ -17,37 +24,86 @@ const MAX_CONNECTIONS: usize = 32;
 /// # Errors
 /// The thread cannot be spawned.
 pub fn spawn(listener: UnixListener, vmm: Arc<Vmm>) -> std::io::Result<()> {
-    let active = Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("control".into())
-        .spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(mut stream) = stream else { continue };
-                if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
-                    active.fetch_sub(1, Ordering::SeqCst);
-                    let reply = Response::error(0, ErrorCode::Host, "too many control connections");
-                    let _ = write_reply(&mut stream, &reply);
-                    continue;
-                }
-                let vmm = Arc::clone(&vmm);
-                let active = Arc::clone(&active);
-                let spawned = std::thread::Builder::new()
-                    .name("control-conn".into())
-                    .spawn(move || {
-                        serve(stream, &vmm);
-                        active.fetch_sub(1, Ordering::SeqCst);
-                    });
-                if spawned.is_err() {
-                    eprintln!("berth-vmm: cannot start a control connection thread");
-                }
-            }
-        })?;
+        .spawn(move || accept_loop(&listener, &vmm))?;
     Ok(())
 }
 
-fn write_reply(stream: &mut UnixStream, reply: &Response) -> std::io::Result<()> {
+/// Counts shared by the accept thread and the connection threads.
+#[derive(Default)]
+struct Counts {
+    /// Connections being served or handed over.
+    active: AtomicUsize,
+    /// Connection threads waiting for a connection that none has been promised.
+    idle: AtomicUsize,
+}
+
+fn accept_loop(listener: &UnixListener, vmm: &Arc<Vmm>) {
+    let counts = Arc::new(Counts::default());
+    let (handover, queue) = channel::<UnixStream>();
+    let queue = Arc::new(Mutex::new(queue));
+    for stream in listener.incoming() {
+        let Ok(mut stream) = stream else { continue };
+        if counts.active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+            counts.active.fetch_sub(1, Ordering::SeqCst);
+            let reply = Response::error(0, ErrorCode::Host, "too many control connections");
+            let _ = write_reply(&mut stream, &reply);
+            continue;
+        }
+        // Promise the connection to an idle thread (only this thread takes from
+        // `idle`), else start one: every queued connection has a free thread.
+        let promised = counts
+            .idle
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if !promised {
+            let (vmm, shared, queue) = (Arc::clone(vmm), Arc::clone(&counts), Arc::clone(&queue));
+            let spawned = std::thread::Builder::new()
+                .name("control-conn".into())
+                .spawn(move || connection_thread(&queue, &vmm, &shared));
+            if spawned.is_err() {
+                counts.active.fetch_sub(1, Ordering::SeqCst);
+                eprintln!("berth-vmm: cannot start a control connection thread");
+                continue;
+            }
+        }
+        if handover.send(stream).is_err() {
+            return;
+        }
+    }
+}
+
+/// Serves connections from `queue`, one after the other, for the life of the process.
+fn connection_thread(queue: &Mutex<Receiver<UnixStream>>, vmm: &Arc<Vmm>, counts: &Counts) {
+    loop {
+        let next = queue.lock().unwrap_or_else(|e| e.into_inner()).recv();
+        let Ok(stream) = next else { return };
+        serve(stream, vmm);
+        counts.active.fetch_sub(1, Ordering::SeqCst);
+        counts.idle.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+fn write_reply(mut stream: impl Write, reply: &Response) -> std::io::Result<()> {
     let mut line = serde_json::to_vec(reply).map_err(std::io::Error::other)?;
     line.push(b'\n');
+    stream.write_all(&line)
+}
+
+/// A successful status reply, serialised straight from the [`Status`] (the same text as
+/// [`Response::ok`] with its JSON value, without building the value first).
+///
+/// [`Status`]: super::protocol::Status
+fn write_status(mut stream: impl Write, id: u64, vmm: &Vmm) -> std::io::Result<()> {
+    let mut line = Vec::with_capacity(4096);
+    write!(
+        line,
+        "{{\"v\":{},\"id\":{id},\"ok\":true,\"result\":",
+        super::protocol::PROTOCOL_VERSION
+    )?;
+    serde_json::to_writer(&mut line, &vmm.status()).map_err(std::io::Error::other)?;
+    line.extend_from_slice(b"}\n");
     stream.write_all(&line)
 }
 
@@ -86,10 +142,7 @@ fn read_line(reader: &mut impl BufRead) -> std::io::Result<Option<Result<Vec<u8>
 }
 
 fn serve(stream: UnixStream, vmm: &Arc<Vmm>) {
-    let Ok(mut writer) = stream.try_clone() else {
-        return;
-    };
-    let mut reader = BufReader::new(stream);
+    let mut reader = BufReader::new(&stream);
     loop {
         let reply = match read_line(&mut reader) {
             Ok(None) | Err(_) => return,
@@ -100,11 +153,19 @@ fn serve(stream: UnixStream, vmm: &Arc<Vmm>) {
             ),
             Ok(Some(Ok(line))) if line.iter().all(u8::is_ascii_whitespace) => continue,
             Ok(Some(Ok(line))) => match parse_request(&line) {
+                Ok(Request {
+                    id, op: Op::Status, ..
+                }) => {
+                    if write_status(&stream, id, vmm).is_err() {
+                        return;
+                    }
+                    continue;
+                }
                 Ok(request) => handle(vmm, request),
                 Err(reply) => reply,
             },
         };
-        if write_reply(&mut writer, &reply).is_err() {
+        if write_reply(&stream, &reply).is_err() {
             return;
         }
     }

@@ -226,38 +226,56 @@ pub fn parse_cpus_allowed_list(status: &str) -> Result<CpuSet, String> {
 /// # Errors
 /// [`AffinityError::Read`] when the process does not exist.
 pub fn threads(pid: Pid) -> Result<Vec<ThreadInfo>, AffinityError> {
+    let mut threads = Vec::new();
+    for tid in thread_ids(pid)? {
+        if let Some(name) = thread_name(pid, tid)? {
+            threads.push(ThreadInfo { tid, name });
+        }
+    }
+    Ok(threads)
+}
+
+/// The thread ids of process `pid`, sorted, from `/proc/<pid>/task` (no name read).
+///
+/// # Errors
+/// [`AffinityError::Read`] when the process does not exist.
+pub fn thread_ids(pid: Pid) -> Result<Vec<Pid>, AffinityError> {
     let dir = PathBuf::from(format!("/proc/{pid}/task"));
     let entries = std::fs::read_dir(&dir).map_err(|error| AffinityError::Read {
         path: dir.clone(),
         error,
     })?;
-    let mut threads = Vec::new();
+    let mut tids = Vec::new();
     for entry in entries {
         let entry = entry.map_err(|error| AffinityError::Read {
             path: dir.clone(),
             error,
         })?;
-        let Some(tid) = entry
+        if let Some(tid) = entry
             .file_name()
             .to_str()
             .and_then(|s| s.parse::<Pid>().ok())
-        else {
-            continue;
-        };
-        let comm = entry.path().join("comm");
-        match read_file(&comm) {
-            Ok(name) => threads.push(ThreadInfo {
-                tid,
-                name: name.trim_end_matches('\n').to_owned(),
-            }),
-            Err(e)
-                if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESRCH) => {
-            }
-            Err(error) => return Err(AffinityError::Read { path: comm, error }),
+        {
+            tids.push(tid);
         }
     }
-    threads.sort();
-    Ok(threads)
+    tids.sort_unstable();
+    Ok(tids)
+}
+
+/// The name (`comm`) of thread `tid` of process `pid`; `None` when it has exited.
+///
+/// # Errors
+/// [`AffinityError::Read`] when `comm` exists but cannot be read.
+pub fn thread_name(pid: Pid, tid: Pid) -> Result<Option<String>, AffinityError> {
+    let comm = PathBuf::from(format!("/proc/{pid}/task/{tid}/comm"));
+    match read_file(&comm) {
+        Ok(name) => Ok(Some(name.trim_end_matches('\n').to_owned())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESRCH) => {
+            Ok(None)
+        }
+        Err(error) => Err(AffinityError::Read { path: comm, error }),
+    }
 }
 
 /// The CPUs online on this host, from `/sys/devices/system/cpu/online`.

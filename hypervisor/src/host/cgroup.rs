@@ -35,7 +35,7 @@ use berth_schema::{Bytes, CpuSet, MemTune};
 use serde::{Deserialize, Serialize};
 
 use super::affinity::Pid;
-use super::{os_message, read_file, write_file};
+use super::{os_message, read_file, write_file, KeptFiles};
 
 /// Where the kernel lists the mounts of the calling process.
 pub const MOUNTINFO_PATH: &str = "/proc/self/mountinfo";
@@ -782,23 +782,20 @@ impl GuestCgroup {
 
     /// The weight file this host offers, or why there is none.
     fn io_weight_file(&self, dir: &Path) -> Result<PathBuf, String> {
-        let names = match self.version {
-            CgroupVersion::V1 => ["blkio.weight", "blkio.bfq.weight"],
-            CgroupVersion::V2 => ["io.weight", "io.bfq.weight"],
-        };
+        let names = self.io_weight_names();
         names
             .iter()
             .map(|name| dir.join(name))
             .find(|path| path.exists())
-            .ok_or_else(|| {
-                format!(
-                    "neither {} nor {} exists in {}: the host's I/O scheduler offers no \
-                     proportional weights (select BFQ for the disks)",
-                    names[0],
-                    names[1],
-                    dir.display()
-                )
-            })
+            .ok_or_else(|| no_weight_file(names, dir))
+    }
+
+    /// The weight files this cgroup version may offer, in order of preference.
+    fn io_weight_names(&self) -> [&'static str; 2] {
+        match self.version {
+            CgroupVersion::V1 => ["blkio.weight", "blkio.bfq.weight"],
+            CgroupVersion::V2 => ["io.weight", "io.bfq.weight"],
+        }
     }
 
     /// Reads back everything the cgroup holds.
@@ -807,10 +804,19 @@ impl GuestCgroup {
     /// [`CgroupError::Read`] or [`CgroupError::Parse`] on a file that exists but cannot be
     /// read or makes no sense.
     pub fn read(&self) -> Result<CgroupReadback, CgroupError> {
+        self.read_with(&mut KeptFiles::passing())
+    }
+
+    /// [`GuestCgroup::read`] through `files`, which may keep the cgroup's files open
+    /// between calls (a VMM's status; close them before the cgroup is removed).
+    ///
+    /// # Errors
+    /// As [`GuestCgroup::read`].
+    pub fn read_with(&self, files: &mut KeptFiles) -> Result<CgroupReadback, CgroupError> {
         let memory = match self.dir_for(Controller::Memory) {
             Some(dir) => match self.version {
-                CgroupVersion::V1 => read_memory_v1(dir)?,
-                CgroupVersion::V2 => read_memory_v2(dir)?,
+                CgroupVersion::V1 => read_memory_v1(files, dir)?,
+                CgroupVersion::V2 => read_memory_v2(files, dir)?,
             },
             None => {
                 let reason = self.missing_controller(Controller::Memory);
@@ -823,10 +829,19 @@ impl GuestCgroup {
                 }
             }
         };
-        let (cpus, mems) = match self.dir_for(Controller::Cpuset) {
-            Some(dir) if dir.join("cpuset.cpus").exists() => (
-                Knob::Enforced(read_cpuset_file(dir, "cpuset.cpus")?),
-                Knob::Enforced(read_cpuset_file(dir, "cpuset.mems")?),
+        let cpus = match self.dir_for(Controller::Cpuset) {
+            Some(dir) => read_cpuset_file(files, dir, "cpuset.cpus")?,
+            None => None,
+        };
+        let (cpus, mems) = match (self.dir_for(Controller::Cpuset), cpus) {
+            (Some(dir), Some(cpus)) => (
+                Knob::Enforced(cpus),
+                Knob::Enforced(read_cpuset_file(files, dir, "cpuset.mems")?.ok_or_else(|| {
+                    CgroupError::Read {
+                        path: dir.join("cpuset.mems"),
+                        error: io::ErrorKind::NotFound.into(),
+                    }
+                })?),
             ),
             _ => {
                 let reason = self.missing_controller(Controller::Cpuset);
@@ -835,19 +850,31 @@ impl GuestCgroup {
         };
         let io_weight = match self.dir_for(Controller::Io) {
             None => Knob::NotEnforced(self.missing_controller(Controller::Io)),
-            Some(dir) => match self.io_weight_file(dir) {
-                Err(reason) => Knob::NotEnforced(reason),
-                Ok(file) => {
-                    let text = read(&file)?;
-                    Knob::Enforced(parse_io_weight(&text).ok_or_else(|| CgroupError::Parse {
-                        path: file,
-                        reason: format!("{:?} holds no default weight", text.trim()),
-                    })?)
+            Some(dir) => {
+                let names = self.io_weight_names();
+                let mut found = None;
+                for name in names {
+                    let file = dir.join(name);
+                    if let Some(text) = read_optional_in(files, &file)? {
+                        found = Some((file, text));
+                        break;
+                    }
                 }
-            },
+                match found {
+                    None => Knob::NotEnforced(no_weight_file(names, dir)),
+                    Some((file, text)) => {
+                        Knob::Enforced(parse_io_weight(&text).ok_or_else(|| {
+                            CgroupError::Parse {
+                                path: file,
+                                reason: format!("{:?} holds no default weight", text.trim()),
+                            }
+                        })?)
+                    }
+                }
+            }
         };
         let processes = match self.dirs.first() {
-            Some(d) => read_procs(&d.dir)?,
+            Some(d) => read_procs_in(files, &d.dir)?,
             None => Vec::new(),
         };
         Ok(CgroupReadback {
@@ -956,8 +983,22 @@ fn unescape_mount_path(field: &str) -> PathBuf {
     PathBuf::from(std::ffi::OsString::from_vec(out))
 }
 
+fn no_weight_file(names: [&str; 2], dir: &Path) -> String {
+    format!(
+        "neither {} nor {} exists in {}: the host's I/O scheduler offers no \
+         proportional weights (select BFQ for the disks)",
+        names[0],
+        names[1],
+        dir.display()
+    )
+}
+
 fn read(path: &Path) -> Result<String, CgroupError> {
-    read_file(path).map_err(|error| CgroupError::Read {
+    read_in(&mut KeptFiles::passing(), path)
+}
+
+fn read_in(files: &mut KeptFiles, path: &Path) -> Result<String, CgroupError> {
+    files.read(path).map_err(|error| CgroupError::Read {
         path: path.to_owned(),
         error,
     })
@@ -965,7 +1006,12 @@ fn read(path: &Path) -> Result<String, CgroupError> {
 
 /// The file's text, or `None` when the file does not exist.
 fn read_optional(path: &Path) -> Result<Option<String>, CgroupError> {
-    match read_file(path) {
+    read_optional_in(&mut KeptFiles::passing(), path)
+}
+
+/// [`read_optional`] through `files`.
+fn read_optional_in(files: &mut KeptFiles, path: &Path) -> Result<Option<String>, CgroupError> {
+    match files.read(path) {
         Ok(text) => Ok(Some(text)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(error) => Err(CgroupError::Read {
@@ -1023,8 +1069,13 @@ fn remove_dir(path: &Path) -> Result<bool, CgroupError> {
 
 /// The processes in a cgroup directory (empty when it has no `cgroup.procs`).
 fn read_procs(dir: &Path) -> Result<Vec<Pid>, CgroupError> {
+    read_procs_in(&mut KeptFiles::passing(), dir)
+}
+
+/// [`read_procs`] through `files`.
+fn read_procs_in(files: &mut KeptFiles, dir: &Path) -> Result<Vec<Pid>, CgroupError> {
     let path = dir.join("cgroup.procs");
-    let Some(text) = read_optional(&path)? else {
+    let Some(text) = read_optional_in(files, &path)? else {
         return Ok(Vec::new());
     };
     let mut pids = text
@@ -1098,8 +1149,16 @@ pub fn parse_io_weight(text: &str) -> Option<u16> {
 }
 
 fn read_limit(path: &Path) -> Result<Option<Bytes>, CgroupError> {
-    let text = read(path)?;
-    parse_limit(&text)
+    read_limit_in(&mut KeptFiles::passing(), path)
+}
+
+fn read_limit_in(files: &mut KeptFiles, path: &Path) -> Result<Option<Bytes>, CgroupError> {
+    let text = read_in(files, path)?;
+    parse_limit_text(path, &text)
+}
+
+fn parse_limit_text(path: &Path, text: &str) -> Result<Option<Bytes>, CgroupError> {
+    parse_limit(text)
         .map(|limit| limit.map(Bytes))
         .ok_or_else(|| CgroupError::Parse {
             path: path.to_owned(),
@@ -1108,11 +1167,14 @@ fn read_limit(path: &Path) -> Result<Option<Bytes>, CgroupError> {
 }
 
 /// A limit file that may be missing: not enforced (with `reason`) when it is.
-fn read_limit_knob(path: &Path, reason: &str) -> Result<Knob<Option<Bytes>>, CgroupError> {
-    if path.exists() {
-        Ok(Knob::Enforced(read_limit(path)?))
-    } else {
-        Ok(Knob::NotEnforced(reason.to_owned()))
+fn read_limit_knob(
+    files: &mut KeptFiles,
+    path: &Path,
+    reason: &str,
+) -> Result<Knob<Option<Bytes>>, CgroupError> {
+    match read_optional_in(files, path)? {
+        Some(text) => Ok(Knob::Enforced(parse_limit_text(path, &text)?)),
+        None => Ok(Knob::NotEnforced(reason.to_owned())),
     }
 }
 
@@ -1208,21 +1270,28 @@ fn set_memtune_v2(dir: &Path, tune: &MemTune) -> Result<Vec<NotEnforced>, Cgroup
     Ok(skipped)
 }
 
-fn read_memory_v1(dir: &Path) -> Result<MemoryReadback, CgroupError> {
+fn read_memory_v1(files: &mut KeptFiles, dir: &Path) -> Result<MemoryReadback, CgroupError> {
     Ok(MemoryReadback {
-        hard_limit: Knob::Enforced(read_limit(&dir.join("memory.limit_in_bytes"))?),
-        soft_limit: Knob::Enforced(read_limit(&dir.join("memory.soft_limit_in_bytes"))?),
-        swap_hard_limit: read_limit_knob(&dir.join("memory.memsw.limit_in_bytes"), V1_NO_MEMSW)?,
+        hard_limit: Knob::Enforced(read_limit_in(files, &dir.join("memory.limit_in_bytes"))?),
+        soft_limit: Knob::Enforced(read_limit_in(
+            files,
+            &dir.join("memory.soft_limit_in_bytes"),
+        )?),
+        swap_hard_limit: read_limit_knob(
+            files,
+            &dir.join("memory.memsw.limit_in_bytes"),
+            V1_NO_MEMSW,
+        )?,
         min_guarantee: Knob::NotEnforced(V1_NO_MIN.to_owned()),
-        usage: read_usage(&dir.join("memory.usage_in_bytes"))?,
+        usage: read_usage(files, &dir.join("memory.usage_in_bytes"))?,
     })
 }
 
-fn read_memory_v2(dir: &Path) -> Result<MemoryReadback, CgroupError> {
+fn read_memory_v2(files: &mut KeptFiles, dir: &Path) -> Result<MemoryReadback, CgroupError> {
     let max = dir.join("memory.max");
-    let hard_limit = read_limit_knob(&max, &missing_file(&max))?;
+    let hard_limit = read_limit_knob(files, &max, &missing_file(&max))?;
     let swap = dir.join("memory.swap.max");
-    let swap_only = read_limit_knob(&swap, &missing_file(&swap))?;
+    let swap_only = read_limit_knob(files, &swap, &missing_file(&swap))?;
     let swap_hard_limit = match (&swap_only, &hard_limit) {
         (Knob::Enforced(Some(swap)), Knob::Enforced(Some(hard))) => {
             Knob::Enforced(Some(Bytes(swap.get().saturating_add(hard.get()))))
@@ -1234,21 +1303,21 @@ fn read_memory_v2(dir: &Path) -> Result<MemoryReadback, CgroupError> {
     };
     let high = dir.join("memory.high");
     let min = dir.join("memory.min");
-    let min_guarantee = match read_limit_knob(&min, &missing_file(&min))? {
+    let min_guarantee = match read_limit_knob(files, &min, &missing_file(&min))? {
         Knob::Enforced(Some(Bytes(0))) => Knob::Enforced(None),
         other => other,
     };
     Ok(MemoryReadback {
         hard_limit,
-        soft_limit: read_limit_knob(&high, &missing_file(&high))?,
+        soft_limit: read_limit_knob(files, &high, &missing_file(&high))?,
         swap_hard_limit,
         min_guarantee,
-        usage: read_usage(&dir.join("memory.current"))?,
+        usage: read_usage(files, &dir.join("memory.current"))?,
     })
 }
 
-fn read_usage(path: &Path) -> Result<Option<Bytes>, CgroupError> {
-    match read_optional(path)? {
+fn read_usage(files: &mut KeptFiles, path: &Path) -> Result<Option<Bytes>, CgroupError> {
+    match read_optional_in(files, path)? {
         None => Ok(None),
         Some(text) => text
             .trim()
@@ -1262,21 +1331,29 @@ fn read_usage(path: &Path) -> Result<Option<Bytes>, CgroupError> {
 }
 
 /// `cpuset.cpus` / `cpuset.mems`, or on v2 the `.effective` file when nothing is
-/// configured (the cgroup inherits its parent's set).
-fn read_cpuset_file(dir: &Path, file: &str) -> Result<CpuSet, CgroupError> {
+/// configured (the cgroup inherits its parent's set). `None` when the file does not exist.
+fn read_cpuset_file(
+    files: &mut KeptFiles,
+    dir: &Path,
+    file: &str,
+) -> Result<Option<CpuSet>, CgroupError> {
     let mut path = dir.join(file);
-    let mut text = read(&path)?;
+    let Some(mut text) = read_optional_in(files, &path)? else {
+        return Ok(None);
+    };
     if text.trim().is_empty() {
         let effective = dir.join(format!("{file}.effective"));
-        if let Some(t) = read_optional(&effective)? {
+        if let Some(t) = read_optional_in(files, &effective)? {
             path = effective;
             text = t;
         }
     }
-    CpuSet::parse_list(&text).map_err(|e| CgroupError::Parse {
-        path,
-        reason: format!("{e}"),
-    })
+    CpuSet::parse_list(&text)
+        .map(Some)
+        .map_err(|e| CgroupError::Parse {
+            path,
+            reason: format!("{e}"),
+        })
 }
 
 #[cfg(test)]

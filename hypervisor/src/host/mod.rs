@@ -20,9 +20,11 @@ pub mod cgroup;
 pub mod hugepages;
 pub mod sysinfo;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
 use std::io::{self, Write};
-use std::path::Path;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 
 /// The text of an I/O error without the trailing `(os error N)`, so that messages read
 /// "Cannot write ... : Device or resource busy".
@@ -39,6 +41,83 @@ pub(crate) fn os_message(error: &io::Error) -> String {
 /// Reads a small kernel file (procfs, sysfs, cgroupfs) into a string.
 pub(crate) fn read_file(path: &Path) -> io::Result<String> {
     std::fs::read_to_string(path)
+}
+
+/// Kernel files (procfs, sysfs, cgroupfs) kept open and read again from offset 0, which
+/// makes the kernel generate their text afresh: what a VMM's status reads on every
+/// request costs a `pread` instead of a path walk, `open`, `statx` and `close`. A file
+/// that cannot be read through its kept descriptor (its cgroup was removed and made
+/// again) is opened again by path once.
+#[derive(Debug, Default)]
+pub struct KeptFiles {
+    keep: bool,
+    open: HashMap<PathBuf, File>,
+}
+
+impl KeptFiles {
+    /// Keeps every file it reads open.
+    pub fn new() -> KeptFiles {
+        KeptFiles {
+            keep: true,
+            open: HashMap::new(),
+        }
+    }
+
+    /// Opens every file afresh and keeps none (for one-off reads).
+    pub fn passing() -> KeptFiles {
+        KeptFiles::default()
+    }
+
+    /// The text of the kernel file at `path`, now.
+    ///
+    /// # Errors
+    /// As opening and reading it by path.
+    pub fn read(&mut self, path: &Path) -> io::Result<String> {
+        if let Some(file) = self.open.get(path) {
+            match read_from_start(file) {
+                Ok(text) => return Ok(text),
+                Err(_) => {
+                    self.open.remove(path);
+                }
+            }
+        }
+        if !self.keep {
+            return read_file(path);
+        }
+        let file = File::open(path)?;
+        let text = read_from_start(&file)?;
+        self.open.insert(path.to_owned(), file);
+        Ok(text)
+    }
+
+    /// Closes every kept file (before the cgroup they belong to is removed).
+    pub fn close_all(&mut self) {
+        self.open.clear();
+    }
+}
+
+/// The whole text of `file`, read with `pread` from offset 0. A read that does not fill
+/// the buffer is the end: a kernel file (`seq_file`) fills it up to its last record.
+fn read_from_start(file: &File) -> io::Result<String> {
+    let mut buf = vec![0u8; 4096];
+    let mut len = 0;
+    loop {
+        if len == buf.len() {
+            buf.resize(len * 2, 0);
+        }
+        match file.read_at(&mut buf[len..], len as u64) {
+            Ok(0) => break,
+            Ok(n) if len + n < buf.len() => {
+                len += n;
+                break;
+            }
+            Ok(n) => len += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf.truncate(len);
+    String::from_utf8(buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
 /// Writes `value` to an existing kernel file in one `write(2)`, as `echo value > path`
