@@ -96,49 +96,111 @@ impl<'a> Slot<'a> {
         }
     }
 
-    /// Whether `guest` fits here on top of what the host holds; else why not.
+    /// Whether `guest` fits here on top of what the host holds; else which rule refuses
+    /// it. Cheap: asked of every candidate host, it builds no message
+    /// ([`Slot::explain`] does, for the few refusals shown).
     fn fits(
         &self,
         guest: &Guest,
         wanted: &ObservedGuest,
         footprint: Footprint,
-    ) -> Result<(), String> {
-        let name = self.state.name;
+    ) -> Result<(), Refusal> {
         if !self.schedulable {
-            return Err(format!("{name} is not schedulable"));
+            return Err(Refusal::NotSchedulable);
         }
         let pinned = pinned_of(guest);
-        if !pinned.is_subset(&self.usable_cpus) {
-            return Err(format!(
-                "{name} has no CPU {} for the pinning",
-                pinned.difference(&self.usable_cpus)
-            ));
+        if !pinned.is_empty() {
+            if !pinned.is_subset(&self.usable_cpus) {
+                return Err(Refusal::NoCpu);
+            }
+            if !self.taken(guest, &pinned).is_empty() {
+                return Err(Refusal::CpuTaken);
+            }
         }
-        let taken = if guest.spec.cpu.dedicated {
+        if !self.state.is_usable_for(wanted, true) {
+            return Err(Refusal::Unusable);
+        }
+        if !self.state.has_room(Footprint::default(), footprint) {
+            return Err(Refusal::NoRoom);
+        }
+        match self.apart_from(guest) {
+            Some(_) => Err(Refusal::AntiAffinity),
+            None => Ok(()),
+        }
+    }
+
+    /// The CPUs of `pinned` that a dedicated guest here holds (or, for a dedicated
+    /// `guest`, that any guest here is pinned to).
+    fn taken(&self, guest: &Guest, pinned: &CpuSet) -> CpuSet {
+        if guest.spec.cpu.dedicated {
             pinned.intersection(&self.pinned)
         } else {
             pinned.intersection(&self.dedicated)
-        };
-        if !taken.is_empty() {
-            return Err(format!(
-                "{name}'s CPU {taken} is taken by a dedicated guest"
-            ));
         }
-        self.state.usable_for(wanted, true)?;
-        self.state.fits(Footprint::default(), footprint)?;
-        let anti = &guest.spec.anti_affinity;
-        for (labels, their_anti) in &self.guests {
-            if (!anti.is_empty() && carries(labels, anti))
-                || (!their_anti.is_empty() && carries(&guest.metadata.labels, their_anti))
-            {
-                return Err(format!(
-                    "{name} runs a guest that anti-affinity keeps apart from it ({})",
-                    show_labels(if anti.is_empty() { their_anti } else { anti })
-                ));
-            }
-        }
-        Ok(())
     }
+
+    /// The anti-affinity labels that keep `guest` apart from a guest here, if any.
+    fn apart_from<'s>(&'s self, guest: &'s Guest) -> Option<&'s Labels> {
+        let anti = &guest.spec.anti_affinity;
+        self.guests.iter().find_map(|(labels, their_anti)| {
+            if !anti.is_empty() && carries(labels, anti) {
+                Some(anti)
+            } else if !their_anti.is_empty() && carries(&guest.metadata.labels, their_anti) {
+                Some(*their_anti)
+            } else {
+                None
+            }
+        })
+    }
+
+    /// Why `refusal` refuses `guest` here, for people.
+    fn explain(
+        &self,
+        refusal: Refusal,
+        guest: &Guest,
+        wanted: &ObservedGuest,
+        footprint: Footprint,
+    ) -> String {
+        let name = self.state.name;
+        match refusal {
+            Refusal::Down => format!("{name} is down (no etcd lease)"),
+            Refusal::NotSchedulable => format!("{name} is not schedulable"),
+            Refusal::NoCpu => format!(
+                "{name} has no CPU {} for the pinning",
+                pinned_of(guest).difference(&self.usable_cpus)
+            ),
+            Refusal::CpuTaken => format!(
+                "{name}'s CPU {} is taken by a dedicated guest",
+                self.taken(guest, &pinned_of(guest))
+            ),
+            Refusal::Unusable => self
+                .state
+                .usable_for(wanted, true)
+                .err()
+                .unwrap_or_default(),
+            Refusal::NoRoom => self
+                .state
+                .fits(Footprint::default(), footprint)
+                .err()
+                .unwrap_or_default(),
+            Refusal::AntiAffinity => format!(
+                "{name} runs a guest that anti-affinity keeps apart from it ({})",
+                self.apart_from(guest).map(show_labels).unwrap_or_default()
+            ),
+        }
+    }
+}
+
+/// Which rule keeps a guest off a host (its message is built only when shown).
+#[derive(Debug, Clone, Copy)]
+enum Refusal {
+    Down,
+    NotSchedulable,
+    NoCpu,
+    CpuTaken,
+    Unusable,
+    NoRoom,
+    AntiAffinity,
 }
 
 fn pinned_of(guest: &Guest) -> CpuSet {
@@ -271,38 +333,44 @@ fn choose(
     slots: &BTreeMap<&str, Slot<'_>>,
     up: &dyn Fn(&str) -> bool,
 ) -> Placement {
-    let selector = guest.spec.host_selector.clone().unwrap_or_default();
+    const SHOWN: usize = 3;
     let mut best: Option<&Slot<'_>> = None;
-    let mut refusals: Vec<String> = Vec::new();
+    let mut shown: Vec<String> = Vec::new();
+    let mut refused = 0usize;
     let mut matching = 0usize;
     for slot in slots.values().filter(|s| matches(guest, s)) {
         matching += 1;
-        if !up(slot.state.name) {
-            refusals.push(format!("{} is down (no etcd lease)", slot.state.name));
-            continue;
-        }
-        match slot.fits(guest, wanted, footprint) {
+        let fits = if up(slot.state.name) {
+            slot.fits(guest, wanted, footprint)
+        } else {
+            Err(Refusal::Down)
+        };
+        match fits {
             Ok(()) => {
                 if best.is_none_or(|b| slot.free_normal > b.free_normal) {
                     best = Some(slot);
                 }
             }
-            Err(why) => refusals.push(why),
+            Err(refusal) => {
+                refused += 1;
+                if shown.len() < SHOWN {
+                    shown.push(slot.explain(refusal, guest, wanted, footprint));
+                }
+            }
         }
     }
     if let Some(slot) = best {
         return Placement::Placed(slot.state.name.to_owned());
     }
+    let selector = guest.spec.host_selector.clone().unwrap_or_default();
     if matching == 0 {
         return Placement::Unplaced(format!(
             "no Host matches hostSelector {}",
             show_labels(&selector)
         ));
     }
-    const SHOWN: usize = 3;
-    let more = refusals.len().saturating_sub(SHOWN);
-    refusals.truncate(SHOWN);
-    let mut why = refusals.join("; ");
+    let more = refused - shown.len();
+    let mut why = shown.join("; ");
     if more > 0 {
         why.push_str(&format!("; and {more} more"));
     }
