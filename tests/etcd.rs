@@ -265,7 +265,7 @@ async fn a_migration_hands_ownership_over_by_compare_and_swap() {
         resolve_switchover(&store, "web-1", "kvm01", "kvm02")
             .await
             .unwrap(),
-        Switchover::Source(moving.clone())
+        Switchover::Moving(moving.clone())
     );
 
     // The destination's swap is the commit point.
@@ -306,6 +306,12 @@ async fn a_migration_hands_ownership_over_by_compare_and_swap() {
         .unwrap()
         .unwrap();
     assert_eq!(back.record.moving_to, None);
+    assert_eq!(
+        resolve_switchover(&store, "web-1", "kvm02", "kvm03")
+            .await
+            .unwrap(),
+        Switchover::Source(back.clone())
+    );
     assert!(c
         .complete_handover("web-1", moving.token)
         .await
