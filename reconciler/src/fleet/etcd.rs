@@ -470,6 +470,10 @@ impl Coordination for EtcdCoordination {
         })
     }
 
+    fn leader_places(&self) -> bool {
+        true
+    }
+
     fn expects_incoming<'a>(
         &'a self,
         guest: &'a str,
