@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use berth_reconciler::serve::auth::Secret;
+use berth_reconciler::auth::Secret;
 
 mod support;
 use support::{free_port, git, percentile, thread_affinity};

@@ -26,6 +26,7 @@ use std::time::SystemTime;
 
 use anyhow::{bail, Context};
 use berth_reconciler::apply::{execute, Outcome};
+use berth_reconciler::client::Transport;
 use berth_reconciler::driver::local::StateLock;
 use berth_reconciler::driver::{Driver, DriverKind, LibvirtDriver, Scope, SimDriver};
 use berth_reconciler::fleet::http::HttpPeers;
@@ -35,7 +36,6 @@ use berth_reconciler::model::{Desired, Observed};
 use berth_reconciler::output::{self, Output};
 use berth_reconciler::plan::{Action, Plan};
 use berth_reconciler::render;
-use berth_reconciler::serve::client::Transport;
 
 use super::plan::Color;
 use super::target::{load_source, Applied, LocalArgs};
@@ -374,7 +374,7 @@ fn record(
         source: source.kind.clone(),
         location: source.location.clone(),
         host: host.to_owned(),
-        applied_at: berth_reconciler::serve::status::rfc3339(SystemTime::now()),
+        applied_at: berth_reconciler::conditions::rfc3339(SystemTime::now()),
         libvirt,
     }
     .write(&args.local.state_dir)

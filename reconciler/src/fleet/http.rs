@@ -10,7 +10,7 @@
 //! - An incoming migration is prepared with `POST /v1/migrations/incoming` and its
 //!   outcome read with `GET /v1/migrations/incoming/<guest>`.
 //!
-//! Every request goes through a [`Transport`] ([`crate::serve::client`]): mutual TLS,
+//! Every request goes through a [`Transport`] ([`crate::client`]): mutual TLS,
 //! where only the host named can answer (a forged "not here" could start a second
 //! copy, a forged "I run it" could drop the only one), or plain HTTP on loopback.
 
@@ -20,11 +20,32 @@ use std::time::Duration;
 use super::peer::{IncomingMigration, IncomingOutcome, IncomingRequest};
 use super::placement::Placements;
 use super::{BoxFuture, Coordination, CoordinationError, Peer, StartRefused};
+use crate::client::{self, Transport};
 use crate::model::{Desired, ObservedHost};
-use crate::serve::client::{self, Transport};
 
 /// How long a host may take to answer the start guard before it counts as silent.
 const PEER_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What this module reads of another host's `/status` (the service's
+/// `crate::serve::status::Status`; the rest of it is ignored).
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PeerStatus {
+    #[serde(default)]
+    guests: Vec<PeerGuest>,
+    #[serde(default)]
+    observed_host: Option<ObservedHost>,
+}
+
+/// A guest in another host's `/status`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PeerGuest {
+    name: String,
+    /// Whether a VMM of the guest runs on that host.
+    #[serde(default)]
+    runs_here: bool,
+}
 
 /// Fleet coordination over HTTP. See the module documentation.
 pub struct HttpPeers {
@@ -78,7 +99,7 @@ impl Coordination for HttpPeers {
                     async move {
                         let answer = tokio::time::timeout(
                             PEER_TIMEOUT,
-                            client::status(&transport, &server, &peer.name),
+                            client::status::<PeerStatus>(&transport, &server, &peer.name),
                         )
                         .await;
                         (peer, answer)
@@ -131,12 +152,13 @@ impl Coordination for HttpPeers {
         host: &'a Peer,
     ) -> BoxFuture<'a, Result<Option<ObservedHost>, CoordinationError>> {
         Box::pin(async move {
-            let status = client::status(&self.transport, &self.server(host), &host.name)
-                .await
-                .map_err(|e| CoordinationError {
-                    host: host.name.clone(),
-                    source: Box::new(e),
-                })?;
+            let status: PeerStatus =
+                client::status(&self.transport, &self.server(host), &host.name)
+                    .await
+                    .map_err(|e| CoordinationError {
+                        host: host.name.clone(),
+                        source: Box::new(e),
+                    })?;
             Ok(status.observed_host.filter(|h| h.name == host.name))
         })
     }
@@ -163,8 +185,8 @@ mod tests {
 
     use super::*;
     use crate::fleet::peer::NoIncoming;
+    use crate::metrics::Metrics;
     use crate::serve::http::{router, ApiState};
-    use crate::serve::metrics::Metrics;
     use crate::serve::status::{GuestStatus, StatusStore};
 
     async fn peer_running(guests: &[&str]) -> String {

@@ -25,8 +25,8 @@ use super::peer::{
 use super::remote::Enforced;
 use super::Coordination;
 use crate::driver::{DriverError, LocalDriver};
-use crate::serve::git::{CommitId, GitRepo};
-use crate::serve::source::{read_revision, Trigger};
+use crate::git::{CommitId, GitRepo};
+use crate::revision::{read_revision, Trigger};
 
 /// How long a prepared incoming VMM waits for its source before it is discarded.
 pub const TOKEN_TTL: Duration = Duration::from_secs(60);

@@ -34,8 +34,8 @@ use super::remote::Enforced;
 use super::{Coordination, Peer};
 use crate::diff::{Field, HostSetting};
 use crate::driver::{Capabilities, Driver, DriverError, DriverKind, LibvirtDriver, Scope};
+use crate::metrics::Metrics;
 use crate::model::Observed;
-use crate::serve::metrics::Metrics;
 
 /// How long another host may take to say how it is, per observe.
 pub const PEER_TIMEOUT: Duration = Duration::from_secs(1);

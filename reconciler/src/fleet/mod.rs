@@ -23,7 +23,7 @@
 //!   [`Coordination::migration_failed`]); it says in status when etcd is away
 //!   ([`Coordination::health`]).
 //! - [`http::HttpPeers`] (no etcd): the hosts' `berth serve` APIs over mutual TLS
-//!   (transport: [`crate::serve::client`]), with the last placements kept in the state
+//!   (transport: [`crate::client`]), with the last placements kept in the state
 //!   directory ([`placement::Placements`]); for one host, or a few on a trusted link (a
 //!   partition can start a guest twice). It also carries the etcd implementation's
 //!   destination preparation.

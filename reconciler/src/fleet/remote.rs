@@ -49,9 +49,9 @@ use super::{Coordination, Peer};
 use crate::diff::{Field, HostSetting};
 use crate::driver::local::{process_exists, OutgoingRecord};
 use crate::driver::{Driver, DriverError, DriverKind, LocalDriver, Scope};
+use crate::git::CommitId;
+use crate::metrics::Metrics;
 use crate::model::{Desired, Observed, ObservedHost};
-use crate::serve::git::CommitId;
-use crate::serve::metrics::Metrics;
 
 /// The longest a migration to another host may run before it is cancelled (the
 /// policy's completion timeout applies inside the VMM first).

@@ -35,11 +35,11 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use super::{Coordination, Peer};
+use crate::backoff::{BackoffPolicy, Backoffs};
+use crate::conditions::{now_rfc3339, Condition, ConditionType, Reason};
 use crate::driver::local::{Resolved, UnknownSwitchover};
 use crate::driver::LocalDriver;
-use crate::serve::backoff::{BackoffPolicy, Backoffs};
-use crate::serve::metrics::Metrics;
-use crate::serve::status::{now_rfc3339, Condition, ConditionType, Reason};
+use crate::metrics::Metrics;
 
 /// How long the destination's service may take to answer.
 const PEER_ASK: Duration = Duration::from_secs(5);
@@ -425,7 +425,7 @@ mod tests {
             (c.kind, c.status, c.reason),
             (
                 ConditionType::SwitchoverUnknown,
-                crate::serve::status::ConditionStatus::True,
+                crate::conditions::ConditionStatus::True,
                 Reason::DestinationUnanswered
             )
         );
@@ -459,8 +459,8 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let coordination = crate::fleet::http::HttpPeers::new(
             Arc::new(crate::fleet::placement::Placements::open(None)),
-            crate::serve::client::Transport::Plain {
-                fleet_secret: Some(Arc::new(crate::serve::auth::Secret::new("fleet"))),
+            crate::client::Transport::Plain {
+                fleet_secret: Some(Arc::new(crate::auth::Secret::new("fleet"))),
             },
         );
         let mut resolver = Resolver::new(
@@ -506,7 +506,7 @@ mod tests {
     /// shows stuck, naming the TLS failure. The real kvm02 is then believed.
     #[tokio::test]
     async fn a_forged_answer_without_the_fleet_certificate_resolves_nothing() {
-        use crate::serve::client::testing::{serve_tls, RunsEverything};
+        use crate::serve::http::testing::{serve_tls, RunsEverything};
         use crate::tls::{FleetTls, TestFiles};
         let tmp = tempfile::tempdir().expect("tempdir");
         let (fleet_dir, other_dir) = (tmp.path().join("fleet"), tmp.path().join("other"));
@@ -525,7 +525,7 @@ mod tests {
             local,
             Arc::new(crate::fleet::http::HttpPeers::new(
                 Arc::new(crate::fleet::placement::Placements::open(None)),
-                crate::serve::client::Transport::Tls(Arc::new(tls.client().expect("client"))),
+                crate::client::Transport::Tls(Arc::new(tls.client().expect("client"))),
             )),
             Arc::new(Metrics::new()),
             Arc::clone(&store),

@@ -27,19 +27,19 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
-use super::backoff::{BackoffPolicy, Backoffs};
 use super::git::CommitId;
-use super::metrics::Metrics;
 use super::source::{Revision, SourceEvent};
 use super::status::{
     now_rfc3339, Applied, Condition, ConditionType, GuestStatus, LastError, Problem, Reason,
     StatusStore,
 };
 use crate::apply::execute_step;
+use crate::backoff::{BackoffPolicy, Backoffs};
 use crate::driver::Driver;
 use crate::fleet::incoming::IncomingNotes;
 use crate::fleet::switchover::Switchovers;
 use crate::fleet::Coordination;
+use crate::metrics::Metrics;
 use crate::model::{Desired, Observed};
 use crate::plan::{plan, Action, GuestPlan, Operation, Plan, Step, StopReason};
 use crate::scheduler::{self, Placement};

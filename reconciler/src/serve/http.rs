@@ -34,11 +34,11 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use super::auth::{verify_bearer, verify_signature, AuthError, Secret, SIGNATURE_HEADER};
-use super::metrics::Metrics;
 use super::source::Trigger;
 use super::status::StatusStore;
+use crate::auth::{verify_bearer, verify_signature, AuthError, Secret, SIGNATURE_HEADER};
 use crate::fleet::peer::{IncomingMigrations, IncomingRequest, PeerError, INCOMING_PATH};
+use crate::metrics::Metrics;
 
 /// The largest webhook body read, 25 MiB: GitHub caps a webhook payload at 25 MB (and
 /// sends none larger), so every GitHub delivery fits. The body is read whole before its
@@ -99,7 +99,7 @@ async fn status(State(state): State<ApiState>) -> Response {
 
 async fn metrics(State(state): State<ApiState>, headers: HeaderMap) -> Response {
     let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
-    let format = super::exposition::negotiate(accept);
+    let format = crate::metrics::exposition::negotiate(accept);
     (
         [(header::CONTENT_TYPE, format.content_type())],
         state.metrics.encode_as(format),
@@ -292,6 +292,11 @@ async fn incoming_outcome(
             .into_response(),
     }
 }
+
+#[cfg(test)]
+mod client_tests;
+#[cfg(test)]
+pub(crate) mod testing;
 
 #[cfg(test)]
 mod tests {

@@ -2,17 +2,19 @@
 //! its host converged; and `berth status`, which reads the service's status.
 //!
 //! The pieces, each usable and tested on its own:
-//! - [`git`]: reading revisions with the git CLI.
-//! - [`source`]: noticing new heads (watch, poll, webhook) and reading each one once.
+//! - [`source`]: noticing new heads (watch, poll, webhook) and reading each one once
+//!   ([`crate::revision`]).
 //! - [`controller`]: the reconcile loop (observe, plan, dispatch) with a per-guest work
-//!   queue, backoff and suspend; before a start it asks the fleet coordination
-//!   ([`crate::fleet::Coordination`]) whether another host may still run the guest.
+//!   queue, backoff ([`crate::backoff`]) and suspend; before a start it asks the fleet
+//!   coordination ([`crate::fleet::Coordination`]) whether another host may still run
+//!   the guest.
 //! - [`http`]: `/healthz`, `/status`, `/metrics`, `/hooks/git` and the peer API
-//!   ([`crate::fleet::peer`]), over TLS ([`crate::tls`]), with [`auth`] for the webhook
-//!   signature (and the fleet secret of `--insecure-plain-http`).
-//! - [`client`]: the API's client side (`berth status`, and the transport of
+//!   ([`crate::fleet::peer`]), over TLS ([`crate::tls`]), with [`crate::auth`] for the
+//!   webhook signature (and the fleet secret of `--insecure-plain-http`). Its client is
+//!   [`crate::client`] (`berth status`, and the transport of
 //!   [`crate::fleet::http::HttpPeers`]).
-//! - [`status`] and [`metrics`]: what `/status` and `/metrics` report.
+//! - [`status`]: what `/status` reports (with [`crate::conditions`]); `/metrics` is
+//!   [`crate::metrics`].
 //! - [`simfleet`]: `--driver sim`, a simulated fleet that survives restarts.
 //!
 //! With `--driver local`, the driver is the one this host's Host manifest names in
@@ -34,19 +36,15 @@
 //! on its source), lets the other actions in flight finish (a driver leaves each guest
 //! running exactly once), and exits with the guests running.
 
-pub mod auth;
-pub mod backoff;
-pub mod client;
-pub mod conditions;
 pub mod controller;
-pub mod exposition;
-/// The git module, where `serve` has always found it.
-pub use crate::git;
 pub mod http;
-pub mod metrics;
 pub mod simfleet;
 pub mod source;
 pub mod status;
+
+/// Modules that moved out of `serve/` (fleet/ uses them too), where code written
+/// against their old paths still finds them.
+pub use crate::{auth, backoff, client, conditions, git, metrics};
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -880,7 +878,7 @@ pub fn status_text(args: &StatusArgs) -> Result<String, StatusError> {
         Some(name) => name.clone(),
         None => client::host_of(&args.server)?,
     };
-    let status = runtime.block_on(client::status(&transport, &args.server, &name))?;
+    let status: Status = runtime.block_on(client::status(&transport, &args.server, &name))?;
     use crate::output::{self, Output};
     let format = if args.json { Output::Json } else { args.output };
     Ok(match format {

@@ -4,11 +4,10 @@
 
 use std::fmt::Write as _;
 use std::sync::{Arc, RwLock};
-use std::time::SystemTime;
 
 use berth_schema::Diagnostic;
 
-use super::conditions::Transitions;
+use crate::conditions::Transitions;
 use serde::{Deserialize, Serialize};
 
 /// The service's state as `/status` shows it.
@@ -177,7 +176,9 @@ pub struct GuestStatus {
     pub conditions: Vec<Condition>,
 }
 
-pub use super::conditions::{Condition, ConditionStatus, ConditionType, Reason};
+pub use crate::conditions::{
+    now_rfc3339, rfc3339, Condition, ConditionStatus, ConditionType, Reason,
+};
 
 /// The status, shared between the controller (writer) and the HTTP handlers.
 #[derive(Debug, Clone, Default)]
@@ -236,7 +237,7 @@ pub fn service_conditions(status: &Status) -> Vec<Condition> {
             .guests
             .iter()
             .filter(|g| {
-                super::conditions::find(&g.conditions, kind).is_some_and(|c| c.is_true() == holds)
+                crate::conditions::find(&g.conditions, kind).is_some_and(|c| c.is_true() == holds)
             })
             .map(|g| g.name.as_str())
             .collect()
@@ -300,42 +301,6 @@ pub fn service_conditions(status: &Status) -> Vec<Condition> {
         out.push(Condition::new(kind, true, reason, message));
     }
     out
-}
-
-/// Now, as RFC 3339 UTC with milliseconds.
-pub fn now_rfc3339() -> String {
-    rfc3339(SystemTime::now())
-}
-
-/// `time` as RFC 3339 UTC with milliseconds.
-pub fn rfc3339(time: SystemTime) -> String {
-    let since = time
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default();
-    let secs = since.as_secs();
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    let (y, m, d) = civil_from_days(days as i64);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        since.subsec_millis()
-    )
-}
-
-/// Days since 1970-01-01 to (year, month, day), Howard Hinnant's algorithm.
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
 }
 
 fn short(rev: &str) -> &str {
@@ -409,7 +374,7 @@ pub fn render_table(status: &Status) -> String {
         .guests
         .iter()
         .map(|g| {
-            let ready = super::conditions::find(&g.conditions, ConditionType::Ready);
+            let ready = crate::conditions::find(&g.conditions, ConditionType::Ready);
             let others: Vec<&Condition> = g
                 .conditions
                 .iter()
@@ -479,15 +444,6 @@ pub fn render_table(status: &Status) -> String {
 mod tests {
     use super::*;
     use std::time::Duration;
-
-    #[test]
-    fn rfc3339_dates() {
-        assert_eq!(rfc3339(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
-        let t = SystemTime::UNIX_EPOCH + Duration::from_millis(951_782_400_123 + 86_399_000);
-        assert_eq!(rfc3339(t), "2000-02-29T23:59:59.123Z");
-        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_735_689_600);
-        assert_eq!(rfc3339(t), "2025-01-01T00:00:00.000Z");
-    }
 
     const REV: &str = "0123456789abcdef0123456789abcdef01234567";
 

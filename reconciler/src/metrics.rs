@@ -1,6 +1,6 @@
 //! Prometheus metrics of the service, served at `/metrics` in the OpenMetrics text
 //! format (which Prometheus scrapes natively), or in the text format 0.0.4 when the
-//! scraper asks for it ([`super::exposition`]).
+//! scraper asks for it ([`exposition`]).
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -12,7 +12,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use super::exposition::{openmetrics_to_text004, Format};
+pub mod exposition;
+
+use exposition::{openmetrics_to_text004, Format};
 
 /// Labels of `berth_actions`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
