@@ -35,7 +35,7 @@ Options of run:
                         `ready <socket> incoming <address> <token>`. Files go to
                         DIR/guests/<name>.incoming/ until the commit.
   --source-timeout-ms N With --incoming: when the source has not connected within N
-                        ms (default 30000), remove everything and exit, so that a
+                        ms (default 60000), remove everything and exit, so that a
                         preparation nobody follows (its service died) does not hold
                         the guest's incoming slot.
   -h, --help            Print this help
@@ -52,7 +52,7 @@ struct RunArgs {
 }
 
 /// How long an incoming VMM waits for the source's first connection by default.
-const SOURCE_TIMEOUT: Duration = Duration::from_secs(30);
+const SOURCE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What the command line asks for.
 #[derive(Debug)]
