@@ -22,7 +22,7 @@
 //!   (guests that keep their host are counted first); the others go, by name, to the
 //!   candidate with the most memory free for guests on normal pages, then by name.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use berth_schema::{CpuSet, Guest, GuestState, Host};
 use serde::{Deserialize, Serialize};
@@ -63,6 +63,12 @@ struct Slot<'a> {
     dedicated: CpuSet,
     /// Labels and anti-affinity of the guests on the host that have either.
     guests: Vec<(&'a Labels, &'a Labels)>,
+    /// Every label the guests here carry, with how many carry it: a guest whose
+    /// anti-affinity names a label nobody here carries is not kept apart (most are not,
+    /// and this spares a walk through every guest here for each of them).
+    carried: HashMap<(&'a str, &'a str), usize>,
+    /// The anti-affinity label sets of the guests here, by each of their labels.
+    antis: HashMap<(&'a str, &'a str), Vec<&'a Labels>>,
     free_normal: u64,
 }
 
@@ -78,6 +84,8 @@ impl<'a> Slot<'a> {
             pinned: CpuSet::new(),
             dedicated: CpuSet::new(),
             guests: Vec::new(),
+            carried: HashMap::new(),
+            antis: HashMap::new(),
             free_normal,
         }
     }
@@ -93,6 +101,15 @@ impl<'a> Slot<'a> {
         if !guest.metadata.labels.is_empty() || !guest.spec.anti_affinity.is_empty() {
             self.guests
                 .push((&guest.metadata.labels, &guest.spec.anti_affinity));
+            for (k, v) in &guest.metadata.labels {
+                *self.carried.entry((k, v)).or_default() += 1;
+            }
+            for (k, v) in &guest.spec.anti_affinity {
+                self.antis
+                    .entry((k, v))
+                    .or_default()
+                    .push(&guest.spec.anti_affinity);
+            }
         }
     }
 
@@ -139,17 +156,26 @@ impl<'a> Slot<'a> {
         }
     }
 
-    /// The anti-affinity labels that keep `guest` apart from a guest here, if any.
+    /// The anti-affinity labels that keep `guest` apart from a guest here, if any:
+    /// its own (a guest here carries them all), else theirs (it carries all of them).
     fn apart_from<'s>(&'s self, guest: &'s Guest) -> Option<&'s Labels> {
         let anti = &guest.spec.anti_affinity;
-        self.guests.iter().find_map(|(labels, their_anti)| {
-            if !anti.is_empty() && carries(labels, anti) {
-                Some(anti)
-            } else if !their_anti.is_empty() && carries(&guest.metadata.labels, their_anti) {
-                Some(*their_anti)
-            } else {
-                None
-            }
+        let all_carried = || {
+            anti.iter()
+                .all(|(k, v)| self.carried.contains_key(&(k.as_str(), v.as_str())))
+        };
+        if !anti.is_empty()
+            && all_carried()
+            && self.guests.iter().any(|(labels, _)| carries(labels, anti))
+        {
+            return Some(anti);
+        }
+        guest.metadata.labels.iter().find_map(|(k, v)| {
+            self.antis
+                .get(&(k.as_str(), v.as_str()))?
+                .iter()
+                .find(|theirs| carries(&guest.metadata.labels, theirs))
+                .copied()
         })
     }
 
@@ -268,6 +294,13 @@ pub fn schedule(
         .filter(|g| g.spec.placed_by_selector())
         .collect();
     selected.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    // Host names by label, each list in name order (as `slots` is).
+    let mut by_label: HashMap<(&str, &str), Vec<&str>> = HashMap::new();
+    for h in slots.values() {
+        for (k, v) in h.labels {
+            by_label.entry((k, v)).or_default().push(h.state.name);
+        }
+    }
     let mut out = BTreeMap::new();
     let mut rest = Vec::new();
     // Guests that keep their host first, so that a newcomer never pushes one away.
@@ -293,7 +326,7 @@ pub fn schedule(
         }
     }
     for (g, wanted, footprint) in rest {
-        let placement = choose(g, &wanted, footprint, &slots, up);
+        let placement = choose(g, &wanted, footprint, &slots, &by_label, up);
         if let Placement::Placed(host) = &placement {
             slots
                 .get_mut(host.as_str())
@@ -331,14 +364,29 @@ fn choose(
     wanted: &ObservedGuest,
     footprint: Footprint,
     slots: &BTreeMap<&str, Slot<'_>>,
+    by_label: &HashMap<(&str, &str), Vec<&str>>,
     up: &dyn Fn(&str) -> bool,
 ) -> Placement {
     const SHOWN: usize = 3;
+    // The hosts carrying the selector's rarest label, by name (then checked whole).
+    let rarest = guest.spec.host_selector.as_ref().and_then(|sel| {
+        sel.iter()
+            .map(|(k, v)| {
+                by_label
+                    .get(&(k.as_str(), v.as_str()))
+                    .map_or(&[][..], Vec::as_slice)
+            })
+            .min_by_key(|hosts| hosts.len())
+    });
+    let candidates: Box<dyn Iterator<Item = &Slot<'_>>> = match rarest {
+        Some(hosts) => Box::new(hosts.iter().filter_map(|h| slots.get(h))),
+        None => Box::new(slots.values()),
+    };
     let mut best: Option<&Slot<'_>> = None;
     let mut shown: Vec<String> = Vec::new();
     let mut refused = 0usize;
     let mut matching = 0usize;
-    for slot in slots.values().filter(|s| matches(guest, s)) {
+    for slot in candidates.filter(|s| matches(guest, s)) {
         matching += 1;
         let fits = if up(slot.state.name) {
             slot.fits(guest, wanted, footprint)

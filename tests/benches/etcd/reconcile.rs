@@ -192,6 +192,22 @@ async fn start_host(
     (Running { revisions }, session)
 }
 
+/// The whole fleet in one read, asked again while etcd is too busy to answer in time
+/// (1,000 hosts starting up on 2 cores).
+async fn fleet_view(store: &EtcdStore) -> berth_reconciler::etcd::FleetView {
+    let mut tries = 0;
+    loop {
+        match read_fleet(store).await {
+            Ok(view) => return view,
+            Err(e) if tries < 30 => {
+                tries += 1;
+                eprintln!("reading the fleet again: {e}");
+            }
+            Err(e) => panic!("cannot read the fleet: {e}"),
+        }
+    }
+}
+
 /// Waits until the guests etcd shows as observed satisfy `done` for `count` guests,
 /// following them with one watch from `from` on.
 async fn until_observed(
@@ -199,7 +215,7 @@ async fn until_observed(
     count: usize,
     done: impl Fn(&ObservedGuest) -> bool,
 ) -> usize {
-    let fleet = read_fleet(store).await.expect("fleet");
+    let fleet = fleet_view(store).await;
     let mut state: BTreeMap<String, bool> = fleet
         .observed
         .iter()
@@ -254,7 +270,7 @@ fn writes(port: u16) -> f64 {
 /// One host's plan of `desired` (placed by the leader's records), median of 5: the
 /// bulk of a pass of its loop.
 async fn one_plan(store: &EtcdStore, desired: &Desired, host: &str) -> Duration {
-    let fleet = read_fleet(store).await.expect("fleet");
+    let fleet = fleet_view(store).await;
     let observed = Observed {
         guests: fleet
             .observed
@@ -387,7 +403,7 @@ pub fn fleet(runtime: &tokio::runtime::Runtime) {
         let one_percent = t.elapsed();
         let change_writes = writes(port) - writes_before;
         let pass = one_plan(store, &changed, "h0001").await;
-        let fleet = read_fleet(store).await.expect("fleet");
+        let fleet = fleet_view(store).await;
         let running = fleet
             .observed
             .iter()
