@@ -566,9 +566,10 @@ fn an_invalid_revision_changes_nothing_and_git_revisions_are_recorded() {
 fn a_second_apply_is_refused_by_the_lock_and_a_failed_start_is_reported() {
     let fleet = Fleet::new("ap-lock");
     std::fs::create_dir_all(fleet.state()).unwrap();
-    // Another apply holds the lock (this process, as berth apply does: flock + pid).
+    // berth serve holds the lock in the middle of one of its actions (this process, as
+    // serve does: flock, pid and name).
     let lock_path = fleet.state().join("apply.lock");
-    std::fs::write(&lock_path, format!("{}\n", std::process::id())).unwrap();
+    std::fs::write(&lock_path, format!("{} berth serve\n", std::process::id())).unwrap();
     let lock = File::options()
         .read(true)
         .write(true)
@@ -582,7 +583,8 @@ fn a_second_apply_is_refused_by_the_lock_and_a_failed_start_is_reported() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains(&format!("(pid {})", std::process::id())) && stderr.contains("apply.lock"),
+        stderr.contains(&format!("berth serve (pid {}) holds", std::process::id()))
+            && stderr.contains("apply.lock"),
         "{stderr}"
     );
     assert!(fleet.pids().is_empty(), "nothing was started");

@@ -24,8 +24,7 @@
 //! removed when a test ends, even when it fails.
 
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -33,6 +32,7 @@ use berth_hypervisor::control::{Client, GuestRunState, Op};
 use berth_hypervisor::host::cgroup::Cgroups;
 use berth_hypervisor::migration::{MigrationPhase, MigrationStatus};
 use berth_tests::etcd::Etcd;
+use berth_tests::host::Host;
 use berth_tests::{wait_until, GitRepo};
 use serde_json::Value;
 
@@ -126,59 +126,11 @@ impl Drop for Net {
     }
 }
 
-/// One host: its namespace, address, state directory and `berth serve` when running.
-struct Host {
-    name: String,
-    ns: String,
-    ip: String,
-    state: PathBuf,
-    log: PathBuf,
-    serve: Option<Child>,
-}
-
-impl Host {
-    fn addr(&self) -> String {
-        format!("{}:7410", self.ip)
-    }
-
-    fn guest_dir(&self, guest: &str) -> PathBuf {
-        self.state.join("guests").join(guest)
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut child) = self.serve.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// `berth status -o json` of this host's service, asked from inside its namespace.
-    fn status(&self, secrets: &Path) -> Option<Value> {
-        let out = Command::new("nsenter")
-            .arg(format!("--net=/var/run/netns/{}", self.ns))
-            .arg(berth_tests::bin("berth"))
-            .args(["status", "-o", "json", "--server"])
-            .arg(format!("https://{}", self.addr()))
-            .args(["--server-name", &self.name, "--tls-ca"])
-            .arg(secrets.join("ca.pem"))
-            .output()
-            .ok()?;
-        out.status
-            .success()
-            .then(|| serde_json::from_slice(&out.stdout).ok())
-            .flatten()
-    }
-
-    /// The fencing token this host keeps for `guest`.
-    fn kept_token(&self, guest: &str) -> Option<i64> {
-        let text = fs::read(self.state.join("owners").join(format!("{guest}.json"))).ok()?;
-        let v: Value = serde_json::from_slice(&text).ok()?;
-        v["token"].as_i64()
-    }
-
-    fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
+/// The fencing token `host` keeps for `guest`.
+fn kept_token(host: &Host, guest: &str) -> Option<i64> {
+    let text = fs::read(host.state.join("owners").join(format!("{guest}.json"))).ok()?;
+    let v: Value = serde_json::from_slice(&text).ok()?;
+    v["token"].as_i64()
 }
 
 /// Three hosts, one etcd, a repository; everything removed on drop.
@@ -186,7 +138,6 @@ struct Fleet {
     hosts: Vec<Host>,
     etcd: Etcd,
     repo: GitRepo,
-    secrets: PathBuf,
     guests: Vec<String>,
     _dir: tempfile::TempDir,
     net: Net,
@@ -213,20 +164,21 @@ impl Fleet {
             .hosts
             .iter()
             .enumerate()
-            .map(|(i, (ns, ip))| Host {
-                name: format!("kvm0{}", i + 1),
-                ns: ns.clone(),
-                ip: ip.clone(),
-                state: dir.path().join(format!("state-{i}")),
-                log: dir.path().join(format!("serve-{i}.log")),
-                serve: None,
+            .map(|(i, (ns, ip))| {
+                Host::new(
+                    &format!("kvm0{}", i + 1),
+                    ns,
+                    &format!("{ip}:7410"),
+                    dir.path(),
+                    i,
+                    &secrets,
+                )
             })
             .collect();
         Fleet {
             hosts,
             etcd,
             repo: GitRepo::new(dir.path().join("repo")),
-            secrets,
             guests: Vec::new(),
             _dir: dir,
             net,
@@ -243,37 +195,18 @@ impl Fleet {
     /// the VMMs it starts).
     fn start(&mut self, i: usize, env: &[(&str, &str)]) {
         let etcd = self.etcd.endpoint();
-        let host = &mut self.hosts[i];
-        assert!(host.serve.is_none(), "{} already serves", host.name);
-        let stderr = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&host.log)
-            .expect("log file");
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/var/run/netns/{}", host.ns))
-            .arg(berth_tests::bin("berth"))
-            .args(["serve", "--driver", "local", "--host", &host.name])
-            .arg("--repo")
-            .arg(&self.repo.dir)
-            .arg("--state-dir")
-            .arg(&host.state)
-            .args(berth_tests::tls_args(&self.secrets, &host.name))
-            .args(["--listen", &host.addr(), "--poll-interval", "1h"])
-            .args(["--resync-interval", "2s", "--etcd", &etcd])
-            .envs(env.iter().copied())
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("start berth serve");
-        host.serve = Some(child);
-        let (host, secrets) = (&self.hosts[i], &self.secrets);
-        wait_until(
-            &format!("{}'s API", host.name),
-            Duration::from_secs(20),
-            || host.status(secrets).is_some(),
+        let repo = self.repo.dir.clone();
+        self.hosts[i].start(
+            &repo,
+            &[
+                "--poll-interval",
+                "1h",
+                "--resync-interval",
+                "2s",
+                "--etcd",
+                &etcd,
+            ],
+            env,
         );
     }
 
@@ -290,8 +223,7 @@ impl Fleet {
                 format!(
                     "apiVersion: berth.dev/v1\nkind: Host\nmetadata: {{name: {}{labels}}}\n\
                      spec: {{address: '{}', cpus: 0-1, memory: 8GiB}}\n---\n",
-                    h.name,
-                    h.addr()
+                    h.name, h.addr
                 )
             })
             .collect()
@@ -406,7 +338,7 @@ impl Fleet {
                     && self.owner(guest).is_some_and(|o| {
                         &o.host == name
                             && o.moving_to.is_none()
-                            && self.hosts[host].kept_token(guest) == Some(o.token)
+                            && kept_token(&self.hosts[host], guest) == Some(o.token)
                     })
             },
         );
@@ -522,7 +454,7 @@ fn a_live_migration_hands_ownership_over_and_an_etcd_outage_starts_and_moves_not
             &format!("{} to say it lost etcd", host.name),
             Duration::from_secs(15),
             || {
-                host.status(&fleet.secrets)
+                host.try_status()
                     .and_then(|s| condition(&s, "CoordinationLost"))
                     .is_some_and(|c| c["status"] == "True" && c["reason"] == "EtcdUnreachable")
             },
@@ -532,7 +464,7 @@ fn a_live_migration_hands_ownership_over_and_an_etcd_outage_starts_and_moves_not
         "etcd stopped: every host said CoordinationLost within {:.1} s",
         stopped_at.elapsed().as_secs_f64()
     );
-    let status = fleet.hosts[1].status(&fleet.secrets).expect("status");
+    let status = fleet.hosts[1].try_status().expect("status");
     let lost = condition(&status, "CoordinationLost").expect("condition");
     let message = lost["message"].as_str().expect("message");
     assert!(message.contains("keeps running its guests"), "{message}");
@@ -572,7 +504,7 @@ fn a_live_migration_hands_ownership_over_and_an_etcd_outage_starts_and_moves_not
             &format!("{} to coordinate again", host.name),
             Duration::from_secs(15),
             || {
-                host.status(&fleet.secrets)
+                host.try_status()
                     .is_some_and(|s| condition(&s, "CoordinationLost").is_none())
             },
         );
@@ -642,9 +574,7 @@ fn killing_either_side_in_a_handover_leaves_one_owner_and_one_guest() {
     fleet.wait_owned_and_running(&a, 1, Duration::from_secs(10));
     fleet.wait_owned_and_running(&b, 2, Duration::from_secs(10));
     assert!(
-        fleet.hosts[0]
-            .kept_token(&b)
-            .is_none_or(|t| t != fleet.owner(&b).expect("owned").token),
+        kept_token(&fleet.hosts[0], &b).is_none_or(|t| t != fleet.owner(&b).expect("owned").token),
         "kvm01 holds no valid token for b"
     );
 

@@ -15,18 +15,16 @@
 //! removed when the test ends, even when it fails.
 
 use std::fs;
-use std::net::TcpStream;
-use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use berth_hypervisor::host::cgroup::Cgroups;
 use berth_tests::etcd::Etcd;
+use berth_tests::host::Host;
 use berth_tests::{wait_until, GitRepo};
-use serde_json::Value;
 
 const HOSTS: usize = 3;
 
@@ -142,88 +140,25 @@ impl Drop for Net {
     }
 }
 
-/// One host: a namespace, a state directory, and its `berth serve` when running.
-struct Host {
-    name: String,
-    ns: String,
-    addr: String,
-    state: PathBuf,
-    log: PathBuf,
-    serve: Option<Child>,
-    tls: PathBuf,
-}
-
-impl Host {
-    fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn start(&mut self, repo: &Path, etcd: &str) {
-        let stderr = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("log file");
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/var/run/netns/{}", self.ns))
-            .arg(berth_tests::bin("berth"))
-            .args(["serve", "--driver", "local", "--host", &self.name])
-            .arg("--repo")
-            .arg(repo)
-            .arg("--state-dir")
-            .arg(&self.state)
-            .args(berth_tests::tls_args(&self.tls, &self.name))
-            .args(["--listen", &self.addr, "--poll-interval", "1s"])
-            .args([
-                "--etcd",
-                etcd,
-                "--lease-ttl",
-                "3",
-                "--self-fence-ms",
-                "1500",
-            ])
-            .args(["--etcd-timeout-ms", "500"])
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("start berth serve");
-        self.serve = Some(child);
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut child) = self.serve.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn status(&self) -> Option<Value> {
-        let ns_path = format!("/var/run/netns/{}", self.ns);
-        let addr = self.addr.clone();
-        let client = berth_tests::TlsClient::host(&self.tls, "kvm01");
-        let name = self.name.clone();
-        let (code, body) = std::thread::spawn(move || {
-            let file = fs::File::open(&ns_path)?;
-            // SAFETY: setns on a valid namespace fd; it changes only this thread, which
-            // ends after the request.
-            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let sock = addr.parse().map_err(std::io::Error::other)?;
-            let stream = TcpStream::connect_timeout(&sock, Duration::from_secs(2))?;
-            client.exchange(stream, &name, "GET", "/status", &[], "")
-        })
-        .join()
-        .expect("the request thread does not panic")
-        .ok()?;
-        (code == 200).then(|| serde_json::from_str(&body).expect("status JSON"))
-    }
-
-    fn guest_dir(&self, name: &str) -> PathBuf {
-        self.state.join("guests").join(name)
-    }
+/// Starts `host`'s `berth serve` on etcd with short HA timeouts (lease 3 s, self-fence
+/// 1.5 s), without waiting for it.
+fn start(host: &mut Host, repo: &std::path::Path, etcd: &str) {
+    host.spawn(
+        repo,
+        &[
+            "--poll-interval",
+            "1s",
+            "--etcd",
+            etcd,
+            "--lease-ttl",
+            "3",
+            "--self-fence-ms",
+            "1500",
+            "--etcd-timeout-ms",
+            "500",
+        ],
+        &[],
+    );
 }
 
 /// Whether a VMM of guest `name` runs under host `host`'s state directory and says
@@ -267,14 +202,15 @@ impl Fleet {
         let ips: Vec<&str> = net.ips.iter().map(String::as_str).collect();
         berth_tests::berth_certs(&secrets, &refs, &ips);
         let hosts = (0..HOSTS)
-            .map(|i| Host {
-                name: names[i].clone(),
-                ns: net.hosts[i].clone(),
-                addr: format!("{}:7410", net.ips[i]),
-                state: dir.path().join(format!("state-{i}")),
-                log: dir.path().join(format!("serve-{i}.log")),
-                serve: None,
-                tls: secrets.clone(),
+            .map(|i| {
+                Host::new(
+                    &names[i],
+                    &net.hosts[i],
+                    &format!("{}:7410", net.ips[i]),
+                    dir.path(),
+                    i,
+                    &secrets,
+                )
             })
             .collect();
         Fleet {
@@ -386,12 +322,12 @@ fn selector_placement_leader_death_ha_restart_and_partition_never_run_a_guest_tw
     let endpoint = fleet.etcd.as_ref().expect("etcd").endpoint();
     let repo = fleet.repo.dir.clone();
     // kvm01 starts first and leads; then the others join.
-    fleet.hosts[0].start(&repo, &endpoint);
+    start(&mut fleet.hosts[0], &repo, &endpoint);
     wait_until("kvm01 to lead", Duration::from_secs(30), || {
         fleet.hosts[0].log_text().contains("leading the fleet")
     });
     for host in &mut fleet.hosts[1..] {
-        host.start(&repo, &endpoint);
+        start(host, &repo, &endpoint);
     }
     wait_until(
         "the guests named to hosts to run",
@@ -474,7 +410,7 @@ fn selector_placement_leader_death_ha_restart_and_partition_never_run_a_guest_tw
         Duration::from_secs(20),
         || {
             fleet.hosts.iter().all(|h| {
-                h.status().is_some_and(|s| {
+                h.try_status().is_some_and(|s| {
                     s["guests"].as_array().is_some_and(|gs| {
                         gs.iter().any(|g| {
                             g["name"] == huge.as_str()
@@ -572,7 +508,7 @@ fn selector_placement_leader_death_ha_restart_and_partition_never_run_a_guest_tw
         Duration::from_secs(10),
         || {
             fleet.hosts[2]
-                .status()
+                .try_status()
                 .is_some_and(|s| !s["coordinationLost"].is_null())
         },
     );

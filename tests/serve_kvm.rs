@@ -22,18 +22,17 @@
 use berth_tests::wait_until;
 use std::collections::BTreeMap;
 use std::fs;
-use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use berth_hypervisor::control::{Client, GuestRunState, Op};
 use berth_hypervisor::host::cgroup::Cgroups;
 use berth_hypervisor::migration::{MigrationPhase, MigrationStatus};
+use berth_tests::host::Host;
 use berth_tests::{github_signature, GitRepo};
-use serde_json::Value;
 
 const WEBHOOK_SECRET: &str = "webhook-secret-for-tests";
 
@@ -227,158 +226,6 @@ impl Drop for NetPair {
     }
 }
 
-/// An HTTPS request from inside network namespace `ns` (a thread that joins it) to the
-/// service of host `name`, with kvm01's certificate of the fleet in `tls`.
-#[allow(clippy::too_many_arguments)]
-fn http(
-    ns: &str,
-    addr: &str,
-    tls: &Path,
-    name: &str,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> std::io::Result<(u16, String)> {
-    let ns_path = format!("/var/run/netns/{ns}");
-    let addr = addr.to_owned();
-    let client = berth_tests::TlsClient::host(tls, "kvm01");
-    let name = name.to_owned();
-    let (method, path, body) = (method.to_owned(), path.to_owned(), body.to_owned());
-    let headers: Vec<(String, String)> = headers
-        .iter()
-        .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
-        .collect();
-    std::thread::spawn(move || {
-        let file = fs::File::open(&ns_path)?;
-        // SAFETY: setns on a valid namespace fd; it changes only this thread, which
-        // ends after the request.
-        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let sock = addr.parse().map_err(std::io::Error::other)?;
-        let stream = TcpStream::connect_timeout(&sock, Duration::from_secs(2))?;
-        let headers: Vec<(&str, &str)> = headers
-            .iter()
-            .map(|(n, v)| (n.as_str(), v.as_str()))
-            .collect();
-        client.exchange(stream, &name, &method, &path, &headers, &body)
-    })
-    .join()
-    .expect("the request thread does not panic")
-}
-
-/// One "host": a namespace, a state directory, and its `berth serve` when running.
-struct Host {
-    name: String,
-    ns: String,
-    addr: String,
-    state: PathBuf,
-    log: PathBuf,
-    serve: Option<Child>,
-    /// The fleet's certificates.
-    tls: PathBuf,
-}
-
-impl Host {
-    fn start(&mut self, repo: &Path, secrets: &Path, extra: &[&str]) {
-        assert!(self.serve.is_none(), "{} already serves", self.name);
-        let stderr = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("log file");
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/var/run/netns/{}", self.ns))
-            .arg(berth_tests::bin("berth"))
-            .args(["serve", "--driver", "local", "--host", &self.name])
-            .arg("--repo")
-            .arg(repo)
-            .arg("--state-dir")
-            .arg(&self.state)
-            .arg("--webhook-secret-file")
-            .arg(secrets.join("webhook"))
-            .args(berth_tests::tls_args(secrets, &self.name))
-            .args(["--listen", &self.addr, "--poll-interval", "1h"])
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("start berth serve");
-        self.serve = Some(child);
-        wait_until(
-            &format!("{}'s API", self.name),
-            Duration::from_secs(20),
-            || self.get("/healthz").is_some_and(|(c, _)| c == 200),
-        );
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut child) = self.serve.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// SIGTERM, then waits for the service to exit.
-    fn terminate(&mut self) -> Option<i32> {
-        let mut child = self.serve.take()?;
-        // SAFETY: kill on the pid of our own child, not yet reaped.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                return status.code();
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("{} did not stop within 30 s of SIGTERM", self.name);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn get(&self, path: &str) -> Option<(u16, String)> {
-        http(
-            &self.ns,
-            &self.addr,
-            &self.tls,
-            &self.name,
-            "GET",
-            path,
-            &[],
-            "",
-        )
-        .ok()
-    }
-
-    fn status(&self) -> Value {
-        let (code, body) = self.get("/status").expect("status");
-        assert_eq!(code, 200, "{body}");
-        serde_json::from_str(&body).expect("status JSON")
-    }
-
-    fn guest_status(&self, name: &str) -> Option<Value> {
-        self.status()["guests"]
-            .as_array()
-            .expect("guests")
-            .iter()
-            .find(|g| g["name"] == name)
-            .cloned()
-    }
-
-    fn guest_dir(&self, name: &str) -> PathBuf {
-        self.state.join("guests").join(name)
-    }
-
-    fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
 /// Two hosts, a repository, and the guests the test made: everything is removed on
 /// drop, processes by pid.
 struct Fleet {
@@ -410,14 +257,15 @@ impl Fleet {
         // The fleet's certificates, made by `berth certs`: the hosts verify each other
         // by Host name.
         berth_tests::berth_certs(&secrets, &["kvm01", "kvm02"], &[]);
-        let host = |i: usize| Host {
-            name: format!("kvm0{}", i + 1),
-            ns: net.ns[i].clone(),
-            addr: format!("{}:7410", net.ips[i]),
-            state: dir.path().join(format!("state-{i}")),
-            tls: secrets.clone(),
-            log: dir.path().join(format!("serve-{i}.log")),
-            serve: None,
+        let host = |i: usize| {
+            Host::new(
+                &format!("kvm0{}", i + 1),
+                &net.ns[i],
+                &format!("{}:7410", net.ips[i]),
+                dir.path(),
+                i,
+                &secrets,
+            )
         };
         let hosts = [host(0), host(1)];
         Fleet {
@@ -443,7 +291,17 @@ impl Fleet {
 
     fn start(&mut self, i: usize) {
         let (repo, secrets) = (self.repo.dir.clone(), self.secrets.clone());
-        self.hosts[i].start(&repo, &secrets, &[]);
+        let webhook = secrets.join("webhook");
+        self.hosts[i].start(
+            &repo,
+            &[
+                "--webhook-secret-file",
+                webhook.to_str().expect("UTF-8 path"),
+                "--poll-interval",
+                "1h",
+            ],
+            &[],
+        );
     }
 
     fn hosts_yaml(&self) -> String {
@@ -648,31 +506,20 @@ fn live_retune_restart_adoption_invalid_commit_and_webhook() {
         if let Some(s) = sig {
             headers.push(("X-Hub-Signature-256", s));
         }
-        let (code, text) = http(
-            &host.ns,
-            &host.addr,
-            &host.tls,
-            &host.name,
-            "POST",
-            "/hooks/git",
-            &headers,
-            body,
-        )
-        .expect("webhook");
+        let (code, text) = host
+            .request("POST", "/hooks/git", &headers, body)
+            .expect("webhook");
         assert_eq!(code, 401, "{sig:?}: {text}");
     }
     let good = github_signature(WEBHOOK_SECRET, body);
-    let (code, _) = http(
-        &host.ns,
-        &host.addr,
-        &host.tls,
-        &host.name,
-        "POST",
-        "/hooks/git",
-        &[("X-GitHub-Event", "push"), ("X-Hub-Signature-256", &good)],
-        body,
-    )
-    .expect("webhook");
+    let (code, _) = host
+        .request(
+            "POST",
+            "/hooks/git",
+            &[("X-GitHub-Event", "push"), ("X-Hub-Signature-256", &good)],
+            body,
+        )
+        .expect("webhook");
     assert_eq!(code, 202);
 
     // The heartbeats went on through all of it.
@@ -922,6 +769,37 @@ fn sigterm_on_the_source_mid_migration_cancels_it_and_the_guest_stays() {
                 .guest_status(&name)
                 .is_some_and(|g| g["phase"] == "Migrating")
         },
+    );
+    // kvm01's serve holds the state lock while its migration runs: a `berth stop` by
+    // hand refuses, naming it (a guest that does not exist, so that a stop that got
+    // the lock would change nothing).
+    let lock = fleet.hosts[0].state.join("apply.lock");
+    wait_until(
+        "serve to hold the state lock",
+        Duration::from_secs(10),
+        || {
+            // Read from /proc/locks: trying the lock here could take it from serve.
+            let inode = std::os::unix::fs::MetadataExt::ino(&fs::metadata(&lock).expect("lock"));
+            fs::read_to_string("/proc/locks")
+                .expect("/proc/locks")
+                .lines()
+                .any(|l| l.contains("FLOCK") && l.contains(&format!(":{inode} ")))
+        },
+    );
+    let stop = berth_tests::command("berth")
+        .args(["stop", "no-such-guest", "--state-dir"])
+        .arg(&fleet.hosts[0].state)
+        .output()
+        .expect("run berth stop");
+    let stderr = String::from_utf8_lossy(&stop.stderr);
+    let serve_pid = fleet.hosts[0].serve.as_ref().expect("serving").id();
+    assert!(
+        !stop.status.success()
+            && stderr.contains(&format!(
+                "berth serve (pid {serve_pid}) holds {}",
+                lock.display()
+            )),
+        "{stderr}"
     );
     assert_eq!(fleet.hosts[0].terminate(), Some(0), "a clean stop");
     let log = fleet.hosts[0].log_text();

@@ -19,7 +19,7 @@ pub const SIGNATURE_HEADER: &str = "x-hub-signature-256";
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
     /// The file could not be read.
-    #[error("cannot read the secret file {path}: {source}")]
+    #[error("cannot read the secret file {path}")]
     Read {
         /// The file.
         path: String,

@@ -30,7 +30,7 @@ pub enum ClientError {
     #[error("bad server URL {0:?} (expected https://HOST:PORT)")]
     Url(String),
     /// The connection failed.
-    #[error("cannot reach {server}: {source}")]
+    #[error("cannot reach {server}")]
     Connect {
         /// The server.
         server: String,
@@ -39,12 +39,13 @@ pub enum ClientError {
         source: std::io::Error,
     },
     /// The HTTP exchange failed.
-    #[error("HTTP request to {server} failed: {detail}")]
+    #[error("HTTP request to {server} failed")]
     Http {
         /// The server.
         server: String,
         /// What failed.
-        detail: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// The request took longer than the timeout.
     #[error("{0} did not answer within {TIMEOUT:?}")]
@@ -60,7 +61,7 @@ pub enum ClientError {
         body: String,
     },
     /// The answer is not what was expected.
-    #[error("unexpected answer from {server}: {source}")]
+    #[error("unexpected answer from {server}")]
     Decode {
         /// The server.
         server: String,
@@ -184,13 +185,13 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     {
-        let http = |detail: String| ClientError::Http {
+        let http = |source: Box<dyn std::error::Error + Send + Sync>| ClientError::Http {
             server: server.to_owned(),
-            detail,
+            source,
         };
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| http(e.to_string()))?;
+            .map_err(|e| http(e.into()))?;
         tokio::spawn(connection);
         let (mut parts, body) = request.into_parts();
         parts.headers.insert(
@@ -202,11 +203,11 @@ where
         let response = sender
             .send_request(Request::from_parts(parts, body))
             .await
-            .map_err(|e| http(e.to_string()))?;
+            .map_err(|e| http(e.into()))?;
         let status = response.status();
         let body = axum::body::to_bytes(Body::new(response.into_body()), MAX_BODY)
             .await
-            .map_err(|e| http(e.to_string()))?;
+            .map_err(|e| http(e.into()))?;
         Ok((status, body.to_vec()))
     }
 }

@@ -22,7 +22,7 @@ use berth_schema::load::is_manifest_file;
 #[derive(Debug, thiserror::Error)]
 pub enum GitError {
     /// `git` could not be run.
-    #[error("cannot run git in {repo}: {source}")]
+    #[error("cannot run git in {repo}")]
     Spawn {
         /// The repository.
         repo: PathBuf,

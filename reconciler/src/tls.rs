@@ -86,10 +86,10 @@ pub enum TlsError {
     },
     /// rustls refused the material (a key that does not match the certificate, a CA
     /// that is not a certificate...).
-    #[error("TLS setup failed: {0}")]
-    Rustls(String),
+    #[error("TLS setup failed")]
+    Rustls(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// Making a certificate failed.
-    #[error("cannot make the certificate for {what}: {source}")]
+    #[error("cannot make the certificate for {what}")]
     Generate {
         /// The CA or the host.
         what: String,
@@ -226,13 +226,13 @@ impl FleetTls {
             WebPkiClientVerifier::builder_with_provider(Arc::clone(&self.roots), provider())
                 .allow_unauthenticated()
                 .build()
-                .map_err(|e| TlsError::Rustls(e.to_string()))?;
+                .map_err(|e| TlsError::Rustls(e.into()))?;
         let mut config = ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| TlsError::Rustls(e.to_string()))?
+            .map_err(|e| TlsError::Rustls(e.into()))?
             .with_client_cert_verifier(verifier)
             .with_single_cert(identity.chain, identity.key)
-            .map_err(|e| TlsError::Rustls(e.to_string()))?;
+            .map_err(|e| TlsError::Rustls(e.into()))?;
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Arc::new(config))
     }
@@ -245,12 +245,12 @@ impl FleetTls {
     pub fn client_config(&self) -> Result<Arc<ClientConfig>, TlsError> {
         let builder = ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| TlsError::Rustls(e.to_string()))?
+            .map_err(|e| TlsError::Rustls(e.into()))?
             .with_root_certificates(Arc::clone(&self.roots));
         let mut config = match self.identity.clone() {
             Some(identity) => builder
                 .with_client_auth_cert(identity.chain, identity.key)
-                .map_err(|e| TlsError::Rustls(e.to_string()))?,
+                .map_err(|e| TlsError::Rustls(e.into()))?,
             None => builder.with_no_client_auth(),
         };
         config.alpn_protocols = vec![b"http/1.1".to_vec()];

@@ -276,9 +276,15 @@ fn check_host(host: &Manifest<Host>, out: &mut Vec<Diagnostic>) {
                     (spec.transparent_hugepages != crate::ThpMode::default(), "spec.transparentHugepages"),
                 ];
                 for (_, field) in set.iter().filter(|(set, _)| *set) {
+                    // Guests on hugepages are planned against the pool a Host declares.
+                    let pages = if *field == "spec.hugepages" {
+                        "; guests on hugepages need a host whose pool berth keeps, so run berth on that machine with a local URI to place them there"
+                    } else {
+                        ""
+                    };
                     out.push(o.error(
                         *field,
-                        format!("berth sets host settings only on the machine it runs on, and this libvirt host is reached remotely ({}); set it on that machine and leave it out, or use a local URI such as qemu:///system", libvirt.uri),
+                        format!("berth sets host settings only on the machine it runs on, and this libvirt host is reached remotely ({}); set it on that machine and leave it out, or use a local URI such as qemu:///system{pages}", libvirt.uri),
                     ))
                 }
             }

@@ -2,6 +2,7 @@
 //! and `berth-vmm` binaries of this workspace.
 
 pub mod etcd;
+pub mod host;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

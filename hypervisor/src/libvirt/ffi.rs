@@ -163,17 +163,51 @@ pub(super) fn set_blkio_weight(dom: &Domain, weight: u32, flags: c_uint) -> Resu
 
 /// A running job's statistics: (data processed, data remaining, data total, memory
 /// iteration) in bytes; `None` when the domain has no job.
+pub(super) fn job_progress(dom: &Domain) -> Result<Option<[u64; 4]>, Error> {
+    job_stats(
+        dom,
+        0,
+        [
+            sys::VIR_DOMAIN_JOB_DATA_PROCESSED,
+            sys::VIR_DOMAIN_JOB_DATA_REMAINING,
+            sys::VIR_DOMAIN_JOB_DATA_TOTAL,
+            sys::VIR_DOMAIN_JOB_MEMORY_ITERATION,
+        ],
+    )
+}
+
+/// The downtime of the domain's last completed job, in milliseconds: on the
+/// destination of a migration, the time the guest was paused for the switchover
+/// (libvirt's `downtime`, from the source's statistics); `None` when libvirt keeps no
+/// completed job or reports no downtime.
+pub(super) fn completed_downtime_ms(dom: &Domain) -> Result<Option<u64>, Error> {
+    Ok(job_stats(
+        dom,
+        sys::VIR_DOMAIN_JOB_STATS_COMPLETED,
+        [sys::VIR_DOMAIN_JOB_DOWNTIME],
+    )?
+    .map(|[ms]| ms)
+    .filter(|ms| *ms > 0))
+}
+
+/// The fields `names` of the domain's job statistics (`virDomainGetJobStats` with
+/// `flags`), 0 for a field libvirt leaves out; `None` when there is no job.
 ///
 /// `virt`'s own `Domain::job_stats` hands libvirt's allocation to a Rust `Vec` (and a
 /// null one when there is no job), so this reads the parameters here and frees them
 /// with libvirt.
-pub(super) fn job_progress(dom: &Domain) -> Result<Option<[u64; 4]>, Error> {
+fn job_stats<const N: usize>(
+    dom: &Domain,
+    flags: c_uint,
+    names: [&std::ffi::CStr; N],
+) -> Result<Option<[u64; N]>, Error> {
     let mut kind: c_int = 0;
     let mut params: sys::virTypedParameterPtr = ptr::null_mut();
     let mut n: c_int = 0;
     // SAFETY: libvirt allocates the parameter array and writes its pointer and length
     // through the out-pointers; the domain pointer is valid while `dom` lives.
-    let rc = unsafe { sys::virDomainGetJobStats(dom.as_ptr(), &mut kind, &mut params, &mut n, 0) };
+    let rc =
+        unsafe { sys::virDomainGetJobStats(dom.as_ptr(), &mut kind, &mut params, &mut n, flags) };
     if rc < 0 {
         return Err(Error::last_error());
     }
@@ -182,13 +216,7 @@ pub(super) fn job_progress(dom: &Domain) -> Result<Option<[u64; 4]>, Error> {
         unsafe { sys::virTypedParamsFree(params, n) };
         return Ok(None);
     }
-    let mut out = [0u64; 4];
-    let names = [
-        sys::VIR_DOMAIN_JOB_DATA_PROCESSED,
-        sys::VIR_DOMAIN_JOB_DATA_REMAINING,
-        sys::VIR_DOMAIN_JOB_DATA_TOTAL,
-        sys::VIR_DOMAIN_JOB_MEMORY_ITERATION,
-    ];
+    let mut out = [0u64; N];
     for (slot, name) in out.iter_mut().zip(names) {
         let mut value: std::os::raw::c_ulonglong = 0;
         // SAFETY: `params` holds `n` entries from libvirt; the name is NUL-terminated.

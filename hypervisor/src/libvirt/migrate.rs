@@ -53,6 +53,22 @@ pub enum Outcome {
 }
 
 impl Libvirt {
+    /// How long guest `name`, just migrated here, was paused for the switchover, as
+    /// libvirt measured it (the `downtime` of the domain's completed migration job);
+    /// `None` when libvirt keeps no such statistics. Read once: libvirt drops them when
+    /// they are read.
+    ///
+    /// # Errors
+    /// When libvirtd cannot be asked.
+    pub fn migration_downtime(&self, name: &str) -> Result<Option<Duration>, LibvirtError> {
+        let Some(dom) = self.lookup(name)? else {
+            return Ok(None);
+        };
+        ffi::completed_downtime_ms(&dom)
+            .map(|ms| ms.map(Duration::from_millis))
+            .map_err(|source| call(name, "reading the completed job's statistics", source))
+    }
+
     /// Live-migrates berth's guest to `to` (whose own connection is `dest`), after the
     /// pre-checks: every disk on shared storage, different host UUIDs, no domain of
     /// that name on the destination, the pinned CPUs present there. `progress` gets

@@ -184,6 +184,51 @@ pub struct ObservedDomain {
     pub host_cpus: CpuSet,
 }
 
+/// The QEMU process of a running domain of this machine's libvirtd (`qemu:///system`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct QemuProcess {
+    /// QEMU's pid.
+    pub pid: i32,
+    /// Since QEMU started (for a guest that migrated here, since it arrived).
+    pub uptime: Duration,
+}
+
+/// Where this machine's libvirtd keeps the pid files of its QEMUs.
+const QEMU_RUN_DIR: &str = "/run/libvirt/qemu";
+
+/// The QEMU process running domain `name` on this machine, from the pid file libvirtd
+/// keeps for it and the kernel's record of the process (its start time, from
+/// `/proc/<pid>/stat`, against `/proc/uptime`); `None` when the domain does not run
+/// here. libvirt's API gives neither: only a local libvirtd's domains have them.
+pub fn qemu_process(name: &str) -> Option<QemuProcess> {
+    let pid: i32 = std::fs::read_to_string(Path::new(QEMU_RUN_DIR).join(format!("{name}.pid")))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let uptime = std::fs::read_to_string("/proc/uptime").ok()?;
+    Some(QemuProcess {
+        pid,
+        uptime: process_uptime(&stat, &uptime)?,
+    })
+}
+
+/// How long a process has run, from its `/proc/<pid>/stat` and `/proc/uptime`.
+fn process_uptime(stat: &str, uptime: &str) -> Option<Duration> {
+    // The command name (field 2) is in parentheses and may hold spaces: the fields
+    // after its closing parenthesis start with field 3; the start time is field 22.
+    let after = &stat[stat.rfind(')')? + 1..];
+    let ticks: u64 = after.split_whitespace().nth(19)?.parse().ok()?;
+    // SAFETY: sysconf reads a constant of the system; no memory is passed.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = u64::try_from(hz).ok().filter(|h| *h > 0)?;
+    let since_boot: f64 = uptime.split_whitespace().next()?.parse().ok()?;
+    let started = Duration::from_millis(ticks * 1000 / hz);
+    Some(Duration::from_secs_f64(since_boot).saturating_sub(started))
+}
+
 /// A host as libvirt reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -911,5 +956,27 @@ fn numa_mode(mode: i32) -> Option<NumaMode> {
         sys::VIR_DOMAIN_NUMATUNE_MEM_PREFERRED => Some(NumaMode::Preferred),
         sys::VIR_DOMAIN_NUMATUNE_MEM_INTERLEAVE => Some(NumaMode::Interleave),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_process_uptime_comes_from_its_start_time_and_the_system_uptime() {
+        // A command name with spaces and parentheses; start time 1500 ticks.
+        let stat = "4242 (qemu (x) y) S 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 1 0 1500 99 9";
+        // SAFETY: sysconf reads a constant of the system.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+        let started = 1500.0 / hz as f64;
+        let uptime = format!("{:.2} 1.00", started + 65.5);
+        let took = process_uptime(stat, &uptime).unwrap();
+        assert!((took.as_secs_f64() - 65.5).abs() < 0.02, "{took:?}");
+        assert_eq!(process_uptime("garbage", "1.0 1.0"), None);
+        // Our own process started before now.
+        let own = std::fs::read_to_string("/proc/self/stat").unwrap();
+        let now = std::fs::read_to_string("/proc/uptime").unwrap();
+        assert!(process_uptime(&own, &now).is_some());
     }
 }

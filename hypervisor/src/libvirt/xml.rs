@@ -166,7 +166,7 @@ pub fn parse_definition(domain: &str) -> Option<Definition> {
 /// The Guest spec's fingerprint: SHA-256 of its canonical JSON (maps are ordered), in hex.
 pub fn fingerprint(spec: &GuestSpec) -> String {
     let json = serde_json::to_vec(spec).expect("a GuestSpec always serializes");
-    ring::digest::digest(&ring::digest::SHA256, &json)
+    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &json)
         .as_ref()
         .iter()
         .map(|b| format!("{b:02x}"))

@@ -52,6 +52,7 @@ pub mod policy;
 pub mod precheck;
 pub mod ram;
 pub mod receive;
+pub mod seal;
 pub mod send;
 pub mod state;
 pub mod throttle;

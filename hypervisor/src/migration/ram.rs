@@ -1,4 +1,4 @@
-//! Guest RAM as migration sees it: page copies out of a running guest (source), page
+//! Guest RAM as migration sees it: pages read out of a running guest (source), page
 //! writes into a guest that does not run yet (destination), and the dirty set (KVM's
 //! dirty log OR'ed with the VMM's own writes, which vm-memory's bitmap records).
 //!
@@ -6,16 +6,56 @@
 //! a page always goes over connection `(gpa / 2 MiB) % connections`, so two versions of
 //! one page always share a connection and arrive in order.
 
+use std::fs::File;
 use std::ops::Deref as _;
+use std::os::unix::fs::FileExt as _;
 
 use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion as _};
 
+use super::seal::SharedBytes;
 use super::wire::{MemoryBounds, PAGE_SIZE};
 use crate::vstate::vm::{Vm, VmError};
 
 /// Pages per 2 MiB chunk.
 pub const CHUNK_PAGES: u32 = 512;
 const PAGE: u64 = PAGE_SIZE as u64;
+
+/// Words of a bitmask with one bit per page of a chunk.
+pub const CHUNK_WORDS: usize = CHUNK_PAGES as usize / 64;
+/// A pagemap entry's "present in RAM" bit (Documentation/admin-guide/mm/pagemap.rst).
+const PM_PRESENT: u64 = 1 << 63;
+/// A pagemap entry's "swapped out" bit (also set for pages being migrated by the kernel).
+const PM_SWAPPED: u64 = 1 << 62;
+
+/// `/proc/self/pagemap`, open for [`GuestRam::untouched`].
+#[derive(Debug)]
+pub struct Pagemap {
+    file: File,
+}
+
+impl Pagemap {
+    /// Which of the `pages` pages mapped from `host` are neither present nor swapped
+    /// out, as a bitmask (see [`GuestRam::untouched`]); `None` for more than a chunk of
+    /// pages or when the read fails.
+    fn untouched(&self, host: *const u8, pages: u32) -> Option<[u64; CHUNK_WORDS]> {
+        if pages == 0 || pages > CHUNK_PAGES {
+            return None;
+        }
+        let mut raw = [0u8; CHUNK_PAGES as usize * 8];
+        let raw = &mut raw[..pages as usize * 8];
+        self.file
+            .read_exact_at(raw, (host as u64 / PAGE) * 8)
+            .ok()?;
+        let mut mask = [0u64; CHUNK_WORDS];
+        for (i, entry) in raw.chunks_exact(8).enumerate() {
+            let entry = u64::from_le_bytes(entry.try_into().expect("8 bytes"));
+            if entry & (PM_PRESENT | PM_SWAPPED) == 0 {
+                mask[i / 64] |= 1 << (i % 64);
+            }
+        }
+        Some(mask)
+    }
+}
 
 /// A run of pages: first guest address and count, within one 2 MiB chunk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,6 +148,58 @@ impl<'a> GuestRam<'a> {
         Some(r.host.wrapping_add((gpa - r.gpa) as usize))
     }
 
+    /// This process's page table for guest RAM (`/proc/self/pagemap`), to find pages
+    /// that were never faulted in ([`GuestRam::untouched`]); `None` when it cannot be
+    /// read (the sender then reads every page).
+    pub fn pagemap(&self) -> Option<Pagemap> {
+        File::open("/proc/self/pagemap")
+            .ok()
+            .map(|file| Pagemap { file })
+    }
+
+    /// The pages of `run` that were never faulted in, as a bitmask (bit `i` of word
+    /// `i / 64`: page `i` of the run): neither present in this process's page table nor
+    /// swapped out. Guest RAM is private anonymous memory, or private hugetlb memory
+    /// (`vstate/memory.rs`), where such a page reads as zeroes: the sender counts it
+    /// as zero without reading it, which would fault the shared zero page in, one fault
+    /// per 4 KiB. A guest write after the look-up is in the dirty log (on before the
+    /// first pass), so the page goes in a later pass. `None` when the look-up fails.
+    pub fn untouched(&self, pagemap: &Pagemap, run: Run) -> Option<[u64; CHUNK_WORDS]> {
+        let host = self.host_run(run.gpa, u64::from(run.pages) * PAGE)?;
+        pagemap.untouched(host, run.pages)
+    }
+
+    /// The pages of `run` whose first 16 bytes are not all zero right now (so they are
+    /// not zero pages), as a bitmask like [`GuestRam::untouched`]'s; pages in `skip`
+    /// are not read. One load per page in a loop without early exits, so the CPU has
+    /// the cache misses of many pages in flight at once, where [`GuestRam::is_zero`]
+    /// would wait for each page in turn; only pages that pass this go on to that full
+    /// check.
+    pub fn nonzero_heads(&self, run: Run, skip: &[u64; CHUNK_WORDS]) -> [u64; CHUNK_WORDS] {
+        let mut mask = [0u64; CHUNK_WORDS];
+        let pages = run.pages.min(CHUNK_PAGES) as usize;
+        let Some(host) = self.host_run(run.gpa, pages as u64 * PAGE) else {
+            return mask;
+        };
+        for (i, word) in mask.iter_mut().enumerate().take(pages.div_ceil(64)) {
+            for bit in 0..64.min(pages - i * 64) {
+                let page = i * 64 + bit;
+                if skip[i] & (1 << bit) != 0 {
+                    continue;
+                }
+                // SAFETY: the page lies in one live mapping of guest RAM (checked by
+                // `host_run` for the whole run); a volatile read of 16 bytes through a
+                // raw pointer, so a concurrent guest write only makes it stale, which the
+                // dirty log covers.
+                let head = unsafe {
+                    std::ptr::read_volatile(host.add(page * PAGE_SIZE).cast::<[u64; 2]>())
+                };
+                *word |= u64::from(head[0] | head[1] != 0) << bit;
+            }
+        }
+        mask
+    }
+
     /// Whether the page at `gpa` holds only zeroes right now. A running guest may write
     /// it meanwhile; the dirty log then has it for the next pass.
     pub fn is_zero(&self, gpa: u64) -> bool {
@@ -135,18 +227,23 @@ impl<'a> GuestRam<'a> {
         zero
     }
 
-    /// Copies the page at `gpa` into `out` (one page long).
+    /// The `pages` pages from `gpa`, to be read where they lie (the sender encrypts them
+    /// straight out of guest memory) while the guest may write them.
     ///
     /// # Panics
-    /// When `out` is not one page or `gpa` is not a page of RAM (a caller bug: the
-    /// addresses come from this RAM's own runs).
-    pub fn copy_out(&self, gpa: u64, out: &mut [u8]) {
-        assert_eq!(out.len(), PAGE_SIZE);
-        let host = self.host(gpa).expect("a page of guest RAM");
-        // SAFETY: `host` is a whole page of our mapping and `out` a distinct page-sized
-        // buffer; a concurrent guest write makes the copy stale (or torn), which the
-        // dirty log covers by sending the page again.
-        unsafe { std::ptr::copy_nonoverlapping(host, out.as_mut_ptr(), PAGE_SIZE) };
+    /// When the run is not wholly in one range of RAM (a caller bug: the addresses come
+    /// from this RAM's own runs, and no run crosses a range).
+    pub fn pages(&self, gpa: u64, pages: usize) -> SharedBytes<'_> {
+        let bytes = pages * PAGE_SIZE;
+        let host = self
+            .host_run(gpa, bytes as u64)
+            .expect("a run of guest RAM");
+        // SAFETY: `host..host + bytes` lies in one live mapping of guest RAM (checked by
+        // `host_run`), which the `&'a Vm` keeps mapped for as long as `self` is
+        // borrowed. The vCPUs may write these pages meanwhile: `SharedBytes` is read
+        // through a raw pointer only, never as a Rust reference, and a page that
+        // changes while it is read is dirty, so the next pass sends it again.
+        unsafe { SharedBytes::from_raw(host, bytes) }
     }
 
     /// Lends the `pages` pages from `gpa` to `write` as one slice, to be written in
@@ -332,6 +429,40 @@ pub fn bitmap_runs(runs: &mut Vec<Run>, base: u64, pages: u64, bitmap: &[u64]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pages_never_faulted_in_are_found_untouched() {
+        let pages = 16usize;
+        // SAFETY: a fresh private anonymous mapping (like guest RAM), unmapped below.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                pages * PAGE_SIZE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(map, libc::MAP_FAILED);
+        let base = map.cast::<u8>();
+        // SAFETY: pages 1, 5 and 7 lie in the mapping; 1 and 5 are written, 7 is only
+        // read (which maps the shared zero page: present, so not "untouched").
+        unsafe {
+            base.add(PAGE_SIZE).write(1);
+            base.add(5 * PAGE_SIZE + 100).write(2);
+            assert_eq!(std::ptr::read_volatile(base.add(7 * PAGE_SIZE)), 0);
+        }
+        let pagemap = Pagemap {
+            file: File::open("/proc/self/pagemap").unwrap(),
+        };
+        let mask = pagemap.untouched(base, pages as u32).unwrap();
+        assert_eq!(mask[0], 0xffff & !(1 << 1 | 1 << 5 | 1 << 7));
+        assert!(mask[1..].iter().all(|&w| w == 0));
+        assert!(pagemap.untouched(base, CHUNK_PAGES + 1).is_none());
+        // SAFETY: the mapping made above, no longer used.
+        unsafe { libc::munmap(map, pages * PAGE_SIZE) };
+    }
 
     #[test]
     fn runs_split_at_chunks_and_follow_the_bitmap() {

@@ -697,6 +697,7 @@ mod tests {
     //! panic, no page written outside guest memory, every bad frame a clear error.
 
     use super::*;
+    use crate::migration::seal::SharedBytes;
     use crate::migration::wire::{MemoryBounds, PAGE_SIZE};
     use proptest::prelude::*;
     use std::sync::atomic::{AtomicU64, Ordering};
@@ -904,12 +905,8 @@ mod tests {
             for (run, fill) in &frames {
                 let first = run[0];
                 let pages = run.len() as u32;
-                let mut batch = wire::PageBatch::new(run.len());
-                for i in 0..u64::from(pages) {
-                    batch.next_slot().fill(*fill);
-                    batch.push((first + i) * PAGE);
-                }
-                w.send_pages(&mut batch).unwrap();
+                let bytes = vec![*fill; pages as usize * PAGE_SIZE];
+                w.send_pages(first * PAGE, SharedBytes::from_slice(&bytes)).unwrap();
                 sealed.push((FrameKind::Pages as u8, wire::run_payload(first * PAGE, pages).to_vec()));
                 sealed.push((FrameKind::PageData as u8, vec![*fill; pages as usize * PAGE_SIZE]));
             }

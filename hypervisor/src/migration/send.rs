@@ -35,8 +35,8 @@ use crate::vmm::{Payload, Vmm, VmmError};
 use crate::vstate::vm::VmError;
 use std::cell::RefCell;
 
-/// Pages per `Pages` run at most (256 KiB of data): small enough that the pages
-/// gathered, sealed and handed to the kernel stay in the core's 2 MiB L2 cache beside
+/// Pages per `Pages` run at most (256 KiB of data): small enough that the ciphertext
+/// sealed out of guest memory and handed to the kernel stays in the core's 2 MiB L2 cache beside
 /// the other threads' buffers (source CPU 90-110 ms per migration of 200 MiB against
 /// 100-120 ms with 1 MiB runs, BENCHMARKS.md), large enough that per-frame costs stay
 /// small.
@@ -1016,6 +1016,7 @@ fn worker(
     batch: usize,
 ) -> Result<(), WireError> {
     let mut pages = wire::PageBatch::new(batch);
+    let pagemap = ram.pagemap();
     let mut zeros: Vec<u64> = Vec::new();
     let account = |wire_bytes: usize| {
         counters
@@ -1031,10 +1032,12 @@ fn worker(
     };
     let send_pages =
         |w: &mut FrameWriter<TcpStream>, pages: &mut wire::PageBatch| -> Result<(), WireError> {
-            let n = pages.len() as u64;
-            limiter.take(pages.len() * PAGE_SIZE + wire::RUN_LEN);
-            account(w.send_pages(pages)?);
-            counters.pages.fetch_add(n, Ordering::Relaxed);
+            let Some((gpa, n)) = pages.take() else {
+                return Ok(());
+            };
+            limiter.take(n * PAGE_SIZE + wire::RUN_LEN);
+            account(w.send_pages(gpa, ram.pages(gpa, n))?);
+            counters.pages.fetch_add(n as u64, Ordering::Relaxed);
             Ok(())
         };
     loop {
@@ -1049,9 +1052,16 @@ fn worker(
         match job {
             Job::Runs { runs, skip_zero } => {
                 for run in runs {
+                    let untouched = pagemap
+                        .as_ref()
+                        .and_then(|pm| ram.untouched(pm, run))
+                        .unwrap_or_default();
+                    let nonzero = ram.nonzero_heads(run, &untouched);
                     for i in 0..u64::from(run.pages) {
                         let gpa = run.gpa + i * PAGE_SIZE as u64;
-                        if ram.is_zero(gpa) {
+                        let (word, bit) = ((i / 64) as usize, 1 << (i % 64));
+                        let never_faulted = untouched[word] & bit != 0;
+                        if never_faulted || (nonzero[word] & bit == 0 && ram.is_zero(gpa)) {
                             counters.zero.fetch_add(1, Ordering::Relaxed);
                             if !skip_zero {
                                 zeros.push(gpa);
@@ -1069,14 +1079,13 @@ fn worker(
                         if !pages.takes(gpa) {
                             send_pages(&mut w, &mut pages)?;
                         }
-                        ram.copy_out(gpa, pages.next_slot());
                         pages.push(gpa);
                         if pages.is_full() {
                             send_pages(&mut w, &mut pages)?;
                         }
                     }
-                }
-                if !pages.is_empty() {
+                    // A run lies in one range of RAM, so its pages are contiguous in
+                    // this process too; the next run may lie in another range.
                     send_pages(&mut w, &mut pages)?;
                 }
                 if !zeros.is_empty() {

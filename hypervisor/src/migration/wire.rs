@@ -13,13 +13,15 @@
 //!
 //! Guest pages travel as a pair of frames: `Pages` names a run of pages (its first
 //! address and count, encrypted like any payload), and the next frame, `PageData`,
-//! holds exactly their bytes. A receiver checks the run (inside guest memory, on the
-//! right connection) once `Pages` authenticated, then reads `PageData`'s ciphertext
-//! straight into the guest pages and decrypts it there ([`FrameReader::recv_pages_into`]),
-//! so page bytes are copied by the kernel once and by nobody else. Those bytes are
-//! used by no one before their tag checked out: the guest does not run before the
-//! switchover, a bad tag ends the migration (the destination is discarded), and ring
-//! zeroes what it decrypted when the tag does not match.
+//! holds exactly their bytes. The sender encrypts the pages straight out of guest
+//! memory into the buffer it sends ([`FrameWriter::send_pages`], [`super::seal`]). A
+//! receiver checks the run (inside guest memory, on the right connection) once `Pages`
+//! authenticated, then reads `PageData`'s ciphertext straight into the guest pages and
+//! decrypts it there ([`FrameReader::recv_pages_into`]), so page bytes are copied by
+//! the kernel only. Those bytes are used by no one before their tag checked out: the
+//! guest does not run before the switchover, a bad tag ends the migration (the
+//! destination is discarded), and AWS-LC zeroes what it decrypted when the tag does not
+//! match.
 //!
 //! Keys come from HKDF-SHA256 (RFC 5869): the token is the input key material, both
 //! nonces are the salt, and the info names the purpose and the stream number. The
@@ -40,8 +42,10 @@
 use std::fmt;
 use std::io::{self, BufReader, IoSlice, Read, Write};
 
-use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM};
-use ring::{hkdf, hmac};
+use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM};
+use aws_lc_rs::{hkdf, hmac};
+
+use super::seal::{SealingKey, SharedBytes, NONCE_LEN};
 
 /// First bytes of both hellos.
 pub const MAGIC: [u8; 8] = *b"BERTHMIG";
@@ -334,8 +338,12 @@ impl SessionKey {
         }
     }
 
-    fn aead(&self) -> LessSafeKey {
+    fn opening(&self) -> LessSafeKey {
         LessSafeKey::new(UnboundKey::new(&AES_128_GCM, &self.frames).expect("a 16-byte key"))
+    }
+
+    fn sealing(&self) -> SealingKey {
+        SealingKey::new(&self.frames)
     }
 
     /// A key pair from fixed bytes, for tests of frame handling.
@@ -349,10 +357,14 @@ impl SessionKey {
 }
 
 /// The nonce of frame `seq`: unique per key, since `seq` only counts up.
-fn frame_nonce(seq: u64) -> Nonce {
-    let mut n = [0u8; aead::NONCE_LEN];
+fn frame_nonce_bytes(seq: u64) -> [u8; NONCE_LEN] {
+    let mut n = [0u8; NONCE_LEN];
     n[4..].copy_from_slice(&seq.to_be_bytes());
-    Nonce::assume_unique_for_key(n)
+    n
+}
+
+fn frame_nonce(seq: u64) -> Nonce {
+    Nonce::assume_unique_for_key(frame_nonce_bytes(seq))
 }
 
 /// What a frame carries.
@@ -414,10 +426,12 @@ fn header(kind: u8, len: usize) -> [u8; HEADER_LEN] {
 /// Writes sealed frames to one connection.
 pub struct FrameWriter<W: Write> {
     inner: W,
-    key: LessSafeKey,
+    key: SealingKey,
     seq: u64,
     /// Where [`FrameWriter::send`] gathers and seals a payload.
     scratch: Vec<u8>,
+    /// Where [`FrameWriter::send_pages`] puts the ciphertext of a run.
+    sealed_pages: Vec<u8>,
 }
 
 impl<W: Write> FrameWriter<W> {
@@ -425,9 +439,10 @@ impl<W: Write> FrameWriter<W> {
     pub fn new(inner: W, key: SessionKey) -> Self {
         FrameWriter {
             inner,
-            key: key.aead(),
+            key: key.sealing(),
             seq: 0,
             scratch: Vec::new(),
+            sealed_pages: Vec::new(),
         }
     }
 
@@ -476,55 +491,65 @@ impl<W: Write> FrameWriter<W> {
         let header = header(kind, len);
         let tag = self
             .key
-            .seal_in_place_separate_tag(frame_nonce(self.seq), Aad::from(&header), payload)
+            .seal_in_place(&frame_nonce_bytes(self.seq), &header, payload)
             .map_err(|_| WireError::FrameTooLarge(len))?;
         self.seq += 1;
         let mut slices = [
             IoSlice::new(&header),
             IoSlice::new(payload),
-            IoSlice::new(tag.as_ref()),
+            IoSlice::new(&tag),
         ];
         write_all_vectored(&mut self.inner, &mut slices)?;
         Ok(())
     }
 
-    /// Seals and sends the run gathered in `batch` as a `Pages` frame and its
-    /// `PageData` (encrypted where the pages were gathered, both in one system call),
-    /// and empties the batch. Returns the bytes put on the wire.
+    /// Sends the run of pages from `gpa` whose bytes are `pages` (a whole number of
+    /// pages, at most a [`RUN_SPAN`], read where they lie, in guest memory) as a `Pages`
+    /// frame and its `PageData`: the pages are encrypted straight into the writer's
+    /// buffer, one pass and no copy first, and both frames go out in one system call.
+    /// Returns the bytes put on the wire.
     ///
     /// # Errors
+    /// [`WireError::Malformed`] for a length that is not a whole run,
     /// [`WireError::Exhausted`], and I/O errors.
-    pub fn send_pages(&mut self, batch: &mut PageBatch) -> Result<usize> {
-        let pages = std::mem::take(&mut batch.len);
-        if pages == 0 {
-            return Ok(0);
+    pub fn send_pages(&mut self, gpa: u64, pages: SharedBytes<'_>) -> Result<usize> {
+        let len = pages.len();
+        if len == 0 || len % PAGE_SIZE != 0 || len as u64 > RUN_SPAN {
+            return Err(WireError::Malformed {
+                kind: FrameKind::Pages,
+                reason: format!("a run of {len} bytes is not 1 to 512 whole pages"),
+            });
         }
         if self.seq >= u64::MAX - 1 {
             return Err(WireError::Exhausted);
         }
-        let mut run = run_payload(batch.start, pages as u32);
+        let mut run = run_payload(gpa, (len / PAGE_SIZE) as u32);
         let run_header = header(FrameKind::Pages as u8, run.len());
         let run_tag = self
             .key
-            .seal_in_place_separate_tag(frame_nonce(self.seq), Aad::from(&run_header), &mut run)
+            .seal_in_place(&frame_nonce_bytes(self.seq), &run_header, &mut run)
             .map_err(|_| WireError::FrameTooLarge(RUN_LEN))?;
-        let data = &mut batch.buf[..pages * PAGE_SIZE];
-        let data_header = header(FrameKind::PageData as u8, data.len());
+        // Grown once to the largest run; never shrunk, never zeroed again.
+        if self.sealed_pages.len() < len {
+            self.sealed_pages.resize(len, 0);
+        }
+        let data = &mut self.sealed_pages[..len];
+        let data_header = header(FrameKind::PageData as u8, len);
         let data_tag = self
             .key
-            .seal_in_place_separate_tag(frame_nonce(self.seq + 1), Aad::from(&data_header), data)
-            .map_err(|_| WireError::FrameTooLarge(data.len()))?;
+            .seal_into(&frame_nonce_bytes(self.seq + 1), &data_header, pages, data)
+            .map_err(|_| WireError::FrameTooLarge(len))?;
         self.seq += 2;
         let mut slices = [
             IoSlice::new(&run_header),
             IoSlice::new(&run),
-            IoSlice::new(run_tag.as_ref()),
+            IoSlice::new(&run_tag),
             IoSlice::new(&data_header),
             IoSlice::new(data),
-            IoSlice::new(data_tag.as_ref()),
+            IoSlice::new(&data_tag),
         ];
         write_all_vectored(&mut self.inner, &mut slices)?;
-        Ok(2 * (HEADER_LEN + TAG_LEN) + RUN_LEN + pages * PAGE_SIZE)
+        Ok(2 * (HEADER_LEN + TAG_LEN) + RUN_LEN + len)
     }
 
     /// Flushes buffered frames.
@@ -555,11 +580,10 @@ fn write_all_vectored<W: Write>(w: &mut W, mut slices: &mut [IoSlice<'_>]) -> io
     Ok(())
 }
 
-/// The run of one `Pages` + `PageData` pair, gathered in place: each page is copied
-/// once, into the buffer the data is encrypted in.
+/// The run of one `Pages` + `PageData` pair being gathered: the addresses only (the
+/// pages are read where they lie when the run is sent).
 #[derive(Debug)]
 pub struct PageBatch {
-    buf: Vec<u8>,
     start: u64,
     len: usize,
     capacity: usize,
@@ -568,12 +592,10 @@ pub struct PageBatch {
 impl PageBatch {
     /// A batch of at most `capacity` pages (at least 1, at most a [`RUN_SPAN`]).
     pub fn new(capacity: usize) -> PageBatch {
-        let capacity = capacity.clamp(1, RUN_SPAN as usize / PAGE_SIZE);
         PageBatch {
-            buf: vec![0u8; capacity * PAGE_SIZE],
             start: 0,
             len: 0,
-            capacity,
+            capacity: capacity.clamp(1, RUN_SPAN as usize / PAGE_SIZE),
         }
     }
 
@@ -584,17 +606,7 @@ impl PageBatch {
         self.len == 0 || (!self.is_full() && gpa == end && gpa / RUN_SPAN == self.start / RUN_SPAN)
     }
 
-    /// The slot of the next page; fill it, then [`PageBatch::push`] its address.
-    ///
-    /// # Panics
-    /// When the batch is full.
-    pub fn next_slot(&mut self) -> &mut [u8] {
-        assert!(!self.is_full(), "a full page batch");
-        let at = self.len * PAGE_SIZE;
-        &mut self.buf[at..at + PAGE_SIZE]
-    }
-
-    /// Records that the page at `gpa` is in the slot [`PageBatch::next_slot`] gave.
+    /// Adds the page at `gpa` to the run.
     ///
     /// # Panics
     /// When the page does not extend the run ([`PageBatch::takes`]).
@@ -604,6 +616,12 @@ impl PageBatch {
             self.start = gpa;
         }
         self.len += 1;
+    }
+
+    /// The run gathered (first address, pages), if any, and empties the batch.
+    pub fn take(&mut self) -> Option<(u64, usize)> {
+        let pages = std::mem::take(&mut self.len);
+        (pages > 0).then_some((self.start, pages))
     }
 
     /// Pages gathered.
@@ -645,7 +663,7 @@ impl<R: Read> FrameReader<R> {
     pub fn new(inner: R, key: SessionKey) -> Self {
         FrameReader {
             inner: BufReader::with_capacity(READ_AHEAD, inner),
-            key: key.aead(),
+            key: key.opening(),
             seq: 0,
             buf: Vec::new(),
         }
@@ -653,7 +671,7 @@ impl<R: Read> FrameReader<R> {
 
     /// Reads the `PageData` frame that follows a `Pages` frame naming `dst.len() /
     /// 4096` pages: its ciphertext straight into `dst` (the pages, in guest memory),
-    /// where it is authenticated and decrypted. On any error `dst` holds garbage (ring
+    /// where it is authenticated and decrypted. On any error `dst` holds garbage (AWS-LC
     /// zeroes it on a bad tag) and the stream is unusable: the caller discards the
     /// guest, which never ran on it.
     ///
@@ -683,13 +701,7 @@ impl<R: Read> FrameReader<R> {
         read_exact_or_truncated(&mut self.inner, &mut tag)?;
         let seq = self.seq;
         self.key
-            .open_in_place_separate_tag(
-                frame_nonce(seq),
-                Aad::from(&header),
-                aead::Tag::from(tag),
-                dst,
-                0..,
-            )
+            .open_in_place_separate_tag(frame_nonce(seq), Aad::from(&header), &tag, dst)
             .map_err(|_| WireError::BadTag { seq })?;
         self.seq += 1;
         Ok(())
@@ -896,20 +908,30 @@ mod tests {
         assert_eq!(stream, 3);
         let mut w = FrameWriter::new(sconn, skey);
         let mut batch = PageBatch::new(4);
-        for (gpa, fill) in [(0x1000, 7), (0x2000, 8)] {
+        for gpa in [0x1000, 0x2000] {
             assert!(batch.takes(gpa));
-            batch.next_slot().fill(fill);
             batch.push(gpa);
         }
         // Not the next page, nor across 2 MiB: another run.
         assert!(!batch.takes(0x4000));
-        let sent = w.send_pages(&mut batch).unwrap();
-        assert_eq!(sent, 2 * (HEADER_LEN + TAG_LEN) + RUN_LEN + 2 * PAGE_SIZE);
+        assert_eq!(batch.take(), Some((0x1000, 2)));
         assert!(batch.is_empty());
-        batch.next_slot().fill(9);
+        let mut pages = vec![7u8; 2 * PAGE_SIZE];
+        pages[PAGE_SIZE..].fill(8);
+        let sent = w
+            .send_pages(0x1000, SharedBytes::from_slice(&pages))
+            .unwrap();
+        assert_eq!(sent, 2 * (HEADER_LEN + TAG_LEN) + RUN_LEN + 2 * PAGE_SIZE);
         batch.push(RUN_SPAN - 0x1000);
         assert!(!batch.takes(RUN_SPAN));
-        w.send_pages(&mut batch).unwrap();
+        assert_eq!(batch.take(), Some((RUN_SPAN - 0x1000, 1)));
+        w.send_pages(RUN_SPAN - 0x1000, SharedBytes::from_slice(&[9; PAGE_SIZE]))
+            .unwrap();
+        // Not whole pages: refused before anything is sent.
+        assert!(matches!(
+            w.send_pages(0, SharedBytes::from_slice(&[1; 100])),
+            Err(WireError::Malformed { .. })
+        ));
         w.send(FrameKind::Commit, &[]).unwrap();
         let mut r = FrameReader::new(dconn, dkey);
         let bounds = MemoryBounds::new([(0, 4 << 20)]);
@@ -1060,10 +1082,8 @@ mod tests {
     fn page_data_must_follow_its_run_and_fail_cleanly() {
         let key = SessionKey::for_tests(4);
         let mut w = FrameWriter::new(Vec::new(), key.clone());
-        let mut batch = PageBatch::new(2);
-        batch.next_slot().fill(0x5a);
-        batch.push(0);
-        w.send_pages(&mut batch).unwrap();
+        w.send_pages(0, SharedBytes::from_slice(&[0x5a; PAGE_SIZE]))
+            .unwrap();
         let good = std::mem::take(w.get_mut());
         // A flipped bit of the data: the tag fails, and what was decrypted is zeroed.
         let mut bad = good.clone();

@@ -32,7 +32,7 @@ use berth_reconciler::driver::{Driver, DriverKind, LibvirtDriver, Scope, SimDriv
 use berth_reconciler::fleet::http::HttpPeers;
 use berth_reconciler::fleet::placement::Placements;
 use berth_reconciler::fleet::Coordination;
-use berth_reconciler::model::{Desired, Observed};
+use berth_reconciler::model::{Desired, Observed, ObservedHost};
 use berth_reconciler::output::{self, Output};
 use berth_reconciler::plan::{Action, Plan};
 use berth_reconciler::render;
@@ -114,7 +114,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
 
     let (driver, _lock): (Box<dyn Driver>, Option<StateLock>) = match args.driver {
         DriverKind::Local => {
-            let lock = StateLock::acquire(&args.local.state_dir, args.wait)?;
+            let lock = StateLock::acquire(&args.local.state_dir, args.wait, "berth apply")?;
             let driver: Box<dyn Driver> = match libvirt {
                 Some(spec) => {
                     let driver = LibvirtDriver::new(&host, spec, &source.revision)?;
@@ -134,11 +134,12 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let capabilities = driver.plan_capabilities(&desired);
     let scope = driver.scope();
     let fleet = desired.clone();
+    let destinations = reachable_destinations(driver.as_ref(), &host, &desired, &observed);
     let guard = start_guard(&args.local.state_dir, &args.tls)?;
     if let Some(me) = scope.host() {
         guard.record_placements(me, &fleet);
     }
-    let scoped = Scoped::new(desired, observed, &scope);
+    let scoped = Scoped::new(desired, observed, &scope, destinations.clone());
     let plan = berth_reconciler::plan(&scoped.desired, &scoped.observed, &capabilities);
     let colour = super::plan::colour(args.color);
 
@@ -174,6 +175,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     }
     if let Some(me) = scope.host() {
         check_starts(&guard, me, &fleet, &plan)?;
+        check_moves(me, &plan)?;
     }
     if !text && !args.yes {
         bail!(
@@ -222,7 +224,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let after = driver
         .observe()
         .with_context(|| format!("observing again through the {} driver", driver.name()))?;
-    let after = Scoped::new(scoped.desired.clone(), after, &scope);
+    let after = Scoped::new(scoped.desired.clone(), after, &scope, destinations);
     let left = berth_reconciler::plan(&after.desired, &after.observed, &capabilities);
     if left.has_changes() {
         out.push_str(&format!(
@@ -360,6 +362,53 @@ fn check_starts(
     Ok(())
 }
 
+/// The other libvirt hosts this libvirt host moves its guests to live (see
+/// [`berth_reconciler::driver::libvirt::destinations`]); none for other drivers. A
+/// destination that does not answer is said on standard error.
+pub fn reachable_destinations(
+    driver: &dyn Driver,
+    host: &str,
+    desired: &Desired,
+    observed: &Observed,
+) -> Vec<ObservedHost> {
+    if driver.kind() != DriverKind::Libvirt {
+        return Vec::new();
+    }
+    let (hosts, unreachable) =
+        berth_reconciler::driver::libvirt::destinations(host, desired, observed);
+    for why in unreachable {
+        eprintln!("cannot plan a move there: {why}");
+    }
+    hosts
+}
+
+/// A guest moves to another host only live: this host cannot start it there, so a
+/// cold move (stop here, start there) is refused before anything changes.
+///
+/// # Errors
+/// Naming the guests, when the plan moves one cold from `me` to another host.
+fn check_moves(me: &str, plan: &berth_reconciler::Plan) -> anyhow::Result<()> {
+    let cold: Vec<String> = plan
+        .steps
+        .iter()
+        .filter_map(|s| match &s.action {
+            Action::ColdMigrate { guest, from, to } if from == me && to != me => {
+                Some(format!("{guest} ({from} -> {to})"))
+            }
+            _ => None,
+        })
+        .collect();
+    if !cold.is_empty() {
+        bail!(
+            "berth apply moves a guest to another host only live, and these moves need a \
+             restart (cold): {}; split the change (first the restart-class change, then the \
+             placement) or let berth serve on both hosts do it; nothing was changed",
+            cold.join(", ")
+        );
+    }
+    Ok(())
+}
+
 fn record(
     args: &Args,
     source: &super::target::Source,
@@ -428,22 +477,42 @@ pub struct Scoped {
 
 impl Scoped {
     /// Narrows to the driver's host when its `scope` is one host (the local driver sees
-    /// this host only); a driver that sees the fleet gets it whole.
-    pub fn new(mut desired: Desired, mut observed: Observed, scope: &Scope) -> Self {
+    /// this host only); a driver that sees the fleet gets it whole. `destinations` are
+    /// other hosts this host moves guests to itself (libvirt hosts it reaches,
+    /// [`berth_reconciler::driver::libvirt::destinations`]), as observed: a guest that
+    /// runs here and is placed on one of them stays in the plan, as a move.
+    pub fn new(
+        mut desired: Desired,
+        mut observed: Observed,
+        scope: &Scope,
+        destinations: Vec<ObservedHost>,
+    ) -> Self {
         berth_reconciler::scheduler::place(&mut desired, &observed);
         let mut elsewhere = Vec::new();
         let mut moving_away = BTreeSet::new();
         if let Some(host) = scope.host() {
+            let reachable = |to: &str| destinations.iter().any(|d| d.name == to);
+            let runs_here = |name: &str| {
+                observed
+                    .guests
+                    .iter()
+                    .any(|o| o.name == name && o.host == host)
+            };
             desired.guests.retain(|g| {
                 // A guest the scheduler could place nowhere is planned (blocked, with
                 // the reason) on every host.
-                let here = g.spec.host == host || g.spec.host.is_empty();
+                let here = g.spec.host == host
+                    || g.spec.host.is_empty()
+                    || (reachable(&g.spec.host) && runs_here(&g.metadata.name));
                 if !here {
                     elsewhere.push((g.metadata.name.clone(), g.spec.host.clone()));
                 }
                 here
             });
-            desired.hosts.retain(|h| h.metadata.name == host);
+            desired
+                .hosts
+                .retain(|h| h.metadata.name == host || reachable(&h.metadata.name));
+            observed.hosts.extend(destinations);
             let away: BTreeSet<&str> = elsewhere.iter().map(|(n, _)| n.as_str()).collect();
             observed.guests.retain(|g| {
                 let keep = !away.contains(g.name.as_str());

@@ -60,7 +60,7 @@ struct Row {
     name: String,
     state: String,
     host: String,
-    /// The VMM's pid (berth-vmm hosts).
+    /// The VMM's pid (berth-vmm hosts), or QEMU's (libvirt hosts with a local URI).
     #[serde(skip_serializing_if = "Option::is_none")]
     pid: Option<i32>,
     vcpus: u32,
@@ -73,7 +73,7 @@ struct Row {
     hard_limit: Option<Bytes>,
     /// Heartbeat lines the guest wrote, over all vCPUs.
     heartbeats: Option<u64>,
-    /// Since the VMM started (berth-vmm hosts).
+    /// Since the VMM started (berth-vmm hosts), or QEMU (libvirt hosts with a local URI).
     #[serde(skip_serializing_if = "Option::is_none")]
     uptime_ms: Option<u64>,
     /// Why the VMM's state is unknown: it holds its lock but did not answer.
@@ -126,8 +126,12 @@ impl Row {
         }
     }
 
-    /// A guest of a libvirt host, read back from libvirt.
-    fn of_domain(o: &ObservedGuest) -> Row {
+    /// A guest of a libvirt host, read back from libvirt; its QEMU's pid and uptime
+    /// when libvirtd runs on this machine.
+    fn of_domain(o: &ObservedGuest, local: bool) -> Row {
+        let qemu = local
+            .then(|| berth_hypervisor::libvirt::qemu_process(&o.name))
+            .flatten();
         Row {
             name: o.name.clone(),
             state: serde_json::to_value(o.state)
@@ -135,7 +139,7 @@ impl Row {
                 .and_then(|v| v.as_str().map(str::to_owned))
                 .unwrap_or_default(),
             host: o.host.clone(),
-            pid: None,
+            pid: qemu.map(|q| q.pid),
             vcpus: o.cpu.vcpus,
             max_vcpus: o.cpu.max_vcpus,
             pinning: o.cpu.pinning.clone(),
@@ -143,7 +147,7 @@ impl Row {
             hugepages: o.memory.hugepages.map(|size| size.to_string()),
             hard_limit: o.memory.tune.as_ref().and_then(|t| t.hard_limit),
             heartbeats: None,
-            uptime_ms: None,
+            uptime_ms: qemu.map(|q| q.uptime.as_millis() as u64),
             unresponsive: None,
         }
     }
@@ -157,12 +161,15 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     }
     let host = args.local.recorded_host();
     let rows: Vec<Row> = match args.libvirt.spec(&args.local) {
-        Some(spec) => LibvirtDriver::new(&host, spec, "")?
-            .observe()?
-            .guests
-            .iter()
-            .map(Row::of_domain)
-            .collect(),
+        Some(spec) => {
+            let local = spec.is_local();
+            LibvirtDriver::new(&host, spec, "")?
+                .observe()?
+                .guests
+                .iter()
+                .map(|g| Row::of_domain(g, local))
+                .collect()
+        }
         None => args
             .local
             .observer(&host)

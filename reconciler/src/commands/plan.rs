@@ -225,7 +225,9 @@ fn driver_inputs(args: &Args) -> anyhow::Result<Inputs> {
         .observe()
         .with_context(|| format!("observing through the {} driver", driver.name()))?;
     let capabilities = driver.plan_capabilities(&desired);
-    let scoped = super::apply::Scoped::new(desired, observed, &driver.scope());
+    let destinations =
+        super::apply::reachable_destinations(driver.as_ref(), &host, &desired, &observed);
+    let scoped = super::apply::Scoped::new(desired, observed, &driver.scope(), destinations);
     let mut note = String::new();
     scoped.note(&mut note);
     if !note.is_empty() {

@@ -69,7 +69,7 @@ fn emit(format: Output, text: &str, doc: &Stopped) -> anyhow::Result<()> {
 
 /// Runs `berth stop`.
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
-    let _lock = StateLock::acquire(&args.local.state_dir, args.wait)?;
+    let _lock = StateLock::acquire(&args.local.state_dir, args.wait, "berth stop")?;
     let host = args.local.recorded_host();
     let local = args.local.observer(&host);
     let libvirt = match args.libvirt.spec(&args.local) {

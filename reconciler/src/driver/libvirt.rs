@@ -63,6 +63,10 @@ pub struct MigrationReport {
     pub elapsed: Duration,
     /// libvirt's last job-statistics sample (bytes sent so far, passes).
     pub last: Option<Progress>,
+    /// How long the guest was paused for the switchover, as libvirt measured it
+    /// (the destination's statistics of the completed job); `None` when libvirt did not
+    /// say.
+    pub downtime: Option<Duration>,
 }
 
 impl std::fmt::Debug for LibvirtDriver {
@@ -212,10 +216,14 @@ impl LibvirtDriver {
                 e,
             )
         })?;
+        let elapsed = started.elapsed();
+        // A measure, not part of the move: a failure to read it loses only the number.
+        let downtime = dest.migration_downtime(name).ok().flatten();
         Ok(MigrationReport {
             outcome,
-            elapsed: started.elapsed(),
+            elapsed,
             last,
+            downtime,
         })
     }
 
@@ -341,6 +349,71 @@ impl LibvirtDriver {
     }
 }
 
+/// The libvirt hosts that guests running on host `here` are placed on (by `desired`)
+/// and that `here` can move them to live (their Host manifest has
+/// `libvirt.remoteUri`), observed from their libvirtd (CPUs and memory; their host
+/// settings are taken as their manifests say): what `berth apply` and `berth plan` on
+/// a libvirt host need to plan such a move. A host that does not answer is
+/// left out, with the reason in the second list.
+pub fn destinations(
+    here: &str,
+    desired: &Desired,
+    observed: &Observed,
+) -> (Vec<ObservedHost>, Vec<String>) {
+    let wanted: std::collections::BTreeSet<&str> = desired
+        .guests
+        .iter()
+        .filter(|g| !g.spec.host.is_empty() && g.spec.host != here)
+        .filter(|g| {
+            observed
+                .guests
+                .iter()
+                .any(|o| o.name == g.metadata.name && o.host == here)
+        })
+        .map(|g| g.spec.host.as_str())
+        .collect();
+    let (mut hosts, mut unreachable) = (Vec::new(), Vec::new());
+    for host in desired.hosts.iter().filter(|h| {
+        wanted.contains(h.metadata.name.as_str())
+            && h.spec.driver == berth_schema::HostDriver::Libvirt
+    }) {
+        let name = &host.metadata.name;
+        let Some((uri, _)) = host.spec.libvirt_or_default().migration_target() else {
+            continue;
+        };
+        match Libvirt::open(&uri).and_then(|c| c.node()) {
+            // Its CPUs and memory from its libvirtd; its host settings as its manifest
+            // says: they are its own apply's to make, not this host's.
+            Ok(node) => hosts.push(ObservedHost {
+                cpus: node.cpus,
+                memory_total: node.memory_total,
+                memory_free: node.memory_free,
+                ..ObservedHost::as_written(host, [])
+            }),
+            Err(e) => unreachable.push(format!(
+                "host {name} ({uri}): {}",
+                berth_hypervisor::report::one_line(&e)
+            )),
+        }
+    }
+    (hosts, unreachable)
+}
+
+/// Host `name` as its libvirtd reports it. Its host settings are filled in only for
+/// this machine (see the module documentation).
+fn host_of(name: &str, node: berth_hypervisor::libvirt::Node) -> ObservedHost {
+    ObservedHost {
+        name: name.to_owned(),
+        cpus: node.cpus,
+        memory_total: node.memory_total,
+        memory_free: node.memory_free,
+        hugepages: BTreeMap::new(),
+        ksm: KsmSpec::default(),
+        transparent_hugepages: ThpMode::default(),
+        cpu: CpuInfo::default(),
+    }
+}
+
 impl Driver for LibvirtDriver {
     fn kind(&self) -> DriverKind {
         DriverKind::Libvirt
@@ -355,16 +428,7 @@ impl Driver for LibvirtDriver {
         let domains = libvirt.list().map_err(failed)?;
         let node = libvirt.node().map_err(failed)?;
         drop(libvirt);
-        let mut host = ObservedHost {
-            name: self.host.clone(),
-            cpus: node.cpus,
-            memory_total: node.memory_total,
-            memory_free: node.memory_free,
-            hugepages: BTreeMap::new(),
-            ksm: KsmSpec::default(),
-            transparent_hugepages: ThpMode::default(),
-            cpu: CpuInfo::default(),
-        };
+        let mut host = host_of(&self.host, node);
         if let Some(machine) = &self.machine {
             let settings = machine.observe_host()?;
             host.hugepages = settings.hugepages;

@@ -17,19 +17,23 @@
 //!
 //! A restart-class change (hugepage backing, memory size, maxVcpus, locking) is applied
 //! by a local live migration into a new VMM built from the manifest (`berth-vmm run
-//! --incoming`); the guest pauses only for the switchover.
+//! --incoming`); the guest pauses only for the switchover. The incoming VMM is made
+//! one way for a local and a cross-host move ([`LocalDriver::prepare_incoming`]), and
+//! both are followed to their end by one state machine ([`follow`]).
 //!
 //! VMMs are started detached (their own session, stdin closed, output to `vmm.log`), so
 //! they outlive `berth apply` and `berth serve` restarts. Each migration away from a
 //! VMM is recorded in `<state>/migrations/` first ([`outgoing`]), so that a switchover
 //! left unknown by a process that died can be resolved by its successor.
 
+pub mod follow;
 mod lock;
 mod outgoing;
 
 use lock::{try_lock, vmm_lock_held};
-pub use lock::{LockError, StateLock};
+pub use lock::{LockError, SharedStateHold, SharedStateLock, StateLock};
 
+use follow::FollowError;
 pub use outgoing::{OutgoingGuard, OutgoingRecord, Resolved, UnknownSwitchover};
 
 use std::collections::{BTreeMap, HashSet};
@@ -46,9 +50,7 @@ use berth_hypervisor::control::{Client, ClientError, GuestRunState, Op, Retune, 
 use berth_hypervisor::host::cgroup::{CgroupReadback, Cgroups, Knob};
 use berth_hypervisor::host::hugepages::{self, HugePagePool};
 use berth_hypervisor::host::{affinity, sysinfo};
-use berth_hypervisor::migration::{
-    MigrateArgs, MigrateResolveArgs, MigrationPhase, MigrationStatus,
-};
+use berth_hypervisor::migration::{MigrateArgs, MigrationPhase, MigrationStatus};
 use berth_schema::{Boot, Bytes, CpuMode, CpuSet, Guest, GuestState, MemTune, PageSize, Pinning};
 use serde::{Deserialize, Serialize};
 
@@ -198,6 +200,18 @@ impl LocalDriver {
                 self.host
             )));
         }
+        self.spawn_incoming(guest, listen)
+    }
+
+    /// Starts a VMM that waits for a migration of `guest` on `listen` (the one way an
+    /// incoming VMM is made, for a local or a cross-host move); returns its pid and the
+    /// address and one-time token it reported. A VMM that reports neither is ended.
+    fn spawn_incoming(
+        &self,
+        guest: &Guest,
+        listen: &str,
+    ) -> Result<(i32, String, String), DriverError> {
+        let name = &guest.metadata.name;
         let pid = {
             let _pool_lock = match guest.spec.memory.hugepages {
                 Some(_) => Some(lock_hugepage_pools()?),
@@ -218,12 +232,16 @@ impl LocalDriver {
                 token: Some(token),
                 ..
             }) => Ok((pid, listen, token)),
-            Ok(_) | Err(_) => {
+            Ok(_) => {
                 kill_pid(pid);
                 Err(DriverError::Failed {
                     context: format!("preparing the incoming migration of {name}"),
                     source: "the incoming VMM reported no address and token".into(),
                 })
+            }
+            Err(e) => {
+                kill_pid(pid);
+                Err(e)
             }
         }
     }
@@ -712,37 +730,11 @@ impl LocalDriver {
             .status()
             .map_err(|e| failed(format!("reading the status of {name}"), e))?
             .pid;
-        let dest_pid = {
-            let _pool_lock = match guest.spec.memory.hugepages {
-                Some(_) => Some(lock_hugepage_pools()?),
-                None => None,
-            };
-            self.spawn_vmm(guest, Some("127.0.0.1:0"))?
-        };
         let migration_failed = |what: String| DriverError::Failed {
             context: format!("migrating {name} into a new VMM"),
             source: what.into(),
         };
-        let dest_status = Client::connect(self.incoming_socket(name))
-            .and_then(|mut c| c.call(Op::MigrateStatus))
-            .map_err(|e| failed(format!("asking the incoming VMM of {name}"), e))
-            .and_then(|v| {
-                serde_json::from_value::<MigrationStatus>(v)
-                    .map_err(|e| failed("reading the incoming VMM's status", e))
-            });
-        let (listen, token) = match dest_status {
-            Ok(MigrationStatus {
-                listen: Some(listen),
-                token: Some(token),
-                ..
-            }) => (listen, token),
-            Ok(_) | Err(_) => {
-                kill_pid(dest_pid);
-                return Err(migration_failed(
-                    "the incoming VMM reported no address and token".into(),
-                ));
-            }
-        };
+        let (dest_pid, listen, token) = self.spawn_incoming(guest, "127.0.0.1:0")?;
         let record = OutgoingRecord {
             guest: name.clone(),
             to: self.host.clone(),
@@ -765,73 +757,51 @@ impl LocalDriver {
             kill_pid(dest_pid);
             return Err(failed(format!("starting the migration of {name}"), e));
         }
-        // Generous: the policy's completion timeout applies inside the VMM.
-        let deadline = Instant::now() + Duration::from_secs(600);
-        let outcome = loop {
-            match source
-                .call(Op::MigrateStatus)
-                .map(serde_json::from_value::<MigrationStatus>)
-            {
-                Ok(Ok(s)) => {
-                    match s.phase {
-                        MigrationPhase::Completed => break Ok(()),
-                        MigrationPhase::Failed | MigrationPhase::Cancelled => {
-                            break Err(s.error.unwrap_or_else(|| format!("{:?}", s.phase)))
-                        }
-                        MigrationPhase::SwitchoverUnknown => {
-                            // Ask the incoming VMM until it can tell: it either got Commit
-                            // and runs the guest, or gives up waiting for it and discards
-                            // its copy. Resolving before that could run the guest twice.
-                            if let Ok(running) = self.local_incoming_runs(name) {
-                                let _ = source.call(Op::MigrateResolve(MigrateResolveArgs {
-                                    destination_running: running,
-                                }));
-                                if running && self.incoming_committed(name) {
-                                    // The new VMM read Commit and ended: the guest counts
-                                    // as run there (never twice); the marker has answered.
-                                    let _ = self.wait_gone(source_pid, STOP_TIMEOUT);
-                                    let _ = std::fs::remove_dir_all(
-                                        self.guests_dir().join(format!("{name}.incoming")),
-                                    );
-                                    break Err("the new VMM read Commit and then ended: the \
-                                        guest counts as run there, so its old VMM was shut \
-                                        down too; it is started afresh by the next apply"
-                                        .to_owned());
-                                }
-                                break if running {
-                                    Ok(())
-                                } else {
-                                    Err("the switchover was not confirmed; the guest stays in its old VMM"
-                                    .to_owned())
-                                };
-                            }
-                        }
-                        _ => {}
-                    }
-                }
-                Ok(Err(e)) => break Err(format!("unreadable migration status: {e}")),
-                // The source VMM exits right after a completed migration, and it may
-                // also have died: only the new VMM can tell which.
-                Err(e) => break self.source_gone(name, dest_pid, &e.to_string()),
-            }
-            if Instant::now() > deadline {
-                let _ = source.call(Op::MigrateCancel);
-                break Err("the migration did not finish within 10 minutes; cancelled".into());
-            }
-            if self.cancelling() {
-                // Before the switchover the guest stays here; after it, this is a no-op
-                // and the loop sees the migration complete.
-                let _ = source.call(Op::MigrateCancel);
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        let new_vmm = NewVmm {
+            driver: self,
+            guest: name,
+            pid: dest_pid,
         };
+        let outcome = follow::follow(
+            &mut source,
+            &new_vmm,
+            &follow::Follow {
+                guest: name,
+                // Generous: the policy's completion timeout applies inside the VMM.
+                deadline: Duration::from_secs(600),
+                // The new VMM tells within its link timeout whether it read Commit.
+                resolve_within: Duration::from_secs(30),
+                ask_every: Duration::from_millis(20),
+                cancelling: &|| self.cancelling(),
+            },
+        );
         self.forget_outgoing_if_ended(&record);
-        if let Err(reason) = outcome {
-            // The incoming VMM exits by itself when the migration fails before commit.
-            if !self.wait_gone(dest_pid, STOP_TIMEOUT) {
-                kill_pid(dest_pid);
+        match outcome {
+            Ok(_) => {}
+            Err(FollowError::Failed(reason)) => {
+                // The incoming VMM exits by itself when the migration fails before commit.
+                if !self.wait_gone(dest_pid, STOP_TIMEOUT) {
+                    kill_pid(dest_pid);
+                }
+                return Err(migration_failed(reason));
             }
-            return Err(migration_failed(reason));
+            // The new VMM may run the guest: it is left alone, never killed.
+            Err(FollowError::Unknown(reason)) => {
+                return Err(migration_failed(format!(
+                "{reason}; the switchover is unknown, the new VMM (pid {dest_pid}) is left alone"
+            )))
+            }
+        }
+        if !process_exists(dest_pid) {
+            // The new VMM read Commit and ended: the guest counts as run there (never
+            // twice), so its old VMM was shut down too.
+            let _ = self.wait_gone(source_pid, STOP_TIMEOUT);
+            let _ = std::fs::remove_dir_all(self.guests_dir().join(format!("{name}.incoming")));
+            return Err(migration_failed(
+                "the new VMM read Commit and then ended: the guest counts as run there, so \
+                 its old VMM was shut down too; it is started afresh by the next apply"
+                    .to_owned(),
+            ));
         }
         if !self.wait_gone(source_pid, STOP_TIMEOUT) {
             return Err(migration_failed(format!(
@@ -1167,38 +1137,34 @@ impl Driver for LocalDriver {
     }
 }
 
-impl LocalDriver {
-    /// The old VMM of a local migration stopped answering: the migration completed only
-    /// if the new VMM (`dest_pid`) runs the guest. Asked for up to 10 s while it cannot
-    /// tell; an incoming VMM whose migration failed exits by itself, so one that is gone
-    /// without having run the guest is a failure.
-    fn source_gone(&self, name: &str, dest_pid: i32, error: &str) -> Result<(), String> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            // Handed over already: the new VMM answers on the guest's own socket.
-            let handed_over = Client::connect(self.socket(name))
-                .and_then(|mut c| c.status())
-                .is_ok_and(|s| s.pid == dest_pid);
-            let answer = if handed_over {
-                Ok(true)
-            } else {
-                self.local_incoming_runs(name)
-            };
-            match answer {
-                Ok(true) => return Ok(()),
-                Ok(false) if !process_exists(dest_pid) => {
-                    return Err(format!(
-                        "the old VMM stopped answering ({error}) and the new one does not run the guest"
-                    ))
-                }
-                Ok(false) | Err(_) if Instant::now() <= deadline => {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                // The new VMM lives on: never killed for being slow to tell. The
-                // hand-over of the guest's directory that follows confirms it or fails.
-                Ok(false) | Err(_) => return Ok(()),
-            }
+/// The incoming VMM of a local migration, as the follower asks it.
+struct NewVmm<'a> {
+    driver: &'a LocalDriver,
+    guest: &'a str,
+    pid: i32,
+}
+
+impl follow::Destination for NewVmm<'_> {
+    fn runs_guest(&self) -> Result<bool, String> {
+        // Handed over already: the new VMM answers on the guest's own socket.
+        let handed_over = Client::connect(self.driver.socket(self.guest))
+            .and_then(|mut c| c.status())
+            .is_ok_and(|s| s.pid == self.pid);
+        if handed_over {
+            return Ok(true);
         }
+        match self.driver.local_incoming_runs(self.guest)? {
+            // It says no, and will exit: until it has, it is not taken at its word.
+            false if process_exists(self.pid) => Err(format!(
+                "the new VMM (pid {}) does not run the guest and has not exited yet",
+                self.pid
+            )),
+            running => Ok(running),
+        }
+    }
+
+    fn name(&self) -> String {
+        format!("the new VMM (pid {})", self.pid)
     }
 }
 
@@ -1574,16 +1540,16 @@ mod tests {
     #[test]
     fn apply_lock_names_its_holder() {
         let dir = tempfile::tempdir().unwrap();
-        let held = StateLock::acquire(dir.path(), false).unwrap();
-        let e = StateLock::acquire(dir.path(), false).unwrap_err();
+        let held = StateLock::acquire(dir.path(), false, "berth apply").unwrap();
+        let e = StateLock::acquire(dir.path(), false, "berth stop").unwrap_err();
         let msg = e.to_string();
         assert!(
-            msg.contains(&format!("(pid {})", std::process::id())),
+            msg.starts_with(&format!("berth apply (pid {}) holds ", std::process::id())),
             "{msg}"
         );
         assert!(msg.contains("apply.lock"), "{msg}");
         drop(held);
-        StateLock::acquire(dir.path(), false).unwrap();
+        StateLock::acquire(dir.path(), false, "berth apply").unwrap();
     }
 
     #[test]

@@ -47,6 +47,14 @@ struct PeerGuest {
     runs_here: bool,
 }
 
+/// A failed request to `peer`, as the fleet coordination reports it.
+fn asking(peer: &Peer, error: client::ClientError) -> CoordinationError {
+    CoordinationError {
+        host: peer.name.clone(),
+        source: Box::new(error),
+    }
+}
+
 /// Fleet coordination over HTTP. See the module documentation.
 pub struct HttpPeers {
     placements: Arc<Placements>,
@@ -116,7 +124,7 @@ impl Coordination for HttpPeers {
                         }
                         continue;
                     }
-                    Ok(Err(e)) => e.to_string(),
+                    Ok(Err(e)) => berth_hypervisor::report::one_line(&e),
                     Err(_) => format!("no answer from {} within {PEER_TIMEOUT:?}", peer.address),
                 };
                 if last.as_deref() == Some(&peer.name) {
@@ -140,10 +148,7 @@ impl Coordination for HttpPeers {
         Box::pin(async move {
             client::request_incoming(&self.transport, &self.server(to), &to.name, request)
                 .await
-                .map_err(|e| CoordinationError {
-                    host: to.name.clone(),
-                    source: Box::new(e),
-                })
+                .map_err(|e| asking(to, e))
         })
     }
 
@@ -155,10 +160,7 @@ impl Coordination for HttpPeers {
             let status: PeerStatus =
                 client::status(&self.transport, &self.server(host), &host.name)
                     .await
-                    .map_err(|e| CoordinationError {
-                        host: host.name.clone(),
-                        source: Box::new(e),
-                    })?;
+                    .map_err(|e| asking(host, e))?;
             Ok(status.observed_host.filter(|h| h.name == host.name))
         })
     }
@@ -171,10 +173,7 @@ impl Coordination for HttpPeers {
         Box::pin(async move {
             client::incoming_running(&self.transport, &self.server(host), &host.name, guest)
                 .await
-                .map_err(|e| CoordinationError {
-                    host: host.name.clone(),
-                    source: Box::new(e),
-                })
+                .map_err(|e| asking(host, e))
         })
     }
 }

@@ -120,8 +120,9 @@ impl LocalIncoming {
         let read = read_revision(&self.repo, self.path.as_deref(), &commit, Trigger::Poll)
             .map_err(|e| {
                 PeerError::Refused(format!(
-                    "revision {} cannot be read here ({e}); is the repository fetched?",
-                    commit.short()
+                    "revision {} cannot be read here ({}); is the repository fetched?",
+                    commit.short(),
+                    berth_hypervisor::report::one_line(&e)
                 ))
             })?;
         read.manifests.map_err(|invalid| {

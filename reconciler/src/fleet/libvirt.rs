@@ -89,8 +89,13 @@ impl LibvirtServe {
         metrics.migration_progress_done(name);
         let report = report?;
         let bytes = report.last.map_or(0, |p| p.data_processed);
-        self.metrics
-            .migration("libvirt", report.elapsed, None, bytes);
+        let downtime_ms = report.downtime.map(|d| d.as_secs_f64() * 1000.0);
+        self.metrics.migration(
+            "libvirt",
+            report.elapsed,
+            report.downtime.map(|d| d.as_secs_f64()),
+            bytes,
+        );
         // libvirt says the domain runs on the destination; the destination's service
         // confirms it, through the fleet coordination.
         let confirmed = self.runtime.block_on(tokio::time::timeout(
@@ -99,8 +104,9 @@ impl LibvirtServe {
         ));
         match confirmed {
             Ok(Ok(outcome)) if outcome.running => info!(
-                guest = %name, to, elapsed_ms = report.elapsed.as_millis() as u64, bytes,
-                outcome = ?report.outcome, "migration completed"
+                guest = %name, to, elapsed_ms = report.elapsed.as_millis() as u64,
+                downtime_ms = ?downtime_ms, bytes, outcome = ?report.outcome,
+                "migration completed"
             ),
             Ok(Ok(_)) => {
                 warn!(guest = %name, to, "libvirt completed the migration but the destination's service does not see the guest yet")

@@ -8,7 +8,8 @@
 //!    it from its own copy of that revision and answers with the listen address and a
 //!    one-time token ([`super::incoming`]).
 //! 2. A tells the guest's VMM to migrate there and follows its progress until it
-//!    completes or fails; on failure the guest keeps running here. What the VMM reports
+//!    completes or fails ([`crate::driver::local::follow`], as for a local
+//!    migration); on failure the guest keeps running here. What the VMM reports
 //!    (time, downtime, bytes) goes into the metrics.
 //! 3. On SIGTERM ([`ServeDriver::cancel`]) a migration before its switchover is
 //!    cancelled (`migrateCancel`): the guest stays here.
@@ -37,16 +38,15 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use berth_hypervisor::control::{Client, Op};
-use berth_hypervisor::migration::{
-    MigrateArgs, MigrateResolveArgs, MigrationPhase, MigrationStatus,
-};
+use berth_hypervisor::migration::MigrateArgs;
 use berth_schema::Guest;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use super::peer::IncomingRequest;
 use super::switchover::Switchovers;
 use super::{Coordination, Peer};
 use crate::diff::{Field, HostSetting};
+use crate::driver::local::follow::{follow, Destination, Follow, FollowError};
 use crate::driver::local::{process_exists, OutgoingRecord};
 use crate::driver::{Driver, DriverError, DriverKind, LocalDriver, Scope};
 use crate::git::CommitId;
@@ -157,16 +157,6 @@ pub struct ServeDriver {
     peers: RwLock<BTreeMap<String, (Instant, ObservedHost)>>,
     /// The guests this host ran at the last observe.
     running: RwLock<std::collections::BTreeSet<String>>,
-}
-
-/// How following a migration ended badly.
-enum FollowError {
-    /// Before `Commit`, or resolved with the destination not running the guest: the
-    /// guest runs here.
-    Failed(String),
-    /// The switchover is unknown and the destination could not tell in time: the guest
-    /// stays paused here and the resolver takes over.
-    Unknown(String),
 }
 
 impl ServeDriver {
@@ -357,7 +347,21 @@ impl ServeDriver {
                 e,
             ));
         }
-        let outcome = self.follow(&mut source, name, &peer);
+        let outcome = follow(
+            &mut source,
+            &PeerDestination {
+                serve: self,
+                peer: &peer,
+                guest: name,
+            },
+            &Follow {
+                guest: name,
+                deadline: MIGRATION_DEADLINE,
+                resolve_within: RESOLVE_INLINE,
+                ask_every: ASK_INTERVAL,
+                cancelling: &|| self.local.cancelling(),
+            },
+        );
         self.local.forget_outgoing_if_ended(&record);
         drop(following);
         match outcome {
@@ -400,7 +404,7 @@ impl ServeDriver {
                 self.switchovers.kick();
                 Err(DriverError::Failed {
                     context: format!(
-                        "migrating {name} to {to}: the switchover is unknown; the guest stays paused on {} until {to} says whether it runs it",
+                        "migrating {name} to {to}: the switchover is unknown; {} neither resumes nor drops the guest until {to} says whether it runs it",
                         self.me()
                     ),
                     source: reason.into(),
@@ -422,121 +426,6 @@ impl ServeDriver {
                 "{} ({}) did not answer within {ASK_TIMEOUT:?}",
                 peer.name, peer.address
             )),
-        }
-    }
-
-    /// Follows the source VMM's migration to its end; the last status on success.
-    fn follow(
-        &self,
-        source: &mut Client,
-        name: &str,
-        peer: &Peer,
-    ) -> Result<MigrationStatus, FollowError> {
-        let to = peer.name.as_str();
-        let deadline = Instant::now() + MIGRATION_DEADLINE;
-        let mut cancel_sent = false;
-        let mut last: Option<MigrationStatus> = None;
-        let mut unknown_since: Option<Instant> = None;
-        loop {
-            match source
-                .call(Op::MigrateStatus)
-                .map(serde_json::from_value::<MigrationStatus>)
-            {
-                Ok(Ok(status)) => {
-                    match status.phase {
-                        MigrationPhase::Completed => return Ok(status),
-                        MigrationPhase::Failed | MigrationPhase::Cancelled => {
-                            return Err(FollowError::Failed(status.error.unwrap_or_else(|| {
-                                if cancel_sent {
-                                    "cancelled: the service is stopping".to_owned()
-                                } else {
-                                    format!("{:?}", status.phase)
-                                }
-                            })))
-                        }
-                        MigrationPhase::SwitchoverUnknown => {
-                            let since = *unknown_since.get_or_insert_with(|| {
-                                warn!(guest = %name, to, error = ?status.error, "switchover unknown; asking the destination whether it runs the guest");
-                                Instant::now()
-                            });
-                            match self.ask_destination(peer, name) {
-                                Ok(running) => {
-                                    let _ = source.call(Op::MigrateResolve(MigrateResolveArgs {
-                                        destination_running: running,
-                                    }));
-                                    if !running {
-                                        return Err(FollowError::Failed("the switchover was not confirmed; the guest resumed here".into()));
-                                    }
-                                }
-                                Err(e)
-                                    if since.elapsed() > RESOLVE_INLINE
-                                        || self.local.cancelling() =>
-                                {
-                                    return Err(FollowError::Unknown(format!(
-                                        "{to} could not tell within {RESOLVE_INLINE:?} whether it runs the guest ({e}); asked again in the background"
-                                    )));
-                                }
-                                Err(e) => {
-                                    debug!(guest = %name, error = %e, "the destination cannot tell yet");
-                                    std::thread::sleep(ASK_INTERVAL);
-                                }
-                            }
-                        }
-                        _ => last = Some(status),
-                    }
-                }
-                Ok(Err(e)) => {
-                    return Err(FollowError::Failed(format!(
-                        "unreadable migration status: {e}"
-                    )))
-                }
-                // The source VMM exits right after a completed migration, and it may
-                // also have died: only the destination can tell which.
-                Err(e) => return self.source_gone(peer, name, last, &e.to_string()),
-            }
-            if !cancel_sent && (self.local.cancelling() || Instant::now() > deadline) {
-                info!(guest = %name, "cancelling the migration");
-                let _ = source.call(Op::MigrateCancel);
-                cancel_sent = true;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// The source VMM stopped answering: the migration completed only if `peer` runs
-    /// the guest now (asked for up to [`RESOLVE_INLINE`] while it cannot tell yet).
-    fn source_gone(
-        &self,
-        peer: &Peer,
-        name: &str,
-        last: Option<MigrationStatus>,
-        error: &str,
-    ) -> Result<MigrationStatus, FollowError> {
-        let since = Instant::now();
-        loop {
-            match self.ask_destination(peer, name) {
-                Ok(true) => {
-                    let mut status = last.unwrap_or_default();
-                    status.phase = MigrationPhase::Completed;
-                    return Ok(status);
-                }
-                Ok(false) => {
-                    return Err(FollowError::Failed(format!(
-                        "the source VMM stopped answering ({error}) and {} does not run the guest",
-                        peer.name
-                    )))
-                }
-                Err(e) if since.elapsed() > RESOLVE_INLINE => {
-                    return Err(FollowError::Failed(format!(
-                        "the source VMM stopped answering ({error}) and {} cannot tell whether it runs the guest ({e})",
-                        peer.name
-                    )))
-                }
-                Err(e) => {
-                    debug!(guest = %name, error = %e, "the destination cannot tell yet");
-                    std::thread::sleep(ASK_INTERVAL);
-                }
-            }
         }
     }
 
@@ -625,6 +514,23 @@ impl Driver for ServeDriver {
             )));
         }
         self.migrate_away(guest, to)
+    }
+}
+
+/// The destination host of a migration, as the follower asks it.
+struct PeerDestination<'a> {
+    serve: &'a ServeDriver,
+    peer: &'a Peer,
+    guest: &'a str,
+}
+
+impl Destination for PeerDestination<'_> {
+    fn runs_guest(&self) -> Result<bool, String> {
+        self.serve.ask_destination(self.peer, self.guest)
+    }
+
+    fn name(&self) -> String {
+        self.peer.name.clone()
     }
 }
 

@@ -16,6 +16,8 @@
 //! - [`status`]: what `/status` reports (with [`crate::conditions`]); `/metrics` is
 //!   [`crate::metrics`].
 //! - [`simfleet`]: `--driver sim`, a simulated fleet that survives restarts.
+//! - [`locked`]: each action holds the state directory's lock, as `berth apply` and
+//!   `berth stop` do, for the action only.
 //!
 //! With `--driver local`, the driver is the one this host's Host manifest names in
 //! the branch head when the service starts: berth-vmm, or libvirt
@@ -38,6 +40,7 @@
 
 pub mod controller;
 pub mod http;
+pub mod locked;
 pub mod simfleet;
 pub mod source;
 pub mod status;
@@ -69,6 +72,7 @@ use auth::{Secret, SecretError};
 use backoff::BackoffPolicy;
 use controller::{Controller, ControllerConfig};
 use git::{GitError, GitRepo};
+use locked::Locked;
 use metrics::Metrics;
 use simfleet::{SimFleetError, SimulatedFleet};
 use source::{Follower, Trigger};
@@ -183,7 +187,7 @@ pub enum ServeError {
     #[error("--insecure-plain-http serves only a loopback address, not {0}: use TLS (--tls-ca, --tls-cert, --tls-key; see `berth certs`)")]
     PlainNotLoopback(SocketAddr),
     /// The state directory cannot be created.
-    #[error("cannot create the state directory {path}: {source}")]
+    #[error("cannot create the state directory {path}")]
     StateDir {
         /// The directory.
         path: String,
@@ -192,7 +196,7 @@ pub enum ServeError {
         source: std::io::Error,
     },
     /// The berth-vmm binary cannot be found.
-    #[error("cannot use the local driver: {0}")]
+    #[error("cannot use the local driver")]
     Vmm(#[source] DriverError),
     /// This machine's facts (CPUs, memory, hugepage sizes) cannot be read.
     #[error(transparent)]
@@ -204,7 +208,7 @@ pub enum ServeError {
     #[error("--driver {0} is not a command-line choice: this host's Host manifest chooses it (spec.driver)")]
     DriverUnsupported(DriverKind),
     /// This host's libvirtd does not answer.
-    #[error("cannot use the libvirt driver of host {host}: {source}")]
+    #[error("cannot use the libvirt driver of host {host}")]
     Libvirt {
         /// This host.
         host: String,
@@ -213,10 +217,10 @@ pub enum ServeError {
         source: DriverError,
     },
     /// The async runtime cannot be built.
-    #[error("cannot start the async runtime: {0}")]
+    #[error("cannot start the async runtime")]
     Runtime(#[source] std::io::Error),
     /// The HTTP listener cannot be bound.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Listen {
         /// The address.
         addr: SocketAddr,
@@ -225,13 +229,13 @@ pub enum ServeError {
         source: std::io::Error,
     },
     /// The filesystem watch cannot be set up.
-    #[error("cannot watch the repository: {0}")]
+    #[error("cannot watch the repository")]
     Watch(#[source] notify::Error),
     /// Signal handlers cannot be installed.
-    #[error("cannot install signal handlers: {0}")]
+    #[error("cannot install signal handlers")]
     Signals(#[source] std::io::Error),
     /// The HTTP server failed.
-    #[error("the HTTP server failed: {0}")]
+    #[error("the HTTP server failed")]
     Http(#[source] std::io::Error),
     /// The fleet's etcd cannot be used.
     #[error("cannot join the fleet through etcd")]
@@ -450,16 +454,20 @@ async fn serve(
                 )
                 .with_coordination(Arc::clone(&coordination), tokio::runtime::Handle::current()),
             );
-            (driver.clone(), incoming.clone(), Some((driver, incoming)))
+            let locked = Arc::new(Locked::new(Arc::clone(&driver), &args.state_dir));
+            (locked, incoming.clone(), Some((driver, incoming)))
         }
         Fleet::Sim(sim) => (sim.clone(), Arc::new(NoIncoming), None),
         Fleet::Libvirt(libvirt) => (
-            Arc::new(LibvirtServe::new(
-                Arc::clone(libvirt),
-                Arc::clone(&enforced),
-                Arc::clone(&coordination),
-                Arc::clone(&metrics),
-                tokio::runtime::Handle::current(),
+            Arc::new(Locked::new(
+                Arc::new(LibvirtServe::new(
+                    Arc::clone(libvirt),
+                    Arc::clone(&enforced),
+                    Arc::clone(&coordination),
+                    Arc::clone(&metrics),
+                    tokio::runtime::Handle::current(),
+                )),
+                &args.state_dir,
             )),
             Arc::new(LibvirtIncoming::new(Arc::clone(libvirt))),
             None,
@@ -853,13 +861,13 @@ pub enum StatusError {
     #[error("berth serve does not run {0} hosts yet")]
     DriverUnsupported(DriverKind),
     /// The async runtime cannot be built.
-    #[error("cannot start the async runtime: {0}")]
+    #[error("cannot start the async runtime")]
     Runtime(#[source] std::io::Error),
     /// The service could not be asked.
     #[error(transparent)]
     Client(#[from] client::ClientError),
     /// The status cannot be written as YAML.
-    #[error("cannot write the status as YAML: {0}")]
+    #[error("cannot write the status as YAML")]
     Yaml(#[source] serde_yaml::Error),
     /// The TLS files cannot be used.
     #[error("cannot speak TLS")]

@@ -19,7 +19,7 @@ use crate::model::{Desired, Observed, ObservedHost};
 #[derive(Debug, thiserror::Error)]
 pub enum SimFleetError {
     /// The state file could not be read.
-    #[error("cannot read the simulated fleet {path}: {source}")]
+    #[error("cannot read the simulated fleet {path}")]
     Read {
         /// The file.
         path: String,
@@ -28,7 +28,7 @@ pub enum SimFleetError {
         source: std::io::Error,
     },
     /// The state file is not a simulated fleet.
-    #[error("cannot parse the simulated fleet {path}: {source}")]
+    #[error("cannot parse the simulated fleet {path}")]
     Parse {
         /// The file.
         path: String,

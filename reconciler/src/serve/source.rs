@@ -119,7 +119,7 @@ impl Follower {
                     warn!(error = %e, branch = %follower.branch, "cannot resolve the branch");
                     let event = SourceEvent::Unreadable {
                         commit: None,
-                        error: e.to_string(),
+                        error: berth_hypervisor::report::one_line(&e),
                     };
                     if events.send(event).await.is_err() {
                         return;
@@ -152,7 +152,7 @@ impl Follower {
                     warn!(error = %e, head = %head, "cannot read the revision");
                     SourceEvent::Unreadable {
                         commit: Some(head),
-                        error: e.to_string(),
+                        error: berth_hypervisor::report::one_line(&e),
                     }
                 }
             };

@@ -1,12 +1,14 @@
 //! The locks of a state directory: `<state>/apply.lock` ([`StateLock`]), which
 //! serialises whatever changes the guests of a state directory (`berth apply`, `berth
-//! stop`), and each VMM's `vmm.lock`, which a VMM holds for its whole life (so a held
-//! lock means a live VMM, answering or not).
+//! stop`, and `berth serve` while it acts: [`SharedStateLock`]), and each VMM's
+//! `vmm.lock`, which a VMM holds for its whole life (so a held lock means a live VMM,
+//! answering or not).
 
 use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 pub(super) fn flock(file: &File, operation: libc::c_int) -> std::io::Result<()> {
     loop {
@@ -41,12 +43,14 @@ pub(super) fn vmm_lock_held(dir: &Path) -> bool {
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
     /// Another process holds it.
-    #[error("another berth apply or serve{} holds {}; wait for it to finish, or pass --wait", .pid.map(|p| format!(" (pid {p})")).unwrap_or_default(), .path.display())]
+    #[error("{} holds {}; wait for it to finish, or pass --wait", holder_text(.holder.as_deref(), *.pid), .path.display())]
     Held {
         /// The lock file.
         path: PathBuf,
-        /// The holder, as it wrote itself into the file.
+        /// The holder's pid, as it wrote itself into the file.
         pid: Option<u32>,
+        /// What the holder is (`berth apply`, `berth stop`, `berth serve`).
+        holder: Option<String>,
     },
     /// The lock file could not be opened or locked.
     #[error("cannot lock {}: {source}", .path.display())]
@@ -56,6 +60,14 @@ pub enum LockError {
         /// The error.
         source: std::io::Error,
     },
+}
+
+fn holder_text(holder: Option<&str>, pid: Option<u32>) -> String {
+    let who = holder.unwrap_or("another berth apply, stop or serve");
+    match pid {
+        Some(pid) => format!("{who} (pid {pid})"),
+        None => who.to_owned(),
+    }
 }
 
 /// The exclusive lock on `<state>/apply.lock`, held while an apply (or `berth serve`'s
@@ -71,12 +83,13 @@ impl StateLock {
         state_dir.join("apply.lock")
     }
 
-    /// Takes the lock: at once or fails with the holder's pid ([`LockError::Held`]), or
-    /// waits for it with `wait`. The holder writes its pid into the file.
+    /// Takes the lock: at once or fails naming the holder ([`LockError::Held`]), or
+    /// waits for it with `wait`. The holder writes its pid and `holder` (what it is, as
+    /// `berth apply`) into the file.
     ///
     /// # Errors
     /// [`LockError`].
-    pub fn acquire(state_dir: &Path, wait: bool) -> Result<StateLock, LockError> {
+    pub fn acquire(state_dir: &Path, wait: bool, holder: &str) -> Result<StateLock, LockError> {
         let path = Self::path(state_dir);
         let io = |source| LockError::Io {
             path: path.clone(),
@@ -99,16 +112,73 @@ impl StateLock {
             if e.kind() == std::io::ErrorKind::WouldBlock {
                 let mut text = String::new();
                 let _ = file.read_to_string(&mut text);
+                let (pid, holder) = text.trim().split_once(' ').unwrap_or((text.trim(), ""));
                 return Err(LockError::Held {
                     path: path.clone(),
-                    pid: text.trim().parse().ok(),
+                    pid: pid.parse().ok(),
+                    holder: Some(holder.trim().to_owned()).filter(|h| !h.is_empty()),
                 });
             }
             return Err(io(e));
         }
         file.set_len(0).map_err(io)?;
-        std::io::Write::write_all(&mut file, format!("{}\n", std::process::id()).as_bytes())
-            .map_err(io)?;
+        std::io::Write::write_all(
+            &mut file,
+            format!("{} {holder}\n", std::process::id()).as_bytes(),
+        )
+        .map_err(io)?;
         Ok(StateLock { _file: file })
+    }
+}
+
+/// The state lock as one process that acts on several guests at once holds it
+/// (`berth serve`): taken when the first of its actions starts and released when the
+/// last one ends, never for the process's whole life. Its own actions run side by
+/// side; an `apply` or `stop` run by hand meanwhile waits (`--wait`) or refuses,
+/// naming it; and an action of it while one of those runs refuses (and is retried).
+#[derive(Debug)]
+pub struct SharedStateLock {
+    state_dir: PathBuf,
+    holder: String,
+    /// How many actions hold it, and the lock while any does.
+    held: Mutex<(usize, Option<StateLock>)>,
+}
+
+/// One action's hold on a [`SharedStateLock`]; released on drop.
+#[derive(Debug)]
+pub struct SharedStateHold<'a>(&'a SharedStateLock);
+
+impl SharedStateLock {
+    /// The lock of `state_dir`, taken in the name of `holder` (as `berth serve`).
+    pub fn new(state_dir: &Path, holder: &str) -> Self {
+        SharedStateLock {
+            state_dir: state_dir.to_owned(),
+            holder: holder.to_owned(),
+            held: Mutex::new((0, None)),
+        }
+    }
+
+    /// Holds the lock for one action: takes it without waiting unless another action
+    /// of this process holds it already.
+    ///
+    /// # Errors
+    /// When another process holds it ([`LockError::Held`]) or it cannot be taken.
+    pub fn hold(&self) -> Result<SharedStateHold<'_>, LockError> {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if held.0 == 0 {
+            held.1 = Some(StateLock::acquire(&self.state_dir, false, &self.holder)?);
+        }
+        held.0 += 1;
+        Ok(SharedStateHold(self))
+    }
+}
+
+impl Drop for SharedStateHold<'_> {
+    fn drop(&mut self) {
+        let mut held = self.0.held.lock().unwrap_or_else(|e| e.into_inner());
+        held.0 -= 1;
+        if held.0 == 0 {
+            held.1 = None;
+        }
     }
 }

@@ -198,7 +198,8 @@ async fn a_forged_i_run_it_never_reaches_the_source() {
 
     let foreign = serve_tls(&other, "kvm02", &["kvm01", "kvm02"], forger.clone()).await;
     let answer = incoming_running(&kvm01, &format!("https://{foreign}"), "kvm02", "web-1").await;
-    let error = answer.expect_err("a certificate of another CA").to_string();
+    let error = answer.expect_err("a certificate of another CA");
+    let error = berth_hypervisor::report::one_line(&error);
     assert!(error.contains("TLS with kvm02 failed"), "{error}");
 
     let impostor = serve_tls(&fleet, "kvm03", &["kvm01", "kvm03"], forger).await;
