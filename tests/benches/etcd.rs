@@ -69,7 +69,9 @@ fn main() {
     if wanted("leader") {
         scheduling(&runtime);
     }
-    if wanted("reconcile") {
+    // Only when named: in this session's runs it never reached its first measurement
+    // (see the module's documentation).
+    if std::env::args().any(|a| a == "reconcile") {
         reconcile::fleet(&runtime);
     }
 }

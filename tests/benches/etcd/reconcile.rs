@@ -19,6 +19,13 @@
 //! io weights, a live retune) to etcd showing all 100 changed, as their hosts
 //! published them.
 //!
+//! NOT WORKING YET: run only when named (`-- reconcile`). In this session's runs it
+//! never reached its first measurement: at 1,000 hosts etcd granted the 1,000 leases but
+//! no host record or ownership record was written within 3 minutes (the process used
+//! both cores and 7 GB); at 100 hosts and 1,000 guests
+//! (`BERTH_BENCH_FLEET=100x1000`) it waited 5 minutes with the cores idle. The cause
+//! is not found; the numbers in BENCHMARKS.md do not come from it.
+//!
 //! All 1,000 hosts share this machine's 2 cores, so the times are what 1,000 hosts'
 //! work takes on 2 cores, not what one host waits for; the median pass of one host's
 //! loop is shown too.
@@ -52,8 +59,16 @@ use tokio::sync::{mpsc, watch};
 
 use super::{median, metric, selector_fleet_with};
 
-const HOSTS: usize = 1000;
-const GUESTS: usize = 10_000;
+/// The fleet's size: `BERTH_BENCH_FLEET=HOSTSxGUESTS` (default 1000x10000).
+fn size() -> (usize, usize) {
+    std::env::var("BERTH_BENCH_FLEET")
+        .ok()
+        .and_then(|v| {
+            let (h, g) = v.split_once('x')?;
+            Some((h.parse().ok()?, g.parse().ok()?))
+        })
+        .unwrap_or((1000, 10_000))
+}
 /// Hosts per etcd client connection (a real host has its own).
 const HOSTS_PER_CONNECTION: usize = 50;
 
@@ -323,6 +338,9 @@ async fn one_plan(store: &EtcdStore, desired: &Desired, host: &str) -> Duration 
 }
 
 pub fn fleet(runtime: &tokio::runtime::Runtime) {
+    let (hosts_n, guests_n) = size();
+    #[allow(non_snake_case)]
+    let (HOSTS, GUESTS) = (hosts_n, guests_n);
     let t = Instant::now();
     let desired = Arc::new(selector_fleet_with(HOSTS, GUESTS, ", io: {weight: 100}"));
     let parse = t.elapsed();
