@@ -1,6 +1,7 @@
 //! berth's etcd layer against a real etcd (Debian's `etcd-server` 3.4), one etcd per
 //! test: host leases and what hosts publish, one-read fleet views, guest ownership with
-//! fencing tokens, leader election with failover, and the self-fence of an HA guest
+//! fencing tokens, leader election with failover, `berth serve` joining an etcd with
+//! TLS and a password (and its error when either is wrong), and the self-fence of an HA guest
 //! (berth-vmm, real KVM: root and /dev/kvm) when its host is cut off from etcd.
 //!
 //! Leases here are short (2 s, etcd's minimum with the harness's raft timers, renewed
@@ -265,7 +266,7 @@ async fn a_migration_hands_ownership_over_by_compare_and_swap() {
         resolve_switchover(&store, "web-1", "kvm01", "kvm02")
             .await
             .unwrap(),
-        Switchover::Source(moving.clone())
+        Switchover::Moving(moving.clone())
     );
 
     // The destination's swap is the commit point.
@@ -306,6 +307,12 @@ async fn a_migration_hands_ownership_over_by_compare_and_swap() {
         .unwrap()
         .unwrap();
     assert_eq!(back.record.moving_to, None);
+    assert_eq!(
+        resolve_switchover(&store, "web-1", "kvm02", "kvm03")
+            .await
+            .unwrap(),
+        Switchover::Source(back.clone())
+    );
     assert!(c
         .complete_handover("web-1", moving.token)
         .await
@@ -912,6 +919,179 @@ async fn etcd_authentication_with_a_user_and_password() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("1 host(s) alive"), "{stdout}");
+}
+
+/// `berth serve --driver sim --etcd` against `url` with the given etcd options (and
+/// `BERTH_ETCD_PASSWORD`), logging to `log`.
+fn spawn_serve(
+    repo: &std::path::Path,
+    state: &std::path::Path,
+    log: &std::path::Path,
+    etcd: &[&str],
+    password: &str,
+) -> std::process::Child {
+    berth_tests::command("berth")
+        .args(["serve", "--driver", "sim", "--host", "kvm01", "--repo"])
+        .arg(repo)
+        .arg("--state-dir")
+        .arg(state)
+        .args([
+            "--insecure-plain-http",
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--lease-ttl",
+            "2",
+            "--self-fence-ms",
+            "1000",
+        ])
+        .args(etcd)
+        .env("BERTH_ETCD_PASSWORD", password)
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(log).expect("log"))
+        .spawn()
+        .expect("spawn berth serve")
+}
+
+/// Waits for `child` to exit within `timeout` (killed by pid and reaped otherwise).
+fn exits_within(child: &mut std::process::Child, timeout: Duration) -> Option<i32> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return Some(status.code().unwrap_or(-1));
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn berth_serve_joins_an_etcd_with_tls_and_a_password_and_says_why_when_either_is_wrong() {
+    let pki = Pki::new();
+    let etcd = Etcd::start_tls(pki.server());
+    // Users before authentication is on: root (etcd requires it) and kvm01, the host.
+    let mut admin_config = short_leases(&etcd);
+    admin_config.tls = Some(pki.client(true));
+    let admin = admin_config.connect().await.expect("connect over TLS");
+    let mut client = admin.client();
+    client.user_add("root", "root-secret", None).await.unwrap();
+    client.user_grant_role("root", "root").await.unwrap();
+    client
+        .user_add("kvm01", "kvm01-secret", None)
+        .await
+        .unwrap();
+    client.user_grant_role("kvm01", "root").await.unwrap();
+    client.auth_enable().await.unwrap();
+    let mut reader_config = admin_config.clone();
+    reader_config.auth = Some(berth_reconciler::etcd::EtcdAuth {
+        user: "kvm01".into(),
+        password: "kvm01-secret".into(),
+    });
+    let reader = reader_config
+        .connect()
+        .await
+        .expect("connect with a password");
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let repo = berth_tests::GitRepo::new(dir.path().join("repo"));
+    repo.commit(
+        &[(
+            "hosts.yaml",
+            "apiVersion: berth.dev/v1\nkind: Host\nmetadata: {name: kvm01}\n\
+             spec: {address: '127.0.0.1:7410', cpus: 0-1, memory: 4GiB}\n",
+        )],
+        "one host",
+    );
+    let (ca, cert, key) = (
+        pki.path("ca.pem"),
+        pki.path("client.pem"),
+        pki.path("client.key"),
+    );
+    let url = etcd.endpoint();
+    let options = |ca: &std::path::Path| -> Vec<String> {
+        vec![
+            "--etcd".into(),
+            url.clone(),
+            "--etcd-cacert".into(),
+            ca.display().to_string(),
+            "--etcd-cert".into(),
+            cert.display().to_string(),
+            "--etcd-key".into(),
+            key.display().to_string(),
+            "--etcd-user".into(),
+            "kvm01".into(),
+        ]
+    };
+    let good = options(&ca);
+    let good: Vec<&str> = good.iter().map(String::as_str).collect();
+
+    // The right CA, certificate and password: serve joins, holds a lease and leads.
+    let log = dir.path().join("serve.log");
+    let mut serve = spawn_serve(
+        &repo.dir,
+        &dir.path().join("state"),
+        &log,
+        &good,
+        "kvm01-secret",
+    );
+    let started = Instant::now();
+    let mut leader = None;
+    while started.elapsed() < Duration::from_secs(30) && leader.is_none() {
+        if let Some(code) = serve.try_wait().expect("wait") {
+            panic!(
+                "berth serve exited ({code}): {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        leader = berth_reconciler::etcd::current_leader(&reader)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = serve.kill();
+    let _ = serve.wait();
+    assert_eq!(leader.as_deref(), Some("kvm01"), "{text}");
+    assert!(text.contains("joined the fleet through etcd"), "{text}");
+    eprintln!("serve led after {:?}", started.elapsed());
+
+    // A wrong password: serve stops at once and says etcd refused it.
+    let log = dir.path().join("wrong-password.log");
+    let mut serve = spawn_serve(&repo.dir, &dir.path().join("state2"), &log, &good, "guess");
+    let code = exits_within(&mut serve, Duration::from_secs(30));
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains(&format!("cannot connect to etcd at {url}")),
+        "{text}"
+    );
+    assert!(text.contains("authentication failed"), "{text}");
+
+    // A CA that did not sign etcd's certificate: refused, naming the certificate.
+    let other = Pki::new();
+    let wrong_ca = options(&other.path("ca.pem"));
+    let wrong_ca: Vec<&str> = wrong_ca.iter().map(String::as_str).collect();
+    let log = dir.path().join("wrong-ca.log");
+    let mut serve = spawn_serve(
+        &repo.dir,
+        &dir.path().join("state3"),
+        &log,
+        &wrong_ca,
+        "kvm01-secret",
+    );
+    let code = exits_within(&mut serve, Duration::from_secs(30));
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains(&format!("cannot connect to etcd at {url}")),
+        "{text}"
+    );
+    assert!(text.to_lowercase().contains("certificate"), "{text}");
 }
 
 async fn next_host_event(watch: &mut HostWatch) -> HostEvent {

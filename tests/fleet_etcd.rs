@@ -15,7 +15,10 @@
 //!   goes back to the source, where the guest kept running, and the retry moves it;
 //! - etcd stopped: every guest keeps running, a commit that moves one guest and adds
 //!   another starts and moves nothing, and every host's status says why
-//!   (`CoordinationLost`, `EtcdUnreachable`); etcd back: the fleet converges.
+//!   (`CoordinationLost`, `EtcdUnreachable`); etcd back: the fleet converges;
+//! - a guest placed by `hostSelector` runs where the leader places it and, when a label
+//!   change moves its placement, migrates live (the destination accepts it on the
+//!   ownership record's word: its revision names no host).
 //!
 //! Every process is killed by pid; namespaces, state directories and cgroups are
 //! removed when a test ends, even when it fails.
@@ -207,12 +210,18 @@ impl Fleet {
         );
     }
 
-    fn hosts_yaml(&self) -> String {
+    /// The Host manifests; host `pool`, if any, carries the label `pool: x`.
+    fn hosts_yaml(&self, pool: Option<&str>) -> String {
         self.hosts
             .iter()
             .map(|h| {
+                let labels = if pool == Some(h.name.as_str()) {
+                    ", labels: {pool: x}"
+                } else {
+                    ""
+                };
                 format!(
-                    "apiVersion: berth.dev/v1\nkind: Host\nmetadata: {{name: {}}}\n\
+                    "apiVersion: berth.dev/v1\nkind: Host\nmetadata: {{name: {}{labels}}}\n\
                      spec: {{address: '{}', cpus: 0-1, memory: 8GiB}}\n---\n",
                     h.name, h.addr
                 )
@@ -221,7 +230,18 @@ impl Fleet {
     }
 
     fn commit(&self, guests: &[(&str, &str)], message: &str) -> String {
-        let mut text = self.hosts_yaml();
+        self.commit_with_pool(guests, None, message)
+    }
+
+    /// Commits `guests` (name, host); a guest whose host is `pool: x` is placed by
+    /// `hostSelector: {pool: x}`, and host `pool` carries that label.
+    fn commit_with_pool(
+        &self,
+        guests: &[(&str, &str)],
+        pool: Option<&str>,
+        message: &str,
+    ) -> String {
+        let mut text = self.hosts_yaml(pool);
         for (name, host) in guests {
             text.push_str(&guest_yaml(name, host));
         }
@@ -351,10 +371,14 @@ impl Drop for Fleet {
     }
 }
 
-/// A heartbeat guest, 32 MiB, one vCPU.
+/// A heartbeat guest, 32 MiB, one vCPU, on `host` (`pool: x`: placed by that selector).
 fn guest_yaml(name: &str, host: &str) -> String {
+    let placement = match host.strip_prefix("pool: ") {
+        Some(pool) => format!("hostSelector: {{pool: {pool}}}"),
+        None => format!("host: {host}"),
+    };
     format!(
-        "apiVersion: berth.dev/v1\nkind: Guest\nmetadata: {{name: {name}}}\nspec:\n  host: {host}\n  \
+        "apiVersion: berth.dev/v1\nkind: Guest\nmetadata: {{name: {name}}}\nspec:\n  {placement}\n  \
          cpu: {{vcpus: 1}}\n  memory: {{size: 32MiB}}\n  \
          boot: {{kernel: builtin:heartbeat, heartbeat: {{tickHz: 100, ticksPerLine: 10}}}}\n  \
          migration: {{mode: live, maxDowntime: 30ms}}\n---\n"
@@ -373,10 +397,11 @@ fn condition(status: &Value, kind: &str) -> Option<Value> {
 #[test]
 fn a_live_migration_hands_ownership_over_and_an_etcd_outage_starts_and_moves_nothing() {
     let mut fleet = Fleet::new();
-    let (web, db, new) = (
+    let (web, db, new, sel) = (
         fleet.guest_name("fe-web"),
         fleet.guest_name("fe-db"),
         fleet.guest_name("fe-new"),
+        fleet.guest_name("fe-sel"),
     );
     fleet.commit(&[(&web, "kvm01"), (&db, "kvm02")], "two guests");
     for i in 0..3 {
@@ -484,6 +509,36 @@ fn a_live_migration_hands_ownership_over_and_an_etcd_outage_starts_and_moves_not
             },
         );
     }
+
+    // A guest placed by selector goes where the leader places it, and when a label
+    // change moves its placement it migrates live, the destination accepting it on the
+    // leader's word (its revision names no host).
+    let guests = [
+        (&*web, "kvm03"),
+        (&*db, "kvm01"),
+        (&*new, "kvm02"),
+        (&*sel, "pool: x"),
+    ];
+    fleet.commit_with_pool(&guests, Some("kvm01"), "a guest placed by selector");
+    fleet.wait_owned_and_running(&sel, 0, Duration::from_secs(60));
+    let moved_at = Instant::now();
+    fleet.commit_with_pool(&guests, Some("kvm02"), "the pool label moves to kvm02");
+    fleet.wait_owned_and_running(&sel, 1, Duration::from_secs(60));
+    eprintln!(
+        "label moved: the selector guest ran on kvm02 after {:.1} s",
+        moved_at.elapsed().as_secs_f64()
+    );
+    let needle = format!("migrating live guest={sel} to=\"kvm02\"");
+    assert!(
+        fleet.hosts[0].log_text().contains(&needle),
+        "kvm01 did not migrate {sel} live"
+    );
+    assert!(
+        !fleet.hosts[1]
+            .log_text()
+            .contains("not on kvm02, in that revision"),
+        "kvm02 refused the incoming selector guest"
+    );
 }
 
 #[test]

@@ -90,8 +90,9 @@ impl Vmm {
             .arg(&spec_path)
             .arg("--state-dir")
             .arg(root);
+        // The listen address, then any further incoming options.
         if let Some(addr) = incoming {
-            cmd.arg("--incoming").arg(addr);
+            cmd.arg("--incoming").args(addr.split_whitespace());
         }
         if faults.is_empty() {
             cmd.env_remove("BERTH_FAULT");
@@ -924,6 +925,37 @@ fn a_wrong_token_is_refused_and_the_receiver_stays_clean() {
     assert!(incoming.error.unwrap_or_default().contains("token"));
     dst.client().shutdown(Duration::from_secs(5)).unwrap();
     assert!(matches!(dst.wait_exit(Duration::from_secs(10)), Some(c) if c != 0));
+    assert_incoming_gone(root.path(), &name);
+}
+
+#[test]
+fn an_incoming_vmm_no_source_connects_to_exits_and_leaves_nothing() {
+    berth_tests::require_root_and_kvm();
+    let root = tempfile::tempdir().unwrap();
+    let name = unique("mig-nosource");
+    let text = spec(&name, "{vcpus: 1}", "{size: 32MiB}", 0);
+    let started = Instant::now();
+    let mut dst = Vmm::start(
+        root.path(),
+        &name,
+        &text,
+        Some("127.0.0.1:0 --source-timeout-ms 1000"),
+        &[],
+    )
+    .unwrap();
+    eprintln!("incoming VMM ready after {:?}", started.elapsed());
+    assert_eq!(dst.migration().phase, MigrationPhase::Listening);
+    // Nobody connects (the service that prepared it died): it gives up by itself.
+    let code = dst.wait_exit(Duration::from_secs(20));
+    let waited = started.elapsed();
+    eprintln!("exited {code:?} after {waited:?}");
+    assert!(matches!(code, Some(c) if c != 0), "exit {code:?}");
+    assert!(waited >= Duration::from_secs(1), "exited after {waited:?}");
+    assert!(
+        dst.stderr_text().contains("No source connected within 1s"),
+        "{}",
+        dst.stderr_text()
+    );
     assert_incoming_gone(root.path(), &name);
 }
 

@@ -22,7 +22,7 @@
 //!   (guests that keep their host are counted first); the others go, by name, to the
 //!   candidate with the most memory free for guests on normal pages, then by name.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use berth_schema::{CpuSet, Guest, GuestState, Host};
 use serde::{Deserialize, Serialize};
@@ -63,6 +63,12 @@ struct Slot<'a> {
     dedicated: CpuSet,
     /// Labels and anti-affinity of the guests on the host that have either.
     guests: Vec<(&'a Labels, &'a Labels)>,
+    /// Every label the guests here carry, with how many carry it: a guest whose
+    /// anti-affinity names a label nobody here carries is not kept apart (most are not,
+    /// and this spares a walk through every guest here for each of them).
+    carried: HashMap<(&'a str, &'a str), usize>,
+    /// The anti-affinity label sets of the guests here, by each of their labels.
+    antis: HashMap<(&'a str, &'a str), Vec<&'a Labels>>,
     free_normal: u64,
 }
 
@@ -78,6 +84,8 @@ impl<'a> Slot<'a> {
             pinned: CpuSet::new(),
             dedicated: CpuSet::new(),
             guests: Vec::new(),
+            carried: HashMap::new(),
+            antis: HashMap::new(),
             free_normal,
         }
     }
@@ -93,52 +101,132 @@ impl<'a> Slot<'a> {
         if !guest.metadata.labels.is_empty() || !guest.spec.anti_affinity.is_empty() {
             self.guests
                 .push((&guest.metadata.labels, &guest.spec.anti_affinity));
+            for (k, v) in &guest.metadata.labels {
+                *self.carried.entry((k, v)).or_default() += 1;
+            }
+            for (k, v) in &guest.spec.anti_affinity {
+                self.antis
+                    .entry((k, v))
+                    .or_default()
+                    .push(&guest.spec.anti_affinity);
+            }
         }
     }
 
-    /// Whether `guest` fits here on top of what the host holds; else why not.
+    /// Whether `guest` fits here on top of what the host holds; else which rule refuses
+    /// it. Cheap: asked of every candidate host, it builds no message
+    /// ([`Slot::explain`] does, for the few refusals shown).
     fn fits(
         &self,
         guest: &Guest,
         wanted: &ObservedGuest,
         footprint: Footprint,
-    ) -> Result<(), String> {
-        let name = self.state.name;
+    ) -> Result<(), Refusal> {
         if !self.schedulable {
-            return Err(format!("{name} is not schedulable"));
+            return Err(Refusal::NotSchedulable);
         }
         let pinned = pinned_of(guest);
-        if !pinned.is_subset(&self.usable_cpus) {
-            return Err(format!(
-                "{name} has no CPU {} for the pinning",
-                pinned.difference(&self.usable_cpus)
-            ));
+        if !pinned.is_empty() {
+            if !pinned.is_subset(&self.usable_cpus) {
+                return Err(Refusal::NoCpu);
+            }
+            if !self.taken(guest, &pinned).is_empty() {
+                return Err(Refusal::CpuTaken);
+            }
         }
-        let taken = if guest.spec.cpu.dedicated {
+        if !self.state.is_usable_for(wanted, true) {
+            return Err(Refusal::Unusable);
+        }
+        if !self.state.has_room(Footprint::default(), footprint) {
+            return Err(Refusal::NoRoom);
+        }
+        match self.apart_from(guest) {
+            Some(_) => Err(Refusal::AntiAffinity),
+            None => Ok(()),
+        }
+    }
+
+    /// The CPUs of `pinned` that a dedicated guest here holds (or, for a dedicated
+    /// `guest`, that any guest here is pinned to).
+    fn taken(&self, guest: &Guest, pinned: &CpuSet) -> CpuSet {
+        if guest.spec.cpu.dedicated {
             pinned.intersection(&self.pinned)
         } else {
             pinned.intersection(&self.dedicated)
-        };
-        if !taken.is_empty() {
-            return Err(format!(
-                "{name}'s CPU {taken} is taken by a dedicated guest"
-            ));
         }
-        self.state.usable_for(wanted, true)?;
-        self.state.fits(Footprint::default(), footprint)?;
-        let anti = &guest.spec.anti_affinity;
-        for (labels, their_anti) in &self.guests {
-            if (!anti.is_empty() && carries(labels, anti))
-                || (!their_anti.is_empty() && carries(&guest.metadata.labels, their_anti))
-            {
-                return Err(format!(
-                    "{name} runs a guest that anti-affinity keeps apart from it ({})",
-                    show_labels(if anti.is_empty() { their_anti } else { anti })
-                ));
-            }
-        }
-        Ok(())
     }
+
+    /// The anti-affinity labels that keep `guest` apart from a guest here, if any:
+    /// its own (a guest here carries them all), else theirs (it carries all of them).
+    fn apart_from<'s>(&'s self, guest: &'s Guest) -> Option<&'s Labels> {
+        let anti = &guest.spec.anti_affinity;
+        let all_carried = || {
+            anti.iter()
+                .all(|(k, v)| self.carried.contains_key(&(k.as_str(), v.as_str())))
+        };
+        if !anti.is_empty()
+            && all_carried()
+            && self.guests.iter().any(|(labels, _)| carries(labels, anti))
+        {
+            return Some(anti);
+        }
+        guest.metadata.labels.iter().find_map(|(k, v)| {
+            self.antis
+                .get(&(k.as_str(), v.as_str()))?
+                .iter()
+                .find(|theirs| carries(&guest.metadata.labels, theirs))
+                .copied()
+        })
+    }
+
+    /// Why `refusal` refuses `guest` here, for people.
+    fn explain(
+        &self,
+        refusal: Refusal,
+        guest: &Guest,
+        wanted: &ObservedGuest,
+        footprint: Footprint,
+    ) -> String {
+        let name = self.state.name;
+        match refusal {
+            Refusal::Down => format!("{name} is down (no etcd lease)"),
+            Refusal::NotSchedulable => format!("{name} is not schedulable"),
+            Refusal::NoCpu => format!(
+                "{name} has no CPU {} for the pinning",
+                pinned_of(guest).difference(&self.usable_cpus)
+            ),
+            Refusal::CpuTaken => format!(
+                "{name}'s CPU {} is taken by a dedicated guest",
+                self.taken(guest, &pinned_of(guest))
+            ),
+            Refusal::Unusable => self
+                .state
+                .usable_for(wanted, true)
+                .err()
+                .unwrap_or_default(),
+            Refusal::NoRoom => self
+                .state
+                .fits(Footprint::default(), footprint)
+                .err()
+                .unwrap_or_default(),
+            Refusal::AntiAffinity => format!(
+                "{name} runs a guest that anti-affinity keeps apart from it ({})",
+                self.apart_from(guest).map(show_labels).unwrap_or_default()
+            ),
+        }
+    }
+}
+
+/// Which rule keeps a guest off a host (its message is built only when shown).
+#[derive(Debug, Clone, Copy)]
+enum Refusal {
+    Down,
+    NotSchedulable,
+    NoCpu,
+    CpuTaken,
+    Unusable,
+    NoRoom,
+    AntiAffinity,
 }
 
 fn pinned_of(guest: &Guest) -> CpuSet {
@@ -206,6 +294,13 @@ pub fn schedule(
         .filter(|g| g.spec.placed_by_selector())
         .collect();
     selected.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    // Host names by label, each list in name order (as `slots` is).
+    let mut by_label: HashMap<(&str, &str), Vec<&str>> = HashMap::new();
+    for h in slots.values() {
+        for (k, v) in h.labels {
+            by_label.entry((k, v)).or_default().push(h.state.name);
+        }
+    }
     let mut out = BTreeMap::new();
     let mut rest = Vec::new();
     // Guests that keep their host first, so that a newcomer never pushes one away.
@@ -231,7 +326,7 @@ pub fn schedule(
         }
     }
     for (g, wanted, footprint) in rest {
-        let placement = choose(g, &wanted, footprint, &slots, up);
+        let placement = choose(g, &wanted, footprint, &slots, &by_label, up);
         if let Placement::Placed(host) = &placement {
             slots
                 .get_mut(host.as_str())
@@ -269,40 +364,61 @@ fn choose(
     wanted: &ObservedGuest,
     footprint: Footprint,
     slots: &BTreeMap<&str, Slot<'_>>,
+    by_label: &HashMap<(&str, &str), Vec<&str>>,
     up: &dyn Fn(&str) -> bool,
 ) -> Placement {
-    let selector = guest.spec.host_selector.clone().unwrap_or_default();
+    const SHOWN: usize = 3;
+    // The hosts carrying the selector's rarest label, by name (then checked whole).
+    let rarest = guest.spec.host_selector.as_ref().and_then(|sel| {
+        sel.iter()
+            .map(|(k, v)| {
+                by_label
+                    .get(&(k.as_str(), v.as_str()))
+                    .map_or(&[][..], Vec::as_slice)
+            })
+            .min_by_key(|hosts| hosts.len())
+    });
+    let candidates: Box<dyn Iterator<Item = &Slot<'_>>> = match rarest {
+        Some(hosts) => Box::new(hosts.iter().filter_map(|h| slots.get(h))),
+        None => Box::new(slots.values()),
+    };
     let mut best: Option<&Slot<'_>> = None;
-    let mut refusals: Vec<String> = Vec::new();
+    let mut shown: Vec<String> = Vec::new();
+    let mut refused = 0usize;
     let mut matching = 0usize;
-    for slot in slots.values().filter(|s| matches(guest, s)) {
+    for slot in candidates.filter(|s| matches(guest, s)) {
         matching += 1;
-        if !up(slot.state.name) {
-            refusals.push(format!("{} is down (no etcd lease)", slot.state.name));
-            continue;
-        }
-        match slot.fits(guest, wanted, footprint) {
+        let fits = if up(slot.state.name) {
+            slot.fits(guest, wanted, footprint)
+        } else {
+            Err(Refusal::Down)
+        };
+        match fits {
             Ok(()) => {
                 if best.is_none_or(|b| slot.free_normal > b.free_normal) {
                     best = Some(slot);
                 }
             }
-            Err(why) => refusals.push(why),
+            Err(refusal) => {
+                refused += 1;
+                if shown.len() < SHOWN {
+                    shown.push(slot.explain(refusal, guest, wanted, footprint));
+                }
+            }
         }
     }
     if let Some(slot) = best {
         return Placement::Placed(slot.state.name.to_owned());
     }
+    let selector = guest.spec.host_selector.clone().unwrap_or_default();
     if matching == 0 {
         return Placement::Unplaced(format!(
             "no Host matches hostSelector {}",
             show_labels(&selector)
         ));
     }
-    const SHOWN: usize = 3;
-    let more = refusals.len().saturating_sub(SHOWN);
-    refusals.truncate(SHOWN);
-    let mut why = refusals.join("; ");
+    let more = refused - shown.len();
+    let mut why = shown.join("; ");
     if more > 0 {
         why.push_str(&format!("; and {more} more"));
     }

@@ -12,7 +12,7 @@ use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use berth_hypervisor::statedir::{StateDir, StateDirError};
@@ -22,7 +22,7 @@ use berth_hypervisor::{control, VmConfig, Vmm};
 const USAGE: &str = "\
 berth-vmm: berth's per-guest KVM process
 
-Usage: berth-vmm run --spec FILE|- --state-dir DIR [--incoming ADDRESS]
+Usage: berth-vmm run --spec FILE|- --state-dir DIR [--incoming ADDRESS [--source-timeout-ms N]]
 
 Commands:
   run  Run a guest until it is shut down
@@ -34,6 +34,10 @@ Options of run:
                         port 0 picks one) instead of booting it; prints
                         `ready <socket> incoming <address> <token>`. Files go to
                         DIR/guests/<name>.incoming/ until the commit.
+  --source-timeout-ms N With --incoming: when the source has not connected within N
+                        ms (default 60000), remove everything and exit, so that a
+                        preparation nobody follows (its service died) does not hold
+                        the guest's incoming slot.
   -h, --help            Print this help
   -V, --version         Print the version
 ";
@@ -44,7 +48,11 @@ struct RunArgs {
     spec: String,
     state_dir: PathBuf,
     incoming: Option<String>,
+    source_timeout: Duration,
 }
+
+/// How long an incoming VMM waits for the source's first connection by default.
+const SOURCE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What the command line asks for.
 #[derive(Debug)]
@@ -62,6 +70,7 @@ fn parse_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Cli,
     let mut parser = lexopt::Parser::from_iter(std::iter::once("berth-vmm".into()).chain(args));
     let mut command = None;
     let (mut spec, mut state_dir, mut incoming) = (None, None, None);
+    let mut source_timeout = SOURCE_TIMEOUT;
     while let Some(arg) = parser.next()? {
         match arg {
             Short('h') | Long("help") => return Ok(Cli::Help),
@@ -78,6 +87,9 @@ fn parse_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Cli,
             Long("incoming") if command.is_some() => {
                 incoming = Some(parser.value()?.string()?);
             }
+            Long("source-timeout-ms") if command.is_some() => {
+                source_timeout = Duration::from_millis(parser.value()?.parse()?);
+            }
             _ => return Err(arg.unexpected()),
         }
     }
@@ -88,6 +100,7 @@ fn parse_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Cli,
         spec: spec.ok_or("run needs --spec FILE|-")?,
         state_dir: state_dir.ok_or("run needs --state-dir DIR")?,
         incoming,
+        source_timeout,
     }))
 }
 
@@ -130,6 +143,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         spec,
         state_dir,
         incoming,
+        source_timeout,
     } = args;
     // Before any thread exists, so every thread inherits the mask and SIGTERM/SIGINT are
     // taken only by the signal thread below.
@@ -148,7 +162,8 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .map_err(|e| UserError(format!("the spec is not a Guest manifest: {e}")))?;
     let config = VmConfig::from_guest(&guest).map_err(|e| UserError(e.to_string()))?;
     if let Some(listen) = incoming {
-        return run_incoming(config, text, state_dir, listen, started, signals);
+        let place = (state_dir, listen, source_timeout);
+        return run_incoming(config, text, place, started, signals);
     }
     let state = StateDir::acquire(&state_dir, &config.name).map_err(|e| match e {
         StateDirError::Name(_) | StateDirError::AlreadyRunning { .. } => {
@@ -233,11 +248,11 @@ fn serve(
     Ok(ExitCode::SUCCESS)
 }
 
+/// `place`: the state root, the listen address and how long to wait for the source.
 fn run_incoming(
     config: VmConfig,
     spec_text: String,
-    state_root: PathBuf,
-    listen: String,
+    (state_root, listen, source_timeout): (PathBuf, String, Duration),
     started: Instant,
     signals: libc::sigset_t,
 ) -> anyhow::Result<ExitCode> {
@@ -249,6 +264,7 @@ fn run_incoming(
         config,
         state_root,
         listen,
+        source_timeout,
         started,
     };
     incoming::run(opts, events, inbox).map_err(|e| match e {

@@ -78,6 +78,9 @@ pub struct IncomingOptions {
     pub state_root: PathBuf,
     /// Where to listen.
     pub listen: String,
+    /// How long to wait for the source's first connection before giving up (and
+    /// removing everything): a preparation nobody follows must not hold the slot.
+    pub source_timeout: Duration,
     /// Process start.
     pub started: Instant,
 }
@@ -251,7 +254,7 @@ fn prepare_and_receive(
         );
         let _ = out.flush();
     }
-    let incoming = Incoming::new(listener, token).map_err(|e| {
+    let incoming = Incoming::new(listener, token, opts.source_timeout).map_err(|e| {
         fail(IncomingError::Listen {
             addr: listen.clone(),
             source: e,

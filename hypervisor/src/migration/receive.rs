@@ -81,6 +81,9 @@ pub enum ReceiveError {
     /// Cancelled on request.
     #[error("Cancelled on request")]
     Cancelled,
+    /// The source did not connect at all in time.
+    #[error("No source connected within {0:?}")]
+    NoSource(Duration),
     /// The source did not connect all its streams in time.
     #[error("The source opened {got} of {want} connections within {LINK_TIMEOUT:?}")]
     MissingConnections {
@@ -102,20 +105,28 @@ struct Conn {
 pub struct Incoming {
     listener: TcpListener,
     token: Token,
+    /// How long to wait for the source's first connection.
+    source_timeout: Duration,
     /// Clones of the accepted sockets, so that a cancel can unblock the readers.
     sockets: Arc<Mutex<Vec<TcpStream>>>,
 }
 
 impl Incoming {
-    /// Listens on `listener` for a source proving `token`.
+    /// Listens on `listener` for a source proving `token`, connecting within
+    /// `source_timeout`.
     ///
     /// # Errors
     /// The listener cannot be made non-blocking.
-    pub fn new(listener: TcpListener, token: Token) -> std::io::Result<Incoming> {
+    pub fn new(
+        listener: TcpListener,
+        token: Token,
+        source_timeout: Duration,
+    ) -> std::io::Result<Incoming> {
         listener.set_nonblocking(true)?;
         Ok(Incoming {
             listener,
             token,
+            source_timeout,
             sockets: Arc::default(),
         })
     }
@@ -190,9 +201,13 @@ impl Incoming {
         // Connection 0 first (the others may come before it and wait).
         let mut config: Option<SourceConfig> = None;
         let mut deadline: Option<Instant> = None;
+        let no_source_after = Instant::now() + self.source_timeout;
         loop {
             if cancelled() {
                 return Err(ReceiveError::Cancelled);
+            }
+            if conns.is_empty() && Instant::now() > no_source_after {
+                return Err(ReceiveError::NoSource(self.source_timeout));
             }
             if let Some(c) = self.accept_one(vmm, &mut bad)? {
                 if conns.iter().any(|o| o.stream == c.stream) || c.stream >= super::MAX_CONNECTIONS

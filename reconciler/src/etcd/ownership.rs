@@ -95,16 +95,26 @@ fn describe(current: &Option<Ownership>) -> String {
 }
 
 /// Where the guest of a switchover whose end is unknown runs, according to its record.
+///
+/// The record at each step of a migration from A to B: `A` before it (and again once
+/// the migration is abandoned before `Commit`), `A, moving to B` from just before B is
+/// asked to prepare until B's incoming VMM has read `Commit` (then B writes `B`) or the
+/// migration is abandoned (A or B puts `A` back). So `A, moving to B` says nothing yet
+/// about the outcome: only the destination's ownership write decides it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Switchover {
     /// The destination swapped the record to itself: the switchover happened, the
     /// destination runs the guest and the source must not resume it.
     Destination(Ownership),
-    /// The record still names the source (moving or not): the switchover did not
-    /// happen; the destination must discard its incoming copy.
+    /// The record names the source and no move: the switchover did not happen (the
+    /// handover was taken back); the destination must discard its incoming copy.
     Source(Ownership),
-    /// The record is gone (its owner's lease expired) or names a third host: neither
-    /// side may resume the guest on its own.
+    /// The record still says `source, moving to destination`: the outcome is unknown
+    /// until the destination writes its ownership or the source's is put back. Neither
+    /// side may resume or discard the guest yet; ask again.
+    Moving(Ownership),
+    /// The record is gone (its owner's lease expired), names a third host, or a move
+    /// elsewhere: neither side may resume the guest on its own.
     Neither(Option<Ownership>),
 }
 
@@ -137,7 +147,12 @@ pub async fn resolve_switchover(
         Some(o) if o.record.host == destination && o.record.moving_to.is_none() => {
             Switchover::Destination(o)
         }
-        Some(o) if o.record.host == source => Switchover::Source(o),
+        Some(o) if o.record.host == source && o.record.moving_to.is_none() => Switchover::Source(o),
+        Some(o)
+            if o.record.host == source && o.record.moving_to.as_deref() == Some(destination) =>
+        {
+            Switchover::Moving(o)
+        }
         other => Switchover::Neither(other),
     })
 }

@@ -46,7 +46,8 @@ use super::http::HttpPeers;
 use super::peer::{IncomingMigration, IncomingOutcome, IncomingRequest};
 use super::{BoxFuture, Coordination, CoordinationError, CoordinationLost, Peer, StartRefused};
 use crate::etcd::{
-    read_host, read_owner, Acquire, EtcdError, FencingToken, HostSession, LeaseState, Ownership,
+    read_host, read_owner, resolve_switchover, Acquire, EtcdError, FencingToken, HostSession,
+    LeaseState, Ownership, Switchover,
 };
 use crate::model::{Desired, Observed, ObservedHost};
 
@@ -469,6 +470,10 @@ impl Coordination for EtcdCoordination {
         })
     }
 
+    fn leader_places(&self) -> bool {
+        true
+    }
+
     fn expects_incoming<'a>(
         &'a self,
         guest: &'a str,
@@ -585,25 +590,40 @@ impl Coordination for EtcdCoordination {
                 host: host.name.clone(),
                 source: why.into(),
             };
-            let record = read_owner(self.session.store(), guest).await.map_err(|e| {
-                self.note_failure(&e);
-                CoordinationError {
-                    host: "etcd".to_owned(),
-                    source: Box::new(e),
-                }
-            })?;
-            match record {
-                Some(o) if o.record.moving_to.is_none() => Ok(IncomingOutcome {
-                    running: o.record.host == host.name,
+            let switchover = resolve_switchover(self.session.store(), guest, self.me(), &host.name)
+                .await
+                .map_err(|e| {
+                    self.note_failure(&e);
+                    CoordinationError {
+                        host: "etcd".to_owned(),
+                        source: Box::new(e),
+                    }
+                })?;
+            match switchover {
+                Switchover::Destination(_) => Ok(IncomingOutcome {
+                    running: true,
                     downtime_ms: None,
                 }),
-                Some(o) => Err(undecided(format!(
+                Switchover::Source(_) => Ok(IncomingOutcome {
+                    running: false,
+                    downtime_ms: None,
+                }),
+                Switchover::Moving(o) => Err(undecided(format!(
                     "the ownership record of {guest} still says {} moving to {}: {} has not taken it over or given it back yet",
                     o.record.host,
                     o.record.moving_to.unwrap_or_default(),
                     host.name
                 ))),
-                None => Err(undecided(format!(
+                Switchover::Neither(Some(o)) => Err(undecided(format!(
+                    "the ownership record of {guest} names {}{}, neither this host alone nor {}",
+                    o.record.host,
+                    o.record
+                        .moving_to
+                        .map(|to| format!(" moving to {to}"))
+                        .unwrap_or_default(),
+                    host.name
+                ))),
+                Switchover::Neither(None) => Err(undecided(format!(
                     "{guest} has no ownership record (its owner's lease expired)"
                 ))),
             }

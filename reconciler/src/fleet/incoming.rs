@@ -170,7 +170,31 @@ impl IncomingMigrations for LocalIncoming {
             .iter()
             .find(|g| &g.metadata.name == name)
             .ok_or_else(|| PeerError::Refused(format!("no guest {name} in that revision")))?;
-        if guest.spec.host != me {
+        if guest.spec.placed_by_selector() {
+            // The revision names no host: the fleet's leader placed it (then the
+            // ownership record, checked below, must say it moves here), or, with no
+            // fleet store, every host places it alike from the revision.
+            let leader = self
+                .fleet
+                .as_ref()
+                .is_some_and(|f| f.coordination.leader_places());
+            if !leader {
+                let mut placed = (*desired).clone();
+                crate::scheduler::place(&mut placed, &crate::model::Observed::default());
+                let host = placed
+                    .guests
+                    .iter()
+                    .find(|g| &g.metadata.name == name)
+                    .map(|g| g.spec.host.clone())
+                    .unwrap_or_default();
+                if host != me {
+                    return Err(PeerError::Refused(format!(
+                        "{name} is placed by selector on {}, not on {me}, in that revision",
+                        if host.is_empty() { "no host" } else { &host }
+                    )));
+                }
+            }
+        } else if guest.spec.host != me {
             return Err(PeerError::Refused(format!(
                 "{name} is placed on {}, not on {me}, in that revision",
                 guest.spec.host

@@ -207,6 +207,13 @@ pub trait Coordination: Send + Sync {
         Box::pin(async {})
     }
 
+    /// Whether a fleet leader places the selector-placed guests (etcd) and
+    /// [`Coordination::expects_incoming`] is the word on where they move; else every
+    /// host places them alike from the revision (the scheduler with no fleet).
+    fn leader_places(&self) -> bool {
+        false
+    }
+
     /// Destination side, before an incoming VMM is prepared: `Ok` when the fleet says
     /// `guest` is moving from `from` to this host; else why not.
     fn expects_incoming<'a>(

@@ -80,12 +80,47 @@ const PEER_STALE: Duration = Duration::from_secs(15);
 /// The revision being enforced, shared by the loop (which sets it), the migration
 /// source (which names it to the destination) and the destination (which builds the
 /// incoming VMM from it).
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Enforced {
     inner: RwLock<Option<(CommitId, Arc<Desired>)>>,
+    /// Where the fleet's leader places selector-placed guests, when a leader does.
+    placer: RwLock<Option<SelectorPlacer>>,
+}
+
+/// Where the selector-placed guests of a revision go (guest -> placement).
+pub type SelectorPlacer =
+    Arc<dyn Fn(&Desired) -> BTreeMap<String, crate::scheduler::Placement> + Send + Sync>;
+
+impl std::fmt::Debug for Enforced {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Enforced")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Enforced {
+    /// Places selector-placed guests with `placer` (the fleet leader's records) in
+    /// [`Enforced::placed`]; without one, by the revision's own scheduling.
+    pub fn place_with(&self, placer: SelectorPlacer) {
+        *self.placer.write().unwrap_or_else(|e| e.into_inner()) = Some(placer);
+    }
+
+    /// The revision being enforced with its selector-placed guests placed (as the
+    /// reconcile loop places them).
+    pub fn placed(&self) -> Option<Arc<Desired>> {
+        let (_, desired) = self.get()?;
+        if !desired.guests.iter().any(|g| g.spec.placed_by_selector()) {
+            return Some(desired);
+        }
+        let mut placed = (*desired).clone();
+        match &*self.placer.read().unwrap_or_else(|e| e.into_inner()) {
+            Some(placer) => crate::scheduler::assign(&mut placed, placer(&desired)),
+            None => crate::scheduler::place(&mut placed, &crate::model::Observed::default()),
+        }
+        Some(Arc::new(placed))
+    }
+
     /// Records a newly enforced revision.
     pub fn set(&self, commit: &CommitId, desired: &Desired) {
         let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
@@ -199,7 +234,7 @@ impl ServeDriver {
 
     /// The hosts the enforced revision moves guests that run here to.
     fn destinations(&self) -> Vec<Peer> {
-        let Some((_, desired)) = self.enforced.get() else {
+        let Some(desired) = self.enforced.placed() else {
             return Vec::new();
         };
         let here = self.running.read().unwrap_or_else(|e| e.into_inner());

@@ -145,33 +145,43 @@ impl<'a> HostState<'a> {
     /// Whether `extra` fits on top of what is held and what `reserved` (earlier actions
     /// of the same wave) holds; else why not, with the numbers.
     pub fn fits(&self, reserved: Footprint, extra: Footprint) -> Result<(), String> {
+        let Some(i) = self.short_of(reserved, extra) else {
+            return Ok(());
+        };
         let cap = self.capacity();
-        for i in 0..3 {
-            let have = cap.0[i].saturating_sub(self.used.0[i] + reserved.0[i]);
-            if extra.0[i] > have {
-                return Err(match i {
-                    NORMAL => format!(
-                        "{} has {} free for guests on normal pages ({} minus {} of hugepage pools, \
-                         {} held), {} needed",
-                        self.name,
-                        Bytes(have),
-                        Bytes(self.memory),
-                        Bytes(Self::pool_bytes(&self.pool)),
-                        Bytes(self.used.0[NORMAL] + reserved.0[NORMAL]),
-                        Bytes(extra.0[i])
-                    ),
-                    _ => format!(
-                        "{}'s {} hugepage pool has {} of {} pages free, {} needed",
-                        self.name,
-                        PAGE_SIZES[i - 1],
-                        have,
-                        cap.0[i],
-                        extra.0[i]
-                    ),
-                });
-            }
-        }
-        Ok(())
+        let have = cap.0[i].saturating_sub(self.used.0[i] + reserved.0[i]);
+        Err(match i {
+            NORMAL => format!(
+                "{} has {} free for guests on normal pages ({} minus {} of hugepage pools, \
+                 {} held), {} needed",
+                self.name,
+                Bytes(have),
+                Bytes(self.memory),
+                Bytes(Self::pool_bytes(&self.pool)),
+                Bytes(self.used.0[NORMAL] + reserved.0[NORMAL]),
+                Bytes(extra.0[i])
+            ),
+            _ => format!(
+                "{}'s {} hugepage pool has {} of {} pages free, {} needed",
+                self.name,
+                PAGE_SIZES[i - 1],
+                have,
+                cap.0[i],
+                extra.0[i]
+            ),
+        })
+    }
+
+    /// Whether `extra` fits, as [`HostState::fits`] says, without building the message
+    /// (the scheduler asks this of every candidate host).
+    pub fn has_room(&self, reserved: Footprint, extra: Footprint) -> bool {
+        self.short_of(reserved, extra).is_none()
+    }
+
+    /// The first resource `extra` does not fit in (see [`Footprint`]'s order).
+    fn short_of(&self, reserved: Footprint, extra: Footprint) -> Option<usize> {
+        let cap = self.capacity();
+        (0..3).find(|&i| extra.0[i] > cap.0[i].saturating_sub(self.used.0[i] + reserved.0[i]))
     }
 
     /// The pool of one size now, in pages.
@@ -219,24 +229,49 @@ impl<'a> HostState<'a> {
     /// size and enough memory in all.
     pub fn usable_for(&self, guest: &ObservedGuest, arriving: bool) -> Result<(), String> {
         let name = self.name;
+        let Some(why) = self.unusable(guest, arriving) else {
+            return Ok(());
+        };
+        let size = guest.memory.size;
+        Err(match why {
+            Unusable::Undeclared => format!("host {name} is not declared by any Host manifest"),
+            Unusable::Unobserved => format!("host {name} is not observed (no driver reached it)"),
+            Unusable::Unschedulable => format!("host {name} is not schedulable"),
+            Unusable::NoCpu(usable) => format!(
+                "host {name} has no CPU {} for the pinning (guest CPUs there: {usable})",
+                pinned_cpus(guest.cpu.pinning.as_ref()).difference(&usable)
+            ),
+            Unusable::NoPool(page) => format!("host {name} keeps no {page} hugepage pool"),
+            Unusable::PoolTooSmall { page, need, pool } => {
+                format!("{size} needs {need} {page} hugepages, host {name}'s pool is {pool}")
+            }
+            Unusable::TooBig(room) => format!(
+                "{size} does not fit in host {name}'s {} for guests on normal pages",
+                Bytes(room)
+            ),
+        })
+    }
+
+    /// Whether [`HostState::usable_for`] says yes, without building its message.
+    pub fn is_usable_for(&self, guest: &ObservedGuest, arriving: bool) -> bool {
+        self.unusable(guest, arriving).is_none()
+    }
+
+    fn unusable(&self, guest: &ObservedGuest, arriving: bool) -> Option<Unusable> {
         let Some(desired) = self.desired else {
-            return Err(format!("host {name} is not declared by any Host manifest"));
+            return Some(Unusable::Undeclared);
         };
         if self.observed.is_none() {
-            return Err(format!(
-                "host {name} is not observed (no driver reached it)"
-            ));
+            return Some(Unusable::Unobserved);
         }
         if arriving && !desired.spec.schedulable {
-            return Err(format!("host {name} is not schedulable"));
+            return Some(Unusable::Unschedulable);
         }
-        let usable: CpuSet = desired.spec.cpus.difference(&desired.spec.reserved_cpus);
-        let pinned = pinned_cpus(guest.cpu.pinning.as_ref());
-        if !pinned.is_subset(&usable) {
-            return Err(format!(
-                "host {name} has no CPU {} for the pinning (guest CPUs there: {usable})",
-                pinned.difference(&usable)
-            ));
+        if let Some(pinning) = guest.cpu.pinning.as_ref() {
+            let usable: CpuSet = desired.spec.cpus.difference(&desired.spec.reserved_cpus);
+            if !pinned_cpus(Some(pinning)).is_subset(&usable) {
+                return Some(Unusable::NoCpu(usable));
+            }
         }
         let size = guest.memory.size;
         match guest.memory.hugepages {
@@ -244,12 +279,10 @@ impl<'a> HostState<'a> {
                 let pool = desired.spec.hugepages.get(&page).copied().unwrap_or(0);
                 let need = pages_for(size, page);
                 if pool == 0 {
-                    return Err(format!("host {name} keeps no {page} hugepage pool"));
+                    return Some(Unusable::NoPool(page));
                 }
                 if need > pool {
-                    return Err(format!(
-                        "{size} needs {need} {page} hugepages, host {name}'s pool is {pool}"
-                    ));
+                    return Some(Unusable::PoolTooSmall { page, need, pool });
                 }
             }
             None => {
@@ -261,15 +294,29 @@ impl<'a> HostState<'a> {
                     .sum();
                 let room = desired.spec.memory.get().saturating_sub(pools);
                 if size.get() > room {
-                    return Err(format!(
-                        "{size} does not fit in host {name}'s {} for guests on normal pages",
-                        Bytes(room)
-                    ));
+                    return Some(Unusable::TooBig(room));
                 }
             }
         }
-        Ok(())
+        None
     }
+}
+
+/// Why a host cannot take a guest whatever else runs there ([`HostState::usable_for`]).
+enum Unusable {
+    Undeclared,
+    Unobserved,
+    Unschedulable,
+    /// The guest CPUs there.
+    NoCpu(CpuSet),
+    NoPool(PageSize),
+    PoolTooSmall {
+        page: PageSize,
+        need: u64,
+        pool: u64,
+    },
+    /// The memory there for guests on normal pages.
+    TooBig(u64),
 }
 
 /// Guests holding pages of `size` on `host`, for messages: `web-1: 64, db-1: 32`.

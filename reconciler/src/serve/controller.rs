@@ -590,7 +590,7 @@ impl Controller {
             .await;
             let outcome = match result {
                 Ok(Ok(())) => Outcome::Done,
-                Ok(Err(e)) => Outcome::Failed(e.to_string()),
+                Ok(Err(e)) => Outcome::Failed(berth_hypervisor::report::one_line(&e)),
                 Err(panic) => Outcome::Failed(format!("the driver panicked: {panic}")),
             };
             let _ = done.send(Completion {

@@ -553,7 +553,7 @@ async fn serve(
     // With etcd: the leader's placements (followed by every host, the leader among
     // them) and the revision the leader schedules.
     let (leader_revision, leader_rx) = watch::channel(None::<Arc<crate::model::Desired>>);
-    let mut controller = Controller::new(
+    let controller = Controller::new(
         ControllerConfig {
             host: args.host.clone(),
             resync: args.resync_interval.get(),
@@ -562,23 +562,26 @@ async fn serve(
         driver,
         status,
         Arc::clone(&metrics),
-    )
-    .on_revision(Box::new(move |commit, desired| {
-        host_names.set(desired.hosts.iter().map(|h| h.metadata.name.clone()));
-        enforced.set(commit, desired);
-        if let Some(sim) = &sim {
-            sim.add_hosts(desired);
-        }
-        if let Some(libvirt) = &libvirt {
-            libvirt.set_desired(commit.as_str(), desired);
-        }
-        leader_revision.send_replace(Some(Arc::new(desired.clone())));
-    }))
-    .with_start_guard(Arc::clone(&coordination));
+    );
+    let placed_by_leader = Arc::clone(&enforced);
+    let mut controller = controller
+        .on_revision(Box::new(move |commit, desired| {
+            host_names.set(desired.hosts.iter().map(|h| h.metadata.name.clone()));
+            enforced.set(commit, desired);
+            if let Some(sim) = &sim {
+                sim.add_hosts(desired);
+            }
+            if let Some(libvirt) = &libvirt {
+                libvirt.set_desired(commit.as_str(), desired);
+            }
+            leader_revision.send_replace(Some(Arc::new(desired.clone())));
+        }))
+        .with_start_guard(Arc::clone(&coordination));
     if let Some(etcd) = &etcd {
         controller = fleet_scheduling(
             controller,
             etcd.session(),
+            &placed_by_leader,
             leader_rx,
             local.as_ref().map(|_| &fleet),
             shutdown_rx.clone(),
@@ -681,6 +684,7 @@ async fn join_etcd(
 fn fleet_scheduling(
     controller: Controller,
     session: &Arc<crate::etcd::HostSession>,
+    enforced: &Enforced,
     revisions: watch::Receiver<Option<Arc<crate::model::Desired>>>,
     local: Option<&Fleet>,
     stop: watch::Receiver<bool>,
@@ -753,6 +757,8 @@ fn fleet_scheduling(
     let placer: crate::serve::controller::Placer = Arc::new(move |desired| {
         crate::etcd::placements_of(desired, &shared.lock().expect("placements"))
     });
+    // A move of a selector-placed guest needs its destination observed too.
+    enforced.place_with(Arc::clone(&placer));
     controller.with_placer(placer)
 }
 

@@ -462,3 +462,66 @@ async fn conditions_say_drifted_and_restart_required_while_it_lasts() {
     h.wait_for("revision 2 applied", applied(2)).await;
     h.stop().await;
 }
+
+/// Fails every start as a migration's preparation fails: a driver error whose cause is
+/// another error with a cause of its own.
+struct PrepareFails(Arc<SimDriver>);
+
+impl Driver for PrepareFails {
+    fn kind(&self) -> DriverKind {
+        DriverKind::Sim
+    }
+    fn scope(&self) -> Scope {
+        Scope::Fleet
+    }
+    fn observe(&self) -> Result<Observed, DriverError> {
+        self.0.observe()
+    }
+    fn configure_host(&self, host: &str, settings: &[HostSetting]) -> Result<(), DriverError> {
+        self.0.configure_host(host, settings)
+    }
+    fn start(&self, guest: &Guest, _: &str) -> Result<(), DriverError> {
+        Err(DriverError::Failed {
+            context: format!(
+                "preparing the migration of {} to kvm02",
+                guest.metadata.name
+            ),
+            source: Box::new(crate::fleet::CoordinationError {
+                host: "kvm02".into(),
+                source: "the incoming VMM of a cannot be built: no 2MiB hugepages free".into(),
+            }),
+        })
+    }
+    fn retune(&self, guest: &Guest, host: &str, fields: &[Field]) -> Result<(), DriverError> {
+        self.0.retune(guest, host, fields)
+    }
+    fn stop(&self, name: &str, host: &str) -> Result<(), DriverError> {
+        self.0.stop(name, host)
+    }
+    fn migrate(&self, guest: &Guest, from: &str, to: &str) -> Result<(), DriverError> {
+        self.0.migrate(guest, from, to)
+    }
+}
+
+#[tokio::test]
+async fn a_failed_action_reports_every_cause_once() {
+    let h = Harness::start(Arc::new(PrepareFails(empty_sim())));
+    h.send(revision(1, &[guest("a", "kvm01", 100, "")])).await;
+    let status = h
+        .wait_for("a failed", |s| guest_phase(s, "a") == Some("Failed"))
+        .await;
+    let a = status.guests.iter().find(|g| g.name == "a").expect("a");
+    let ready = a
+        .conditions
+        .iter()
+        .find(|c| c.kind == ConditionType::Ready)
+        .expect("Ready condition");
+    assert!(
+        ready
+            .message
+            .contains("preparing the migration of a to kvm02: host kvm02: the incoming VMM of a cannot be built: no 2MiB hugepages free"),
+        "{}",
+        ready.message
+    );
+    h.stop().await;
+}
