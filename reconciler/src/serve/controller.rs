@@ -12,7 +12,7 @@
 //!   flight gets nothing new until it ends). Actions of the plan's first local wave run
 //!   concurrently; later waves wait for the next pass, which replans from what then
 //!   runs, so the plan's capacity order holds.
-//! - A failed action backs off per guest ([`super::backoff`]); others go on.
+//! - A failed action backs off per guest ([`crate::backoff`]); others go on.
 //! - An invalid revision is not applied: the last good one stays enforced and the
 //!   status says why, with the commit id and file:line of each problem.
 //! - Guests annotated `berth.dev/suspend: "true"` are left alone (the plan reports them
@@ -27,7 +27,6 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
-use super::git::CommitId;
 use super::source::{Revision, SourceEvent};
 use super::status::{
     now_rfc3339, Applied, Condition, ConditionType, GuestStatus, LastError, Problem, Reason,
@@ -39,6 +38,7 @@ use crate::driver::Driver;
 use crate::fleet::incoming::IncomingNotes;
 use crate::fleet::switchover::Switchovers;
 use crate::fleet::Coordination;
+use crate::git::CommitId;
 use crate::metrics::Metrics;
 use crate::model::{Desired, Observed};
 use crate::plan::{plan, Action, GuestPlan, Operation, Plan, Step, StopReason};
@@ -604,7 +604,7 @@ impl Controller {
     }
 
     /// Every guest placed on this host, running on it, or on its way to it, with its
-    /// conditions ([`super::conditions`]). `drift`: the host had converged to the
+    /// conditions ([`crate::conditions`]). `drift`: the host had converged to the
     /// enforced revision, so a change planned now was made outside berth.
     fn guest_statuses(
         &self,

@@ -45,10 +45,6 @@ pub mod simfleet;
 pub mod source;
 pub mod status;
 
-/// Modules that moved out of `serve/` (fleet/ uses them too), where code written
-/// against their old paths still finds them.
-pub use crate::{auth, backoff, client, conditions, git, metrics};
-
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -57,6 +53,9 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
+use crate::auth::{Secret, SecretError};
+use crate::backoff::BackoffPolicy;
+use crate::client;
 use crate::driver::local::locate_vmm;
 use crate::driver::{Driver, DriverError, DriverKind, LibvirtDriver, LocalDriver};
 use crate::fleet::http::HttpPeers;
@@ -67,13 +66,11 @@ use crate::fleet::placement::Placements;
 use crate::fleet::remote::{Enforced, ServeDriver};
 use crate::fleet::switchover::{Resolver, Switchovers};
 use crate::fleet::Coordination;
+use crate::git::{GitError, GitRepo};
 use crate::machine::Machine;
-use auth::{Secret, SecretError};
-use backoff::BackoffPolicy;
+use crate::metrics::Metrics;
 use controller::{Controller, ControllerConfig};
-use git::{GitError, GitRepo};
 use locked::Locked;
-use metrics::Metrics;
 use simfleet::{SimFleetError, SimulatedFleet};
 use source::{Follower, Trigger};
 use status::{SourceStatus, Status, StatusStore};

@@ -20,7 +20,7 @@ pub struct Status {
     pub driver: String,
     /// Whether the first full observe has succeeded; nothing is done before it.
     pub ready: bool,
-    /// The service's conditions ([`super::conditions`]): `Ready` always, `Reconciling`
+    /// The service's conditions ([`crate::conditions`]): `Ready` always, `Reconciling`
     /// and `Stalled` while `True`. Derived from the rest of the status on each update.
     #[serde(default)]
     pub conditions: Vec<Condition>,
@@ -170,7 +170,7 @@ pub struct GuestStatus {
     /// or an action for it done (like Kubernetes' `observedGeneration`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_revision: Option<String>,
-    /// Conditions, Kubernetes-style ([`super::conditions`]): `Ready` always,
+    /// Conditions, Kubernetes-style ([`crate::conditions`]): `Ready` always,
     /// `Reconciling`, `Stalled` and berth's own while `True`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,

@@ -34,6 +34,8 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use berth_reconciler::backoff::BackoffPolicy;
+use berth_reconciler::client::Transport;
 use berth_reconciler::diff::{Field, HostSetting};
 use berth_reconciler::driver::{Driver, DriverError, DriverKind, Scope, SimDriver};
 use berth_reconciler::etcd::{
@@ -45,11 +47,9 @@ use berth_reconciler::fleet::http::HttpPeers;
 use berth_reconciler::fleet::placement::Placements;
 use berth_reconciler::fleet::Coordination;
 use berth_reconciler::git::CommitId;
+use berth_reconciler::metrics::Metrics;
 use berth_reconciler::model::{Desired, Observed, ObservedGuest, ObservedHost};
-use berth_reconciler::serve::backoff::BackoffPolicy;
-use berth_reconciler::serve::client::Transport;
 use berth_reconciler::serve::controller::{Controller, ControllerConfig, Placer};
-use berth_reconciler::serve::metrics::Metrics;
 use berth_reconciler::serve::source::{Revision, SourceEvent, Trigger};
 use berth_reconciler::serve::status::{Status, StatusStore};
 use berth_schema::{Guest, GuestState};
