@@ -630,6 +630,33 @@ fn berth(args: &[&str]) -> (i32, String) {
     (out.status.code().unwrap_or(-1), text)
 }
 
+/// `berth get guests -o json` on virt01 (the system libvirtd): `name`'s row, and the
+/// whole output for messages.
+fn guest_row_on_virt01(name: &str) -> (serde_json::Value, String) {
+    let (code, out) = berth(&[
+        "get",
+        "guests",
+        "--libvirt-uri",
+        URI,
+        "--host",
+        "virt01",
+        "-o",
+        "json",
+    ]);
+    assert_eq!(code, 0, "{out}");
+    let json = &out[out.find('[').unwrap_or(0)..=out.rfind(']').unwrap_or(0)];
+    let rows: serde_json::Value =
+        serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let row = rows
+        .as_array()
+        .unwrap_or_else(|| panic!("{out}"))
+        .iter()
+        .find(|r| r["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no row for {name}: {out}"));
+    (row, out)
+}
+
 #[test]
 fn berth_apply_boots_a_libvirt_guest_retunes_it_live_and_undoes_drift() {
     let libvirt = connect();
@@ -1254,26 +1281,7 @@ fn berth_serve_runs_a_libvirt_guest_retunes_it_and_moves_it_live_to_another_libv
         a.guest(&name)
             .is_some_and(|g| g["runsHere"] == true && g["phase"] == "Running")
     });
-    let (code, out) = berth(&[
-        "get",
-        "guests",
-        "--libvirt-uri",
-        URI,
-        "--host",
-        "virt01",
-        "-o",
-        "json",
-    ]);
-    assert_eq!(code, 0, "{out}");
-    let json = &out[out.find('[').unwrap_or(0)..=out.rfind(']').unwrap_or(0)];
-    let rows: serde_json::Value =
-        serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {out}"));
-    let row = rows
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["name"] == name.as_str())
-        .unwrap_or_else(|| panic!("{out}"));
+    let (row, out) = guest_row_on_virt01(&name);
     assert_eq!(row["state"], "running", "{out}");
     assert_eq!(row["maxVcpus"], 2, "{out}");
 
@@ -1611,26 +1619,7 @@ fn berth_apply_moves_a_libvirt_guest_live_and_restarts_it_on_hugepages_as_planne
     assert_eq!(code, 0, "{out}");
     wait_counter(&console, 3, Duration::from_secs(90));
     let pid = qemu_pid(&name);
-    let (code, out) = berth(&[
-        "get",
-        "guests",
-        "--libvirt-uri",
-        URI,
-        "--host",
-        "virt01",
-        "-o",
-        "json",
-    ]);
-    assert_eq!(code, 0, "{out}");
-    let json = &out[out.find('[').unwrap_or(0)..=out.rfind(']').unwrap_or(0)];
-    let rows: serde_json::Value =
-        serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {out}"));
-    let row = rows
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["name"] == name.as_str())
-        .unwrap_or_else(|| panic!("{out}"));
+    let (row, out) = guest_row_on_virt01(&name);
     assert_eq!(row["pid"], pid, "{out}");
     let uptime = row["uptimeMs"].as_u64().unwrap_or_else(|| panic!("{out}"));
     assert!((500..600_000).contains(&uptime), "{out}");
