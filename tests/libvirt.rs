@@ -213,6 +213,32 @@ struct Domain<'a> {
     name: String,
 }
 
+/// A test guest's domain and console log, both removed at the end of the test (the
+/// log's stale copy from an earlier run is removed at once).
+struct GuestCleanup<'a> {
+    _domain: Domain<'a>,
+    console: PathBuf,
+}
+
+impl<'a> GuestCleanup<'a> {
+    fn new(libvirt: &'a Libvirt, name: &str, console: &ConsoleLog) -> GuestCleanup<'a> {
+        let _ = fs::remove_file(&console.0);
+        GuestCleanup {
+            _domain: Domain {
+                libvirt,
+                name: name.to_owned(),
+            },
+            console: PathBuf::from(&console.0),
+        }
+    }
+}
+
+impl Drop for GuestCleanup<'_> {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.console);
+    }
+}
+
 impl Drop for Domain<'_> {
     fn drop(&mut self) {
         match self.libvirt.remove(&self.name) {
@@ -666,20 +692,7 @@ fn berth_apply_boots_a_libvirt_guest_retunes_it_live_and_undoes_drift() {
     fs::create_dir_all(&manifests).unwrap();
     let state = images.dir.path().join("state");
     let console = ConsoleLog::default_for(&name);
-    struct Cleanup<'a>(#[allow(dead_code)] Domain<'a>, PathBuf);
-    impl Drop for Cleanup<'_> {
-        fn drop(&mut self) {
-            let _ = fs::remove_file(&self.1);
-        }
-    }
-    let _cleanup = Cleanup(
-        Domain {
-            libvirt: &libvirt,
-            name: name.clone(),
-        },
-        PathBuf::from(&console.0),
-    );
-    let _ = fs::remove_file(&console.0);
+    let _cleanup = GuestCleanup::new(&libvirt, &name, &console);
     let dir = manifests.to_str().unwrap();
     let state_dir = state.to_str().unwrap();
     let apply = [
@@ -1257,20 +1270,7 @@ fn berth_serve_runs_a_libvirt_guest_retunes_it_and_moves_it_live_to_another_libv
     let images = Images::new();
     let name = name("serve");
     let console = ConsoleLog::default_for(&name);
-    let _ = fs::remove_file(&console.0);
-    struct Cleanup<'a>(#[allow(dead_code)] Domain<'a>, PathBuf);
-    impl Drop for Cleanup<'_> {
-        fn drop(&mut self) {
-            let _ = fs::remove_file(&self.1);
-        }
-    }
-    let _cleanup = Cleanup(
-        Domain {
-            libvirt: &libvirt,
-            name: name.clone(),
-        },
-        PathBuf::from(&console.0),
-    );
+    let _cleanup = GuestCleanup::new(&libvirt, &name, &console);
     let guest = images.guest_text(&name, "");
     let (repo, a, b) = two_serves(&images, &peer, &[("guest.yaml", &guest)], "boot");
     assert_eq!(a.status()["driver"], "libvirt");
@@ -1565,20 +1565,7 @@ fn berth_apply_moves_a_libvirt_guest_live_and_restarts_it_on_hugepages_as_planne
     let images = Images::new();
     let name = name("applymove");
     let console = ConsoleLog::default_for(&name);
-    let _ = fs::remove_file(&console.0);
-    struct Cleanup<'a>(#[allow(dead_code)] Domain<'a>, PathBuf);
-    impl Drop for Cleanup<'_> {
-        fn drop(&mut self) {
-            let _ = fs::remove_file(&self.1);
-        }
-    }
-    let _cleanup = Cleanup(
-        Domain {
-            libvirt: &libvirt,
-            name: name.clone(),
-        },
-        PathBuf::from(&console.0),
-    );
+    let _cleanup = GuestCleanup::new(&libvirt, &name, &console);
     let dir = images.dir.path();
     let manifests = dir.join("manifests");
     fs::create_dir_all(&manifests).unwrap();
