@@ -21,20 +21,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use berth_hypervisor::host::cgroup::Cgroups;
 use berth_tests::etcd::Etcd;
 use berth_tests::host::Host;
 use berth_tests::{wait_until, GitRepo};
 
 const HOSTS: usize = 3;
 
-fn run(program: &str, args: &[&str]) {
-    let status = Command::new(program)
-        .args(args)
-        .status()
-        .unwrap_or_else(|e| panic!("run {program}: {e}"));
-    assert!(status.success(), "{program} {args:?} failed");
-}
+use berth_tests::run_ok as run;
 
 /// A hub namespace with a bridge and a host namespace per host, each with a veth on the
 /// bridge; deleted on drop.
@@ -183,7 +176,8 @@ fn runs_among(vmms: &[(i32, String)], host: &Host, name: &str) -> bool {
 struct Fleet {
     net: Net,
     etcd: Option<Etcd>,
-    dir: tempfile::TempDir,
+    /// Holds the hosts' state directories, removed after the teardown.
+    _dir: tempfile::TempDir,
     repo: GitRepo,
     hosts: Vec<Host>,
     guests: Vec<String>,
@@ -217,7 +211,7 @@ impl Fleet {
             repo: GitRepo::new(dir.path().join("repo")),
             net,
             etcd: Some(etcd),
-            dir,
+            _dir: dir,
             hosts,
             guests: Vec::new(),
         }
@@ -250,26 +244,7 @@ impl Fleet {
 
 impl Drop for Fleet {
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            for host in &self.hosts {
-                eprintln!(
-                    "--- {} log ---\n{}",
-                    host.name,
-                    fs::read_to_string(&host.log).unwrap_or_default()
-                );
-            }
-        }
-        for host in &mut self.hosts {
-            host.kill9();
-        }
-        let root = self.dir.path().display().to_string() + "/";
-        let pids = berth_tests::vmm_pids(|c| c.contains(&root));
-        berth_tests::kill_vmms(&pids);
-        if let Ok(cgroups) = Cgroups::detect() {
-            for name in &self.guests {
-                let _ = cgroups.remove_stale(name);
-            }
-        }
+        berth_tests::host::tear_down(&mut self.hosts, &self.guests);
         self.etcd.take();
         let _ = &self.net;
     }

@@ -29,20 +29,13 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use berth_hypervisor::control::{Client, GuestRunState, Op};
-use berth_hypervisor::host::cgroup::Cgroups;
 use berth_hypervisor::migration::{MigrationPhase, MigrationStatus};
 use berth_tests::host::Host;
 use berth_tests::{github_signature, GitRepo};
 
 const WEBHOOK_SECRET: &str = "webhook-secret-for-tests";
 
-fn run(program: &str, args: &[&str]) {
-    let status = Command::new(program)
-        .args(args)
-        .status()
-        .unwrap_or_else(|e| panic!("run {program}: {e}"));
-    assert!(status.success(), "{program} {args:?} failed");
-}
+use berth_tests::run_ok as run;
 
 /// Two network namespaces joined by a veth pair, with a /30 between them; deleted on
 /// drop.
@@ -335,28 +328,7 @@ impl Fleet {
 
 impl Drop for Fleet {
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            for host in &self.hosts {
-                eprintln!("--- {} log ---\n{}", host.name, host.log_text());
-            }
-        }
-        for host in &mut self.hosts {
-            host.kill9();
-        }
-        let roots: Vec<String> = self
-            .hosts
-            .iter()
-            .map(|h| h.state.display().to_string() + "/")
-            .collect();
-        let pids =
-            berth_tests::vmm_pids(|cmdline| roots.iter().any(|r| cmdline.contains(r.as_str())));
-        berth_tests::kill_vmms(&pids);
-        if let Ok(cgroups) = Cgroups::detect() {
-            for name in &self.guests {
-                let _ = cgroups.remove_stale(name);
-                let _ = cgroups.remove_stale(&format!("{name}.incoming"));
-            }
-        }
+        berth_tests::host::tear_down(&mut self.hosts, &self.guests);
     }
 }
 

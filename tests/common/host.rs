@@ -187,3 +187,29 @@ impl Host {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
+
+/// Ends a fleet of hosts under test, even a failed one: prints each service's log when
+/// the test is panicking, kills every service, then every VMM under their state
+/// directories, and removes the cgroups of `guests` (and of their incoming VMMs).
+pub fn tear_down(hosts: &mut [Host], guests: &[String]) {
+    if std::thread::panicking() {
+        for host in hosts.iter() {
+            eprintln!("--- {} log ---\n{}", host.name, host.log_text());
+        }
+    }
+    for host in hosts.iter_mut() {
+        host.kill9();
+    }
+    let roots: Vec<String> = hosts
+        .iter()
+        .map(|h| h.state.display().to_string() + "/")
+        .collect();
+    let pids = crate::vmm_pids(|cmdline| roots.iter().any(|r| cmdline.contains(r.as_str())));
+    crate::kill_vmms(&pids);
+    if let Ok(cgroups) = berth_hypervisor::host::cgroup::Cgroups::detect() {
+        for name in guests {
+            let _ = cgroups.remove_stale(name);
+            let _ = cgroups.remove_stale(&format!("{name}.incoming"));
+        }
+    }
+}

@@ -52,6 +52,15 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// Runs `program` with `args` and panics unless it succeeds (network namespace setup).
+pub fn run_ok(program: &str, args: &[&str]) {
+    let status = Command::new(program)
+        .args(args)
+        .status()
+        .unwrap_or_else(|e| panic!("run {program}: {e}"));
+    assert!(status.success(), "{program} {args:?} failed");
+}
+
 /// A `Command` for a workspace binary.
 pub fn command(name: &str) -> Command {
     Command::new(bin(name))
