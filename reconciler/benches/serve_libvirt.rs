@@ -13,19 +13,13 @@
 //! (`BENCH_COMMITS` overrides 50).
 
 use std::fs;
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use berth_reconciler::auth::Secret;
-
 mod support;
-use support::{free_port, git, percentile, thread_affinity};
-
-const WEBHOOK_SECRET: &str = "bench-webhook-secret";
+use support::{free_port, git, percentile, thread_affinity, WEBHOOK_SECRET};
 
 fn main() {
     if std::env::args().any(|a| a == "--list") {
@@ -165,22 +159,7 @@ impl Bench {
     }
 
     fn webhook(&self) {
-        let body = r#"{"ref":"refs/heads/main"}"#;
-        let signature = format!(
-            "sha256={}",
-            Secret::new(WEBHOOK_SECRET).sign(body.as_bytes())
-        );
-        let mut stream = TcpStream::connect(&self.addr).expect("connect");
-        let request = format!(
-            "POST /hooks/git HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nX-GitHub-Event: push\r\n\
-             X-Hub-Signature-256: {signature}\r\nContent-Length: {}\r\n\r\n{body}",
-            self.addr,
-            body.len()
-        );
-        stream.write_all(request.as_bytes()).expect("send");
-        let mut response = String::new();
-        let _ = stream.read_to_string(&mut response);
-        assert!(response.starts_with("HTTP/1.1 202"), "{response}");
+        support::webhook(&self.addr);
     }
 
     fn qemu_pid(&self) -> Option<i32> {

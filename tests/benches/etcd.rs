@@ -40,6 +40,13 @@ fn metric(port: u16, name: &str, label: &str) -> f64 {
         .sum()
 }
 
+/// etcd's writes so far (puts, deletes and transactions), from its `/metrics`.
+fn writes(port: u16) -> f64 {
+    metric(port, "etcd_mvcc_put_total", "")
+        + metric(port, "etcd_mvcc_delete_total", "")
+        + metric(port, "etcd_mvcc_txn_total", "")
+}
+
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -121,16 +128,12 @@ fn etcd_layer(runtime: &tokio::runtime::Runtime) {
             }
             // At rest: nothing changes, the hosts only renew.
             let renewals_before = metric(port, "grpc_server_msg_received_total", "LeaseKeepAlive");
-            let writes_before = metric(port, "etcd_mvcc_put_total", "")
-                + metric(port, "etcd_mvcc_delete_total", "")
-                + metric(port, "etcd_mvcc_txn_total", "");
+            let writes_before = writes(port);
             tokio::time::sleep(Duration::from_secs(10)).await;
             let renewals = (metric(port, "grpc_server_msg_received_total", "LeaseKeepAlive")
                 - renewals_before)
                 / 10.0;
-            let writes = (metric(port, "etcd_mvcc_put_total", "")
-                + metric(port, "etcd_mvcc_delete_total", "")
-                + metric(port, "etcd_mvcc_txn_total", "")
+            let writes = (writes(port)
                 - writes_before)
                 / 10.0;
             let (a, b) = (&sessions[0], &sessions[1]);
@@ -300,9 +303,7 @@ fn scheduling(runtime: &tokio::runtime::Runtime) {
         // default: one fleet read, nothing written).
         let renewals_before = metric(port, "grpc_server_msg_received_total", "LeaseKeepAlive");
         let ranges_before = metric(port, "grpc_server_msg_received_total", "grpc_method=\"Range\"");
-        let writes_before = metric(port, "etcd_mvcc_put_total", "")
-            + metric(port, "etcd_mvcc_delete_total", "")
-            + metric(port, "etcd_mvcc_txn_total", "");
+        let writes_before = writes(port);
         let fleet = read_fleet(&store).await.unwrap();
         let idle = lead_round(&store, &leader, &changed, &fleet).await.unwrap().unwrap();
         assert_eq!(idle.written, 0);
@@ -313,9 +314,7 @@ fn scheduling(runtime: &tokio::runtime::Runtime) {
         let ranges = (metric(port, "grpc_server_msg_received_total", "grpc_method=\"Range\"")
             - ranges_before)
             / 10.0;
-        let writes = (metric(port, "etcd_mvcc_put_total", "")
-            + metric(port, "etcd_mvcc_delete_total", "")
-            + metric(port, "etcd_mvcc_txn_total", "")
+        let writes = (writes(port)
             - writes_before)
             / 10.0;
 

@@ -1,10 +1,17 @@
 //! What the serve benchmarks share (`serve`, `serve_libvirt`): git, a free port, a
-//! thread's CPU affinity as the kernel reports it, percentiles.
+//! thread's CPU affinity as the kernel reports it, percentiles, the webhook secret and a
+//! signed push to the service's webhook.
 
 use std::fs;
-use std::net::TcpListener;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Command, Stdio};
+
+use berth_reconciler::auth::Secret;
+
+/// The webhook secret the benchmarks' services are given.
+pub const WEBHOOK_SECRET: &str = "bench-webhook-secret";
 
 pub fn git(repo: &Path, args: &[&str]) {
     let status = Command::new("git")
@@ -53,4 +60,24 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     }
     let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
     sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// A signed GitHub push event to the webhook of the service at `addr`; panics unless it
+/// is accepted (202).
+pub fn webhook(addr: &str) {
+    let body = r#"{"ref":"refs/heads/main"}"#;
+    let signature = format!(
+        "sha256={}",
+        Secret::new(WEBHOOK_SECRET).sign(body.as_bytes())
+    );
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    let request = format!(
+        "POST /hooks/git HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nX-GitHub-Event: push\r\n\
+         X-Hub-Signature-256: {signature}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).expect("send");
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    assert!(response.starts_with("HTTP/1.1 202"), "{response}");
 }

@@ -57,7 +57,7 @@ use berth_tests::etcd::Etcd;
 use etcd_client::{EventType, WatchOptions};
 use tokio::sync::{mpsc, watch};
 
-use super::{median, metric, selector_fleet_with};
+use super::{median, metric, selector_fleet_with, writes};
 
 /// The fleet's size: `BERTH_BENCH_FLEET=HOSTSxGUESTS` (default 1000x10000).
 fn size() -> (usize, usize) {
@@ -293,12 +293,6 @@ async fn until_observed_apart(endpoint: &str, count: usize, done: fn(&ObservedGu
     tokio::task::spawn_blocking(move || waiter.join().expect("the watcher"))
         .await
         .expect("the watcher");
-}
-
-fn writes(port: u16) -> f64 {
-    metric(port, "etcd_mvcc_put_total", "")
-        + metric(port, "etcd_mvcc_delete_total", "")
-        + metric(port, "etcd_mvcc_txn_total", "")
 }
 
 /// One host's plan of `desired` (placed by the leader's records), median of 5: the
