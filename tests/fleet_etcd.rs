@@ -25,99 +25,15 @@
 
 use std::fs;
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use berth_hypervisor::control::{Client, GuestRunState, Op};
 use berth_hypervisor::migration::{MigrationPhase, MigrationStatus};
 use berth_tests::etcd::Etcd;
 use berth_tests::host::Host;
+use berth_tests::net::Bridge;
 use berth_tests::{wait_until, GitRepo};
 use serde_json::Value;
-
-use berth_tests::run_ok as run;
-
-/// A bridge in namespace `hub` and one namespace per host, each linked to the bridge by
-/// a veth pair, on one /24; deleted on drop.
-struct Net {
-    hub: String,
-    hub_ip: String,
-    hosts: Vec<(String, String)>,
-}
-
-impl Net {
-    fn new(hosts: usize) -> Net {
-        static NETS: AtomicU32 = AtomicU32::new(0);
-        let k = NETS.fetch_add(1, Ordering::SeqCst);
-        let pid = std::process::id();
-        let subnet = format!("10.{}.{}", 200 + k, pid % 250);
-        let net = Net {
-            hub: format!("bfe-{pid}-{k}-hub"),
-            hub_ip: format!("{subnet}.1"),
-            hosts: (0..hosts)
-                .map(|i| {
-                    (
-                        format!("bfe-{pid}-{k}-h{i}"),
-                        format!("{subnet}.{}", 10 + i),
-                    )
-                })
-                .collect(),
-        };
-        run("ip", &["netns", "add", &net.hub]);
-        run(
-            "ip",
-            &["-n", &net.hub, "link", "add", "br0", "type", "bridge"],
-        );
-        run(
-            "ip",
-            &[
-                "-n",
-                &net.hub,
-                "addr",
-                "add",
-                &format!("{}/24", net.hub_ip),
-                "dev",
-                "br0",
-            ],
-        );
-        run("ip", &["-n", &net.hub, "link", "set", "br0", "up"]);
-        run("ip", &["-n", &net.hub, "link", "set", "lo", "up"]);
-        for (i, (ns, ip)) in net.hosts.iter().enumerate() {
-            let (inner, outer) = (format!("eth{i}"), format!("vb{}k{k}x{i}", pid % 100_000));
-            run("ip", &["netns", "add", ns]);
-            run(
-                "ip",
-                &[
-                    "link", "add", &inner, "netns", ns, "type", "veth", "peer", "name", &outer,
-                    "netns", &net.hub,
-                ],
-            );
-            run(
-                "ip",
-                &["-n", &net.hub, "link", "set", &outer, "master", "br0"],
-            );
-            run("ip", &["-n", &net.hub, "link", "set", &outer, "up"]);
-            run(
-                "ip",
-                &["-n", ns, "addr", "add", &format!("{ip}/24"), "dev", &inner],
-            );
-            run("ip", &["-n", ns, "link", "set", &inner, "up"]);
-            run("ip", &["-n", ns, "link", "set", "lo", "up"]);
-        }
-        net
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        for (ns, _) in &self.hosts {
-            let _ = Command::new("ip").args(["netns", "delete", ns]).status();
-        }
-        let _ = Command::new("ip")
-            .args(["netns", "delete", &self.hub])
-            .status();
-    }
-}
 
 /// The fencing token `host` keeps for `guest`.
 fn kept_token(host: &Host, guest: &str) -> Option<i64> {
@@ -133,7 +49,7 @@ struct Fleet {
     repo: GitRepo,
     guests: Vec<String>,
     _dir: tempfile::TempDir,
-    net: Net,
+    net: Bridge,
 }
 
 /// What etcd says of one guest: its owner, where it is moving, the record's revision.
@@ -147,7 +63,7 @@ struct Owner {
 impl Fleet {
     fn new() -> Fleet {
         berth_tests::require_root_and_kvm();
-        let net = Net::new(3);
+        let net = Bridge::new("bfe", 3);
         let etcd = Etcd::start_in_netns(&net.hub, &net.hub_ip);
         let dir = tempfile::tempdir().expect("temp dir");
         let secrets = dir.path().join("secrets");

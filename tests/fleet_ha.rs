@@ -16,122 +16,16 @@
 
 use std::fs;
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use berth_tests::etcd::Etcd;
 use berth_tests::host::Host;
+use berth_tests::net::Bridge;
 use berth_tests::{wait_until, GitRepo};
 
 const HOSTS: usize = 3;
-
-use berth_tests::run_ok as run;
-
-/// A hub namespace with a bridge and a host namespace per host, each with a veth on the
-/// bridge; deleted on drop.
-struct Net {
-    hub: String,
-    hosts: Vec<String>,
-    hub_ip: String,
-    ips: Vec<String>,
-    /// Each host's end of its veth (in the host's namespace).
-    devs: Vec<String>,
-}
-
-impl Net {
-    fn new() -> Net {
-        let pid = std::process::id();
-        let hub = format!("bha-{pid}-hub");
-        let net = format!("10.253.{}", pid % 250);
-        let mut n = Net {
-            hub: hub.clone(),
-            hosts: Vec::new(),
-            hub_ip: format!("{net}.1"),
-            ips: Vec::new(),
-            devs: Vec::new(),
-        };
-        run("ip", &["netns", "add", &hub]);
-        run("ip", &["-n", &hub, "link", "set", "lo", "up"]);
-        run("ip", &["-n", &hub, "link", "add", "br0", "type", "bridge"]);
-        run("ip", &["-n", &hub, "link", "set", "br0", "up"]);
-        run(
-            "ip",
-            &[
-                "-n",
-                &hub,
-                "addr",
-                "add",
-                &format!("{}/24", n.hub_ip),
-                "dev",
-                "br0",
-            ],
-        );
-        for i in 0..HOSTS {
-            let ns = format!("bha-{pid}-{i}");
-            let (outer, inner) = (
-                format!("bhh{}x{i}", pid % 100_000),
-                format!("bhg{}x{i}", pid % 100_000),
-            );
-            run("ip", &["netns", "add", &ns]);
-            n.hosts.push(ns.clone());
-            run(
-                "ip",
-                &[
-                    "link", "add", &outer, "netns", &hub, "type", "veth", "peer", "name", &inner,
-                    "netns", &ns,
-                ],
-            );
-            run("ip", &["-n", &hub, "link", "set", &outer, "master", "br0"]);
-            run("ip", &["-n", &hub, "link", "set", &outer, "up"]);
-            let ip = format!("{net}.{}", 11 + i);
-            run(
-                "ip",
-                &["-n", &ns, "addr", "add", &format!("{ip}/24"), "dev", &inner],
-            );
-            run("ip", &["-n", &ns, "link", "set", &inner, "up"]);
-            run("ip", &["-n", &ns, "link", "set", "lo", "up"]);
-            n.ips.push(ip);
-            n.devs.push(inner);
-        }
-        n
-    }
-
-    /// Cuts host `i`'s link: it reaches neither etcd nor the other hosts.
-    fn cut(&self, i: usize) {
-        run(
-            "ip",
-            &["-n", &self.hosts[i], "link", "set", &self.devs[i], "down"],
-        );
-    }
-}
-
-impl Net {
-    /// Cuts host `i` off from etcd only: packets to the hub's address are dropped (a
-    /// blackhole route); the other hosts stay reachable.
-    fn partition_from_etcd(&self, i: usize) {
-        run(
-            "ip",
-            &[
-                "-n",
-                &self.hosts[i],
-                "route",
-                "add",
-                "blackhole",
-                &format!("{}/32", self.hub_ip),
-            ],
-        );
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        for ns in self.hosts.iter().chain([&self.hub]) {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-    }
-}
 
 /// Starts `host`'s `berth serve` on etcd with short HA timeouts (lease 3 s, self-fence
 /// 1.5 s), without waiting for it.
@@ -174,7 +68,7 @@ fn runs_among(vmms: &[(i32, String)], host: &Host, name: &str) -> bool {
 }
 
 struct Fleet {
-    net: Net,
+    net: Bridge,
     etcd: Option<Etcd>,
     /// Holds the hosts' state directories, removed after the teardown.
     _dir: tempfile::TempDir,
@@ -186,21 +80,21 @@ struct Fleet {
 impl Fleet {
     fn new() -> Fleet {
         berth_tests::require_root_and_kvm();
-        let net = Net::new();
+        let net = Bridge::new("bha", HOSTS);
         let etcd = Etcd::start_in_netns(&net.hub, &net.hub_ip);
         let dir = tempfile::tempdir().expect("temp dir");
         let secrets = dir.path().join("secrets");
         fs::create_dir_all(&secrets).expect("mkdir");
         let names: Vec<String> = (1..=HOSTS).map(|i| format!("kvm0{i}")).collect();
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-        let ips: Vec<&str> = net.ips.iter().map(String::as_str).collect();
+        let ips: Vec<&str> = net.hosts.iter().map(|(_, ip)| ip.as_str()).collect();
         berth_tests::berth_certs(&secrets, &refs, &ips);
         let hosts = (0..HOSTS)
             .map(|i| {
                 Host::new(
                     &names[i],
-                    &net.hosts[i],
-                    &format!("{}:7410", net.ips[i]),
+                    &net.hosts[i].0,
+                    &format!("{}:7410", net.hosts[i].1),
                     dir.path(),
                     i,
                     &secrets,
@@ -452,7 +346,7 @@ fn selector_placement_leader_death_ha_restart_and_partition_never_run_a_guest_tw
 
     // kvm03 now runs the HA guest: cut it off from etcd only.
     let cut = Instant::now();
-    fleet.net.partition_from_etcd(2);
+    fleet.net.partition_from_hub(2);
     wait_until(
         "kvm03 to fence the HA guest",
         Duration::from_secs(5),

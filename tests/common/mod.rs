@@ -3,6 +3,7 @@
 
 pub mod etcd;
 pub mod host;
+pub mod net;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
