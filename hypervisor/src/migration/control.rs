@@ -151,12 +151,39 @@ pub struct Migration {
     cancel: AtomicBool,
     resolution: Mutex<Option<bool>>,
     resolved: Condvar,
+    /// Signalled (with `status`) when an outgoing migration reaches a phase where it no
+    /// longer moves by itself; see [`Migration::wait_settled`].
+    settled: Condvar,
 }
 
 impl Migration {
     /// The status, locked for reading or updating.
     pub fn status(&self) -> MutexGuard<'_, MigrationStatus> {
         self.status.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wakes the callers of [`Migration::wait_settled`] (the source, after it set a
+    /// phase that is not `prechecks`, `precopy` or `switchover`).
+    pub fn notify_settled(&self) {
+        let _st = self.status();
+        self.settled.notify_all();
+    }
+
+    /// Waits, at most `timeout`, until the phase is no longer `prechecks`, `precopy` or
+    /// `switchover` (an outgoing migration completed, failed, was cancelled or waits for
+    /// `migrateResolve`), without polling; returns the phase then.
+    pub fn wait_settled(&self, timeout: std::time::Duration) -> MigrationPhase {
+        let moving = |st: &mut MigrationStatus| {
+            matches!(
+                st.phase,
+                MigrationPhase::Prechecks | MigrationPhase::Precopy | MigrationPhase::Switchover
+            )
+        };
+        let (st, _) = self
+            .settled
+            .wait_timeout_while(self.status(), timeout, moving)
+            .unwrap_or_else(|e| e.into_inner());
+        st.phase
     }
 
     /// A copy of the status as JSON.

@@ -222,6 +222,14 @@ fn prepare_and_receive(
     super::ram::GuestRam::new(vmm.vm())
         .populate()
         .map_err(|e| fail(IncomingError::Populate(e)))?;
+    // The committed marker's content is written and synced now, so that the commit
+    // inside the downtime is a rename and one directory sync.
+    receive::stage_committed_marker(marker).map_err(|source| {
+        fail(IncomingError::Receive(ReceiveError::Marker {
+            path: marker.to_owned(),
+            source,
+        }))
+    })?;
     let listener = TcpListener::bind(&opts.listen).map_err(|source| {
         fail(IncomingError::Listen {
             addr: opts.listen.clone(),

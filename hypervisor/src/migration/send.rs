@@ -264,6 +264,7 @@ fn outgoing(vmm: &Arc<Vmm>, addr: SocketAddr, token: &Token, connections: u32, p
                 st.phase = MigrationPhase::Completed;
                 downtime(&mut st, paused_at);
             }
+            migration.notify_settled();
             eprintln!("berth-vmm: migrated to {addr}; shutting down");
             vmm.request_shutdown(Some(5000), &format!("migrated to {addr}"));
         }
@@ -273,9 +274,11 @@ fn outgoing(vmm: &Arc<Vmm>, addr: SocketAddr, token: &Token, connections: u32, p
                 st.phase = MigrationPhase::SwitchoverUnknown;
                 st.error = Some(why.clone());
             }
+            migration.notify_settled();
             eprintln!("berth-vmm: switchover outcome unknown ({why}); guest kept paused until migrateResolve");
             if migration.wait_resolution() {
                 migration.status().phase = MigrationPhase::Completed;
+                migration.notify_settled();
                 vmm.request_shutdown(Some(5000), "the destination runs the guest (resolved)");
             } else {
                 // The guest runs here again: dirty logging has no use any more.
@@ -300,6 +303,8 @@ fn outgoing(vmm: &Arc<Vmm>, addr: SocketAddr, token: &Token, connections: u32, p
                     eprintln!("berth-vmm: resuming the guest after the resolution failed: {e}");
                 }
                 st.error = Some(error);
+                drop(st);
+                migration.notify_settled();
             }
         }
         Err(e) => {
@@ -312,6 +317,8 @@ fn outgoing(vmm: &Arc<Vmm>, addr: SocketAddr, token: &Token, connections: u32, p
             };
             st.error = Some(e.to_string());
             st.throttle_percent = 0;
+            drop(st);
+            migration.notify_settled();
         }
     }
 }
