@@ -223,9 +223,10 @@ fn copy_cases(
                 plain_ms.push(copied.elapsed.as_secs_f64() * 1000.0);
                 plain_cpu_ms.push(copied.cpu.as_secs_f64() * 1000.0);
                 eprintln!(
-                    "plain copy: {:.0} ms; CPU ms of its threads (both ends) {:.1}",
+                    "plain copy: {:.0} ms; CPU ms of its threads (both ends) {:.1}, receiving {:.1}",
                     copied.elapsed.as_secs_f64() * 1000.0,
-                    copied.cpu.as_secs_f64() * 1000.0
+                    copied.cpu.as_secs_f64() * 1000.0,
+                    copied.receivers_cpu.as_secs_f64() * 1000.0
                 );
             }
             berth.push(

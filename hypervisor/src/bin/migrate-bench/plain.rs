@@ -16,6 +16,8 @@ pub struct Copied {
     /// CPU time of the sending and receiving threads (user and system), without the
     /// buffer's setup and check.
     pub cpu: Duration,
+    /// The receiving threads' share of `cpu`.
+    pub receivers_cpu: Duration,
 }
 
 /// CPU time of the calling thread so far.
@@ -94,6 +96,7 @@ pub fn copy(data: &[u8], connections: usize) -> anyhow::Result<Copied> {
             last = last.max(done);
             cpu += used;
         }
+        let receivers_cpu = cpu;
         for s in senders {
             cpu += s
                 .join()
@@ -103,6 +106,7 @@ pub fn copy(data: &[u8], connections: usize) -> anyhow::Result<Copied> {
         Ok(Copied {
             elapsed: last - t,
             cpu,
+            receivers_cpu,
         })
     })?;
     anyhow::ensure!(target == data, "the plain copy lost bytes");
