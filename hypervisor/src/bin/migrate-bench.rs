@@ -87,6 +87,8 @@ struct Sample {
     bytes: u64,
     /// berth: CPU time of both ends (the source is this process); QEMU: not measured.
     cpu_ms: f64,
+    /// berth: the source's share of `cpu_ms`.
+    source_cpu_ms: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -203,8 +205,10 @@ fn copy_cases(
             random_mib: 0,
         },
     ];
+    let load_before = load_average();
     let mut plain_ms = Vec::new();
     let mut plain_cpu_ms = Vec::new();
+    let mut plain_receivers_cpu_ms = Vec::new();
     println!(
         "| case | VMM | total ms | downtime ms | bytes sent | guest bytes | total / plain copy |"
     );
@@ -222,6 +226,7 @@ fn copy_cases(
                 )?;
                 plain_ms.push(copied.elapsed.as_secs_f64() * 1000.0);
                 plain_cpu_ms.push(copied.cpu.as_secs_f64() * 1000.0);
+                plain_receivers_cpu_ms.push(copied.receivers_cpu.as_secs_f64() * 1000.0);
                 eprintln!(
                     "plain copy: {:.0} ms; CPU ms of its threads (both ends) {:.1}, receiving {:.1}",
                     copied.elapsed.as_secs_f64() * 1000.0,
@@ -272,17 +277,36 @@ fn copy_cases(
     // CPU time, which waiting for a core on a loaded machine does not inflate.
     plain_cpu_ms.sort_by(f64::total_cmp);
     let plain_cpu = plain_cpu_ms[plain_cpu_ms.len() / 2];
+    plain_receivers_cpu_ms.sort_by(f64::total_cmp);
+    let plain_receivers_cpu = plain_receivers_cpu_ms[plain_receivers_cpu_ms.len() / 2];
     println!();
-    println!("CPU time, medians: plain copy {plain_cpu:.1} ms (its four threads)");
+    println!(
+        "CPU time, medians: plain copy {plain_cpu:.1} ms (its four threads; receiving {plain_receivers_cpu:.1})"
+    );
     for (case, berth, _) in &rows {
-        let cpu = median(berth).cpu_ms;
+        let m = median(berth);
         println!(
-            "- {}: berth {cpu:.1} ms (source and destination processes), {:.2}x the plain copy's",
+            "- {}: berth {:.1} ms (source and destination processes; source {:.1}), {:.2}x the plain copy's",
             case.name,
-            cpu / plain_cpu
+            m.cpu_ms,
+            m.source_cpu_ms,
+            m.cpu_ms / plain_cpu
         );
     }
+    println!();
+    println!(
+        "Load average (1 min): {load_before} at the start, {} at the end.",
+        load_average()
+    );
     Ok(())
+}
+
+/// The 1-minute load average, as `/proc/loadavg` gives it ("?" when unreadable).
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "?".into())
 }
 
 /// CPU time (user + system, of all its threads, also those that ended) of process
@@ -322,6 +346,7 @@ fn median(samples: &[Sample]) -> Sample {
         downtime_ms: pick(|s| s.downtime_ms),
         bytes: bytes[bytes.len() / 2],
         cpu_ms: pick(|s| s.cpu_ms),
+        source_cpu_ms: pick(|s| s.source_cpu_ms),
     }
 }
 
@@ -425,6 +450,7 @@ fn berth_run(
         downtime_ms: status.downtime_ms.unwrap_or(f64::NAN),
         bytes: status.bytes_sent,
         cpu_ms: cpu.0 + cpu.1,
+        source_cpu_ms: cpu.0,
     })
 }
 
@@ -475,6 +501,7 @@ fn qemu_run(
                     downtime_ms: st["downtime"].as_f64().unwrap_or(f64::NAN),
                     bytes: st["ram"]["transferred"].as_u64().unwrap_or(0),
                     cpu_ms: f64::NAN,
+                    source_cpu_ms: f64::NAN,
                 })
             }
             Some("failed") | Some("cancelled") => bail!("QEMU migration {st}"),
