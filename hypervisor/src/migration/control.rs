@@ -234,3 +234,40 @@ impl Migration {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn wait_settled_wakes_when_the_source_settles_and_not_before() {
+        let m = Migration::default();
+        m.status().phase = MigrationPhase::Precopy;
+        // Still moving: the wait ends at its timeout, in that phase.
+        let t = Instant::now();
+        assert_eq!(
+            m.wait_settled(Duration::from_millis(30)),
+            MigrationPhase::Precopy
+        );
+        assert!(t.elapsed() >= Duration::from_millis(30));
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(20));
+                m.status().phase = MigrationPhase::Switchover;
+                m.notify_settled();
+                std::thread::sleep(Duration::from_millis(20));
+                m.status().phase = MigrationPhase::Completed;
+                m.notify_settled();
+            });
+            // A wakeup in `switchover` is not the end; `completed` is, long before the
+            // timeout.
+            let t = Instant::now();
+            assert_eq!(
+                m.wait_settled(Duration::from_secs(60)),
+                MigrationPhase::Completed
+            );
+            assert!(t.elapsed() < Duration::from_secs(30));
+        });
+    }
+}
