@@ -289,8 +289,30 @@ pub async fn lead(
     }
 }
 
+/// [`lead`] for as long as `desired` has senders: after an error (etcd slow or away: a
+/// round's request timed out) it campaigns again a second later, so a fleet never stays
+/// without a leader because one request failed.
+pub async fn lead_on(
+    session: &super::HostSession,
+    desired: tokio::sync::watch::Receiver<Option<std::sync::Arc<Desired>>>,
+    settings: LeaderSettings,
+    on_round: impl Fn(&Leadership, &Round),
+) {
+    loop {
+        match lead(session, desired.clone(), settings, &on_round).await {
+            Ok(()) => return,
+            Err(e) => tracing::warn!(
+                host = session.host(),
+                error = %berth_hypervisor::report::one_line(&e),
+                "leading the fleet failed; campaigning again"
+            ),
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+}
+
 /// The placement records as a host follows them: read once, then watched.
-pub type SharedPlacements = std::sync::Arc<std::sync::Mutex<BTreeMap<String, PlacementRecord>>>;
+pub type SharedPlacements = std::sync::Arc<std::sync::Mutex<scheduler::PlacementIndex>>;
 
 /// Keeps `shared` equal to the placement records (one read, then a watch from its
 /// revision; read again after any error), calling `changed` after each change, until
@@ -317,10 +339,11 @@ pub async fn follow_placements(
                     .ok()
                     .and_then(|k| k.strip_prefix(&prefix))
                 {
-                    records.insert(guest.to_owned(), decode(kv.key(), kv.value())?);
+                    let record: PlacementRecord = decode(kv.key(), kv.value())?;
+                    records.insert(guest.to_owned(), record.placement());
                 }
             }
-            *shared.lock().expect("placements") = records;
+            *shared.lock().expect("placements") = scheduler::PlacementIndex::new(records);
             changed();
             let options = etcd_client::WatchOptions::new()
                 .with_prefix()
@@ -355,7 +378,8 @@ pub async fn follow_placements(
                         };
                         match event.event_type() {
                             etcd_client::EventType::Put => {
-                                records.insert(guest.to_owned(), decode(kv.key(), kv.value())?);
+                                let record: PlacementRecord = decode(kv.key(), kv.value())?;
+                                records.insert(guest.to_owned(), record.placement());
                             }
                             etcd_client::EventType::Delete => {
                                 records.remove(guest);

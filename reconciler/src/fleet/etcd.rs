@@ -630,14 +630,27 @@ impl Coordination for EtcdCoordination {
         })
     }
 
+    /// Keeps this host's part of `observed` (a driver may see more: the simulated
+    /// fleet, the destinations of moves) for the background task to publish.
     fn publish(&self, observed: &Observed) {
+        let me = self.me();
+        let mine = Observed {
+            guests: observed
+                .guests
+                .iter()
+                .filter(|g| g.host == me)
+                .cloned()
+                .collect(),
+            hosts: observed
+                .hosts
+                .iter()
+                .filter(|h| h.name == me)
+                .cloned()
+                .collect(),
+        };
         let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        let changed = p
-            .observed
-            .as_ref()
-            .is_none_or(|o| o.guests != observed.guests || o.hosts != observed.hosts);
-        if changed {
-            p.observed = Some(observed.clone());
+        if p.observed.as_ref() != Some(&mine) {
+            p.observed = Some(mine);
             p.dirty = true;
             self.wake.notify_one();
         }

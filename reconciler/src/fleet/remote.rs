@@ -121,10 +121,10 @@ impl Enforced {
         Some(Arc::new(placed))
     }
 
-    /// Records a newly enforced revision.
-    pub fn set(&self, commit: &CommitId, desired: &Desired) {
+    /// Records a newly enforced revision (shared, not copied).
+    pub fn set(&self, commit: &CommitId, desired: &Arc<Desired>) {
         let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
-        *inner = Some((commit.clone(), Arc::new(desired.clone())));
+        *inner = Some((commit.clone(), Arc::clone(desired)));
     }
 
     /// The revision being enforced.
@@ -455,8 +455,8 @@ impl Driver for ServeDriver {
     }
 
     fn observe(&self) -> Result<Observed, DriverError> {
+        // The reconcile loop publishes it (through the fleet coordination).
         let mut observed = self.local.observe()?;
-        self.coordination.publish(&observed);
         *self.running.write().unwrap_or_else(|e| e.into_inner()) = observed
             .guests
             .iter()

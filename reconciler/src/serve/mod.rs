@@ -571,7 +571,7 @@ async fn serve(
             if let Some(libvirt) = &libvirt {
                 libvirt.set_desired(commit.as_str(), desired);
             }
-            leader_revision.send_replace(Some(Arc::new(desired.clone())));
+            leader_revision.send_replace(Some(Arc::clone(desired)));
         }))
         .with_start_guard(Arc::clone(&coordination));
     if let Some(etcd) = &etcd {
@@ -698,30 +698,23 @@ fn fleet_scheduling(
     let leader = Arc::clone(session);
     let leader_revisions = revisions.clone();
     tokio::spawn(async move {
-        loop {
-            let led = crate::etcd::lead(
-                &leader,
-                leader_revisions.clone(),
-                crate::etcd::LeaderSettings::default(),
-                |leadership, round| {
-                    for (guest, from, to) in &round.moved {
-                        info!(
-                            leader = leadership.host(),
-                            guest,
-                            from = from.as_deref().unwrap_or("-"),
-                            to,
-                            "placed by selector"
-                        );
-                    }
-                },
-            )
-            .await;
-            match led {
-                Ok(()) => return,
-                Err(e) => warn!(error = %e, "leading the fleet failed; campaigning again"),
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
+        crate::etcd::lead_on(
+            &leader,
+            leader_revisions,
+            crate::etcd::LeaderSettings::default(),
+            |leadership, round| {
+                for (guest, from, to) in &round.moved {
+                    info!(
+                        leader = leadership.host(),
+                        guest,
+                        from = from.as_deref().unwrap_or("-"),
+                        to,
+                        "placed by selector"
+                    );
+                }
+            },
+        )
+        .await;
     });
     if let Some(Fleet::Local(driver)) = local {
         let driver = Arc::clone(driver);
@@ -742,7 +735,7 @@ fn fleet_scheduling(
                     .filter(|g| {
                         placed
                             .get(&g.metadata.name)
-                            .is_some_and(|r| r.host.as_deref() == Some(me.as_str()))
+                            .is_some_and(|p| p.host() == Some(me.as_str()))
                     })
                     .map(|g| driver.control_socket(&g.metadata.name))
                     .collect()
@@ -751,12 +744,12 @@ fn fleet_scheduling(
             stop,
         ));
     }
-    let placer: crate::serve::controller::Placer = Arc::new(move |desired| {
-        crate::etcd::placements_of(desired, &shared.lock().expect("placements"))
-    });
+    let placed = Arc::clone(&shared);
     // A move of a selector-placed guest needs its destination observed too.
-    enforced.place_with(Arc::clone(&placer));
-    controller.with_placer(placer)
+    enforced.place_with(Arc::new(move |desired| {
+        placed.lock().expect("placements").of_revision(desired)
+    }));
+    controller.with_placer(shared)
 }
 
 /// Shows in `/status` whether this host can coordinate with its fleet, until `stop`;
