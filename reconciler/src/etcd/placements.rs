@@ -314,13 +314,44 @@ pub async fn lead_on(
 /// The placement records as a host follows them: read once, then watched.
 pub type SharedPlacements = std::sync::Arc<std::sync::Mutex<scheduler::PlacementIndex>>;
 
+/// What a change of the placement records touched: a host runs a pass only for the
+/// changes that concern it, not for every guest of the fleet placed anywhere.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PlacementChange {
+    /// Every record was read (at the start, and again after an error).
+    pub everything: bool,
+    /// The hosts a changed guest was placed on, before or after the change.
+    pub hosts: BTreeSet<String>,
+    /// A guest placed nowhere came or went (such guests are shown on every host).
+    pub unplaced: bool,
+}
+
+impl PlacementChange {
+    /// Whether `host` should look again: a guest was placed on it or moved away from
+    /// it. (A host running a guest whose record moves between two other hosts sees it
+    /// at its next pass.)
+    pub fn concerns(&self, host: &str) -> bool {
+        self.everything || self.unplaced || self.hosts.contains(host)
+    }
+
+    fn note(&mut self, placement: Option<&Placement>) {
+        match placement {
+            Some(Placement::Placed(host)) => {
+                self.hosts.insert(host.clone());
+            }
+            Some(Placement::Unplaced(_)) => self.unplaced = true,
+            None => {}
+        }
+    }
+}
+
 /// Keeps `shared` equal to the placement records (one read, then a watch from its
-/// revision; read again after any error), calling `changed` after each change, until
-/// `stop` turns true.
+/// revision; read again after any error), calling `changed` with what each change
+/// touched, until `stop` turns true.
 pub async fn follow_placements(
     store: EtcdStore,
     shared: SharedPlacements,
-    changed: impl Fn(),
+    changed: impl Fn(&PlacementChange),
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let prefix = store.keys.placements();
@@ -344,7 +375,10 @@ pub async fn follow_placements(
                 }
             }
             *shared.lock().expect("placements") = scheduler::PlacementIndex::new(records);
-            changed();
+            changed(&PlacementChange {
+                everything: true,
+                ..PlacementChange::default()
+            });
             let options = etcd_client::WatchOptions::new()
                 .with_prefix()
                 .with_start_revision(super::revision(answer.header()) + 1);
@@ -366,6 +400,7 @@ pub async fn follow_placements(
                 let Some(message) = message.filter(|m| !m.canceled()) else {
                     return Ok::<(), EtcdError>(());
                 };
+                let mut change = PlacementChange::default();
                 {
                     let mut records = shared.lock().expect("placements");
                     for event in message.events() {
@@ -376,10 +411,13 @@ pub async fn follow_placements(
                         else {
                             continue;
                         };
+                        change.note(records.get(guest));
                         match event.event_type() {
                             etcd_client::EventType::Put => {
                                 let record: PlacementRecord = decode(kv.key(), kv.value())?;
-                                records.insert(guest.to_owned(), record.placement());
+                                let placement = record.placement();
+                                change.note(Some(&placement));
+                                records.insert(guest.to_owned(), placement);
                             }
                             etcd_client::EventType::Delete => {
                                 records.remove(guest);
@@ -387,7 +425,7 @@ pub async fn follow_placements(
                         }
                     }
                 }
-                changed();
+                changed(&change);
             }
         };
         tokio::select! {

@@ -689,10 +689,15 @@ fn fleet_scheduling(
     let store = session.store().clone();
     let shared = crate::etcd::SharedPlacements::default();
     let pokes = controller.pokes();
+    let me = session.host().to_owned();
     tokio::spawn(crate::etcd::follow_placements(
         store.clone(),
         Arc::clone(&shared),
-        move || pokes.notify_one(),
+        move |change| {
+            if change.concerns(&me) {
+                pokes.notify_one();
+            }
+        },
         stop.clone(),
     ));
     let leader = Arc::clone(session);

@@ -190,10 +190,15 @@ async fn start_host(
     .with_start_guard(coordination);
     let shared = SharedPlacements::default();
     let pokes = controller.pokes();
+    let me = host.name.clone();
     tokio::spawn(follow_placements(
         store.clone(),
         Arc::clone(&shared),
-        move || pokes.notify_one(),
+        move |change| {
+            if change.concerns(&me) {
+                pokes.notify_one();
+            }
+        },
         stop.clone(),
     ));
     let controller = controller.with_placer(shared);
