@@ -5,7 +5,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
 
 use super::Placement;
-use crate::model::Desired;
 
 /// Where the selector-placed guests go, as a host's reconcile loop asks: per guest, and
 /// per host. The fleet leader's records in etcd ([`crate::etcd::follow_placements`]),
@@ -85,21 +84,6 @@ impl PlacementIndex {
     /// Whether no guest has one.
     pub fn is_empty(&self) -> bool {
         self.all.is_empty()
-    }
-
-    /// The placements of the selector-placed guests of `desired` (a guest without one
-    /// is not placed yet).
-    pub fn of_revision(&self, desired: &Desired) -> BTreeMap<String, Placement> {
-        desired
-            .guests
-            .iter()
-            .filter(|g| g.spec.placed_by_selector())
-            .filter_map(|g| {
-                self.all
-                    .get(&g.metadata.name)
-                    .map(|p| (g.metadata.name.clone(), p.clone()))
-            })
-            .collect()
     }
 }
 

@@ -749,11 +749,8 @@ fn fleet_scheduling(
             stop,
         ));
     }
-    let placed = Arc::clone(&shared);
     // A move of a selector-placed guest needs its destination observed too.
-    enforced.place_with(Arc::new(move |desired| {
-        placed.lock().expect("placements").of_revision(desired)
-    }));
+    enforced.place_with(Arc::clone(&shared) as Arc<dyn crate::scheduler::Placer>);
     controller.with_placer(shared)
 }
 
