@@ -921,21 +921,9 @@ async fn etcd_authentication_with_a_user_and_password() {
     assert!(stdout.contains("1 host(s) alive"), "{stdout}");
 }
 
-/// `berth serve --driver sim --etcd` for host kvm01 against `url` with the given etcd
-/// options (and `BERTH_ETCD_PASSWORD`), logging to `log`.
+/// `berth serve --driver sim --etcd` for `host` with the given etcd options (and
+/// `BERTH_ETCD_PASSWORD`, when `password` is not empty), logging to `log`.
 fn spawn_serve(
-    repo: &std::path::Path,
-    state: &std::path::Path,
-    log: &std::path::Path,
-    etcd: &[&str],
-    password: &str,
-) -> std::process::Child {
-    spawn_sim_serve("kvm01", repo, state, log, etcd, password)
-}
-
-/// `berth serve --driver sim --etcd` for `host` (`BERTH_ETCD_PASSWORD` only when
-/// `password` is not empty).
-fn spawn_sim_serve(
     host: &str,
     repo: &std::path::Path,
     state: &std::path::Path,
@@ -1049,6 +1037,7 @@ async fn berth_serve_joins_an_etcd_with_tls_and_a_password_and_says_why_when_eit
     // The right CA, certificate and password: serve joins, holds a lease and leads.
     let log = dir.path().join("serve.log");
     let mut serve = spawn_serve(
+        "kvm01",
         &repo.dir,
         &dir.path().join("state"),
         &log,
@@ -1078,7 +1067,14 @@ async fn berth_serve_joins_an_etcd_with_tls_and_a_password_and_says_why_when_eit
 
     // A wrong password: serve stops at once and says etcd refused it.
     let log = dir.path().join("wrong-password.log");
-    let mut serve = spawn_serve(&repo.dir, &dir.path().join("state2"), &log, &good, "guess");
+    let mut serve = spawn_serve(
+        "kvm01",
+        &repo.dir,
+        &dir.path().join("state2"),
+        &log,
+        &good,
+        "guess",
+    );
     let code = exits_within(&mut serve, Duration::from_secs(30));
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert_eq!(code, Some(1), "{text}");
@@ -1094,6 +1090,7 @@ async fn berth_serve_joins_an_etcd_with_tls_and_a_password_and_says_why_when_eit
     let wrong_ca: Vec<&str> = wrong_ca.iter().map(String::as_str).collect();
     let log = dir.path().join("wrong-ca.log");
     let mut serve = spawn_serve(
+        "kvm01",
         &repo.dir,
         &dir.path().join("state3"),
         &log,
@@ -1149,7 +1146,7 @@ async fn berth_serve_with_the_simulated_driver_publishes_its_host_and_guests_to_
     let mut serves: Vec<Serve> = ["kvm01", "kvm02"]
         .iter()
         .map(|host| {
-            Serve(spawn_sim_serve(
+            Serve(spawn_serve(
                 host,
                 &repo.dir,
                 &dir.path().join(format!("state-{host}")),
