@@ -180,7 +180,9 @@ pub trait Coordination: Send + Sync {
     ) -> BoxFuture<'a, Result<IncomingOutcome, CoordinationError>>;
 
     /// What this host observes now (its capacity and guests), after each full observe:
-    /// published to the fleet, for other hosts to plan with. Must not block.
+    /// published to the fleet, for other hosts to plan with. The reconcile loop calls it,
+    /// whatever the driver; a driver may see more than this host (the simulated fleet,
+    /// the destinations of moves), so only this host's part is published. Must not block.
     fn publish(&self, observed: &Observed) {
         let _ = observed;
     }
