@@ -3,8 +3,9 @@
 //!
 //! Layout: `<state>/guests/<name>/` is the VMM's own directory (`vmm.lock`, `pid`,
 //! `control.sock`, `console.log`, `spec.yaml`, see `berth_hypervisor::statedir`); the
-//! driver adds `start.yaml` (the spec it started the VMM with, and the same as
-//! `start.json`, which observe reads: JSON parses much faster), `metadata.json` (labels
+//! driver adds `start.json` (the spec it started the VMM with, JSON because observe
+//! parses it for every guest; an older berth wrote `start.yaml`, still read for the
+//! VMMs it started), `metadata.json` (labels
 //! and annotations, with the `berth.dev/managed` marker) and `vmm.log` (the VMM's
 //! stdout and stderr). `<state>/apply.lock` serialises applies ([`StateLock`]).
 //!
@@ -822,7 +823,7 @@ impl LocalDriver {
         }
         let dir = self.guest_dir(name);
         let _ = std::fs::rename(dir.join("incoming.json"), dir.join("start.json"));
-        let _ = std::fs::rename(dir.join("incoming.yaml"), dir.join("start.yaml"));
+        let _ = std::fs::remove_file(dir.join("start.yaml"));
         self.write_metadata(guest)
     }
 
@@ -850,19 +851,17 @@ impl LocalDriver {
         spec.metadata
             .annotations
             .insert(ANNOTATION_MANAGED.to_owned(), "true".to_owned());
-        let (spec_file, json_file) = match incoming {
-            Some(_) => ("incoming.yaml", "incoming.json"),
-            None => ("start.yaml", "start.json"),
-        };
-        let spec_path = dir.join(spec_file);
-        let text = serde_yaml::to_string(&spec)
-            .map_err(|e| failed(format!("writing the spec of {name}"), e))?;
-        // JSON first: a reader that finds it finds the YAML beside it too.
+        // One start file, JSON: observe parses it for every guest, and berth-vmm reads
+        // it as its --spec. A `start.yaml` that an older berth wrote beside it goes.
+        let spec_path = dir.join(match incoming {
+            Some(_) => "incoming.json",
+            None => "start.json",
+        });
         let json = serde_json::to_string(&spec)
             .map_err(|e| failed(format!("writing the spec of {name}"), e))?;
-        write_atomically(&dir.join(json_file), &json)?;
-        write_atomically(&spec_path, &text)?;
+        write_atomically(&spec_path, &json)?;
         if incoming.is_none() {
+            let _ = std::fs::remove_file(dir.join("start.yaml"));
             self.write_metadata(guest)?;
         }
 
