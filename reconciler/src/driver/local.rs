@@ -238,7 +238,7 @@ impl LocalDriver {
                 kill_pid(pid);
                 Err(DriverError::Failed {
                     context: format!("preparing the incoming migration of {name}"),
-                    source: "the incoming VMM reported no address and token".into(),
+                    cause: "the incoming VMM reported no address and token".into(),
                 })
             }
             Err(e) => {
@@ -662,7 +662,7 @@ impl LocalDriver {
         if !self.wait_gone(pid, STOP_TIMEOUT) {
             return Err(DriverError::Failed {
                 context: format!("stopping guest {name}"),
-                source: format!("the VMM (pid {pid}) is still running after a forced shutdown")
+                cause: format!("the VMM (pid {pid}) is still running after a forced shutdown")
                     .into(),
             });
         }
@@ -701,7 +701,7 @@ impl LocalDriver {
         } else {
             Err(DriverError::Failed {
                 context: format!("stopping guest {name}"),
-                source: format!(
+                cause: format!(
                     "the VMM (pid {pid}) is still running {STOP_TIMEOUT:?} after shutdown"
                 )
                 .into(),
@@ -727,7 +727,7 @@ impl LocalDriver {
             .pid;
         let migration_failed = |what: String| DriverError::Failed {
             context: format!("migrating {name} into a new VMM"),
-            source: what.into(),
+            cause: what.into(),
         };
         let (dest_pid, listen, token) = self.spawn_incoming(guest, "127.0.0.1:0")?;
         let record = OutgoingRecord {
@@ -940,7 +940,7 @@ impl LocalDriver {
             }
             Err(message) => Err(DriverError::Failed {
                 context: format!("starting guest {name}"),
-                source: message.into(),
+                cause: message.into(),
             }),
         }
     }
@@ -1143,7 +1143,7 @@ struct NewVmm<'a> {
 }
 
 impl follow::Destination for NewVmm<'_> {
-    fn runs_guest(&self) -> Result<bool, String> {
+    fn runs_guest(&self) -> Result<bool, follow::CannotTell> {
         // Handed over already: the new VMM answers on the guest's own socket.
         let handed_over = Client::connect(self.driver.socket(self.guest))
             .and_then(|mut c| c.status())
@@ -1153,10 +1153,9 @@ impl follow::Destination for NewVmm<'_> {
         }
         match self.driver.local_incoming_runs(self.guest)? {
             // It says no, and will exit: until it has, it is not taken at its word.
-            false if process_exists(self.pid) => Err(format!(
-                "the new VMM (pid {}) does not run the guest and has not exited yet",
-                self.pid
-            )),
+            false if process_exists(self.pid) => {
+                Err(follow::CannotTell::NotExited { pid: self.pid })
+            }
             running => Ok(running),
         }
     }

@@ -204,7 +204,7 @@ impl IncomingMigrations for LocalIncoming {
             fleet
                 .runtime
                 .block_on(fleet.coordination.expects_incoming(name, &request.from))
-                .map_err(PeerError::Refused)?;
+                .map_err(|e| PeerError::Refused(berth_hypervisor::report::one_line(&e)))?;
         }
         let address = desired
             .hosts

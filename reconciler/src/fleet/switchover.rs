@@ -37,9 +37,11 @@ use tracing::{info, warn};
 use super::{Coordination, Peer};
 use crate::backoff::{BackoffPolicy, Backoffs};
 use crate::conditions::{now_rfc3339, Condition, ConditionType, Reason};
+use crate::driver::local::follow::CannotTell;
 use crate::driver::local::{Resolved, UnknownSwitchover};
-use crate::driver::LocalDriver;
+use crate::driver::{DriverError, LocalDriver};
 use crate::metrics::Metrics;
+use berth_hypervisor::report::one_line;
 
 /// How long the destination's service may take to answer.
 const PEER_ASK: Duration = Duration::from_secs(5);
@@ -125,6 +127,26 @@ impl Switchovers {
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Unresolved>> {
         self.unresolved.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// Why an unknown switchover could not be resolved (yet).
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    /// The destination cannot tell whether it runs the guest, or cannot be asked.
+    #[error(transparent)]
+    CannotTell(#[from] CannotTell),
+    /// The blocking task that asks or resolves failed.
+    #[error("the task resolving the switchover of {guest} failed")]
+    Task {
+        /// The guest.
+        guest: String,
+        /// The task's error.
+        #[source]
+        source: tokio::task::JoinError,
+    },
+    /// The source VMM could not be told the destination's answer.
+    #[error(transparent)]
+    Driver(#[from] DriverError),
 }
 
 /// Whom to ask about an unknown switchover.
@@ -240,7 +262,7 @@ impl Resolver {
                     self.resolved(&switchover.guest, &peer, resolved);
                     self.clear(&switchover.guest);
                 }
-                Err(error) => self.failed(&switchover, &ask, peer, error),
+                Err(error) => self.failed(&switchover, &ask, peer, &error),
             }
             changed = true;
         }
@@ -248,7 +270,11 @@ impl Resolver {
     }
 
     /// Whether the destination runs the guest.
-    async fn answer(&self, switchover: &UnknownSwitchover, ask: &Ask) -> Result<bool, String> {
+    async fn answer(
+        &self,
+        switchover: &UnknownSwitchover,
+        ask: &Ask,
+    ) -> Result<bool, ResolveError> {
         let guest = &switchover.guest;
         match ask {
             Ask::Peer(peer) => {
@@ -259,30 +285,42 @@ impl Resolver {
                 .await
                 {
                     Ok(Ok(outcome)) => Ok(outcome.running),
-                    Ok(Err(e)) => Err(e.chain()),
-                    Err(_) => Err(format!(
-                        "{} ({}) did not answer within {PEER_ASK:?}",
-                        peer.name, peer.address
-                    )),
+                    Ok(Err(e)) => Err(CannotTell::Unasked {
+                        host: peer.name.clone(),
+                        source: e.source,
+                    }
+                    .into()),
+                    Err(_) => Err(CannotTell::Timeout {
+                        host: peer.name.clone(),
+                        address: peer.address.clone(),
+                        timeout: PEER_ASK,
+                    }
+                    .into()),
                 }
             }
             Ask::Local => {
                 let (local, guest) = (Arc::clone(&self.local), guest.clone());
-                tokio::task::spawn_blocking(move || local.local_incoming_runs(&guest))
-                    .await
-                    .map_err(|e| e.to_string())?
+                let task = tokio::task::spawn_blocking({
+                    let guest = guest.clone();
+                    move || local.local_incoming_runs(&guest)
+                });
+                let runs = task.await.map_err(|source| ResolveError::Task {
+                    guest: guest.clone(),
+                    source,
+                })?;
+                Ok(runs?)
             }
-            Ask::Unrecorded => Err(format!(
-                "its VMM streamed to {}; {}",
-                switchover
+            Ask::Unrecorded => Err(CannotTell::Unrecorded {
+                destination: switchover
                     .destination
-                    .as_deref()
-                    .unwrap_or("an unknown address"),
-                switchover
+                    .clone()
+                    .unwrap_or_else(|| "an unknown address".to_owned()),
+                error: switchover
                     .error
-                    .as_deref()
-                    .unwrap_or("no answer after Commit"),
-            )),
+                    .clone()
+                    .unwrap_or_else(|| "no answer after Commit".to_owned()),
+            }
+            .into()),
         }
     }
 
@@ -290,15 +328,17 @@ impl Resolver {
         &self,
         switchover: &UnknownSwitchover,
         destination_running: bool,
-    ) -> Result<Resolved, String> {
+    ) -> Result<Resolved, ResolveError> {
         let local = Arc::clone(&self.local);
         let (guest, pid) = (switchover.guest.clone(), switchover.pid);
-        tokio::task::spawn_blocking(move || {
+        let task = tokio::task::spawn_blocking(move || {
             local.resolve_switchover(&guest, pid, destination_running)
-        })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())
+        });
+        let resolved = task.await.map_err(|source| ResolveError::Task {
+            guest: switchover.guest.clone(),
+            source,
+        })?;
+        Ok(resolved?)
     }
 
     fn resolved(&self, guest: &str, peer: &str, resolved: Resolved) {
@@ -333,8 +373,15 @@ impl Resolver {
         }
     }
 
-    fn failed(&mut self, switchover: &UnknownSwitchover, ask: &Ask, peer: String, error: String) {
+    fn failed(
+        &mut self,
+        switchover: &UnknownSwitchover,
+        ask: &Ask,
+        peer: String,
+        error: &ResolveError,
+    ) {
         let guest = &switchover.guest;
+        let error = one_line(error);
         let retry = self.backoffs.failed(guest, Instant::now());
         let wait = retry.not_before.saturating_duration_since(Instant::now());
         warn!(
@@ -479,8 +526,8 @@ mod tests {
             .answer(&stuck, &ask)
             .await
             .expect_err("unreachable");
-        assert!(error.contains("cannot reach"), "{error}");
-        resolver.failed(&stuck, &ask, "kvm02".into(), error);
+        assert!(one_line(&error).contains("cannot reach"), "{error}");
+        resolver.failed(&stuck, &ask, "kvm02".into(), &error);
         let unresolved = store.get("web-1").expect("shown stuck");
         assert_eq!(
             (unresolved.peer.as_str(), unresolved.attempts),
@@ -543,8 +590,11 @@ mod tests {
             .answer(&stuck, &ask)
             .await
             .expect_err("a forged answer is no answer");
-        assert!(error.contains("TLS with kvm02 failed"), "{error}");
-        resolver.failed(&stuck, &ask, "kvm02".into(), error);
+        assert!(
+            one_line(&error).contains("TLS with kvm02 failed"),
+            "{error}"
+        );
+        resolver.failed(&stuck, &ask, "kvm02".into(), &error);
         let shown = store.get("web-1").expect("shown stuck").condition();
         assert!(
             shown.message.contains("TLS with kvm02 failed"),
@@ -561,6 +611,6 @@ mod tests {
         .await;
         let stuck = switchover(Some(record(Some(&format!("https://{real}")))));
         let ask = whom_to_ask(&stuck);
-        assert_eq!(resolver.answer(&stuck, &ask).await, Ok(true));
+        assert_eq!(resolver.answer(&stuck, &ask).await.ok(), Some(true));
     }
 }
