@@ -38,7 +38,7 @@ use super::{Coordination, Peer};
 use crate::backoff::{BackoffPolicy, Backoffs};
 use crate::conditions::{now_rfc3339, Condition, ConditionType, Reason};
 use crate::driver::local::follow::CannotTell;
-use crate::driver::local::{Resolved, UnknownSwitchover};
+use crate::driver::local::{LockError, Resolved, SharedStateLock, UnknownSwitchover};
 use crate::driver::{DriverError, LocalDriver};
 use crate::metrics::Metrics;
 use berth_hypervisor::report::one_line;
@@ -147,6 +147,14 @@ pub enum ResolveError {
     /// The source VMM could not be told the destination's answer.
     #[error(transparent)]
     Driver(#[from] DriverError),
+    /// `berth apply` or `berth stop` by hand holds the state lock: tried again later.
+    #[error("resolving the switchover of {guest}: not now: {error}")]
+    Busy {
+        /// The guest.
+        guest: String,
+        /// Who holds the lock.
+        error: LockError,
+    },
 }
 
 /// Whom to ask about an unknown switchover.
@@ -176,6 +184,7 @@ fn whom_to_ask(switchover: &UnknownSwitchover) -> Ask {
 /// Resolves unknown switchovers. See the module documentation.
 pub struct Resolver {
     local: Arc<LocalDriver>,
+    state_lock: Arc<SharedStateLock>,
     coordination: Arc<dyn Coordination>,
     metrics: Arc<Metrics>,
     store: Arc<Switchovers>,
@@ -183,16 +192,17 @@ pub struct Resolver {
 }
 
 impl Resolver {
-    /// A resolver over the VMMs of `local`, asking peers through `coordination`,
-    /// reporting into `store` and `metrics`.
+    /// A resolver over the VMMs of `local`, acting under `state_lock` (the service's),
+    /// asking peers through `coordination`, reporting into `store` and `metrics`.
     pub fn new(
-        local: Arc<LocalDriver>,
+        (local, state_lock): (Arc<LocalDriver>, Arc<SharedStateLock>),
         coordination: Arc<dyn Coordination>,
         metrics: Arc<Metrics>,
         store: Arc<Switchovers>,
     ) -> Self {
         Resolver {
             local,
+            state_lock,
             coordination,
             metrics,
             store,
@@ -329,16 +339,21 @@ impl Resolver {
         switchover: &UnknownSwitchover,
         destination_running: bool,
     ) -> Result<Resolved, ResolveError> {
-        let local = Arc::clone(&self.local);
+        let (local, lock) = (Arc::clone(&self.local), Arc::clone(&self.state_lock));
         let (guest, pid) = (switchover.guest.clone(), switchover.pid);
+        // Resuming or dropping the guest acts on it: under the state lock, as every
+        // action of the service.
         let task = tokio::task::spawn_blocking(move || {
-            local.resolve_switchover(&guest, pid, destination_running)
+            let _hold = lock.hold().map_err(|error| ResolveError::Busy {
+                guest: guest.clone(),
+                error,
+            })?;
+            Ok(local.resolve_switchover(&guest, pid, destination_running)?)
         });
-        let resolved = task.await.map_err(|source| ResolveError::Task {
+        task.await.map_err(|source| ResolveError::Task {
             guest: switchover.guest.clone(),
             source,
-        })?;
-        Ok(resolved?)
+        })?
     }
 
     fn resolved(&self, guest: &str, peer: &str, resolved: Resolved) {
@@ -511,7 +526,10 @@ mod tests {
             },
         );
         let mut resolver = Resolver::new(
-            local,
+            (
+                local,
+                Arc::new(SharedStateLock::new(tmp.path(), "berth serve")),
+            ),
             Arc::new(coordination),
             Arc::clone(&metrics),
             Arc::clone(&store),
@@ -548,6 +566,71 @@ mod tests {
         assert!(!metrics.encode().contains("berth_switchover_unknown{"));
     }
 
+    /// Resuming or dropping the guest acts on it: while `berth apply` holds the state
+    /// lock the resolver does not touch the VMM, and reports "not now", naming the
+    /// apply, where `/status` shows the stuck guest; once it is free, the VMM is asked.
+    #[tokio::test]
+    async fn the_resolver_acts_only_under_the_state_lock() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let local = Arc::new(LocalDriver::new(
+            "kvm01",
+            tmp.path(),
+            std::path::PathBuf::from("/nonexistent/berth-vmm"),
+        ));
+        // A VMM socket that notes whether it was asked (and then answers nothing).
+        let dir = tmp.path().join("guests").join("web-1");
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let vmm = std::os::unix::net::UnixListener::bind(dir.join("control.sock")).expect("bind");
+        vmm.set_nonblocking(true).expect("nonblocking");
+        let store = Arc::new(Switchovers::default());
+        let coordination = crate::fleet::http::HttpPeers::new(
+            Arc::new(crate::fleet::placement::Placements::open(None)),
+            crate::client::Transport::plain(),
+        );
+        let mut resolver = Resolver::new(
+            (
+                local,
+                Arc::new(SharedStateLock::new(tmp.path(), "berth serve")),
+            ),
+            Arc::new(coordination),
+            Arc::new(Metrics::new()),
+            Arc::clone(&store),
+        );
+        let stuck = switchover(Some(record(None)));
+
+        let apply = crate::driver::local::StateLock::acquire(tmp.path(), false, "berth apply")
+            .expect("lock");
+        let error = resolver.resolve(&stuck, false).await.expect_err("not now");
+        assert!(matches!(error, ResolveError::Busy { .. }), "{error}");
+        assert!(
+            vmm.accept()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock),
+            "the VMM was not asked"
+        );
+        resolver.failed(&stuck, &Ask::Local, "kvm01".into(), &error);
+        let shown = store.get("web-1").expect("shown stuck").condition();
+        assert!(
+            shown.message.contains(&format!(
+                "not now: berth apply (pid {}) holds",
+                std::process::id()
+            )),
+            "{}",
+            shown.message
+        );
+
+        drop(apply);
+        crate::driver::local::StateLock::wait_free(tmp.path());
+        // The VMM is asked: it takes the connection and closes it (no answer).
+        vmm.set_nonblocking(false).expect("blocking");
+        let asked = std::thread::spawn(move || vmm.accept().map(drop));
+        let error = resolver
+            .resolve(&stuck, false)
+            .await
+            .expect_err("no answer");
+        assert!(matches!(error, ResolveError::Driver(_)), "{error}");
+        assert!(asked.join().expect("join").is_ok(), "the VMM was asked");
+    }
+
     /// A man in the middle answers "kvm02 runs it" with a certificate of another CA:
     /// the resolver gets no answer, so nothing is dropped or resumed, and the guest
     /// shows stuck, naming the TLS failure. The real kvm02 is then believed.
@@ -569,7 +652,10 @@ mod tests {
         let tls = FleetTls::load(&fleet.args(Some("kvm01"))).expect("tls");
         let store = Arc::new(Switchovers::default());
         let mut resolver = Resolver::new(
-            local,
+            (
+                local,
+                Arc::new(SharedStateLock::new(tmp.path(), "berth serve")),
+            ),
             Arc::new(crate::fleet::http::HttpPeers::new(
                 Arc::new(crate::fleet::placement::Placements::open(None)),
                 crate::client::Transport::Tls(Arc::new(tls.client().expect("client"))),

@@ -132,6 +132,23 @@ impl StateLock {
     }
 }
 
+#[cfg(test)]
+impl StateLock {
+    /// Test support: waits until the state lock of `state_dir` is free. A child that
+    /// another test of the same binary forks holds a copy of every descriptor until it
+    /// execs, so a lock a test released may stay held for that moment.
+    pub(crate) fn wait_free(state_dir: &Path) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while StateLock::acquire(state_dir, false, "test").is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the state lock stays held"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+}
+
 /// The state lock as one process that acts on several guests at once holds it
 /// (`berth serve`): taken when the first of its actions starts and released when the
 /// last one ends, never for the process's whole life. Its own actions run side by
