@@ -459,6 +459,16 @@ mod tests {
         }
     }
 
+    /// The local driver of kvm01 over `state` (no berth-vmm: nothing is started) and
+    /// the service's state lock.
+    fn on_kvm01(state: &std::path::Path) -> (Arc<LocalDriver>, Arc<SharedStateLock>) {
+        let vmm = std::path::PathBuf::from("/nonexistent/berth-vmm");
+        (
+            Arc::new(LocalDriver::new("kvm01", state, vmm)),
+            Arc::new(SharedStateLock::new(state, "berth serve")),
+        )
+    }
+
     #[test]
     fn asks_whom_the_record_names() {
         assert_eq!(
@@ -512,11 +522,6 @@ mod tests {
     #[tokio::test]
     async fn an_unreachable_peer_is_asked_again_and_nothing_is_resumed() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let local = Arc::new(LocalDriver::new(
-            "kvm01",
-            tmp.path(),
-            std::path::PathBuf::from("/nonexistent/berth-vmm"),
-        ));
         let store = Arc::new(Switchovers::default());
         let metrics = Arc::new(Metrics::new());
         let coordination = crate::fleet::http::HttpPeers::new(
@@ -526,10 +531,7 @@ mod tests {
             },
         );
         let mut resolver = Resolver::new(
-            (
-                local,
-                Arc::new(SharedStateLock::new(tmp.path(), "berth serve")),
-            ),
+            on_kvm01(tmp.path()),
             Arc::new(coordination),
             Arc::clone(&metrics),
             Arc::clone(&store),
@@ -572,11 +574,6 @@ mod tests {
     #[tokio::test]
     async fn the_resolver_acts_only_under_the_state_lock() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let local = Arc::new(LocalDriver::new(
-            "kvm01",
-            tmp.path(),
-            std::path::PathBuf::from("/nonexistent/berth-vmm"),
-        ));
         // A VMM socket that notes whether it was asked (and then answers nothing).
         let dir = tmp.path().join("guests").join("web-1");
         std::fs::create_dir_all(&dir).expect("mkdir");
@@ -588,10 +585,7 @@ mod tests {
             crate::client::Transport::plain(),
         );
         let mut resolver = Resolver::new(
-            (
-                local,
-                Arc::new(SharedStateLock::new(tmp.path(), "berth serve")),
-            ),
+            on_kvm01(tmp.path()),
             Arc::new(coordination),
             Arc::new(Metrics::new()),
             Arc::clone(&store),
@@ -644,18 +638,10 @@ mod tests {
         std::fs::create_dir_all(&other_dir).expect("mkdir");
         let fleet = TestFiles::make(&fleet_dir, &["kvm01", "kvm02"]);
         let other = TestFiles::make(&other_dir, &["kvm02"]);
-        let local = Arc::new(LocalDriver::new(
-            "kvm01",
-            tmp.path(),
-            std::path::PathBuf::from("/nonexistent/berth-vmm"),
-        ));
         let tls = FleetTls::load(&fleet.args(Some("kvm01"))).expect("tls");
         let store = Arc::new(Switchovers::default());
         let mut resolver = Resolver::new(
-            (
-                local,
-                Arc::new(SharedStateLock::new(tmp.path(), "berth serve")),
-            ),
+            on_kvm01(tmp.path()),
             Arc::new(crate::fleet::http::HttpPeers::new(
                 Arc::new(crate::fleet::placement::Placements::open(None)),
                 crate::client::Transport::Tls(Arc::new(tls.client().expect("client"))),
