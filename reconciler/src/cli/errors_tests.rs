@@ -247,6 +247,19 @@ fn every_error() -> Vec<Box<dyn Error + Send + Sync>> {
         ))),
         Box::new(PeerError::Refused("web-1 already runs here".into())),
         Box::new(PeerError::Failed("the incoming VMM did not start".into())),
+        Box::new(PeerError::CannotTell(cannot_tell().remove(0))),
+        Box::new(PeerError::Busy(LockError::Held {
+            path: "/var/lib/berth/apply.lock".into(),
+            pid: Some(7),
+            holder: Some("berth apply".into()),
+        })),
+        Box::new(ResolveError::Busy {
+            guest: "web-1".into(),
+            error: LockError::Io {
+                path: "/var/lib/berth/apply.lock".into(),
+                error: io(std::io::ErrorKind::PermissionDenied),
+            },
+        }),
         Box::new(SecretError::Read {
             path: "/etc/berth/secret".into(),
             source: io(std::io::ErrorKind::NotFound),

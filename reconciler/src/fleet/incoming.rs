@@ -24,6 +24,7 @@ use super::peer::{
 };
 use super::remote::Enforced;
 use super::Coordination;
+use crate::driver::local::follow::CannotTell;
 use crate::driver::local::SharedStateLock;
 use crate::driver::{DriverError, LocalDriver};
 use crate::git::{CommitId, GitRepo};
@@ -275,15 +276,16 @@ impl IncomingMigrations for LocalIncoming {
             return match status.phase {
                 MigrationPhase::Completed => Ok(outcome(true, Some(status))),
                 MigrationPhase::Failed | MigrationPhase::Cancelled => Ok(outcome(false, None)),
-                phase => Err(PeerError::Failed(format!(
-                    "the incoming VMM of {guest} is at {phase:?}"
-                ))),
+                phase => Err(PeerError::CannotTell(CannotTell::Incoming {
+                    guest: guest.to_owned(),
+                    phase,
+                })),
             };
         }
         if self.local.incoming_under_way(guest) {
-            return Err(PeerError::Failed(format!(
-                "the incoming VMM of {guest} does not answer"
-            )));
+            return Err(PeerError::CannotTell(CannotTell::IncomingSilent {
+                guest: guest.to_owned(),
+            }));
         }
         // Handed over (or never arrived): the guest's own VMM tells.
         let socket = self.local.control_socket(guest);

@@ -254,7 +254,7 @@ async fn incoming(
                 PeerError::Refused(_) => StatusCode::CONFLICT,
                 PeerError::Capacity(_) => StatusCode::INSUFFICIENT_STORAGE,
                 PeerError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
-                PeerError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
+                PeerError::Busy(_) | PeerError::CannotTell(_) => StatusCode::SERVICE_UNAVAILABLE,
             };
             warn!(error = %e, "incoming migration not prepared");
             (code, Json(json!({ "error": e.to_string() }))).into_response()

@@ -720,7 +720,10 @@ fn fleet_scheduling(
             .await;
             match led {
                 Ok(()) => return,
-                Err(e) => warn!(error = %e, "leading the fleet failed; campaigning again"),
+                Err(e) => warn!(
+                    error = %berth_hypervisor::report::one_line(&e),
+                    "leading the fleet failed; campaigning again"
+                ),
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
         }

@@ -69,8 +69,9 @@ pub enum CannotTell {
         /// How long it was given.
         timeout: Duration,
     },
-    /// No record says where the guest went, so nobody can be asked.
-    #[error("no record says where the guest went: its VMM streamed to {destination}; {error}")]
+    /// No record says where the guest went, so nobody can be asked (the message says
+    /// what the VMM knows; its context says that no record names the destination).
+    #[error("its VMM streamed to {destination}; {error}")]
     Unrecorded {
         /// The address its VMM streamed to, as the VMM reports it.
         destination: String,
