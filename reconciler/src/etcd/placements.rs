@@ -432,7 +432,7 @@ pub async fn follow_placements(
             _ = stop.wait_for(|s| *s) => return,
             result = followed => {
                 if let Err(e) = result {
-                    tracing::warn!(error = %e, "following the placements failed; reading them again");
+                    tracing::warn!(error = %berth_hypervisor::report::one_line(&e), "following the placements failed; reading them again");
                 }
             }
         }

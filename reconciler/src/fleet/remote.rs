@@ -46,7 +46,7 @@ use super::peer::IncomingRequest;
 use super::switchover::Switchovers;
 use super::{Coordination, Peer};
 use crate::diff::{Field, HostSetting};
-use crate::driver::local::follow::{follow, Destination, Follow, FollowError};
+use crate::driver::local::follow::{follow, CannotTell, Destination, Follow, FollowError};
 use crate::driver::local::{process_exists, OutgoingRecord};
 use crate::driver::{Driver, DriverError, DriverKind, LocalDriver, Scope};
 use crate::git::CommitId;
@@ -335,7 +335,7 @@ impl ServeDriver {
             .block_on(self.coordination.prepare_incoming(&peer, &request))
             .map_err(|e| DriverError::Failed {
                 context: format!("preparing the migration of {name} to {to}"),
-                source: Box::new(e),
+                cause: Box::new(e),
             })?;
         info!(guest = %name, to, listen = %prepared.listen, "migrating live");
         let socket = self.local.control_socket(name);
@@ -416,7 +416,7 @@ impl ServeDriver {
                 self.take_back_if_here(name);
                 Err(DriverError::Failed {
                     context: format!("migrating {name} to {to}; the guest stays on {}", self.me()),
-                    source: reason.into(),
+                    cause: reason.into(),
                 })
             }
             Err(FollowError::Unknown(reason)) => {
@@ -427,25 +427,29 @@ impl ServeDriver {
                         "migrating {name} to {to}: the switchover is unknown; {} neither resumes nor drops the guest until {to} says whether it runs it",
                         self.me()
                     ),
-                    source: reason.into(),
+                    cause: reason.into(),
                 })
             }
         }
     }
 
     /// Whether `peer` runs `name` after its incoming migration.
-    fn ask_destination(&self, peer: &Peer, name: &str) -> Result<bool, String> {
+    fn ask_destination(&self, peer: &Peer, name: &str) -> Result<bool, CannotTell> {
         let asked = self.runtime.block_on(tokio::time::timeout(
             ASK_TIMEOUT,
             self.coordination.incoming_outcome(peer, name),
         ));
         match asked {
             Ok(Ok(outcome)) => Ok(outcome.running),
-            Ok(Err(e)) => Err(e.chain()),
-            Err(_) => Err(format!(
-                "{} ({}) did not answer within {ASK_TIMEOUT:?}",
-                peer.name, peer.address
-            )),
+            Ok(Err(e)) => Err(CannotTell::Unasked {
+                host: peer.name.clone(),
+                source: e.source,
+            }),
+            Err(_) => Err(CannotTell::Timeout {
+                host: peer.name.clone(),
+                address: peer.address.clone(),
+                timeout: ASK_TIMEOUT,
+            }),
         }
     }
 
@@ -545,7 +549,7 @@ struct PeerDestination<'a> {
 }
 
 impl Destination for PeerDestination<'_> {
-    fn runs_guest(&self) -> Result<bool, String> {
+    fn runs_guest(&self) -> Result<bool, CannotTell> {
         self.serve.ask_destination(self.peer, self.guest)
     }
 

@@ -56,7 +56,7 @@ use tracing::{error, info, warn};
 use crate::auth::{Secret, SecretError};
 use crate::backoff::BackoffPolicy;
 use crate::client;
-use crate::driver::local::locate_vmm;
+use crate::driver::local::{locate_vmm, SharedStateLock};
 use crate::driver::{Driver, DriverError, DriverKind, LibvirtDriver, LocalDriver};
 use crate::fleet::http::HttpPeers;
 use crate::fleet::incoming::{IncomingNotes, LocalIncoming};
@@ -430,6 +430,8 @@ async fn serve(
             None
         }
     };
+    // The state lock, held around each action of the service (see `locked`).
+    let state_lock = Arc::new(SharedStateLock::new(&args.state_dir, "berth serve"));
     let (driver, incoming, local): (Arc<dyn Driver>, Arc<dyn IncomingMigrations>, _) = match &fleet
     {
         Fleet::Local(local) => {
@@ -443,7 +445,7 @@ async fn serve(
             ));
             let incoming = Arc::new(
                 LocalIncoming::new(
-                    Arc::clone(local),
+                    (Arc::clone(local), Arc::clone(&state_lock)),
                     Arc::clone(&enforced),
                     repo.clone(),
                     args.path.clone(),
@@ -451,7 +453,7 @@ async fn serve(
                 )
                 .with_coordination(Arc::clone(&coordination), tokio::runtime::Handle::current()),
             );
-            let locked = Arc::new(Locked::new(Arc::clone(&driver), &args.state_dir));
+            let locked = Arc::new(Locked::new(Arc::clone(&driver), Arc::clone(&state_lock)));
             (locked, incoming.clone(), Some((driver, incoming)))
         }
         Fleet::Sim(sim) => (sim.clone(), Arc::new(NoIncoming), None),
@@ -464,7 +466,7 @@ async fn serve(
                     Arc::clone(&metrics),
                     tokio::runtime::Handle::current(),
                 )),
-                &args.state_dir,
+                Arc::clone(&state_lock),
             )),
             Arc::new(LibvirtIncoming::new(Arc::clone(libvirt))),
             None,
@@ -592,7 +594,7 @@ async fn serve(
             Arc::clone(driver).follow_destinations(controller.pokes(), shutdown_rx.clone()),
         );
         let resolver = Resolver::new(
-            Arc::clone(local_driver),
+            (Arc::clone(local_driver), Arc::clone(&state_lock)),
             Arc::clone(&coordination),
             Arc::clone(&metrics),
             switchovers,
