@@ -23,8 +23,9 @@
 //! (default 1000x10000). Progress goes to stderr every 10 s while it waits.
 //!
 //! All 1,000 hosts share this machine's 2 cores, so the times are what 1,000 hosts'
-//! work takes on 2 cores, not what one host waits for; the median pass of one host's
-//! loop is shown too.
+//! work takes on 2 cores, not what one host waits for. Each phase also shows this
+//! process's CPU time and etcd's, and the loops' passes (they share one `Metrics`):
+//! how many, and their mean wall time (which includes waiting for a core).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -315,8 +316,9 @@ async fn until_observed_apart(endpoint: &str, count: usize, done: fn(&ObservedGu
         .expect("the watcher");
 }
 
-/// One host's plan of `desired` (placed by the leader's records), median of 5: the
-/// bulk of a pass of its loop.
+/// One host's plan of the whole of `desired` (placed by the leader's records), median
+/// of 5: what each pass of a host's loop cost before a pass planned only the guests that
+/// concern its host.
 async fn one_plan(store: &EtcdStore, desired: &Desired, host: &str) -> Duration {
     let fleet = fleet_view(store).await;
     let observed = Observed {
