@@ -442,3 +442,25 @@ pub async fn follow_placements(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_change_concerns_the_hosts_a_guest_left_or_reached_and_every_host_for_the_unplaced() {
+        let mut moved = PlacementChange::default();
+        moved.note(Some(&Placement::Placed("h1".into())));
+        moved.note(Some(&Placement::Placed("h2".into())));
+        moved.note(None);
+        assert!(moved.concerns("h1") && moved.concerns("h2"));
+        assert!(!moved.concerns("h3"));
+        moved.note(Some(&Placement::Unplaced("no room".into())));
+        assert!(moved.concerns("h3"));
+        let read = PlacementChange {
+            everything: true,
+            ..PlacementChange::default()
+        };
+        assert!(read.concerns("h9"));
+    }
+}
