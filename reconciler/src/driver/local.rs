@@ -47,6 +47,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use berth_hypervisor::control::client::StatusRequests;
 use berth_hypervisor::control::{Client, ClientError, GuestRunState, Op, Retune, Status};
 use berth_hypervisor::host::cgroup::{CgroupReadback, Cgroups, Knob};
 use berth_hypervisor::host::hugepages::{self, HugePagePool};
@@ -100,8 +101,8 @@ pub const PROBE_PATIENCE: Duration = Duration::from_secs(3);
 
 /// What asking a guest's VMM for its status found.
 enum Probe {
-    /// It answered.
-    Answered(Client, Box<Status>),
+    /// It answered (on this connection, when it is kept).
+    Answered(Option<Client>, Box<Status>),
     /// It holds its lock, so it runs, but did not answer in time.
     Unresponsive {
         /// Its pid, from its pid file.
@@ -310,13 +311,17 @@ impl LocalDriver {
             .filter(|n| !n.contains('.'))
             .collect();
         names.sort();
-        let observe = |name: &String| match self.probe(name) {
-            Probe::Answered(mut client, status) => {
-                let mut observed = self.observed_guest(name, &status, &online);
+        let observe = |name: &String, probe: Probe, files: Option<GuestFiles>| match probe {
+            Probe::Answered(client, status) => {
+                let files = files.unwrap_or_else(|| GuestFiles::read(&self.guest_dir(name)));
+                let mut observed = self.observed_with(name, &status, &online, files);
                 // A second request only while a migration is under way (or the VMM
                 // is too old to say).
                 if status.migration.is_none_or(MigrationPhase::is_active) {
-                    observed.migrating_to = self.outgoing_migration(&mut client);
+                    let client = client.map_or_else(|| Client::connect(self.socket(name)), Ok);
+                    observed.migrating_to = client
+                        .ok()
+                        .and_then(|mut c| self.outgoing_migration(&mut c));
                 }
                 Some(LocalGuest {
                     observed,
@@ -335,10 +340,43 @@ impl LocalDriver {
                 None
             }
         };
-        let mut guests: Vec<LocalGuest> = in_parallel(&names, self.observe_workers, observe)
-            .into_iter()
-            .flatten()
-            .collect();
+        let mut guests: Vec<LocalGuest> = if self.observe_workers <= 1 {
+            names
+                .iter()
+                .filter_map(|name| observe(name, self.probe(name), None))
+                .collect()
+        } else {
+            // Every VMM asked at once from this thread, which reads the guests' files
+            // while the VMMs answer; one that did not answer at once (gone, starting,
+            // slow) gets the patient probe, on up to `observe_workers` threads.
+            let sockets: Vec<PathBuf> = names.iter().map(|n| self.socket(n)).collect();
+            let asked = StatusRequests::send(&sockets);
+            let files: Vec<GuestFiles> = names
+                .iter()
+                .map(|n| GuestFiles::read(&self.guest_dir(n)))
+                .collect();
+            let replies = asked.replies(PROBE_PATIENCE);
+            let silent: Vec<&String> = names
+                .iter()
+                .zip(&replies)
+                .filter(|(_, r)| r.is_err())
+                .map(|(n, _)| n)
+                .collect();
+            let mut probed =
+                in_parallel(&silent, self.observe_workers, |n| self.probe(n)).into_iter();
+            names
+                .iter()
+                .zip(replies)
+                .zip(files)
+                .filter_map(|((name, reply), files)| {
+                    let probe = match reply {
+                        Ok(status) => Probe::Answered(None, Box::new(status)),
+                        Err(_) => probed.next().unwrap_or(Probe::Gone),
+                    };
+                    observe(name, probe, Some(files))
+                })
+                .collect()
+        };
         // A guest that arrived by migration and runs, but whose VMM could not take over
         // `<name>/` yet (the handover failed; the VMM keeps trying): seen from
         // `<name>.incoming/`, never left running unseen.
@@ -400,7 +438,7 @@ impl LocalDriver {
                         .set_timeout(left.max(Duration::from_millis(100)))
                         .and_then(|()| client.status());
                     match asked {
-                        Ok(status) => return Probe::Answered(client, Box::new(status)),
+                        Ok(status) => return Probe::Answered(Some(client), Box::new(status)),
                         Err(e) => e,
                     }
                 }
@@ -439,7 +477,11 @@ impl LocalDriver {
                 self.host,
                 pid.map_or_else(|| "unknown".into(), |p| p.to_string()),
             ))),
-            Probe::Answered(client, status) => Ok(Some((client, *status))),
+            Probe::Answered(Some(client), status) => Ok(Some((client, *status))),
+            // (`probe` keeps its connection; a new one otherwise.)
+            Probe::Answered(None, status) => Client::connect(self.socket(name))
+                .map(|client| Some((client, *status)))
+                .map_err(|e| failed(format!("asking the VMM of {name} again"), e)),
         }
     }
 
@@ -524,10 +566,22 @@ impl LocalDriver {
     }
 
     fn observed_guest(&self, name: &str, status: &Status, online: &CpuSet) -> ObservedGuest {
-        let dir = self.guest_dir(name);
+        let files = GuestFiles::read(&self.guest_dir(name));
+        self.observed_with(name, status, online, files)
+    }
+
+    /// The guest `status` describes, with what its files say (`files`, read from its
+    /// directory).
+    fn observed_with(
+        &self,
+        name: &str,
+        status: &Status,
+        online: &CpuSet,
+        files: GuestFiles,
+    ) -> ObservedGuest {
         // Boot, CPU model and NUMA policy do not change during a VMM's life.
-        let spec = start_spec(&dir);
-        let metadata = read_metadata(&dir).unwrap_or_else(|| Metadata {
+        let GuestFiles { spec, metadata } = files;
+        let metadata = metadata.unwrap_or_else(|| Metadata {
             labels: spec
                 .as_ref()
                 .map(|g| g.metadata.labels.clone())
@@ -1239,6 +1293,24 @@ fn existing(path: PathBuf, from: &str) -> Result<PathBuf, DriverError> {
             "berth-vmm not found at {} (from {from})",
             path.display()
         )))
+    }
+}
+
+/// What observe reads from a guest's directory besides the VMM's status.
+#[derive(Default)]
+struct GuestFiles {
+    /// The spec its VMM was built from ([`start_spec`]).
+    spec: Option<Guest>,
+    /// Its labels and annotations as last applied.
+    metadata: Option<Metadata>,
+}
+
+impl GuestFiles {
+    fn read(dir: &Path) -> GuestFiles {
+        GuestFiles {
+            spec: start_spec(dir),
+            metadata: read_metadata(dir),
+        }
     }
 }
 
