@@ -926,6 +926,12 @@ impl Vmm {
 
     /// The status, read back from `/proc`, guest memory and the devices.
     pub fn status(&self) -> Status {
+        self.status_of(false)
+    }
+
+    /// The status; `brief`: without what an observe does not compare (see
+    /// [`crate::control::StatusArgs::brief`]).
+    pub fn status_of(&self, brief: bool) -> Status {
         let config = self.config();
         let (state, reason) = self.run_state();
         let pid = self.pid;
@@ -962,8 +968,12 @@ impl Vmm {
         let mem = hostlink::parse_process_memory(&proc_status).unwrap_or_default();
         let emulator_threads =
             cache.emulator_threads(pid, &vcpu_tids, hostlink::parse_thread_count(&proc_status));
-        let thp = hostlink::thp_mode_in(&mut cache.files);
-        let cgroup = self.cgroup_json(&mut cache.files);
+        let thp = if brief {
+            None
+        } else {
+            hostlink::thp_mode_in(&mut cache.files)
+        };
+        let cgroup = self.cgroup_json(&mut cache.files, brief);
         drop(cache);
         let backing = match config.memory.backing {
             Backing::Anonymous => "anonymous".to_owned(),
@@ -1029,7 +1039,7 @@ impl Vmm {
         Ok(())
     }
 
-    fn cgroup_json(&self, files: &mut crate::host::KeptFiles) -> serde_json::Value {
+    fn cgroup_json(&self, files: &mut crate::host::KeptFiles, brief: bool) -> serde_json::Value {
         let cg = lock(&self.cgroup);
         match &cg.cgroup {
             Some(cgroup) => {
@@ -1038,8 +1048,13 @@ impl Vmm {
                     .iter()
                     .map(|p| p.display().to_string())
                     .collect();
-                let values = match cgroup.read_with(files) {
-                    Ok(readback) => serde_json::to_value(readback).unwrap_or_default(),
+                let values = if brief {
+                    cgroup.read_limits_with(files).map(serde_json::to_value)
+                } else {
+                    cgroup.read_with(files).map(serde_json::to_value)
+                };
+                let values = match values {
+                    Ok(values) => values.unwrap_or_default(),
                     Err(e) => serde_json::json!({"error": e.to_string()}),
                 };
                 serde_json::json!({

@@ -17,7 +17,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::protocol::{
-    ErrorBody, Op, Request, Response, Retune, ShutdownArgs, Status, VcpuRegisters, PROTOCOL_VERSION,
+    ErrorBody, Op, Request, Response, Retune, ShutdownArgs, Status, StatusArgs, VcpuRegisters,
+    PROTOCOL_VERSION,
 };
 use crate::payload::heartbeat::VerifyReport;
 
@@ -93,7 +94,7 @@ fn parse_reply<T: serde::de::DeserializeOwned>(
     }
 }
 
-/// Status requests sent to many VMMs at once, from one thread, whose replies
+/// Brief status requests ([`StatusArgs::brief`]) sent to many VMMs at once, from one thread, whose replies
 /// [`StatusRequests::replies`] collects: each VMM gets one connection, its request and
 /// the end of the requests (so that the VMM's thread finds the connection's end at
 /// once, without waiting for it); every connection then waits for its reply line in one
@@ -125,7 +126,7 @@ impl StatusRequests {
         let mut request = serde_json::to_vec(&Request {
             v: PROTOCOL_VERSION,
             id: BATCH_ID,
-            op: Op::Status,
+            op: Op::Status(StatusArgs { brief: true }),
         })
         .expect("a status request serialises");
         request.push(b'\n');
@@ -331,7 +332,15 @@ impl Client {
     /// # Errors
     /// See [`Client::call`].
     pub fn status(&mut self) -> Result<Status, ClientError> {
-        self.typed(Op::Status)
+        self.typed(Op::Status(StatusArgs::default()))
+    }
+
+    /// The guest's status with only what an observe compares ([`StatusArgs::brief`]).
+    ///
+    /// # Errors
+    /// See [`Client::call`].
+    pub fn brief_status(&mut self) -> Result<Status, ClientError> {
+        self.typed(Op::Status(StatusArgs { brief: true }))
     }
 
     /// Applies live changes; returns the status after them.

@@ -96,14 +96,14 @@ fn write_reply(mut stream: impl Write, reply: &Response) -> std::io::Result<()> 
 /// [`Response::ok`] with its JSON value, without building the value first).
 ///
 /// [`Status`]: super::protocol::Status
-fn write_status(mut stream: impl Write, id: u64, vmm: &Vmm) -> std::io::Result<()> {
+fn write_status(mut stream: impl Write, id: u64, vmm: &Vmm, brief: bool) -> std::io::Result<()> {
     let mut line = Vec::with_capacity(4096);
     write!(
         line,
         "{{\"v\":{},\"id\":{id},\"ok\":true,\"result\":",
         super::protocol::PROTOCOL_VERSION
     )?;
-    serde_json::to_writer(&mut line, &vmm.status()).map_err(std::io::Error::other)?;
+    serde_json::to_writer(&mut line, &vmm.status_of(brief)).map_err(std::io::Error::other)?;
     line.extend_from_slice(b"}\n");
     stream.write_all(&line)
 }
@@ -155,9 +155,11 @@ fn serve(stream: UnixStream, vmm: &Arc<Vmm>) {
             Ok(Some(Ok(line))) if line.iter().all(u8::is_ascii_whitespace) => continue,
             Ok(Some(Ok(line))) => match parse_request(&line) {
                 Ok(Request {
-                    id, op: Op::Status, ..
+                    id,
+                    op: Op::Status(args),
+                    ..
                 }) => {
-                    if write_status(&stream, id, vmm).is_err() {
+                    if write_status(&stream, id, vmm, args.brief).is_err() {
                         return;
                     }
                     continue;
@@ -175,7 +177,7 @@ fn serve(stream: UnixStream, vmm: &Arc<Vmm>) {
 fn handle(vmm: &Arc<Vmm>, request: Request) -> Response {
     let id = request.id;
     let result = match request.op {
-        Op::Status => Ok(vmm.status_json()),
+        Op::Status(args) => Ok(serde_json::to_value(vmm.status_of(args.brief)).unwrap_or_default()),
         Op::Retune(retune) => vmm.retune(&retune).map(|()| vmm.status_json()),
         Op::Pause => vmm.pause().map(|()| vmm.status_json()),
         Op::Resume => vmm.resume().map(|()| vmm.status_json()),

@@ -37,7 +37,7 @@ pub use lock::{LockError, SharedStateHold, SharedStateLock, StateLock};
 use follow::FollowError;
 pub use outgoing::{OutgoingGuard, OutgoingRecord, Resolved, UnknownSwitchover};
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::process::CommandExt;
@@ -49,7 +49,7 @@ use std::time::{Duration, Instant};
 
 use berth_hypervisor::control::client::StatusRequests;
 use berth_hypervisor::control::{Client, ClientError, GuestRunState, Op, Retune, Status};
-use berth_hypervisor::host::cgroup::{CgroupReadback, Cgroups, Knob};
+use berth_hypervisor::host::cgroup::{CgroupLimits, Cgroups, Knob};
 use berth_hypervisor::host::hugepages::{self, HugePagePool};
 use berth_hypervisor::host::{affinity, sysinfo};
 use berth_hypervisor::migration::{MigrateArgs, MigrationPhase, MigrationStatus};
@@ -128,8 +128,11 @@ pub struct LocalDriver {
     cancel: AtomicBool,
     /// Guests whose migration away this process follows ([`LocalDriver::begin_outgoing`]).
     outgoing: Mutex<HashSet<String>>,
-    /// How many VMMs an observe asks at once.
+    /// 1: an observe asks one VMM after the other; more: it asks every VMM at once from
+    /// one thread, and probes those that did not answer on up to this many threads.
     observe_workers: usize,
+    /// Each guest's files as an observe last read them ([`GuestFiles::read_kept`]).
+    files_read: Mutex<HashMap<PathBuf, KeptGuestFiles>>,
 }
 
 impl LocalDriver {
@@ -144,11 +147,13 @@ impl LocalDriver {
             cancel: AtomicBool::new(false),
             outgoing: Mutex::new(HashSet::new()),
             observe_workers: OBSERVE_WORKERS,
+            files_read: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Asks at most `workers` VMMs at once when observing (default
-    /// [`OBSERVE_WORKERS`]; 1 asks one after the other).
+    /// With `workers` above 1 (default [`OBSERVE_WORKERS`]), an observe asks every VMM
+    /// at once from one thread and probes those that did not answer at once (gone,
+    /// starting, slow) on up to `workers` threads; 1 asks one VMM after the other.
     pub fn observe_workers(mut self, workers: usize) -> Self {
         self.observe_workers = workers.max(1);
         self
@@ -351,10 +356,15 @@ impl LocalDriver {
             // slow) gets the patient probe, on up to `observe_workers` threads.
             let sockets: Vec<PathBuf> = names.iter().map(|n| self.socket(n)).collect();
             let asked = StatusRequests::send(&sockets);
-            let files: Vec<GuestFiles> = names
-                .iter()
-                .map(|n| GuestFiles::read(&self.guest_dir(n)))
-                .collect();
+            let files: Vec<GuestFiles> = {
+                let mut kept = self.files_read.lock().unwrap_or_else(|e| e.into_inner());
+                let dirs: Vec<PathBuf> = names.iter().map(|n| self.guest_dir(n)).collect();
+                let listed: HashSet<&PathBuf> = dirs.iter().collect();
+                kept.retain(|dir, _| listed.contains(dir));
+                dirs.iter()
+                    .map(|dir| GuestFiles::read_kept(dir, &mut kept))
+                    .collect()
+            };
             let replies = asked.replies(PROBE_PATIENCE);
             let silent: Vec<&String> = names
                 .iter()
@@ -436,7 +446,7 @@ impl LocalDriver {
                     let left = deadline.saturating_duration_since(Instant::now());
                     let asked = client
                         .set_timeout(left.max(Duration::from_millis(100)))
-                        .and_then(|()| client.status());
+                        .and_then(|()| client.brief_status());
                     match asked {
                         Ok(status) => return Probe::Answered(Some(client), Box::new(status)),
                         Err(e) => e,
@@ -591,11 +601,11 @@ impl LocalDriver {
                 .map(|g| g.metadata.annotations.clone())
                 .unwrap_or_default(),
         });
-        let readback: Option<CgroupReadback> = status
+        let readback: Option<CgroupLimits> = status
             .cgroup
             .as_ref()
             .and_then(|c| c.get("values"))
-            .and_then(|v| CgroupReadback::deserialize(v).ok());
+            .and_then(|v| CgroupLimits::deserialize(v).ok());
         let state = match status.state {
             GuestRunState::Running => GuestState::Running,
             GuestRunState::Paused => GuestState::Paused,
@@ -1221,8 +1231,9 @@ impl follow::Destination for NewVmm<'_> {
     }
 }
 
-/// How many VMMs an observe asks at once by default: each VMM answers from its own
-/// process, and most of an answer is waiting for it, so more askers than CPUs pay off.
+/// How many VMMs that did not answer an observe's first request at once are probed
+/// at once by default: a probe mostly waits (for a starting or slow VMM), so more
+/// threads than CPUs pay off.
 pub const OBSERVE_WORKERS: usize = 32;
 
 /// `f` of every item, in order, on up to `workers` threads.
@@ -1297,7 +1308,7 @@ fn existing(path: PathBuf, from: &str) -> Result<PathBuf, DriverError> {
 }
 
 /// What observe reads from a guest's directory besides the VMM's status.
-#[derive(Default)]
+#[derive(Debug, Clone, Default)]
 struct GuestFiles {
     /// The spec its VMM was built from ([`start_spec`]).
     spec: Option<Guest>,
@@ -1311,6 +1322,67 @@ impl GuestFiles {
             spec: start_spec(dir),
             metadata: read_metadata(dir),
         }
+    }
+
+    /// [`GuestFiles::read`], parsed again only when `start.json` or `metadata.json`
+    /// changed since `kept` took them: one `stat` per file instead of opening, reading
+    /// and parsing it on every observe. Both files are only ever replaced whole
+    /// (written beside and renamed over), so a change gives a new inode. A directory
+    /// without `start.json` (a VMM started by an older berth) is read every time.
+    fn read_kept(dir: &Path, kept: &mut HashMap<PathBuf, KeptGuestFiles>) -> GuestFiles {
+        let stamps = (
+            FileStamp::of(&dir.join("start.json")),
+            FileStamp::of(&dir.join("metadata.json")),
+        );
+        if stamps.0.is_none() {
+            return GuestFiles::read(dir);
+        }
+        if let Some(known) = kept.get(dir).filter(|k| k.stamps == stamps) {
+            return known.files.clone();
+        }
+        let files = GuestFiles::read(dir);
+        kept.insert(
+            dir.to_owned(),
+            KeptGuestFiles {
+                stamps,
+                files: files.clone(),
+            },
+        );
+        files
+    }
+}
+
+/// A guest's files as read, and what their `stat` said then.
+#[derive(Debug)]
+struct KeptGuestFiles {
+    /// `start.json`, `metadata.json`.
+    stamps: (Option<FileStamp>, Option<FileStamp>),
+    files: GuestFiles,
+}
+
+/// What tells a file's content apart without reading it: its device, inode, size and
+/// modification and change times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileStamp {
+    /// `None` when the file does not exist (or cannot be read).
+    fn of(path: &Path) -> Option<FileStamp> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        Some(FileStamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        })
     }
 }
 
@@ -1366,7 +1438,7 @@ fn pinning_in_force(status: &Status, online: &CpuSet) -> Option<Pinning> {
 
 /// Memory limits in force, from the cgroup files; a limit the host cannot enforce is
 /// reported as asked (it exists nowhere else).
-fn memtune_in_force(readback: Option<&CgroupReadback>, asked: Option<&MemTune>) -> Option<MemTune> {
+fn memtune_in_force(readback: Option<&CgroupLimits>, asked: Option<&MemTune>) -> Option<MemTune> {
     let knob = |k: Option<&Knob<Option<Bytes>>>, asked: Option<Bytes>| match k {
         Some(Knob::Enforced(v)) => *v,
         _ => asked,
@@ -1616,7 +1688,9 @@ mod tests {
 
     #[test]
     fn unenforceable_limits_are_reported_as_asked() {
-        let readback: CgroupReadback = serde_json::from_value(serde_json::json!({
+        // A full status's readback, read as the limits (a brief status carries only
+        // those, without the usage).
+        let readback: CgroupLimits = serde_json::from_value(serde_json::json!({
             "version": "v1",
             "memory": {
                 "hardLimit": {"enforced": 201326592},
@@ -1629,6 +1703,19 @@ mod tests {
             "ioWeight": {"notEnforced": "no weight file"}, "processes": []
         }))
         .unwrap();
+        let brief: CgroupLimits = serde_json::from_value(serde_json::json!({
+            "version": "v1",
+            "memory": {
+                "hardLimit": {"enforced": 201326592},
+                "softLimit": {"enforced": null},
+                "swapHardLimit": {"enforced": 268435456},
+                "minGuarantee": {"notEnforced": "cgroup v1 has no memory.min"}
+            },
+            "ioWeight": {"notEnforced": "no weight file"}
+        }))
+        .unwrap();
+        assert_eq!(brief.memory.hard_limit, readback.memory.hard_limit);
+        assert_eq!(brief.memory.usage, None);
         let asked = MemTune {
             hard_limit: Some(Bytes::mib(128)),
             soft_limit: Some(Bytes::mib(100)),
