@@ -973,7 +973,7 @@ impl Vmm {
         } else {
             hostlink::thp_mode_in(&mut cache.files)
         };
-        let cgroup = self.cgroup_json(&mut cache.files, brief);
+        let cgroup = self.cgroup_json(&mut cache.files, brief, config.io.is_some());
         drop(cache);
         let backing = match config.memory.backing {
             Backing::Anonymous => "anonymous".to_owned(),
@@ -1039,7 +1039,15 @@ impl Vmm {
         Ok(())
     }
 
-    fn cgroup_json(&self, files: &mut crate::host::KeptFiles, brief: bool) -> serde_json::Value {
+    /// The cgroup's paths and values; `brief`: only the limits, with the I/O weight only
+    /// when `io_asked` (an observe compares no other: a cgroup's default weight is no
+    /// change to undo).
+    fn cgroup_json(
+        &self,
+        files: &mut crate::host::KeptFiles,
+        brief: bool,
+        io_asked: bool,
+    ) -> serde_json::Value {
         let cg = lock(&self.cgroup);
         match &cg.cgroup {
             Some(cgroup) => {
@@ -1049,7 +1057,9 @@ impl Vmm {
                     .map(|p| p.display().to_string())
                     .collect();
                 let values = if brief {
-                    cgroup.read_limits_with(files).map(serde_json::to_value)
+                    cgroup
+                        .read_limits_with(files, io_asked)
+                        .map(serde_json::to_value)
                 } else {
                     cgroup.read_with(files).map(serde_json::to_value)
                 };

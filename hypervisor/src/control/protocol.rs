@@ -97,7 +97,8 @@ impl Op {
 pub struct StatusArgs {
     /// Only what an observe compares with the spec: the host's THP mode (`memory.thp`),
     /// and the cgroup's memory usage, cpuset files and process list (in
-    /// `cgroup.values`) are left out, so their files are not read. What a person can
+    /// `cgroup.values`) are left out, so their files are not read; so is the I/O
+    /// weight of a guest that asks for none. What a person can
     /// change by hand (affinities, limits, the I/O weight) is read as in a full status.
     /// A VMM older than this argument ignores it and answers in full.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]

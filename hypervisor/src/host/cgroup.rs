@@ -241,8 +241,9 @@ pub struct CgroupLimits {
     pub version: CgroupVersion,
     /// The memory limits (`usage` is not read).
     pub memory: MemoryReadback,
-    /// The proportional I/O weight.
-    pub io_weight: Knob<u16>,
+    /// The proportional I/O weight, when read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io_weight: Option<Knob<u16>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -863,16 +864,24 @@ impl GuestCgroup {
     }
 
     /// The limits the cgroup enforces ([`CgroupLimits`]), through `files`: the memory
-    /// limits and the I/O weight, read from their files as [`GuestCgroup::read_with`]
-    /// reads them; nothing else is read.
+    /// limits, and the I/O weight when `io_weight`, read from their files as
+    /// [`GuestCgroup::read_with`] reads them; nothing else is read.
     ///
     /// # Errors
     /// As [`GuestCgroup::read`].
-    pub fn read_limits_with(&self, files: &mut KeptFiles) -> Result<CgroupLimits, CgroupError> {
+    pub fn read_limits_with(
+        &self,
+        files: &mut KeptFiles,
+        io_weight: bool,
+    ) -> Result<CgroupLimits, CgroupError> {
         Ok(CgroupLimits {
             version: self.version,
             memory: self.read_memory(files, false)?,
-            io_weight: self.read_io_weight(files)?,
+            io_weight: if io_weight {
+                Some(self.read_io_weight(files)?)
+            } else {
+                None
+            },
         })
     }
 

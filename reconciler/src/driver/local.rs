@@ -615,7 +615,7 @@ impl LocalDriver {
         };
         // A guest that asks for no weight runs with the cgroup's default one, which is
         // not a change to undo.
-        let io_weight = match readback.as_ref().map(|r| &r.io_weight) {
+        let io_weight = match readback.as_ref().and_then(|r| r.io_weight.as_ref()) {
             Some(Knob::Enforced(weight)) if status.io.is_some() => Some(*weight),
             _ => status.io.map(|io| io.weight),
         };
@@ -1716,6 +1716,7 @@ mod tests {
         .unwrap();
         assert_eq!(brief.memory.hard_limit, readback.memory.hard_limit);
         assert_eq!(brief.memory.usage, None);
+        assert!(readback.io_weight.is_some());
         let asked = MemTune {
             hard_limit: Some(Bytes::mib(128)),
             soft_limit: Some(Bytes::mib(100)),
