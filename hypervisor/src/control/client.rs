@@ -94,20 +94,18 @@ fn parse_reply<T: serde::de::DeserializeOwned>(
     }
 }
 
-/// Brief status requests ([`StatusArgs::brief`]) sent to many VMMs at once, from one thread, whose replies
-/// [`StatusRequests::replies`] collects: each VMM gets one connection, its request and
-/// the end of the requests (so that the VMM's thread finds the connection's end at
-/// once, without waiting for it); every connection then waits for its reply line in one
-/// `epoll`. The caller may do other work between sending and collecting while the VMMs
-/// answer.
+/// Brief status requests ([`StatusArgs::brief`]) sent to many VMMs at once from one
+/// thread, whose replies [`StatusRequests::replies`] collects: each VMM gets one
+/// connection, its request and the end of the requests (so that the VMM's thread finds
+/// the connection's end at once, without waiting for it). A reply that is there is read
+/// at once; the connections whose reply is not there yet wait for it in one `epoll`.
+/// The caller may do other work between sending and collecting while the VMMs answer.
 ///
 /// This is what an observe of many guests costs least with: no thread per VMM asked
 /// (no spawn, no wake-up per reply) and a handful of system calls per VMM.
 pub struct StatusRequests {
-    poll: Option<mio::Poll>,
     /// Per socket: the connection and the reply so far, while asking; else the result.
     asking: Vec<Asking>,
-    open: usize,
 }
 
 enum Asking {
@@ -119,10 +117,8 @@ enum Asking {
 const BATCH_ID: u64 = 1;
 
 impl StatusRequests {
-    /// Connects to every socket in `sockets` and sends each a status request.
+    /// Connects to every socket in `sockets` and sends each a brief status request.
     pub fn send<P: AsRef<Path>>(sockets: &[P]) -> StatusRequests {
-        use mio::{Interest, Poll, Token};
-        let poll = Poll::new();
         let mut request = serde_json::to_vec(&Request {
             v: PROTOCOL_VERSION,
             id: BATCH_ID,
@@ -130,19 +126,10 @@ impl StatusRequests {
         })
         .expect("a status request serialises");
         request.push(b'\n');
-        let mut open = 0usize;
         let asking = sockets
             .iter()
-            .enumerate()
-            .map(|(i, path)| {
+            .map(|path| {
                 let path = path.as_ref();
-                let poll = match &poll {
-                    Ok(poll) => poll,
-                    Err(e) => {
-                        let e = std::io::Error::new(e.kind(), e.to_string());
-                        return Asking::Done(Box::new(Err(e.into())));
-                    }
-                };
                 let sent = mio::net::UnixStream::connect(path)
                     .map_err(|source| ClientError::Connect {
                         path: path.to_owned(),
@@ -154,34 +141,45 @@ impl StatusRequests {
                             return Err(ClientError::Closed);
                         }
                         stream.shutdown(std::net::Shutdown::Write)?;
-                        poll.registry()
-                            .register(&mut stream, Token(i), Interest::READABLE)?;
                         Ok(stream)
                     });
                 match sent {
-                    Ok(stream) => {
-                        open += 1;
-                        Asking::Sent(stream, Vec::new())
-                    }
+                    Ok(stream) => Asking::Sent(stream, Vec::new()),
                     Err(e) => Asking::Done(Box::new(Err(e))),
                 }
             })
             .collect();
-        StatusRequests {
-            poll: poll.ok(),
-            asking,
-            open,
-        }
+        StatusRequests { asking }
     }
 
     /// Every VMM's status, in the order of the sockets: a VMM that could not be reached,
     /// or that has not answered within `timeout` from now, gets its error.
     pub fn replies(mut self, timeout: Duration) -> Vec<Result<Status, ClientError>> {
-        use std::io::Read;
+        use mio::{Events, Interest, Poll, Token};
         let deadline = Instant::now() + timeout;
-        let mut events = mio::Events::with_capacity(256);
         let mut chunk = vec![0u8; 16 * 1024];
-        while let Some(poll) = self.poll.as_mut().filter(|_| self.open > 0) {
+        // The replies already there; the other connections wait in `poll`.
+        let mut poll = Poll::new();
+        let mut waiting = 0usize;
+        for (i, asking) in self.asking.iter_mut().enumerate() {
+            let registered = match (asking.read_from(&mut chunk), &poll) {
+                (false, _) => continue,
+                (true, Err(e)) => Err(std::io::Error::new(e.kind(), e.to_string())),
+                (true, Ok(poll)) => match asking {
+                    Asking::Sent(stream, _) => {
+                        poll.registry()
+                            .register(stream, Token(i), Interest::READABLE)
+                    }
+                    Asking::Done(_) => continue,
+                },
+            };
+            match registered {
+                Ok(()) => waiting += 1,
+                Err(e) => *asking = Asking::Done(Box::new(Err(e.into()))),
+            }
+        }
+        let mut events = Events::with_capacity(256);
+        while let Some(poll) = poll.as_mut().ok().filter(|_| waiting > 0) {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 break;
@@ -192,32 +190,10 @@ impl StatusRequests {
                 Err(_) => break,
             }
             for event in &events {
-                let Some(asking) = self.asking.get_mut(event.token().0) else {
-                    continue;
-                };
-                let Asking::Sent(stream, reply) = asking else {
-                    continue;
-                };
-                // Edge-triggered: read until the line is whole, the end, or nothing more.
-                let done = loop {
-                    match stream.read(&mut chunk) {
-                        Ok(0) => break Some(Err(ClientError::Closed)),
-                        Ok(n) => {
-                            reply.extend_from_slice(&chunk[..n]);
-                            if let Some(end) = reply.iter().position(|&b| b == b'\n') {
-                                break Some(parse_reply(&reply[..end], BATCH_ID, "status"));
-                            }
-                        }
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break None,
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                        Err(e) => break Some(Err(e.into())),
+                if let Some(asking) = self.asking.get_mut(event.token().0) {
+                    if matches!(asking, Asking::Sent(..)) && !asking.read_from(&mut chunk) {
+                        waiting -= 1;
                     }
-                };
-                if let Some(result) = done {
-                    // Dropping the connection closes its descriptor (never duplicated),
-                    // which also takes it out of the epoll set.
-                    *asking = Asking::Done(Box::new(result));
-                    self.open -= 1;
                 }
             }
         }
@@ -228,6 +204,35 @@ impl StatusRequests {
                 Asking::Sent(..) => Err(ClientError::Timeout(timeout)),
             })
             .collect()
+    }
+}
+
+impl Asking {
+    /// Reads what the connection has (through `chunk`) until the reply line is whole,
+    /// the connection ends or nothing more is there; true while the reply is still
+    /// awaited. A finished connection is dropped, which closes its descriptor (never
+    /// duplicated) and so also takes it out of an epoll set.
+    fn read_from(&mut self, chunk: &mut [u8]) -> bool {
+        use std::io::Read;
+        let Asking::Sent(stream, reply) = self else {
+            return false;
+        };
+        let result = loop {
+            match stream.read(chunk) {
+                Ok(0) => break Err(ClientError::Closed),
+                Ok(n) => {
+                    reply.extend_from_slice(&chunk[..n]);
+                    if let Some(end) = reply.iter().position(|&b| b == b'\n') {
+                        break parse_reply(&reply[..end], BATCH_ID, "status");
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(e.into()),
+            }
+        };
+        *self = Asking::Done(Box::new(result));
+        false
     }
 }
 
