@@ -453,3 +453,87 @@ impl Client {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::protocol::{ConsoleStatus, GuestRunState, MemoryStatus};
+    use std::io::Read;
+    use std::os::unix::net::UnixListener;
+
+    fn status(name: &str) -> Status {
+        Status {
+            name: name.into(),
+            pid: 42,
+            state: GuestRunState::Running,
+            reason: None,
+            boot: "builtin:heartbeat".into(),
+            vcpus: 1,
+            max_vcpus: 1,
+            vcpu: Vec::new(),
+            emulator_threads: Vec::new(),
+            pinning: berth_schema::Pinning::default(),
+            memtune: None,
+            io: None,
+            memory: MemoryStatus {
+                size: 4 << 20,
+                backing: "anonymous".into(),
+                hugepages: 0,
+                rss: 0,
+                locked: 0,
+                share_pages: false,
+                thp: None,
+            },
+            cgroup: None,
+            console: ConsoleStatus {
+                path: "console.log".into(),
+                lines: 0,
+                bytes: 0,
+                rotations: 0,
+            },
+            ignored_accesses: Default::default(),
+            uptime_ms: 1,
+            migration: None,
+        }
+    }
+
+    /// A VMM that answers; one whose socket accepts nothing (the connection waits in
+    /// its backlog); one that is gone. The results keep the sockets' order, and the one
+    /// that answers saw a brief status request and then the end of the requests.
+    #[test]
+    fn status_requests_answer_in_order_and_name_what_failed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (answers, silent) = (dir.path().join("a.sock"), dir.path().join("s.sock"));
+        let listener = UnixListener::bind(&answers).unwrap();
+        let _silent = UnixListener::bind(&silent).unwrap();
+        let vmm = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut request = Vec::new();
+            // Reads to the end: the client shut its side after the request.
+            stream.read_to_end(&mut request).unwrap();
+            let reply = serde_json::json!({"v": 1, "id": 1, "ok": true, "result": status("a")});
+            stream.write_all(format!("{reply}\n").as_bytes()).unwrap();
+            request
+        });
+        let sockets = [answers, silent, dir.path().join("gone.sock")];
+        let asked = StatusRequests::send(&sockets);
+        let replies = asked.replies(Duration::from_millis(300));
+        let request = vmm.join().unwrap();
+        assert_eq!(
+            request,
+            b"{\"v\":1,\"id\":1,\"op\":\"status\",\"args\":{\"brief\":true}}\n"
+        );
+        assert_eq!(replies.len(), 3);
+        assert_eq!(replies[0].as_ref().unwrap(), &status("a"));
+        assert!(
+            matches!(replies[1], Err(ClientError::Timeout(_))),
+            "{:?}",
+            replies[1]
+        );
+        assert!(
+            matches!(replies[2], Err(ClientError::Connect { .. })),
+            "{:?}",
+            replies[2]
+        );
+    }
+}

@@ -84,13 +84,13 @@ struct Metadata {
     annotations: BTreeMap<String, String>,
 }
 
-/// A guest as the local driver sees it: the observed guest and the VMM's full status.
+/// A guest as the local driver sees it: the observed guest and the VMM's status.
 #[derive(Debug, Clone)]
 pub struct LocalGuest {
     /// The guest in the reconciler's terms.
     pub observed: ObservedGuest,
-    /// The VMM's status, as it reported it; `None` when it did not answer
-    /// (`observed.unresponsive` says why).
+    /// The VMM's brief status ([`berth_hypervisor::control::StatusArgs::brief`]), as it
+    /// reported it; `None` when it did not answer (`observed.unresponsive` says why).
     pub status: Option<Status>,
     /// The VMM's pid, when known.
     pub pid: Option<i32>,
