@@ -449,6 +449,24 @@ fn hugepage_backing_change_is_a_local_migration() {
     fleet.apply();
     let web = fleet.status(&fleet.web);
     assert_eq!(web.memory.backing, "hugetlb-2MiB");
+    // berth writes one start file, JSON (with the pinning's integer keys as strings),
+    // and berth-vmm read it as its --spec: the guest runs pinned.
+    let dir = fleet.state().join("guests").join(&fleet.web);
+    let start: berth_schema::Guest =
+        serde_json::from_slice(&std::fs::read(dir.join("start.json")).unwrap()).unwrap();
+    assert!(start.spec.cpu.pinning.is_some());
+    assert!(!dir.join("start.yaml").exists());
+    let tids = vcpu_tids(&web);
+    assert_eq!(proc_affinity(web.pid, tids[1]), "1");
+    // A VMM started by an older berth has `start.yaml` instead: after the upgrade it is
+    // observed the same (plan finds nothing to change), and migrated from.
+    std::fs::write(
+        dir.join("start.yaml"),
+        serde_yaml::to_string(&start).unwrap(),
+    )
+    .unwrap();
+    std::fs::remove_file(dir.join("start.json")).unwrap();
+    assert_eq!(fleet.plan().0, 0, "a start.yaml of an older berth is read");
     let before = wait_ticks_past(&fleet, &fleet.web, &ticks(&web));
 
     fleet.write_guests(&Guests::default().edit("    hugepages: {pageSize: 2MiB}\n", ""));
@@ -491,6 +509,8 @@ fn hugepage_backing_change_is_a_local_migration() {
         (192 * MIB).to_string()
     );
     assert_eq!(fleet.plan().0, 0, "converged after the migration");
+    // The new VMM's start file is the new one, alone.
+    assert!(dir.join("start.json").exists() && !dir.join("start.yaml").exists());
 }
 
 #[test]

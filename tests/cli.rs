@@ -274,6 +274,33 @@ fn each_cause_of_an_error_is_printed_once() {
     let not_a_dir = dir.path().join("file");
     std::fs::write(&not_a_dir, "").expect("write");
     let examples = examples();
+    // A guest whose VMM holds its lock but whose control socket refuses: the lock is
+    // held by this test, and nobody listens on the socket.
+    let state = dir.path().join("state");
+    let guest_dir = state.join("guests").join("web-1");
+    std::fs::create_dir_all(&guest_dir).expect("mkdir");
+    let vmm_lock = std::fs::File::create(guest_dir.join("vmm.lock")).expect("lock file");
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&vmm_lock);
+    // SAFETY: flock on a descriptor this test owns, kept open for the whole test.
+    let locked = unsafe { libc::flock(fd, libc::LOCK_EX) };
+    assert_eq!(locked, 0, "{}", std::io::Error::last_os_error());
+    std::fs::write(guest_dir.join("pid"), std::process::id().to_string()).expect("pid");
+    // Bound and closed: the socket file stays, and connecting to it is refused.
+    drop(
+        std::os::unix::net::UnixListener::bind(guest_dir.join("control.sock"))
+            .expect("bind the control socket"),
+    );
+    // Invalid manifests.
+    let bad = dir.path().join("bad");
+    std::fs::create_dir_all(&bad).expect("mkdir");
+    std::fs::write(
+        bad.join("g.yaml"),
+        "apiVersion: berth.dev/v1\nkind: Guest\nmetadata: {name: web-1}\nspec: {host: kvm01, cpu: {vcpus: two}}\n",
+    )
+    .expect("write");
+    // An etcd endpoint that accepts connections and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let silent = format!("http://{}", silent.local_addr().expect("addr"));
     let failures: Vec<Vec<String>> = vec![
         // The state directory cannot be made (a file is in the way): an I/O error under
         // the lock's.
@@ -283,6 +310,30 @@ fn each_cause_of_an_error_is_printed_once() {
             "--state-dir".into(),
             not_a_dir.join("state").display().to_string(),
         ],
+        // A missing state directory.
+        vec![
+            "stop".into(),
+            "web-1".into(),
+            "--state-dir".into(),
+            dir.path().join("missing").display().to_string(),
+        ],
+        // A VMM whose control socket refuses.
+        vec![
+            "stop".into(),
+            "web-1".into(),
+            "--state-dir".into(),
+            state.display().to_string(),
+        ],
+        // Invalid manifests.
+        vec!["plan".into(), bad.display().to_string()],
+        // etcd: nothing listens; something listens and never answers.
+        vec![
+            "status".into(),
+            "--fleet".into(),
+            "--etcd".into(),
+            "http://127.0.0.1:1".into(),
+        ],
+        vec!["status".into(), "--fleet".into(), "--etcd".into(), silent],
         // A revision git does not know.
         vec![
             "plan".into(),
@@ -304,9 +355,12 @@ fn each_cause_of_an_error_is_printed_once() {
             examples.display().to_string(),
         ],
     ];
+    let mut printed = Vec::new();
     for args in failures {
         let out = run(command("berth").args(&args));
         let err = stderr(&out);
+        eprintln!("$ berth {}\n{err}", args.join(" "));
+        printed.push(err.clone());
         assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
         let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
         assert!(
@@ -323,4 +377,20 @@ fn each_cause_of_an_error_is_printed_once() {
             );
         }
     }
+    // The root causes, each once.
+    for (i, cause) in [
+        (0, "Not a directory"),
+        (2, "Connection refused"),
+        (4, "Connection refused"),
+        (5, "got no answer within"),
+    ] {
+        assert_eq!(
+            printed[i].matches(cause).count(),
+            1,
+            "{cause:?} once in:\n{}",
+            printed[i]
+        );
+    }
+    assert!(printed[1].contains("does not run"), "{}", printed[1]);
+    assert!(printed[3].contains("spec.cpu.vcpus"), "{}", printed[3]);
 }

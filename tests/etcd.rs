@@ -921,17 +921,22 @@ async fn etcd_authentication_with_a_user_and_password() {
     assert!(stdout.contains("1 host(s) alive"), "{stdout}");
 }
 
-/// `berth serve --driver sim --etcd` against `url` with the given etcd options (and
-/// `BERTH_ETCD_PASSWORD`), logging to `log`.
+/// `berth serve --driver sim --etcd` for `host` with the given etcd options (and
+/// `BERTH_ETCD_PASSWORD`, when `password` is not empty), logging to `log`.
 fn spawn_serve(
+    host: &str,
     repo: &std::path::Path,
     state: &std::path::Path,
     log: &std::path::Path,
     etcd: &[&str],
     password: &str,
 ) -> std::process::Child {
-    berth_tests::command("berth")
-        .args(["serve", "--driver", "sim", "--host", "kvm01", "--repo"])
+    let mut command = berth_tests::command("berth");
+    if !password.is_empty() {
+        command.env("BERTH_ETCD_PASSWORD", password);
+    }
+    command
+        .args(["serve", "--driver", "sim", "--host", host, "--repo"])
         .arg(repo)
         .arg("--state-dir")
         .arg(state)
@@ -945,7 +950,6 @@ fn spawn_serve(
             "1000",
         ])
         .args(etcd)
-        .env("BERTH_ETCD_PASSWORD", password)
         .env("RUST_LOG", "info")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
@@ -1033,6 +1037,7 @@ async fn berth_serve_joins_an_etcd_with_tls_and_a_password_and_says_why_when_eit
     // The right CA, certificate and password: serve joins, holds a lease and leads.
     let log = dir.path().join("serve.log");
     let mut serve = spawn_serve(
+        "kvm01",
         &repo.dir,
         &dir.path().join("state"),
         &log,
@@ -1062,7 +1067,14 @@ async fn berth_serve_joins_an_etcd_with_tls_and_a_password_and_says_why_when_eit
 
     // A wrong password: serve stops at once and says etcd refused it.
     let log = dir.path().join("wrong-password.log");
-    let mut serve = spawn_serve(&repo.dir, &dir.path().join("state2"), &log, &good, "guess");
+    let mut serve = spawn_serve(
+        "kvm01",
+        &repo.dir,
+        &dir.path().join("state2"),
+        &log,
+        &good,
+        "guess",
+    );
     let code = exits_within(&mut serve, Duration::from_secs(30));
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert_eq!(code, Some(1), "{text}");
@@ -1078,6 +1090,7 @@ async fn berth_serve_joins_an_etcd_with_tls_and_a_password_and_says_why_when_eit
     let wrong_ca: Vec<&str> = wrong_ca.iter().map(String::as_str).collect();
     let log = dir.path().join("wrong-ca.log");
     let mut serve = spawn_serve(
+        "kvm01",
         &repo.dir,
         &dir.path().join("state3"),
         &log,
@@ -1092,6 +1105,154 @@ async fn berth_serve_joins_an_etcd_with_tls_and_a_password_and_says_why_when_eit
         "{text}"
     );
     assert!(text.to_lowercase().contains("certificate"), "{text}");
+}
+
+/// Kills a `berth serve` by its pid when dropped.
+struct Serve(std::process::Child);
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn berth_serve_with_the_simulated_driver_publishes_its_host_and_guests_to_etcd() {
+    let etcd = Etcd::start();
+    let store = connect(&etcd).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let repo = berth_tests::GitRepo::new(dir.path().join("repo"));
+    let manifests = |weight: u16| {
+        format!(
+            "apiVersion: berth.dev/v1\nkind: Host\nmetadata: {{name: kvm01, labels: {{rack: r0}}}}\n\
+             spec: {{address: '127.0.0.1:7410', cpus: 0-1, memory: 4GiB}}\n---\n\
+             apiVersion: berth.dev/v1\nkind: Host\nmetadata: {{name: kvm02, labels: {{rack: r1}}}}\n\
+             spec: {{address: '127.0.0.1:7411', cpus: 0-1, memory: 4GiB}}\n---\n\
+             apiVersion: berth.dev/v1\nkind: Guest\nmetadata: {{name: a}}\n\
+             spec: {{host: kvm01, cpu: {{vcpus: 1}}, memory: {{size: 64MiB}}, io: {{weight: {weight}}}}}\n---\n\
+             apiVersion: berth.dev/v1\nkind: Guest\nmetadata: {{name: b}}\n\
+             spec: {{host: kvm02, cpu: {{vcpus: 1}}, memory: {{size: 64MiB}}}}\n---\n\
+             apiVersion: berth.dev/v1\nkind: Guest\nmetadata: {{name: c}}\n\
+             spec: {{hostSelector: {{rack: r1}}, cpu: {{vcpus: 1}}, memory: {{size: 64MiB}}}}\n"
+        )
+    };
+    repo.commit(
+        &[("fleet.yaml", &manifests(100))],
+        "two hosts, three guests",
+    );
+    let url = etcd.endpoint();
+    let etcd_args = ["--etcd", url.as_str()];
+    let mut serves: Vec<Serve> = ["kvm01", "kvm02"]
+        .iter()
+        .map(|host| {
+            Serve(spawn_serve(
+                host,
+                &repo.dir,
+                &dir.path().join(format!("state-{host}")),
+                &dir.path().join(format!("{host}.log")),
+                &etcd_args,
+                "",
+            ))
+        })
+        .collect();
+    let logs = || {
+        ["kvm01", "kvm02"]
+            .iter()
+            .map(|h| {
+                std::fs::read_to_string(dir.path().join(format!("{h}.log"))).unwrap_or_default()
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let running = |view: &berth_reconciler::etcd::FleetView, weight: u16| {
+        let at: Vec<(String, String, Option<u16>)> = view
+            .observed
+            .iter()
+            .map(|g| (g.name.clone(), g.host.clone(), g.io_weight))
+            .collect();
+        at == [
+            ("a".to_owned(), "kvm01".to_owned(), Some(weight)),
+            ("b".to_owned(), "kvm02".to_owned(), None),
+            ("c".to_owned(), "kvm02".to_owned(), None),
+        ] && view.owners.len() == 3
+            && view.hosts.len() == 2
+    };
+    let started = Instant::now();
+    let view = loop {
+        let now = read_fleet(&store).await.unwrap();
+        if running(&now, 100) {
+            break now;
+        }
+        for serve in &mut serves {
+            if let Some(code) = serve.0.try_wait().expect("wait") {
+                panic!("berth serve exited ({code}): {}", logs());
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the fleet in etcd: {:?}\n{}",
+            now.observed,
+            logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    eprintln!(
+        "both simulated hosts published after {:?}",
+        started.elapsed()
+    );
+    for (name, host) in [("a", "kvm01"), ("b", "kvm02"), ("c", "kvm02")] {
+        let owner = view.owners.get(name);
+        assert_eq!(
+            owner.map(|o| o.record.host.as_str()),
+            Some(host),
+            "{:?}",
+            view.owners
+        );
+    }
+    let kvm02 = &view.hosts["kvm02"];
+    assert_eq!(kvm02.record.address.as_deref(), Some("127.0.0.1:7411"));
+    assert_eq!(kvm02.record.observed.name, "kvm02");
+
+    // What berth's CLI shows of it.
+    let (code, out, err) = berth(&["get", "guests", "--fleet", "--etcd", &url, "-o", "json"]);
+    assert_eq!(code, 0, "{err}");
+    let rows: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    let rows: Vec<(&str, &str, &str)> = rows
+        .as_array()
+        .expect("an array")
+        .iter()
+        .map(|r| {
+            (
+                r["name"].as_str().unwrap(),
+                r["host"].as_str().unwrap_or("-"),
+                r["owner"].as_str().unwrap_or("-"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("a", "kvm01", "kvm01"),
+            ("b", "kvm02", "kvm02"),
+            ("c", "kvm02", "kvm02")
+        ],
+        "{out}"
+    );
+
+    // A live change is published once the simulated host made it.
+    repo.commit(&[("fleet.yaml", &manifests(200))], "a: io weight 200");
+    let changed = Instant::now();
+    while !running(&read_fleet(&store).await.unwrap(), 200) {
+        assert!(
+            changed.elapsed() < Duration::from_secs(30),
+            "the retune was not published: {:?}\n{}",
+            read_fleet(&store).await.unwrap().observed,
+            logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("the retune was published after {:?}", changed.elapsed());
 }
 
 async fn next_host_event(watch: &mut HostWatch) -> HostEvent {

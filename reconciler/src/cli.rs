@@ -148,3 +148,6 @@ pub fn report(error: &anyhow::Error) -> ExitCode {
     berth_hypervisor::report::eprint_chain(error.chain().map(|c| c.to_string()), "caused by: ");
     ExitCode::from(EXIT_ERROR)
 }
+
+#[cfg(test)]
+mod errors_tests;

@@ -31,6 +31,9 @@ use crate::model::{Desired, Observed, ObservedGuest, ObservedHost};
 use crate::plan::capacity::HostState;
 use crate::plan::Footprint;
 
+mod index;
+pub use index::{PlacementIndex, Placer};
+
 /// Where the scheduler put one selector-placed guest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

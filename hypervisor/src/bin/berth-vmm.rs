@@ -109,6 +109,29 @@ fn parse_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Cli,
 #[error("{0}")]
 struct UserError(String);
 
+/// Reads a Guest manifest in JSON or YAML, and returns it with its text as YAML (the
+/// VMM's `spec.yaml`). JSON is tried first: YAML reads most JSON too, but not JSON's
+/// string keys as the integers of an integer-keyed map (the vCPU pinning), so berth's
+/// `start.json` would fail as YAML. A text that is neither names the error of the format
+/// it looks like (JSON when it starts with `{`).
+fn parse_spec(text: String) -> Result<(berth_schema::Guest, String), String> {
+    let json_error = match serde_json::from_str::<berth_schema::Guest>(&text) {
+        Ok(guest) => {
+            let yaml = serde_yaml::to_string(&guest)
+                .map_err(|e| format!("the spec cannot be written as YAML: {e}"))?;
+            return Ok((guest, yaml));
+        }
+        Err(e) => e,
+    };
+    match serde_yaml::from_str(&text) {
+        Ok(guest) => Ok((guest, text)),
+        Err(_) if text.trim_start().starts_with('{') => Err(format!(
+            "the spec is not a Guest manifest (as JSON): {json_error}"
+        )),
+        Err(e) => Err(format!("the spec is not a Guest manifest: {e}")),
+    }
+}
+
 fn main() -> ExitCode {
     let args = match parse_args(std::env::args_os().skip(1)) {
         Ok(Cli::Run(args)) => args,
@@ -158,8 +181,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     } else {
         std::fs::read_to_string(&spec).with_context(|| format!("reading the spec {spec}"))?
     };
-    let guest: berth_schema::Guest = serde_yaml::from_str(&text)
-        .map_err(|e| UserError(format!("the spec is not a Guest manifest: {e}")))?;
+    let (guest, text) = parse_spec(text).map_err(UserError)?;
     let config = VmConfig::from_guest(&guest).map_err(|e| UserError(e.to_string()))?;
     if let Some(listen) = incoming {
         let place = (state_dir, listen, source_timeout);
@@ -368,6 +390,43 @@ mod tests {
         assert_eq!(a.incoming.as_deref(), Some("127.0.0.1:0"));
         assert!(matches!(parse(&["--help"]), Ok(Cli::Help)));
         assert!(matches!(parse(&["-V"]), Ok(Cli::Version)));
+    }
+
+    const PINNED: &str = "apiVersion: berth.dev/v1\nkind: Guest\n\
+        metadata: {name: pinned}\n\
+        spec:\n  host: kvm01\n\
+        \x20 boot: {kernel: \"builtin:heartbeat\"}\n\
+        \x20 cpu: {vcpus: 2, pinning: {vcpus: {0: \"0\", 1: \"1\"}, emulator: \"0-1\"}}\n\
+        \x20 memory: {size: 16MiB}\n";
+
+    #[test]
+    fn a_spec_with_cpu_pinning_is_read_from_json_and_from_yaml_alike() {
+        let (from_yaml, yaml) = parse_spec(PINNED.to_owned()).unwrap();
+        assert_eq!(yaml, PINNED, "YAML is kept as written");
+        assert_eq!(from_yaml.spec.cpu.pinning.as_ref().unwrap().vcpus.len(), 2);
+        let json = serde_json::to_string_pretty(&from_yaml).unwrap();
+        assert!(
+            json.contains("\"0\": \"0\""),
+            "JSON keys are strings: {json}"
+        );
+        // serde_yaml alone refuses it: the reason for trying JSON first.
+        assert!(serde_yaml::from_str::<berth_schema::Guest>(&json).is_err());
+        let (from_json, yaml) = parse_spec(json).unwrap();
+        assert_eq!(from_json, from_yaml);
+        // spec.yaml stays YAML, and reads back as the same guest.
+        assert!(!yaml.trim_start().starts_with('{'), "{yaml}");
+        assert_eq!(
+            serde_yaml::from_str::<berth_schema::Guest>(&yaml).unwrap(),
+            from_yaml
+        );
+    }
+
+    #[test]
+    fn a_bad_spec_names_the_error_of_its_format() {
+        let e = parse_spec("{\"apiVersion\": \"berth.dev/v1\", \"kind\": 3}".into()).unwrap_err();
+        assert!(e.contains("(as JSON)") && e.contains("line 1"), "{e}");
+        let e = parse_spec(PINNED.replace("vcpus: 2", "vcpus: two")).unwrap_err();
+        assert!(!e.contains("JSON") && e.contains("spec.cpu.vcpus"), "{e}");
     }
 
     #[test]

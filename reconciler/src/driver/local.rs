@@ -3,8 +3,9 @@
 //!
 //! Layout: `<state>/guests/<name>/` is the VMM's own directory (`vmm.lock`, `pid`,
 //! `control.sock`, `console.log`, `spec.yaml`, see `berth_hypervisor::statedir`); the
-//! driver adds `start.yaml` (the spec it started the VMM with, and the same as
-//! `start.json`, which observe reads: JSON parses much faster), `metadata.json` (labels
+//! driver adds `start.json` (the spec it started the VMM with, JSON because observe
+//! parses it for every guest; an older berth wrote `start.yaml`, still read for the
+//! VMMs it started), `metadata.json` (labels
 //! and annotations, with the `berth.dev/managed` marker) and `vmm.log` (the VMM's
 //! stdout and stderr). `<state>/apply.lock` serialises applies ([`StateLock`]).
 //!
@@ -243,7 +244,7 @@ impl LocalDriver {
                 kill_pid(pid);
                 Err(DriverError::Failed {
                     context: format!("preparing the incoming migration of {name}"),
-                    source: "the incoming VMM reported no address and token".into(),
+                    cause: "the incoming VMM reported no address and token".into(),
                 })
             }
             Err(e) => {
@@ -725,7 +726,7 @@ impl LocalDriver {
         if !self.wait_gone(pid, STOP_TIMEOUT) {
             return Err(DriverError::Failed {
                 context: format!("stopping guest {name}"),
-                source: format!("the VMM (pid {pid}) is still running after a forced shutdown")
+                cause: format!("the VMM (pid {pid}) is still running after a forced shutdown")
                     .into(),
             });
         }
@@ -764,7 +765,7 @@ impl LocalDriver {
         } else {
             Err(DriverError::Failed {
                 context: format!("stopping guest {name}"),
-                source: format!(
+                cause: format!(
                     "the VMM (pid {pid}) is still running {STOP_TIMEOUT:?} after shutdown"
                 )
                 .into(),
@@ -790,7 +791,7 @@ impl LocalDriver {
             .pid;
         let migration_failed = |what: String| DriverError::Failed {
             context: format!("migrating {name} into a new VMM"),
-            source: what.into(),
+            cause: what.into(),
         };
         let (dest_pid, listen, token) = self.spawn_incoming(guest, "127.0.0.1:0")?;
         let record = OutgoingRecord {
@@ -886,7 +887,7 @@ impl LocalDriver {
         }
         let dir = self.guest_dir(name);
         let _ = std::fs::rename(dir.join("incoming.json"), dir.join("start.json"));
-        let _ = std::fs::rename(dir.join("incoming.yaml"), dir.join("start.yaml"));
+        let _ = std::fs::remove_file(dir.join("start.yaml"));
         self.write_metadata(guest)
     }
 
@@ -914,19 +915,17 @@ impl LocalDriver {
         spec.metadata
             .annotations
             .insert(ANNOTATION_MANAGED.to_owned(), "true".to_owned());
-        let (spec_file, json_file) = match incoming {
-            Some(_) => ("incoming.yaml", "incoming.json"),
-            None => ("start.yaml", "start.json"),
-        };
-        let spec_path = dir.join(spec_file);
-        let text = serde_yaml::to_string(&spec)
-            .map_err(|e| failed(format!("writing the spec of {name}"), e))?;
-        // JSON first: a reader that finds it finds the YAML beside it too.
+        // One start file, JSON: observe parses it for every guest, and berth-vmm reads
+        // it as its --spec. A `start.yaml` that an older berth wrote beside it goes.
+        let spec_path = dir.join(match incoming {
+            Some(_) => "incoming.json",
+            None => "start.json",
+        });
         let json = serde_json::to_string(&spec)
             .map_err(|e| failed(format!("writing the spec of {name}"), e))?;
-        write_atomically(&dir.join(json_file), &json)?;
-        write_atomically(&spec_path, &text)?;
+        write_atomically(&spec_path, &json)?;
         if incoming.is_none() {
+            let _ = std::fs::remove_file(dir.join("start.yaml"));
             self.write_metadata(guest)?;
         }
 
@@ -1005,7 +1004,7 @@ impl LocalDriver {
             }
             Err(message) => Err(DriverError::Failed {
                 context: format!("starting guest {name}"),
-                source: message.into(),
+                cause: message.into(),
             }),
         }
     }
@@ -1208,7 +1207,7 @@ struct NewVmm<'a> {
 }
 
 impl follow::Destination for NewVmm<'_> {
-    fn runs_guest(&self) -> Result<bool, String> {
+    fn runs_guest(&self) -> Result<bool, follow::CannotTell> {
         // Handed over already: the new VMM answers on the guest's own socket.
         let handed_over = Client::connect(self.driver.socket(self.guest))
             .and_then(|mut c| c.status())
@@ -1218,10 +1217,9 @@ impl follow::Destination for NewVmm<'_> {
         }
         match self.driver.local_incoming_runs(self.guest)? {
             // It says no, and will exit: until it has, it is not taken at its word.
-            false if process_exists(self.pid) => Err(format!(
-                "the new VMM (pid {}) does not run the guest and has not exited yet",
-                self.pid
-            )),
+            false if process_exists(self.pid) => {
+                Err(follow::CannotTell::NotExited { pid: self.pid })
+            }
             running => Ok(running),
         }
     }

@@ -16,6 +16,7 @@ pub mod libvirt;
 pub mod local;
 pub mod sim;
 
+use berth_hypervisor::report::one_line;
 use berth_schema::Guest;
 
 use crate::diff::{Field, HostSetting};
@@ -47,14 +48,16 @@ pub enum DriverError {
     /// A failure injected into the simulated fleet by a test.
     #[error("simulated failure: {0}")]
     Simulated(String),
-    /// The guest or host reported an error.
-    #[error("{context}: {source}")]
+    /// The guest or host reported an error. The message names its cause (with the
+    /// cause's own causes, each once), so the cause is not also its `source`: every
+    /// place that shows a driver error (apply's report, serve's status and log, the
+    /// HTTP API) shows it whole on one line.
+    #[error("{context}: {}", one_line(&**cause))]
     Failed {
         /// What was being done.
         context: String,
         /// The error.
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
+        cause: Box<dyn std::error::Error + Send + Sync>,
     },
 }
 
@@ -66,7 +69,7 @@ impl DriverError {
     ) -> Self {
         DriverError::Failed {
             context: context.into(),
-            source: source.into(),
+            cause: source.into(),
         }
     }
 }

@@ -289,16 +289,69 @@ pub async fn lead(
     }
 }
 
+/// [`lead`] for as long as `desired` has senders: after an error (etcd slow or away: a
+/// round's request timed out) it campaigns again a second later, so a fleet never stays
+/// without a leader because one request failed.
+pub async fn lead_on(
+    session: &super::HostSession,
+    desired: tokio::sync::watch::Receiver<Option<std::sync::Arc<Desired>>>,
+    settings: LeaderSettings,
+    on_round: impl Fn(&Leadership, &Round),
+) {
+    loop {
+        match lead(session, desired.clone(), settings, &on_round).await {
+            Ok(()) => return,
+            Err(e) => tracing::warn!(
+                host = session.host(),
+                error = %berth_hypervisor::report::one_line(&e),
+                "leading the fleet failed; campaigning again"
+            ),
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+}
+
 /// The placement records as a host follows them: read once, then watched.
-pub type SharedPlacements = std::sync::Arc<std::sync::Mutex<BTreeMap<String, PlacementRecord>>>;
+pub type SharedPlacements = std::sync::Arc<std::sync::Mutex<scheduler::PlacementIndex>>;
+
+/// What a change of the placement records touched: a host runs a pass only for the
+/// changes that concern it, not for every guest of the fleet placed anywhere.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PlacementChange {
+    /// Every record was read (at the start, and again after an error).
+    pub everything: bool,
+    /// The hosts a changed guest was placed on, before or after the change.
+    pub hosts: BTreeSet<String>,
+    /// A guest placed nowhere came or went (such guests are shown on every host).
+    pub unplaced: bool,
+}
+
+impl PlacementChange {
+    /// Whether `host` should look again: a guest was placed on it or moved away from
+    /// it. (A host running a guest whose record moves between two other hosts sees it
+    /// at its next pass.)
+    pub fn concerns(&self, host: &str) -> bool {
+        self.everything || self.unplaced || self.hosts.contains(host)
+    }
+
+    fn note(&mut self, placement: Option<&Placement>) {
+        match placement {
+            Some(Placement::Placed(host)) => {
+                self.hosts.insert(host.clone());
+            }
+            Some(Placement::Unplaced(_)) => self.unplaced = true,
+            None => {}
+        }
+    }
+}
 
 /// Keeps `shared` equal to the placement records (one read, then a watch from its
-/// revision; read again after any error), calling `changed` after each change, until
-/// `stop` turns true.
+/// revision; read again after any error), calling `changed` with what each change
+/// touched, until `stop` turns true.
 pub async fn follow_placements(
     store: EtcdStore,
     shared: SharedPlacements,
-    changed: impl Fn(),
+    changed: impl Fn(&PlacementChange),
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let prefix = store.keys.placements();
@@ -317,11 +370,15 @@ pub async fn follow_placements(
                     .ok()
                     .and_then(|k| k.strip_prefix(&prefix))
                 {
-                    records.insert(guest.to_owned(), decode(kv.key(), kv.value())?);
+                    let record: PlacementRecord = decode(kv.key(), kv.value())?;
+                    records.insert(guest.to_owned(), record.placement());
                 }
             }
-            *shared.lock().expect("placements") = records;
-            changed();
+            *shared.lock().expect("placements") = scheduler::PlacementIndex::new(records);
+            changed(&PlacementChange {
+                everything: true,
+                ..PlacementChange::default()
+            });
             let options = etcd_client::WatchOptions::new()
                 .with_prefix()
                 .with_start_revision(super::revision(answer.header()) + 1);
@@ -343,6 +400,7 @@ pub async fn follow_placements(
                 let Some(message) = message.filter(|m| !m.canceled()) else {
                     return Ok::<(), EtcdError>(());
                 };
+                let mut change = PlacementChange::default();
                 {
                     let mut records = shared.lock().expect("placements");
                     for event in message.events() {
@@ -353,9 +411,13 @@ pub async fn follow_placements(
                         else {
                             continue;
                         };
+                        change.note(records.get(guest));
                         match event.event_type() {
                             etcd_client::EventType::Put => {
-                                records.insert(guest.to_owned(), decode(kv.key(), kv.value())?);
+                                let record: PlacementRecord = decode(kv.key(), kv.value())?;
+                                let placement = record.placement();
+                                change.note(Some(&placement));
+                                records.insert(guest.to_owned(), placement);
                             }
                             etcd_client::EventType::Delete => {
                                 records.remove(guest);
@@ -363,14 +425,14 @@ pub async fn follow_placements(
                         }
                     }
                 }
-                changed();
+                changed(&change);
             }
         };
         tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
             result = followed => {
                 if let Err(e) = result {
-                    tracing::warn!(error = %e, "following the placements failed; reading them again");
+                    tracing::warn!(error = %berth_hypervisor::report::one_line(&e), "following the placements failed; reading them again");
                 }
             }
         }
@@ -378,5 +440,27 @@ pub async fn follow_placements(
             _ = stop.wait_for(|s| *s) => return,
             () = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_change_concerns_the_hosts_a_guest_left_or_reached_and_every_host_for_the_unplaced() {
+        let mut moved = PlacementChange::default();
+        moved.note(Some(&Placement::Placed("h1".into())));
+        moved.note(Some(&Placement::Placed("h2".into())));
+        moved.note(None);
+        assert!(moved.concerns("h1") && moved.concerns("h2"));
+        assert!(!moved.concerns("h3"));
+        moved.note(Some(&Placement::Unplaced("no room".into())));
+        assert!(moved.concerns("h3"));
+        let read = PlacementChange {
+            everything: true,
+            ..PlacementChange::default()
+        };
+        assert!(read.concerns("h9"));
     }
 }

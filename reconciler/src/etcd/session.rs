@@ -83,6 +83,9 @@ struct Shared {
     expired: bool,
     /// The host record, published again under each new lease.
     record: Option<Vec<u8>>,
+    /// The generation (lease) under which `record` was last written by
+    /// [`HostSession::publish_host`].
+    record_generation: Option<u64>,
     /// The observed guests last published under the current lease, as written.
     observed: BTreeMap<String, Vec<u8>>,
 }
@@ -137,6 +140,7 @@ impl HostSession {
             renewed_at,
             expired: false,
             record: None,
+            record_generation: None,
             observed: BTreeMap::new(),
         }));
         let keeper = tokio::spawn(keep_alive(store.clone(), host.to_owned(), shared.clone()));
@@ -185,7 +189,8 @@ impl HostSession {
     }
 
     /// Publishes (or replaces) the host's record, bound to its lease; it is published
-    /// again under every new lease.
+    /// again under every new lease. A record equal to the one written under the current
+    /// lease is not written again (the fleet's leader runs a round for every write).
     pub async fn publish_host(
         &self,
         observed: &ObservedHost,
@@ -198,7 +203,16 @@ impl HostSession {
             lease_ttl_seconds: timeouts.ttl.as_secs(),
             self_fence_after_ms: timeouts.self_fence_after.as_millis() as u64,
         });
-        let lease = self.lease();
+        let (lease, generation) = {
+            let shared = self.shared.lock().expect("lease state");
+            // Written already under this lease: nothing changed, nothing is written.
+            if shared.record.as_ref() == Some(&record)
+                && shared.record_generation == Some(shared.generation)
+            {
+                return Ok(());
+            }
+            (shared.lease, shared.generation)
+        };
         let key = self.store.keys.host(&self.host);
         let mut kv = self.store.client.kv_client();
         self.store
@@ -211,7 +225,9 @@ impl HostSession {
                 ),
             )
             .await?;
-        self.shared.lock().expect("lease state").record = Some(record);
+        let mut shared = self.shared.lock().expect("lease state");
+        shared.record = Some(record);
+        shared.record_generation = Some(generation);
         Ok(())
     }
 

@@ -44,7 +44,10 @@ use tracing::{debug, info, warn};
 
 use super::http::HttpPeers;
 use super::peer::{IncomingMigration, IncomingOutcome, IncomingRequest};
-use super::{BoxFuture, Coordination, CoordinationError, CoordinationLost, Peer, StartRefused};
+use super::{
+    BoxFuture, Coordination, CoordinationError, CoordinationLost, OwnershipError, Peer,
+    StartRefused,
+};
 use crate::etcd::{
     read_host, read_owner, resolve_switchover, Acquire, EtcdError, FencingToken, HostSession,
     LeaseState, Ownership, Switchover,
@@ -238,10 +241,8 @@ impl EtcdCoordination {
     }
 
     /// Takes over a guest that arrived here from `from`: `from, moving to me` -> `me`.
-    async fn take_over(&self, guest: &str, from: Option<&str>) -> Result<(), String> {
-        let current = read_owner(self.session.store(), guest)
-            .await
-            .map_err(|e| one_line(&e))?;
+    async fn take_over(&self, guest: &str, from: Option<&str>) -> Result<(), OwnershipError> {
+        let current = read_owner(self.session.store(), guest).await?;
         match current {
             Some(o)
                 if o.record.moving_to.as_deref() == Some(self.me())
@@ -253,8 +254,8 @@ impl EtcdCoordination {
                         self.tokens.set(&owned);
                         Ok(())
                     }
-                    Ok(Err(fenced)) => Err(fenced.to_string()),
-                    Err(e) => Err(one_line(&e)),
+                    Ok(Err(fenced)) => Err(fenced.into()),
+                    Err(e) => Err(e.into()),
                 }
             }
             // Ours (with a handover this host began, if moving).
@@ -262,18 +263,17 @@ impl EtcdCoordination {
                 self.tokens.set(&o);
                 Ok(())
             }
-            Some(o) => Err(format!(
-                "its ownership record names host {}{}",
-                o.record.host,
-                o.record
-                    .moving_to
-                    .map(|to| format!(", moving to {to}"))
-                    .unwrap_or_default()
-            )),
-            None => match self.hold(guest).await {
-                Ok(_) => Ok(()),
-                Err(e) => Err(e.to_string()),
-            },
+            Some(o) => Err(OwnershipError::Elsewhere {
+                guest: guest.to_owned(),
+                host: o.record.host,
+                moving_to: o.record.moving_to,
+                expected: format!(
+                    "{}, nor {} moving to it",
+                    self.me(),
+                    from.unwrap_or("a host")
+                ),
+            }),
+            None => self.hold(guest).await.map(drop).map_err(Into::into),
         }
     }
 
@@ -311,7 +311,7 @@ impl EtcdCoordination {
                                 continue;
                             }
                             if let Err(why) = self.take_over(&guest, None).await {
-                                warn!(guest, %why, "a guest running here is not owned by this host");
+                                warn!(guest, why = %one_line(&why), "a guest running here is not owned by this host");
                                 unsure.insert(guest);
                             }
                         }
@@ -478,7 +478,7 @@ impl Coordination for EtcdCoordination {
         &'a self,
         guest: &'a str,
         from: &'a str,
-    ) -> BoxFuture<'a, Result<(), String>> {
+    ) -> BoxFuture<'a, Result<(), OwnershipError>> {
         Box::pin(async move {
             match read_owner(self.session.store(), guest).await {
                 Ok(Some(o))
@@ -487,19 +487,18 @@ impl Coordination for EtcdCoordination {
                 {
                     Ok(())
                 }
-                Ok(Some(o)) => Err(format!(
-                    "the ownership record of {guest} names {}{}, not {from} moving to {}",
-                    o.record.host,
-                    o.record
-                        .moving_to
-                        .map(|to| format!(" moving to {to}"))
-                        .unwrap_or_default(),
-                    self.me()
-                )),
-                Ok(None) => Err(format!("{guest} has no ownership record")),
+                Ok(Some(o)) => Err(OwnershipError::Elsewhere {
+                    guest: guest.to_owned(),
+                    host: o.record.host,
+                    moving_to: o.record.moving_to,
+                    expected: format!("{from} moving to {}", self.me()),
+                }),
+                Ok(None) => Err(OwnershipError::Missing {
+                    guest: guest.to_owned(),
+                }),
                 Err(e) => {
                     self.note_failure(&e);
-                    Err(one_line(&e))
+                    Err(e.into())
                 }
             }
         })
@@ -514,12 +513,12 @@ impl Coordination for EtcdCoordination {
                 match self.take_over(guest, Some(from)).await {
                     Ok(()) => return,
                     Err(why) if Instant::now() > deadline => {
-                        warn!(guest, from, %why, "cannot take the ownership over yet");
+                        warn!(guest, from, why = %one_line(&why), "cannot take the ownership over yet");
                         self.pending.lock().unwrap_or_else(|e| e.into_inner()).dirty = true;
                         return;
                     }
                     Err(why) => {
-                        debug!(guest, from, %why, "taking the ownership over: retrying");
+                        debug!(guest, from, why = %one_line(&why), "taking the ownership over: retrying");
                         tokio::time::sleep(Duration::from_millis(200)).await;
                     }
                 }
@@ -586,7 +585,7 @@ impl Coordination for EtcdCoordination {
         guest: &'a str,
     ) -> BoxFuture<'a, Result<IncomingOutcome, CoordinationError>> {
         Box::pin(async move {
-            let undecided = |why: String| CoordinationError {
+            let undecided = |why: OwnershipError| CoordinationError {
                 host: host.name.clone(),
                 source: why.into(),
             };
@@ -608,36 +607,45 @@ impl Coordination for EtcdCoordination {
                     running: false,
                     downtime_ms: None,
                 }),
-                Switchover::Moving(o) => Err(undecided(format!(
-                    "the ownership record of {guest} still says {} moving to {}: {} has not taken it over or given it back yet",
-                    o.record.host,
-                    o.record.moving_to.unwrap_or_default(),
-                    host.name
-                ))),
-                Switchover::Neither(Some(o)) => Err(undecided(format!(
-                    "the ownership record of {guest} names {}{}, neither this host alone nor {}",
-                    o.record.host,
-                    o.record
-                        .moving_to
-                        .map(|to| format!(" moving to {to}"))
-                        .unwrap_or_default(),
-                    host.name
-                ))),
-                Switchover::Neither(None) => Err(undecided(format!(
-                    "{guest} has no ownership record (its owner's lease expired)"
-                ))),
+                Switchover::Moving(o) => Err(undecided(OwnershipError::Moving {
+                    guest: guest.to_owned(),
+                    from: o.record.host,
+                    to: o.record.moving_to.unwrap_or_else(|| host.name.clone()),
+                })),
+                Switchover::Neither(Some(o)) => Err(undecided(OwnershipError::Elsewhere {
+                    guest: guest.to_owned(),
+                    host: o.record.host,
+                    moving_to: o.record.moving_to,
+                    expected: format!("this host alone, nor {}", host.name),
+                })),
+                Switchover::Neither(None) => Err(undecided(OwnershipError::Missing {
+                    guest: guest.to_owned(),
+                })),
             }
         })
     }
 
+    /// Keeps this host's part of `observed` (a driver may see more: the simulated
+    /// fleet, the destinations of moves) for the background task to publish.
     fn publish(&self, observed: &Observed) {
+        let me = self.me();
+        let mine = Observed {
+            guests: observed
+                .guests
+                .iter()
+                .filter(|g| g.host == me)
+                .cloned()
+                .collect(),
+            hosts: observed
+                .hosts
+                .iter()
+                .filter(|h| h.name == me)
+                .cloned()
+                .collect(),
+        };
         let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        let changed = p
-            .observed
-            .as_ref()
-            .is_none_or(|o| o.guests != observed.guests || o.hosts != observed.hosts);
-        if changed {
-            p.observed = Some(observed.clone());
+        if p.observed.as_ref() != Some(&mine) {
+            p.observed = Some(mine);
             p.dirty = true;
             self.wake.notify_one();
         }

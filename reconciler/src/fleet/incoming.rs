@@ -24,6 +24,8 @@ use super::peer::{
 };
 use super::remote::Enforced;
 use super::Coordination;
+use crate::driver::local::follow::CannotTell;
+use crate::driver::local::SharedStateLock;
 use crate::driver::{DriverError, LocalDriver};
 use crate::git::{CommitId, GitRepo};
 use crate::revision::{read_revision, Trigger};
@@ -59,6 +61,7 @@ impl IncomingNotes {
 /// Prepares incoming VMMs with the local driver. See the module documentation.
 pub struct LocalIncoming {
     local: Arc<LocalDriver>,
+    state_lock: Arc<SharedStateLock>,
     enforced: Arc<Enforced>,
     repo: GitRepo,
     path: Option<String>,
@@ -75,10 +78,11 @@ struct FleetHooks {
 }
 
 impl LocalIncoming {
-    /// Prepares with `local`, reading revisions other than the enforced one from
-    /// `repo` (under `path`), noting failures in `notes`.
+    /// Prepares with `local`, holding `state_lock` (the service's) while it starts an
+    /// incoming VMM, reading revisions other than the enforced one from `repo` (under
+    /// `path`), noting failures in `notes`.
     pub fn new(
-        local: Arc<LocalDriver>,
+        (local, state_lock): (Arc<LocalDriver>, Arc<SharedStateLock>),
         enforced: Arc<Enforced>,
         repo: GitRepo,
         path: Option<String>,
@@ -86,6 +90,7 @@ impl LocalIncoming {
     ) -> Self {
         LocalIncoming {
             local,
+            state_lock,
             enforced,
             repo,
             path,
@@ -204,7 +209,7 @@ impl IncomingMigrations for LocalIncoming {
             fleet
                 .runtime
                 .block_on(fleet.coordination.expects_incoming(name, &request.from))
-                .map_err(PeerError::Refused)?;
+                .map_err(|e| PeerError::Refused(berth_hypervisor::report::one_line(&e)))?;
         }
         let address = desired
             .hosts
@@ -216,14 +221,18 @@ impl IncomingMigrations for LocalIncoming {
             .parse::<SocketAddr>()
             .map_err(|e| PeerError::Failed(format!("the address of {me} ({address}): {e}")))?
             .ip();
-        let (pid, listen, token) = self
+        // Starting a VMM acts on this host's guests: under the state lock, as every
+        // action of the service (an apply by hand meanwhile makes this one "not now").
+        let hold = self.state_lock.hold().map_err(PeerError::Busy)?;
+        let prepared = self
             .local
-            .prepare_incoming(guest, &SocketAddr::new(ip, 0).to_string())
-            .map_err(|e| match e {
-                DriverError::Refused(m) | DriverError::NotFound(m) => PeerError::Refused(m),
-                DriverError::Capacity { detail, .. } => PeerError::Capacity(detail),
-                other => PeerError::Failed(other.to_string()),
-            })?;
+            .prepare_incoming(guest, &SocketAddr::new(ip, 0).to_string());
+        drop(hold);
+        let (pid, listen, token) = prepared.map_err(|e| match e {
+            DriverError::Refused(m) | DriverError::NotFound(m) => PeerError::Refused(m),
+            DriverError::Capacity { detail, .. } => PeerError::Capacity(detail),
+            other => PeerError::Failed(other.to_string()),
+        })?;
         let listen: SocketAddr = listen
             .parse()
             .map_err(|e| PeerError::Failed(format!("the incoming VMM's address {listen}: {e}")))?;
@@ -267,15 +276,16 @@ impl IncomingMigrations for LocalIncoming {
             return match status.phase {
                 MigrationPhase::Completed => Ok(outcome(true, Some(status))),
                 MigrationPhase::Failed | MigrationPhase::Cancelled => Ok(outcome(false, None)),
-                phase => Err(PeerError::Failed(format!(
-                    "the incoming VMM of {guest} is at {phase:?}"
-                ))),
+                phase => Err(PeerError::CannotTell(CannotTell::Incoming {
+                    guest: guest.to_owned(),
+                    phase,
+                })),
             };
         }
         if self.local.incoming_under_way(guest) {
-            return Err(PeerError::Failed(format!(
-                "the incoming VMM of {guest} does not answer"
-            )));
+            return Err(PeerError::CannotTell(CannotTell::IncomingSilent {
+                guest: guest.to_owned(),
+            }));
         }
         // Handed over (or never arrived): the guest's own VMM tells.
         let socket = self.local.control_socket(guest);
@@ -378,5 +388,81 @@ fn watch(local: &LocalDriver, notes: &IncomingNotes, guest: &str, from: &str, pi
                 };
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::driver::local::StateLock;
+
+    /// Preparing starts a VMM, an action on this host's guests: while `berth apply`
+    /// holds the state lock it is refused as "not now" (503 to the source, which tries
+    /// again later), before anything is made; once the lock is free it goes on.
+    #[test]
+    fn prepare_takes_the_state_lock_and_refuses_while_apply_holds_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let repo_dir = tmp.path().join("repo");
+        std::fs::create_dir_all(&repo_dir).unwrap();
+        let init = std::process::Command::new("git")
+            .args(["init", "-q"])
+            .current_dir(&repo_dir)
+            .status()
+            .unwrap();
+        assert!(init.success());
+        let state = tmp.path().join("state");
+        let local = Arc::new(LocalDriver::new(
+            "kvm01",
+            &state,
+            PathBuf::from("/nonexistent/berth-vmm"),
+        ));
+        let desired = crate::model::desired_from_yaml([
+            "apiVersion: berth.dev/v1\nkind: Host\nmetadata: {name: kvm01}\n\
+             spec: {address: \"127.0.0.1:7410\", cpus: \"0-1\", memory: 4GiB}\n",
+            "apiVersion: berth.dev/v1\nkind: Guest\nmetadata: {name: web-1}\n\
+             spec: {host: kvm01, cpu: {vcpus: 1}, memory: {size: 64MiB}}\n",
+        ]);
+        let commit = CommitId::parse(&"a".repeat(40)).unwrap();
+        let enforced = Arc::new(Enforced::default());
+        enforced.set(&commit, &Arc::new(desired));
+        let incoming = LocalIncoming::new(
+            (local, Arc::new(SharedStateLock::new(&state, "berth serve"))),
+            enforced,
+            GitRepo::open(&repo_dir).unwrap(),
+            None,
+            Arc::new(IncomingNotes::default()),
+        );
+        let request = IncomingRequest {
+            guest: "web-1".into(),
+            from: "kvm02".into(),
+            revision: commit.to_string(),
+        };
+
+        let apply = StateLock::acquire(&state, false, "berth apply").unwrap();
+        let busy = incoming.prepare(&request).unwrap_err();
+        let text = busy.to_string();
+        assert!(matches!(busy, PeerError::Busy(_)), "{text}");
+        assert!(
+            text.starts_with(&format!(
+                "not now: berth apply (pid {}) holds",
+                std::process::id()
+            )),
+            "{text}"
+        );
+        assert!(
+            !state.join("guests").exists(),
+            "nothing was made under the lock of apply"
+        );
+
+        // Free: preparing goes on (and fails here only for want of a berth-vmm).
+        drop(apply);
+        StateLock::wait_free(&state);
+        let error = incoming.prepare(&request).unwrap_err();
+        assert!(!matches!(error, PeerError::Busy(_)), "{error}");
+        assert!(error.to_string().contains("berth-vmm"), "{error}");
+        // And it held the lock only while it acted.
+        StateLock::wait_free(&state);
     }
 }

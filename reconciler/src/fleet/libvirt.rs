@@ -33,6 +33,7 @@ use super::peer::{
 use super::remote::Enforced;
 use super::{Coordination, Peer};
 use crate::diff::{Field, HostSetting};
+use crate::driver::local::follow::CannotTell;
 use crate::driver::{Capabilities, Driver, DriverError, DriverKind, LibvirtDriver, Scope};
 use crate::metrics::Metrics;
 use crate::model::Observed;
@@ -209,10 +210,12 @@ impl IncomingMigrations for LibvirtIncoming {
     }
 
     fn running(&self, guest: &str) -> Result<IncomingOutcome, PeerError> {
-        let running = self
-            .libvirt
-            .runs(guest)
-            .map_err(|e| PeerError::Failed(e.to_string()))?;
+        let running = self.libvirt.runs(guest).map_err(|e| {
+            PeerError::CannotTell(CannotTell::Unasked {
+                host: "libvirtd".to_owned(),
+                source: Box::new(e),
+            })
+        })?;
         Ok(IncomingOutcome {
             running,
             downtime_ms: None,

@@ -124,6 +124,49 @@ impl StartRefused {
     }
 }
 
+/// Why the fleet's ownership record of a guest (etcd) does not let this host take a
+/// step, or could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum OwnershipError {
+    /// etcd could not be asked.
+    #[error(transparent)]
+    Etcd(#[from] crate::etcd::EtcdError),
+    /// The record names other hosts than the step needs.
+    #[error("the ownership record of {guest} names {host}{}, not {expected}", moving_to.as_ref().map(|to| format!(" moving to {to}")).unwrap_or_default())]
+    Elsewhere {
+        /// The guest.
+        guest: String,
+        /// The host it names.
+        host: String,
+        /// The host it names as the destination of a move, if any.
+        moving_to: Option<String>,
+        /// What the step needs it to name.
+        expected: String,
+    },
+    /// The record still names a move that its destination has not ended yet.
+    #[error("the ownership record of {guest} still says {from} moving to {to}: {to} has not taken it over or given it back yet")]
+    Moving {
+        /// The guest.
+        guest: String,
+        /// The source.
+        from: String,
+        /// The destination.
+        to: String,
+    },
+    /// There is no record (its owner's lease expired, or it never had one).
+    #[error("{guest} has no ownership record")]
+    Missing {
+        /// The guest.
+        guest: String,
+    },
+    /// Another host changed the record first.
+    #[error(transparent)]
+    Fenced(#[from] crate::etcd::Fenced),
+    /// This host could not take the record.
+    #[error(transparent)]
+    Refused(#[from] StartRefused),
+}
+
 /// Why another host could not be asked or refused.
 #[derive(Debug, thiserror::Error)]
 #[error("host {host}")]
@@ -180,7 +223,9 @@ pub trait Coordination: Send + Sync {
     ) -> BoxFuture<'a, Result<IncomingOutcome, CoordinationError>>;
 
     /// What this host observes now (its capacity and guests), after each full observe:
-    /// published to the fleet, for other hosts to plan with. Must not block.
+    /// published to the fleet, for other hosts to plan with. The reconcile loop calls it,
+    /// whatever the driver; a driver may see more than this host (the simulated fleet,
+    /// the destinations of moves), so only this host's part is published. Must not block.
     fn publish(&self, observed: &Observed) {
         let _ = observed;
     }
@@ -220,7 +265,7 @@ pub trait Coordination: Send + Sync {
         &'a self,
         guest: &'a str,
         from: &'a str,
-    ) -> BoxFuture<'a, Result<(), String>> {
+    ) -> BoxFuture<'a, Result<(), OwnershipError>> {
         let _ = (guest, from);
         Box::pin(async { Ok(()) })
     }

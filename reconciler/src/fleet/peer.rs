@@ -57,6 +57,13 @@ pub enum PeerError {
     /// Preparing failed.
     #[error("cannot prepare the incoming migration: {0}")]
     Failed(String),
+    /// This host cannot tell yet whether it runs the guest of an incoming migration.
+    #[error(transparent)]
+    CannotTell(crate::driver::local::follow::CannotTell),
+    /// Another process (`berth apply` or `berth stop` by hand) holds this host's state
+    /// lock: asked again later, it may succeed.
+    #[error("not now: {0}")]
+    Busy(crate::driver::local::LockError),
 }
 
 /// Prepares incoming VMMs on this host; implemented by the migration engine.

@@ -46,12 +46,13 @@ use super::peer::IncomingRequest;
 use super::switchover::Switchovers;
 use super::{Coordination, Peer};
 use crate::diff::{Field, HostSetting};
-use crate::driver::local::follow::{follow, Destination, Follow, FollowError};
+use crate::driver::local::follow::{follow, CannotTell, Destination, Follow, FollowError};
 use crate::driver::local::{process_exists, OutgoingRecord};
 use crate::driver::{Driver, DriverError, DriverKind, LocalDriver, Scope};
 use crate::git::CommitId;
 use crate::metrics::Metrics;
 use crate::model::{Desired, Observed, ObservedHost};
+use crate::scheduler::{PlacementIndex, Placer};
 
 /// The longest a migration to another host may run before it is cancelled (the
 /// policy's completion timeout applies inside the VMM first).
@@ -84,12 +85,11 @@ const PEER_STALE: Duration = Duration::from_secs(15);
 pub struct Enforced {
     inner: RwLock<Option<(CommitId, Arc<Desired>)>>,
     /// Where the fleet's leader places selector-placed guests, when a leader does.
-    placer: RwLock<Option<SelectorPlacer>>,
+    placer: RwLock<Option<Arc<dyn Placer>>>,
+    /// Without a leader: where the scheduler places them on the enforced revision alone
+    /// (every host up, no previous placement), worked out once per revision.
+    scheduled: RwLock<Option<Arc<PlacementIndex>>>,
 }
-
-/// Where the selector-placed guests of a revision go (guest -> placement).
-pub type SelectorPlacer =
-    Arc<dyn Fn(&Desired) -> BTreeMap<String, crate::scheduler::Placement> + Send + Sync>;
 
 impl std::fmt::Debug for Enforced {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -101,30 +101,49 @@ impl std::fmt::Debug for Enforced {
 
 impl Enforced {
     /// Places selector-placed guests with `placer` (the fleet leader's records) in
-    /// [`Enforced::placed`]; without one, by the revision's own scheduling.
-    pub fn place_with(&self, placer: SelectorPlacer) {
+    /// [`Enforced::host_of`]; without one, by the revision's own scheduling.
+    pub fn place_with(&self, placer: Arc<dyn Placer>) {
         *self.placer.write().unwrap_or_else(|e| e.into_inner()) = Some(placer);
     }
 
-    /// The revision being enforced with its selector-placed guests placed (as the
-    /// reconcile loop places them).
-    pub fn placed(&self) -> Option<Arc<Desired>> {
-        let (_, desired) = self.get()?;
-        if !desired.guests.iter().any(|g| g.spec.placed_by_selector()) {
-            return Some(desired);
+    /// The host the enforced revision places `guest` on (as the reconcile loop places
+    /// it), when it has one.
+    pub fn host_of(&self, guest: &Guest) -> Option<String> {
+        if !guest.spec.placed_by_selector() {
+            return Some(guest.spec.host.clone()).filter(|h| !h.is_empty());
         }
-        let mut placed = (*desired).clone();
-        match &*self.placer.read().unwrap_or_else(|e| e.into_inner()) {
-            Some(placer) => crate::scheduler::assign(&mut placed, placer(&desired)),
-            None => crate::scheduler::place(&mut placed, &crate::model::Observed::default()),
-        }
-        Some(Arc::new(placed))
+        let name = &guest.metadata.name;
+        let placement = match &*self.placer.read().unwrap_or_else(|e| e.into_inner()) {
+            Some(placer) => placer.placement(name),
+            None => self
+                .scheduled
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .and_then(|s| s.placement(name)),
+        };
+        placement?.host().map(str::to_owned)
     }
 
-    /// Records a newly enforced revision.
-    pub fn set(&self, commit: &CommitId, desired: &Desired) {
+    /// Records a newly enforced revision (shared, not copied).
+    pub fn set(&self, commit: &CommitId, desired: &Arc<Desired>) {
+        let leader = self
+            .placer
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some();
+        let scheduled = (!leader && desired.guests.iter().any(|g| g.spec.placed_by_selector()))
+            .then(|| {
+                Arc::new(PlacementIndex::new(crate::scheduler::schedule(
+                    desired,
+                    &[],
+                    &|_| true,
+                    &BTreeMap::new(),
+                )))
+            });
+        *self.scheduled.write().unwrap_or_else(|e| e.into_inner()) = scheduled;
         let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
-        *inner = Some((commit.clone(), Arc::new(desired.clone())));
+        *inner = Some((commit.clone(), Arc::clone(desired)));
     }
 
     /// The revision being enforced.
@@ -234,19 +253,20 @@ impl ServeDriver {
 
     /// The hosts the enforced revision moves guests that run here to.
     fn destinations(&self) -> Vec<Peer> {
-        let Some(desired) = self.enforced.placed() else {
+        let Some((_, desired)) = self.enforced.get() else {
             return Vec::new();
         };
         let here = self.running.read().unwrap_or_else(|e| e.into_inner());
-        let wanted: std::collections::BTreeSet<&str> = desired
+        let wanted: std::collections::BTreeSet<String> = desired
             .guests
             .iter()
-            .filter(|g| here.contains(&g.metadata.name) && g.spec.host != self.me())
-            .map(|g| g.spec.host.as_str())
+            .filter(|g| here.contains(&g.metadata.name))
+            .filter_map(|g| self.enforced.host_of(g))
+            .filter(|host| host != self.me())
             .collect();
         wanted
             .into_iter()
-            .filter_map(|name| Peer::of(&desired, name))
+            .filter_map(|name| Peer::of(&desired, &name))
             .collect()
     }
 
@@ -315,7 +335,7 @@ impl ServeDriver {
             .block_on(self.coordination.prepare_incoming(&peer, &request))
             .map_err(|e| DriverError::Failed {
                 context: format!("preparing the migration of {name} to {to}"),
-                source: Box::new(e),
+                cause: Box::new(e),
             })?;
         info!(guest = %name, to, listen = %prepared.listen, "migrating live");
         let socket = self.local.control_socket(name);
@@ -396,7 +416,7 @@ impl ServeDriver {
                 self.take_back_if_here(name);
                 Err(DriverError::Failed {
                     context: format!("migrating {name} to {to}; the guest stays on {}", self.me()),
-                    source: reason.into(),
+                    cause: reason.into(),
                 })
             }
             Err(FollowError::Unknown(reason)) => {
@@ -407,25 +427,29 @@ impl ServeDriver {
                         "migrating {name} to {to}: the switchover is unknown; {} neither resumes nor drops the guest until {to} says whether it runs it",
                         self.me()
                     ),
-                    source: reason.into(),
+                    cause: reason.into(),
                 })
             }
         }
     }
 
     /// Whether `peer` runs `name` after its incoming migration.
-    fn ask_destination(&self, peer: &Peer, name: &str) -> Result<bool, String> {
+    fn ask_destination(&self, peer: &Peer, name: &str) -> Result<bool, CannotTell> {
         let asked = self.runtime.block_on(tokio::time::timeout(
             ASK_TIMEOUT,
             self.coordination.incoming_outcome(peer, name),
         ));
         match asked {
             Ok(Ok(outcome)) => Ok(outcome.running),
-            Ok(Err(e)) => Err(e.chain()),
-            Err(_) => Err(format!(
-                "{} ({}) did not answer within {ASK_TIMEOUT:?}",
-                peer.name, peer.address
-            )),
+            Ok(Err(e)) => Err(CannotTell::Unasked {
+                host: peer.name.clone(),
+                source: e.source,
+            }),
+            Err(_) => Err(CannotTell::Timeout {
+                host: peer.name.clone(),
+                address: peer.address.clone(),
+                timeout: ASK_TIMEOUT,
+            }),
         }
     }
 
@@ -455,8 +479,8 @@ impl Driver for ServeDriver {
     }
 
     fn observe(&self) -> Result<Observed, DriverError> {
+        // The reconcile loop publishes it (through the fleet coordination).
         let mut observed = self.local.observe()?;
-        self.coordination.publish(&observed);
         *self.running.write().unwrap_or_else(|e| e.into_inner()) = observed
             .guests
             .iter()
@@ -525,7 +549,7 @@ struct PeerDestination<'a> {
 }
 
 impl Destination for PeerDestination<'_> {
-    fn runs_guest(&self) -> Result<bool, String> {
+    fn runs_guest(&self) -> Result<bool, CannotTell> {
         self.serve.ask_destination(self.peer, self.guest)
     }
 

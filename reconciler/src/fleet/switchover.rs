@@ -37,9 +37,11 @@ use tracing::{info, warn};
 use super::{Coordination, Peer};
 use crate::backoff::{BackoffPolicy, Backoffs};
 use crate::conditions::{now_rfc3339, Condition, ConditionType, Reason};
-use crate::driver::local::{Resolved, UnknownSwitchover};
-use crate::driver::LocalDriver;
+use crate::driver::local::follow::CannotTell;
+use crate::driver::local::{LockError, Resolved, SharedStateLock, UnknownSwitchover};
+use crate::driver::{DriverError, LocalDriver};
 use crate::metrics::Metrics;
+use berth_hypervisor::report::one_line;
 
 /// How long the destination's service may take to answer.
 const PEER_ASK: Duration = Duration::from_secs(5);
@@ -127,6 +129,34 @@ impl Switchovers {
     }
 }
 
+/// Why an unknown switchover could not be resolved (yet).
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    /// The destination cannot tell whether it runs the guest, or cannot be asked.
+    #[error(transparent)]
+    CannotTell(#[from] CannotTell),
+    /// The blocking task that asks or resolves failed.
+    #[error("the task resolving the switchover of {guest} failed")]
+    Task {
+        /// The guest.
+        guest: String,
+        /// The task's error.
+        #[source]
+        source: tokio::task::JoinError,
+    },
+    /// The source VMM could not be told the destination's answer.
+    #[error(transparent)]
+    Driver(#[from] DriverError),
+    /// `berth apply` or `berth stop` by hand holds the state lock: tried again later.
+    #[error("resolving the switchover of {guest}: not now: {error}")]
+    Busy {
+        /// The guest.
+        guest: String,
+        /// Who holds the lock.
+        error: LockError,
+    },
+}
+
 /// Whom to ask about an unknown switchover.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Ask {
@@ -154,6 +184,7 @@ fn whom_to_ask(switchover: &UnknownSwitchover) -> Ask {
 /// Resolves unknown switchovers. See the module documentation.
 pub struct Resolver {
     local: Arc<LocalDriver>,
+    state_lock: Arc<SharedStateLock>,
     coordination: Arc<dyn Coordination>,
     metrics: Arc<Metrics>,
     store: Arc<Switchovers>,
@@ -161,16 +192,17 @@ pub struct Resolver {
 }
 
 impl Resolver {
-    /// A resolver over the VMMs of `local`, asking peers through `coordination`,
-    /// reporting into `store` and `metrics`.
+    /// A resolver over the VMMs of `local`, acting under `state_lock` (the service's),
+    /// asking peers through `coordination`, reporting into `store` and `metrics`.
     pub fn new(
-        local: Arc<LocalDriver>,
+        (local, state_lock): (Arc<LocalDriver>, Arc<SharedStateLock>),
         coordination: Arc<dyn Coordination>,
         metrics: Arc<Metrics>,
         store: Arc<Switchovers>,
     ) -> Self {
         Resolver {
             local,
+            state_lock,
             coordination,
             metrics,
             store,
@@ -240,7 +272,7 @@ impl Resolver {
                     self.resolved(&switchover.guest, &peer, resolved);
                     self.clear(&switchover.guest);
                 }
-                Err(error) => self.failed(&switchover, &ask, peer, error),
+                Err(error) => self.failed(&switchover, &ask, peer, &error),
             }
             changed = true;
         }
@@ -248,7 +280,11 @@ impl Resolver {
     }
 
     /// Whether the destination runs the guest.
-    async fn answer(&self, switchover: &UnknownSwitchover, ask: &Ask) -> Result<bool, String> {
+    async fn answer(
+        &self,
+        switchover: &UnknownSwitchover,
+        ask: &Ask,
+    ) -> Result<bool, ResolveError> {
         let guest = &switchover.guest;
         match ask {
             Ask::Peer(peer) => {
@@ -259,30 +295,42 @@ impl Resolver {
                 .await
                 {
                     Ok(Ok(outcome)) => Ok(outcome.running),
-                    Ok(Err(e)) => Err(e.chain()),
-                    Err(_) => Err(format!(
-                        "{} ({}) did not answer within {PEER_ASK:?}",
-                        peer.name, peer.address
-                    )),
+                    Ok(Err(e)) => Err(CannotTell::Unasked {
+                        host: peer.name.clone(),
+                        source: e.source,
+                    }
+                    .into()),
+                    Err(_) => Err(CannotTell::Timeout {
+                        host: peer.name.clone(),
+                        address: peer.address.clone(),
+                        timeout: PEER_ASK,
+                    }
+                    .into()),
                 }
             }
             Ask::Local => {
                 let (local, guest) = (Arc::clone(&self.local), guest.clone());
-                tokio::task::spawn_blocking(move || local.local_incoming_runs(&guest))
-                    .await
-                    .map_err(|e| e.to_string())?
+                let task = tokio::task::spawn_blocking({
+                    let guest = guest.clone();
+                    move || local.local_incoming_runs(&guest)
+                });
+                let runs = task.await.map_err(|source| ResolveError::Task {
+                    guest: guest.clone(),
+                    source,
+                })?;
+                Ok(runs?)
             }
-            Ask::Unrecorded => Err(format!(
-                "its VMM streamed to {}; {}",
-                switchover
+            Ask::Unrecorded => Err(CannotTell::Unrecorded {
+                destination: switchover
                     .destination
-                    .as_deref()
-                    .unwrap_or("an unknown address"),
-                switchover
+                    .clone()
+                    .unwrap_or_else(|| "an unknown address".to_owned()),
+                error: switchover
                     .error
-                    .as_deref()
-                    .unwrap_or("no answer after Commit"),
-            )),
+                    .clone()
+                    .unwrap_or_else(|| "no answer after Commit".to_owned()),
+            }
+            .into()),
         }
     }
 
@@ -290,15 +338,22 @@ impl Resolver {
         &self,
         switchover: &UnknownSwitchover,
         destination_running: bool,
-    ) -> Result<Resolved, String> {
-        let local = Arc::clone(&self.local);
+    ) -> Result<Resolved, ResolveError> {
+        let (local, lock) = (Arc::clone(&self.local), Arc::clone(&self.state_lock));
         let (guest, pid) = (switchover.guest.clone(), switchover.pid);
-        tokio::task::spawn_blocking(move || {
-            local.resolve_switchover(&guest, pid, destination_running)
-        })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())
+        // Resuming or dropping the guest acts on it: under the state lock, as every
+        // action of the service.
+        let task = tokio::task::spawn_blocking(move || {
+            let _hold = lock.hold().map_err(|error| ResolveError::Busy {
+                guest: guest.clone(),
+                error,
+            })?;
+            Ok(local.resolve_switchover(&guest, pid, destination_running)?)
+        });
+        task.await.map_err(|source| ResolveError::Task {
+            guest: switchover.guest.clone(),
+            source,
+        })?
     }
 
     fn resolved(&self, guest: &str, peer: &str, resolved: Resolved) {
@@ -333,8 +388,15 @@ impl Resolver {
         }
     }
 
-    fn failed(&mut self, switchover: &UnknownSwitchover, ask: &Ask, peer: String, error: String) {
+    fn failed(
+        &mut self,
+        switchover: &UnknownSwitchover,
+        ask: &Ask,
+        peer: String,
+        error: &ResolveError,
+    ) {
         let guest = &switchover.guest;
+        let error = one_line(error);
         let retry = self.backoffs.failed(guest, Instant::now());
         let wait = retry.not_before.saturating_duration_since(Instant::now());
         warn!(
@@ -397,6 +459,16 @@ mod tests {
         }
     }
 
+    /// The local driver of kvm01 over `state` (no berth-vmm: nothing is started) and
+    /// the service's state lock.
+    fn on_kvm01(state: &std::path::Path) -> (Arc<LocalDriver>, Arc<SharedStateLock>) {
+        let vmm = std::path::PathBuf::from("/nonexistent/berth-vmm");
+        (
+            Arc::new(LocalDriver::new("kvm01", state, vmm)),
+            Arc::new(SharedStateLock::new(state, "berth serve")),
+        )
+    }
+
     #[test]
     fn asks_whom_the_record_names() {
         assert_eq!(
@@ -450,11 +522,6 @@ mod tests {
     #[tokio::test]
     async fn an_unreachable_peer_is_asked_again_and_nothing_is_resumed() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let local = Arc::new(LocalDriver::new(
-            "kvm01",
-            tmp.path(),
-            std::path::PathBuf::from("/nonexistent/berth-vmm"),
-        ));
         let store = Arc::new(Switchovers::default());
         let metrics = Arc::new(Metrics::new());
         let coordination = crate::fleet::http::HttpPeers::new(
@@ -464,7 +531,7 @@ mod tests {
             },
         );
         let mut resolver = Resolver::new(
-            local,
+            on_kvm01(tmp.path()),
             Arc::new(coordination),
             Arc::clone(&metrics),
             Arc::clone(&store),
@@ -479,8 +546,8 @@ mod tests {
             .answer(&stuck, &ask)
             .await
             .expect_err("unreachable");
-        assert!(error.contains("cannot reach"), "{error}");
-        resolver.failed(&stuck, &ask, "kvm02".into(), error);
+        assert!(one_line(&error).contains("cannot reach"), "{error}");
+        resolver.failed(&stuck, &ask, "kvm02".into(), &error);
         let unresolved = store.get("web-1").expect("shown stuck");
         assert_eq!(
             (unresolved.peer.as_str(), unresolved.attempts),
@@ -501,6 +568,63 @@ mod tests {
         assert!(!metrics.encode().contains("berth_switchover_unknown{"));
     }
 
+    /// Resuming or dropping the guest acts on it: while `berth apply` holds the state
+    /// lock the resolver does not touch the VMM, and reports "not now", naming the
+    /// apply, where `/status` shows the stuck guest; once it is free, the VMM is asked.
+    #[tokio::test]
+    async fn the_resolver_acts_only_under_the_state_lock() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        // A VMM socket that notes whether it was asked (and then answers nothing).
+        let dir = tmp.path().join("guests").join("web-1");
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let vmm = std::os::unix::net::UnixListener::bind(dir.join("control.sock")).expect("bind");
+        vmm.set_nonblocking(true).expect("nonblocking");
+        let store = Arc::new(Switchovers::default());
+        let coordination = crate::fleet::http::HttpPeers::new(
+            Arc::new(crate::fleet::placement::Placements::open(None)),
+            crate::client::Transport::plain(),
+        );
+        let mut resolver = Resolver::new(
+            on_kvm01(tmp.path()),
+            Arc::new(coordination),
+            Arc::new(Metrics::new()),
+            Arc::clone(&store),
+        );
+        let stuck = switchover(Some(record(None)));
+
+        let apply = crate::driver::local::StateLock::acquire(tmp.path(), false, "berth apply")
+            .expect("lock");
+        let error = resolver.resolve(&stuck, false).await.expect_err("not now");
+        assert!(matches!(error, ResolveError::Busy { .. }), "{error}");
+        assert!(
+            vmm.accept()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock),
+            "the VMM was not asked"
+        );
+        resolver.failed(&stuck, &Ask::Local, "kvm01".into(), &error);
+        let shown = store.get("web-1").expect("shown stuck").condition();
+        assert!(
+            shown.message.contains(&format!(
+                "not now: berth apply (pid {}) holds",
+                std::process::id()
+            )),
+            "{}",
+            shown.message
+        );
+
+        drop(apply);
+        crate::driver::local::StateLock::wait_free(tmp.path());
+        // The VMM is asked: it takes the connection and closes it (no answer).
+        vmm.set_nonblocking(false).expect("blocking");
+        let asked = std::thread::spawn(move || vmm.accept().map(drop));
+        let error = resolver
+            .resolve(&stuck, false)
+            .await
+            .expect_err("no answer");
+        assert!(matches!(error, ResolveError::Driver(_)), "{error}");
+        assert!(asked.join().expect("join").is_ok(), "the VMM was asked");
+    }
+
     /// A man in the middle answers "kvm02 runs it" with a certificate of another CA:
     /// the resolver gets no answer, so nothing is dropped or resumed, and the guest
     /// shows stuck, naming the TLS failure. The real kvm02 is then believed.
@@ -514,15 +638,10 @@ mod tests {
         std::fs::create_dir_all(&other_dir).expect("mkdir");
         let fleet = TestFiles::make(&fleet_dir, &["kvm01", "kvm02"]);
         let other = TestFiles::make(&other_dir, &["kvm02"]);
-        let local = Arc::new(LocalDriver::new(
-            "kvm01",
-            tmp.path(),
-            std::path::PathBuf::from("/nonexistent/berth-vmm"),
-        ));
         let tls = FleetTls::load(&fleet.args(Some("kvm01"))).expect("tls");
         let store = Arc::new(Switchovers::default());
         let mut resolver = Resolver::new(
-            local,
+            on_kvm01(tmp.path()),
             Arc::new(crate::fleet::http::HttpPeers::new(
                 Arc::new(crate::fleet::placement::Placements::open(None)),
                 crate::client::Transport::Tls(Arc::new(tls.client().expect("client"))),
@@ -543,8 +662,11 @@ mod tests {
             .answer(&stuck, &ask)
             .await
             .expect_err("a forged answer is no answer");
-        assert!(error.contains("TLS with kvm02 failed"), "{error}");
-        resolver.failed(&stuck, &ask, "kvm02".into(), error);
+        assert!(
+            one_line(&error).contains("TLS with kvm02 failed"),
+            "{error}"
+        );
+        resolver.failed(&stuck, &ask, "kvm02".into(), &error);
         let shown = store.get("web-1").expect("shown stuck").condition();
         assert!(
             shown.message.contains("TLS with kvm02 failed"),
@@ -561,6 +683,6 @@ mod tests {
         .await;
         let stuck = switchover(Some(record(Some(&format!("https://{real}")))));
         let ask = whom_to_ask(&stuck);
-        assert_eq!(resolver.answer(&stuck, &ask).await, Ok(true));
+        assert_eq!(resolver.answer(&stuck, &ask).await.ok(), Some(true));
     }
 }

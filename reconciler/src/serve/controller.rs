@@ -42,7 +42,13 @@ use crate::git::CommitId;
 use crate::metrics::Metrics;
 use crate::model::{Desired, Observed};
 use crate::plan::{plan, Action, GuestPlan, Operation, Plan, Step, StopReason};
-use crate::scheduler::{self, Placement};
+use crate::scheduler::{self, PlacementIndex};
+
+mod scope;
+
+/// No placements: selector-placed guests concern no host.
+static NO_PLACEMENTS: std::sync::LazyLock<PlacementIndex> =
+    std::sync::LazyLock::new(PlacementIndex::default);
 
 /// The backoff key of the observe step; `/` never appears in a guest name.
 const OBSERVE_KEY: &str = "observe/";
@@ -59,14 +65,23 @@ pub struct ControllerConfig {
 }
 
 /// Called with each new valid revision before it is enforced (the simulated fleet adds
-/// the hosts it names; the local driver learns the peers' addresses).
-pub type RevisionHook = Box<dyn Fn(&CommitId, &Desired) + Send + Sync>;
+/// the hosts it names; the local driver learns the peers' addresses). The revision is
+/// shared, never copied.
+pub type RevisionHook = Box<dyn Fn(&CommitId, &Arc<Desired>) + Send + Sync>;
 
-/// Where the selector-placed guests of a revision go (guest -> placement): the
-/// placements the fleet's leader recorded in etcd. Without one, the scheduler runs on
-/// the revision alone (every host up, no previous placement), which gives every host
-/// the same answer.
-pub type Placer = Arc<dyn Fn(&Desired) -> BTreeMap<String, Placement> + Send + Sync>;
+pub use crate::scheduler::Placer;
+
+/// The revision being enforced, indexed for per-host passes.
+#[derive(Clone)]
+struct Enforcing {
+    commit: CommitId,
+    desired: Arc<Desired>,
+    index: Arc<scope::RevisionIndex>,
+    /// Where its selector-placed guests go without a fleet leader: the scheduler on the
+    /// revision alone (every host up, no previous placement), which gives every host
+    /// the same answer; computed once per revision.
+    scheduled: Option<Arc<PlacementIndex>>,
+}
 
 /// How an action ended.
 #[derive(Debug)]
@@ -103,7 +118,7 @@ pub struct Controller {
     status: StatusStore,
     metrics: Arc<Metrics>,
     on_revision: Option<RevisionHook>,
-    placer: Option<Placer>,
+    placer: Option<Arc<dyn Placer>>,
     /// Asked before every start whether another host may still run the guest.
     coordination: Option<Arc<dyn Coordination>>,
     incoming_notes: Option<Arc<IncomingNotes>>,
@@ -114,7 +129,7 @@ pub struct Controller {
     /// observed).
     pokes: Arc<tokio::sync::Notify>,
     retries: Arc<tokio::sync::Notify>,
-    enforcing: Option<(CommitId, Arc<Desired>)>,
+    enforcing: Option<Enforcing>,
     /// The revision the host last converged to.
     converged_on: Option<CommitId>,
     backoffs: Backoffs,
@@ -170,24 +185,28 @@ impl Controller {
         self
     }
 
-    /// Takes the placements of selector-placed guests from `placer`.
-    pub fn with_placer(mut self, placer: Placer) -> Self {
+    /// Takes the placements of selector-placed guests from `placer` (the fleet
+    /// leader's records).
+    pub fn with_placer(mut self, placer: Arc<dyn Placer>) -> Self {
         self.placer = Some(placer);
         self
     }
 
-    /// The revision with its selector-placed guests placed.
-    fn placed(&self, desired: Arc<Desired>) -> Arc<Desired> {
-        if !desired.guests.iter().any(|g| g.spec.placed_by_selector()) {
-            return desired;
-        }
-        let placements = match &self.placer {
-            Some(placer) => placer(&desired),
-            None => scheduler::schedule(&desired, &[], &|_| true, &BTreeMap::new()),
+    /// What this host plans of the enforced revision and of what it observes, its
+    /// selector-placed guests placed ([`scope`]).
+    fn scoped(&self, enforcing: &Enforcing, observed: Observed) -> (Desired, Observed) {
+        let placer: &dyn Placer = match (&self.placer, &enforcing.scheduled) {
+            (Some(placer), _) => placer.as_ref(),
+            (None, Some(scheduled)) => scheduled.as_ref(),
+            (None, None) => &*NO_PLACEMENTS,
         };
-        let mut placed = (*desired).clone();
-        scheduler::assign(&mut placed, placements);
-        Arc::new(placed)
+        scope::scope(
+            &enforcing.desired,
+            &enforcing.index,
+            placer,
+            observed,
+            &self.config.host,
+        )
     }
 
     /// Asks `coordination` before every start whether another host may still run the
@@ -333,7 +352,23 @@ impl Controller {
                     s.enforcing = Some(commit.to_string());
                     s.last_error = None;
                 });
-                self.enforcing = Some((commit, desired));
+                let index = scope::RevisionIndex::shared(&desired);
+                let scheduled = (self.placer.is_none()
+                    && desired.guests.iter().any(|g| g.spec.placed_by_selector()))
+                .then(|| {
+                    Arc::new(PlacementIndex::new(scheduler::schedule(
+                        &desired,
+                        &[],
+                        &|_| true,
+                        &BTreeMap::new(),
+                    )))
+                });
+                self.enforcing = Some(Enforcing {
+                    commit,
+                    desired,
+                    index,
+                    scheduled,
+                });
                 true
             }
             Err(invalid) => {
@@ -381,8 +416,9 @@ impl Controller {
                 self.waiting.remove(&done.key);
                 // Acted on at the revision enforced now (a newer one that came in
                 // meanwhile is checked by the next pass, which records it if in sync).
-                if let Some((revision, _)) = &self.enforcing {
-                    self.observed_revisions.insert(done.key, revision.clone());
+                if let Some(enforcing) = &self.enforcing {
+                    self.observed_revisions
+                        .insert(done.key, enforcing.commit.clone());
                 }
             }
             Outcome::Failed(e) => {
@@ -433,6 +469,9 @@ impl Controller {
             }
         };
         self.backoffs.succeeded(OBSERVE_KEY);
+        if let Some(coordination) = &self.coordination {
+            coordination.publish(&observed);
+        }
         self.metrics.ready.set(1);
         let me = self.config.host.as_str();
         let observed_host = observed.hosts.iter().find(|h| h.name == me).cloned();
@@ -450,12 +489,13 @@ impl Controller {
                 s.last_error = None;
             }
         });
-        let Some((revision, desired)) = self.enforcing.clone() else {
+        let Some(enforcing) = self.enforcing.clone() else {
             let guests = self.guest_statuses(&Desired::default(), &observed, None, false);
             self.status.update(|s| s.guests = guests);
             return;
         };
-        let desired = self.placed(desired);
+        let revision = enforcing.commit.clone();
+        let (desired, observed) = self.scoped(&enforcing, observed);
         let plan = plan(
             &desired,
             &observed,
@@ -470,7 +510,7 @@ impl Controller {
             if self.in_flight.contains_key(&key) || !self.backoffs.ready(&key, now) {
                 continue;
             }
-            self.dispatch(key, step, &desired, drift);
+            self.dispatch(key, step, &desired, &enforcing.desired, drift);
         }
         let blocked_here = plan
             .guests
@@ -528,7 +568,16 @@ impl Controller {
         }
     }
 
-    fn dispatch(&mut self, key: String, step: &Step, desired: &Arc<Desired>, drift: bool) {
+    /// Runs `step`, with the guest as `desired` (this host's part) has it; the start
+    /// guard sees the whole revision (`revision`).
+    fn dispatch(
+        &mut self,
+        key: String,
+        step: &Step,
+        desired: &Desired,
+        revision: &Arc<Desired>,
+        drift: bool,
+    ) {
         let kind = action_kind(&step.action);
         info!(key = %key, action = kind, step = ?step.action, drift, "dispatching");
         self.in_flight.insert(key.clone(), kind);
@@ -541,7 +590,7 @@ impl Controller {
             (Action::Start { guest, .. }, Some(coordination)) => Some((
                 Arc::clone(coordination),
                 guest.clone(),
-                Arc::clone(desired),
+                Arc::clone(revision),
                 self.config.host.clone(),
             )),
             _ => None,

@@ -254,9 +254,11 @@ async fn incoming(
                 PeerError::Refused(_) => StatusCode::CONFLICT,
                 PeerError::Capacity(_) => StatusCode::INSUFFICIENT_STORAGE,
                 PeerError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+                PeerError::Busy(_) | PeerError::CannotTell(_) => StatusCode::SERVICE_UNAVAILABLE,
             };
-            warn!(error = %e, "incoming migration not prepared");
-            (code, Json(json!({ "error": e.to_string() }))).into_response()
+            let error = berth_hypervisor::report::one_line(&e);
+            warn!(%error, "incoming migration not prepared");
+            (code, Json(json!({ "error": error }))).into_response()
         }
         Err(panic) => (
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -283,7 +285,8 @@ async fn incoming_outcome(
                 PeerError::Unsupported(_) => StatusCode::NOT_IMPLEMENTED,
                 _ => StatusCode::SERVICE_UNAVAILABLE,
             };
-            (code, Json(json!({ "error": e.to_string() }))).into_response()
+            let error = berth_hypervisor::report::one_line(&e);
+            (code, Json(json!({ "error": error }))).into_response()
         }
         Err(panic) => (
             StatusCode::INTERNAL_SERVER_ERROR,

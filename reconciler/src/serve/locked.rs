@@ -7,7 +7,12 @@
 //! command's name and is retried with backoff, planned afresh from a new observe.
 //!
 //! The service's own actions share one hold ([`SharedStateLock`]), so they still run
-//! side by side.
+//! side by side. The same lock is held by the service's actions that do not go
+//! through its driver: the switchover resolver's `migrateResolve`
+//! ([`crate::fleet::switchover::Resolver`]) and the preparation of an incoming VMM
+//! ([`crate::fleet::incoming::LocalIncoming`]).
+
+use std::sync::Arc;
 
 use berth_schema::Guest;
 
@@ -18,17 +23,15 @@ use crate::model::{Desired, Observed};
 
 /// A driver whose actions hold the state lock. See the module documentation.
 pub struct Locked<D: ?Sized> {
-    lock: SharedStateLock,
-    inner: std::sync::Arc<D>,
+    lock: Arc<SharedStateLock>,
+    inner: Arc<D>,
 }
 
 impl<D: Driver + ?Sized> Locked<D> {
-    /// `inner`, whose actions hold the lock of `state_dir` in the name of `berth serve`.
-    pub fn new(inner: std::sync::Arc<D>, state_dir: &std::path::Path) -> Self {
-        Locked {
-            lock: SharedStateLock::new(state_dir, "berth serve"),
-            inner,
-        }
+    /// `inner`, whose actions hold `lock` (the state lock in the name of `berth serve`,
+    /// shared with the service's other actions).
+    pub fn new(inner: Arc<D>, lock: Arc<SharedStateLock>) -> Self {
+        Locked { lock, inner }
     }
 
     fn acting<T>(
@@ -108,7 +111,7 @@ impl<D: Driver + ?Sized> Driver for Locked<D> {
 #[cfg(test)]
 mod tests {
     use std::sync::mpsc;
-    use std::sync::{Arc, Mutex};
+    use std::sync::Mutex;
 
     use super::*;
     use crate::driver::local::StateLock;
@@ -167,7 +170,7 @@ mod tests {
                 entered: Mutex::new(entered_tx),
                 release: Mutex::new(release_rx),
             }),
-            dir.path(),
+            Arc::new(SharedStateLock::new(dir.path(), "berth serve")),
         ));
 
         // Not held while serve only observes.

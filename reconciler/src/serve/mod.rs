@@ -56,7 +56,7 @@ use tracing::{error, info, warn};
 use crate::auth::{Secret, SecretError};
 use crate::backoff::BackoffPolicy;
 use crate::client;
-use crate::driver::local::locate_vmm;
+use crate::driver::local::{locate_vmm, SharedStateLock};
 use crate::driver::{Driver, DriverError, DriverKind, LibvirtDriver, LocalDriver};
 use crate::fleet::http::HttpPeers;
 use crate::fleet::incoming::{IncomingNotes, LocalIncoming};
@@ -430,6 +430,8 @@ async fn serve(
             None
         }
     };
+    // The state lock, held around each action of the service (see `locked`).
+    let state_lock = Arc::new(SharedStateLock::new(&args.state_dir, "berth serve"));
     let (driver, incoming, local): (Arc<dyn Driver>, Arc<dyn IncomingMigrations>, _) = match &fleet
     {
         Fleet::Local(local) => {
@@ -443,7 +445,7 @@ async fn serve(
             ));
             let incoming = Arc::new(
                 LocalIncoming::new(
-                    Arc::clone(local),
+                    (Arc::clone(local), Arc::clone(&state_lock)),
                     Arc::clone(&enforced),
                     repo.clone(),
                     args.path.clone(),
@@ -451,7 +453,7 @@ async fn serve(
                 )
                 .with_coordination(Arc::clone(&coordination), tokio::runtime::Handle::current()),
             );
-            let locked = Arc::new(Locked::new(Arc::clone(&driver), &args.state_dir));
+            let locked = Arc::new(Locked::new(Arc::clone(&driver), Arc::clone(&state_lock)));
             (locked, incoming.clone(), Some((driver, incoming)))
         }
         Fleet::Sim(sim) => (sim.clone(), Arc::new(NoIncoming), None),
@@ -464,7 +466,7 @@ async fn serve(
                     Arc::clone(&metrics),
                     tokio::runtime::Handle::current(),
                 )),
-                &args.state_dir,
+                Arc::clone(&state_lock),
             )),
             Arc::new(LibvirtIncoming::new(Arc::clone(libvirt))),
             None,
@@ -571,7 +573,7 @@ async fn serve(
             if let Some(libvirt) = &libvirt {
                 libvirt.set_desired(commit.as_str(), desired);
             }
-            leader_revision.send_replace(Some(Arc::new(desired.clone())));
+            leader_revision.send_replace(Some(Arc::clone(desired)));
         }))
         .with_start_guard(Arc::clone(&coordination));
     if let Some(etcd) = &etcd {
@@ -592,7 +594,7 @@ async fn serve(
             Arc::clone(driver).follow_destinations(controller.pokes(), shutdown_rx.clone()),
         );
         let resolver = Resolver::new(
-            Arc::clone(local_driver),
+            (Arc::clone(local_driver), Arc::clone(&state_lock)),
             Arc::clone(&coordination),
             Arc::clone(&metrics),
             switchovers,
@@ -689,39 +691,37 @@ fn fleet_scheduling(
     let store = session.store().clone();
     let shared = crate::etcd::SharedPlacements::default();
     let pokes = controller.pokes();
+    let me = session.host().to_owned();
     tokio::spawn(crate::etcd::follow_placements(
         store.clone(),
         Arc::clone(&shared),
-        move || pokes.notify_one(),
+        move |change| {
+            if change.concerns(&me) {
+                pokes.notify_one();
+            }
+        },
         stop.clone(),
     ));
     let leader = Arc::clone(session);
     let leader_revisions = revisions.clone();
     tokio::spawn(async move {
-        loop {
-            let led = crate::etcd::lead(
-                &leader,
-                leader_revisions.clone(),
-                crate::etcd::LeaderSettings::default(),
-                |leadership, round| {
-                    for (guest, from, to) in &round.moved {
-                        info!(
-                            leader = leadership.host(),
-                            guest,
-                            from = from.as_deref().unwrap_or("-"),
-                            to,
-                            "placed by selector"
-                        );
-                    }
-                },
-            )
-            .await;
-            match led {
-                Ok(()) => return,
-                Err(e) => warn!(error = %e, "leading the fleet failed; campaigning again"),
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
+        crate::etcd::lead_on(
+            &leader,
+            leader_revisions,
+            crate::etcd::LeaderSettings::default(),
+            |leadership, round| {
+                for (guest, from, to) in &round.moved {
+                    info!(
+                        leader = leadership.host(),
+                        guest,
+                        from = from.as_deref().unwrap_or("-"),
+                        to,
+                        "placed by selector"
+                    );
+                }
+            },
+        )
+        .await;
     });
     if let Some(Fleet::Local(driver)) = local {
         let driver = Arc::clone(driver);
@@ -742,7 +742,7 @@ fn fleet_scheduling(
                     .filter(|g| {
                         placed
                             .get(&g.metadata.name)
-                            .is_some_and(|r| r.host.as_deref() == Some(me.as_str()))
+                            .is_some_and(|p| p.host() == Some(me.as_str()))
                     })
                     .map(|g| driver.control_socket(&g.metadata.name))
                     .collect()
@@ -751,12 +751,9 @@ fn fleet_scheduling(
             stop,
         ));
     }
-    let placer: crate::serve::controller::Placer = Arc::new(move |desired| {
-        crate::etcd::placements_of(desired, &shared.lock().expect("placements"))
-    });
     // A move of a selector-placed guest needs its destination observed too.
-    enforced.place_with(Arc::clone(&placer));
-    controller.with_placer(placer)
+    enforced.place_with(Arc::clone(&shared) as Arc<dyn crate::scheduler::Placer>);
+    controller.with_placer(shared)
 }
 
 /// Shows in `/status` whether this host can coordinate with its fleet, until `stop`;

@@ -116,10 +116,11 @@ impl Follower {
             let head = match head {
                 Ok(head) => head,
                 Err(e) => {
-                    warn!(error = %e, branch = %follower.branch, "cannot resolve the branch");
+                    let error = berth_hypervisor::report::one_line(&e);
+                    warn!(%error, branch = %follower.branch, "cannot resolve the branch");
                     let event = SourceEvent::Unreadable {
                         commit: None,
-                        error: berth_hypervisor::report::one_line(&e),
+                        error,
                     };
                     if events.send(event).await.is_err() {
                         return;
@@ -149,10 +150,11 @@ impl Follower {
                 Ok(revision) => SourceEvent::Revision(revision),
                 Err(e) => {
                     dedup.forget();
-                    warn!(error = %e, head = %head, "cannot read the revision");
+                    let error = berth_hypervisor::report::one_line(&e);
+                    warn!(%error, head = %head, "cannot read the revision");
                     SourceEvent::Unreadable {
                         commit: Some(head),
-                        error: berth_hypervisor::report::one_line(&e),
+                        error,
                     }
                 }
             };

@@ -19,16 +19,13 @@
 //! io weights, a live retune) to etcd showing all 100 changed, as their hosts
 //! published them.
 //!
-//! NOT WORKING YET: run only when named (`-- reconcile`). In this session's runs it
-//! never reached its first measurement: at 1,000 hosts etcd granted the 1,000 leases but
-//! no host record or ownership record was written within 3 minutes (the process used
-//! both cores and 7 GB); at 100 hosts and 1,000 guests
-//! (`BERTH_BENCH_FLEET=100x1000`) it waited 5 minutes with the cores idle. The cause
-//! is not found; the numbers in BENCHMARKS.md do not come from it.
+//! Run only when named (`-- reconcile`); `BERTH_BENCH_FLEET=HOSTSxGUESTS` sets the size
+//! (default 1000x10000). Progress goes to stderr every 10 s while it waits.
 //!
 //! All 1,000 hosts share this machine's 2 cores, so the times are what 1,000 hosts'
-//! work takes on 2 cores, not what one host waits for; the median pass of one host's
-//! loop is shown too.
+//! work takes on 2 cores, not what one host waits for. Each phase also shows this
+//! process's CPU time and etcd's, and the loops' passes (they share one `Metrics`):
+//! how many, and their mean wall time (which includes waiting for a core).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -39,7 +36,7 @@ use berth_reconciler::client::Transport;
 use berth_reconciler::diff::{Field, HostSetting};
 use berth_reconciler::driver::{Driver, DriverError, DriverKind, Scope, SimDriver};
 use berth_reconciler::etcd::{
-    follow_placements, lead, placements_of, read_fleet, EtcdConfig, EtcdStore, HostSession,
+    follow_placements, lead_on, placements_of, read_fleet, EtcdConfig, EtcdStore, HostSession,
     LeaderSettings, SharedPlacements,
 };
 use berth_reconciler::fleet::etcd::EtcdCoordination;
@@ -49,7 +46,7 @@ use berth_reconciler::fleet::Coordination;
 use berth_reconciler::git::CommitId;
 use berth_reconciler::metrics::Metrics;
 use berth_reconciler::model::{Desired, Observed, ObservedGuest, ObservedHost};
-use berth_reconciler::serve::controller::{Controller, ControllerConfig, Placer};
+use berth_reconciler::serve::controller::{Controller, ControllerConfig};
 use berth_reconciler::serve::source::{Revision, SourceEvent, Trigger};
 use berth_reconciler::serve::status::{Status, StatusStore};
 use berth_schema::{Guest, GuestState};
@@ -99,10 +96,10 @@ impl Driver for SimHost {
         Scope::Host(self.name.clone())
     }
 
+    /// The reconcile loop publishes what it observes (its start guard is the
+    /// coordination), as `berth serve`'s does.
     fn observe(&self) -> Result<Observed, DriverError> {
-        let observed = self.sim.observe()?;
-        self.coordination.publish(&observed);
-        Ok(observed)
+        self.sim.observe()
     }
 
     fn configure_host(&self, host: &str, settings: &[HostSetting]) -> Result<(), DriverError> {
@@ -153,6 +150,7 @@ async fn start_host(
     host: &ObservedHost,
     state: &std::path::Path,
     endpoint: &str,
+    metrics: &Arc<Metrics>,
     stop: &watch::Receiver<bool>,
 ) -> (Running, Arc<HostSession>) {
     let session = Arc::new(
@@ -188,20 +186,23 @@ async fn start_host(
             host: host.name.clone(),
             ..Status::default()
         }),
-        Arc::new(Metrics::new()),
+        Arc::clone(metrics),
     )
     .with_start_guard(coordination);
     let shared = SharedPlacements::default();
     let pokes = controller.pokes();
+    let me = host.name.clone();
     tokio::spawn(follow_placements(
         store.clone(),
         Arc::clone(&shared),
-        move || pokes.notify_one(),
+        move |change| {
+            if change.concerns(&me) {
+                pokes.notify_one();
+            }
+        },
         stop.clone(),
     ));
-    let placer: Placer =
-        Arc::new(move |desired| placements_of(desired, &shared.lock().expect("placements")));
-    let controller = controller.with_placer(placer);
+    let controller = controller.with_placer(shared);
     let (revisions, events) = mpsc::channel(4);
     tokio::spawn(controller.run(events, stop.clone()));
     (Running { revisions }, session)
@@ -250,12 +251,32 @@ async fn until_observed(
         .await
         .expect("a watch");
     let mut events = 0;
-    while state.values().filter(|d| **d).count() < count {
-        let answer = stream
-            .message()
-            .await
-            .expect("the watch")
-            .expect("the watch goes on");
+    let started = Instant::now();
+    let limit = Duration::from_secs(
+        std::env::var("BERTH_BENCH_TIMEOUT_S")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(900),
+    );
+    loop {
+        let finished = state.values().filter(|d| **d).count();
+        if finished >= count {
+            break;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "{finished} of {count} guests done in etcd after {limit:?}"
+        );
+        let Ok(answer) = tokio::time::timeout(Duration::from_secs(10), stream.message()).await
+        else {
+            eprintln!(
+                "reconcile: {finished} of {count} done after {:.0?}; load average {}",
+                started.elapsed(),
+                loadavg()
+            );
+            continue;
+        };
+        let answer = answer.expect("the watch").expect("the watch goes on");
         for event in answer.events() {
             events += 1;
             let Some(kv) = event.kv() else { continue };
@@ -295,8 +316,9 @@ async fn until_observed_apart(endpoint: &str, count: usize, done: fn(&ObservedGu
         .expect("the watcher");
 }
 
-/// One host's plan of `desired` (placed by the leader's records), median of 5: the
-/// bulk of a pass of its loop.
+/// One host's plan of the whole of `desired` (placed by the leader's records), median
+/// of 5: what each pass of a host's loop cost before a pass planned only the guests that
+/// concern its host.
 async fn one_plan(store: &EtcdStore, desired: &Desired, host: &str) -> Duration {
     let fleet = fleet_view(store).await;
     let observed = Observed {
@@ -331,10 +353,123 @@ async fn one_plan(store: &EtcdStore, desired: &Desired, host: &str) -> Duration 
     )
 }
 
+/// This process's CPU time (user + system) and peak resident memory so far.
+fn usage() -> (Duration, u64) {
+    // SAFETY: getrusage writes only into the zeroed struct it is given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; RUSAGE_SELF is always valid.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    (tv(u.ru_utime) + tv(u.ru_stime), u.ru_maxrss as u64 * 1024)
+}
+
+/// A process's CPU time (user + system) from `/proc/<pid>/stat`.
+fn cpu_of(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    // SAFETY: sysconf has no memory preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|i| fields.get(*i)?.parse::<f64>().ok())
+        .sum();
+    Duration::from_secs_f64(ticks / hz)
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The reconcile passes of every loop so far (they share one [`Metrics`]): how many,
+/// and their total time.
+fn passes(metrics: &Metrics) -> (f64, f64) {
+    let text = metrics.encode();
+    let value = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (
+        value("berth_reconcile_duration_seconds_count"),
+        value("berth_reconcile_duration_seconds_sum"),
+    )
+}
+
+/// What a phase cost: wall time, this process's CPU, etcd's CPU, the loops' passes.
+struct Phase {
+    wall: Duration,
+    cpu: Duration,
+    etcd_cpu: Duration,
+    passes: f64,
+    pass_seconds: f64,
+}
+
+struct Meter<'a> {
+    started: Instant,
+    cpu: Duration,
+    etcd_cpu: Duration,
+    passes: (f64, f64),
+    metrics: &'a Metrics,
+    etcd_pid: u32,
+}
+
+impl<'a> Meter<'a> {
+    fn start(metrics: &'a Metrics, etcd_pid: u32) -> Self {
+        Meter {
+            started: Instant::now(),
+            cpu: usage().0,
+            etcd_cpu: cpu_of(etcd_pid),
+            passes: passes(metrics),
+            metrics,
+            etcd_pid,
+        }
+    }
+
+    fn stop(&self) -> Phase {
+        let (n, sum) = passes(self.metrics);
+        Phase {
+            wall: self.started.elapsed(),
+            cpu: usage().0.saturating_sub(self.cpu),
+            etcd_cpu: cpu_of(self.etcd_pid).saturating_sub(self.etcd_cpu),
+            passes: n - self.passes.0,
+            pass_seconds: sum - self.passes.1,
+        }
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mean = if self.passes > 0.0 {
+            Duration::from_secs_f64(self.pass_seconds / self.passes)
+        } else {
+            Duration::ZERO
+        };
+        write!(
+            f,
+            "{:.2?} (CPU: berth {:.2?}, etcd {:.2?}; {} passes, mean {:.2?})",
+            self.wall, self.cpu, self.etcd_cpu, self.passes, mean
+        )
+    }
+}
+
 pub fn fleet(runtime: &tokio::runtime::Runtime) {
     let (hosts_n, guests_n) = size();
     #[allow(non_snake_case)]
     let (HOSTS, GUESTS) = (hosts_n, guests_n);
+    println!();
+    println!(
+        "reconcile: {HOSTS} simulated hosts, {GUESTS} guests; load average {}",
+        loadavg()
+    );
     let t = Instant::now();
     let desired = Arc::new(selector_fleet_with(HOSTS, GUESTS, ", io: {weight: 100}"));
     let parse = t.elapsed();
@@ -352,15 +487,17 @@ pub fn fleet(runtime: &tokio::runtime::Runtime) {
     let changed = Arc::new(changed);
     let etcd = Etcd::start();
     let endpoint = etcd.endpoint();
+    let etcd_pid = etcd.pid().expect("etcd runs");
     let port: u16 = endpoint.rsplit(':').next().unwrap().parse().unwrap();
     let state = tempfile::tempdir().expect("a state dir");
+    let metrics = Arc::new(Metrics::new());
     runtime.block_on(async {
         let (stop_tx, stop) = watch::channel(false);
         let mut stores = Vec::new();
         for _ in 0..HOSTS.div_ceil(HOSTS_PER_CONNECTION) {
             stores.push(EtcdConfig::new(&endpoint).connect().await.expect("etcd"));
         }
-        let t = Instant::now();
+        let meter = Meter::start(&metrics, etcd_pid);
         let mut hosts = Vec::new();
         let mut sessions = Vec::new();
         for (i, h) in desired.hosts.iter().enumerate() {
@@ -370,70 +507,83 @@ pub fn fleet(runtime: &tokio::runtime::Runtime) {
                 &observed,
                 state.path(),
                 &endpoint,
+                &metrics,
                 &stop,
             )
             .await;
             hosts.push(running);
             sessions.push(session);
         }
-        let joined = t.elapsed();
+        let joined = meter.stop();
+        eprintln!("reconcile: {HOSTS} hosts joined: {joined}");
         // Host 0 leads.
         let (leader_revision, leader_rx) = watch::channel(None::<Arc<Desired>>);
         let leader = Arc::clone(&sessions[0]);
         let rounds = Arc::new(Mutex::new(Vec::new()));
         let led = Arc::clone(&rounds);
+        // As `berth serve` leads: campaigning again after a failed round.
         tokio::spawn(async move {
-            let _ = lead(&leader, leader_rx, LeaderSettings::default(), move |_, round| {
+            lead_on(&leader, leader_rx, LeaderSettings::default(), move |_, round| {
                 led.lock().expect("rounds").push((Instant::now(), round.written));
             })
             .await;
         });
 
         // The first revision: every guest is started where the leader places it.
-        let t = Instant::now();
+        let meter = Meter::start(&metrics, etcd_pid);
         leader_revision.send_replace(Some(Arc::clone(&desired)));
         for h in &hosts {
             h.revisions.send(commit(1, &desired)).await.expect("a loop");
         }
-        let store = &stores[0];
         until_observed_apart(&endpoint, GUESTS, |g| {
             g.state == GuestState::Running && g.io_weight == Some(100)
         })
         .await;
-        let first = t.elapsed();
-        let first_pass = one_plan(store, &desired, "h0001").await;
+        let first = meter.stop();
+        eprintln!("reconcile: first revision, {GUESTS} running in etcd: {first}");
+        let store = &stores[0];
+        let full_plan = one_plan(store, &desired, "h0001").await;
 
-        // At rest: every host renews its lease and follows the placements; the leader's
-        // periodic round reads the fleet.
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        // At rest: every host renews its lease, follows the placements and runs its
+        // loop; the leader's periodic round reads the fleet.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let rest_load = loadavg();
+        let received = || metric(port, "grpc_server_msg_received_total", "");
         let renewals_before = metric(port, "grpc_server_msg_received_total", "LeaseKeepAlive");
         let ranges_before =
             metric(port, "grpc_server_msg_received_total", "grpc_method=\"Range\"");
+        let received_before = received();
         let writes_before = writes(port);
-        tokio::time::sleep(Duration::from_secs(10)).await;
-        let renewals = (metric(port, "grpc_server_msg_received_total", "LeaseKeepAlive")
-            - renewals_before)
-            / 10.0;
-        let ranges = (metric(port, "grpc_server_msg_received_total", "grpc_method=\"Range\"")
-            - ranges_before)
-            / 10.0;
-        let rest_writes = (writes(port) - writes_before) / 10.0;
+        let meter = Meter::start(&metrics, etcd_pid);
+        const REST: u64 = 20;
+        tokio::time::sleep(Duration::from_secs(REST)).await;
+        let rest = meter.stop();
+        let per_s = |v: f64| v / REST as f64;
+        let renewals = per_s(
+            metric(port, "grpc_server_msg_received_total", "LeaseKeepAlive") - renewals_before,
+        );
+        let ranges = per_s(
+            metric(port, "grpc_server_msg_received_total", "grpc_method=\"Range\"")
+                - ranges_before,
+        );
+        let requests = per_s(received() - received_before);
+        let rest_writes = per_s(writes(port) - writes_before);
 
         // The commit that changes 1% of the guests.
+        let commit_load = loadavg();
         let writes_before = writes(port);
-        let t = Instant::now();
+        let meter = Meter::start(&metrics, etcd_pid);
         leader_revision.send_replace(Some(Arc::clone(&changed)));
         for h in &hosts {
             h.revisions.send(commit(2, &changed)).await.expect("a loop");
         }
-        let handed = t.elapsed();
+        let handed = meter.started.elapsed();
         until_observed_apart(&endpoint, to_change, |g| {
             g.state == GuestState::Running && g.io_weight == Some(200)
         })
         .await;
-        let one_percent = t.elapsed();
+        let one_percent = meter.stop();
         let change_writes = writes(port) - writes_before;
-        let pass = one_plan(store, &changed, "h0001").await;
         let fleet = fleet_view(store).await;
         let running = fleet
             .observed
@@ -442,16 +592,34 @@ pub fn fleet(runtime: &tokio::runtime::Runtime) {
             .count();
         assert_eq!(running, GUESTS, "every guest still runs, once");
         assert_eq!(fleet.owners.len(), GUESTS);
+        let changed_in_etcd = fleet
+            .observed
+            .iter()
+            .filter(|g| g.io_weight == Some(200))
+            .count();
+        assert_eq!(changed_in_etcd, to_change, "only the 1% changed");
+        let (_, peak) = usage();
+        let end_load = loadavg();
 
         let _ = stop_tx.send(true);
         println!();
+        println!("| hosts (simulated, one process) | guests | revision parsed (each host, once) | hosts joined | first revision -> all running in etcd | 1% commit -> changed in etcd | handing the commit to the loops | etcd writes for the 1% change | full-revision plan of one host (what each pass cost before) | peak memory |");
+        println!("|---|---|---|---|---|---|---|---|---|---|");
         println!(
-            "| hosts (simulated, one process) | guests | revision parsed (each host, once) | hosts joined | first revision -> 10,000 running in etcd | one host's plan (the bulk of a pass) | renewals/s at rest | ranges/s at rest | writes/s at rest | 1% commit -> 100 changed in etcd | handing the commit to 1,000 loops | etcd writes for the 1% change | one host's plan after |"
+            "| {HOSTS} | {GUESTS} | {parse:.2?} | {joined} | {first} | {one_percent} | {handed:.2?} | {change_writes:.0} | {full_plan:.2?} | {:.2} GiB |",
+            peak as f64 / (1u64 << 30) as f64
         );
-        println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+        println!();
+        println!("| at rest, {REST} s | etcd requests/s | lease renewals/s | ranges/s | writes/s | writes/s per host | berth CPU (all loops) | etcd CPU |");
+        println!("|---|---|---|---|---|---|---|---|");
         println!(
-            "| {HOSTS} | {GUESTS} | {parse:.2?} | {joined:.2?} | {first:.2?} | {first_pass:.2?} | {renewals:.0} | {ranges:.1} | {rest_writes:.1} | {one_percent:.2?} | {handed:.2?} | {change_writes:.0} | {pass:.2?} |"
+            "| {HOSTS} hosts | {requests:.0} | {renewals:.0} | {ranges:.1} | {rest_writes:.1} | {:.3} | {:.0}% of a core | {:.0}% of a core |",
+            rest_writes / HOSTS as f64,
+            rest.cpu.as_secs_f64() / REST as f64 * 100.0,
+            rest.etcd_cpu.as_secs_f64() / REST as f64 * 100.0,
         );
+        println!();
+        println!("load average (1, 5, 15 min): at rest {rest_load}; at the commit {commit_load}; at the end {end_load}");
         drop(sessions);
     });
 }

@@ -20,15 +20,70 @@ use std::time::{Duration, Instant};
 
 use berth_hypervisor::control::{Client, Op};
 use berth_hypervisor::migration::{MigrateResolveArgs, MigrationPhase, MigrationStatus};
+use berth_hypervisor::report::one_line;
 use tracing::{debug, info, warn};
 
 /// How often the source VMM is asked for its status.
 const POLL: Duration = Duration::from_millis(10);
 
+/// Why the destination of a migration cannot tell (yet) whether it runs the guest.
+#[derive(Debug, thiserror::Error)]
+pub enum CannotTell {
+    /// The incoming VMM of a local migration has not ended its migration yet.
+    #[error("the incoming VMM of {guest} is at {phase:?}")]
+    Incoming {
+        /// The guest.
+        guest: String,
+        /// Its migration phase.
+        phase: MigrationPhase,
+    },
+    /// The incoming VMM of a local migration is there but does not answer.
+    #[error("the incoming VMM of {guest} does not answer")]
+    IncomingSilent {
+        /// The guest.
+        guest: String,
+    },
+    /// The new VMM says it does not run the guest but has not exited: until it has,
+    /// it is not taken at its word.
+    #[error("the new VMM (pid {pid}) does not run the guest and has not exited yet")]
+    NotExited {
+        /// Its pid.
+        pid: i32,
+    },
+    /// The destination host's service could not be asked.
+    #[error("cannot ask {host}")]
+    Unasked {
+        /// The host.
+        host: String,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The destination host's service did not answer in time.
+    #[error("{host} ({address}) did not answer within {timeout:?}")]
+    Timeout {
+        /// The host.
+        host: String,
+        /// Its service's address.
+        address: String,
+        /// How long it was given.
+        timeout: Duration,
+    },
+    /// No record says where the guest went, so nobody can be asked (the message says
+    /// what the VMM knows; its context says that no record names the destination).
+    #[error("its VMM streamed to {destination}; {error}")]
+    Unrecorded {
+        /// The address its VMM streamed to, as the VMM reports it.
+        destination: String,
+        /// What the VMM says of the switchover.
+        error: String,
+    },
+}
+
 /// Where a migration goes, as far as following it needs.
 pub trait Destination {
     /// Whether the destination runs the guest now; `Err` (why) while it cannot tell.
-    fn runs_guest(&self) -> Result<bool, String>;
+    fn runs_guest(&self) -> Result<bool, CannotTell>;
     /// How messages name it ("the new VMM", or a host).
     fn name(&self) -> String;
 }
@@ -118,13 +173,14 @@ pub fn follow(
                         }
                         Err(e) if since.elapsed() > how.resolve_within || (how.cancelling)() => {
                             return Err(FollowError::Unknown(format!(
-                                "{} could not tell within {:?} whether it runs the guest ({e})",
+                                "{} could not tell within {:?} whether it runs the guest ({})",
                                 to.name(),
-                                how.resolve_within
+                                how.resolve_within,
+                                one_line(&e)
                             )));
                         }
                         Err(e) => {
-                            debug!(guest = %name, error = %e, "the destination cannot tell yet");
+                            debug!(guest = %name, error = %one_line(&e), "the destination cannot tell yet");
                             std::thread::sleep(how.ask_every);
                         }
                     }
@@ -182,13 +238,14 @@ fn source_gone(
             }
             Err(e) if since.elapsed() > how.resolve_within => {
                 return Err(FollowError::Unknown(format!(
-                    "the source VMM stopped answering ({error}) and {} could not tell within {:?} whether it runs the guest ({e})",
+                    "the source VMM stopped answering ({error}) and {} could not tell within {:?} whether it runs the guest ({})",
                     to.name(),
-                    how.resolve_within
+                    how.resolve_within,
+                    one_line(&e)
                 )))
             }
             Err(e) => {
-                debug!(guest = %how.guest, error = %e, "the destination cannot tell yet");
+                debug!(guest = %how.guest, error = %one_line(&e), "the destination cannot tell yet");
                 std::thread::sleep(how.ask_every);
             }
         }

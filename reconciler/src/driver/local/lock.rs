@@ -52,13 +52,14 @@ pub enum LockError {
         /// What the holder is (`berth apply`, `berth stop`, `berth serve`).
         holder: Option<String>,
     },
-    /// The lock file could not be opened or locked.
-    #[error("cannot lock {}: {source}", .path.display())]
+    /// The lock file could not be opened or locked. The message names the cause, so
+    /// it is not also the `source`.
+    #[error("cannot lock {}: {error}", .path.display())]
     Io {
         /// The lock file.
         path: PathBuf,
         /// The error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -91,9 +92,9 @@ impl StateLock {
     /// [`LockError`].
     pub fn acquire(state_dir: &Path, wait: bool, holder: &str) -> Result<StateLock, LockError> {
         let path = Self::path(state_dir);
-        let io = |source| LockError::Io {
+        let io = |error| LockError::Io {
             path: path.clone(),
-            source,
+            error,
         };
         std::fs::create_dir_all(state_dir).map_err(io)?;
         let mut file = OpenOptions::new()
@@ -128,6 +129,23 @@ impl StateLock {
         )
         .map_err(io)?;
         Ok(StateLock { _file: file })
+    }
+}
+
+#[cfg(test)]
+impl StateLock {
+    /// Test support: waits until the state lock of `state_dir` is free. A child that
+    /// another test of the same binary forks holds a copy of every descriptor until it
+    /// execs, so a lock a test released may stay held for that moment.
+    pub(crate) fn wait_free(state_dir: &Path) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while StateLock::acquire(state_dir, false, "test").is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the state lock stays held"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
     }
 }
 

@@ -22,6 +22,7 @@ use berth_hypervisor::control::{Client, ClientError, Op};
 use berth_hypervisor::migration::{MigrateResolveArgs, MigrationPhase, MigrationStatus};
 use serde::{Deserialize, Serialize};
 
+use super::follow::CannotTell;
 use super::{failed, process_exists, write_atomically, LocalDriver, STOP_TIMEOUT};
 use crate::driver::DriverError;
 
@@ -244,7 +245,7 @@ impl LocalDriver {
     /// # Errors
     /// When it cannot tell yet (the incoming VMM is still before or at `Loaded`, or
     /// does not answer).
-    pub fn local_incoming_runs(&self, guest: &str) -> Result<bool, String> {
+    pub fn local_incoming_runs(&self, guest: &str) -> Result<bool, CannotTell> {
         let status = Client::connect(self.incoming_socket(guest))
             .and_then(|mut c| c.call(Op::MigrateStatus))
             .ok()
@@ -256,10 +257,13 @@ impl LocalDriver {
         match status.map(|s| s.phase) {
             Some(MigrationPhase::Completed) => Ok(true),
             Some(MigrationPhase::Failed | MigrationPhase::Cancelled) => Ok(false),
-            Some(phase) => Err(format!("the incoming VMM of {guest} is at {phase:?}")),
-            None if self.incoming_under_way(guest) => {
-                Err(format!("the incoming VMM of {guest} does not answer"))
-            }
+            Some(phase) => Err(CannotTell::Incoming {
+                guest: guest.to_owned(),
+                phase,
+            }),
+            None if self.incoming_under_way(guest) => Err(CannotTell::IncomingSilent {
+                guest: guest.to_owned(),
+            }),
             // Gone after reading Commit: its durable marker says it may have run.
             None if self.incoming_committed(guest) => Ok(true),
             // Gone without having run the guest, or never started.
@@ -303,7 +307,7 @@ impl LocalDriver {
             if !self.wait_gone(pid, STOP_TIMEOUT) {
                 return Err(DriverError::Failed {
                     context: format!("dropping the copy of {guest} here"),
-                    source: format!(
+                    cause: format!(
                         "the VMM (pid {pid}) is still running {STOP_TIMEOUT:?} after the resolution"
                     )
                     .into(),
@@ -371,7 +375,7 @@ mod tests {
         assert!(local.unknown_switchovers().is_empty());
         assert!(local.outgoing_record("web-1").is_some());
         // No incoming VMM there: a local destination that never ran the guest.
-        assert_eq!(local.local_incoming_runs("web-1"), Ok(false));
+        assert_eq!(local.local_incoming_runs("web-1").ok(), Some(false));
     }
 
     #[test]
@@ -384,8 +388,8 @@ mod tests {
         // marker, and no VMM holding the directory.
         berth_hypervisor::migration::receive::write_committed_marker(&marker).unwrap();
         assert!(local.incoming_committed("web-1"));
-        assert_eq!(local.local_incoming_runs("web-1"), Ok(true));
+        assert_eq!(local.local_incoming_runs("web-1").ok(), Some(true));
         std::fs::remove_file(&marker).unwrap();
-        assert_eq!(local.local_incoming_runs("web-1"), Ok(false));
+        assert_eq!(local.local_incoming_runs("web-1").ok(), Some(false));
     }
 }

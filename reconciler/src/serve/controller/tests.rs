@@ -486,7 +486,7 @@ impl Driver for PrepareFails {
                 "preparing the migration of {} to kvm02",
                 guest.metadata.name
             ),
-            source: Box::new(crate::fleet::CoordinationError {
+            cause: Box::new(crate::fleet::CoordinationError {
                 host: "kvm02".into(),
                 source: "the incoming VMM of a cannot be built: no 2MiB hugepages free".into(),
             }),
