@@ -95,15 +95,20 @@ pub fn thp_mode_in(files: &mut crate::host::KeptFiles) -> Option<berth_schema::T
     sysinfo::parse_thp_mode(&text).ok()
 }
 
-/// The memory of this process as the kernel counts it, read through `files`.
+/// The memory figures of a `/proc/<pid>/status` text.
 ///
 /// # Errors
-/// `/proc/self/status` is unreadable or malformed.
-pub fn process_memory_in(files: &mut crate::host::KeptFiles) -> Result<ProcessMemory, String> {
-    let text = files
-        .read(Path::new("/proc/self/status"))
-        .map_err(|e| e.to_string())?;
-    sysinfo::parse_process_memory(&text)
+/// The text is malformed.
+pub fn parse_process_memory(status: &str) -> Result<ProcessMemory, String> {
+    sysinfo::parse_process_memory(status)
+}
+
+/// The `Threads:` count of a `/proc/<pid>/status` text.
+pub fn parse_thread_count(status: &str) -> Option<usize> {
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse().ok())
 }
 
 /// The host's total RAM (`MemTotal`), when readable.

@@ -337,21 +337,28 @@ pub struct Vmm {
     fence: crate::fence::Fence,
     /// What every status reads again: see [`StatusCache`].
     status_cache: Mutex<StatusCache>,
+    /// This process's id (read once: `getpid` is a system call).
+    pid: hostlink::Pid,
     _serial_irq: Arc<EventFd>,
 }
 
 /// What a status would otherwise open and read afresh on every request: the kernel
 /// files it reads (this process's `/proc` status, the THP mode, the cgroup's files),
-/// kept open and read again from offset 0, and the names of the VMM's threads. Every
-/// value is still read from the kernel on every status; only the path walks and
-/// `open`/`close` calls are saved. A thread's name is read on its first two statuses
-/// (a thread just spawned may not have set its name yet) and kept while its id is in
-/// the thread list.
+/// kept open and read again from offset 0, and the VMM's thread list. Every value is
+/// still read from the kernel on every status; only the path walks, `open`/`close`
+/// calls and the listing of `/proc/self/task` are saved:
+/// - the thread list is read again when the thread count in `/proc/self/status` (read
+///   for the memory figures anyway) differs from the list's length, or when a listed
+///   thread is gone (its affinity cannot be read). Thread ids are allocated cyclically,
+///   so a thread that ended and one that started in between do not go unnoticed: the
+///   ended one's id fails.
+/// - a thread's name is read on its first two statuses (a thread just spawned may not
+///   have set its name yet) and kept while its id is listed.
 #[derive(Debug, Default)]
 struct StatusCache {
     files: crate::host::KeptFiles,
-    /// Thread id to (name, seen in an earlier status too).
-    names: std::collections::HashMap<hostlink::Pid, (String, bool)>,
+    /// This process's threads, by id: (tid, name, name seen in an earlier status too).
+    threads: Vec<(hostlink::Pid, String, bool)>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -425,6 +432,7 @@ impl Vmm {
                 files: crate::host::KeptFiles::new(),
                 ..StatusCache::default()
             }),
+            pid: hostlink::current_pid(),
             _serial_irq: irq,
         })
     }
@@ -918,9 +926,15 @@ impl Vmm {
 
     /// The status, read back from `/proc`, guest memory and the devices.
     pub fn status(&self) -> Status {
+        self.status_of(false)
+    }
+
+    /// The status; `brief`: without what an observe does not compare (see
+    /// [`crate::control::StatusArgs::brief`]).
+    pub fn status_of(&self, brief: bool) -> Status {
         let config = self.config();
         let (state, reason) = self.run_state();
-        let pid = hostlink::current_pid();
+        let pid = self.pid;
         let layout = match self.payload() {
             Payload::Heartbeat(layout) => Some(layout),
             _ => None,
@@ -947,19 +961,19 @@ impl Vmm {
             .collect::<Vec<_>>();
         let vcpu_tids: Vec<_> = vcpu.iter().filter_map(|v| v.tid).collect();
         let mut cache = lock(&self.status_cache);
-        let emulator_threads = cache
-            .emulator_threads(&vcpu_tids)
-            .into_iter()
-            .filter(|(_, name)| !is_kvm_worker(name))
-            .map(|(tid, name)| ThreadStatus {
-                tid,
-                name,
-                affinity: hostlink::read_thread_affinity(pid, tid).ok(),
-            })
-            .collect();
-        let mem = hostlink::process_memory_in(&mut cache.files).unwrap_or_default();
-        let thp = hostlink::thp_mode_in(&mut cache.files);
-        let cgroup = self.cgroup_json(&mut cache.files);
+        let proc_status = cache
+            .files
+            .read(std::path::Path::new("/proc/self/status"))
+            .unwrap_or_default();
+        let mem = hostlink::parse_process_memory(&proc_status).unwrap_or_default();
+        let emulator_threads =
+            cache.emulator_threads(pid, &vcpu_tids, hostlink::parse_thread_count(&proc_status));
+        let thp = if brief {
+            None
+        } else {
+            hostlink::thp_mode_in(&mut cache.files)
+        };
+        let cgroup = self.cgroup_json(&mut cache.files, brief, config.io.is_some());
         drop(cache);
         let backing = match config.memory.backing {
             Backing::Anonymous => "anonymous".to_owned(),
@@ -1025,7 +1039,15 @@ impl Vmm {
         Ok(())
     }
 
-    fn cgroup_json(&self, files: &mut crate::host::KeptFiles) -> serde_json::Value {
+    /// The cgroup's paths and values; `brief`: only the limits, with the I/O weight only
+    /// when `io_asked` (an observe compares no other: a cgroup's default weight is no
+    /// change to undo).
+    fn cgroup_json(
+        &self,
+        files: &mut crate::host::KeptFiles,
+        brief: bool,
+        io_asked: bool,
+    ) -> serde_json::Value {
         let cg = lock(&self.cgroup);
         match &cg.cgroup {
             Some(cgroup) => {
@@ -1034,8 +1056,15 @@ impl Vmm {
                     .iter()
                     .map(|p| p.display().to_string())
                     .collect();
-                let values = match cgroup.read_with(files) {
-                    Ok(readback) => serde_json::to_value(readback).unwrap_or_default(),
+                let values = if brief {
+                    cgroup
+                        .read_limits_with(files, io_asked)
+                        .map(serde_json::to_value)
+                } else {
+                    cgroup.read_with(files).map(serde_json::to_value)
+                };
+                let values = match values {
+                    Ok(values) => values.unwrap_or_default(),
                     Err(e) => serde_json::json!({"error": e.to_string()}),
                 };
                 serde_json::json!({
@@ -1060,26 +1089,70 @@ impl Vmm {
 }
 
 impl StatusCache {
-    /// The VMM's threads but `vcpu_tids`, with their names: (tid, name), by tid.
-    fn emulator_threads(&mut self, vcpu_tids: &[hostlink::Pid]) -> Vec<(hostlink::Pid, String)> {
-        let tids = hostlink::thread_ids().unwrap_or_default();
-        self.names.retain(|tid, _| tids.binary_search(tid).is_ok());
-        let mut threads = Vec::with_capacity(tids.len());
-        for tid in tids.into_iter().filter(|t| !vcpu_tids.contains(t)) {
-            let name = match self.names.get_mut(&tid) {
-                Some((name, true)) => name.clone(),
-                seen => {
-                    let Some(name) = hostlink::thread_name(tid) else {
-                        continue;
-                    };
-                    let earlier = seen.is_some();
-                    self.names.insert(tid, (name.clone(), earlier));
-                    name
-                }
-            };
-            threads.push((tid, name));
+    /// The VMM's threads but `vcpu_tids` and KVM's workers, with their names and
+    /// affinities, by tid. `count` is the thread count the kernel reports now.
+    fn emulator_threads(
+        &mut self,
+        pid: hostlink::Pid,
+        vcpu_tids: &[hostlink::Pid],
+        count: Option<usize>,
+    ) -> Vec<ThreadStatus> {
+        let mut listed = false;
+        if count != Some(self.threads.len()) {
+            self.list_threads();
+            listed = true;
         }
-        threads
+        loop {
+            let mut threads = Vec::with_capacity(self.threads.len());
+            let mut gone = false;
+            for (tid, name, confirmed) in &mut self.threads {
+                if vcpu_tids.contains(tid) {
+                    continue;
+                }
+                if !*confirmed && !listed {
+                    if let Some(now) = hostlink::thread_name(*tid) {
+                        *name = now;
+                    }
+                    *confirmed = true;
+                }
+                if is_kvm_worker(name) {
+                    continue;
+                }
+                let affinity = hostlink::read_thread_affinity(pid, *tid).ok();
+                gone |= affinity.is_none();
+                threads.push(ThreadStatus {
+                    tid: *tid,
+                    name: name.clone(),
+                    affinity,
+                });
+            }
+            if !gone || listed {
+                return threads;
+            }
+            self.list_threads();
+            listed = true;
+        }
+    }
+
+    /// Reads the thread list again, keeping the names of the threads still listed.
+    fn list_threads(&mut self) {
+        let tids = hostlink::thread_ids().unwrap_or_default();
+        let mut threads = Vec::with_capacity(tids.len());
+        for tid in tids {
+            match self.threads.iter().find(|(t, _, _)| *t == tid) {
+                Some((_, name, true)) => threads.push((tid, name.clone(), true)),
+                Some((_, name, false)) => {
+                    let name = hostlink::thread_name(tid).unwrap_or_else(|| name.clone());
+                    threads.push((tid, name, true));
+                }
+                None => {
+                    if let Some(name) = hostlink::thread_name(tid) {
+                        threads.push((tid, name, false));
+                    }
+                }
+            }
+        }
+        self.threads = threads;
     }
 }
 

@@ -5,7 +5,7 @@
 //! N small heartbeat guests (1 vCPU, 4 MiB, 1 tick/s) are started through the local
 //! driver in a temporary state directory; then `LocalDriver::observe` is timed
 //! `BENCH_ROUNDS` times (after 3 rounds of warm-up) asking the VMMs one after the other
-//! (1 worker: how berth observed before) and concurrently (the default workers), in
+//! (1 worker: how berth observed before) and all at once from one thread (the default), in
 //! alternating rounds; the median, p90 and the cost per guest are printed, with the
 //! load average. Then `BENCH_ROUNDS` concurrent observes in a row are counted in CPU
 //! time, berth's (`getrusage`) and the VMMs' (`/proc/<pid>/stat`), which a shared
@@ -19,7 +19,6 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use berth_reconciler::driver::local::OBSERVE_WORKERS;
 use berth_reconciler::driver::{Driver, LocalDriver};
 use berth_schema::Guest;
 
@@ -90,14 +89,14 @@ fn main() {
         median
     };
     let before = row("one VMM at a time (before)", &mut one);
-    let after = row(&format!("{OBSERVE_WORKERS} at once"), &mut many);
+    let after = row("all at once", &mut many);
     println!();
     println!(
         "ratio {:.1}x; load average (1/5/15 min) after: {load}",
         before / after
     );
 
-    // CPU time of `rounds` concurrent observes in a row, per observe.
+    // CPU time of `rounds` observes (all at once) in a row, per observe.
     let pids: Vec<i32> = names
         .iter()
         .filter_map(|n| std::fs::read_to_string(state.join("guests").join(n).join("pid")).ok())
@@ -112,7 +111,7 @@ fn main() {
     let berth = (self_cpu_ms() - self_before) / rounds as f64;
     let vmms = (vmm_cpu_ms(&pids) - vmms_before) / rounds as f64;
     println!(
-        "CPU per observe ({OBSERVE_WORKERS} at once, {rounds} in a row): berth {berth:.1} ms + \
+        "CPU per observe (all at once, {rounds} in a row): berth {berth:.1} ms + \
          VMMs {vmms:.1} ms = {:.1} ms ({:.0} us per guest)",
         berth + vmms,
         (berth + vmms) * 1000.0 / guests as f64

@@ -1,17 +1,18 @@
-//! The VMM side of the control socket: an accept thread hands each connection to a
-//! connection thread, which reads request lines and answers through the [`Vmm`].
+//! The VMM side of the control socket: connection threads accept connections
+//! themselves and answer their requests through the [`Vmm`].
 //!
-//! Connection threads are kept: one whose connection ends waits for the next, so a VMM
-//! observed every few seconds spawns no thread per request (spawning one, with its
+//! Connection threads are kept: one whose connection ends goes back to `accept`, so a
+//! VMM observed every few seconds spawns no thread per request (spawning one, with its
 //! stack mapped and unmapped and a fresh malloc arena, cost more than the status it
-//! served). A connection never waits behind another: when no kept thread is free, a new
-//! one is started, up to [`MAX_CONNECTIONS`].
+//! served), and no connection is handed from an accepting thread to a serving one (a
+//! wake-up and a context switch per request). A connection never waits behind another:
+//! the thread that takes the last waiting thread's place in `accept` starts one more,
+//! up to [`MAX_CONNECTIONS`] serving plus one that answers the excess with an error.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{channel, Receiver};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use super::protocol::{parse_request, ErrorCode, Op, Request, Response, MAX_LINE};
 use crate::vmm::{Vmm, VmmError};
@@ -19,69 +20,69 @@ use crate::vmm::{Vmm, VmmError};
 /// Connections served at once; more are answered with an error and closed.
 const MAX_CONNECTIONS: usize = 32;
 
-/// Serves `listener` on a thread named `control` until the process exits.
+/// Serves `listener` on threads named `control-conn` until the process exits.
 ///
 /// # Errors
-/// The thread cannot be spawned.
+/// The first thread cannot be spawned.
 pub fn spawn(listener: UnixListener, vmm: Arc<Vmm>) -> std::io::Result<()> {
+    let shared = Arc::new(Shared {
+        listener,
+        vmm,
+        threads: AtomicUsize::new(1),
+        accepting: AtomicUsize::new(1),
+        active: AtomicUsize::new(0),
+    });
+    spawn_thread(shared)
+}
+
+/// What the connection threads share.
+struct Shared {
+    listener: UnixListener,
+    vmm: Arc<Vmm>,
+    /// Connection threads started.
+    threads: AtomicUsize,
+    /// Threads in (or on their way back to) `accept`.
+    accepting: AtomicUsize,
+    /// Connections being served.
+    active: AtomicUsize,
+}
+
+fn spawn_thread(shared: Arc<Shared>) -> std::io::Result<()> {
     std::thread::Builder::new()
-        .name("control".into())
-        .spawn(move || accept_loop(&listener, &vmm))?;
+        .name("control-conn".into())
+        .spawn(move || connection_thread(&shared))?;
     Ok(())
 }
 
-/// Counts shared by the accept thread and the connection threads.
-#[derive(Default)]
-struct Counts {
-    /// Connections being served or handed over.
-    active: AtomicUsize,
-    /// Connection threads waiting for a connection that none has been promised.
-    idle: AtomicUsize,
-}
-
-fn accept_loop(listener: &UnixListener, vmm: &Arc<Vmm>) {
-    let counts = Arc::new(Counts::default());
-    let (handover, queue) = channel::<UnixStream>();
-    let queue = Arc::new(Mutex::new(queue));
-    for stream in listener.incoming() {
-        let Ok(mut stream) = stream else { continue };
-        if counts.active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
-            counts.active.fetch_sub(1, Ordering::SeqCst);
+/// Accepts and serves connections, one after the other, for the life of the process.
+fn connection_thread(shared: &Arc<Shared>) {
+    loop {
+        let Ok((mut stream, _)) = shared.listener.accept() else {
+            continue;
+        };
+        if shared.active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+            shared.active.fetch_sub(1, Ordering::SeqCst);
             let reply = Response::error(0, ErrorCode::Host, "too many control connections");
             let _ = write_reply(&mut stream, &reply);
             continue;
         }
-        // Promise the connection to an idle thread (only this thread takes from
-        // `idle`), else start one: every queued connection has a free thread.
-        let promised = counts
-            .idle
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok();
-        if !promised {
-            let (vmm, shared, queue) = (Arc::clone(vmm), Arc::clone(&counts), Arc::clone(&queue));
-            let spawned = std::thread::Builder::new()
-                .name("control-conn".into())
-                .spawn(move || connection_thread(&queue, &vmm, &shared));
-            if spawned.is_err() {
-                counts.active.fetch_sub(1, Ordering::SeqCst);
+        // The last thread in `accept` left it: start another, so that the next
+        // connection is taken at once (at most one thread beyond the cap, which answers
+        // the excess).
+        if shared.accepting.fetch_sub(1, Ordering::SeqCst) == 1
+            && shared.threads.load(Ordering::SeqCst) <= MAX_CONNECTIONS
+        {
+            shared.threads.fetch_add(1, Ordering::SeqCst);
+            shared.accepting.fetch_add(1, Ordering::SeqCst);
+            if spawn_thread(Arc::clone(shared)).is_err() {
+                shared.threads.fetch_sub(1, Ordering::SeqCst);
+                shared.accepting.fetch_sub(1, Ordering::SeqCst);
                 eprintln!("berth-vmm: cannot start a control connection thread");
-                continue;
             }
         }
-        if handover.send(stream).is_err() {
-            return;
-        }
-    }
-}
-
-/// Serves connections from `queue`, one after the other, for the life of the process.
-fn connection_thread(queue: &Mutex<Receiver<UnixStream>>, vmm: &Arc<Vmm>, counts: &Counts) {
-    loop {
-        let next = queue.lock().unwrap_or_else(|e| e.into_inner()).recv();
-        let Ok(stream) = next else { return };
-        serve(stream, vmm);
-        counts.active.fetch_sub(1, Ordering::SeqCst);
-        counts.idle.fetch_add(1, Ordering::SeqCst);
+        serve(stream, &shared.vmm);
+        shared.active.fetch_sub(1, Ordering::SeqCst);
+        shared.accepting.fetch_add(1, Ordering::SeqCst);
     }
 }
 
@@ -95,14 +96,14 @@ fn write_reply(mut stream: impl Write, reply: &Response) -> std::io::Result<()> 
 /// [`Response::ok`] with its JSON value, without building the value first).
 ///
 /// [`Status`]: super::protocol::Status
-fn write_status(mut stream: impl Write, id: u64, vmm: &Vmm) -> std::io::Result<()> {
+fn write_status(mut stream: impl Write, id: u64, vmm: &Vmm, brief: bool) -> std::io::Result<()> {
     let mut line = Vec::with_capacity(4096);
     write!(
         line,
         "{{\"v\":{},\"id\":{id},\"ok\":true,\"result\":",
         super::protocol::PROTOCOL_VERSION
     )?;
-    serde_json::to_writer(&mut line, &vmm.status()).map_err(std::io::Error::other)?;
+    serde_json::to_writer(&mut line, &vmm.status_of(brief)).map_err(std::io::Error::other)?;
     line.extend_from_slice(b"}\n");
     stream.write_all(&line)
 }
@@ -154,9 +155,11 @@ fn serve(stream: UnixStream, vmm: &Arc<Vmm>) {
             Ok(Some(Ok(line))) if line.iter().all(u8::is_ascii_whitespace) => continue,
             Ok(Some(Ok(line))) => match parse_request(&line) {
                 Ok(Request {
-                    id, op: Op::Status, ..
+                    id,
+                    op: Op::Status(args),
+                    ..
                 }) => {
-                    if write_status(&stream, id, vmm).is_err() {
+                    if write_status(&stream, id, vmm, args.brief).is_err() {
                         return;
                     }
                     continue;
@@ -174,7 +177,7 @@ fn serve(stream: UnixStream, vmm: &Arc<Vmm>) {
 fn handle(vmm: &Arc<Vmm>, request: Request) -> Response {
     let id = request.id;
     let result = match request.op {
-        Op::Status => Ok(vmm.status_json()),
+        Op::Status(args) => Ok(serde_json::to_value(vmm.status_of(args.brief)).unwrap_or_default()),
         Op::Retune(retune) => vmm.retune(&retune).map(|()| vmm.status_json()),
         Op::Pause => vmm.pause().map(|()| vmm.status_json()),
         Op::Resume => vmm.resume().map(|()| vmm.status_json()),

@@ -231,6 +231,21 @@ pub struct CgroupReadback {
     pub processes: Vec<Pid>,
 }
 
+/// What a guest's cgroup enforces, read from its files: [`CgroupReadback`] without the
+/// cpuset files, the process list and the memory usage (what an observe compares with
+/// the spec; a brief status carries this). A [`CgroupReadback`]'s JSON reads as one too.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CgroupLimits {
+    /// The cgroup version.
+    pub version: CgroupVersion,
+    /// The memory limits (`usage` is not read).
+    pub memory: MemoryReadback,
+    /// The proportional I/O weight, when read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io_weight: Option<Knob<u16>>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Controller {
     Memory,
@@ -813,22 +828,7 @@ impl GuestCgroup {
     /// # Errors
     /// As [`GuestCgroup::read`].
     pub fn read_with(&self, files: &mut KeptFiles) -> Result<CgroupReadback, CgroupError> {
-        let memory = match self.dir_for(Controller::Memory) {
-            Some(dir) => match self.version {
-                CgroupVersion::V1 => read_memory_v1(files, dir)?,
-                CgroupVersion::V2 => read_memory_v2(files, dir)?,
-            },
-            None => {
-                let reason = self.missing_controller(Controller::Memory);
-                MemoryReadback {
-                    hard_limit: Knob::NotEnforced(reason.clone()),
-                    soft_limit: Knob::NotEnforced(reason.clone()),
-                    swap_hard_limit: Knob::NotEnforced(reason.clone()),
-                    min_guarantee: Knob::NotEnforced(reason),
-                    usage: None,
-                }
-            }
-        };
+        let memory = self.read_memory(files, true)?;
         let cpus = match self.dir_for(Controller::Cpuset) {
             Some(dir) => read_cpuset_file(files, dir, "cpuset.cpus")?,
             None => None,
@@ -848,31 +848,7 @@ impl GuestCgroup {
                 (Knob::NotEnforced(reason.clone()), Knob::NotEnforced(reason))
             }
         };
-        let io_weight = match self.dir_for(Controller::Io) {
-            None => Knob::NotEnforced(self.missing_controller(Controller::Io)),
-            Some(dir) => {
-                let names = self.io_weight_names();
-                let mut found = None;
-                for name in names {
-                    let file = dir.join(name);
-                    if let Some(text) = read_optional_in(files, &file)? {
-                        found = Some((file, text));
-                        break;
-                    }
-                }
-                match found {
-                    None => Knob::NotEnforced(no_weight_file(names, dir)),
-                    Some((file, text)) => {
-                        Knob::Enforced(parse_io_weight(&text).ok_or_else(|| {
-                            CgroupError::Parse {
-                                path: file,
-                                reason: format!("{:?} holds no default weight", text.trim()),
-                            }
-                        })?)
-                    }
-                }
-            }
-        };
+        let io_weight = self.read_io_weight(files)?;
         let processes = match self.dirs.first() {
             Some(d) => read_procs_in(files, &d.dir)?,
             None => Vec::new(),
@@ -885,6 +861,72 @@ impl GuestCgroup {
             io_weight,
             processes,
         })
+    }
+
+    /// The limits the cgroup enforces ([`CgroupLimits`]), through `files`: the memory
+    /// limits, and the I/O weight when `io_weight`, read from their files as
+    /// [`GuestCgroup::read_with`] reads them; nothing else is read.
+    ///
+    /// # Errors
+    /// As [`GuestCgroup::read`].
+    pub fn read_limits_with(
+        &self,
+        files: &mut KeptFiles,
+        io_weight: bool,
+    ) -> Result<CgroupLimits, CgroupError> {
+        Ok(CgroupLimits {
+            version: self.version,
+            memory: self.read_memory(files, false)?,
+            io_weight: if io_weight {
+                Some(self.read_io_weight(files)?)
+            } else {
+                None
+            },
+        })
+    }
+
+    /// The memory limits, and the usage when `usage`.
+    fn read_memory(
+        &self,
+        files: &mut KeptFiles,
+        usage: bool,
+    ) -> Result<MemoryReadback, CgroupError> {
+        Ok(match self.dir_for(Controller::Memory) {
+            Some(dir) => match self.version {
+                CgroupVersion::V1 => read_memory_v1(files, dir, usage)?,
+                CgroupVersion::V2 => read_memory_v2(files, dir, usage)?,
+            },
+            None => {
+                let reason = self.missing_controller(Controller::Memory);
+                MemoryReadback {
+                    hard_limit: Knob::NotEnforced(reason.clone()),
+                    soft_limit: Knob::NotEnforced(reason.clone()),
+                    swap_hard_limit: Knob::NotEnforced(reason.clone()),
+                    min_guarantee: Knob::NotEnforced(reason),
+                    usage: None,
+                }
+            }
+        })
+    }
+
+    /// The proportional I/O weight, from the first weight file this cgroup has.
+    fn read_io_weight(&self, files: &mut KeptFiles) -> Result<Knob<u16>, CgroupError> {
+        let Some(dir) = self.dir_for(Controller::Io) else {
+            return Ok(Knob::NotEnforced(self.missing_controller(Controller::Io)));
+        };
+        let names = self.io_weight_names();
+        for name in names {
+            let file = dir.join(name);
+            if let Some(text) = read_optional_in(files, &file)? {
+                return Ok(Knob::Enforced(parse_io_weight(&text).ok_or_else(|| {
+                    CgroupError::Parse {
+                        path: file,
+                        reason: format!("{:?} holds no default weight", text.trim()),
+                    }
+                })?));
+            }
+        }
+        Ok(Knob::NotEnforced(no_weight_file(names, dir)))
     }
 
     /// Moves any process still in the cgroup to the hierarchy root, then removes the
@@ -1270,7 +1312,11 @@ fn set_memtune_v2(dir: &Path, tune: &MemTune) -> Result<Vec<NotEnforced>, Cgroup
     Ok(skipped)
 }
 
-fn read_memory_v1(files: &mut KeptFiles, dir: &Path) -> Result<MemoryReadback, CgroupError> {
+fn read_memory_v1(
+    files: &mut KeptFiles,
+    dir: &Path,
+    usage: bool,
+) -> Result<MemoryReadback, CgroupError> {
     Ok(MemoryReadback {
         hard_limit: Knob::Enforced(read_limit_in(files, &dir.join("memory.limit_in_bytes"))?),
         soft_limit: Knob::Enforced(read_limit_in(
@@ -1283,11 +1329,19 @@ fn read_memory_v1(files: &mut KeptFiles, dir: &Path) -> Result<MemoryReadback, C
             V1_NO_MEMSW,
         )?,
         min_guarantee: Knob::NotEnforced(V1_NO_MIN.to_owned()),
-        usage: read_usage(files, &dir.join("memory.usage_in_bytes"))?,
+        usage: if usage {
+            read_usage(files, &dir.join("memory.usage_in_bytes"))?
+        } else {
+            None
+        },
     })
 }
 
-fn read_memory_v2(files: &mut KeptFiles, dir: &Path) -> Result<MemoryReadback, CgroupError> {
+fn read_memory_v2(
+    files: &mut KeptFiles,
+    dir: &Path,
+    usage: bool,
+) -> Result<MemoryReadback, CgroupError> {
     let max = dir.join("memory.max");
     let hard_limit = read_limit_knob(files, &max, &missing_file(&max))?;
     let swap = dir.join("memory.swap.max");
@@ -1312,7 +1366,11 @@ fn read_memory_v2(files: &mut KeptFiles, dir: &Path) -> Result<MemoryReadback, C
         soft_limit: read_limit_knob(files, &high, &missing_file(&high))?,
         swap_hard_limit,
         min_guarantee,
-        usage: read_usage(files, &dir.join("memory.current"))?,
+        usage: if usage {
+            read_usage(files, &dir.join("memory.current"))?
+        } else {
+            None
+        },
     })
 }
 

@@ -38,7 +38,7 @@ pub use lock::{LockError, SharedStateHold, SharedStateLock, StateLock};
 use follow::FollowError;
 pub use outgoing::{OutgoingGuard, OutgoingRecord, Resolved, UnknownSwitchover};
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::process::CommandExt;
@@ -48,8 +48,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use berth_hypervisor::control::client::StatusRequests;
 use berth_hypervisor::control::{Client, ClientError, GuestRunState, Op, Retune, Status};
-use berth_hypervisor::host::cgroup::{CgroupReadback, Cgroups, Knob};
+use berth_hypervisor::host::cgroup::{CgroupLimits, Cgroups, Knob};
 use berth_hypervisor::host::hugepages::{self, HugePagePool};
 use berth_hypervisor::host::{affinity, sysinfo};
 use berth_hypervisor::migration::{MigrateArgs, MigrationPhase, MigrationStatus};
@@ -84,13 +85,13 @@ struct Metadata {
     annotations: BTreeMap<String, String>,
 }
 
-/// A guest as the local driver sees it: the observed guest and the VMM's full status.
+/// A guest as the local driver sees it: the observed guest and the VMM's status.
 #[derive(Debug, Clone)]
 pub struct LocalGuest {
     /// The guest in the reconciler's terms.
     pub observed: ObservedGuest,
-    /// The VMM's status, as it reported it; `None` when it did not answer
-    /// (`observed.unresponsive` says why).
+    /// The VMM's brief status ([`berth_hypervisor::control::StatusArgs::brief`]), as it
+    /// reported it; `None` when it did not answer (`observed.unresponsive` says why).
     pub status: Option<Status>,
     /// The VMM's pid, when known.
     pub pid: Option<i32>,
@@ -101,8 +102,8 @@ pub const PROBE_PATIENCE: Duration = Duration::from_secs(3);
 
 /// What asking a guest's VMM for its status found.
 enum Probe {
-    /// It answered.
-    Answered(Client, Box<Status>),
+    /// It answered (on this connection, when it is kept).
+    Answered(Option<Client>, Box<Status>),
     /// It holds its lock, so it runs, but did not answer in time.
     Unresponsive {
         /// Its pid, from its pid file.
@@ -128,8 +129,11 @@ pub struct LocalDriver {
     cancel: AtomicBool,
     /// Guests whose migration away this process follows ([`LocalDriver::begin_outgoing`]).
     outgoing: Mutex<HashSet<String>>,
-    /// How many VMMs an observe asks at once.
+    /// 1: an observe asks one VMM after the other; more: it asks every VMM at once from
+    /// one thread, and probes those that did not answer on up to this many threads.
     observe_workers: usize,
+    /// Each guest's files as an observe last read them ([`GuestFiles::read_kept`]).
+    files_read: Mutex<HashMap<PathBuf, KeptGuestFiles>>,
 }
 
 impl LocalDriver {
@@ -144,11 +148,13 @@ impl LocalDriver {
             cancel: AtomicBool::new(false),
             outgoing: Mutex::new(HashSet::new()),
             observe_workers: OBSERVE_WORKERS,
+            files_read: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Asks at most `workers` VMMs at once when observing (default
-    /// [`OBSERVE_WORKERS`]; 1 asks one after the other).
+    /// With `workers` above 1 (default [`OBSERVE_WORKERS`]), an observe asks every VMM
+    /// at once from one thread and probes those that did not answer at once (gone,
+    /// starting, slow) on up to `workers` threads; 1 asks one VMM after the other.
     pub fn observe_workers(mut self, workers: usize) -> Self {
         self.observe_workers = workers.max(1);
         self
@@ -311,13 +317,17 @@ impl LocalDriver {
             .filter(|n| !n.contains('.'))
             .collect();
         names.sort();
-        let observe = |name: &String| match self.probe(name) {
-            Probe::Answered(mut client, status) => {
-                let mut observed = self.observed_guest(name, &status, &online);
+        let observe = |name: &String, probe: Probe, files: Option<GuestFiles>| match probe {
+            Probe::Answered(client, status) => {
+                let files = files.unwrap_or_else(|| GuestFiles::read(&self.guest_dir(name)));
+                let mut observed = self.observed_with(name, &status, &online, files);
                 // A second request only while a migration is under way (or the VMM
                 // is too old to say).
                 if status.migration.is_none_or(MigrationPhase::is_active) {
-                    observed.migrating_to = self.outgoing_migration(&mut client);
+                    let client = client.map_or_else(|| Client::connect(self.socket(name)), Ok);
+                    observed.migrating_to = client
+                        .ok()
+                        .and_then(|mut c| self.outgoing_migration(&mut c));
                 }
                 Some(LocalGuest {
                     observed,
@@ -336,10 +346,48 @@ impl LocalDriver {
                 None
             }
         };
-        let mut guests: Vec<LocalGuest> = in_parallel(&names, self.observe_workers, observe)
-            .into_iter()
-            .flatten()
-            .collect();
+        let mut guests: Vec<LocalGuest> = if self.observe_workers <= 1 {
+            names
+                .iter()
+                .filter_map(|name| observe(name, self.probe(name), None))
+                .collect()
+        } else {
+            // Every VMM asked at once from this thread, which reads the guests' files
+            // while the VMMs answer; one that did not answer at once (gone, starting,
+            // slow) gets the patient probe, on up to `observe_workers` threads.
+            let sockets: Vec<PathBuf> = names.iter().map(|n| self.socket(n)).collect();
+            let asked = StatusRequests::send(&sockets);
+            let files: Vec<GuestFiles> = {
+                let mut kept = self.files_read.lock().unwrap_or_else(|e| e.into_inner());
+                let dirs: Vec<PathBuf> = names.iter().map(|n| self.guest_dir(n)).collect();
+                let listed: HashSet<&PathBuf> = dirs.iter().collect();
+                kept.retain(|dir, _| listed.contains(dir));
+                dirs.iter()
+                    .map(|dir| GuestFiles::read_kept(dir, &mut kept))
+                    .collect()
+            };
+            let replies = asked.replies(PROBE_PATIENCE);
+            let silent: Vec<&String> = names
+                .iter()
+                .zip(&replies)
+                .filter(|(_, r)| r.is_err())
+                .map(|(n, _)| n)
+                .collect();
+            let mut probed =
+                in_parallel(&silent, self.observe_workers, |n| self.probe(n)).into_iter();
+            names
+                .iter()
+                .zip(replies)
+                .zip(files)
+                .filter_map(|((name, reply), files)| {
+                    let probe = match reply {
+                        Ok(status) => Probe::Answered(None, Box::new(status)),
+                        Err(_) => probed.next().unwrap_or(Probe::Gone),
+                    };
+                    observe(name, probe, Some(files))
+                })
+                .collect()
+        };
         // A guest that arrived by migration and runs, but whose VMM could not take over
         // `<name>/` yet (the handover failed; the VMM keeps trying): seen from
         // `<name>.incoming/`, never left running unseen.
@@ -399,9 +447,9 @@ impl LocalDriver {
                     let left = deadline.saturating_duration_since(Instant::now());
                     let asked = client
                         .set_timeout(left.max(Duration::from_millis(100)))
-                        .and_then(|()| client.status());
+                        .and_then(|()| client.brief_status());
                     match asked {
-                        Ok(status) => return Probe::Answered(client, Box::new(status)),
+                        Ok(status) => return Probe::Answered(Some(client), Box::new(status)),
                         Err(e) => e,
                     }
                 }
@@ -440,7 +488,11 @@ impl LocalDriver {
                 self.host,
                 pid.map_or_else(|| "unknown".into(), |p| p.to_string()),
             ))),
-            Probe::Answered(client, status) => Ok(Some((client, *status))),
+            Probe::Answered(Some(client), status) => Ok(Some((client, *status))),
+            // (`probe` keeps its connection; a new one otherwise.)
+            Probe::Answered(None, status) => Client::connect(self.socket(name))
+                .map(|client| Some((client, *status)))
+                .map_err(|e| failed(format!("asking the VMM of {name} again"), e)),
         }
     }
 
@@ -525,10 +577,22 @@ impl LocalDriver {
     }
 
     fn observed_guest(&self, name: &str, status: &Status, online: &CpuSet) -> ObservedGuest {
-        let dir = self.guest_dir(name);
+        let files = GuestFiles::read(&self.guest_dir(name));
+        self.observed_with(name, status, online, files)
+    }
+
+    /// The guest `status` describes, with what its files say (`files`, read from its
+    /// directory).
+    fn observed_with(
+        &self,
+        name: &str,
+        status: &Status,
+        online: &CpuSet,
+        files: GuestFiles,
+    ) -> ObservedGuest {
         // Boot, CPU model and NUMA policy do not change during a VMM's life.
-        let spec = start_spec(&dir);
-        let metadata = read_metadata(&dir).unwrap_or_else(|| Metadata {
+        let GuestFiles { spec, metadata } = files;
+        let metadata = metadata.unwrap_or_else(|| Metadata {
             labels: spec
                 .as_ref()
                 .map(|g| g.metadata.labels.clone())
@@ -538,11 +602,11 @@ impl LocalDriver {
                 .map(|g| g.metadata.annotations.clone())
                 .unwrap_or_default(),
         });
-        let readback: Option<CgroupReadback> = status
+        let readback: Option<CgroupLimits> = status
             .cgroup
             .as_ref()
             .and_then(|c| c.get("values"))
-            .and_then(|v| CgroupReadback::deserialize(v).ok());
+            .and_then(|v| CgroupLimits::deserialize(v).ok());
         let state = match status.state {
             GuestRunState::Running => GuestState::Running,
             GuestRunState::Paused => GuestState::Paused,
@@ -552,7 +616,7 @@ impl LocalDriver {
         };
         // A guest that asks for no weight runs with the cgroup's default one, which is
         // not a change to undo.
-        let io_weight = match readback.as_ref().map(|r| &r.io_weight) {
+        let io_weight = match readback.as_ref().and_then(|r| r.io_weight.as_ref()) {
             Some(Knob::Enforced(weight)) if status.io.is_some() => Some(*weight),
             _ => status.io.map(|io| io.weight),
         };
@@ -1165,8 +1229,9 @@ impl follow::Destination for NewVmm<'_> {
     }
 }
 
-/// How many VMMs an observe asks at once by default: each VMM answers from its own
-/// process, and most of an answer is waiting for it, so more askers than CPUs pay off.
+/// How many VMMs that did not answer an observe's first request at once are probed
+/// at once by default: a probe mostly waits (for a starting or slow VMM), so more
+/// threads than CPUs pay off.
 pub const OBSERVE_WORKERS: usize = 32;
 
 /// `f` of every item, in order, on up to `workers` threads.
@@ -1240,6 +1305,85 @@ fn existing(path: PathBuf, from: &str) -> Result<PathBuf, DriverError> {
     }
 }
 
+/// What observe reads from a guest's directory besides the VMM's status.
+#[derive(Debug, Clone, Default)]
+struct GuestFiles {
+    /// The spec its VMM was built from ([`start_spec`]).
+    spec: Option<Guest>,
+    /// Its labels and annotations as last applied.
+    metadata: Option<Metadata>,
+}
+
+impl GuestFiles {
+    fn read(dir: &Path) -> GuestFiles {
+        GuestFiles {
+            spec: start_spec(dir),
+            metadata: read_metadata(dir),
+        }
+    }
+
+    /// [`GuestFiles::read`], parsed again only when `start.json` or `metadata.json`
+    /// changed since `kept` took them: one `stat` per file instead of opening, reading
+    /// and parsing it on every observe. Both files are only ever replaced whole
+    /// (written beside and renamed over), so a change gives a new inode. A directory
+    /// without `start.json` (a VMM started by an older berth) is read every time.
+    fn read_kept(dir: &Path, kept: &mut HashMap<PathBuf, KeptGuestFiles>) -> GuestFiles {
+        let stamps = (
+            FileStamp::of(&dir.join("start.json")),
+            FileStamp::of(&dir.join("metadata.json")),
+        );
+        if stamps.0.is_none() {
+            return GuestFiles::read(dir);
+        }
+        if let Some(known) = kept.get(dir).filter(|k| k.stamps == stamps) {
+            return known.files.clone();
+        }
+        let files = GuestFiles::read(dir);
+        kept.insert(
+            dir.to_owned(),
+            KeptGuestFiles {
+                stamps,
+                files: files.clone(),
+            },
+        );
+        files
+    }
+}
+
+/// A guest's files as read, and what their `stat` said then.
+#[derive(Debug)]
+struct KeptGuestFiles {
+    /// `start.json`, `metadata.json`.
+    stamps: (Option<FileStamp>, Option<FileStamp>),
+    files: GuestFiles,
+}
+
+/// What tells a file's content apart without reading it: its device, inode, size and
+/// modification and change times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileStamp {
+    /// `None` when the file does not exist (or cannot be read).
+    fn of(path: &Path) -> Option<FileStamp> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        Some(FileStamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        })
+    }
+}
+
 /// The spec the VMM in `dir` was built from: `start.json` (written beside `start.yaml`
 /// for observe, which reads it for every guest: JSON parses many times faster than
 /// YAML), else `start.yaml` (a VMM started by an older berth), else the VMM's own
@@ -1292,7 +1436,7 @@ fn pinning_in_force(status: &Status, online: &CpuSet) -> Option<Pinning> {
 
 /// Memory limits in force, from the cgroup files; a limit the host cannot enforce is
 /// reported as asked (it exists nowhere else).
-fn memtune_in_force(readback: Option<&CgroupReadback>, asked: Option<&MemTune>) -> Option<MemTune> {
+fn memtune_in_force(readback: Option<&CgroupLimits>, asked: Option<&MemTune>) -> Option<MemTune> {
     let knob = |k: Option<&Knob<Option<Bytes>>>, asked: Option<Bytes>| match k {
         Some(Knob::Enforced(v)) => *v,
         _ => asked,
@@ -1542,7 +1686,9 @@ mod tests {
 
     #[test]
     fn unenforceable_limits_are_reported_as_asked() {
-        let readback: CgroupReadback = serde_json::from_value(serde_json::json!({
+        // A full status's readback, read as the limits (a brief status carries only
+        // those, without the usage).
+        let readback: CgroupLimits = serde_json::from_value(serde_json::json!({
             "version": "v1",
             "memory": {
                 "hardLimit": {"enforced": 201326592},
@@ -1555,6 +1701,20 @@ mod tests {
             "ioWeight": {"notEnforced": "no weight file"}, "processes": []
         }))
         .unwrap();
+        let brief: CgroupLimits = serde_json::from_value(serde_json::json!({
+            "version": "v1",
+            "memory": {
+                "hardLimit": {"enforced": 201326592},
+                "softLimit": {"enforced": null},
+                "swapHardLimit": {"enforced": 268435456},
+                "minGuarantee": {"notEnforced": "cgroup v1 has no memory.min"}
+            },
+            "ioWeight": {"notEnforced": "no weight file"}
+        }))
+        .unwrap();
+        assert_eq!(brief.memory.hard_limit, readback.memory.hard_limit);
+        assert_eq!(brief.memory.usage, None);
+        assert!(readback.io_weight.is_some());
         let asked = MemTune {
             hard_limit: Some(Bytes::mib(128)),
             soft_limit: Some(Bytes::mib(100)),
