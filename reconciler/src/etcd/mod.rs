@@ -74,8 +74,8 @@ pub use ownership::{
     Switchover,
 };
 pub use placements::{
-    decide, follow_placements, lead, lead_on, lead_round, placements_of, read_placements,
-    LeaderSettings, PlacementChange, PlacementRecord, Round, SharedPlacements,
+    decide, follow_placements, follow_placements_for, lead, lead_on, lead_round, placements_of,
+    read_placements, LeaderSettings, PlacementChange, PlacementRecord, Round, SharedPlacements,
 };
 pub use session::{HostRecord, HostSession, LeaseHealth, LeaseState};
 pub use view::{read_fleet, read_host, FleetView, HostEvent, HostWatch, PublishedHost};

@@ -345,6 +345,29 @@ impl PlacementChange {
     }
 }
 
+/// Follows the placement records for host `me` on a task of its own: the placements
+/// it returns stay equal to the records, and `pokes` is notified for each change that
+/// concerns `me` (what a host's reconcile loop waits on), until `stop` turns true.
+pub fn follow_placements_for(
+    store: EtcdStore,
+    me: String,
+    pokes: std::sync::Arc<tokio::sync::Notify>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> SharedPlacements {
+    let shared = SharedPlacements::default();
+    tokio::spawn(follow_placements(
+        store,
+        std::sync::Arc::clone(&shared),
+        move |change| {
+            if change.concerns(&me) {
+                pokes.notify_one();
+            }
+        },
+        stop,
+    ));
+    shared
+}
+
 /// Keeps `shared` equal to the placement records (one read, then a watch from its
 /// revision; read again after any error), calling `changed` with what each change
 /// touched, until `stop` turns true.

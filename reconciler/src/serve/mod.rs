@@ -689,19 +689,12 @@ fn fleet_scheduling(
     stop: watch::Receiver<bool>,
 ) -> Controller {
     let store = session.store().clone();
-    let shared = crate::etcd::SharedPlacements::default();
-    let pokes = controller.pokes();
-    let me = session.host().to_owned();
-    tokio::spawn(crate::etcd::follow_placements(
+    let shared = crate::etcd::follow_placements_for(
         store.clone(),
-        Arc::clone(&shared),
-        move |change| {
-            if change.concerns(&me) {
-                pokes.notify_one();
-            }
-        },
+        session.host().to_owned(),
+        controller.pokes(),
         stop.clone(),
-    ));
+    );
     let leader = Arc::clone(session);
     let leader_revisions = revisions.clone();
     tokio::spawn(async move {

@@ -36,8 +36,8 @@ use berth_reconciler::client::Transport;
 use berth_reconciler::diff::{Field, HostSetting};
 use berth_reconciler::driver::{Driver, DriverError, DriverKind, Scope, SimDriver};
 use berth_reconciler::etcd::{
-    follow_placements, lead_on, placements_of, read_fleet, EtcdConfig, EtcdStore, HostSession,
-    LeaderSettings, SharedPlacements,
+    follow_placements_for, lead_on, placements_of, read_fleet, EtcdConfig, EtcdStore, HostSession,
+    LeaderSettings,
 };
 use berth_reconciler::fleet::etcd::EtcdCoordination;
 use berth_reconciler::fleet::http::HttpPeers;
@@ -189,19 +189,12 @@ async fn start_host(
         Arc::clone(metrics),
     )
     .with_start_guard(coordination);
-    let shared = SharedPlacements::default();
-    let pokes = controller.pokes();
-    let me = host.name.clone();
-    tokio::spawn(follow_placements(
+    let shared = follow_placements_for(
         store.clone(),
-        Arc::clone(&shared),
-        move |change| {
-            if change.concerns(&me) {
-                pokes.notify_one();
-            }
-        },
+        host.name.clone(),
+        controller.pokes(),
         stop.clone(),
-    ));
+    );
     let controller = controller.with_placer(shared);
     let (revisions, events) = mpsc::channel(4);
     tokio::spawn(controller.run(events, stop.clone()));
