@@ -17,22 +17,13 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use aws_lc_rs::aead as lc;
+use berth_hypervisor::host::sysinfo::thread_cpu_time;
 use berth_hypervisor::migration::seal::{SealingKey, SharedBytes};
 use ring::aead as rg;
 
 const RUN: usize = 256 << 10;
 const TOTAL: usize = 200 << 20;
 const ROUNDS: usize = 5;
-
-fn thread_cpu() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid timespec to fill.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
-}
 
 fn nonce(i: usize) -> [u8; 12] {
     let mut n = [0u8; 12];
@@ -42,9 +33,9 @@ fn nonce(i: usize) -> [u8; 12] {
 
 /// CPU time of this thread spent in `f`.
 fn timed(f: impl FnOnce()) -> Duration {
-    let t = thread_cpu();
+    let t = thread_cpu_time();
     f();
-    thread_cpu() - t
+    thread_cpu_time() - t
 }
 
 /// Prints the fastest of [`ROUNDS`] rounds; `round` does its setup and returns the time

@@ -313,24 +313,10 @@ fn load_average() -> String {
         .unwrap_or_else(|| "?".into())
 }
 
-/// CPU time (user + system, of all its threads, also those that ended) of process
-/// `pid` so far, ms, from the process's CPU clock (nanoseconds; `/proc/<pid>/stat`
-/// counts 10 ms ticks). NaN when the clock cannot be read.
+/// CPU time of process `pid` so far, ms; NaN when it cannot be read.
 fn cpu_ms(pid: u32) -> f64 {
-    let mut clock: libc::clockid_t = 0;
-    // SAFETY: `clock` is a valid place for the clock id.
-    if unsafe { libc::clock_getcpuclockid(pid as libc::pid_t, &mut clock) } != 0 {
-        return f64::NAN;
-    }
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid timespec to fill.
-    if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
-        return f64::NAN;
-    }
-    ts.tv_sec as f64 * 1000.0 + ts.tv_nsec as f64 / 1e6
+    berth_hypervisor::host::sysinfo::process_cpu_time(pid)
+        .map_or(f64::NAN, |t| t.as_secs_f64() * 1000.0)
 }
 
 fn mib(bytes: u64) -> String {

@@ -1,5 +1,5 @@
 //! Host-wide memory settings and facts: transparent hugepages, KSM, NUMA nodes, memory
-//! totals, the memory of one process, and the CPU model and flags.
+//! totals, the memory and CPU time of one process, and the CPU model and flags.
 //!
 //! The THP and KSM settings are what the reconciler converges from the `Host` manifest;
 //! their readers and writers take the directory as an argument (`*_at`) so they can be
@@ -418,6 +418,39 @@ impl CpuInfo {
     }
 }
 
+/// The time clock `clock` has counted (a CPU-time clock: nanoseconds, where
+/// `/proc/<pid>/stat` counts 10 ms ticks), or `None` when it cannot be read.
+fn clock_time(clock: libc::clockid_t) -> Option<std::time::Duration> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec for the call to fill.
+    if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
+        return None;
+    }
+    Some(std::time::Duration::new(
+        u64::try_from(ts.tv_sec).ok()?,
+        u32::try_from(ts.tv_nsec).ok()?,
+    ))
+}
+
+/// CPU time of the calling thread so far (which waiting for a core does not inflate).
+pub fn thread_cpu_time() -> std::time::Duration {
+    clock_time(libc::CLOCK_THREAD_CPUTIME_ID).unwrap_or_default()
+}
+
+/// CPU time (user and system, of all its threads, also those that ended) of process
+/// `pid` so far, from its CPU clock; `None` when it cannot be read (the process is gone).
+pub fn process_cpu_time(pid: u32) -> Option<std::time::Duration> {
+    let mut clock: libc::clockid_t = 0;
+    // SAFETY: `clock` is a valid place for the clock id.
+    if unsafe { libc::clock_getcpuclockid(libc::pid_t::try_from(pid).ok()?, &mut clock) } != 0 {
+        return None;
+    }
+    clock_time(clock)
+}
+
 /// A `/proc/cpuinfo` text, described by its first processor.
 ///
 /// # Errors
@@ -633,5 +666,22 @@ mod tests {
             parse_cpuinfo("processor: 0\nflags: fpu\n").unwrap_err(),
             "no vendor_id line"
         );
+    }
+
+    #[test]
+    fn cpu_clocks_count_this_threads_work_and_a_gone_process_has_none() {
+        let ms = std::time::Duration::from_millis;
+        let process = process_cpu_time(std::process::id()).expect("this process's clock");
+        let thread = thread_cpu_time();
+        let mut x = 0u64;
+        while thread_cpu_time() < thread + ms(5) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        assert!(x > 0);
+        // The process's clock counts this thread's 5 ms too (read apart, so a little less
+        // may separate the two readings).
+        let later = process_cpu_time(std::process::id()).expect("this process's clock");
+        assert!(later >= process + ms(4), "{process:?} -> {later:?}");
+        assert_eq!(process_cpu_time(u32::MAX), None);
     }
 }

@@ -8,6 +8,7 @@ use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use berth_hypervisor::host::sysinfo::thread_cpu_time;
 
 /// What one plain copy took.
 pub struct Copied {
@@ -18,17 +19,6 @@ pub struct Copied {
     pub cpu: Duration,
     /// The receiving threads' share of `cpu`.
     pub receivers_cpu: Duration,
-}
-
-/// CPU time of the calling thread so far.
-fn thread_cpu() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid timespec to write; the clock id is a constant.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 /// Copies `data` over `connections` loopback connections (each its contiguous share)
@@ -62,16 +52,16 @@ pub fn copy(data: &[u8], connections: usize) -> anyhow::Result<Copied> {
             let start = &start;
             senders.push(scope.spawn(move || -> std::io::Result<Duration> {
                 start.wait();
-                let cpu = thread_cpu();
+                let cpu = thread_cpu_time();
                 for chunk in src.chunks(1 << 20) {
                     out.write_all(chunk)?;
                 }
-                Ok(thread_cpu() - cpu)
+                Ok(thread_cpu_time() - cpu)
             }));
             receivers.push(
                 scope.spawn(move || -> std::io::Result<(Instant, Duration)> {
                     start.wait();
-                    let cpu = thread_cpu();
+                    let cpu = thread_cpu_time();
                     let mut at = 0;
                     while at < dst.len() {
                         let end = (at + (1 << 20)).min(dst.len());
@@ -80,7 +70,7 @@ pub fn copy(data: &[u8], connections: usize) -> anyhow::Result<Copied> {
                             n => at += n,
                         }
                     }
-                    Ok((Instant::now(), thread_cpu() - cpu))
+                    Ok((Instant::now(), thread_cpu_time() - cpu))
                 }),
             );
         }
