@@ -391,6 +391,17 @@ fn each_cause_of_an_error_is_printed_once() {
             printed[i]
         );
     }
+    // etcd's errors name the endpoint and print no Debug text of the gRPC client.
+    for i in [4, 5] {
+        assert!(
+            printed[i].contains("at http://127.0.0.1:"),
+            "{}",
+            printed[i]
+        );
+        for debug in ["Status {", "ConnectError(", "tonic::", "Os {"] {
+            assert!(!printed[i].contains(debug), "{debug:?} in:\n{}", printed[i]);
+        }
+    }
     assert!(printed[1].contains("does not run"), "{}", printed[1]);
     assert!(printed[3].contains("spec.cpu.vcpus"), "{}", printed[3]);
 }

@@ -134,7 +134,7 @@ fn cannot_tell() -> Vec<CannotTell> {
 fn etcd_request() -> EtcdError {
     EtcdError::Request {
         what: "reading the ownership record of web-1".into(),
-        source: etcd_client::Error::InvalidArgs("deadline exceeded".into()),
+        source: etcd_client::Error::InvalidArgs("deadline exceeded".into()).into(),
     }
 }
 
@@ -142,7 +142,7 @@ fn etcd_errors() -> Vec<EtcdError> {
     vec![
         EtcdError::Connect {
             endpoints: "http://127.0.0.1:1".into(),
-            source: etcd_client::Error::InvalidArgs("connection refused".into()),
+            source: etcd_client::Error::InvalidArgs("connection refused".into()).into(),
         },
         etcd_request(),
         EtcdError::Timeout {

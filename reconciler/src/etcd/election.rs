@@ -32,7 +32,7 @@ impl Leadership {
                 .await
                 .map_err(|source| EtcdError::Request {
                     what: format!("campaign of host {} for leader", session.host()),
-                    source,
+                    source: source.into(),
                 })?;
             let Some(key) = answer.leader().cloned() else {
                 continue;

@@ -90,7 +90,7 @@ pub enum EtcdError {
         endpoints: String,
         /// The client's error.
         #[source]
-        source: etcd_client::Error,
+        source: EtcdCause,
     },
     /// A request failed.
     #[error("etcd: {what} failed")]
@@ -99,7 +99,7 @@ pub enum EtcdError {
         what: String,
         /// The client's error.
         #[source]
-        source: etcd_client::Error,
+        source: EtcdCause,
     },
     /// A request got no answer in time (etcd unreachable, or partitioned away).
     #[error("etcd: {what} got no answer within {timeout:?}")]
@@ -131,6 +131,46 @@ pub enum EtcdError {
     #[error("invalid etcd lease timeouts: {0}")]
     Timeouts(&'static str),
 }
+
+/// etcd-client's error, printed for an operator. Its own text of a failed gRPC request is
+/// tonic's `Status`, which ends in the Debug form of the transport error
+/// (`source: tonic::transport::Error(Transport, ConnectError(...))`); this prints the
+/// status's message, then each cause once (down to the operating system's error, such
+/// as `Connection refused`), then the gRPC code: `tcp connect error: Connection refused
+/// (os error 111) (Unavailable)`, `etcdserver: user name is empty (InvalidArgument)`.
+#[derive(Debug)]
+pub struct EtcdCause(pub etcd_client::Error);
+
+impl From<etcd_client::Error> for EtcdCause {
+    fn from(error: etcd_client::Error) -> EtcdCause {
+        EtcdCause(error)
+    }
+}
+
+impl std::fmt::Display for EtcdCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::error::Error as _;
+        let (first, cause, code) = match &self.0 {
+            etcd_client::Error::GRpcStatus(status) => (
+                status.message().to_owned(),
+                status.source(),
+                Some(status.code()),
+            ),
+            other => (other.to_string(), other.source(), None),
+        };
+        let chain = std::iter::once(first)
+            .chain(std::iter::successors(cause, |e| (*e).source()).map(|e| e.to_string()));
+        let text = berth_hypervisor::report::causes_once(chain).join(": ");
+        match code {
+            Some(code) if text.is_empty() => write!(f, "{code:?}"),
+            Some(code) => write!(f, "{text} ({code:?})"),
+            None => f.write_str(&text),
+        }
+    }
+}
+
+// Its causes are part of its text (above), so it has no `source` of its own.
+impl std::error::Error for EtcdCause {}
 
 /// How long a host's lease lives and when the host must have fenced itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -256,9 +296,9 @@ impl EtcdConfig {
     pub async fn connect(&self) -> Result<EtcdStore, EtcdError> {
         self.lease.validate()?;
         let endpoints = self.endpoints.join(",");
-        let connect_error = |source| EtcdError::Connect {
+        let connect_error = |source: etcd_client::Error| EtcdError::Connect {
             endpoints: endpoints.clone(),
-            source,
+            source: source.into(),
         };
         // HTTP/2 pings notice a dead or partitioned etcd on a connection with a stream
         // open (a host's always has its lease's keep-alive stream), so that the client
@@ -287,6 +327,7 @@ impl EtcdConfig {
         .map_err(connect_error)?;
         Ok(EtcdStore {
             client,
+            endpoints,
             keys: Keys {
                 prefix: self.prefix.clone(),
             },
@@ -383,6 +424,8 @@ impl Keys {
 #[derive(Clone)]
 pub struct EtcdStore {
     client: etcd_client::Client,
+    /// The endpoints, comma-separated, for error messages.
+    endpoints: String,
     keys: Keys,
     request_timeout: Duration,
     lease: LeaseTimeouts,
@@ -405,7 +448,8 @@ impl EtcdStore {
         self.client.clone()
     }
 
-    /// Runs one request with the request timeout, naming it in the error.
+    /// Runs one request with the request timeout, naming it and the endpoints in the
+    /// error.
     async fn call<T>(
         &self,
         what: impl Fn() -> String,
@@ -414,11 +458,11 @@ impl EtcdStore {
         match tokio::time::timeout(self.request_timeout, request).await {
             Ok(Ok(answer)) => Ok(answer),
             Ok(Err(source)) => Err(EtcdError::Request {
-                what: what(),
-                source,
+                what: format!("{} at {}", what(), self.endpoints),
+                source: source.into(),
             }),
             Err(_) => Err(EtcdError::Timeout {
-                what: what(),
+                what: format!("{} at {}", what(), self.endpoints),
                 timeout: self.request_timeout,
             }),
         }

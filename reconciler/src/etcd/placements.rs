@@ -418,7 +418,7 @@ pub async fn follow_placements(
                     .await
                     .map_err(|source| EtcdError::Request {
                         what: "watching the placements".to_owned(),
-                        source,
+                        source: source.into(),
                     })?;
                 let Some(message) = message.filter(|m| !m.canceled()) else {
                     return Ok::<(), EtcdError>(());

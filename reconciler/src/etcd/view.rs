@@ -172,7 +172,7 @@ impl HostWatch {
                 .await
                 .map_err(|source| EtcdError::Request {
                     what: "watching the hosts".to_owned(),
-                    source,
+                    source: source.into(),
                 })?;
             let Some(answer) = answer else {
                 return Ok(None);
