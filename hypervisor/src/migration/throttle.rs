@@ -46,6 +46,10 @@ impl Throttle {
     /// Sets the share of vCPU time taken, percent (0 to 99).
     pub fn set(&self, percent: u8) {
         self.percent.store(percent.min(99), Ordering::SeqCst);
+        // At 0% the thread sleeps until this wakes it.
+        if let Some(t) = &self.thread {
+            t.thread().unpark();
+        }
     }
 
     /// The share in force.
@@ -88,6 +92,13 @@ fn run(vmm: &Vmm, percent: &AtomicU8, stop: &AtomicBool) {
         }
     };
     while !stop.load(Ordering::SeqCst) {
+        if percent.load(Ordering::SeqCst) == 0 {
+            // Nothing to take: sleep until `set` or `halt` unparks this thread (a
+            // wake-up every slice at 0% was CPU taken from every migration). An unpark
+            // between the load and the park is kept, so none is lost.
+            std::thread::park();
+            continue;
+        }
         nap(TIMESLICE);
         let p = u32::from(percent.load(Ordering::SeqCst));
         if p == 0 || stop.load(Ordering::SeqCst) {
