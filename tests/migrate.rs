@@ -695,6 +695,9 @@ enum Fault {
     Stall(usize),
     /// Swallow the `Commit` frame and cut the link.
     DropCommit,
+    /// Swallow the `Commit` frame and hold the link open and silent (the source waits
+    /// for `Running` until its timeout).
+    HoldCommit,
     /// Forward `Commit`, swallow `Running`, cut the link.
     DropRunning,
 }
@@ -814,7 +817,7 @@ fn spawn_pumps(client: TcpStream, server: TcpStream, fault: Option<Fault>, stop:
                 break;
             }
             let commit = header[0] == FrameKind::Commit as u8;
-            if commit && fault == Some(Fault::DropCommit) {
+            if commit && matches!(fault, Some(Fault::DropCommit | Fault::HoldCommit)) {
                 return finish(fault, cut_all, &stop);
             }
             if !forward(&mut header, &mut to) || !forward(&mut body, &mut to) {
@@ -834,7 +837,7 @@ fn spawn_pumps(client: TcpStream, server: TcpStream, fault: Option<Fault>, stop:
 
 fn finish(fault: Option<Fault>, cut_all: impl Fn(bool), stop: &AtomicBool) {
     match fault {
-        Some(Fault::Stall(_)) => {
+        Some(Fault::Stall(_) | Fault::HoldCommit) => {
             // Hold the link open and silent until the test ends.
             cut_all(false);
             while !stop.load(Ordering::SeqCst) {
@@ -1465,6 +1468,12 @@ fn shutdown_is_refused_in_an_unknown_switchover_unless_forced() {
     assert!(!stop.status.success(), "berth stop was not refused");
     let stderr = String::from_utf8_lossy(&stop.stderr);
     assert!(stderr.contains("switchover is unknown"), "{stderr}");
+    // A resume could run the guest twice.
+    let resumed = src.client().call(Op::Resume);
+    assert!(
+        matches!(&resumed, Err(e) if e.to_string().contains("resume refused")),
+        "{resumed:?}"
+    );
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(src.status().state, GuestRunState::Paused);
     assert_eq!(src.migration().phase, MigrationPhase::SwitchoverUnknown);
@@ -1475,6 +1484,62 @@ fn shutdown_is_refused_in_an_unknown_switchover_unless_forced() {
         "{}",
         String::from_utf8_lossy(&forced.stderr)
     );
+    assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
+    drop(proxy);
+}
+
+#[test]
+fn shutdown_and_resume_are_refused_between_commit_and_running() {
+    // Commit is swallowed and the link stays open: the source waits for Running (up to
+    // its 10 s timeout) with the guest paused, not knowing whether it runs elsewhere.
+    let (root, name, mut src, mut dst) = fault_pair("mig-window", 4, "64MiB");
+    let (addr, token) = dst.incoming.clone().unwrap();
+    let proxy = Proxy::start(&addr, Fault::HoldCommit);
+    src.migrate(&proxy.addr.to_string(), &token, FAST, 1);
+    wait_until("Commit sent", Duration::from_secs(30), || {
+        src.migration().commit_sent
+    });
+    let st = src.migration();
+    assert_eq!(st.phase, MigrationPhase::Switchover, "{st:?}");
+    // The control op, a resume, SIGTERM and `berth stop` are all refused.
+    let refused = src.client().shutdown(Duration::from_secs(2));
+    assert!(
+        matches!(&refused, Err(e) if e.to_string().contains("Commit sent, no Running yet")),
+        "{refused:?}"
+    );
+    let resumed = src.client().call(Op::Resume);
+    assert!(
+        matches!(&resumed, Err(e) if e.to_string().contains("resume refused")),
+        "{resumed:?}"
+    );
+    // SAFETY: kill(2) on the pid of a child this test started and has not reaped.
+    assert_eq!(unsafe { libc::kill(src.pid(), libc::SIGTERM) }, 0);
+    let stop = Command::new(berth_tests::bin("berth"))
+        .args(["stop", &name, "--state-dir"])
+        .arg(root.path())
+        .output()
+        .expect("run berth stop");
+    assert!(!stop.status.success(), "berth stop was not refused");
+    std::thread::sleep(Duration::from_millis(300));
+    // Still there (its control socket answers) and still paused.
+    assert_eq!(src.status().state, GuestRunState::Paused);
+    // No Running within the timeout: switchoverUnknown, still refusing.
+    wait_until("switchoverUnknown", Duration::from_secs(20), || {
+        src.migration().phase == MigrationPhase::SwitchoverUnknown
+    });
+    // The destination never read Commit: it gives up without running the guest.
+    assert!(matches!(dst.wait_exit(Duration::from_secs(15)), Some(c) if c != 0));
+    src.client()
+        .call(Op::MigrateResolve(MigrateResolveArgs {
+            destination_running: false,
+        }))
+        .unwrap();
+    wait_until("the resolution", Duration::from_secs(5), || {
+        src.migration().phase == MigrationPhase::Failed
+    });
+    src.assert_beating();
+    assert_incoming_gone(root.path(), &name);
+    src.client().shutdown(Duration::from_secs(10)).unwrap();
     assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
     drop(proxy);
 }

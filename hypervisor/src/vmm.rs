@@ -860,20 +860,24 @@ impl Vmm {
     /// then stops the vCPUs, waiting at most the shutdown's timeout. The caller then
     /// releases the guest's files and cgroup.
     ///
-    /// A termination signal is refused while the migration is in `switchoverUnknown`:
-    /// this VMM holds the only copy of the guest that is sure not to have run elsewhere,
-    /// and exiting would lose it if the destination did not run it. `migrateResolve`
-    /// ends that state; `shutdown` with `force: true` (or SIGKILL) overrides it.
+    /// A termination signal is refused while the migration is in `switchoverUnknown`,
+    /// or has sent `Commit` and has no `Running` yet: this VMM holds the only copy of the
+    /// guest that is sure not to have run elsewhere, and exiting would lose it if the
+    /// destination did not run it. `Running` or `migrateResolve` ends that state;
+    /// `shutdown` with `force: true` (or SIGKILL) overrides it.
     pub fn run_until_shutdown(&self, inbox: &std::sync::mpsc::Receiver<VmmEvent>) {
         let (timeout, reason) = loop {
             match inbox.recv() {
                 Ok(VmmEvent::Vcpu(event)) => self.on_vcpu_event(&event),
                 Ok(VmmEvent::Shutdown { timeout, reason }) => break (timeout, reason),
-                Ok(VmmEvent::Signal(name)) if self.migration().switchover_unknown() => {
-                    eprintln!(
-                        "berth-vmm: {name} refused: the migration's switchover is unknown \
-                         (answer it with migrateResolve, or shut down with force: true)"
-                    );
+                Ok(VmmEvent::Signal(name))
+                    if self.migration().holds_the_only_sure_copy().is_some() =>
+                {
+                    let why = self
+                        .migration()
+                        .holds_the_only_sure_copy()
+                        .unwrap_or_default();
+                    eprintln!("berth-vmm: {name} refused: {why} (or shut down with force: true)");
                 }
                 Ok(VmmEvent::Signal(name)) => {
                     lock(&self.lifecycle).shutting_down = true;

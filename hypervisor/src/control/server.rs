@@ -180,7 +180,11 @@ fn handle(vmm: &Arc<Vmm>, request: Request) -> Response {
         Op::Status(args) => Ok(serde_json::to_value(vmm.status_of(args.brief)).unwrap_or_default()),
         Op::Retune(retune) => vmm.retune(&retune).map(|()| vmm.status_json()),
         Op::Pause => vmm.pause().map(|()| vmm.status_json()),
-        Op::Resume => vmm.resume().map(|()| vmm.status_json()),
+        Op::Resume => match vmm.migration().holds_the_only_sure_copy() {
+            // The guest may run on the destination: resuming it here could run it twice.
+            Some(why) => Err(VmmError::Refused(format!("resume refused: {why}"))),
+            None => vmm.resume().map(|()| vmm.status_json()),
+        },
         Op::VerifyMemory => vmm
             .verify_memory()
             .map(|report| serde_json::to_value(report).unwrap_or_default()),
@@ -194,13 +198,17 @@ fn handle(vmm: &Arc<Vmm>, request: Request) -> Response {
         Op::VcpuRegisters => vmm
             .vcpu_registers()
             .map(|regs| serde_json::to_value(regs).unwrap_or_default()),
-        Op::Shutdown(args) if vmm.migration().switchover_unknown() && !args.force => {
-            Err(VmmError::Refused(
-                "the migration's switchover is unknown: this VMM may hold the only copy of \
-                 the guest; answer it with migrateResolve, or shut down with force: true \
-                 (berth stop --force-unknown-switchover) if the destination surely runs it"
-                    .into(),
-            ))
+        Op::Shutdown(args)
+            if !args.force && vmm.migration().holds_the_only_sure_copy().is_some() =>
+        {
+            let why = vmm
+                .migration()
+                .holds_the_only_sure_copy()
+                .unwrap_or_default();
+            Err(VmmError::Refused(format!(
+                "{why}; or shut down with force: true (berth stop --force-unknown-switchover) \
+                 if the destination surely runs it"
+            )))
         }
         Op::FenceDeadline(args) => {
             Ok(serde_json::to_value(vmm.fence().set(vmm, args)).unwrap_or_default())

@@ -131,6 +131,11 @@ pub struct MigrationStatus {
     /// source once the config is sent, destination once the state is restored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub xsave_bytes: Option<u32>,
+    /// Source: `Commit` is being sent or was sent. Until `Running` comes back the
+    /// destination may run the guest, so this VMM refuses to shut down or resume as in
+    /// `switchoverUnknown` ([`Migration::holds_the_only_sure_copy`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub commit_sent: bool,
     /// Destination: `Commit` was read and the committed marker written: the guest
     /// counts as run here, whatever happens next.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -215,6 +220,27 @@ impl Migration {
     /// Whether the source is in `switchoverUnknown` (the guest must not be shut down).
     pub fn switchover_unknown(&self) -> bool {
         self.status().phase == MigrationPhase::SwitchoverUnknown
+    }
+
+    /// Why this VMM must neither shut down nor resume the guest on request, if it must
+    /// not: the source sent `Commit` and has no `Running` yet (the destination may run
+    /// the guest; within the `Running` timeout this becomes `completed` or
+    /// `switchoverUnknown`), or it is in `switchoverUnknown`. Exiting then would lose the
+    /// guest if the destination did not run it; resuming would run it twice if it did.
+    pub fn holds_the_only_sure_copy(&self) -> Option<&'static str> {
+        let st = self.status();
+        match st.phase {
+            MigrationPhase::SwitchoverUnknown => Some(
+                "the migration's switchover is unknown: this VMM may hold the only copy of \
+                 the guest; answer it with migrateResolve",
+            ),
+            MigrationPhase::Switchover if st.commit_sent => Some(
+                "the migration's switchover is under way (Commit sent, no Running yet): the \
+                 guest may already run on the destination; wait until the migration is \
+                 completed or switchoverUnknown",
+            ),
+            _ => None,
+        }
     }
 
     /// Records the answer to `switchoverUnknown`.

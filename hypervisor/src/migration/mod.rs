@@ -29,7 +29,10 @@
 //! run the guest if and only if it read `Commit`, and then its status says so (or it is
 //! gone without having run: it exits non-zero before `Commit`). So the guest never runs
 //! in two places; the price is that a connection lost in that one round trip needs an
-//! outside answer before the guest runs again.
+//! outside answer before the guest runs again. From sending `Commit` until `Running`
+//! or `migrateResolve`, the source also refuses `shutdown`, SIGTERM and `resume` on
+//! request (`Migration::holds_the_only_sure_copy`; `shutdown` with `force` overrides):
+//! exiting could lose the only copy, resuming could run a second one.
 //!
 //! # Two VMMs of one guest on one host
 //!

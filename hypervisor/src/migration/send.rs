@@ -948,7 +948,9 @@ fn precopy_and_switch(
     if migration.cancel_requested() {
         return Err(SendError::Cancelled);
     }
-    // The commit point: from here on this VMM never resumes the guest by itself.
+    // The commit point: from here on this VMM never resumes the guest by itself, nor on
+    // request (`Migration::holds_the_only_sure_copy`).
+    migration.status().commit_sent = true;
     if let Err(e) = s.frame(FrameKind::Commit, Vec::new()) {
         return Ok((
             Committed::Unknown(format!("sending Commit failed: {e}")),
