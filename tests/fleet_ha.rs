@@ -116,9 +116,9 @@ impl Fleet {
             .iter()
             .map(|h| {
                 format!(
-                    "apiVersion: berth.dev/v1\nkind: Host\nmetadata: {{name: {}, labels: {{rack: a}}}}\n\
+                    "apiVersion: berth.dev/v1\nkind: Host\nmetadata: {{name: {}, labels: {{rack: a, box: {}}}}}\n\
                      spec: {{address: '{}', cpus: 0-1, memory: 1GiB}}\n---\n",
-                    h.name, h.addr
+                    h.name, h.name, h.addr
                 )
             })
             .collect()
@@ -382,6 +382,50 @@ fn selector_placement_leader_death_ha_restart_and_partition_never_run_a_guest_tw
         },
     );
 
+    // The HA guest on kvm02 fits nowhere after this commit (no host has rack z): it is
+    // blocked and keeps running where it is, and so keeps its fence renewed (the fence
+    // follows where a guest runs, not where it is placed).
+    let ha_pid = vmm_of(&fleet.hosts[1], &ha).expect("the HA guest's VMM on kvm02");
+    let nowhere = format!(
+        "{pinned_yaml}{}{}{}",
+        guest_yaml(&ha, "32MiB", "  availability: {onHostFailure: restart}\n")
+            .replace("{rack: a}", "{rack: z}"),
+        guest_yaml(&plain, "32MiB", ""),
+        guest_yaml(&huge, "4GiB", "")
+    );
+    fleet.commit(&nowhere, "the HA guest fits nowhere");
+    let ha_entry = || {
+        fleet.hosts[1].try_status().and_then(|s| {
+            s["guests"]
+                .as_array()?
+                .iter()
+                .find(|g| g["name"] == ha.as_str())
+                .cloned()
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let entry = ha_entry();
+        if entry
+            .as_ref()
+            .is_some_and(|g| g["phase"] == "Blocked" && g["runsHere"] == true)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "kvm02's status never showed the HA guest blocked and running there: {entry:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Longer than the self-fence timeout (1.5 s) and the lease (3 s) together.
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(
+        vmm_of(&fleet.hosts[1], &ha),
+        Some(ha_pid),
+        "the blocked HA guest was fenced although its host holds its lease"
+    );
+
     stop.store(true, Ordering::SeqCst);
     sampler.join().expect("sampler");
     let samples = *samples.lock().expect("samples");
@@ -397,4 +441,80 @@ fn selector_placement_leader_death_ha_restart_and_partition_never_run_a_guest_tw
         "{samples} samples in {:?}, never a guest on two hosts",
         began.elapsed()
     );
+}
+
+#[test]
+fn an_ha_guest_its_selector_moves_keeps_its_fence_until_it_has_migrated() {
+    // The fence follows where a guest runs: once the leader places the HA guest on
+    // kvm02, kvm01 still renews its deadline until the migration has moved it (if it
+    // stopped, the VMM would stop the guest at the deadline, mid-move).
+    let mut fleet = Fleet::new();
+    let ha = format!("move-{}", std::process::id());
+    fleet.guests.push(ha.clone());
+    // A guest that writes 500 pages a second, moved over a link capped at 4 MiB/s:
+    // the move takes seconds, longer than the self-fence timeout (1.5 s).
+    let on = |host: &str| {
+        guest_yaml(
+            &ha,
+            "32MiB",
+            "  availability: {onHostFailure: restart}\n  \
+             migration: {bandwidth: 4MiB/s, completionTimeoutPerGiB: 1000s}\n",
+        )
+        .replace("{rack: a}", &format!("{{rack: a, box: {host}}}"))
+        .replace(
+            "ticksPerLine: 10}",
+            "ticksPerLine: 10, dirtyPagesPerTick: 5}",
+        )
+    };
+    fleet.commit(&on("kvm01"), "the HA guest on kvm01");
+    let endpoint = fleet.etcd.as_ref().expect("etcd").endpoint();
+    let repo = fleet.repo.dir.clone();
+    start(&mut fleet.hosts[0], &repo, &endpoint);
+    wait_until("kvm01 to lead", Duration::from_secs(30), || {
+        fleet.hosts[0].log_text().contains("leading the fleet")
+    });
+    for host in &mut fleet.hosts[1..] {
+        start(host, &repo, &endpoint);
+    }
+    wait_until(
+        "the HA guest to run on kvm01",
+        Duration::from_secs(60),
+        || fleet.running_hosts(&ha) == vec![0],
+    );
+    // Let kvm01's service arm and renew the fence (every 375 ms), and the guest write
+    // some 2,000 pages (8 MiB, 2 s on the capped link).
+    std::thread::sleep(Duration::from_secs(4));
+    let ticks_before = ticks(&fleet.hosts[0], &ha);
+    assert!(ticks_before >= 300, "the guest beats: {ticks_before} ticks");
+    let moved = Instant::now();
+    fleet.commit(&on("kvm02"), "the HA guest moves to kvm02");
+    wait_until(
+        "the HA guest to run on kvm02",
+        Duration::from_secs(40),
+        || fleet.running_hosts(&ha) == vec![1],
+    );
+    eprintln!(
+        "the HA guest runs on kvm02 {:?} after the commit",
+        moved.elapsed()
+    );
+    // Moved live, not stopped and started again: its heartbeat counter went on (read
+    // once kvm02's VMM answers at the guest's own directory, after the handover).
+    wait_until("kvm02's VMM to answer", Duration::from_secs(15), || {
+        ticks(&fleet.hosts[1], &ha) > 0
+    });
+    let ticks_after = ticks(&fleet.hosts[1], &ha);
+    assert!(
+        ticks_after >= ticks_before,
+        "the guest restarted on kvm02 ({ticks_after} ticks, {ticks_before} before the move): \
+         kvm01's VMM fenced it mid-move"
+    );
+}
+
+/// The heartbeat ticks of guest `name`'s vCPUs under `host`, summed (0 when its VMM
+/// does not answer).
+fn ticks(host: &Host, name: &str) -> u64 {
+    berth_hypervisor::control::Client::connect(host.guest_dir(name).join("control.sock"))
+        .and_then(|mut c| c.status())
+        .map(|s| s.vcpu.iter().filter_map(|v| v.ticks).sum())
+        .unwrap_or(0)
 }

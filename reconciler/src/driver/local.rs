@@ -177,6 +177,30 @@ impl LocalDriver {
         self.socket(name)
     }
 
+    /// The guests with a directory in this host's state (running, or stopped and not
+    /// yet cleaned up), sorted; not the `<name>.incoming` of a migration under way. One
+    /// directory listing, no request to any VMM.
+    ///
+    /// # Errors
+    /// When the state directory exists and cannot be listed.
+    pub fn guest_dir_names(&self) -> std::io::Result<Vec<String>> {
+        let entries = match std::fs::read_dir(self.guests_dir()) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let mut names: Vec<String> = entries
+            .filter_map(Result::ok)
+            // The entry's type from the directory listing: no `stat` per guest.
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .filter_map(|e| e.file_name().into_string().ok())
+            // `<name>.incoming` belongs to a migration under way; guest names have no dot.
+            .filter(|n| !n.contains('.'))
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
     /// Whether an incoming VMM for `name` (a migration to this host) holds its lock.
     pub fn incoming_under_way(&self, name: &str) -> bool {
         vmm_lock_held(&self.guests_dir().join(format!("{name}.incoming")))
@@ -302,21 +326,10 @@ impl LocalDriver {
     pub fn guests(&self) -> Result<Vec<LocalGuest>, DriverError> {
         self.reap();
         let dir = self.guests_dir();
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(failed(format!("listing {}", dir.display()), e)),
-        };
+        let names = self
+            .guest_dir_names()
+            .map_err(|e| failed(format!("listing {}", dir.display()), e))?;
         let online = affinity::online_cpus().map_err(|e| failed("reading the online CPUs", e))?;
-        let mut names: Vec<String> = entries
-            .filter_map(Result::ok)
-            // The entry's type from the directory listing: no `stat` per guest.
-            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-            .filter_map(|e| e.file_name().into_string().ok())
-            // `<name>.incoming` belongs to a migration under way; guest names have no dot.
-            .filter(|n| !n.contains('.'))
-            .collect();
-        names.sort();
         let observe = |name: &String, probe: Probe, files: Option<GuestFiles>| match probe {
             Probe::Answered(client, status) => {
                 let files = files.unwrap_or_else(|| GuestFiles::read(&self.guest_dir(name)));

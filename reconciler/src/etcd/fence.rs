@@ -6,7 +6,13 @@
 //! before the lease can expire and the leader restart it elsewhere. Guests without
 //! `availability: {onHostFailure: restart}` get no deadline: an etcd outage never
 //! touches them.
+//!
+//! The fence follows where a guest *runs*, not where it is placed: an HA guest whose
+//! placement moved to another host keeps running here until its migration ends, so its
+//! deadline is renewed meanwhile (else it would stop mid-migration). A guest that is no
+//! longer HA has its deadline taken away once.
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,20 +21,61 @@ use tokio::sync::watch;
 
 use super::HostSession;
 
-/// Renews the fence deadline of the VMMs `sockets` names (HA guests running here; each
-/// call asks anew) every `every`, while the lease is held, until `stop` turns true.
-/// A socket that does not answer is skipped (the guest is not running here).
+/// What one round of [`keep_fences`] does.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct FenceTargets {
+    /// VMMs whose deadline is renewed (HA guests running here).
+    pub renew: Vec<PathBuf>,
+    /// VMMs whose deadline is taken away (guests running here that may have had one and
+    /// are no longer HA).
+    pub disarm: Vec<PathBuf>,
+}
+
+/// The guests of one round: `renew` the HA guests among those running `here`; `disarm`
+/// those running here that were renewed last round (`renewed_before`) or may have been
+/// armed by an earlier service (all of them, the first round) and are not HA now.
+/// Returns (renew, disarm), by name.
+pub fn fence_round(
+    here: &[String],
+    ha: &BTreeSet<String>,
+    renewed_before: &BTreeSet<String>,
+) -> (BTreeSet<String>, BTreeSet<String>) {
+    let renew: BTreeSet<String> = here.iter().filter(|g| ha.contains(*g)).cloned().collect();
+    let disarm = here
+        .iter()
+        .filter(|g| renewed_before.contains(*g) && !renew.contains(*g))
+        .cloned()
+        .collect();
+    (renew, disarm)
+}
+
+/// Renews the fence deadlines of the VMMs `targets` names (each call asks anew) every
+/// `every`, while the lease is held, and takes away those it says, until `stop` turns
+/// true. A socket that does not answer is skipped (the guest is not running here).
 pub async fn keep_fences(
     session: Arc<HostSession>,
-    sockets: impl Fn() -> Vec<PathBuf> + Send + 'static,
+    mut targets: impl FnMut() -> FenceTargets + Send + 'static,
     every: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
-        if let Some(left) = session.health().vmm_fence_in(Instant::now()) {
-            let paths = sockets();
+        if session.health().vmm_fence_in(Instant::now()).is_some() {
+            let round = targets();
+            let session = Arc::clone(&session);
             let renewed = tokio::task::spawn_blocking(move || {
-                for path in paths {
+                for path in round.disarm {
+                    let disarm = berth_hypervisor::control::Client::connect(&path)
+                        .and_then(|mut c| c.fence_deadline(None));
+                    if let Err(e) = disarm {
+                        tracing::debug!(socket = %path.display(), error = %e, "fence deadline not taken away");
+                    }
+                }
+                for path in round.renew {
+                    // Reckoned for each VMM just before it is asked: one slow to answer
+                    // must not push the next one's deadline past the lease's.
+                    let Some(left) = session.health().vmm_fence_in(Instant::now()) else {
+                        break;
+                    };
                     let renew = berth_hypervisor::control::Client::connect(&path)
                         .and_then(|mut c| c.fence_deadline(Some(left)));
                     if let Err(e) = renew {
@@ -42,5 +89,41 @@ pub async fn keep_fences(
             _ = stop.wait_for(|s| *s) => return,
             () = tokio::time::sleep(every) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(list: &[&str]) -> BTreeSet<String> {
+        list.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn fences_follow_the_guests_that_run_here() {
+        let here: Vec<String> = ["db-1", "web-1", "batch-1"].map(str::to_owned).to_vec();
+        // db-1 and web-1 are HA; web-1 may be placed elsewhere meanwhile (moving away):
+        // it runs here, so its deadline is renewed. api-1 is HA but does not run here.
+        let ha = names(&["db-1", "web-1", "api-1"]);
+        // The first round disarms every non-HA guest running here once (an earlier
+        // service may have armed it).
+        let (renew, disarm) = fence_round(&here, &ha, &here.iter().cloned().collect());
+        assert_eq!(renew, names(&["db-1", "web-1"]));
+        assert_eq!(disarm, names(&["batch-1"]));
+        // Then nothing is disarmed while nothing changes.
+        let (again, none) = fence_round(&here, &ha, &renew);
+        assert_eq!(again, renew);
+        assert!(none.is_empty());
+        // A commit takes HA away from web-1: disarmed once, then left alone.
+        let ha = names(&["db-1", "api-1"]);
+        let (renew2, disarm2) = fence_round(&here, &ha, &again);
+        assert_eq!(renew2, names(&["db-1"]));
+        assert_eq!(disarm2, names(&["web-1"]));
+        let (_, disarm3) = fence_round(&here, &ha, &renew2);
+        assert!(disarm3.is_empty());
+        // A guest that stopped running here is neither renewed nor disarmed.
+        let (renew4, disarm4) = fence_round(&["batch-1".to_owned()], &ha, &renew2);
+        assert!(renew4.is_empty() && disarm4.is_empty());
     }
 }

@@ -718,27 +718,45 @@ fn fleet_scheduling(
     });
     if let Some(Fleet::Local(driver)) = local {
         let driver = Arc::clone(driver);
-        let me = session.host().to_owned();
-        let fenced = Arc::clone(&shared);
         let every = store.lease_timeouts().renew_every;
+        // Every guest running here may carry a deadline from an earlier service: the
+        // first round takes it away from those that are not HA.
+        let mut renewed: std::collections::BTreeSet<String> = driver
+            .guest_dir_names()
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
         tokio::spawn(crate::etcd::keep_fences(
             Arc::clone(session),
             move || {
                 let Some(desired) = revisions.borrow().clone() else {
-                    return Vec::new();
+                    return crate::etcd::FenceTargets::default();
                 };
-                let placed = fenced.lock().expect("placements");
-                desired
+                let ha: std::collections::BTreeSet<String> = desired
                     .guests
                     .iter()
                     .filter(|g| g.spec.restarts_on_host_failure())
-                    .filter(|g| {
-                        placed
-                            .get(&g.metadata.name)
-                            .is_some_and(|p| p.host() == Some(me.as_str()))
-                    })
-                    .map(|g| driver.control_socket(&g.metadata.name))
-                    .collect()
+                    .map(|g| g.metadata.name.clone())
+                    .collect();
+                // Where the guests run, not where they are placed: one moving away
+                // keeps its fence until its migration ends.
+                let here = match driver.guest_dir_names() {
+                    Ok(here) => here,
+                    Err(e) => {
+                        warn!(error = %e, "cannot list the guests here; fences renewed as before");
+                        renewed.iter().cloned().collect()
+                    }
+                };
+                let (renew, disarm) = crate::etcd::fence_round(&here, &ha, &renewed);
+                let sockets = |names: &std::collections::BTreeSet<String>| {
+                    names.iter().map(|n| driver.control_socket(n)).collect()
+                };
+                let targets = crate::etcd::FenceTargets {
+                    renew: sockets(&renew),
+                    disarm: sockets(&disarm),
+                };
+                renewed = renew;
+                targets
             },
             every,
             stop,
