@@ -698,6 +698,9 @@ enum Fault {
     /// Swallow the `Commit` frame and hold the link open and silent (the source waits
     /// for `Running` until its timeout).
     HoldCommit,
+    /// Swallow the `State` frame and cut the link (the guest is paused at the source,
+    /// and `Commit` was not sent).
+    CutAtState,
     /// Forward `Commit`, swallow `Running`, cut the link.
     DropRunning,
 }
@@ -815,6 +818,9 @@ fn spawn_pumps(client: TcpStream, server: TcpStream, fault: Option<Fault>, stop:
             let mut body = vec![0u8; len.min(wire::MAX_PAYLOAD) + wire::TAG_LEN];
             if from.read_exact(&mut body).is_err() {
                 break;
+            }
+            if header[0] == FrameKind::State as u8 && fault == Some(Fault::CutAtState) {
+                return finish(fault, cut_all, &stop);
             }
             let commit = header[0] == FrameKind::Commit as u8;
             if commit && matches!(fault, Some(Fault::DropCommit | Fault::HoldCommit)) {
@@ -1603,6 +1609,34 @@ fn a_failed_resume_after_an_unknown_switchover_is_reported_and_logging_stops() {
     src.client().call(Op::Resume).unwrap();
     src.assert_beating();
     assert_incoming_gone(root.path(), &name);
+    drop(proxy);
+}
+
+#[test]
+fn a_failed_resume_after_a_failure_before_commit_is_reported_and_logging_stops() {
+    // The link is cut while the guest is paused for the switchover, before Commit: the
+    // source resumes the guest; here that resume fails (fault), and it says so.
+    let (root, name, mut src, mut dst) = fault_pair_with("mig-noresume2", "resume-fails", "");
+    let (addr, token) = dst.incoming.clone().unwrap();
+    let proxy = Proxy::start(&addr, Fault::CutAtState);
+    src.migrate(&proxy.addr.to_string(), &token, FAST, 1);
+    let outcome = src.migration_outcome(Duration::from_secs(30));
+    assert_eq!(outcome.phase, MigrationPhase::Failed, "{outcome:?}");
+    let error = outcome.error.clone().unwrap_or_default();
+    assert!(
+        error.contains("resuming the guest here FAILED"),
+        "{outcome:?}"
+    );
+    assert!(
+        !outcome.dirty_logging,
+        "dirty logging still on: {outcome:?}"
+    );
+    assert!(matches!(dst.wait_exit(Duration::from_secs(15)), Some(c) if c != 0));
+    assert_incoming_gone(root.path(), &name);
+    // The guest is paused; the operator resumes it.
+    assert_eq!(src.status().state, GuestRunState::Paused);
+    src.client().call(Op::Resume).unwrap();
+    src.assert_beating();
     drop(proxy);
 }
 

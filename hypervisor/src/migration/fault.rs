@@ -9,7 +9,8 @@
 //!   thread could not be created once the first had started);
 //! - `delay-loaded-ms=N`: the destination waits N ms after loading the state before it
 //!   answers `Loaded` (so a source keepalive arrives after it);
-//! - `resume-fails`: the source's resume after "the destination did not run it" fails;
+//! - `resume-fails`: the source's resume fails, after "the destination did not run it"
+//!   or after a migration failed before `Commit` with the guest paused;
 //! - `handover-fails`: the destination's handover of the guest's directory, lock and
 //!   cgroup after the commit fails, every time it is tried.
 

@@ -117,6 +117,14 @@ pub enum SendError {
     /// `migrateCancel`.
     #[error("Cancelled on request")]
     Cancelled,
+    /// Failed before `Commit`, and putting the guest back as it was failed too.
+    #[error("{failure}; then {problems}")]
+    NotRestored {
+        /// Why the migration failed.
+        failure: Box<SendError>,
+        /// What could not be undone.
+        problems: String,
+    },
     /// The completion timeout passed and the policy says abort.
     #[error("Did not converge within {0:?} (dirty rate above what the link moves); aborted as the policy says")]
     NotConverged(Duration),
@@ -310,7 +318,10 @@ fn outgoing(vmm: &Arc<Vmm>, addr: SocketAddr, token: &Token, connections: u32, p
         Err(e) => {
             eprintln!("berth-vmm: migration to {addr} failed: {e}");
             let mut st = migration.status();
-            st.phase = if matches!(e, SendError::Cancelled) {
+            let cancelled = |e: &SendError| matches!(e, SendError::Cancelled);
+            st.phase = if cancelled(&e)
+                || matches!(&e, SendError::NotRestored { failure, .. } if cancelled(failure))
+            {
                 MigrationPhase::Cancelled
             } else {
                 MigrationPhase::Failed
@@ -641,14 +652,37 @@ fn migrate(
         }
         result
     });
-    if result.is_err() {
-        // Before Commit: the guest runs here again, untouched.
-        let _ = vmm.vm().set_dirty_logging(false);
-        if !was_paused && vmm.run_state().0 == GuestRunState::Paused {
-            let _ = vmm.resume();
+    match result {
+        Err(failure) => {
+            // Before Commit: the guest runs here again, untouched.
+            let mut problems = Vec::new();
+            if let Err(e) = vmm.vm().set_dirty_logging(false) {
+                problems.push(format!("turning dirty logging off failed: {e}"));
+            }
+            if !was_paused && vmm.run_state().0 == GuestRunState::Paused {
+                let resumed = if super::fault::on("resume-fails") {
+                    Err(VmmError::Host("BERTH_FAULT resume-fails".into()))
+                } else {
+                    vmm.resume()
+                };
+                if let Err(e) = resumed {
+                    problems.push(format!(
+                        "resuming the guest here FAILED: {e} (it stays paused; resume it)"
+                    ));
+                }
+            }
+            if problems.is_empty() {
+                return Err(failure);
+            }
+            let problems = problems.join("; ");
+            eprintln!("berth-vmm: after the failed migration: {problems}");
+            Err(SendError::NotRestored {
+                failure: Box::new(failure),
+                problems,
+            })
         }
+        ok => ok,
     }
-    result
 }
 
 /// Opens connection 0, sends `Config` and reads the destination's verdict; then opens
