@@ -105,7 +105,9 @@ pub fn run(
         // source's switchover is resolved (and the marker removed), its answer "ran"
         // must stay readable.
         return Err(IncomingError::Receive(ReceiveError::Protocol(format!(
-            "{} is there: an earlier migration of {name} committed here and its VMM              ended; resolve that migration's source (migrateResolve with              destinationRunning: true) and remove the marker first",
+            "{} is there: an earlier migration of {name} committed here and its VMM \
+             ended; resolve that migration's source (migrateResolve with \
+             destinationRunning: true) and remove the marker first",
             marker.display()
         ))));
     }

@@ -662,14 +662,26 @@ fn load(vmm: &Vmm, config: &SourceConfig, state: &MachineState) -> Result<(), Re
 /// two (the file's was done before the migration started).
 ///
 /// # Errors
-/// The file cannot be written or synced.
+/// The file cannot be written or synced. When the rename went through but the
+/// directory sync failed, the marker is renamed back (staged), so that a marker that
+/// may not be durable never answers "ran" for a guest whose vCPUs never started.
 pub fn write_committed_marker(path: &Path) -> std::io::Result<()> {
+    commit_marker_with(path, sync_parent)
+}
+
+fn commit_marker_with(
+    path: &Path,
+    sync: impl Fn(&Path) -> std::io::Result<()>,
+) -> std::io::Result<()> {
     let staged = staged_marker(path);
     if std::fs::rename(&staged, path).is_err() {
         stage_committed_marker(path)?;
         std::fs::rename(&staged, path)?;
     }
-    sync_parent(path)
+    sync(path).inspect_err(|_| {
+        // If even this fails the marker stays: the guest then counts as run here.
+        let _ = std::fs::rename(path, &staged);
+    })
 }
 
 /// Writes the committed marker's content beside `path`, under a name no reader looks
@@ -749,6 +761,14 @@ mod tests {
         // A directory that is gone is an error, not a marker.
         let gone = dir.path().join("gone").join("committed");
         assert!(write_committed_marker(&gone).is_err());
+        // A directory sync that fails leaves no marker (it may not be durable): the
+        // vCPUs do not start, and the guest does not count as run here.
+        let unsynced = dir.path().join("unsynced");
+        stage_committed_marker(&unsynced).unwrap();
+        let failed = commit_marker_with(&unsynced, |_| Err(std::io::Error::other("EIO")));
+        assert!(failed.is_err());
+        assert!(!unsynced.exists(), "a marker stayed after its sync failed");
+        assert!(staged_marker(&unsynced).exists());
     }
 
     const PAGE: u64 = PAGE_SIZE as u64;
