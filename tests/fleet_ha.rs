@@ -129,6 +129,19 @@ impl Fleet {
         self.repo.commit(&[("fleet.yaml", &text)], message);
     }
 
+    /// Starts every host's service: kvm01 first, which then leads; then the others.
+    fn start_all(&mut self) {
+        let endpoint = self.etcd.as_ref().expect("etcd").endpoint();
+        let repo = self.repo.dir.clone();
+        start(&mut self.hosts[0], &repo, &endpoint);
+        wait_until("kvm01 to lead", Duration::from_secs(30), || {
+            self.hosts[0].log_text().contains("leading the fleet")
+        });
+        for host in &mut self.hosts[1..] {
+            start(host, &repo, &endpoint);
+        }
+    }
+
     fn running_hosts(&self, name: &str) -> Vec<usize> {
         (0..HOSTS)
             .filter(|&i| runs_on(&self.hosts[i], name))
@@ -188,16 +201,7 @@ fn selector_placement_leader_death_ha_restart_and_partition_never_run_a_guest_tw
         .collect();
     fleet.commit(&pinned_yaml, "one guest named to each host");
     let began = Instant::now();
-    let endpoint = fleet.etcd.as_ref().expect("etcd").endpoint();
-    let repo = fleet.repo.dir.clone();
-    // kvm01 starts first and leads; then the others join.
-    start(&mut fleet.hosts[0], &repo, &endpoint);
-    wait_until("kvm01 to lead", Duration::from_secs(30), || {
-        fleet.hosts[0].log_text().contains("leading the fleet")
-    });
-    for host in &mut fleet.hosts[1..] {
-        start(host, &repo, &endpoint);
-    }
+    fleet.start_all();
     wait_until(
         "the guests named to hosts to run",
         Duration::from_secs(60),
@@ -467,15 +471,7 @@ fn an_ha_guest_its_selector_moves_keeps_its_fence_until_it_has_migrated() {
         )
     };
     fleet.commit(&on("kvm01"), "the HA guest on kvm01");
-    let endpoint = fleet.etcd.as_ref().expect("etcd").endpoint();
-    let repo = fleet.repo.dir.clone();
-    start(&mut fleet.hosts[0], &repo, &endpoint);
-    wait_until("kvm01 to lead", Duration::from_secs(30), || {
-        fleet.hosts[0].log_text().contains("leading the fleet")
-    });
-    for host in &mut fleet.hosts[1..] {
-        start(host, &repo, &endpoint);
-    }
+    fleet.start_all();
     wait_until(
         "the HA guest to run on kvm01",
         Duration::from_secs(60),
