@@ -264,10 +264,13 @@ fn name(test: &str) -> String {
     format!("berth-t{}-{test}", std::process::id())
 }
 
-/// Counter lines seen so far: (counter, boot id).
+/// Counter lines seen so far: (counter, boot id). Whole lines only: the last one may
+/// still be being written (a boot id cut short is not another boot).
 fn counters(console: &ConsoleLog) -> Vec<(u64, String)> {
     let text = fs::read_to_string(&console.0).unwrap_or_default();
-    text.lines()
+    let whole = text.rfind('\n').map_or("", |end| &text[..end]);
+    whole
+        .lines()
         .filter_map(|l| {
             let rest = l.trim().strip_prefix("berth-counter ")?;
             let (n, boot) = rest.split_once(" boot=")?;
