@@ -145,6 +145,15 @@ impl Vmm {
         self.client().status().expect("status")
     }
 
+    /// Answers the source's `switchoverUnknown` (`migrateResolve`).
+    fn resolve_switchover(&self, destination_running: bool) {
+        self.client()
+            .call(Op::MigrateResolve(MigrateResolveArgs {
+                destination_running,
+            }))
+            .expect("migrateResolve");
+    }
+
     fn migration(&self) -> MigrationStatus {
         serde_json::from_value(
             self.client()
@@ -1276,11 +1285,7 @@ fn a_lost_commit_keeps_the_guest_paused_until_resolved_then_resumes() {
     // The destination never read Commit: it gives up without running the guest.
     assert!(matches!(dst.wait_exit(Duration::from_secs(15)), Some(c) if c != 0));
     assert_incoming_gone(root.path(), &name);
-    src.client()
-        .call(Op::MigrateResolve(MigrateResolveArgs {
-            destination_running: false,
-        }))
-        .unwrap();
+    src.resolve_switchover(false);
     wait_until("the source to resume", Duration::from_secs(5), || {
         src.status().state == GuestRunState::Running
     });
@@ -1297,11 +1302,7 @@ fn a_lost_running_keeps_the_source_paused_and_the_destination_runs() {
     // The destination read Commit: the guest runs there, and only there.
     assert_eq!(dst.migration().phase, MigrationPhase::Completed);
     dst.assert_beating();
-    src.client()
-        .call(Op::MigrateResolve(MigrateResolveArgs {
-            destination_running: true,
-        }))
-        .unwrap();
+    src.resolve_switchover(true);
     assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
     dst.socket = root.path().join("guests").join(&name).join("control.sock");
     wait_until("the handover", Duration::from_secs(15), || {
@@ -1430,11 +1431,7 @@ fn a_destination_failing_after_commit_counts_as_run(tag: &str, fault: &str, exit
     assert!(err.contains("committed"), "{err}");
     assert!(marker.exists());
     // The answer the marker gives: the destination ran it; the source shuts down.
-    src.client()
-        .call(Op::MigrateResolve(MigrateResolveArgs {
-            destination_running: true,
-        }))
-        .unwrap();
+    src.resolve_switchover(true);
     assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
 }
 
@@ -1535,11 +1532,7 @@ fn shutdown_and_resume_are_refused_between_commit_and_running() {
     });
     // The destination never read Commit: it gives up without running the guest.
     assert!(matches!(dst.wait_exit(Duration::from_secs(15)), Some(c) if c != 0));
-    src.client()
-        .call(Op::MigrateResolve(MigrateResolveArgs {
-            destination_running: false,
-        }))
-        .unwrap();
+    src.resolve_switchover(false);
     wait_until("the resolution", Duration::from_secs(5), || {
         src.migration().phase == MigrationPhase::Failed
     });
@@ -1587,11 +1580,7 @@ fn a_failed_resume_after_an_unknown_switchover_is_reported_and_logging_stops() {
         "dirty logging is on during a migration"
     );
     assert!(matches!(dst.wait_exit(Duration::from_secs(15)), Some(c) if c != 0));
-    src.client()
-        .call(Op::MigrateResolve(MigrateResolveArgs {
-            destination_running: false,
-        }))
-        .unwrap();
+    src.resolve_switchover(false);
     wait_until("the resolution", Duration::from_secs(5), || {
         src.migration().phase == MigrationPhase::Failed
     });
