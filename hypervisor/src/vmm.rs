@@ -870,19 +870,17 @@ impl Vmm {
             match inbox.recv() {
                 Ok(VmmEvent::Vcpu(event)) => self.on_vcpu_event(&event),
                 Ok(VmmEvent::Shutdown { timeout, reason }) => break (timeout, reason),
-                Ok(VmmEvent::Signal(name))
-                    if self.migration().holds_the_only_sure_copy().is_some() =>
-                {
-                    let why = self
-                        .migration()
-                        .holds_the_only_sure_copy()
-                        .unwrap_or_default();
-                    eprintln!("berth-vmm: {name} refused: {why} (or shut down with force: true)");
-                }
-                Ok(VmmEvent::Signal(name)) => {
-                    lock(&self.lifecycle).shutting_down = true;
-                    break (Duration::from_secs(5), format!("{name} received"));
-                }
+                Ok(VmmEvent::Signal(name)) => match self.migration().holds_the_only_sure_copy() {
+                    Some(why) => {
+                        eprintln!(
+                            "berth-vmm: {name} refused: {why} (or shut down with force: true)"
+                        );
+                    }
+                    None => {
+                        lock(&self.lifecycle).shutting_down = true;
+                        break (Duration::from_secs(5), format!("{name} received"));
+                    }
+                },
                 Err(_) => break (Duration::from_secs(5), "event channel closed".into()),
             }
         };

@@ -198,30 +198,24 @@ fn handle(vmm: &Arc<Vmm>, request: Request) -> Response {
         Op::VcpuRegisters => vmm
             .vcpu_registers()
             .map(|regs| serde_json::to_value(regs).unwrap_or_default()),
-        Op::Shutdown(args)
-            if !args.force && vmm.migration().holds_the_only_sure_copy().is_some() =>
-        {
-            let why = vmm
-                .migration()
-                .holds_the_only_sure_copy()
-                .unwrap_or_default();
-            Err(VmmError::Refused(format!(
-                "{why}; or shut down with force: true (berth stop --force-unknown-switchover) \
-                 if the destination surely runs it"
-            )))
-        }
         Op::FenceDeadline(args) => {
             Ok(serde_json::to_value(vmm.fence().set(vmm, args)).unwrap_or_default())
         }
-        Op::Shutdown(args) => {
-            let reason = if args.force {
-                "forced shutdown requested on the control socket"
-            } else {
-                "shutdown requested on the control socket"
-            };
-            vmm.request_shutdown(args.timeout_ms, reason);
-            Ok(serde_json::json!({"state": "stopping"}))
-        }
+        Op::Shutdown(args) => match vmm.migration().holds_the_only_sure_copy() {
+            Some(why) if !args.force => Err(VmmError::Refused(format!(
+                "{why}; or shut down with force: true (berth stop --force-unknown-switchover) \
+                 if the destination surely runs it"
+            ))),
+            _ => {
+                let reason = if args.force {
+                    "forced shutdown requested on the control socket"
+                } else {
+                    "shutdown requested on the control socket"
+                };
+                vmm.request_shutdown(args.timeout_ms, reason);
+                Ok(serde_json::json!({"state": "stopping"}))
+            }
+        },
     };
     match result {
         Ok(value) => Response::ok(id, value),

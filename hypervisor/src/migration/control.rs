@@ -217,11 +217,6 @@ impl Migration {
         *self.resolution.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
-    /// Whether the source is in `switchoverUnknown` (the guest must not be shut down).
-    pub fn switchover_unknown(&self) -> bool {
-        self.status().phase == MigrationPhase::SwitchoverUnknown
-    }
-
     /// Why this VMM must neither shut down nor resume the guest on request, if it must
     /// not: the source sent `Commit` and has no `Running` yet (the destination may run
     /// the guest; within the `Running` timeout this becomes `completed` or
