@@ -460,14 +460,7 @@ mod tests {
         // that another test of this binary forks holds a copy of a released lock until
         // it execs: "not now" is retried for that moment, as the source does.
         drop(apply);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        let error = loop {
-            let error = incoming.prepare(&request).unwrap_err();
-            if !matches!(error, PeerError::Busy(_)) || std::time::Instant::now() >= deadline {
-                break error;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        };
+        let error = StateLock::retry_while_held(|| incoming.prepare(&request)).unwrap_err();
         assert!(!matches!(error, PeerError::Busy(_)), "{error}");
         assert!(error.to_string().contains("berth-vmm"), "{error}");
         // And it held the lock only while it acted.

@@ -199,7 +199,9 @@ mod tests {
 
         // Released after the action; while an apply holds it, serve's action refuses
         // and names the apply.
-        let apply = once_free(|| StateLock::acquire(dir.path(), false, "berth apply")).unwrap();
+        let apply =
+            StateLock::retry_while_held(|| StateLock::acquire(dir.path(), false, "berth apply"))
+                .unwrap();
         let refused = driver.stop("web-1", "kvm01").unwrap_err();
         let text = berth_hypervisor::report::one_line(&refused);
         assert!(
@@ -208,26 +210,6 @@ mod tests {
             "{text}"
         );
         drop(apply);
-        once_free(|| driver.stop("web-1", "kvm01")).unwrap();
-    }
-
-    /// `attempt`, again while it finds the state lock held, for at most 5 s: a child
-    /// that another test of this binary forks holds a copy of a released lock until it
-    /// execs.
-    fn once_free<T, E: std::error::Error + 'static>(
-        mut attempt: impl FnMut() -> Result<T, E>,
-    ) -> Result<T, E> {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        loop {
-            match attempt() {
-                Err(e)
-                    if std::time::Instant::now() < deadline
-                        && berth_hypervisor::report::one_line(&e).contains(" holds ") =>
-                {
-                    std::thread::sleep(std::time::Duration::from_millis(5));
-                }
-                other => return other,
-            }
-        }
+        StateLock::retry_while_held(|| driver.stop("web-1", "kvm01")).unwrap();
     }
 }

@@ -147,6 +147,27 @@ impl StateLock {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
     }
+
+    /// Test support: `attempt`, again while it finds the state lock held (its error
+    /// names a holder), for at most 5 s. A child that another test of the same binary
+    /// forks holds a copy of a released lock until it execs; the service retries "not
+    /// now" in the same way.
+    pub(crate) fn retry_while_held<T, E: std::error::Error + 'static>(
+        mut attempt: impl FnMut() -> Result<T, E>,
+    ) -> Result<T, E> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            match attempt() {
+                Err(e)
+                    if std::time::Instant::now() < deadline
+                        && berth_hypervisor::report::one_line(&e).contains(" holds ") =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                other => return other,
+            }
+        }
+    }
 }
 
 /// The state lock as one process that acts on several guests at once holds it
