@@ -1405,8 +1405,12 @@ fn committed_marker(root: &Path, name: &str) -> PathBuf {
 /// committed marker and its answer is "ran"; the source stays paused in
 /// `switchoverUnknown` (never resumed by itself), and a new incoming VMM of the guest
 /// refuses to start while the marker is there.
+///
+/// The source's replies are delayed (`delay-reply-ms`): the answer to `migrateResolve`,
+/// which ends the source, still arrives (a clean-clone CI run once found the connection
+/// closed instead).
 fn a_destination_failing_after_commit_counts_as_run(tag: &str, fault: &str, exit: i32) {
-    let (root, name, mut src, mut dst) = fault_pair_with(tag, "", fault);
+    let (root, name, mut src, mut dst) = fault_pair_with(tag, "delay-reply-ms=300", fault);
     let (addr, token) = dst.incoming.clone().unwrap();
     src.migrate(&addr, &token, FAST, 2);
     let outcome = src.migration_outcome(Duration::from_secs(30));

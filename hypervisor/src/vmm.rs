@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use berth_schema::{CpuSet, Pinning};
@@ -317,6 +317,27 @@ struct Lifecycle {
     shutting_down: bool,
 }
 
+/// How long an exiting VMM waits for the replies to control requests it has taken.
+const REPLY_GRACE: Duration = Duration::from_secs(2);
+
+/// Control requests taken and not yet answered (see [`Vmm::answering`]).
+#[derive(Debug, Default)]
+struct Unanswered {
+    count: Mutex<usize>,
+    answered: Condvar,
+}
+
+/// Held while a control request is handled and answered; see [`Vmm::answering`].
+#[derive(Debug)]
+pub struct Answering<'a>(&'a Unanswered);
+
+impl Drop for Answering<'_> {
+    fn drop(&mut self) {
+        *lock(&self.0.count) -= 1;
+        self.0.answered.notify_all();
+    }
+}
+
 /// One guest's VMM.
 #[derive(Debug)]
 pub struct Vmm {
@@ -337,6 +358,8 @@ pub struct Vmm {
     fence: crate::fence::Fence,
     /// What every status reads again: see [`StatusCache`].
     status_cache: Mutex<StatusCache>,
+    /// Control requests the exit waits for.
+    unanswered: Unanswered,
     /// This process's id (read once: `getpid` is a system call).
     pid: hostlink::Pid,
     _serial_irq: Arc<EventFd>,
@@ -432,6 +455,7 @@ impl Vmm {
                 files: crate::host::KeptFiles::new(),
                 ..StatusCache::default()
             }),
+            unanswered: Unanswered::default(),
             pid: hostlink::current_pid(),
             _serial_irq: irq,
         })
@@ -851,13 +875,36 @@ impl Vmm {
         });
     }
 
+    /// Counts a control request as taken until the guard drops, which the control
+    /// server does once the reply is written. The VMM does not exit before (for at most
+    /// [`REPLY_GRACE`]), so a request that ends it (`shutdown`; `migrateResolve` when the
+    /// destination runs the guest) is still answered instead of finding the connection
+    /// closed.
+    pub fn answering(&self) -> Answering<'_> {
+        *lock(&self.unanswered.count) += 1;
+        Answering(&self.unanswered)
+    }
+
+    /// Waits until every control request taken so far is answered, at most `within`;
+    /// false when some still are not.
+    fn wait_answered(&self, within: Duration) -> bool {
+        let count = lock(&self.unanswered.count);
+        let (count, _) = self
+            .unanswered
+            .answered
+            .wait_timeout_while(count, within, |n| *n > 0)
+            .unwrap_or_else(|e| e.into_inner());
+        *count == 0
+    }
+
     /// Whether a shutdown was asked for.
     pub fn shutting_down(&self) -> bool {
         lock(&self.lifecycle).shutting_down
     }
 
     /// Serves the VMM's events until a shutdown is asked for (or the channel closes),
-    /// then stops the vCPUs, waiting at most the shutdown's timeout. The caller then
+    /// then stops the vCPUs, waiting at most the shutdown's timeout, and waits for the
+    /// replies of the control requests taken (see [`Vmm::answering`]). The caller then
     /// releases the guest's files and cgroup.
     ///
     /// A termination signal is refused while the migration is in `switchoverUnknown`,
@@ -887,6 +934,11 @@ impl Vmm {
         eprintln!("berth-vmm: shutting down: {reason}");
         if !self.stop_vcpus(timeout) {
             eprintln!("berth-vmm: vCPUs did not stop within {timeout:?}; exiting anyway");
+        }
+        if !self.wait_answered(REPLY_GRACE) {
+            eprintln!(
+                "berth-vmm: a control request still had no reply after {REPLY_GRACE:?}; exiting anyway"
+            );
         }
     }
 

@@ -145,7 +145,10 @@ fn read_line(reader: &mut impl BufRead) -> std::io::Result<Option<Result<Vec<u8>
 fn serve(stream: UnixStream, vmm: &Arc<Vmm>) {
     let mut reader = BufReader::new(&stream);
     loop {
-        let reply = match read_line(&mut reader) {
+        let line = read_line(&mut reader);
+        // From here until the reply is written, the VMM does not exit.
+        let _answering = vmm.answering();
+        let reply = match line {
             Ok(None) | Err(_) => return,
             Ok(Some(Err(len))) => Response::error(
                 0,
@@ -168,6 +171,9 @@ fn serve(stream: UnixStream, vmm: &Arc<Vmm>) {
                 Err(reply) => reply,
             },
         };
+        if let Some(ms) = crate::migration::fault::injected("delay-reply-ms") {
+            std::thread::sleep(std::time::Duration::from_millis(ms.parse().unwrap_or(0)));
+        }
         if write_reply(&stream, &reply).is_err() {
             return;
         }

@@ -13,6 +13,9 @@
 //!   or after a migration failed before `Commit` with the guest paused;
 //! - `handover-fails`: the destination's handover of the guest's directory, lock and
 //!   cgroup after the commit fails, every time it is tried.
+//! - `delay-reply-ms=N`: the control server waits N ms before it writes each reply
+//!   (status replies excepted), as a loaded machine may; a request that ends the VMM
+//!   (`migrateResolve`, `shutdown`) must still be answered.
 
 /// The value of fault `name` when `BERTH_FAULT` lists it: `Some("")` for a bare name,
 /// `Some("N")` for `name=N`.
