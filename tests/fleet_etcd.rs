@@ -7,7 +7,9 @@
 //! - a start takes the guest's ownership record first; the fencing token kept next to
 //!   the guest (`<state-dir>/owners/<guest>.json`) is the record's revision;
 //! - a live migration between hosts hands the record over (`kvm01` ->
-//!   `kvm01 moving to kvm03` -> `kvm03`), sampled as it happens;
+//!   `kvm01 moving to kvm03` -> `kvm03`), sampled as it happens; the source does not
+//!   confirm `Running` (`BERTH_FAULT=skip-done`), and the destination removes the
+//!   committed marker it kept once the record names it;
 //! - either side's `berth serve` SIGKILLed in the middle of a handover (the destination
 //!   held at `Loaded` by `BERTH_FAULT=delay-loaded-ms`): started again, exactly one host
 //!   owns the guest and exactly one VMM runs it;
@@ -293,7 +295,10 @@ fn a_live_migration_hands_ownership_over_and_an_etcd_outage_starts_and_moves_not
         fleet.guest_name("fe-sel"),
     );
     fleet.commit(&[(&web, "kvm01"), (&db, "kvm02")], "two guests");
-    for i in 0..3 {
+    // kvm01's VMMs do not confirm `Running` (as if `Done` were lost): a destination
+    // keeps its committed marker until the ownership record names it.
+    fleet.start(0, &[("BERTH_FAULT", "skip-done")]);
+    for i in 1..3 {
         fleet.start(i, &[]);
     }
     fleet.wait_owned_and_running(&web, 0, Duration::from_secs(40));
@@ -334,6 +339,23 @@ fn a_live_migration_hands_ownership_over_and_an_etcd_outage_starts_and_moves_not
     );
     fleet.wait_owned_and_running(&web, 2, Duration::from_secs(10));
     assert!(fleet.owner(&web).expect("owned").token > before.token);
+    // kvm03 took the record over: the source resolves from it, so kvm03 removed the
+    // committed marker it had kept for want of `Done`.
+    let incoming = fleet.hosts[2]
+        .state
+        .join("guests")
+        .join(format!("{web}.incoming"));
+    wait_until(
+        "kvm03 to drop the committed marker",
+        Duration::from_secs(10),
+        || !incoming.exists(),
+    );
+    assert!(
+        fleet.hosts[2]
+            .log_text()
+            .contains("the committed marker is no longer needed"),
+        "kvm03 never kept the marker"
+    );
 
     // etcd goes away: every host says so, nothing starts or moves.
     fleet.etcd.stop();

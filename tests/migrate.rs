@@ -1302,6 +1302,8 @@ fn a_lost_running_keeps_the_source_paused_and_the_destination_runs() {
     // The destination read Commit: the guest runs there, and only there.
     assert_eq!(dst.migration().phase, MigrationPhase::Completed);
     dst.assert_beating();
+    let marker = committed_marker(root.path(), &name);
+    assert!(marker.exists(), "no committed marker on the destination");
     src.resolve_switchover(true);
     assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
     dst.socket = root.path().join("guests").join(&name).join("control.sock");
@@ -1309,8 +1311,46 @@ fn a_lost_running_keeps_the_source_paused_and_the_destination_runs() {
         dst.socket.exists()
     });
     dst.assert_beating();
+    // The source never said it heard Running: the marker outlives the handover and the
+    // VMM (the reconciler removes it once it has resolved the source), and it is all
+    // that is left of the incoming directory.
     dst.client().shutdown(Duration::from_secs(10)).unwrap();
     assert_eq!(dst.wait_exit(Duration::from_secs(10)), Some(0));
+    assert!(marker.exists(), "the committed marker went with the VMM");
+    let left: Vec<_> = std::fs::read_dir(marker.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, ["committed"]);
+    drop(proxy);
+}
+
+/// The destination read `Commit` and ran the guest, `Running` was lost, and the guest
+/// stopped there before anyone asked the destination: its committed marker stays, so
+/// the answer is still "it ran there" and the source never resumes its stale copy.
+#[test]
+fn a_destination_stopped_before_the_source_is_resolved_still_counts_as_run() {
+    let (root, name, mut src, mut dst, proxy) =
+        unknown_switchover("mig-stopunres", Fault::DropRunning);
+    assert_eq!(dst.migration().phase, MigrationPhase::Completed);
+    // The source holds the guest's directory: the destination cannot hand over yet.
+    dst.client().shutdown(Duration::from_secs(10)).unwrap();
+    assert_eq!(dst.wait_exit(Duration::from_secs(10)), Some(0));
+    let marker = committed_marker(root.path(), &name);
+    assert!(
+        marker.exists(),
+        "the committed marker went with the VMM:\n{}",
+        dst.stderr_text()
+    );
+    // And it keeps the answer: a new incoming VMM of the guest is refused.
+    let text = spec(&name, "{vcpus: 2}", "{size: 64MiB}", 4);
+    let err = Vmm::start(root.path(), &name, &text, Some("127.0.0.1:0"), &[])
+        .err()
+        .expect("a new incoming VMM refused while the marker is there");
+    assert!(err.contains("committed"), "{err}");
+    assert_eq!(src.status().state, GuestRunState::Paused);
+    src.resolve_switchover(true);
+    assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
     drop(proxy);
 }
 

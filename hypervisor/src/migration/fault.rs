@@ -13,6 +13,8 @@
 //!   or after a migration failed before `Commit` with the guest paused;
 //! - `handover-fails`: the destination's handover of the guest's directory, lock and
 //!   cgroup after the commit fails, every time it is tried.
+//! - `skip-done`: the source does not answer `Running` with `Done` (as if that frame
+//!   were lost), so the destination keeps its committed marker;
 //! - `delay-reply-ms=N`: the control server waits N ms before it writes each reply
 //!   (status replies excepted), as a loaded machine may; a request that ends the VMM
 //!   (`migrateResolve`, `shutdown`) must still be answered.

@@ -121,14 +121,12 @@ pub fn run(
             dir.cleanup();
             drop(dir);
             if marker.exists() {
-                // After the commit: the marker (and its directory) stay as the answer.
                 eprintln!(
                     "berth-vmm: the guest counts as run here ({} kept)",
                     marker.display()
                 );
-            } else {
-                let _ = std::fs::remove_dir_all(&incoming_dir);
             }
+            remove_incoming_dir(&incoming_dir);
             return Err(e);
         }
     };
@@ -182,10 +180,36 @@ pub fn run(
         dir.cleanup();
         if dir.dir() == incoming_dir {
             drop(dir);
-            let _ = std::fs::remove_dir_all(&incoming_dir);
+            remove_incoming_dir(&incoming_dir);
         }
     }
     Ok(())
+}
+
+/// Removes the incoming directory `dir`, except its committed marker: while the marker
+/// is there (the source has not confirmed that it heard `Running`), the guest counts as
+/// run here, also after this VMM handed it over or exited, and the directory stays with
+/// the marker alone. The reconciler removes it once the source is resolved.
+fn remove_incoming_dir(dir: &Path) {
+    let _held = receive::MARKER_DIR
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let marker = dir.join(COMMITTED);
+    if !marker.exists() {
+        let _ = std::fs::remove_dir_all(dir);
+        return;
+    }
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.file_name() == COMMITTED {
+            continue;
+        }
+        let path = entry.path();
+        let _ = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+    }
 }
 
 type Failure = (IncomingError, Option<Arc<Vmm>>);
@@ -304,7 +328,16 @@ fn prepare_and_receive(
         ))
     });
     match (outcome, shutdown) {
-        (Ok(()), _) => Ok(vmm),
+        (Ok(()), None) => Ok(vmm),
+        (Ok(()), Some(reason)) => {
+            // The commit was read first: the guest runs here and nowhere else, and a
+            // stop meant for the migration would now stop the guest itself.
+            eprintln!(
+                "berth-vmm: {reason} while the guest arrived; not applied: the guest runs \
+                 here now (ask again to stop it)"
+            );
+            Ok(vmm)
+        }
         (Err(e), reason) => {
             {
                 let mut st = vmm.migration().status();
@@ -375,19 +408,26 @@ fn handover(
     let incoming_dir = incoming.dir().to_owned();
     incoming.cleanup();
     drop(incoming);
-    // The marker goes with the directory: the guest's own VMM answers from now on.
-    let _ = std::fs::remove_dir_all(&incoming_dir);
+    // The guest's own VMM answers from now on, and the marker (if the source has not
+    // confirmed `Running`) for when it is gone.
+    remove_incoming_dir(&incoming_dir);
     let path = target.dir().to_owned();
     *slot = Some(target);
     Ok(path)
 }
 
+/// The committed marker's file name in the incoming directory.
+const COMMITTED: &str = "committed";
+
 /// The committed marker of an incoming migration of `name` under `root`:
 /// `<root>/guests/<name>.incoming/committed`, written (and fsync'd) when the
-/// destination reads `Commit`, before any vCPU starts. While it exists and no VMM holds
-/// the directory, the answer to "did the destination run the guest?" is yes.
+/// destination reads `Commit`, before any vCPU starts, and removed when the source
+/// confirms that it heard `Running` (`Done`). Otherwise it stays, also after the
+/// handover and after the VMM exits, until the reconciler has resolved the source. While
+/// it exists and no VMM holds the directory, the answer to "did the destination run the
+/// guest?" is yes.
 pub fn committed_marker(root: &Path, name: &str) -> PathBuf {
-    StateDir::incoming_path_of(root, name).join("committed")
+    StateDir::incoming_path_of(root, name).join(COMMITTED)
 }
 
 /// The path of the incoming VMM's directory for guest `name` under `root`.

@@ -21,13 +21,16 @@
 //! and exit non-zero. The destination runs the guest only after reading `Commit`.
 //!
 //! Once `Commit` is sent, the source never resumes the guest by itself: if `Running`
-//! comes back it shuts down (migration complete); if it does not (connection lost
+//! comes back it answers `Done` and shuts down (migration complete); if it does not (connection lost
 //! after `Commit`), the source keeps the guest paused and reports the phase
 //! `switchoverUnknown`. Only the `migrateResolve` control op ends that state: with
 //! `destinationRunning: true` the source shuts down, with `false` it resumes. The caller
 //! (the reconciler) answers it from the destination's own status: the destination has
 //! run the guest if and only if it read `Commit`, and then its status says so (or it is
-//! gone without having run: it exits non-zero before `Commit`). So the guest never runs
+//! gone without having run: it exits non-zero before `Commit`). Its durable committed
+//! marker, written before any vCPU starts, says so too when the VMM is gone: it stays
+//! until the source's `Done` (after `Running`) says nobody will ask, or until the
+//! reconciler has resolved the source. So the guest never runs
 //! in two places; the price is that a connection lost in that one round trip needs an
 //! outside answer before the guest runs again. From sending `Commit` until `Running`
 //! or `migrateResolve`, the source also refuses `shutdown`, SIGTERM and `resume` on
@@ -43,7 +46,9 @@
 //! source, which holds it, has exited; at once on another host), moves its control
 //! socket and console log into `<state>/guests/<name>/` (what the guest wrote since the
 //! commit is appended to the source's `console.log`, so its history stays), moves
-//! itself into cgroup `berth/<name>` (once the source's is gone) and removes the `.incoming` directory and cgroup. The one-VMM-per-guest lock
+//! itself into cgroup `berth/<name>` (once the source's is gone) and removes the
+//! `.incoming` directory (all but a committed marker the source has not answered with
+//! `Done`) and cgroup. The one-VMM-per-guest lock
 //! thus passes at commit: before it, `guests/<name>/` belongs to the source; after the
 //! source exits, to the destination. A reader looking for a guest's VMM checks
 //! `guests/<name>/` and then `guests/<name>.incoming/`.

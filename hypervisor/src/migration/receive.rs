@@ -443,13 +443,51 @@ impl Incoming {
             let downtime = state_received_at.elapsed();
             // The guest runs here now, whether or not the source hears it.
             let _ = replies.send(FrameKind::Running, &[]);
-            let mut st = migration.status();
-            st.phase = MigrationPhase::Completed;
-            st.downtime_ms = Some(downtime.as_secs_f64() * 1000.0);
-            st.pages_sent = pages.load(std::sync::atomic::Ordering::Relaxed);
-            st.error = None;
+            drop(replies);
+            {
+                let mut st = migration.status();
+                st.phase = MigrationPhase::Completed;
+                st.downtime_ms = Some(downtime.as_secs_f64() * 1000.0);
+                st.pages_sent = pages.load(std::sync::atomic::Ordering::Relaxed);
+                st.error = None;
+            }
             Ok(())
-        })
+        })?;
+        // The marker is the answer "it ran here" for a source that did not hear
+        // `Running`: it goes only once the source says it did (`Done`). That is waited
+        // for on a thread of its own: the guest runs meanwhile, and the handover or a
+        // shutdown need not wait.
+        let committed = committed.to_owned();
+        let waiter = std::thread::Builder::new()
+            .name("mig-done".into())
+            .spawn(move || await_done(first_reader, &committed));
+        if let Err(e) = waiter {
+            eprintln!(
+                "berth-vmm: cannot wait for the source's Done ({e}); the committed marker stays"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Reads connection 0 after `Running`: on `Done` the committed marker goes; anything
+/// else (silence for [`LINK_TIMEOUT`], a closed link, another frame) keeps it.
+fn await_done(mut reader: FrameReader<TcpStream>, committed: &Path) {
+    let done = loop {
+        match reader.recv() {
+            Ok(frame) if frame.kind == FrameKind::Info => {}
+            Ok(frame) => break frame.kind == FrameKind::Done,
+            Err(_) => break false,
+        }
+    };
+    if done {
+        clear_committed_marker(committed);
+    } else {
+        eprintln!(
+            "berth-vmm: the source did not confirm Running; {} stays until its switchover \
+             is resolved",
+            committed.display()
+        );
     }
 }
 
@@ -684,6 +722,35 @@ fn commit_marker_with(
     })
 }
 
+/// The pid of the incoming VMM that wrote the committed marker at `path`; `None` when
+/// there is no marker or it says no pid.
+pub fn committed_marker_pid(path: &Path) -> Option<i32> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.trim().strip_prefix("committed pid ")?.parse().ok()
+}
+
+/// Held while this process removes a committed marker or the files of the incoming
+/// directory beside it, so that the two never interleave (the `Done` of the source may
+/// arrive while the VMM hands its directory over).
+pub(crate) static MARKER_DIR: Mutex<()> = Mutex::new(());
+
+/// Removes the committed marker at `path` once its migration's source heard `Running`:
+/// nobody will ask any more. Its directory goes too if nothing else is left in it (the
+/// VMM handed it over already). Not synced: a marker that comes back after a crash only
+/// keeps answering "ran", which stays true.
+pub fn clear_committed_marker(path: &Path) {
+    let _held = MARKER_DIR.lock().unwrap_or_else(|e| e.into_inner());
+    if let Err(e) = std::fs::remove_file(path) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            eprintln!("berth-vmm: cannot remove {}: {e}", path.display());
+        }
+    }
+    if let Some(dir) = path.parent() {
+        // Fails, as it should, while the directory holds anything else.
+        let _ = std::fs::remove_dir(dir);
+    }
+}
+
 /// Writes the committed marker's content beside `path`, under a name no reader looks
 /// at (`<path>.staged`), and makes it durable, so that [`write_committed_marker`] only
 /// has to rename it. Done before the source connects; a staged file means nothing, and
@@ -753,6 +820,10 @@ mod tests {
         write_committed_marker(&marker).unwrap();
         let text = std::fs::read_to_string(&marker).unwrap();
         assert_eq!(text, format!("committed pid {}\n", std::process::id()));
+        assert_eq!(
+            committed_marker_pid(&marker),
+            Some(std::process::id() as i32)
+        );
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
         // Without a staged file it is written whole.
         let other = dir.path().join("other");
@@ -769,6 +840,11 @@ mod tests {
         assert!(failed.is_err());
         assert!(!unsynced.exists(), "a marker stayed after its sync failed");
         assert!(staged_marker(&unsynced).exists());
+        // Cleared once the source confirmed Running; clearing it again is no error.
+        clear_committed_marker(&marker);
+        assert!(!marker.exists());
+        assert_eq!(committed_marker_pid(&marker), None);
+        clear_committed_marker(&marker);
     }
 
     const PAGE: u64 = PAGE_SIZE as u64;

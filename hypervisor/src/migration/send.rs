@@ -994,6 +994,11 @@ fn precopy_and_switch(
     Ok(match s.reply(FrameKind::Running, "Running") {
         Ok(_) => {
             trace(s.started, "running");
+            // The destination keeps its committed marker (the answer "it ran here")
+            // until it hears this; if it does not, the marker stays, which is safe.
+            if !super::fault::on("skip-done") {
+                let _ = s.frame(FrameKind::Done, Vec::new());
+            }
             (Committed::Completed, paused_at)
         }
         Err(e) => (

@@ -50,10 +50,12 @@ use super::seal::{SealingKey, SharedBytes, NONCE_LEN};
 /// First bytes of both hellos.
 pub const MAGIC: [u8; 8] = *b"BERTHMIG";
 /// The stream format version this build speaks. A peer with another version is refused.
-/// Version 3: pages as `Pages` + `PageData` pairs, decrypted in place in guest memory.
+/// Version 4: the source answers `Running` with `Done`, after which the destination
+/// removes its committed marker. Version 3 had no `Done`; it sent pages as `Pages` +
+/// `PageData` pairs, decrypted in place in guest memory, as version 4 does.
 /// Version 2 had AES-128-GCM frames with the pages and their addresses in one frame;
 /// version 1 carried clear pages under a keyed BLAKE3 MAC.
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 /// Guest page size the stream moves memory in.
 pub const PAGE_SIZE: usize = 4096;
 /// The largest frame payload a receiver accepts; larger lengths are refused before any
@@ -394,6 +396,9 @@ pub enum FrameKind {
     Info = 10,
     /// The bytes of the run the `Pages` frame before it names (`count * 4096`).
     PageData = 11,
+    /// Source -> destination: `Running` arrived; the source drops its copy, so nobody
+    /// will ask the destination whether it runs the guest.
+    Done = 12,
 }
 
 impl FrameKind {
@@ -411,6 +416,7 @@ impl FrameKind {
             9 => Running,
             10 => Info,
             11 => PageData,
+            12 => Done,
             _ => return None,
         })
     }

@@ -415,7 +415,12 @@ impl LocalDriver {
         arrived.sort();
         for name in arrived {
             if let Some(status) = self.committed_incoming_status(&name) {
-                let observed = self.observed_guest(&name, &status, &online);
+                // Its spec is the one it was started with, in `<name>.incoming/` (the
+                // guest's own directory may not have one yet, or an old one).
+                let incoming =
+                    berth_hypervisor::migration::incoming::incoming_dir(&self.state_dir, &name);
+                let observed =
+                    self.observed_with(&name, &status, &online, GuestFiles::read(&incoming));
                 guests.push(LocalGuest {
                     observed,
                     pid: Some(status.pid),
@@ -447,6 +452,25 @@ impl LocalDriver {
                 .exists()
     }
 
+    /// Removes the committed marker that the incoming VMM `pid` of `name` left in
+    /// `<name>.incoming/` (its source did not confirm `Running`), once that source no
+    /// longer needs the answer: it was resolved, or it resolves from the fleet's
+    /// ownership record. A marker of another VMM is left alone (it may be the answer
+    /// to another source), and so is a directory an incoming VMM holds. True when it
+    /// removed one.
+    ///
+    /// # Errors
+    /// The directory cannot be removed.
+    pub fn forget_committed(&self, name: &str, pid: i32) -> std::io::Result<bool> {
+        use berth_hypervisor::migration::{incoming, receive};
+        let marker = incoming::committed_marker(&self.state_dir, name);
+        if receive::committed_marker_pid(&marker) != Some(pid) || self.incoming_under_way(name) {
+            return Ok(false);
+        }
+        std::fs::remove_dir_all(incoming::incoming_dir(&self.state_dir, name))?;
+        Ok(true)
+    }
+
     /// Asks the VMM of `name` for its status. A VMM that holds its lock runs (it may be
     /// starting, paused in a switchover or just slow on a loaded machine): it gets
     /// [`PROBE_PATIENCE`] to answer, and is reported [`Probe::Unresponsive`] rather
@@ -471,10 +495,19 @@ impl LocalDriver {
             if !vmm_lock_held(&self.guest_dir(name)) {
                 return Probe::Gone;
             }
+            let pid = std::fs::read_to_string(self.guest_dir(name).join("pid"))
+                .ok()
+                .and_then(|p| p.trim().parse::<i32>().ok());
+            // A VMM that arrived by migration takes `<name>/` (lock and pid first) before
+            // its control socket moves there; until then it answers in
+            // `<name>.incoming/`.
+            if let Some(status) = self
+                .committed_incoming_status(name)
+                .filter(|s| Some(s.pid) == pid)
+            {
+                return Probe::Answered(None, Box::new(status));
+            }
             if Instant::now() > deadline {
-                let pid = std::fs::read_to_string(self.guest_dir(name).join("pid"))
-                    .ok()
-                    .and_then(|p| p.trim().parse::<i32>().ok());
                 let why = match error {
                     ClientError::Io(e)
                         if matches!(
@@ -587,11 +620,6 @@ impl LocalDriver {
         if let Ok(cgroups) = Cgroups::detect() {
             let _ = cgroups.remove_stale(name);
         }
-    }
-
-    fn observed_guest(&self, name: &str, status: &Status, online: &CpuSet) -> ObservedGuest {
-        let files = GuestFiles::read(&self.guest_dir(name));
-        self.observed_with(name, status, online, files)
     }
 
     /// The guest `status` describes, with what its files say (`files`, read from its
@@ -898,6 +926,8 @@ impl LocalDriver {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+        // The old VMM is gone: nobody asks the new one's committed marker any more.
+        let _ = self.forget_committed(name, dest_pid);
         let dir = self.guest_dir(name);
         let _ = std::fs::rename(dir.join("incoming.json"), dir.join("start.json"));
         let _ = std::fs::remove_file(dir.join("start.yaml"));

@@ -504,18 +504,18 @@ impl Coordination for EtcdCoordination {
         })
     }
 
-    fn arrived<'a>(&'a self, guest: &'a str, from: &'a str) -> BoxFuture<'a, ()> {
+    fn arrived<'a>(&'a self, guest: &'a str, from: &'a str) -> BoxFuture<'a, bool> {
         Box::pin(async move {
             // The guest runs here now: the record must follow. Tried for a while here;
             // the background task takes it over later if etcd is away.
             let deadline = Instant::now() + Duration::from_secs(30);
             loop {
                 match self.take_over(guest, Some(from)).await {
-                    Ok(()) => return,
+                    Ok(()) => return true,
                     Err(why) if Instant::now() > deadline => {
                         warn!(guest, from, why = %one_line(&why), "cannot take the ownership over yet");
                         self.pending.lock().unwrap_or_else(|e| e.into_inner()).dirty = true;
-                        return;
+                        return false;
                     }
                     Err(why) => {
                         debug!(guest, from, why = %one_line(&why), "taking the ownership over: retrying");

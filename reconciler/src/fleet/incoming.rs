@@ -252,7 +252,11 @@ impl IncomingMigrations for LocalIncoming {
                 if let Some(fleet) = fleet {
                     let c = &fleet.coordination;
                     match arrived {
-                        Arrival::Arrived => fleet.runtime.block_on(c.arrived(&guest, &from)),
+                        Arrival::Arrived => {
+                            if fleet.runtime.block_on(c.arrived(&guest, &from)) {
+                                forget_committed(&local, &guest, pid);
+                            }
+                        }
                         Arrival::NeverRan => {
                             fleet.runtime.block_on(c.incoming_failed(&guest, &from))
                         }
@@ -287,6 +291,11 @@ impl IncomingMigrations for LocalIncoming {
                 guest: guest.to_owned(),
             }));
         }
+        // An incoming VMM read Commit here and the source never confirmed Running: the
+        // guest ran here, even if its VMM has stopped since.
+        if self.local.incoming_committed(guest) {
+            return Ok(outcome(true, None));
+        }
         // Handed over (or never arrived): the guest's own VMM tells.
         let socket = self.local.control_socket(guest);
         let running = Client::connect(&socket)
@@ -298,6 +307,19 @@ impl IncomingMigrations for LocalIncoming {
             .and_then(|v| serde_json::from_value(v).ok())
             .filter(|s: &MigrationStatus| s.role.as_deref() == Some("incoming"));
         Ok(outcome(running, arrived.as_ref()))
+    }
+}
+
+/// Removes the committed marker the incoming VMM `pid` left (its source did not
+/// confirm `Running`) once the ownership record names this host.
+fn forget_committed(local: &LocalDriver, guest: &str, pid: i32) {
+    match local.forget_committed(guest, pid) {
+        Ok(true) => info!(
+            guest,
+            pid, "the ownership record names this host: the committed marker is no longer needed, removed"
+        ),
+        Ok(false) => {}
+        Err(e) => warn!(guest, error = %e, "cannot remove the committed marker"),
     }
 }
 
@@ -401,10 +423,10 @@ mod tests {
     /// Preparing starts a VMM, an action on this host's guests: while `berth apply`
     /// holds the state lock it is refused as "not now" (503 to the source, which tries
     /// again later), before anything is made; once the lock is free it goes on.
-    #[test]
-    fn prepare_takes_the_state_lock_and_refuses_while_apply_holds_it() {
-        let tmp = tempfile::tempdir().unwrap();
-        let repo_dir = tmp.path().join("repo");
+    /// A `LocalIncoming` of host kvm01 (state in `tmp/state`), guest web-1 placed on it,
+    /// and the revision that places it.
+    fn kvm01(tmp: &std::path::Path) -> (LocalIncoming, PathBuf, CommitId) {
+        let repo_dir = tmp.join("repo");
         std::fs::create_dir_all(&repo_dir).unwrap();
         let init = std::process::Command::new("git")
             .args(["init", "-q"])
@@ -412,7 +434,7 @@ mod tests {
             .status()
             .unwrap();
         assert!(init.success());
-        let state = tmp.path().join("state");
+        let state = tmp.join("state");
         let local = Arc::new(LocalDriver::new(
             "kvm01",
             &state,
@@ -434,6 +456,13 @@ mod tests {
             None,
             Arc::new(IncomingNotes::default()),
         );
+        (incoming, state, commit)
+    }
+
+    #[test]
+    fn prepare_takes_the_state_lock_and_refuses_while_apply_holds_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (incoming, state, commit) = kvm01(tmp.path());
         let request = IncomingRequest {
             guest: "web-1".into(),
             from: "kvm02".into(),
@@ -465,5 +494,28 @@ mod tests {
         assert!(error.to_string().contains("berth-vmm"), "{error}");
         // And it held the lock only while it acted.
         StateLock::wait_free(&state);
+    }
+
+    /// An incoming VMM that read `Commit` here and is gone (the guest stopped, or it
+    /// died) leaves its committed marker while its source has not confirmed `Running`:
+    /// the answer to that source stays "it runs here", never "no" (which would resume
+    /// its stale copy). The marker goes only for the VMM that wrote it.
+    #[test]
+    fn a_committed_marker_answers_ran_until_it_is_forgotten_by_its_own_vmm() {
+        use berth_hypervisor::migration::{incoming as vmm_incoming, receive};
+        let tmp = tempfile::tempdir().unwrap();
+        let (incoming, state, _) = kvm01(tmp.path());
+        assert!(!incoming.running("web-1").unwrap().running);
+        let marker = vmm_incoming::committed_marker(&state, "web-1");
+        std::fs::create_dir_all(marker.parent().unwrap()).unwrap();
+        receive::write_committed_marker(&marker).unwrap();
+        assert!(incoming.running("web-1").unwrap().running);
+        // The marker names this process's pid (it wrote it): another VMM's is kept.
+        let me = std::process::id() as i32;
+        assert!(!incoming.local.forget_committed("web-1", me + 1).unwrap());
+        assert!(incoming.running("web-1").unwrap().running);
+        assert!(incoming.local.forget_committed("web-1", me).unwrap());
+        assert!(!marker.parent().unwrap().exists());
+        assert!(!incoming.running("web-1").unwrap().running);
     }
 }

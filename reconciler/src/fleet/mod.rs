@@ -271,10 +271,12 @@ pub trait Coordination: Send + Sync {
     }
 
     /// Destination side: `guest`, migrating from `from`, committed here (its incoming
-    /// VMM read `Commit`): this host takes the ownership over.
-    fn arrived<'a>(&'a self, guest: &'a str, from: &'a str) -> BoxFuture<'a, ()> {
+    /// VMM read `Commit`): this host takes the ownership over. True once the fleet's
+    /// record names this host: a source in an unknown switchover then resolves from
+    /// the record, and no longer needs this host's committed marker.
+    fn arrived<'a>(&'a self, guest: &'a str, from: &'a str) -> BoxFuture<'a, bool> {
         let _ = (guest, from);
-        Box::pin(async {})
+        Box::pin(async { false })
     }
 
     /// Destination side: the incoming migration of `guest` from `from` ended before
