@@ -1348,6 +1348,15 @@ fn a_destination_stopped_before_the_source_is_resolved_still_counts_as_run() {
         .err()
         .expect("a new incoming VMM refused while the marker is there");
     assert!(err.contains("committed"), "{err}");
+    let left: Vec<_> = std::fs::read_dir(marker.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        left,
+        ["committed"],
+        "the refused VMM left files beside the marker"
+    );
     assert_eq!(src.status().state, GuestRunState::Paused);
     src.resolve_switchover(true);
     assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));

@@ -897,6 +897,12 @@ impl Vmm {
         *count == 0
     }
 
+    /// Takes back a shutdown that was asked for but not acted on (see
+    /// [`crate::migration::incoming`]: one that came as the guest arrived).
+    pub fn withdraw_shutdown(&self) {
+        lock(&self.lifecycle).shutting_down = false;
+    }
+
     /// Whether a shutdown was asked for.
     pub fn shutting_down(&self) -> bool {
         lock(&self.lifecycle).shutting_down

@@ -97,19 +97,27 @@ pub fn run(
     inbox: Receiver<VmmEvent>,
 ) -> Result<(), IncomingError> {
     let name = opts.config.name.clone();
-    let dir = StateDir::acquire_incoming(&opts.state_root, &name)?;
-    let incoming_dir = dir.dir().to_owned();
     let marker = committed_marker(&opts.state_root, &name);
+    let incoming_dir = self::incoming_dir(&opts.state_root, &name);
+    // A previous incoming VMM of this guest read Commit and its source never confirmed
+    // Running: until that source's switchover is resolved (and the marker removed), the
+    // answer "ran" must stay readable. Checked before the directory is taken (a refused
+    // VMM leaves nothing beside the marker), and again once it is held.
+    let refused = || {
+        IncomingError::Receive(ReceiveError::Protocol(format!(
+            "{} is there: an earlier migration of {name} committed here and its source \
+             never confirmed Running; once that source is resolved (migrateResolve with \
+             destinationRunning: true) or gone, remove {}",
+            marker.display(),
+            incoming_dir.display()
+        )))
+    };
     if marker.exists() {
-        // A previous incoming VMM of this guest read Commit and then died: until its
-        // source's switchover is resolved (and the marker removed), its answer "ran"
-        // must stay readable.
-        return Err(IncomingError::Receive(ReceiveError::Protocol(format!(
-            "{} is there: an earlier migration of {name} committed here and its VMM \
-             ended; resolve that migration's source (migrateResolve with \
-             destinationRunning: true) and remove the marker first",
-            marker.display()
-        ))));
+        return Err(refused());
+    }
+    let dir = StateDir::acquire_incoming(&opts.state_root, &name)?;
+    if marker.exists() {
+        return Err(refused());
     }
     let result = prepare_and_receive(&opts, &dir, &marker, &events, &inbox);
     let vmm = match result {
@@ -336,6 +344,7 @@ fn prepare_and_receive(
                 "berth-vmm: {reason} while the guest arrived; not applied: the guest runs \
                  here now (ask again to stop it)"
             );
+            vmm.withdraw_shutdown();
             Ok(vmm)
         }
         (Err(e), reason) => {

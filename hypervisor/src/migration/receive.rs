@@ -735,11 +735,15 @@ pub fn committed_marker_pid(path: &Path) -> Option<i32> {
 pub(crate) static MARKER_DIR: Mutex<()> = Mutex::new(());
 
 /// Removes the committed marker at `path` once its migration's source heard `Running`:
-/// nobody will ask any more. Its directory goes too if nothing else is left in it (the
-/// VMM handed it over already). Not synced: a marker that comes back after a crash only
-/// keeps answering "ran", which stays true.
+/// nobody will ask any more. Only a marker this process wrote: a late `Done` must not
+/// take the answer of a later migration of the guest. Its directory goes too if nothing
+/// else is left in it (the VMM handed it over already). Not synced: a marker that comes
+/// back after a crash only keeps answering "ran", which stays true.
 pub fn clear_committed_marker(path: &Path) {
     let _held = MARKER_DIR.lock().unwrap_or_else(|e| e.into_inner());
+    if committed_marker_pid(path) != Some(std::process::id() as i32) {
+        return;
+    }
     if let Err(e) = std::fs::remove_file(path) {
         if e.kind() != std::io::ErrorKind::NotFound {
             eprintln!("berth-vmm: cannot remove {}: {e}", path.display());
@@ -845,6 +849,10 @@ mod tests {
         assert!(!marker.exists());
         assert_eq!(committed_marker_pid(&marker), None);
         clear_committed_marker(&marker);
+        // A marker another VMM wrote (a later migration of the guest) stays.
+        std::fs::write(&marker, "committed pid 1\n").unwrap();
+        clear_committed_marker(&marker);
+        assert_eq!(committed_marker_pid(&marker), Some(1));
     }
 
     const PAGE: u64 = PAGE_SIZE as u64;

@@ -443,9 +443,9 @@ impl LocalDriver {
         client.status().ok()
     }
 
-    /// Whether an incoming VMM of `name` read `Commit` here and then ended without
-    /// handing over (its durable marker is there and no VMM holds the directory): the
-    /// guest counts as run here.
+    /// Whether an incoming VMM of `name` read `Commit` here and its source has not
+    /// confirmed `Running` (its durable marker is there, and no VMM holds the directory:
+    /// the VMM handed the guest over, or ended): the guest counts as run here.
     pub fn incoming_committed(&self, name: &str) -> bool {
         !self.incoming_under_way(name)
             && berth_hypervisor::migration::incoming::committed_marker(&self.state_dir, name)
@@ -841,6 +841,7 @@ impl LocalDriver {
             peer: None,
             destination: listen.clone(),
             source_pid,
+            destination_pid: Some(dest_pid),
         };
         if let Err(e) = self.record_outgoing(&record) {
             kill_pid(dest_pid);
@@ -894,9 +895,17 @@ impl LocalDriver {
         }
         if !process_exists(dest_pid) {
             // The new VMM read Commit and ended: the guest counts as run there (never
-            // twice), so its old VMM was shut down too.
-            let _ = self.wait_gone(source_pid, STOP_TIMEOUT);
-            let _ = std::fs::remove_dir_all(self.guests_dir().join(format!("{name}.incoming")));
+            // twice), so its old VMM was shut down too. Its committed marker is the
+            // answer for the old VMM until that one is gone.
+            if !self.wait_gone(source_pid, STOP_TIMEOUT) {
+                return Err(migration_failed(format!(
+                    "the new VMM (pid {dest_pid}) read Commit and then ended, and the old \
+                     one (pid {source_pid}) did not exit; the guest counts as run there: \
+                     resolve the old VMM's switchover (migrateResolve with \
+                     destinationRunning: true)"
+                )));
+            }
+            let _ = self.forget_committed(name, dest_pid);
             return Err(migration_failed(
                 "the new VMM read Commit and then ended: the guest counts as run there, so \
                  its old VMM was shut down too; it is started afresh by the next apply"
@@ -926,7 +935,12 @@ impl LocalDriver {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        // The old VMM is gone: nobody asks the new one's committed marker any more.
+        // The old VMM is gone: nobody asks the new one's committed marker any more. The
+        // new VMM lets go of `<name>.incoming/` just after its socket moved.
+        let released = Instant::now() + Duration::from_secs(5);
+        while self.incoming_under_way(name) && Instant::now() < released {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let _ = self.forget_committed(name, dest_pid);
         let dir = self.guest_dir(name);
         let _ = std::fs::rename(dir.join("incoming.json"), dir.join("start.json"));

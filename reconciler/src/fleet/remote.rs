@@ -352,6 +352,7 @@ impl ServeDriver {
             peer: Some(peer.address.clone()),
             destination: prepared.listen.to_string(),
             source_pid,
+            destination_pid: None,
         };
         self.local.record_outgoing(&record)?;
         if let Err(e) = source.call(Op::Migrate(MigrateArgs {

@@ -456,6 +456,7 @@ mod tests {
             peer: peer.map(str::to_owned),
             destination: "10.0.0.2:40123".into(),
             source_pid: 42,
+            destination_pid: None,
         }
     }
 

@@ -43,6 +43,10 @@ pub struct OutgoingRecord {
     pub destination: String,
     /// The source VMM.
     pub source_pid: i32,
+    /// The incoming VMM of a local migration: its committed marker, if the source did
+    /// not confirm `Running`, is removed once the source is resolved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination_pid: Option<i32>,
 }
 
 /// A VMM of this host in `switchoverUnknown` that no migration of this process follows.
@@ -302,6 +306,7 @@ impl LocalDriver {
             Err(ClientError::Refused { .. }) => return Ok(Resolved::AlreadyEnded),
             Err(e) => return Err(failed(format!("resolving the switchover of {guest}"), e)),
         }
+        let record = self.outgoing_record(guest);
         self.forget_outgoing(guest);
         if destination_running {
             if !self.wait_gone(pid, STOP_TIMEOUT) {
@@ -312,6 +317,14 @@ impl LocalDriver {
                     )
                     .into(),
                 });
+            }
+            // A local migration's new VMM kept its committed marker for this source,
+            // which is gone now.
+            if let Some(new_vmm) = record
+                .filter(|r| r.peer.is_none() && r.source_pid == pid)
+                .and_then(|r| r.destination_pid)
+            {
+                let _ = self.forget_committed(guest, new_vmm);
             }
             Ok(Resolved::DestinationRuns)
         } else {
@@ -339,6 +352,7 @@ mod tests {
             peer: Some("http://10.0.0.2:7410".into()),
             destination: "10.0.0.2:40123".into(),
             source_pid: i32::MAX,
+            destination_pid: None,
         };
         local.record_outgoing(&record).expect("write");
         assert_eq!(
@@ -370,6 +384,7 @@ mod tests {
                 peer: None,
                 destination: "127.0.0.1:40123".into(),
                 source_pid: std::process::id() as i32,
+                destination_pid: None,
             })
             .expect("write");
         assert!(local.unknown_switchovers().is_empty());
