@@ -277,6 +277,25 @@ fn selector_placement_leader_death_ha_restart_and_partition_never_run_a_guest_tw
         || fleet.running_hosts(&ha) == vec![0] && fleet.running_hosts(&plain) == vec![1],
     );
     eprintln!("selector guests running after {:?}", began.elapsed());
+    // The HA guest's VMM was started with its fence armed (`--fence-file`: had the
+    // service died before its first renewal, the guest would still stop in time); the
+    // plain guest's has none.
+    let vmms = berth_tests::vmms();
+    let cmdline = |host: &Host, guest: &str| {
+        let dir = host.guest_dir(guest).display().to_string() + "/";
+        vmms.iter()
+            .find(|(_, c)| c.contains(&dir))
+            .map(|(_, c)| c.clone())
+            .unwrap_or_default()
+    };
+    assert!(
+        cmdline(&fleet.hosts[0], &ha).contains("--fence-file"),
+        "{vmms:?}"
+    );
+    assert!(
+        !cmdline(&fleet.hosts[1], &plain).contains("--fence-file"),
+        "{vmms:?}"
+    );
     // The huge guest fits nowhere: blocked, with the reason, on every host's status.
     wait_until(
         "the huge guest blocked in status",

@@ -50,6 +50,16 @@ impl Vmm {
     }
 
     fn start_in(root: tempfile::TempDir, name: &str, spec_text: &str) -> Result<Vmm, StartError> {
+        Vmm::start_with(root, name, spec_text, &[])
+    }
+
+    /// [`Vmm::start_in`] with `extra` arguments to `berth-vmm run`.
+    fn start_with(
+        root: tempfile::TempDir,
+        name: &str,
+        spec_text: &str,
+        extra: &[String],
+    ) -> Result<Vmm, StartError> {
         let spec_path = root.path().join(format!("{name}.yaml"));
         std::fs::write(&spec_path, spec_text).unwrap();
         let stderr_path = root.path().join(format!("{name}.stderr"));
@@ -59,6 +69,7 @@ impl Vmm {
             .arg(&spec_path)
             .arg("--state-dir")
             .arg(root.path())
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&stderr_path).unwrap())
@@ -563,6 +574,58 @@ fn the_fence_deadline_stops_the_guest_unless_renewed() {
     );
     assert!(!vmm.socket.exists());
     eprintln!("fenced {stopped_after:?} after a 300 ms deadline was armed");
+}
+
+/// `--fence-file`: the fence is armed from the deadline berth serve keeps in a file,
+/// before the VMM can be reached (the service may die before its first renewal); a
+/// deadline already past, or no file, means no start at all.
+#[test]
+fn a_fence_armed_at_start_stops_the_guest_unless_renewed() {
+    berth_tests::require_root_and_kvm();
+    let name = unique("hb-fenceat");
+    let text = spec(&name, "{vcpus: 1}", "{size: 16MiB}", &heartbeat(50, 10, 0));
+    // Built first (berth_tests::bin builds once per test process): the deadline is
+    // for the VMM's start, not for cargo.
+    berth_tests::bin("berth-vmm");
+    let files = tempfile::tempdir().unwrap();
+    let file = files.path().join("fence-deadline");
+    let fence_file = ["--fence-file".to_owned(), file.display().to_string()];
+    let at = berth_hypervisor::fence::monotonic_ms() + 1500;
+    std::fs::write(&file, format!("{at}\n")).unwrap();
+    let started = Instant::now();
+    let mut vmm = Vmm::start_with(tempfile::tempdir().unwrap(), &name, &text, &fence_file).unwrap();
+    let status = vmm.status();
+    assert_eq!(status.state, GuestRunState::Running);
+    let left = status
+        .fence_in_ms
+        .expect("the fence is armed from the start");
+    assert!(left <= 1500, "{left} ms left");
+    // Never renewed (the service died right after the start): stopped at the deadline.
+    assert_eq!(vmm.wait_exit(Duration::from_secs(6)), Some(0));
+    let stopped_after = started.elapsed();
+    assert!(
+        stopped_after >= Duration::from_millis(1400) && stopped_after < Duration::from_millis(3000),
+        "{stopped_after:?}"
+    );
+    let stderr = std::fs::read_to_string(vmm.root.path().join(format!("{name}.stderr"))).unwrap();
+    assert!(stderr.contains("fence deadline passed"), "{stderr}");
+    assert!(!vmm.socket.exists());
+
+    // The deadline passed (the service stopped renewing it): refused, nothing runs.
+    for why in ["has passed", "cannot read"] {
+        if why == "cannot read" {
+            std::fs::remove_file(&file).unwrap();
+        }
+        let refused = Vmm::start_with(tempfile::tempdir().unwrap(), &name, &text, &fence_file)
+            .err()
+            .expect("a start past the fence deadline is refused");
+        assert_eq!(refused.code, Some(1), "{refused:?}");
+        assert!(
+            refused.stderr.contains(why) && refused.stderr.contains("not started"),
+            "{}",
+            refused.stderr
+        );
+    }
 }
 
 #[test]

@@ -1079,6 +1079,7 @@ impl Vmm {
             ignored_accesses: self.devices.ignored(),
             uptime_ms: self.started_at.elapsed().as_millis() as u64,
             migration: Some(self.migration.status().phase),
+            fence_in_ms: self.fence.remaining().map(|d| d.as_millis() as u64),
         }
     }
 

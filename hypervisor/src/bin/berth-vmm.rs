@@ -22,7 +22,8 @@ use berth_hypervisor::{control, VmConfig, Vmm};
 const USAGE: &str = "\
 berth-vmm: berth's per-guest KVM process
 
-Usage: berth-vmm run --spec FILE|- --state-dir DIR [--incoming ADDRESS [--source-timeout-ms N]]
+Usage: berth-vmm run --spec FILE|- --state-dir DIR [--fence-file FILE]
+                    [--incoming ADDRESS [--source-timeout-ms N]]
 
 Commands:
   run  Run a guest until it is shut down
@@ -30,6 +31,12 @@ Commands:
 Options of run:
   --spec FILE|-         The Guest manifest (YAML or JSON); - reads standard input
   --state-dir DIR       The state root; the guest's files go to DIR/guests/<name>/
+  --fence-file FILE     Arm the self-fence from the start: FILE holds the deadline
+                        (CLOCK_MONOTONIC milliseconds) that berth serve keeps current
+                        while its etcd lease is held. Read when the vCPUs are about to
+                        start: a deadline passed (or no file) means no start; then the
+                        guest stops at it unless renewed (fenceDeadline). Not with
+                        --incoming.
   --incoming ADDRESS    Wait for a live migration of this guest on ADDRESS (host:port;
                         port 0 picks one) instead of booting it; prints
                         `ready <socket> incoming <address> <token>`. Files go to
@@ -49,6 +56,8 @@ struct RunArgs {
     state_dir: PathBuf,
     incoming: Option<String>,
     source_timeout: Duration,
+    /// `--fence-file`: where the self-fence's first deadline is read.
+    fence_file: Option<PathBuf>,
 }
 
 /// How long an incoming VMM waits for the source's first connection by default.
@@ -71,6 +80,7 @@ fn parse_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Cli,
     let mut command = None;
     let (mut spec, mut state_dir, mut incoming) = (None, None, None);
     let mut source_timeout = SOURCE_TIMEOUT;
+    let mut fence_file = None;
     while let Some(arg) = parser.next()? {
         match arg {
             Short('h') | Long("help") => return Ok(Cli::Help),
@@ -90,17 +100,23 @@ fn parse_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Cli,
             Long("source-timeout-ms") if command.is_some() => {
                 source_timeout = Duration::from_millis(parser.value()?.parse()?);
             }
+            Long("fence-file") if command.is_some() => fence_file = Some(parser.value()?.into()),
             _ => return Err(arg.unexpected()),
         }
     }
     if command.is_none() {
         return Err("missing command (expected run)".into());
     }
+    if fence_file.is_some() && incoming.is_some() {
+        // An incoming VMM runs no guest until the commit; the source's fence covers it.
+        return Err("--fence-file does not go with --incoming".into());
+    }
     Ok(Cli::Run(RunArgs {
         spec: spec.ok_or("run needs --spec FILE|-")?,
         state_dir: state_dir.ok_or("run needs --state-dir DIR")?,
         incoming,
         source_timeout,
+        fence_file,
     }))
 }
 
@@ -167,6 +183,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         state_dir,
         incoming,
         source_timeout,
+        fence_file,
     } = args;
     // Before any thread exists, so every thread inherits the mask and SIGTERM/SIGINT are
     // taken only by the signal thread below.
@@ -195,15 +212,16 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     })?;
     state.write_spec(&text)?;
 
-    let result = serve(config, &state, started, signals);
+    let result = serve(config, &state, (started, fence_file.as_deref()), signals);
     state.cleanup();
     result
 }
 
+/// Runs the guest; `fence_file` is `--fence-file`.
 fn serve(
     config: VmConfig,
     state: &StateDir,
-    started: Instant,
+    (started, fence_file): (Instant, Option<&std::path::Path>),
     signals: libc::sigset_t,
 ) -> anyhow::Result<ExitCode> {
     // Making the cgroup and writing its limits runs beside the VM's creation; this
@@ -238,6 +256,13 @@ fn serve(
     }
     let vmm = match created.map_err(user_error).and_then(|vmm| {
         vmm.load_payload().map_err(user_error)?;
+        // The guest must not run a moment past its fence: read when the vCPUs are about
+        // to start (after the memory, which may take long), a deadline passed means no
+        // start at all.
+        if let Some(file) = fence_file {
+            berth_hypervisor::fence::read_deadline_file(file)
+                .map_err(|e| anyhow::Error::new(UserError(format!("{e}; not started"))))?;
+        }
         vmm.start()?;
         Ok(vmm)
     }) {
@@ -251,6 +276,18 @@ fn serve(
     };
     vmm.set_cgroup(cgroup);
     let vmm = Arc::new(vmm);
+    if let Some(file) = fence_file {
+        // Armed before anyone can reach the VMM: if berth serve dies before its first
+        // renewal, the guest still stops at the deadline. Zero (passed meanwhile) stops
+        // it at once.
+        let left = berth_hypervisor::fence::read_deadline_file(file).unwrap_or_default();
+        vmm.fence().set(
+            &vmm,
+            berth_hypervisor::fence::FenceArgs {
+                in_ms: Some(left.as_millis() as u64),
+            },
+        );
+    }
     let listener = state.bind_control()?;
     control::server::spawn(listener, Arc::clone(&vmm)).context("starting the control thread")?;
     spawn_signal_thread(signals, events.clone())?;
@@ -388,8 +425,40 @@ mod tests {
         assert_eq!(a.spec, "-");
         assert_eq!(a.state_dir, PathBuf::from("/s"));
         assert_eq!(a.incoming.as_deref(), Some("127.0.0.1:0"));
+        assert_eq!(a.fence_file, None);
         assert!(matches!(parse(&["--help"]), Ok(Cli::Help)));
         assert!(matches!(parse(&["-V"]), Ok(Cli::Version)));
+    }
+
+    #[test]
+    fn run_takes_a_fence_file_but_not_with_incoming() {
+        let Ok(Cli::Run(a)) = parse(&[
+            "run",
+            "--spec",
+            "-",
+            "--state-dir",
+            "/s",
+            "--fence-file",
+            "/s/f",
+        ]) else {
+            panic!("run not parsed");
+        };
+        assert_eq!(a.fence_file, Some(PathBuf::from("/s/f")));
+        let both = parse(&[
+            "run",
+            "--spec",
+            "-",
+            "--state-dir",
+            "/s",
+            "--fence-file=/s/f",
+            "--incoming=127.0.0.1:0",
+        ]);
+        assert!(
+            both.as_ref().is_err_and(|e| e
+                .to_string()
+                .contains("--fence-file does not go with --incoming")),
+            "{both:?}"
+        );
     }
 
     const PINNED: &str = "apiVersion: berth.dev/v1\nkind: Guest\n\

@@ -494,6 +494,7 @@ mod tests {
             ignored_accesses: Default::default(),
             uptime_ms: 1,
             migration: None,
+            fence_in_ms: None,
         }
     }
 

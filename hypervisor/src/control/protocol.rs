@@ -389,6 +389,10 @@ pub struct Status {
     /// `migrateStatus` only while one is under way. Absent from older VMMs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration: Option<crate::migration::MigrationPhase>,
+    /// Milliseconds until the self-fence deadline ([`crate::fence`]), while one is
+    /// armed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence_in_ms: Option<u64>,
 }
 
 /// One vCPU.

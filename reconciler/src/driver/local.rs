@@ -134,6 +134,9 @@ pub struct LocalDriver {
     observe_workers: usize,
     /// Each guest's files as an observe last read them ([`GuestFiles::read_kept`]).
     files_read: Mutex<HashMap<PathBuf, KeptGuestFiles>>,
+    /// The fence file an HA guest's VMM reads its first deadline from
+    /// ([`LocalDriver::fence_ha_guests`]).
+    ha_fence: std::sync::OnceLock<PathBuf>,
 }
 
 impl LocalDriver {
@@ -149,7 +152,20 @@ impl LocalDriver {
             outgoing: Mutex::new(HashSet::new()),
             observe_workers: OBSERVE_WORKERS,
             files_read: Mutex::new(HashMap::new()),
+            ha_fence: std::sync::OnceLock::new(),
         }
+    }
+
+    /// From now on, the VMM of every HA guest (`availability: {onHostFailure: restart}`)
+    /// this driver starts has its self-fence armed from its first instant, to the
+    /// deadline in `file` (`berth-vmm run --fence-file`), which `berth serve` keeps
+    /// current while its lease is held ([`crate::etcd::keep_fences`]), and renewed from
+    /// there. Without it, a service that died between a start and its first renewal would
+    /// leave the guest running unfenced while the leader restarts it elsewhere. A VMM
+    /// whose deadline passed before its vCPUs could start refuses to start them. Set
+    /// once; later calls are ignored.
+    pub fn fence_ha_guests(&self, file: PathBuf) {
+        let _ = self.ha_fence.set(file);
     }
 
     /// With `workers` above 1 (default [`OBSERVE_WORKERS`]), an observe asks every VMM
@@ -965,6 +981,12 @@ impl LocalDriver {
     /// booting. Returns its pid.
     fn spawn_vmm(&self, guest: &Guest, incoming: Option<&str>) -> Result<i32, DriverError> {
         let name = &guest.metadata.name;
+        // An HA guest's VMM is fenced from its start (not an incoming one: it runs
+        // nothing until the commit, and is renewed once it has taken the guest over).
+        let fence_file = self
+            .ha_fence
+            .get()
+            .filter(|_| incoming.is_none() && guest.spec.restarts_on_host_failure());
         let dir = self.guest_dir(name);
         std::fs::create_dir_all(&dir)
             .map_err(|e| failed(format!("creating {}", dir.display()), e))?;
@@ -1003,6 +1025,11 @@ impl LocalDriver {
             .arg(&spec_path)
             .arg("--state-dir")
             .arg(&self.state_dir)
+            .args(
+                fence_file
+                    .iter()
+                    .flat_map(|f| [std::ffi::OsStr::new("--fence-file"), f.as_os_str()]),
+            )
             .args(incoming.iter().flat_map(|addr| ["--incoming", addr]))
             .stdin(Stdio::null())
             .stdout(log)

@@ -52,17 +52,29 @@ pub fn fence_round(
 /// Renews the fence deadlines of the VMMs `targets` names (each call asks anew) every
 /// `every`, while the lease is held, and takes away those it says, until `stop` turns
 /// true. A socket that does not answer is skipped (the guest is not running here).
+///
+/// Each round first writes the deadline, as `CLOCK_MONOTONIC` milliseconds, to
+/// `deadline_file` (when given): a VMM that is starting, and cannot be asked yet, arms
+/// its fence from it (`berth-vmm run --fence-file`). Only while the lease is held: once
+/// it is in doubt the file keeps its last deadline, which passes on its own.
 pub async fn keep_fences(
     session: Arc<HostSession>,
     mut targets: impl FnMut() -> FenceTargets + Send + 'static,
     every: Duration,
+    deadline_file: Option<PathBuf>,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
         if session.health().vmm_fence_in(Instant::now()).is_some() {
             let round = targets();
             let session = Arc::clone(&session);
+            let deadline_file = deadline_file.clone();
             let renewed = tokio::task::spawn_blocking(move || {
+                if let Some(file) = &deadline_file {
+                    if let Err(e) = publish_deadline(&session, file) {
+                        tracing::warn!(file = %file.display(), error = %e, "cannot write the fence deadline; HA guests cannot start here");
+                    }
+                }
                 for path in round.disarm {
                     let disarm = berth_hypervisor::control::Client::connect(&path)
                         .and_then(|mut c| c.fence_deadline(None));
@@ -90,6 +102,24 @@ pub async fn keep_fences(
             () = tokio::time::sleep(every) => {}
         }
     }
+}
+
+/// Writes the moment this host must have fenced itself, as `CLOCK_MONOTONIC`
+/// milliseconds, to `file` (whole: beside it, then renamed over it), while the lease is
+/// held; returns whether it did. See [`keep_fences`].
+///
+/// # Errors
+/// The file cannot be written.
+pub fn publish_deadline(session: &HostSession, file: &std::path::Path) -> std::io::Result<bool> {
+    let Some(left) = session.health().vmm_fence_in(Instant::now()) else {
+        return Ok(false);
+    };
+    let at = berth_hypervisor::fence::monotonic_ms() + left.as_millis() as u64;
+    let mut staged = file.as_os_str().to_owned();
+    staged.push(".new");
+    std::fs::write(&staged, format!("{at}\n"))?;
+    std::fs::rename(&staged, file)?;
+    Ok(true)
 }
 
 #[cfg(test)]
