@@ -1363,6 +1363,43 @@ fn a_destination_stopped_before_the_source_is_resolved_still_counts_as_run() {
     drop(proxy);
 }
 
+/// An HA guest's incoming VMM is fenced from its start (`--fence-file`, as berth serve
+/// starts it): a deadline already past refuses it, and one never renewed ends it (before
+/// the commit the guest stays on its source), leaving nothing behind.
+#[test]
+fn an_incoming_vmm_of_an_ha_guest_is_fenced_from_its_start() {
+    berth_tests::require_root_and_kvm();
+    berth_tests::bin("berth-vmm");
+    let root = tempfile::tempdir().unwrap();
+    let name = unique("mig-fence");
+    let text = spec(&name, "{vcpus: 1}", "{size: 16MiB}", 4);
+    let file = root.path().join("fence-deadline");
+    let incoming = format!("127.0.0.1:0 --fence-file {}", file.display());
+    let now = berth_hypervisor::fence::monotonic_ms;
+    std::fs::write(&file, format!("{}\n", now() - 1)).unwrap();
+    let err = Vmm::start(root.path(), &name, &text, Some(&incoming), &[])
+        .err()
+        .expect("an incoming VMM past its fence deadline is refused");
+    assert!(
+        err.contains("has passed") && err.contains("not started"),
+        "{err}"
+    );
+    assert_incoming_gone(root.path(), &name);
+
+    std::fs::write(&file, format!("{}\n", now() + 1500)).unwrap();
+    let mut dst = Vmm::start(root.path(), &name, &text, Some(&incoming), &[]).unwrap();
+    let left = dst.status().fence_in_ms.expect("armed from the start");
+    assert!(left <= 1500, "{left} ms");
+    // Never renewed, no source: the VMM ends at the deadline.
+    assert!(matches!(dst.wait_exit(Duration::from_secs(6)), Some(c) if c != 0));
+    assert!(
+        dst.stderr_text().contains("fence deadline passed"),
+        "{}",
+        dst.stderr_text()
+    );
+    assert_incoming_gone(root.path(), &name);
+}
+
 #[test]
 fn a_fast_dirtier_on_a_capped_link_converges_with_auto_converge_and_aborts_without() {
     berth_tests::require_root_and_kvm();

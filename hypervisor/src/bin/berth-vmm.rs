@@ -35,8 +35,8 @@ Options of run:
                         (CLOCK_MONOTONIC milliseconds) that berth serve keeps current
                         while its etcd lease is held. Read when the vCPUs are about to
                         start: a deadline passed (or no file) means no start; then the
-                        guest stops at it unless renewed (fenceDeadline). Not with
-                        --incoming.
+                        guest stops at it unless renewed (fenceDeadline). With
+                        --incoming, read when the VMM starts listening.
   --incoming ADDRESS    Wait for a live migration of this guest on ADDRESS (host:port;
                         port 0 picks one) instead of booting it; prints
                         `ready <socket> incoming <address> <token>`. Files go to
@@ -106,10 +106,6 @@ fn parse_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Cli,
     }
     if command.is_none() {
         return Err("missing command (expected run)".into());
-    }
-    if fence_file.is_some() && incoming.is_some() {
-        // An incoming VMM runs no guest until the commit; the source's fence covers it.
-        return Err("--fence-file does not go with --incoming".into());
     }
     Ok(Cli::Run(RunArgs {
         spec: spec.ok_or("run needs --spec FILE|-")?,
@@ -202,7 +198,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let config = VmConfig::from_guest(&guest).map_err(|e| UserError(e.to_string()))?;
     if let Some(listen) = incoming {
         let place = (state_dir, listen, source_timeout);
-        return run_incoming(config, text, place, started, signals);
+        return run_incoming(config, text, place, (started, fence_file), signals);
     }
     let state = StateDir::acquire(&state_dir, &config.name).map_err(|e| match e {
         StateDirError::Name(_) | StateDirError::AlreadyRunning { .. } => {
@@ -312,7 +308,7 @@ fn run_incoming(
     config: VmConfig,
     spec_text: String,
     (state_root, listen, source_timeout): (PathBuf, String, Duration),
-    started: Instant,
+    (started, fence_file): (Instant, Option<PathBuf>),
     signals: libc::sigset_t,
 ) -> anyhow::Result<ExitCode> {
     use berth_hypervisor::migration::incoming::{self, IncomingError, IncomingOptions};
@@ -325,9 +321,11 @@ fn run_incoming(
         listen,
         source_timeout,
         started,
+        fence_file,
     };
     incoming::run(opts, events, inbox).map_err(|e| match e {
         IncomingError::StateDir(StateDirError::Name(_) | StateDirError::AlreadyRunning { .. })
+        | IncomingError::Fence(_)
         | IncomingError::Vmm(
             berth_hypervisor::vmm::VmmError::InvalidArgument(_)
             | berth_hypervisor::vmm::VmmError::Memory(_)
@@ -431,20 +429,8 @@ mod tests {
     }
 
     #[test]
-    fn run_takes_a_fence_file_but_not_with_incoming() {
+    fn run_takes_a_fence_file_also_with_incoming() {
         let Ok(Cli::Run(a)) = parse(&[
-            "run",
-            "--spec",
-            "-",
-            "--state-dir",
-            "/s",
-            "--fence-file",
-            "/s/f",
-        ]) else {
-            panic!("run not parsed");
-        };
-        assert_eq!(a.fence_file, Some(PathBuf::from("/s/f")));
-        let both = parse(&[
             "run",
             "--spec",
             "-",
@@ -452,13 +438,11 @@ mod tests {
             "/s",
             "--fence-file=/s/f",
             "--incoming=127.0.0.1:0",
-        ]);
-        assert!(
-            both.as_ref().is_err_and(|e| e
-                .to_string()
-                .contains("--fence-file does not go with --incoming")),
-            "{both:?}"
-        );
+        ]) else {
+            panic!("run not parsed");
+        };
+        assert_eq!(a.fence_file, Some(PathBuf::from("/s/f")));
+        assert_eq!(a.incoming.as_deref(), Some("127.0.0.1:0"));
     }
 
     const PINNED: &str = "apiVersion: berth.dev/v1\nkind: Guest\n\

@@ -65,6 +65,9 @@ pub enum IncomingError {
     /// Shut down before the guest arrived.
     #[error("Shut down before the migration completed: {0}")]
     Shutdown(String),
+    /// The fence deadline (`--fence-file`) cannot be read, or has passed.
+    #[error("{0}; not started")]
+    Fence(String),
 }
 
 /// What the incoming VMM is started with.
@@ -83,6 +86,9 @@ pub struct IncomingOptions {
     pub source_timeout: Duration,
     /// Process start.
     pub started: Instant,
+    /// `--fence-file`: where an HA guest's fence deadline is read (the VMM is fenced
+    /// from its start, as any VMM of an HA guest; see [`crate::fence`]).
+    pub fence_file: Option<PathBuf>,
 }
 
 /// Runs the incoming VMM until the guest is shut down (after a completed migration) or
@@ -251,6 +257,19 @@ fn prepare_and_receive(
     vmm.set_cgroup(cgroup);
     let vmm = Arc::new(vmm);
     let fail = |e: IncomingError| (e, Some(Arc::clone(&vmm)));
+    // An HA guest's VMM is fenced from its start, this one too: if the service stops
+    // renewing the deadline, the migration ends at it (before the commit: the guest stays
+    // on its source), or the guest stops here (after it).
+    if let Some(file) = &opts.fence_file {
+        let left =
+            crate::fence::read_deadline_file(file).map_err(|e| fail(IncomingError::Fence(e)))?;
+        vmm.fence().set(
+            &vmm,
+            crate::fence::FenceArgs {
+                in_ms: Some(left.as_millis() as u64),
+            },
+        );
+    }
     // RAM is faulted in before the source is told where to connect (see
     // `GuestRam::populate`); it also proves the memory is there.
     super::ram::GuestRam::new(vmm.vm())
@@ -337,6 +356,11 @@ fn prepare_and_receive(
     });
     match (outcome, shutdown) {
         (Ok(()), None) => Ok(vmm),
+        (Ok(()), Some(reason)) if vmm.fence().remaining().is_some_and(|d| d.is_zero()) => {
+            // The fence deadline passed: the guest must stop, arrived or not.
+            vmm.request_shutdown(None, &reason);
+            Ok(vmm)
+        }
         (Ok(()), Some(reason)) => {
             // The commit was read first: the guest runs here and nowhere else, and a
             // stop meant for the migration would now stop the guest itself.

@@ -317,7 +317,8 @@ impl LocalDriver {
     }
 
     /// The control socket of an incoming migration's VMM.
-    fn incoming_socket(&self, name: &str) -> PathBuf {
+    /// The control socket of the incoming VMM of `name` (in `<name>.incoming/`).
+    pub fn incoming_socket(&self, name: &str) -> PathBuf {
         self.guests_dir()
             .join(format!("{name}.incoming"))
             .join("control.sock")
@@ -981,12 +982,12 @@ impl LocalDriver {
     /// booting. Returns its pid.
     fn spawn_vmm(&self, guest: &Guest, incoming: Option<&str>) -> Result<i32, DriverError> {
         let name = &guest.metadata.name;
-        // An HA guest's VMM is fenced from its start (not an incoming one: it runs
-        // nothing until the commit, and is renewed once it has taken the guest over).
+        // An HA guest's VMM is fenced from its start, an incoming one too (see
+        // `berth-vmm run --fence-file`).
         let fence_file = self
             .ha_fence
             .get()
-            .filter(|_| incoming.is_none() && guest.spec.restarts_on_host_failure());
+            .filter(|_| guest.spec.restarts_on_host_failure());
         let dir = self.guest_dir(name);
         std::fs::create_dir_all(&dir)
             .map_err(|e| failed(format!("creating {}", dir.display()), e))?;

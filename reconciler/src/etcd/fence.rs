@@ -64,17 +64,21 @@ pub async fn keep_fences(
     deadline_file: Option<PathBuf>,
     mut stop: watch::Receiver<bool>,
 ) {
+    if let Some(file) = deadline_file {
+        // On a timer of its own: a VMM slow to answer a renewal must not leave the file
+        // stale (new HA guests would be refused).
+        tokio::spawn(keep_deadline_file(
+            Arc::clone(&session),
+            file,
+            every,
+            stop.clone(),
+        ));
+    }
     loop {
         if session.health().vmm_fence_in(Instant::now()).is_some() {
             let round = targets();
             let session = Arc::clone(&session);
-            let deadline_file = deadline_file.clone();
             let renewed = tokio::task::spawn_blocking(move || {
-                if let Some(file) = &deadline_file {
-                    if let Err(e) = publish_deadline(&session, file) {
-                        tracing::warn!(file = %file.display(), error = %e, "cannot write the fence deadline; HA guests cannot start here");
-                    }
-                }
                 for path in round.disarm {
                     let disarm = berth_hypervisor::control::Client::connect(&path)
                         .and_then(|mut c| c.fence_deadline(None));
@@ -104,21 +108,48 @@ pub async fn keep_fences(
     }
 }
 
+/// [`publish_deadline`] every `every` until `stop`.
+async fn keep_deadline_file(
+    session: Arc<HostSession>,
+    file: PathBuf,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        if let Err(e) = publish_deadline(&session, &file) {
+            tracing::warn!(file = %file.display(), error = %e, "cannot write the fence deadline; HA guests cannot start here until it is");
+        }
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            () = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
 /// Writes the moment this host must have fenced itself, as `CLOCK_MONOTONIC`
 /// milliseconds, to `file` (whole: beside it, then renamed over it), while the lease is
-/// held; returns whether it did. See [`keep_fences`].
+/// held; returns whether it did. A file that cannot be written is removed, so that no
+/// VMM reads an old deadline (one written before a reboot reads as far ahead: the
+/// clock starts again at boot). See [`keep_fences`].
 ///
 /// # Errors
 /// The file cannot be written.
 pub fn publish_deadline(session: &HostSession, file: &std::path::Path) -> std::io::Result<bool> {
+    // The clock first, then the time left: the deadline written errs early, never late.
+    let base = berth_hypervisor::fence::monotonic_ms();
     let Some(left) = session.health().vmm_fence_in(Instant::now()) else {
         return Ok(false);
     };
-    let at = berth_hypervisor::fence::monotonic_ms() + left.as_millis() as u64;
+    let at = base + left.as_millis() as u64;
     let mut staged = file.as_os_str().to_owned();
     staged.push(".new");
-    std::fs::write(&staged, format!("{at}\n"))?;
-    std::fs::rename(&staged, file)?;
+    let written =
+        std::fs::write(&staged, format!("{at}\n")).and_then(|()| std::fs::rename(&staged, file));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&staged);
+        let _ = std::fs::remove_file(file);
+        return Err(e);
+    }
     Ok(true)
 }
 

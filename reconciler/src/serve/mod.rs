@@ -720,8 +720,10 @@ fn fleet_scheduling(
         let driver = Arc::clone(driver);
         let every = store.lease_timeouts().renew_every;
         // HA guests' VMMs arm their fence from this file at their start; written once
-        // now, before the first guest can be started.
+        // now, before the first guest can be started. One left from an earlier boot
+        // (whose clock was ahead) goes first, whatever happens next.
         let deadline_file = driver.state_dir().join("fence-deadline");
+        let _ = std::fs::remove_file(&deadline_file);
         if let Err(e) = crate::etcd::publish_deadline(session, &deadline_file) {
             warn!(file = %deadline_file.display(), error = %e, "cannot write the fence deadline; HA guests cannot start here");
         }
@@ -756,10 +758,21 @@ fn fleet_scheduling(
                 };
                 let (renew, disarm) = crate::etcd::fence_round(&here, &ha, &renewed);
                 let sockets = |names: &std::collections::BTreeSet<String>| {
-                    names.iter().map(|n| driver.control_socket(n)).collect()
+                    names
+                        .iter()
+                        .map(|n| driver.control_socket(n))
+                        .collect::<Vec<_>>()
                 };
+                // Incoming VMMs of HA guests too (armed at their start): the guest may
+                // run there after the commit, before the handover.
+                let mut renew_sockets = sockets(&renew);
+                renew_sockets.extend(
+                    ha.iter()
+                        .filter(|g| driver.incoming_under_way(g))
+                        .map(|g| driver.incoming_socket(g)),
+                );
                 let targets = crate::etcd::FenceTargets {
-                    renew: sockets(&renew),
+                    renew: renew_sockets,
                     disarm: sockets(&disarm),
                 };
                 renewed = renew;
