@@ -316,7 +316,6 @@ impl LocalDriver {
         self.guest_dir(name).join("control.sock")
     }
 
-    /// The control socket of an incoming migration's VMM.
     /// The control socket of the incoming VMM of `name` (in `<name>.incoming/`).
     pub fn incoming_socket(&self, name: &str) -> PathBuf {
         self.guests_dir()
