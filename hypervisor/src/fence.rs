@@ -67,6 +67,11 @@ fn lock(m: &Mutex<Option<Instant>>) -> MutexGuard<'_, Option<Instant>> {
 }
 
 impl Fence {
+    /// How long until the deadline, while one is armed (zero once it passed).
+    pub fn remaining(&self) -> Option<Duration> {
+        lock(&self.deadline).map(|at| at.saturating_duration_since(Instant::now()))
+    }
+
     /// Arms, renews or (with `in_ms: None`) disarms the fence of `vmm`.
     pub fn set(&self, vmm: &Arc<Vmm>, args: FenceArgs) -> FenceState {
         let now = Instant::now();
@@ -94,13 +99,6 @@ impl Fence {
     }
 }
 
-impl Fence {
-    /// How long until the deadline, while one is armed (zero once it passed).
-    pub fn remaining(&self) -> Option<Duration> {
-        lock(&self.deadline).map(|at| at.saturating_duration_since(Instant::now()))
-    }
-}
-
 /// Now on `CLOCK_MONOTONIC`, in milliseconds: the clock of the deadline in a fence file
 /// ([`read_deadline_file`]), shared by every process of the host and set by no one.
 pub fn monotonic_ms() -> u64 {
@@ -116,7 +114,7 @@ pub fn monotonic_ms() -> u64 {
 }
 
 /// How long until `at` (a [`monotonic_ms`] value); `None` once it has passed.
-pub fn left_until(at: u64) -> Option<Duration> {
+fn left_until(at: u64) -> Option<Duration> {
     at.checked_sub(monotonic_ms())
         .filter(|&ms| ms > 0)
         .map(Duration::from_millis)

@@ -250,14 +250,16 @@ fn serve(
     if let Some(reason) = &cgroup.missing {
         eprintln!("berth-vmm: running without a cgroup: {reason}");
     }
+    let mut fence_deadline = None;
     let vmm = match created.map_err(user_error).and_then(|vmm| {
         vmm.load_payload().map_err(user_error)?;
         // The guest must not run a moment past its fence: read when the vCPUs are about
         // to start (after the memory, which may take long), a deadline passed means no
         // start at all.
         if let Some(file) = fence_file {
-            berth_hypervisor::fence::read_deadline_file(file)
+            let left = berth_hypervisor::fence::read_deadline_file(file)
                 .map_err(|e| anyhow::Error::new(UserError(format!("{e}; not started"))))?;
+            fence_deadline = Some(Instant::now() + left);
         }
         vmm.start()?;
         Ok(vmm)
@@ -272,11 +274,11 @@ fn serve(
     };
     vmm.set_cgroup(cgroup);
     let vmm = Arc::new(vmm);
-    if let Some(file) = fence_file {
+    if let Some(deadline) = fence_deadline {
         // Armed before anyone can reach the VMM: if berth serve dies before its first
         // renewal, the guest still stops at the deadline. Zero (passed meanwhile) stops
         // it at once.
-        let left = berth_hypervisor::fence::read_deadline_file(file).unwrap_or_default();
+        let left = deadline.saturating_duration_since(Instant::now());
         vmm.fence().set(
             &vmm,
             berth_hypervisor::fence::FenceArgs {

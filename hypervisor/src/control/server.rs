@@ -171,13 +171,23 @@ fn serve(stream: UnixStream, vmm: &Arc<Vmm>) {
                 Err(reply) => reply,
             },
         };
-        if let Some(ms) = crate::migration::fault::injected("delay-reply-ms") {
-            std::thread::sleep(std::time::Duration::from_millis(ms.parse().unwrap_or(0)));
+        if let Some(delay) = injected_reply_delay() {
+            std::thread::sleep(delay);
         }
         if write_reply(&stream, &reply).is_err() {
             return;
         }
     }
+}
+
+/// The test-only fault `delay-reply-ms` ([`crate::migration::fault`]), read once: the
+/// environment is not searched again for every reply.
+fn injected_reply_delay() -> Option<std::time::Duration> {
+    static DELAY: std::sync::OnceLock<Option<std::time::Duration>> = std::sync::OnceLock::new();
+    *DELAY.get_or_init(|| {
+        crate::migration::fault::injected("delay-reply-ms")
+            .map(|ms| std::time::Duration::from_millis(ms.parse().unwrap_or(0)))
+    })
 }
 
 fn handle(vmm: &Arc<Vmm>, request: Request) -> Response {

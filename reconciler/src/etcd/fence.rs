@@ -53,10 +53,11 @@ pub fn fence_round(
 /// `every`, while the lease is held, and takes away those it says, until `stop` turns
 /// true. A socket that does not answer is skipped (the guest is not running here).
 ///
-/// Each round first writes the deadline, as `CLOCK_MONOTONIC` milliseconds, to
-/// `deadline_file` (when given): a VMM that is starting, and cannot be asked yet, arms
-/// its fence from it (`berth-vmm run --fence-file`). Only while the lease is held: once
-/// it is in doubt the file keeps its last deadline, which passes on its own.
+/// Every `every` it also writes the deadline, as `CLOCK_MONOTONIC` milliseconds, to
+/// `deadline_file` (when given; [`begin_deadline_file`] wrote it first): a VMM that is
+/// starting, and cannot be asked yet, arms its fence from it (`berth-vmm run
+/// --fence-file`). Only while the lease is held: once it is in doubt the file keeps its
+/// last deadline, which passes on its own.
 pub async fn keep_fences(
     session: Arc<HostSession>,
     mut targets: impl FnMut() -> FenceTargets + Send + 'static,
@@ -115,14 +116,28 @@ async fn keep_deadline_file(
     every: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
+    // The first write was [`begin_deadline_file`]'s.
     loop {
-        if let Err(e) = publish_deadline(&session, &file) {
-            tracing::warn!(file = %file.display(), error = %e, "cannot write the fence deadline; HA guests cannot start here until it is");
-        }
         tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
             () = tokio::time::sleep(every) => {}
         }
+        publish_logged(&session, &file);
+    }
+}
+
+/// Starts the fence deadline file `file` afresh, before any guest can be started: one
+/// left from an earlier boot (whose clock was ahead) goes, then the deadline is written
+/// while the lease is held. [`keep_fences`] keeps it current from then on.
+pub fn begin_deadline_file(session: &HostSession, file: &std::path::Path) {
+    let _ = std::fs::remove_file(file);
+    publish_logged(session, file);
+}
+
+/// [`publish_deadline`], with a failure logged.
+fn publish_logged(session: &HostSession, file: &std::path::Path) {
+    if let Err(e) = publish_deadline(session, file) {
+        tracing::warn!(file = %file.display(), error = %e, "cannot write the fence deadline; HA guests cannot start here until it is");
     }
 }
 
@@ -134,7 +149,7 @@ async fn keep_deadline_file(
 ///
 /// # Errors
 /// The file cannot be written.
-pub fn publish_deadline(session: &HostSession, file: &std::path::Path) -> std::io::Result<bool> {
+fn publish_deadline(session: &HostSession, file: &std::path::Path) -> std::io::Result<bool> {
     // The clock first, then the time left: the deadline written errs early, never late.
     let base = berth_hypervisor::fence::monotonic_ms();
     let Some(left) = session.health().vmm_fence_in(Instant::now()) else {

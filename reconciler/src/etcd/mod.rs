@@ -68,7 +68,7 @@ use std::time::Duration;
 
 pub use args::{EtcdArgs, LeaseArgs, NoEtcd};
 pub use election::{current_leader, Leadership};
-pub use fence::{fence_round, keep_fences, publish_deadline, FenceTargets};
+pub use fence::{begin_deadline_file, fence_round, keep_fences, FenceTargets};
 pub use ownership::{
     read_owner, resolve_switchover, Acquire, Fenced, FencingToken, OwnerRecord, Ownership,
     Switchover,

@@ -719,14 +719,10 @@ fn fleet_scheduling(
     if let Some(Fleet::Local(driver)) = local {
         let driver = Arc::clone(driver);
         let every = store.lease_timeouts().renew_every;
-        // HA guests' VMMs arm their fence from this file at their start; written once
-        // now, before the first guest can be started. One left from an earlier boot
-        // (whose clock was ahead) goes first, whatever happens next.
+        // HA guests' VMMs arm their fence from this file at their start; written afresh
+        // now, before the first guest can be started.
         let deadline_file = driver.state_dir().join("fence-deadline");
-        let _ = std::fs::remove_file(&deadline_file);
-        if let Err(e) = crate::etcd::publish_deadline(session, &deadline_file) {
-            warn!(file = %deadline_file.display(), error = %e, "cannot write the fence deadline; HA guests cannot start here");
-        }
+        crate::etcd::begin_deadline_file(session, &deadline_file);
         driver.fence_ha_guests(deadline_file.clone());
         // Every guest running here may carry a deadline from an earlier service: the
         // first round takes it away from those that are not HA.
